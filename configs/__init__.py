@@ -1,0 +1,1 @@
+"""mnemax.configs: ml_collections configs, one file per experiment family."""

@@ -1,0 +1,10 @@
+"""mnemax.kernels: scan and recurrence ops with swappable backends.
+
+See :mod:`mnemax.kernels.dispatch` for how a backend is chosen.
+"""
+
+from . import dispatch
+from .dispatch import available, default_backend
+from .linear_scan import linear_scan
+
+__all__ = ["available", "default_backend", "dispatch", "linear_scan"]

@@ -1,0 +1,83 @@
+"""Backend dispatch for the scan and recurrence ops.
+
+Each op (``linear_scan``, later ``selective_scan``, ``mlstm``, ``slstm``) has one
+signature and several backends registered here:
+
+* ``reference``  -- a plainly sequential ``lax.scan`` in float32: the ground truth.
+* ``xla``        -- portable parallel forms (``lax.associative_scan``, chunked matmuls).
+* ``pallas_gpu`` -- Pallas kernels for NVIDIA GPUs (registered by later modules).
+* ``pallas_tpu`` -- Pallas Mosaic TPU kernels (registered by later modules).
+
+``backend=None`` picks by ``jax.default_backend()``: the first registered backend of
+``DEFAULT_ORDER[platform]``. The environment variable ``MNEMAX_KERNEL_BACKEND``
+overrides the platform default (an explicit ``backend=`` argument still wins).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import jax
+
+BACKENDS = ("reference", "xla", "pallas_gpu", "pallas_tpu")
+ENV_VAR = "MNEMAX_KERNEL_BACKEND"
+
+# Preferred backends per platform, best first; the first one registered for an op wins.
+DEFAULT_ORDER: dict[str, tuple[str, ...]] = {
+    "gpu": ("pallas_gpu", "xla"),
+    "cuda": ("pallas_gpu", "xla"),
+    "rocm": ("xla",),
+    "tpu": ("pallas_tpu", "xla"),
+    "cpu": ("xla",),
+}
+
+_REGISTRY: dict[str, dict[str, Callable]] = {}
+
+
+def register(op: str, backend: str) -> Callable[[Callable], Callable]:
+    """Decorator: register ``fn`` as the ``backend`` implementation of ``op``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+    def deco(fn: Callable) -> Callable:
+        _REGISTRY.setdefault(op, {})[backend] = fn
+        return fn
+
+    return deco
+
+
+def available(op: str) -> tuple[str, ...]:
+    """The backends registered for ``op``, in ``BACKENDS`` order."""
+    impls = _REGISTRY.get(op, {})
+    return tuple(b for b in BACKENDS if b in impls)
+
+
+def default_backend(op: str, platform: str | None = None) -> str:
+    """The backend ``backend=None`` resolves to for ``op`` on ``platform``."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        if env not in _REGISTRY.get(op, {}):
+            raise ValueError(
+                f"{ENV_VAR}={env!r} names no backend of {op!r}; "
+                f"expected one of {available(op)}"
+            )
+        return env
+    platform = platform or jax.default_backend()
+    for name in DEFAULT_ORDER.get(platform, ("xla",)):
+        if name in _REGISTRY.get(op, {}):
+            return name
+    return "reference"
+
+
+def resolve(op: str, backend: str | None) -> tuple[str, Callable]:
+    """Returns ``(name, implementation)`` of ``op`` for ``backend`` (None: the default)."""
+    if op not in _REGISTRY:
+        raise ValueError(f"unknown op {op!r}; registered ops: {sorted(_REGISTRY)}")
+    name = default_backend(op) if backend is None else backend
+    impls = _REGISTRY[op]
+    if name not in impls:
+        raise ValueError(
+            f"backend must be one of {available(op)} for {op!r}, got {backend!r}"
+        )
+    return name, impls[name]

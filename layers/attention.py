@@ -1,0 +1,230 @@
+"""Causal multi-head self-attention with a KV-cache state.
+
+``y = W_o softmax(q k^T / sqrt(d_head) + mask) v`` with rotary positions (RoPE,
+Su et al. 2021) and optional grouped-query heads (``num_kv_heads < num_heads``).
+
+The state is a ring buffer of the last ``window`` keys and values, so attention
+reaches back ``window`` tokens (``window`` = the KV-cache size). A full-sequence
+call applies the same limit, which keeps one call, a call in pieces and token-by-
+token generation identical. Positions count from the start of the current episode
+and a reset empties the cache, so after a reset both the outputs and the state are
+exactly those of a fresh sequence.
+
+Shapes::
+
+    y, state = CausalSelfAttention(features=F, num_heads=H, window=S)(x, state, resets)
+    x, y: (batch, time, F)
+    state: AttentionState(
+        k, v:      (batch, S, num_kv_heads, head_dim) float32   cached keys/values (rotated)
+        slot_pos:  (batch, S) int32   episode position of each slot's entry, -1 if empty
+        pos:       (batch,) int32     episode position of the next token)
+
+The attention itself runs through ``jax.nn.dot_product_attention`` (``implementation``
+picks ``'xla'``/``'cudnn'``). That function computes its softmax in float32, so a
+float64 layer (gradient checks) takes an exact einsum path instead.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .base import (
+    Dtype,
+    check_resets,
+    check_sequence,
+    check_state,
+    compute_dtype,
+    expected_state,
+    partitioned,
+    state_dtype,
+)
+
+
+class AttentionState(NamedTuple):
+    k: jax.Array
+    v: jax.Array
+    slot_pos: jax.Array
+    pos: jax.Array
+
+
+def rope(x, positions, base: float = 10000.0):
+    """Rotary embedding (rotate-half layout). x: (batch, time, heads, d); positions: (batch, time)."""
+    d = x.shape[-1]
+    if d % 2:
+        raise ValueError(f"head_dim must be even for rotary positions, got {d}")
+    dt = jnp.promote_types(x.dtype, jnp.float32)
+    inv_freq = 1.0 / (base ** (jnp.arange(0, d, 2, dtype=dt) / d))
+    angles = positions.astype(dt)[..., None] * inv_freq  # (batch, time, d/2)
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(dt), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def _einsum_attention(q, k, v, mask, scale):
+    """Exact attention in the inputs' dtype (used for float64). q: (B,T,H,D), k/v: (B,S,K,D)."""
+    heads, kv_heads = q.shape[2], k.shape[2]
+    if kv_heads != heads:
+        k = jnp.repeat(k, heads // kv_heads, axis=2)
+        v = jnp.repeat(v, heads // kv_heads, axis=2)
+    logits = jnp.einsum("bthd,bshd->bhts", q, k) * scale
+    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("bhts,bshd->bthd", probs, v)
+
+
+class CausalSelfAttention(nn.Module):
+    """Causal MHA over the last ``window`` tokens, with a KV-cache state (see module doc)."""
+
+    features: int
+    num_heads: int
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    window: int = 1024
+    use_rope: bool = True
+    rope_base: float = 10000.0
+    use_bias: bool = False
+    implementation: str | None = None
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+    out_init: nn.initializers.Initializer | None = None
+
+    @property
+    def _kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def _head_dim(self) -> int:
+        return self.head_dim or self.features // self.num_heads
+
+    def _check_config(self):
+        if self.num_heads < 1 or self._kv_heads < 1 or self.num_heads % self._kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a positive multiple of num_kv_heads ({self._kv_heads})"
+            )
+        if self.head_dim is None and self.features % self.num_heads:
+            raise ValueError(
+                f"features ({self.features}) must be divisible by num_heads ({self.num_heads}) "
+                "unless head_dim is given"
+            )
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+
+    def initial_state(self, batch_size: int) -> AttentionState:
+        self._check_config()
+        sdt = state_dtype(self.dtype)
+        shape = (batch_size, self.window, self._kv_heads, self._head_dim)
+        return AttentionState(
+            k=jnp.zeros(shape, sdt),
+            v=jnp.zeros(shape, sdt),
+            slot_pos=jnp.full((batch_size, self.window), -1, jnp.int32),
+            pos=jnp.zeros((batch_size,), jnp.int32),
+        )
+
+    @nn.compact
+    def __call__(self, x, state: AttentionState | None = None, resets=None):
+        self._check_config()
+        check_sequence(x, self.features)
+        batch, time, _ = x.shape
+        resets = check_resets(resets, batch, time)
+        fresh = state is None
+        if fresh:
+            state = self.initial_state(batch)
+        else:
+            check_state(state, expected_state(self, batch))
+        dt = compute_dtype(self.dtype, x)
+        heads, kv_heads, hd, window = self.num_heads, self._kv_heads, self._head_dim, self.window
+
+        def proj(n, name):
+            return nn.DenseGeneral(
+                (n, hd),
+                use_bias=self.use_bias,
+                dtype=dt,
+                param_dtype=self.param_dtype,
+                kernel_init=partitioned(self.kernel_init, ("embed", "heads", "head_dim")),
+                bias_init=partitioned(nn.initializers.zeros, ("heads", "head_dim")),
+                name=name,
+            )
+
+        q = proj(heads, "query")(x)
+        k = proj(kv_heads, "key")(x)
+        v = proj(kv_heads, "value")(x)
+
+        # Episode-relative positions and segments: segment 0 continues the state's episode,
+        # segment j > 0 starts at the j-th reset inside this call.
+        steps = jnp.arange(time, dtype=jnp.int32)[None, :]
+        if resets is None:
+            seg = jnp.zeros((batch, time), jnp.int32)
+            positions = state.pos[:, None] + steps
+        else:
+            seg = jnp.cumsum(resets.astype(jnp.int32), axis=1)
+            last_reset = jax.lax.cummax(jnp.where(resets, steps, -1), axis=1)
+            positions = jnp.where(seg > 0, steps - last_reset, state.pos[:, None] + steps)
+        if self.use_rope:
+            q = rope(q, positions, self.rope_base)
+            k = rope(k, positions, self.rope_base)
+
+        if fresh:
+            keys, values, key_pos, key_seg = k, v, positions, seg
+        else:
+            keys = jnp.concatenate([state.k.astype(dt), k], axis=1)
+            values = jnp.concatenate([state.v.astype(dt), v], axis=1)
+            key_pos = jnp.concatenate([state.slot_pos, positions], axis=1)
+            key_seg = jnp.concatenate([jnp.zeros_like(state.slot_pos), seg], axis=1)
+        qp, kp = positions[:, :, None], key_pos[:, None, :]
+        mask = (seg[:, :, None] == key_seg[:, None, :]) & (kp >= 0) & (kp <= qp) & (qp - kp < window)
+        scale = 1.0 / jnp.sqrt(jnp.asarray(hd, dt))
+        if jnp.dtype(dt) == jnp.float64:
+            out = _einsum_attention(q, keys, values, mask[:, None], scale)
+        elif fresh and resets is None and time <= window:
+            out = jax.nn.dot_product_attention(
+                q, keys, values, scale=float(1.0 / hd**0.5), is_causal=True,
+                implementation=self.implementation,
+            )
+        else:
+            out = jax.nn.dot_product_attention(
+                q, keys, values, mask=mask[:, None], scale=float(1.0 / hd**0.5),
+                implementation=self.implementation,
+            )
+        y = nn.DenseGeneral(
+            self.features,
+            axis=(-2, -1),
+            use_bias=self.use_bias,
+            dtype=dt,
+            param_dtype=self.param_dtype,
+            kernel_init=partitioned(self.out_init or self.kernel_init, ("heads", "head_dim", "embed")),
+            bias_init=partitioned(nn.initializers.zeros, ("embed",)),
+            name="out",
+        )(out)
+        return y, self._update_cache(state, k, v, positions, seg)
+
+    def _update_cache(self, state: AttentionState, k, v, positions, seg) -> AttentionState:
+        """Ring-buffer write of the last tokens of the last episode; a reset clears the cache."""
+        time, window = k.shape[1], self.window
+        last_seg = seg[:, -1:]
+        cleared = last_seg[:, 0] > 0  # the last token starts or continues a new episode
+        keep = ~cleared
+        sdt = state.k.dtype
+        old_k = jnp.where(keep[:, None, None, None], state.k, 0)
+        old_v = jnp.where(keep[:, None, None, None], state.v, 0)
+        old_pos = jnp.where(keep[:, None], state.slot_pos, -1)
+        n = min(time, window)
+        pos_tail = positions[:, time - n :]
+        in_last = seg[:, time - n :] == last_seg
+        slots = jnp.where(in_last, pos_tail % window, window)  # index `window` is dropped
+
+        def write(buf, idx, val):
+            return buf.at[idx].set(val, mode="drop")
+
+        return AttentionState(
+            k=jax.vmap(write)(old_k, slots, k[:, time - n :].astype(sdt)),
+            v=jax.vmap(write)(old_v, slots, v[:, time - n :].astype(sdt)),
+            slot_pos=jax.vmap(write)(old_pos, slots, pos_tail),
+            pos=positions[:, -1] + 1,
+        )

@@ -1,0 +1,136 @@
+"""The zoo scaffold: registry, configs, heads, and the Transformer LM on the contract."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mnemax
+from mnemax import ModelConfig
+
+from .contract import check_layer_contract
+
+
+def model_factory(name, **overrides):
+    def make(dtype=None, param_dtype=None, **kw):
+        changes = dict(overrides)
+        if dtype is not None:
+            changes["dtype"] = jnp.dtype(dtype).name
+        if param_dtype is not None:
+            changes["param_dtype"] = jnp.dtype(param_dtype).name
+        cfg = mnemax.get_config(name, **changes)
+        return mnemax.SequenceModel(cfg, **kw)
+
+    return make
+
+
+def tokens(vocab):
+    def make(rng, batch, time):
+        return jnp.asarray(rng.integers(0, vocab, (batch, time)), jnp.int32)
+
+    return make
+
+
+def test_transformer_lm_contract():
+    check_layer_contract(model_factory("transformer-tiny", window=16), tokens(64), input_name="inputs")
+
+
+def test_classifier_with_mean_pool_contract():
+    check_layer_contract(
+        model_factory("transformer-tiny", head="classify", num_classes=5, pool="mean", vocab_size=None, input_dim=3, n_layers=1),
+        lambda rng, b, t: jnp.asarray(rng.standard_normal((b, t, 3)), jnp.float32),
+        input_name="inputs",
+    )
+
+
+def test_registry_lists_and_creates():
+    names = mnemax.list_models()
+    assert {"transformer-tiny", "transformer-125m"} <= set(names)
+    m = mnemax.create("transformer-tiny", d_model=16, num_heads=4)
+    assert m.config.d_model == 16 and m.config.block["num_heads"] == 4
+    assert m.config.preset == "transformer-tiny"
+    with pytest.raises(ValueError, match="unknown model"):
+        mnemax.create("no-such-model")
+    with pytest.raises(ValueError, match="num_hedas"):
+        mnemax.create("transformer-tiny", num_hedas=3)
+    with pytest.raises(ValueError, match="head"):
+        mnemax.create("transformer-tiny", head="nonsense")
+
+
+def test_param_count_of_125m_matches_formula():
+    cfg = mnemax.get_config("transformer-125m")
+    model = mnemax.build(cfg)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    count = sum(np.prod(x.shape) for x in jax.tree.leaves(shapes))
+    d, v, L = cfg.d_model, cfg.vocab_size, cfg.n_layers
+    hidden = int(round(cfg.block["mlp_ratio"] * d))
+    per_layer = 4 * d * d + 3 * d * hidden + 2 * d
+    assert count == v * d + L * per_layer + d
+    assert 120e6 < count < 130e6
+
+
+def test_config_json_roundtrip_and_errors():
+    cfg = mnemax.get_config("transformer-tiny", n_layers=3)
+    again = ModelConfig.from_dict(__import__("json").loads(cfg.to_json()))
+    assert again == cfg and hash(again) == hash(cfg)
+    with pytest.raises(ValueError, match="vocab_size"):
+        ModelConfig(family="transformer", d_model=8, n_layers=1)
+    with pytest.raises(ValueError, match="num_classes"):
+        ModelConfig(family="transformer", d_model=8, n_layers=1, vocab_size=4, head="classify")
+    with pytest.raises(ValueError, match="unknown fields"):
+        ModelConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_heads_match_manual_computation():
+    """LM logits == final-norm features @ head kernel; tied LM uses the embedding; mean
+    pooling == numpy running mean of the features."""
+    tok = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 6)), jnp.int32)
+
+    for tie in (False, True):
+        model = mnemax.create("transformer-tiny", tie_embeddings=tie)
+        v = model.init(jax.random.key(0), tok)
+        (logits, _), inter = model.apply(v, tok, capture_intermediates=lambda m, _: m.name == "final_norm", mutable=["intermediates"])
+        feats = np.asarray(inter["intermediates"]["final_norm"]["__call__"][0][0], np.float64)
+        p = nn.meta.unbox(v["params"])
+        w = np.asarray(p["embed"]["embedding"]).T if tie else np.asarray(p["head"]["kernel"])
+        np.testing.assert_allclose(np.asarray(logits), feats @ w, rtol=1e-4, atol=1e-5)
+
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 7, 3)), jnp.float32)
+    resets = jnp.zeros((2, 7), bool).at[1, 3].set(True)
+    cfg = dict(head="classify", num_classes=4, vocab_size=None, input_dim=3)
+    mean_model = mnemax.create("transformer-tiny", pool="mean", **cfg)
+    v = mean_model.init(jax.random.key(0), x)
+    (out, _), inter = mean_model.apply(v, x, None, resets, capture_intermediates=lambda m, _: m.name == "final_norm", mutable=["intermediates"])
+    feats = np.asarray(inter["intermediates"]["final_norm"]["__call__"][0][0], np.float64)
+    means = np.zeros_like(feats)
+    for b in range(2):
+        start = 0
+        for t in range(7):
+            if resets[b, t]:
+                start = t
+            means[b, t] = feats[b, start : t + 1].mean(0)
+    p = nn.meta.unbox(v["params"])
+    np.testing.assert_allclose(np.asarray(out), means @ np.asarray(p["head"]["kernel"]) + np.asarray(p["head"]["bias"]), rtol=1e-4, atol=1e-5)
+
+
+def test_remat_model_matches_plain():
+    tok = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 9)), jnp.int32)
+    plain = mnemax.create("transformer-tiny")
+    remat = mnemax.create("transformer-tiny", remat=True)
+    v = plain.init(jax.random.key(0), tok)
+    loss = lambda m: lambda v: jnp.sum(m.apply(v, tok)[0] ** 2)  # noqa: E731
+    np.testing.assert_allclose(loss(remat)(v), loss(plain)(v), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(jax.grad(loss(remat))(v)), jax.tree.leaves(jax.grad(loss(plain))(v))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_model_inputs():
+    model = mnemax.create("transformer-tiny")
+    v = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    with pytest.raises(ValueError, match="inputs"):
+        model.apply(v, jnp.zeros((1, 4), jnp.float32))
+    with pytest.raises(ValueError, match="state"):
+        model.apply(v, jnp.zeros((1, 4), jnp.int32), model.initial_state(2))

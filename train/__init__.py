@@ -1,0 +1,1 @@
+"""mnemax.train: the sharded trainer, TFDS memory tasks, checkpoints (``train`` extras)."""

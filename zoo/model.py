@@ -1,0 +1,163 @@
+"""The generic zoo model: ``embed (or input projection) -> blocks -> norm -> head``.
+
+It follows the layer contract, so generation, streaming and truncated BPTT use the
+same call::
+
+    outputs, state = model(inputs, state=None, resets=None)
+    state0 = model.initial_state(batch_size)
+
+Shapes:
+  inputs: (batch, time) int tokens when ``config.vocab_size`` is set, else
+    (batch, time, input_dim) floats.
+  outputs: (batch, time, config.outputs) float32 (float64 for a float64 model) --
+    next-token logits ("lm"),
+    per-step class logits ("classify": the last step's are the sequence's; with
+    ``pool="mean"`` each step sees the running mean of the features so far), or
+    per-step regression outputs ("regress").
+  state: ModelState(blocks=tuple of each block's state, pool=PoolState or ()).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mnemax.layers.base import check_resets, check_state, expected_state, partitioned, state_dtype
+from mnemax.layers.norms import make_norm
+
+from .config import ModelConfig
+from .registry import get_family
+
+
+class PoolState(NamedTuple):
+    total: jax.Array  # (batch, d_model) running sum of features in the current episode
+    count: jax.Array  # (batch,) number of steps in it
+
+
+class ModelState(NamedTuple):
+    blocks: tuple
+    pool: PoolState | tuple
+
+
+class SequenceModel(nn.Module):
+    config: ModelConfig
+
+    def _blocks(self, **kw):
+        cfg = self.config
+        family = get_family(cfg.family)
+        return [family.make_block(cfg, i, **kw) for i in range(cfg.n_layers)]
+
+    def initial_state(self, batch_size: int) -> ModelState:
+        cfg = self.config
+        blocks = tuple(b.initial_state(batch_size) for b in self._blocks(parent=None))
+        pool: PoolState | tuple = ()
+        if cfg.head == "classify" and cfg.pool == "mean":
+            sdt = state_dtype(cfg.dtype)
+            pool = PoolState(jnp.zeros((batch_size, cfg.d_model), sdt), jnp.zeros((batch_size,), sdt))
+        return ModelState(blocks=blocks, pool=pool)
+
+    def _check_inputs(self, inputs):
+        cfg = self.config
+        shape = getattr(inputs, "shape", None)
+        if cfg.vocab_size is not None:
+            if shape is None or len(shape) != 2 or not jnp.issubdtype(inputs.dtype, jnp.integer):
+                raise ValueError(
+                    f"inputs must be int tokens of shape (batch, time), got shape {shape} "
+                    f"dtype {getattr(inputs, 'dtype', None)}"
+                )
+        elif shape is None or len(shape) != 3 or shape[-1] != cfg.input_dim:
+            raise ValueError(f"inputs must have shape (batch, time, {cfg.input_dim}), got shape {shape}")
+
+    @nn.compact
+    def __call__(self, inputs, state: ModelState | None = None, resets=None):
+        cfg = self.config
+        self._check_inputs(inputs)
+        batch, time = inputs.shape[:2]
+        resets = check_resets(resets, batch, time)
+        if state is not None:
+            check_state(state, expected_state(self, batch))
+        dt = jnp.dtype(cfg.dtype)
+        pdt = jnp.dtype(cfg.param_dtype)
+        residual_dt = jnp.promote_types(dt, jnp.float32)
+
+        embed = None
+        if cfg.vocab_size is not None:
+            embed = nn.Embed(
+                cfg.vocab_size,
+                cfg.d_model,
+                embedding_init=partitioned(nn.initializers.normal(cfg.embed_init_std), ("vocab", "embed")),
+                dtype=dt,
+                param_dtype=pdt,
+                name="embed",
+            )
+            x = embed(inputs)
+        else:
+            x = nn.Dense(
+                cfg.d_model,
+                dtype=dt,
+                param_dtype=pdt,
+                kernel_init=partitioned(nn.initializers.lecun_normal(), ("input", "embed")),
+                bias_init=partitioned(nn.initializers.zeros, ("embed",)),
+                name="input_proj",
+            )(inputs.astype(dt))
+        x = x.astype(residual_dt)
+
+        block_states = [None] * cfg.n_layers if state is None else list(state.blocks)
+        family = get_family(cfg.family)
+        new_states = []
+        for i in range(cfg.n_layers):
+            proto = family.make_block(cfg, i, parent=None)
+            cls = nn.remat(type(proto)) if cfg.remat else type(proto)
+            block = cls(**_fields(proto), name=f"block_{i}")
+            x, s = block(x, block_states[i], resets)
+            x = x.astype(residual_dt)
+            new_states.append(s)
+
+        h, _ = make_norm(cfg.final_norm, dtype=dt, param_dtype=pdt, name="final_norm")(x)
+
+        pool_state: PoolState | tuple = ()
+        if cfg.head == "classify" and cfg.pool == "mean":
+            h, pool_state = _running_mean(h, None if state is None else state.pool, resets, cfg)
+
+        if cfg.head == "lm" and cfg.tie_embeddings:
+            out = embed.attend(h.astype(dt))
+        else:
+            out = nn.Dense(
+                cfg.outputs,
+                use_bias=cfg.head != "lm",
+                dtype=dt,
+                param_dtype=pdt,
+                kernel_init=partitioned(nn.initializers.lecun_normal(), ("embed", "vocab" if cfg.head == "lm" else "output")),
+                bias_init=partitioned(nn.initializers.zeros, ("output",)),
+                name="head",
+            )(h)
+        return out.astype(residual_dt), ModelState(blocks=tuple(new_states), pool=pool_state)
+
+
+def _fields(module: nn.Module) -> dict:
+    """The dataclass fields of an unbound module (to rebuild it under a transform)."""
+    import dataclasses
+
+    return {f.name: getattr(module, f.name) for f in dataclasses.fields(module) if f.name not in ("parent", "name")}
+
+
+def _running_mean(h, pool: PoolState | None, resets, cfg: ModelConfig):
+    """Causal running mean over the current episode; h: (batch, time, d)."""
+    from mnemax.kernels import linear_scan
+
+    batch, time, d = h.shape
+    sdt = state_dtype(cfg.dtype)
+    if pool is None:
+        pool = PoolState(jnp.zeros((batch, d), sdt), jnp.zeros((batch,), sdt))
+    h32 = h.astype(sdt)
+    ones = jnp.ones((batch, time, 1), sdt)
+    # sums and counts are linear scans with a = 1, cut at resets.
+    both = jnp.concatenate([h32, ones], axis=-1)
+    h0 = jnp.concatenate([pool.total, pool.count[:, None]], axis=-1)
+    acc = linear_scan(jnp.ones((), sdt), both, h0=h0, resets=resets)
+    total, count = acc[..., :d], acc[..., d]
+    mean = total / count[..., None]
+    return mean.astype(h.dtype), PoolState(total[:, -1], count[:, -1])
