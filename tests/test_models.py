@@ -134,3 +134,17 @@ def test_bad_model_inputs():
         model.apply(v, jnp.zeros((1, 4), jnp.float32))
     with pytest.raises(ValueError, match="state"):
         model.apply(v, jnp.zeros((1, 4), jnp.int32), model.initial_state(2))
+
+
+def test_logit_soft_cap_and_final_norm_variants():
+    tok = jnp.asarray(np.random.default_rng(0).integers(0, 64, (1, 5)), jnp.int32)
+    plain = mnemax.create("transformer-tiny")
+    capped = mnemax.create("transformer-tiny", logit_soft_cap=0.5)
+    v = plain.init(jax.random.key(0), tok)
+    raw, _ = plain.apply(v, tok)
+    out, _ = capped.apply(v, tok)
+    np.testing.assert_allclose(np.asarray(out), 0.5 * np.tanh(np.asarray(raw, np.float64) / 0.5), rtol=1e-5, atol=1e-6)
+    for kind, n_params in (("none", 0), ("layer_nobias", 1), ("layer", 2), ("rms", 1)):
+        m = mnemax.create("transformer-tiny", final_norm=kind)
+        v = m.init(jax.random.key(0), tok)
+        assert len(v["params"].get("final_norm", {})) == n_params, kind

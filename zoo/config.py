@@ -14,6 +14,7 @@ from typing import Any
 
 HEADS = ("lm", "classify", "regress")
 POOLS = ("last", "mean")
+FINAL_NORMS = ("rms", "layer", "layer_nobias", "none")
 
 
 class FrozenDict(Mapping):
@@ -64,7 +65,9 @@ class ModelConfig:
         over ``num_classes``; read the last step, or a causal running mean with
         ``pool="mean"``), "regress" (per-step outputs of width ``output_dim``).
       tie_embeddings: the LM head reuses the embedding matrix.
-      final_norm: "rms" or "layer".
+      final_norm: "rms", "layer", "layer_nobias" or "none".
+      norm_eps: epsilon of the final norm.
+      logit_soft_cap: if set, head outputs become ``cap * tanh(out / cap)`` (xLSTM 7B).
       embed_init_std: standard deviation of the embedding init.
       dtype, param_dtype: compute and storage dtypes (names, e.g. "bfloat16").
       remat: rematerialise each block in the backward pass.
@@ -83,6 +86,8 @@ class ModelConfig:
     pool: str = "last"
     tie_embeddings: bool = False
     final_norm: str = "rms"
+    norm_eps: float = 1e-6
+    logit_soft_cap: float | None = None
     embed_init_std: float = 0.02
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -117,8 +122,10 @@ class ModelConfig:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
         if self.tie_embeddings and (self.head != "lm" or self.vocab_size is None):
             raise ValueError("tie_embeddings=True needs head='lm' with token inputs")
-        if self.final_norm not in ("rms", "layer"):
-            raise ValueError(f"final_norm must be 'rms' or 'layer', got {self.final_norm!r}")
+        if self.final_norm not in FINAL_NORMS:
+            raise ValueError(f"final_norm must be one of {FINAL_NORMS}, got {self.final_norm!r}")
+        if self.logit_soft_cap is not None and self.logit_soft_cap <= 0:
+            raise ValueError(f"logit_soft_cap must be > 0 or None, got {self.logit_soft_cap}")
 
     @property
     def outputs(self) -> int:

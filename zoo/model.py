@@ -116,7 +116,11 @@ class SequenceModel(nn.Module):
             x = x.astype(residual_dt)
             new_states.append(s)
 
-        h, _ = make_norm(cfg.final_norm, dtype=dt, param_dtype=pdt, name="final_norm")(x)
+        if cfg.final_norm == "none":
+            h = x.astype(dt)
+        else:
+            kind, extra = ("layer", {"use_bias": False}) if cfg.final_norm == "layer_nobias" else (cfg.final_norm, {})
+            h, _ = make_norm(kind, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt, name="final_norm", **extra)(x)
 
         pool_state: PoolState | tuple = ()
         if cfg.head == "classify" and cfg.pool == "mean":
@@ -134,7 +138,10 @@ class SequenceModel(nn.Module):
                 bias_init=partitioned(nn.initializers.zeros, ("output",)),
                 name="head",
             )(h)
-        return out.astype(residual_dt), ModelState(blocks=tuple(new_states), pool=pool_state)
+        out = out.astype(residual_dt)
+        if cfg.logit_soft_cap is not None:
+            out = cfg.logit_soft_cap * jnp.tanh(out / cfg.logit_soft_cap)
+        return out, ModelState(blocks=tuple(new_states), pool=pool_state)
 
 
 def _fields(module: nn.Module) -> dict:
