@@ -17,7 +17,13 @@ Shapes::
     state: AttentionState(
         k, v:      (batch, S, num_kv_heads, head_dim) float32   cached keys/values (rotated)
         slot_pos:  (batch, S) int32   episode position of each slot's entry, -1 if empty
-        pos:       (batch,) int32     episode position of the next token)
+        pos:       (batch,) int32     episode position of the next token
+        key_conv:  ConvState of the key-path conv, or () when key_conv == 0)
+
+``key_conv > 0`` adds a causal depthwise conv of that width on the key path only
+(the "shift" of H3, Fu et al. 2023, and Based, Arora et al. 2024): each key then also
+sees the few tokens before it, so one attention layer can bind a value to the token
+that preceded it (associative recall) without first learning a previous-token head.
 
 The attention itself runs through ``jax.nn.dot_product_attention`` (``implementation``
 picks ``'xla'``/``'cudnn'``). That function computes its softmax in float32, so a
@@ -32,6 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .conv import CausalConv1d, ConvState
 from .base import (
     Dtype,
     check_resets,
@@ -49,6 +56,7 @@ class AttentionState(NamedTuple):
     v: jax.Array
     slot_pos: jax.Array
     pos: jax.Array
+    key_conv: ConvState | tuple = ()
 
 
 def rope(x, positions, base: float = 10000.0):
@@ -89,6 +97,7 @@ class CausalSelfAttention(nn.Module):
     use_rope: bool = True
     rope_base: float = 10000.0
     use_bias: bool = False
+    key_conv: int = 0
     implementation: str | None = None
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
@@ -125,7 +134,11 @@ class CausalSelfAttention(nn.Module):
             v=jnp.zeros(shape, sdt),
             slot_pos=jnp.full((batch_size, self.window), -1, jnp.int32),
             pos=jnp.zeros((batch_size,), jnp.int32),
+            key_conv=self._key_conv(parent=None).initial_state(batch_size) if self.key_conv else (),
         )
+
+    def _key_conv(self, **kw) -> CausalConv1d:
+        return CausalConv1d(features=self.features, width=self.key_conv, dtype=self.dtype, param_dtype=self.param_dtype, **kw)
 
     @nn.compact
     def __call__(self, x, state: AttentionState | None = None, resets=None):
@@ -153,7 +166,12 @@ class CausalSelfAttention(nn.Module):
             )
 
         q = proj(heads, "query")(x)
-        k = proj(kv_heads, "key")(x)
+        key_conv_state = ()
+        if self.key_conv:
+            xk, key_conv_state = self._key_conv(name="key_conv")(x, state.key_conv, resets)
+            k = proj(kv_heads, "key")(xk)
+        else:
+            k = proj(kv_heads, "key")(x)
         v = proj(kv_heads, "value")(x)
 
         # Episode-relative positions and segments: segment 0 continues the state's episode,
@@ -202,7 +220,7 @@ class CausalSelfAttention(nn.Module):
             bias_init=partitioned(nn.initializers.zeros, ("embed",)),
             name="out",
         )(out)
-        return y, self._update_cache(state, k, v, positions, seg)
+        return y, self._update_cache(state, k, v, positions, seg)._replace(key_conv=key_conv_state)
 
     def _update_cache(self, state: AttentionState, k, v, positions, seg) -> AttentionState:
         """Ring-buffer write of the last tokens of the last episode; a reset clears the cache."""

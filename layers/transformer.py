@@ -28,6 +28,7 @@ class TransformerBlock(nn.Module):
     window: int = 1024
     norm: str = "rms"
     use_rope: bool = True
+    key_conv: int = 0
     implementation: str | None = None
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
@@ -40,6 +41,7 @@ class TransformerBlock(nn.Module):
             head_dim=self.head_dim,
             window=self.window,
             use_rope=self.use_rope,
+            key_conv=self.key_conv,
             implementation=self.implementation,
             dtype=self.dtype,
             param_dtype=self.param_dtype,

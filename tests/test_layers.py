@@ -105,11 +105,25 @@ def nn_unbox(tree):
 
 
 def numpy_attention(x, p, num_heads, num_kv_heads, window, resets=None, base=10000.0):
-    """Causal sliding-window attention with RoPE, written with plain numpy loops."""
+    """Causal sliding-window attention with RoPE (and the optional key-path conv),
+    written with plain numpy loops."""
     x = np.asarray(x, np.float64)
     batch, time, _ = x.shape
     q = np.einsum("btf,fhd->bthd", x, p["query"]["kernel"])
-    k = np.einsum("btf,fhd->bthd", x, p["key"]["kernel"])
+    xk = x
+    if "key_conv" in p:
+        w, bias = p["key_conv"]["kernel"], p["key_conv"]["bias"]
+        xk = np.zeros_like(x)
+        for b in range(batch):
+            for t in range(time):
+                start = max([s for s in range(t + 1) if resets is not None and resets[b, s]] or [0])
+                acc = bias.copy()
+                for j in range(w.shape[0]):
+                    src = t - (w.shape[0] - 1) + j
+                    if src >= start:
+                        acc = acc + w[j] * x[b, src]
+                xk[b, t] = acc
+    k = np.einsum("btf,fhd->bthd", xk, p["key"]["kernel"])
     v = np.einsum("btf,fhd->bthd", x, p["value"]["kernel"])
     hd = q.shape[-1]
     out = np.zeros((batch, time, num_heads, hd))
@@ -141,12 +155,12 @@ def numpy_attention(x, p, num_heads, num_kv_heads, window, resets=None, base=100
     return np.einsum("bthd,hdf->btf", out, p["out"]["kernel"])
 
 
-@pytest.mark.parametrize("heads,kv_heads,window", [(2, 2, 64), (4, 2, 5)])
-def test_attention_matches_numpy(heads, kv_heads, window):
+@pytest.mark.parametrize("heads,kv_heads,window,key_conv", [(2, 2, 64, 0), (4, 2, 5, 0), (2, 1, 64, 3)])
+def test_attention_matches_numpy(heads, kv_heads, window, key_conv):
     batch, time, f = 2, 11, 16
     x = jax.random.normal(jax.random.key(0), (batch, time, f))
     resets = jnp.zeros((batch, time), bool).at[1, 6].set(True)
-    layer = CausalSelfAttention(features=f, num_heads=heads, num_kv_heads=kv_heads, window=window)
+    layer = CausalSelfAttention(features=f, num_heads=heads, num_kv_heads=kv_heads, window=window, key_conv=key_conv)
     v = layer.init(jax.random.key(1), x)
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), nn_unbox(v["params"]))
     y, _ = layer.apply(v, x, None, resets)
@@ -154,10 +168,10 @@ def test_attention_matches_numpy(heads, kv_heads, window):
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("window", [64, 4])
-def test_attention_contract(window):
+@pytest.mark.parametrize("window,key_conv", [(64, 0), (4, 0), (64, 3)])
+def test_attention_contract(window, key_conv):
     check_layer_contract(
-        lambda **kw: CausalSelfAttention(features=8, num_heads=2, num_kv_heads=1, window=window, **kw),
+        lambda **kw: CausalSelfAttention(features=8, num_heads=2, num_kv_heads=1, window=window, key_conv=key_conv, **kw),
         float_input(8),
     )
 

@@ -49,3 +49,7 @@ __all__ = [
     "register_family",
     "register_preset",
 ]
+
+from .release import ReleaseError, load_pretrained, save_pretrained  # noqa: E402
+
+__all__ += ["ReleaseError", "load_pretrained", "save_pretrained"]

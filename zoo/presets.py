@@ -24,6 +24,7 @@ TRANSFORMER_KEYS = {
     "window": 1024,
     "norm": "rms",
     "use_rope": True,
+    "key_conv": 0,
     "implementation": None,
 }
 

@@ -1,0 +1,76 @@
+"""The defaults every experiment config starts from (``ml_collections``).
+
+Sections: ``model`` (a registered preset plus overrides of any config field or block
+option), ``task`` (a memory task, its parameters and dataset size), ``train``,
+``eval``, ``mesh`` (data / fsdp / tensor sizes, -1 = the rest), ``checkpoint``,
+``log`` and ``release``. Any field can be overridden on the command line, e.g.
+``--config.train.steps=100 --config.mesh.fsdp=2``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "transformer-tiny"
+    c.model.overrides = ml_collections.ConfigDict()
+
+    c.task = ml_collections.ConfigDict()
+    c.task.name = "mqar"
+    c.task.params = ml_collections.ConfigDict()
+    c.task.num_train = 20000
+    c.task.num_test = 1000
+    c.task.seed = 0
+    c.task.data_dir = ""  # empty: $MNEMAX_DATA_DIR or ~/mnemax_datasets
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.batch_size = 64
+    c.train.learning_rate = 1e-3
+    c.train.warmup_steps = 100
+    c.train.schedule = "cosine"
+    c.train.weight_decay = 0.1
+    c.train.grad_clip = 1.0
+    c.train.b1 = 0.9
+    c.train.b2 = 0.98
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 200
+    c.eval.batch_size = 256
+    c.eval.num_examples = -1  # -1: the whole test split
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.num_devices = -1  # -1: every device
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 500
+    c.checkpoint.keep = 3
+    c.checkpoint.use_async = True
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every_steps = 50
+    c.log.progress_bar = True
+    c.log.tensorboard = True
+    c.log.console = True
+
+    c.release = ml_collections.ConfigDict()
+    c.release.write = True
+    return c
+
+
+def apply_family(config: ml_collections.ConfigDict, families: dict, arg: str) -> ml_collections.ConfigDict:
+    """Sets ``config.model`` from a per-family table ``{arg: (preset, overrides)}``."""
+    if arg not in families:
+        raise ValueError(f"config argument: unknown family {arg!r}; this config has {sorted(families)}")
+    preset, overrides = families[arg]
+    config.model.preset = preset
+    config.model.overrides = ml_collections.ConfigDict(overrides)
+    return config

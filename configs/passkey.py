@@ -1,0 +1,23 @@
+"""Passkey retrieval with accuracy by needle depth: ``--config=configs/passkey.py:<family>``.
+
+Evaluate at longer contexts than trained with ``--config.task.params.seq_len=...`` on a
+trained release (``python -m mnemax.train.evaluate``) or a fresh run.
+"""
+
+from mnemax.configs.base import apply_family, base_config
+
+FAMILIES = {
+    "transformer": ("transformer-tiny", {"d_model": 64, "n_layers": 2, "num_heads": 2, "window": 256, "key_conv": 4}),
+}
+
+
+def get_config(arg: str = "transformer"):
+    c = base_config()
+    c.task.name = "passkey"
+    c.task.params.seq_len = 256
+    c.task.params.key_len = 5
+    c.task.params.depth = "uniform"
+    c.task.params.depth_buckets = 5
+    c.train.steps = 2000
+    c.train.learning_rate = 3e-3
+    return apply_family(c, FAMILIES, arg)

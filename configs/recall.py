@@ -1,0 +1,18 @@
+"""Recall after distractors (HCAM's Ballet pattern): ``--config=configs/recall.py:<family>``."""
+
+from mnemax.configs.base import apply_family, base_config
+
+FAMILIES = {
+    "transformer": ("transformer-tiny", {"d_model": 64, "n_layers": 2, "num_heads": 2, "window": 256, "key_conv": 4}),
+}
+
+
+def get_config(arg: str = "transformer"):
+    c = base_config()
+    c.task.name = "recall"
+    c.task.params.seq_len = 256
+    c.task.params.num_dancers = 6
+    c.task.params.dance_len = 16
+    c.train.steps = 2000
+    c.train.learning_rate = 3e-3
+    return apply_family(c, FAMILIES, arg)

@@ -1,0 +1,111 @@
+"""Checkpoints: a run killed with SIGKILL after its first checkpoint resumes to exactly
+the losses of an uninterrupted run; a corrupted latest checkpoint is reported and the
+previous one is used."""
+
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mnemax.train.checkpoint import Checkpointer
+
+from .trainer_utils import cli, flag_overrides, losses
+
+STEPS = 40
+FLAGS = flag_overrides(**{"train.steps": STEPS, "checkpoint.every_steps": 5, "checkpoint.keep": 3})
+
+
+def _finish(proc, timeout=240):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))
+
+
+def test_sigkill_resume_and_corrupt_fallback(tmp_path, data_dir):
+    ref = str(tmp_path / "reference")
+    _finish(cli(ref, data_dir, *FLAGS))
+    want = losses(ref)
+    assert sorted(want) == list(range(1, STEPS + 1))
+
+    run = str(tmp_path / "killed")
+    proc = cli(run, data_dir, *FLAGS)
+    ckpts = os.path.join(run, "checkpoints")
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts)):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stdout.read()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = max(losses(run)) if os.path.exists(os.path.join(run, "metrics.jsonl")) else 0
+    assert done_before < STEPS, "killed too late to test resuming"
+
+    out = _finish(cli(run, data_dir, *FLAGS))
+    assert "resumed from the checkpoint at step" in out
+    resumed_at = int(out.split("resumed from the checkpoint at step")[1].split()[0])
+    got = losses(run)
+    steps_after = [s for s in range(resumed_at + 1, STEPS + 1)]
+    assert steps_after, "nothing was recomputed after resuming"
+    np.testing.assert_array_equal([got[s] for s in steps_after], [want[s] for s in steps_after])
+
+    # Corrupt the newest checkpoint (step 40): the trainer reports it, quarantines it and
+    # resumes from step 35, reproducing the reference losses of steps 36..40.
+    latest = os.path.join(ckpts, str(STEPS))
+    victims = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(latest, "state")) for f in fs if "ocdbt" in d or "/d" in d]
+    assert victims
+    for v in victims:
+        with open(v, "r+b") as f:
+            f.truncate(max(os.path.getsize(v) // 3, 1))
+    out = _finish(cli(run, data_dir, *FLAGS))
+    assert f"checkpoint at step {STEPS} is unreadable" in out
+    assert "resumed from the checkpoint at step 35" in out
+    assert any(d.startswith(f"corrupt-{STEPS}-") for d in os.listdir(run))
+    got = losses(run)
+    np.testing.assert_array_equal([got[s] for s in range(36, STEPS + 1)], [want[s] for s in range(36, STEPS + 1)])
+
+
+def test_checkpointer_falls_back_to_previous(tmp_path, capsys):
+    ck = Checkpointer(str(tmp_path / "ck"), keep=3, every_steps=1, use_async=False)
+    sh = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    states = {s: {"w": jnp.full((64, 64), float(s))} for s in (1, 2)}
+    for s, st in states.items():
+        ck.save(s, st, {"step": s})
+    ck.wait()
+    files = [os.path.join(d, f) for d, _, fs in os.walk(str(tmp_path / "ck" / "2" / "state")) for f in fs]
+    for f in files:
+        if os.path.getsize(f) > 100:
+            with open(f, "r+b") as fh:
+                fh.write(b"\x00garbage" * 8)
+                fh.truncate(40)
+    abstract = {"w": jax.ShapeDtypeStruct((64, 64), jnp.float32, sharding=sh)}
+    step, state, cfg = ck.restore_latest(abstract)
+    assert step == 1 and cfg == {"step": 1}
+    np.testing.assert_array_equal(np.asarray(state["w"]), 1.0)
+    assert "checkpoint at step 2 is unreadable" in capsys.readouterr().out
+    assert ck.steps() == [1]
+    ck.close()
+
+
+def test_checkpoint_of_another_model_is_an_error_not_corruption(tmp_path):
+    from mnemax.train.checkpoint import CheckpointMismatchError
+
+    ck = Checkpointer(str(tmp_path / "ck"), use_async=False)
+    sh = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    ck.save(1, {"w": jnp.ones((8, 8))}, {}, force=True)
+    ck.wait()
+    with pytest.raises(CheckpointMismatchError, match="step 1"):
+        ck.restore_latest({"w": jax.ShapeDtypeStruct((4, 8), jnp.float32, sharding=sh)})
+    with pytest.raises(CheckpointMismatchError):
+        ck.restore_latest({"v": jax.ShapeDtypeStruct((8, 8), jnp.float32, sharding=sh)})
+    assert ck.steps() == [1], "a mismatching checkpoint must not be moved aside"
+    ck.close()

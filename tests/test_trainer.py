@@ -1,0 +1,74 @@
+"""The sharded trainer: mesh equivalence, real sharding, config errors before compiling."""
+
+import jax
+import numpy as np
+import pytest
+
+from mnemax.train.trainer import Trainer
+
+from .trainer_utils import losses, tiny_config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))
+
+
+def test_eight_devices_match_one(tmp_path, data_dir):
+    assert jax.device_count() >= 8, "conftest sets 8 simulated CPU devices"
+    sharded = tiny_config(data_dir, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "mesh.num_devices": 8})
+    single = tiny_config(data_dir, **{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1, "mesh.num_devices": 1})
+    t8 = Trainer(sharded, str(tmp_path / "eight"))
+    state = t8.init_state()
+    p = state.params
+    # embedding (vocab 32, embed 32) -> (tensor, fsdp); query (embed, heads, head_dim) -> (fsdp, tensor, -)
+    emb = p["embed"]["embedding"]
+    assert emb.shape == (32, 32) and emb.addressable_shards[0].data.shape == (16, 16)
+    q = p["block_0"]["attn"]["query"]["kernel"]
+    assert q.shape == (32, 2, 16) and q.addressable_shards[0].data.shape == (16, 1, 16)
+    up = p["block_1"]["mlp"]["up"]["kernel"]
+    assert up.addressable_shards[0].data.shape == (16, up.shape[1] // 2)
+    mu = state.opt_state[1][0].mu["embed"]["embedding"]  # adamw's first moment follows the params
+    assert mu.addressable_shards[0].data.shape == (16, 16)
+    assert len({d for d in emb.sharding.device_set}) == 8
+    del state
+    r8 = t8.run()
+    r1 = Trainer(single, str(tmp_path / "one")).run()
+    l8, l1 = losses(str(tmp_path / "eight")), losses(str(tmp_path / "one"))
+    assert sorted(l8) == sorted(l1) == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose([l8[s] for s in range(1, 6)], [l1[s] for s in range(1, 6)], rtol=1e-5, atol=1e-6)
+    assert l1[5] < l1[1], "the loss should fall over 5 steps"
+    np.testing.assert_allclose(r8["eval_loss"], r1["eval_loss"], rtol=1e-5)
+
+
+class _Compiles:
+    def __init__(self):
+        self.events = []
+
+    def __call__(self, event, *args, **kwargs):
+        if "compile" in event:
+            self.events.append(event)
+
+
+BAD = [
+    ({"model.preset": "no-such-model"}, r"model\.preset"),
+    ({"mesh.data": -1, "mesh.fsdp": 3}, r"mesh\.fsdp"),
+    ({"mesh.data": 3, "mesh.fsdp": 1, "mesh.num_devices": -1}, r"mesh\.data"),
+    ({"mesh.data": 4, "mesh.fsdp": 2, "train.batch_size": 12}, r"train\.batch_size"),
+    ({"model.overrides.window": 16}, r"task\.seq_len"),
+    ({"task.params.seq_len": 10}, r"task\.seq_len"),
+    ({"task.name": "nonsense"}, r"task\.name"),
+    ({"train.steps": 0}, r"train\.steps"),
+]
+
+
+@pytest.mark.parametrize("changes,field", BAD)
+def test_bad_configs_fail_before_compiling(tmp_path, data_dir, changes, field):
+    listener = _Compiles()
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        with pytest.raises(ValueError, match=field):
+            Trainer(tiny_config(data_dir, **changes), str(tmp_path))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert not listener.events, f"compiled before failing: {listener.events}"

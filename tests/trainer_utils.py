@@ -1,0 +1,67 @@
+"""Shared helpers for the trainer tests: a tiny MQAR config and subprocess runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+TINY = {
+    "model.overrides.d_model": 32, "model.overrides.n_layers": 2, "model.overrides.num_heads": 2,
+    "model.overrides.window": 32, "task.params.seq_len": 32, "task.params.num_pairs": 4,
+    "task.params.vocab_size": 32, "task.num_train": 256, "task.num_test": 32, "train.steps": 5,
+    "train.batch_size": 8, "train.learning_rate": 3e-3, "train.warmup_steps": 2, "eval.every_steps": 0,
+    "eval.batch_size": 8, "checkpoint.every_steps": 0, "log.every_steps": 1, "log.progress_bar": False,
+    "log.console": False, "release.write": False,
+}
+
+
+def tiny_config(data_dir: str, **changes):
+    """configs/mqar.py:transformer shrunk by TINY (the same run as ``cli(*flag_overrides())``)."""
+    from mnemax.configs.mqar import get_config
+
+    c = get_config("transformer")
+    c.task.data_dir = data_dir
+    for key, value in {**TINY, **changes}.items():
+        node = c
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return c
+
+
+def flag_overrides(**changes) -> list[str]:
+    """Command-line flags that turn configs/mqar.py:transformer into tiny_config()."""
+    return [f"--config.{k}={v}" for k, v in {**TINY, **changes}.items()]
+
+
+def cli(workdir: str, data_dir: str, *flags: str, devices: int = 1, extra_env=None, **popen):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env.update(extra_env or {})
+    cmd = [sys.executable, "-m", "mnemax.train", f"--config={ROOT}/configs/mqar.py:transformer", f"--workdir={workdir}",
+           f"--config.task.data_dir={data_dir}", *flags]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, **popen)
+
+
+def losses(workdir: str) -> dict[int, float]:
+    """step -> training loss; a resumed run's later record of a step wins."""
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if "loss" in r:
+                out[r["step"]] = r["loss"]
+    return out
+
+
+def eval_records(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if "eval_loss" in r]

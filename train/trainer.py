@@ -1,0 +1,346 @@
+"""The trainer: any zoo model on any memory task, on one CPU or many hosts.
+
+``Trainer(config, workdir).run()`` does, in order:
+
+1. validates the whole config before anything is compiled (ValueErrors name the
+   field: ``model.preset``, ``mesh.fsdp``, ``train.batch_size``, ``task.seq_len``, ...);
+2. builds the mesh (``data``, ``fsdp``, ``tensor``), prepares the task's TFDS dataset
+   (process 0 generates it, the others wait), and the model sized to the task;
+3. initialises the train state directly into its shardings (parameters and
+   optimizer state sharded by their logical axes), or restores the newest readable
+   checkpoint onto this mesh;
+4. runs jitted train steps with in/out shardings, logging, held-out evaluation every
+   ``eval.every_steps``, async checkpoints every ``checkpoint.every_steps``;
+5. writes a final checkpoint and a release bundle (``<workdir>/release``).
+
+Loss: cross-entropy of the model's per-step outputs at the task's masked steps
+(mean over those steps); accuracy: the fraction of masked steps whose argmax is the
+target (for MQAR, the recall accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.experimental import multihost_utils
+
+import mnemax
+from mnemax.release import example_inputs
+from mnemax.sharding import batch_sharding, make_mesh, resolve_mesh_shape, tree_shardings
+
+from . import tasks as tasks_lib
+from .checkpoint import Checkpointer
+from .data import Feeder
+from .metrics import MetricsWriter
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def default_data_dir() -> str:
+    return os.environ.get("MNEMAX_DATA_DIR") or os.path.join(os.path.expanduser("~"), "mnemax_datasets")
+
+
+def _to_dict(cfg) -> dict:
+    return cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def model_config(config, spec: tasks_lib.TaskSpec) -> mnemax.ModelConfig:
+    """The zoo config for ``config.model`` sized to the task (ValueErrors name the field)."""
+    preset = config.model.preset
+    if preset not in mnemax.list_models():
+        raise ValueError(f"model.preset: unknown model {preset!r}; available: {mnemax.list_models()}")
+    overrides = _to_dict(config.model.get("overrides", {}))
+    task_fields = spec.model_overrides()
+    clash = sorted(k for k in overrides if k in task_fields and overrides[k] != task_fields[k])
+    if clash:
+        raise ValueError(
+            f"model.overrides.{clash[0]}: set by the task ({task_fields[clash[0]]!r}); remove it from the model overrides"
+        )
+    try:
+        cfg = mnemax.get_config(preset, **{**overrides, **task_fields})
+    except ValueError as err:
+        raise ValueError(f"model.overrides: {err}") from None
+    window = cfg.block.get("window")
+    if isinstance(window, int) and window < spec.seq_len:
+        raise ValueError(
+            f"task.seq_len: sequences of {spec.seq_len} steps are too long for the model's attention window "
+            f"of {window} (model.overrides.window); the model could not see the whole sequence"
+        )
+    return cfg
+
+
+def validate(config, *, num_devices: int) -> dict:
+    """Checks every field that can be checked before compiling; returns resolved pieces."""
+    for field in ("model", "task", "train", "eval", "mesh", "checkpoint", "log"):
+        if field not in config:
+            raise ValueError(f"{field}: missing section in the config")
+    t = config.train
+    if t.steps < 1:
+        raise ValueError(f"train.steps: must be >= 1, got {t.steps}")
+    if t.learning_rate <= 0:
+        raise ValueError(f"train.learning_rate: must be > 0, got {t.learning_rate}")
+    if t.warmup_steps < 0:
+        raise ValueError(f"train.warmup_steps: must be >= 0, got {t.warmup_steps}")
+    if t.schedule not in ("cosine", "constant"):
+        raise ValueError(f"train.schedule: must be 'cosine' or 'constant', got {t.schedule!r}")
+    mesh_cfg = _to_dict(config.mesh)
+    n_use = mesh_cfg.pop("num_devices", -1)
+    if n_use == -1:
+        n_use = num_devices
+    if not 1 <= n_use <= num_devices:
+        raise ValueError(f"mesh.num_devices: must be -1 or in [1, {num_devices}], got {n_use}")
+    if jax.process_count() > 1 and n_use != num_devices:
+        raise ValueError(f"mesh.num_devices: a multi-process run uses every device ({num_devices}), got {n_use}")
+    shape = resolve_mesh_shape(mesh_cfg, n_use)
+    rows = shape["data"] * shape["fsdp"]
+    for field, bs in (("train.batch_size", t.batch_size), ("eval.batch_size", config.eval.batch_size)):
+        if bs < 1 or bs % rows:
+            raise ValueError(
+                f"{field}: {bs} is not divisible by the data-parallel size data*fsdp = {shape['data']}*{shape['fsdp']} = {rows}"
+            )
+    task = config.task
+    if task.name not in tasks_lib.TASK_NAMES:
+        raise ValueError(f"task.name: unknown task {task.name!r}; tasks are {tasks_lib.TASK_NAMES}")
+    params = _to_dict(task.get("params", {}))
+    if task.name == "tfds":
+        spec = None  # checked when the dataset is opened (it must exist on disk)
+    else:
+        spec = tasks_lib.make_task(task.name, **params).spec()
+    cfg = model_config(config, spec) if spec is not None else None
+    return {"mesh_shape": shape, "num_devices": n_use, "model_config": cfg, "spec": spec}
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    t = config.train
+    if t.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, max(t.warmup_steps, 1), max(t.steps, t.warmup_steps + 1), end_value=t.learning_rate * 0.01)
+    else:
+        lr = optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, max(t.warmup_steps, 1)), optax.constant_schedule(t.learning_rate)], [max(t.warmup_steps, 1)])
+
+    def decay_mask(params):
+        return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+    return optax.chain(
+        optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity(),
+        optax.adamw(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask),
+    )
+
+
+def masked_metrics(logits, targets, mask, group=None, num_groups: int = 0):
+    """Sums over masked steps: nll, correct, count (and per-group correct/count)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    m = mask.astype(jnp.float32)
+    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32) * m
+    out = {"nll": jnp.sum(nll * m), "correct": jnp.sum(correct), "count": jnp.sum(m)}
+    if num_groups:
+        onehot = jax.nn.one_hot(group, num_groups)  # (batch, groups)
+        out["group_correct"] = jnp.einsum("bt,bg->g", correct, onehot)
+        out["group_count"] = jnp.einsum("bt,bg->g", m, onehot)
+    return out
+
+
+def accumulate_eval(step_fn, batches, group_names) -> dict:
+    """Sums ``masked_metrics`` over ``batches`` and turns them into held-out metrics."""
+    totals = None
+    for batch in batches:
+        out = step_fn(batch)
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), totals)
+    count = max(float(totals["count"]), 1.0)
+    result = {"eval_loss": float(totals["nll"]) / count, "eval_accuracy": float(totals["correct"]) / count}
+    for i, name in enumerate(group_names):
+        c = float(totals["group_count"][i])
+        if c:
+            result[f"eval_accuracy/{name}"] = float(totals["group_correct"][i]) / c
+    return result
+
+
+class Trainer:
+    def __init__(self, config, workdir: str, devices=None):
+        """``devices``: the devices to build the mesh from (default ``jax.devices()``), e.g.
+        ``jax.devices("cpu")`` to train on simulated CPU devices beside an accelerator."""
+        self.config = config
+        self.workdir = os.path.abspath(workdir)
+        pool = list(jax.devices() if devices is None else devices)
+        resolved = validate(config, num_devices=len(pool))
+        devices = pool[: resolved["num_devices"]]
+        self.mesh = make_mesh(resolved["mesh_shape"], devices)
+        self.is_main = jax.process_index() == 0
+        data_dir = config.task.get("data_dir") or default_data_dir()
+        self.task_source = self._open_task(data_dir)
+        self.spec = self.task_source.spec()
+        self.model_config = resolved["model_config"] or model_config(config, self.spec)
+        self.model = mnemax.build(self.model_config)
+        self.tx = make_optimizer(config)
+        self.feeder = Feeder(self.task_source, self.mesh, batch_size=config.train.batch_size, seed=config.seed)
+        self._build_state_shardings()
+        self._build_steps()
+
+    # -- setup ------------------------------------------------------------------------------
+    def _open_task(self, data_dir):
+        t = self.config.task
+        kw = dict(num_train=t.num_train, num_test=t.num_test, seed=t.seed, data_dir=data_dir)
+        params = _to_dict(t.get("params", {}))
+        if self.is_main:
+            src = tasks_lib.open_task(t.name, params, **kw)
+        multihost_utils.sync_global_devices("mnemax:data-prepared")
+        if not self.is_main:
+            src = tasks_lib.open_task(t.name, params, **kw)
+        return src
+
+    def _init_boxed(self, rng):
+        variables = self.model.init(rng, example_inputs(self.model_config))
+        params = variables["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+
+    def _build_state_shardings(self):
+        boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
+        self.state_shardings = tree_shardings(boxed, self.mesh)
+        self.abstract_state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(boxed), self.state_shardings
+        )
+
+    def init_state(self) -> TrainState:
+        def init(rng):
+            return nn.meta.unbox(self._init_boxed(rng))
+
+        return jax.jit(init, out_shardings=self.state_shardings)(jax.random.key(self.config.seed))
+
+    def _build_steps(self):
+        model, tx = self.model, self.tx
+        groups = len(self.spec.group_names)
+
+        def loss_fn(params, batch):
+            logits, _ = model.apply({"params": params}, batch["inputs"])
+            m = masked_metrics(logits, batch["targets"], batch["mask"])
+            return m["nll"] / jnp.maximum(m["count"], 1.0), m
+
+        def train_step(state: TrainState, batch):
+            (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            metrics = {
+                "loss": loss,
+                "accuracy": m["correct"] / jnp.maximum(m["count"], 1.0),
+                "grad_norm": optax.tree.norm(grads),
+            }
+            return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+        def eval_step(params, batch):
+            logits, _ = model.apply({"params": params}, batch["inputs"])
+            return masked_metrics(logits, batch["targets"], batch["mask"], batch["group"], groups)
+
+        batch_shard = {
+            "inputs": batch_sharding(self.mesh, 2 if self.spec.input_dim is None else 3),
+            "targets": batch_sharding(self.mesh, 2),
+            "mask": batch_sharding(self.mesh, 2),
+            "group": batch_sharding(self.mesh, 1),
+        }
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self.train_step = jax.jit(
+            train_step,
+            in_shardings=(self.state_shardings, batch_shard),
+            out_shardings=(self.state_shardings, replicated),
+            donate_argnums=(0,),
+        )
+        self.eval_step = jax.jit(
+            eval_step, in_shardings=(self.state_shardings.params, batch_shard), out_shardings=replicated
+        )
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def evaluate(self, params) -> dict:
+        n = self.config.eval.get("num_examples", -1)
+        batches = self.feeder.eval_batches(self.config.eval.batch_size, None if n in (-1, None) else n)
+        return accumulate_eval(lambda batch: self.eval_step(params, batch), batches, self.spec.group_names)
+
+    # -- the run --------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.config
+        config_dict = _to_dict(cfg)
+        if self.is_main:
+            os.makedirs(self.workdir, exist_ok=True)
+            with open(os.path.join(self.workdir, "config.json"), "w") as f:
+                json.dump(config_dict, f, indent=2, sort_keys=True, default=str)
+        ck = cfg.checkpoint
+        checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=ck.keep, every_steps=ck.every_steps, use_async=ck.use_async)
+        restored = checkpointer.restore_latest(self.abstract_state)
+        if restored is None:
+            state, start = self.init_state(), 0
+        else:
+            start, state, _ = restored
+            if self.is_main:
+                print(f"resumed from the checkpoint at step {start}", flush=True)
+        total = cfg.train.steps
+        writer = MetricsWriter(
+            self.workdir, enabled=self.is_main, tensorboard=cfg.log.tensorboard, progress_bar=cfg.log.progress_bar,
+            total_steps=total, start_step=start,
+        )
+        tokens_per_step = cfg.train.batch_size * self.spec.seq_len
+        last: dict = {}
+        eval_result: dict = {}
+        t_window, steps_window = time.time(), 0
+        try:
+            if start < total:
+                for step, batch in self.feeder.train_batches(start):
+                    if step >= total:
+                        break
+                    state, metrics = self.train_step(state, batch)
+                    done = step + 1
+                    steps_window += 1
+                    if done % cfg.log.every_steps == 0 or done == total:
+                        metrics = {k: float(np.asarray(v.addressable_data(0))) for k, v in metrics.items()}
+                        elapsed = max(time.time() - t_window, 1e-9)
+                        metrics["tokens_per_s"] = tokens_per_step * steps_window / elapsed
+                        t_window, steps_window = time.time(), 0
+                        writer.write(done, metrics, console=cfg.log.get("console", True))
+                        last = metrics
+                    writer.progress(done, {k: last[k] for k in ("loss", "accuracy", "tokens_per_s") if k in last})
+                    if cfg.eval.every_steps > 0 and done % cfg.eval.every_steps == 0 and done != total:
+                        eval_result = self.evaluate(state.params)
+                        writer.write(done, eval_result)
+                    checkpointer.save(done, state, config_dict)
+            eval_result = self.evaluate(state.params)
+            writer.write(total, eval_result)
+            checkpointer.save(total, state, config_dict, force=True)
+            checkpointer.wait()
+            if cfg.get("release", {}).get("write", True):
+                self.release(state, eval_result)
+        finally:
+            checkpointer.close()
+            writer.close()
+        return {**last, **eval_result}
+
+    def release(self, state: TrainState, eval_result: dict) -> str:
+        extra = {
+            "task": _to_dict(self.config.task),
+            "trained_steps": int(np.asarray(state.step.addressable_data(0))),
+            "eval": eval_result,
+        }
+        path = os.path.join(self.workdir, "release")
+        mnemax.save_pretrained(path, self.model, {"params": state.params}, extra=extra, overwrite=True)
+        if self.is_main:
+            print(f"release bundle written to {path}", flush=True)
+        return path
