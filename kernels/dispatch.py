@@ -70,6 +70,16 @@ def default_backend(op: str, platform: str | None = None) -> str:
     return "reference"
 
 
+INTERPRET_ENV_VAR = "MNEMAX_PALLAS_INTERPRET"
+
+
+def interpret_flag(interpret: bool | None) -> bool:
+    """``interpret`` if given, else whether ``MNEMAX_PALLAS_INTERPRET`` is set to 1/true."""
+    if interpret is not None:
+        return bool(interpret)
+    return os.environ.get(INTERPRET_ENV_VAR, "").lower() in ("1", "true", "yes")
+
+
 def resolve(op: str, backend: str | None) -> tuple[str, Callable]:
     """Returns ``(name, implementation)`` of ``op`` for ``backend`` (None: the default)."""
     if op not in _REGISTRY:

@@ -89,7 +89,9 @@ def carry_mask(resets, reverse: bool):
     return jnp.concatenate([resets[:, 1:], jnp.zeros_like(resets[:, :1])], axis=1)
 
 
-def linear_scan(a, b, *, h0=None, resets=None, reverse: bool = False, backend: str | None = None):
+def linear_scan(
+    a, b, *, h0=None, resets=None, reverse: bool = False, backend: str | None = None, interpret: bool | None = None
+):
     """All states of ``h_t = a_t * h_{t-1} + b_t`` along axis 1.
 
     Args:
@@ -98,15 +100,18 @@ def linear_scan(a, b, *, h0=None, resets=None, reverse: bool = False, backend: s
       h0: initial state ``(batch, ...)``; zeros when None.
       resets: ``(batch, time)`` bool; clears the carried state before step t.
       reverse: run from the last step to the first.
-      backend: ``"reference"``, ``"xla"`` or a registered Pallas backend; None picks
-        by platform (``MNEMAX_KERNEL_BACKEND`` overrides).
+      backend: ``"reference"``, ``"xla"``, ``"pallas_gpu"`` or ``"pallas_tpu"``; None
+        picks by platform (``MNEMAX_KERNEL_BACKEND`` overrides).
+      interpret: run a Pallas backend in interpret mode (on CPU); None reads
+        ``MNEMAX_PALLAS_INTERPRET``. Ignored by the other backends.
 
     Returns:
       ``h`` with ``b``'s shape and the promoted dtype of ``a`` and ``b``.
     """
     a, b, h0, resets, out_dtype = _prepare(a, b, h0, resets)
-    _, impl = dispatch.resolve(OP, backend)
-    h = impl(a, b, h0=h0, resets=resets, reverse=reverse)
+    name, impl = dispatch.resolve(OP, backend)
+    kw = {"interpret": dispatch.interpret_flag(interpret)} if name.startswith("pallas") else {}
+    h = impl(a, b, h0=h0, resets=resets, reverse=reverse, **kw)
     return h.astype(out_dtype)
 
 
@@ -164,14 +169,18 @@ def _assoc_scan(a, b, reverse):
     return h
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def scan_with_vjp(a, b, reverse):
-    """Bare scan from a zero state, with the reverse-scan adjoint as its VJP."""
-    return _assoc_scan(a, b, reverse)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def scan_with_vjp(a, b, reverse, impl=_assoc_scan):
+    """Bare scan from a zero state, with the reverse-scan adjoint as its VJP.
+
+    ``impl(a, b, reverse)`` computes the scan (XLA's associative scan, or a Pallas
+    kernel); the backward pass calls the same ``impl`` in the other direction.
+    """
+    return impl(a, b, reverse)
 
 
-def _scan_fwd(a, b, reverse):
-    h = _assoc_scan(a, b, reverse)
+def _scan_fwd(a, b, reverse, impl):
+    h = impl(a, b, reverse)
     return h, (a, h)
 
 
@@ -186,10 +195,10 @@ def shifted(x, reverse):
     return jnp.concatenate([x[:, 1:], pad], axis=1)
 
 
-def _scan_bwd(reverse, res, g):
+def _scan_bwd(reverse, impl, res, g):
     a, h = res
     # lambda_t = g_t + a_{t+1} lambda_{t+1} (forward case): a scan in the other direction.
-    lam = _assoc_scan(shifted(a, reverse), g, not reverse)
+    lam = impl(shifted(a, reverse), g.astype(a.dtype), not reverse)
     # h_{t-1} (forward) or h_{t+1} (reverse), zero at the boundary.
     h_prev = shifted(h, not reverse)
     return lam * h_prev, lam
@@ -202,3 +211,46 @@ scan_with_vjp.defvjp(_scan_fwd, _scan_bwd)
 def _xla(a, b, *, h0, resets, reverse):
     a, b = fold_inputs(a, b, h0, resets, reverse)
     return scan_with_vjp(a, b, reverse)
+
+
+# ----------------------------------------------------------------------------- pallas
+
+
+def _pallas_impl(platform: str, interpret: bool):
+    from . import pallas_linear_scan as pls
+
+    if platform == "gpu":
+        return _Impl(functools.partial(pls.scan_gpu, interpret=interpret))
+    if interpret:
+        from jax.experimental.pallas import tpu as pltpu
+
+        return _Impl(functools.partial(pls.scan_tpu, interpret=pltpu.InterpretParams()))
+    return _Impl(pls.scan_tpu)
+
+
+class _Impl:
+    """A hashable wrapper (custom_vjp's static argument) around a bare-scan kernel."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, a, b, reverse):
+        return self.fn(a, b, reverse=reverse)
+
+    def __hash__(self):
+        return hash(repr(self.fn))
+
+    def __eq__(self, other):
+        return isinstance(other, _Impl) and repr(self.fn) == repr(other.fn)
+
+
+@dispatch.register(OP, "pallas_gpu")
+def _pallas_gpu(a, b, *, h0, resets, reverse, interpret=False):
+    a, b = fold_inputs(a, b, h0, resets, reverse)
+    return scan_with_vjp(a, b, reverse, _pallas_impl("gpu", interpret))
+
+
+@dispatch.register(OP, "pallas_tpu")
+def _pallas_tpu(a, b, *, h0, resets, reverse, interpret=False):
+    a, b = fold_inputs(a, b, h0, resets, reverse)
+    return scan_with_vjp(a, b, reverse, _pallas_impl("tpu", interpret))
