@@ -11,7 +11,8 @@ Resets: where ``resets[:, t]`` is True the carried state is cleared before step
 carry from step ``t`` into ``t - 1`` is dropped where ``resets[:, t]``.
 
 Arithmetic runs in float32 (float64 or complex when the inputs are); the result has
-the inputs' promoted dtype.
+the inputs' promoted dtype. The Pallas backends read bf16 inputs as bf16 (half the
+bytes) and carry the state in float32.
 
 Backends: ``reference`` is a ``lax.scan`` differentiated by JAX; ``xla`` is a
 ``lax.associative_scan`` with a hand-written VJP (the adjoint of a linear scan is
@@ -53,8 +54,7 @@ def _prepare(a, b, h0, resets):
         )
     out_dtype = jnp.result_type(a, b)
     cdt = _compute_dtype(a.dtype, b.dtype)
-    a = jnp.broadcast_to(a.astype(cdt), b.shape)
-    b = b.astype(cdt)
+    a = jnp.broadcast_to(a, b.shape)
     state_shape = (b.shape[0],) + b.shape[2:]
     if h0 is not None:
         h0 = jnp.asarray(h0)
@@ -70,7 +70,7 @@ def _prepare(a, b, h0, resets):
                 f"resets must have shape (batch, time) = {b.shape[:2]}, got shape {resets.shape}"
             )
         resets = resets.astype(bool)
-    return a, b, h0, resets, out_dtype
+    return a, b, h0, resets, out_dtype, cdt
 
 
 def _expand(r, ndim):
@@ -108,10 +108,12 @@ def linear_scan(
     Returns:
       ``h`` with ``b``'s shape and the promoted dtype of ``a`` and ``b``.
     """
-    a, b, h0, resets, out_dtype = _prepare(a, b, h0, resets)
+    a, b, h0, resets, out_dtype, cdt = _prepare(a, b, h0, resets)
     name, impl = dispatch.resolve(OP, backend)
-    kw = {"interpret": dispatch.interpret_flag(interpret)} if name.startswith("pallas") else {}
-    h = impl(a, b, h0=h0, resets=resets, reverse=reverse, **kw)
+    if name.startswith("pallas"):
+        h = impl(a, b, h0=h0, resets=resets, reverse=reverse, compute_dtype=cdt, interpret=dispatch.interpret_flag(interpret))
+    else:
+        h = impl(a.astype(cdt), b.astype(cdt), h0=h0, resets=resets, reverse=reverse)
     return h.astype(out_dtype)
 
 
@@ -142,20 +144,12 @@ def _reference(a, b, *, h0, resets, reverse):
 # ----------------------------------------------------------------------------- xla
 
 
-def fold_inputs(a, b, h0, resets, reverse):
-    """Folds resets into the decays and h0 into the first (last) input.
-
-    Returns ``(a_eff, b_eff)`` such that the plain scan ``h_t = a_eff_t h_{t-1} +
-    b_eff_t`` from a zero state gives the same states. Shared by every backend that
-    implements the bare recurrence.
-    """
-    if resets is not None:
-        keep = 1.0 - _expand(carry_mask(resets, reverse), a.ndim).astype(a.dtype)
-        a = a * keep
-    if h0 is not None:
-        idx = -1 if reverse else 0
-        b = b.at[:, idx].add(a[:, idx] * h0)
-    return a, b
+def fold_resets(a, resets, reverse):
+    """Folds ``resets`` into the decays: the carry into a cut step is multiplied by 0."""
+    if resets is None:
+        return a
+    keep = 1.0 - _expand(carry_mask(resets, reverse), a.ndim).astype(a.dtype)
+    return a * keep
 
 
 def _combine(left, right):
@@ -164,93 +158,117 @@ def _combine(left, right):
     return a_l * a_r, a_r * b_l + b_r
 
 
-def _assoc_scan(a, b, reverse):
+def _assoc_impl(a, b, h0, reverse):
+    """XLA's associative scan with the initial state folded into the first input."""
+    idx = -1 if reverse else 0
+    b = b.at[:, idx].add(a[:, idx] * h0.astype(b.dtype))
     _, h = lax.associative_scan(_combine, (a, b), reverse=reverse, axis=1)
     return h
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def scan_with_vjp(a, b, reverse, impl=_assoc_scan):
-    """Bare scan from a zero state, with the reverse-scan adjoint as its VJP.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def scan_with_vjp(a, b, h0, reverse, impl=_assoc_impl):
+    """The bare recurrence from state ``h0``, with the reverse-scan adjoint as its VJP.
 
-    ``impl(a, b, reverse)`` computes the scan (XLA's associative scan, or a Pallas
-    kernel); the backward pass calls the same ``impl`` in the other direction.
+    ``impl(a, b, h0, reverse)`` computes the scan (XLA's associative scan or a Pallas
+    kernel) and returns ``b``'s dtype; the backward pass calls the same ``impl`` in the
+    other direction on the cotangents, in ``h0``'s (compute) dtype:
+    ``lambda_t = g_t + a_{t+1} lambda_{t+1}``, ``da_t = lambda_t h_{t-1}``,
+    ``db_t = lambda_t``, ``dh0 = a_first lambda_first``.
     """
-    return impl(a, b, reverse)
+    return impl(a, b, h0, reverse)
 
 
-def _scan_fwd(a, b, reverse, impl):
-    h = impl(a, b, reverse)
-    return h, (a, h)
+def _scan_fwd(a, b, h0, reverse, impl):
+    h = impl(a, b, h0, reverse)
+    return h, (a, h, h0, jnp.zeros((0,), b.dtype))
 
 
-def shifted(x, reverse):
-    """x shifted by one step against the scan direction, zero filled.
-
-    Forward: out[t] = x[t + 1]. Reverse: out[t] = x[t - 1].
-    """
-    pad = jnp.zeros_like(x[:, :1])
+def shifted(x, reverse, fill=None):
+    """x shifted by one step against the scan direction; ``fill`` (batch, ...) or zeros
+    at the boundary. Forward: out[t] = x[t + 1]. Reverse: out[t] = x[t - 1]."""
+    pad = jnp.zeros_like(x[:, :1]) if fill is None else fill[:, None].astype(x.dtype)
     if reverse:
         return jnp.concatenate([pad, x[:, :-1]], axis=1)
     return jnp.concatenate([x[:, 1:], pad], axis=1)
 
 
 def _scan_bwd(reverse, impl, res, g):
-    a, h = res
-    # lambda_t = g_t + a_{t+1} lambda_{t+1} (forward case): a scan in the other direction.
-    lam = impl(shifted(a, reverse), g.astype(a.dtype), not reverse)
-    # h_{t-1} (forward) or h_{t+1} (reverse), zero at the boundary.
-    h_prev = shifted(h, not reverse)
-    return lam * h_prev, lam
+    a, h, h0, b_proto = res
+    cdt = h0.dtype
+    lam = impl(shifted(a, reverse), g.astype(cdt), jnp.zeros_like(h0), not reverse).astype(cdt)
+    # h_{t-1} (forward) or h_{t+1} (reverse), h0 at the boundary.
+    h_prev = shifted(h.astype(cdt), not reverse, fill=h0)
+    edge = -1 if reverse else 0
+    dh0 = a[:, edge].astype(cdt) * lam[:, edge]
+    return (lam * h_prev).astype(a.dtype), lam.astype(b_proto.dtype), dh0
 
 
 scan_with_vjp.defvjp(_scan_fwd, _scan_bwd)
 
 
+def _zeros_state(b, h0, dtype):
+    return jnp.zeros((b.shape[0],) + b.shape[2:], dtype) if h0 is None else h0.astype(dtype)
+
+
 @dispatch.register(OP, "xla")
 def _xla(a, b, *, h0, resets, reverse):
-    a, b = fold_inputs(a, b, h0, resets, reverse)
-    return scan_with_vjp(a, b, reverse)
+    a = fold_resets(a, resets, reverse)
+    return scan_with_vjp(a, b, _zeros_state(b, h0, b.dtype), reverse)
 
 
 # ----------------------------------------------------------------------------- pallas
 
 
-def _pallas_impl(platform: str, interpret: bool):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def pallas_scan(a, b, h0, reverse, platform, interpret):
+    """The recurrence from the float32 state ``h0`` with a Pallas kernel; its VJP is the
+    fused backward kernel (recompute from saved chunk-boundary carries, then the
+    adjoint scan)."""
     from . import pallas_linear_scan as pls
 
-    if platform == "gpu":
-        return _Impl(functools.partial(pls.scan_gpu, interpret=interpret))
-    if interpret:
+    h, _ = pls.scan_forward(platform, a, b, h0, reverse=reverse, interpret=_interp(platform, interpret))
+    return h
+
+
+def _interp(platform, interpret):
+    if interpret and platform == "tpu":
         from jax.experimental.pallas import tpu as pltpu
 
-        return _Impl(functools.partial(pls.scan_tpu, interpret=pltpu.InterpretParams()))
-    return _Impl(pls.scan_tpu)
+        return pltpu.InterpretParams()
+    return bool(interpret)
 
 
-class _Impl:
-    """A hashable wrapper (custom_vjp's static argument) around a bare-scan kernel."""
+def _pallas_fwd(a, b, h0, reverse, platform, interpret):
+    from . import pallas_linear_scan as pls
 
-    def __init__(self, fn):
-        self.fn = fn
+    h, bounds = pls.scan_forward(platform, a, b, h0, reverse=reverse, save_bounds=True, interpret=_interp(platform, interpret))
+    return h, (a, b, bounds)
 
-    def __call__(self, a, b, reverse):
-        return self.fn(a, b, reverse=reverse)
 
-    def __hash__(self):
-        return hash(repr(self.fn))
+def _pallas_bwd(reverse, platform, interpret, res, g):
+    from . import pallas_linear_scan as pls
 
-    def __eq__(self, other):
-        return isinstance(other, _Impl) and repr(self.fn) == repr(other.fn)
+    a, b, bounds = res
+    return pls.scan_backward(platform, a, b, g, bounds, reverse=reverse, interpret=_interp(platform, interpret))
+
+
+pallas_scan.defvjp(_pallas_fwd, _pallas_bwd)
+
+
+def _pallas(platform, a, b, h0, resets, reverse, compute_dtype, interpret):
+    if jnp.issubdtype(compute_dtype, jnp.complexfloating) or jnp.dtype(compute_dtype) == jnp.float64:
+        # The kernels carry float32; other dtypes take the XLA path.
+        return _xla(a.astype(compute_dtype), b.astype(compute_dtype), h0=h0, resets=resets, reverse=reverse)
+    a = fold_resets(a, resets, reverse)
+    return pallas_scan(a, b, _zeros_state(b, h0, jnp.float32), reverse, platform, bool(interpret))
 
 
 @dispatch.register(OP, "pallas_gpu")
-def _pallas_gpu(a, b, *, h0, resets, reverse, interpret=False):
-    a, b = fold_inputs(a, b, h0, resets, reverse)
-    return scan_with_vjp(a, b, reverse, _pallas_impl("gpu", interpret))
+def _pallas_gpu(a, b, *, h0, resets, reverse, compute_dtype=jnp.float32, interpret=False):
+    return _pallas("gpu", a, b, h0, resets, reverse, compute_dtype, interpret)
 
 
 @dispatch.register(OP, "pallas_tpu")
-def _pallas_tpu(a, b, *, h0, resets, reverse, interpret=False):
-    a, b = fold_inputs(a, b, h0, resets, reverse)
-    return scan_with_vjp(a, b, reverse, _pallas_impl("tpu", interpret))
+def _pallas_tpu(a, b, *, h0, resets, reverse, compute_dtype=jnp.float32, interpret=False):
+    return _pallas("tpu", a, b, h0, resets, reverse, compute_dtype, interpret)

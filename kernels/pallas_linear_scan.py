@@ -1,27 +1,28 @@
 """Pallas kernels for ``linear_scan``: ``h_t = a_t * h_{t-1} + b_t`` on GPU and TPU.
 
-Both kernels see the problem as ``(batch, time, channels)`` (trailing dims flattened,
-resets and ``h0`` already folded into ``a`` and ``b`` by
-:func:`~mnemax.kernels.linear_scan.fold_inputs`), move the sequence in chunks of
-``chunk`` steps and keep the carry in float32 on chip:
+The kernels see ``(batch, time, channels)`` (trailing dims flattened; resets already
+folded into ``a`` by :func:`~mnemax.kernels.linear_scan.fold_resets`), start from the
+float32 state ``h0``, move the sequence in chunks of ``chunk`` steps and keep the
+carry in float32 on chip. bf16 inputs stay bf16 in memory.
+
+Forward: besides ``h`` it can save the carry at the start of every chunk
+(``bounds``, float32, 1/chunk of the data). Backward (one fused kernel): walks the
+chunks in the opposite order, recomputes the chunk's states in float32 from its
+saved boundary, then runs the adjoint ``lambda_t = g_t + a_{t+1} lambda_{t+1}`` back
+through the chunk and writes ``da_t = lambda_t h_{t-1}`` and ``db_t = lambda_t``;
+``dh0 = a_first lambda_first``. Reads a, b, g once and writes da, db once.
 
 * ``pallas_gpu`` (Mosaic GPU, Hopper): one CTA (a warpgroup of 128 threads) per
-  (batch, 128-channel block). ``plgpu.emit_pipeline`` streams (chunk, 128) tiles of
-  ``a`` and ``b`` into shared memory with TMA, ``max_concurrent_steps`` chunks ahead
-  of the recurrence; the recurrence walks the rows of a tile (each thread owns one
-  channel, the carry lives in registers) and the output tile goes back by TMA. So
-  every byte is read once and written once, in large bulk copies, and the latency of
-  the sequential chain is spread over many channels. With ``interpret=True`` the same
-  per-chunk body runs through ``pl.pallas_call``'s interpreter (a grid of (batch,
-  channel block, chunk) with the carry in scratch), which proves the logic on CPU.
-* ``pallas_tpu`` (Mosaic TPU): grid (batch, channel block, chunk) with the chunk axis
-  last and "arbitrary"; (chunk, 128) tiles (chunk a multiple of 8, 16 for bf16) in
-  VMEM; inside a tile a log-depth (Hillis-Steele) scan with sublane rolls
-  (``pltpu.roll``), then the carry from the previous tile (a VMEM scratch that stays
-  resident across the sequence) is added in: ``h = scan_b + cumprod_a * carry``.
-
-The backward pass (see ``kernels/linear_scan.py``) is the same kernel run in the
-other direction on the cotangents, so it needs no kernel of its own.
+  (batch, 128-lane block); ``plgpu.emit_pipeline`` streams (chunk, 128) tiles into
+  shared memory with TMA, ``stages`` chunks ahead of the recurrence, which walks the
+  rows of a tile with the carry in registers (one lane per channel). bf16 is moved as
+  uint32 pairs (two channels per lane, 4-byte accesses). With ``interpret=True`` the
+  same per-chunk bodies run through ``pl.pallas_call``'s interpreter on a (batch,
+  block, chunk) grid with the carries in scratch: this proves the logic on CPU.
+* ``pallas_tpu`` (Mosaic TPU): grid (batch, lane block, chunk), chunk axis last and
+  "arbitrary"; (chunk, 128) tiles in VMEM (chunk a multiple of 16); inside a tile a
+  log-depth scan with sublane rolls (``pltpu.roll``), plus the carry from the
+  previous tile kept in VMEM scratch across the sequence.
 """
 
 from __future__ import annotations
@@ -36,175 +37,413 @@ from jax.experimental import pallas as pl
 LANES = 128
 
 
-def _pad_to(x, axis: int, multiple: int):
-    n = x.shape[axis]
-    pad = (-n) % multiple
+# ----------------------------------------------------------------------------- layout helpers
+
+
+def _pad_to(x, axis: int, multiple: int, front: bool = False):
+    """Zero-pads ``axis`` to a multiple; ``front`` pads before the data (the time axis of
+    reverse scans, so that padded steps come after the real ones)."""
+    pad = (-x.shape[axis]) % multiple
     if not pad:
         return x
     widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
+    widths[axis] = (pad, 0) if front else (0, pad)
     return jnp.pad(x, widths)
 
 
-def _as_3d(a, b):
-    """(batch, time, *rest) -> (batch, time, channels), padded to whole tiles later."""
-    batch, time = b.shape[:2]
-    return a.reshape(batch, time, -1), b.reshape(batch, time, -1)
+class _Layout:
+    """Maps (batch, time, *rest) arrays to the kernels' (batch, time_p, lanes_p) view."""
+
+    def __init__(self, shape, chunk: int, reverse: bool, packed: bool):
+        self.shape, self.chunk, self.reverse, self.packed = tuple(shape), chunk, reverse, packed
+        self.batch, self.time = shape[0], shape[1]
+        self.chans = 1
+        for d in shape[2:]:
+            self.chans *= d
+        self.width = 2 * LANES if packed else LANES
+        self.time_p = self.time + (-self.time) % chunk
+        self.chans_p = self.chans + (-self.chans) % self.width
+        self.lanes_p = self.chans_p // 2 if packed else self.chans_p
+        self.n_chunks = self.time_p // chunk
+        self.k = 2 if packed else 1  # carries per lane
+
+    def seq(self, x):
+        x = jnp.broadcast_to(x, self.shape).reshape(self.batch, self.time, self.chans)
+        x = _pad_to(_pad_to(x, 1, self.chunk, self.reverse), 2, self.width)
+        if self.packed:
+            x = lax.bitcast_convert_type(x.astype(jnp.bfloat16).reshape(self.batch, self.time_p, -1, 2), jnp.uint32)
+        return x
+
+    def unseq(self, x, dtype):
+        if self.packed:
+            x = lax.bitcast_convert_type(x, jnp.bfloat16).reshape(self.batch, self.time_p, -1)
+        x = x[:, self.time_p - self.time :] if self.reverse else x[:, : self.time]
+        return x[:, :, : self.chans].reshape(self.shape).astype(dtype)
+
+    def state(self, h):
+        """(batch, *rest) float32 -> (batch, k, lanes_p)."""
+        h = _pad_to(h.reshape(self.batch, self.chans).astype(jnp.float32), 1, self.width)
+        if self.packed:
+            return jnp.swapaxes(h.reshape(self.batch, -1, 2), 1, 2)
+        return h[:, None, :]
+
+    def unstate(self, h):
+        """(batch, k, lanes_p) -> (batch, *rest)."""
+        h = jnp.swapaxes(h, 1, 2).reshape(self.batch, -1) if self.packed else h[:, 0]
+        return h[:, : self.chans].reshape((self.batch,) + self.shape[2:])
 
 
-def default_chunk(dtype, platform: str) -> int:
-    if platform == "tpu":
-        return 32
-    return 64 if jnp.dtype(dtype).itemsize <= 2 else 32
+# ----------------------------------------------------------------------------- per-row math
 
 
-# ----------------------------------------------------------------------------- GPU
+def _bits_to_f32(u, high: bool):
+    """The bf16 in the low (or high) half of each uint32, as float32."""
+    bits = (u & jnp.uint32(0xFFFF0000)) if high else (u << 16)
+    return lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def _rows_body(a_tile, b_tile, o_tile, h, *, chunk: int, reverse: bool):
-    """Runs the recurrence over the rows of one (chunk, lanes) tile; returns the carry."""
+def _f32_to_bf16_bits(x):
+    """float32 -> bf16 bit pattern in the low 16 bits (round to nearest even)."""
+    u = lax.bitcast_convert_type(x, jnp.uint32)
+    return (u + jnp.uint32(0x7FFF) + ((u >> 16) & jnp.uint32(1))) >> 16
+
+
+def _unpack(v, packed):
+    """A tile row -> tuple of float32 lane vectors (2 if packed)."""
+    if packed:
+        return (_bits_to_f32(v, False), _bits_to_f32(v, True))
+    return (v.astype(jnp.float32),)
+
+
+def _pack(vals, packed, dtype):
+    if packed:
+        return _f32_to_bf16_bits(vals[0]) | (_f32_to_bf16_bits(vals[1]) << 16)
+    return vals[0].astype(dtype)
+
+
+def _fwd_rows(a_tile, b_tile, o_tile, h, *, chunk, reverse, packed):
+    """Forward recurrence over the rows of a tile; h: tuple of carries."""
 
     def row(t, h):
         r = chunk - 1 - t if reverse else t
-        h = a_tile[r].astype(jnp.float32) * h + b_tile[r].astype(jnp.float32)
-        o_tile[r] = h.astype(o_tile.dtype)
+        a, b = _unpack(a_tile[r], packed), _unpack(b_tile[r], packed)
+        h = tuple(ai * hi + bi for ai, bi, hi in zip(a, b, h))
+        o_tile[r] = _pack(h, packed, o_tile.dtype)
         return h
 
     return lax.fori_loop(0, chunk, row, h, unroll=True)
 
 
-def _gpu_mosaic(a, b, out_dtype, *, chunk: int, reverse: bool, stages: int):
-    from jax.experimental.pallas import mosaic_gpu as plgpu
+def _bwd_rows(a_tile, b_tile, g_tile, da_tile, db_tile, hbuf, h, lam, a_next, *, chunk, reverse, packed):
+    """Recompute the tile's states from ``h`` (the carry into the tile), keeping each
+    row's incoming state in ``hbuf``; then the adjoint back through the rows."""
+    k = len(h)
 
-    batch, time, chans = b.shape
-    n_chunks, n_blocks = time // chunk, chans // LANES
+    def fwd(t, h):
+        r = chunk - 1 - t if reverse else t
+        for i in range(k):
+            hbuf[i, r] = h[i]
+        a, b = _unpack(a_tile[r], packed), _unpack(b_tile[r], packed)
+        return tuple(ai * hi + bi for ai, bi, hi in zip(a, b, h))
 
-    def tmap(t):
+    lax.fori_loop(0, chunk, fwd, h, unroll=True)
+
+    def bwd(t, carry):
+        lam, a_next = carry
+        r = t if reverse else chunk - 1 - t
+        g, a = _unpack(g_tile[r], packed), _unpack(a_tile[r], packed)
+        lam = tuple(gi + ani * li for gi, ani, li in zip(g, a_next, lam))
+        da_tile[r] = _pack(tuple(li * hbuf[i, r] for i, li in enumerate(lam)), packed, da_tile.dtype)
+        db_tile[r] = _pack(lam, packed, db_tile.dtype)
+        return lam, a
+
+    return lax.fori_loop(0, chunk, bwd, (lam, a_next), unroll=True)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+def _gpu_forward(lay: _Layout, a, b, h0, out_dtype, *, save_bounds, stages, interpret):
+    chunk, reverse, packed, k = lay.chunk, lay.reverse, lay.packed, lay.k
+    batch, n_chunks, n_blocks = lay.batch, lay.n_chunks, lay.lanes_p // LANES
+    kernel_dtype = jnp.uint32 if packed else out_dtype
+    out_shapes = [jax.ShapeDtypeStruct((batch, lay.time_p, lay.lanes_p), kernel_dtype)]
+    if save_bounds:
+        out_shapes.append(jax.ShapeDtypeStruct((batch, n_chunks, k, lay.lanes_p), jnp.float32))
+
+    def tchunk(t):
         return n_chunks - 1 - t if reverse else t
 
-    @functools.partial(
-        plgpu.kernel,
-        out_type=jax.ShapeDtypeStruct(b.shape, out_dtype),
-        grid=(batch, n_blocks),
-        grid_names=("batch", "block"),
-    )
-    def kernel(a_gmem, b_gmem, o_gmem):
-        bi = lax.axis_index("batch")
-        ci = lax.axis_index("block")
-        spec = pl.BlockSpec((chunk, LANES), lambda t: (tmap(t), ci))
+    def body(a_tile, b_tile, h0_tile, o_tile, bnd_tile, h, first):
+        h = tuple(hi + first * h0_tile[i] for i, hi in enumerate(h))
+        if bnd_tile is not None:
+            for i in range(k):
+                bnd_tile[i] = h[i]
+        return _fwd_rows(a_tile, b_tile, o_tile, h, chunk=chunk, reverse=reverse, packed=packed)
 
-        def step(_, a_tile, b_tile, o_tile, h):
-            return _rows_body(a_tile, b_tile, o_tile, h, chunk=chunk, reverse=reverse)
+    if interpret:
+        seq = pl.BlockSpec((None, chunk, LANES), lambda i, j, t: (i, tchunk(t), j))
+        st = pl.BlockSpec((None, k, LANES), lambda i, j, t: (i, 0, j))
+        bnd = pl.BlockSpec((None, None, k, LANES), lambda i, j, t: (i, tchunk(t), 0, j))
+        from jax.experimental.pallas import mosaic_gpu as plgpu
 
-        plgpu.emit_pipeline(
-            step,
-            grid=(n_chunks,),
-            in_specs=[spec, spec],
-            out_specs=[spec],
-            max_concurrent_steps=stages,
-            init_carry=jnp.zeros((LANES,), jnp.float32),
-        )(a_gmem.at[bi], b_gmem.at[bi], o_gmem.at[bi])
+        def kernel(a_tile, b_tile, h0_tile, o_tile, *rest):
+            *bnd_tile, carry = rest
+            is_first = pl.program_id(2) == 0
+            first = is_first.astype(jnp.float32)
+            h = tuple(jnp.where(is_first, 0.0, carry[i]) for i in range(k))  # scratch starts uninitialised
+            h = body(a_tile, b_tile, h0_tile, o_tile, bnd_tile[0] if bnd_tile else None, h, first)
+            for i in range(k):
+                carry[i] = h[i]
 
-    return kernel(a, b)
-
-
-def _gpu_interpret(a, b, out_dtype, *, chunk: int, reverse: bool):
-    batch, time, chans = b.shape
-    n_chunks = time // chunk
-
-    def tmap(i, j, t):
-        return (i, n_chunks - 1 - t if reverse else t, j)
-
-    spec = pl.BlockSpec((None, chunk, LANES), tmap)
-
-    def kernel(a_tile, b_tile, o_tile, carry):
-        @pl.when(pl.program_id(2) == 0)
-        def _():
-            carry[...] = jnp.zeros_like(carry)
-
-        carry[...] = _rows_body(a_tile, b_tile, o_tile, carry[...], chunk=chunk, reverse=reverse)
+        outs = pl.pallas_call(
+            kernel, grid=(batch, n_blocks, n_chunks), in_specs=[seq, seq, st],
+            out_specs=[seq] + ([bnd] if save_bounds else []), out_shape=out_shapes,
+            scratch_shapes=[plgpu.SMEM((k, LANES), jnp.float32)], interpret=True,
+        )(a, b, h0)
+        return outs if save_bounds else (outs[0], None)
 
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    return pl.pallas_call(
-        kernel,
-        grid=(batch, chans // LANES, n_chunks),
-        in_specs=[spec, spec],
-        out_specs=spec,
-        out_shape=jax.ShapeDtypeStruct(b.shape, out_dtype),
-        scratch_shapes=[plgpu.SMEM((LANES,), jnp.float32)],
-        interpret=True,
-    )(a, b)
+    @functools.partial(plgpu.kernel, out_type=tuple(out_shapes), grid=(batch, n_blocks), grid_names=("batch", "block"))
+    def kernel(a_gmem, b_gmem, h0_gmem, o_gmem, *bnd_gmem):
+        bi, ci = lax.axis_index("batch"), lax.axis_index("block")
+        seq = pl.BlockSpec((chunk, LANES), lambda t: (tchunk(t), ci))
+        st = pl.BlockSpec((k, LANES), lambda t: (0, ci))
+        bnd = pl.BlockSpec((None, k, LANES), lambda t: (tchunk(t), 0, ci))
+        zeros = tuple(jnp.zeros((LANES,), jnp.float32) for _ in range(k))
+
+        def step(idx, a_tile, b_tile, h0_tile, o_tile, *rest):
+            *bnd_tile, h = rest
+            first = jnp.where(idx[0] == 0, 1.0, 0.0).astype(jnp.float32)
+            return body(a_tile, b_tile, h0_tile, o_tile, bnd_tile[0] if bnd_tile else None, h, first)
+
+        plgpu.emit_pipeline(
+            step, grid=(n_chunks,), in_specs=[seq, seq, st], out_specs=[seq] + ([bnd] if save_bounds else []),
+            max_concurrent_steps=stages, init_carry=zeros,
+        )(a_gmem.at[bi], b_gmem.at[bi], h0_gmem.at[bi], o_gmem.at[bi], *[g.at[bi] for g in bnd_gmem])
+
+    outs = kernel(a, b, h0)
+    return outs if save_bounds else (outs[0], None)
 
 
-def scan_gpu(a, b, *, reverse: bool = False, chunk: int | None = None, stages: int = 2, interpret: bool = False):
-    """Bare scan from a zero state on GPU; a, b: (batch, time, ...) same shape."""
-    shape, out_dtype = b.shape, b.dtype
-    a3, b3 = _as_3d(a, b)
-    chunk = chunk or default_chunk(b.dtype, "gpu")
-    time, chans = a3.shape[1], a3.shape[2]
-    a3, b3 = (_pad_to(_pad_to(x, 1, chunk), 2, LANES) for x in (a3, b3))
+def _gpu_backward(lay: _Layout, a, b, g, bounds, da_dtype, db_dtype, *, stages, interpret):
+    chunk, reverse, packed, k = lay.chunk, lay.reverse, lay.packed, lay.k
+    batch, n_chunks, n_blocks = lay.batch, lay.n_chunks, lay.lanes_p // LANES
+    seq_shape = (batch, lay.time_p, lay.lanes_p)
+    out_shapes = [
+        jax.ShapeDtypeStruct(seq_shape, jnp.uint32 if packed else da_dtype),
+        jax.ShapeDtypeStruct(seq_shape, jnp.uint32 if packed else db_dtype),
+        jax.ShapeDtypeStruct((batch, k, lay.lanes_p), jnp.float32),
+    ]
+
+    def tchunk(t):  # the adjoint walks the chunks against the scan direction
+        return t if reverse else n_chunks - 1 - t
+
+    def body(a_tile, b_tile, g_tile, bnd_tile, da_tile, db_tile, dh0_tile, hbuf, lam, a_next):
+        h = tuple(bnd_tile[i] for i in range(k))
+        lam, a_next = _bwd_rows(a_tile, b_tile, g_tile, da_tile, db_tile, hbuf, h, lam, a_next,
+                                chunk=chunk, reverse=reverse, packed=packed)
+        for i in range(k):
+            dh0_tile[i] = a_next[i] * lam[i]
+        return lam, a_next
+
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
     if interpret:
-        h = _gpu_interpret(a3, b3, out_dtype, chunk=chunk, reverse=reverse)
-    else:
-        h = _gpu_mosaic(a3, b3, out_dtype, chunk=chunk, reverse=reverse, stages=stages)
-    return h[:, :time, :chans].reshape(shape)
+        seq = pl.BlockSpec((None, chunk, LANES), lambda i, j, t: (i, tchunk(t), j))
+        bnd = pl.BlockSpec((None, None, k, LANES), lambda i, j, t: (i, tchunk(t), 0, j))
+        st = pl.BlockSpec((None, k, LANES), lambda i, j, t: (i, 0, j))
+
+        def kernel(a_tile, b_tile, g_tile, bnd_tile, da_tile, db_tile, dh0_tile, hbuf, carry):
+            is_first = pl.program_id(2) == 0  # scratch starts uninitialised
+            lam = tuple(jnp.where(is_first, 0.0, carry[0, i]) for i in range(k))
+            a_next = tuple(jnp.where(is_first, 0.0, carry[1, i]) for i in range(k))
+            lam, a_next = body(a_tile, b_tile, g_tile, bnd_tile, da_tile, db_tile, dh0_tile, hbuf, lam, a_next)
+            for i in range(k):
+                carry[0, i] = lam[i]
+                carry[1, i] = a_next[i]
+
+        return pl.pallas_call(
+            kernel, grid=(batch, n_blocks, n_chunks), in_specs=[seq, seq, seq, bnd],
+            out_specs=[seq, seq, st], out_shape=out_shapes,
+            scratch_shapes=[plgpu.SMEM((k, chunk, LANES), jnp.float32), plgpu.SMEM((2, k, LANES), jnp.float32)],
+            interpret=True,
+        )(a, b, g, bounds)
+
+    @functools.partial(
+        plgpu.kernel, out_type=tuple(out_shapes), grid=(batch, n_blocks), grid_names=("batch", "block"),
+        scratch_types=[plgpu.SMEM((k, chunk, LANES), jnp.float32)],
+    )
+    def kernel(a_gmem, b_gmem, g_gmem, bnd_gmem, da_gmem, db_gmem, dh0_gmem, hbuf):
+        bi, ci = lax.axis_index("batch"), lax.axis_index("block")
+        seq = pl.BlockSpec((chunk, LANES), lambda t: (tchunk(t), ci))
+        bnd = pl.BlockSpec((None, k, LANES), lambda t: (tchunk(t), 0, ci))
+        st = pl.BlockSpec((k, LANES), lambda t: (0, ci))
+        zeros = tuple(jnp.zeros((LANES,), jnp.float32) for _ in range(k))
+
+        def step(_, a_tile, b_tile, g_tile, bnd_tile, da_tile, db_tile, dh0_tile, carry):
+            lam, a_next = carry
+            return body(a_tile, b_tile, g_tile, bnd_tile, da_tile, db_tile, dh0_tile, hbuf, lam, a_next)
+
+        plgpu.emit_pipeline(
+            step, grid=(n_chunks,), in_specs=[seq, seq, seq, bnd], out_specs=[seq, seq, st],
+            max_concurrent_steps=stages, init_carry=(zeros, zeros),
+        )(a_gmem.at[bi], b_gmem.at[bi], g_gmem.at[bi], bnd_gmem.at[bi], da_gmem.at[bi], db_gmem.at[bi], dh0_gmem.at[bi])
+
+    return kernel(a, b, g, bounds)
 
 
 # ----------------------------------------------------------------------------- TPU
 
 
-def _tpu_kernel(a_tile, b_tile, o_tile, carry, *, chunk: int, reverse: bool):
+def _tile_scan(A, Bv, carry, chunk: int, reverse: bool):
+    """Inclusive scan of (A, Bv) down (or up) the sublanes of a tile, from ``carry`` (1, L)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    row = lax.broadcasted_iota(jnp.int32, A.shape, 0)
+    s = 1
+    while s < chunk:
+        if reverse:
+            a_n, b_n, valid = pltpu.roll(A, chunk - s, 0), pltpu.roll(Bv, chunk - s, 0), row < chunk - s
+        else:
+            a_n, b_n, valid = pltpu.roll(A, s, 0), pltpu.roll(Bv, s, 0), row >= s
+        Bv = jnp.where(valid, A * b_n + Bv, Bv)
+        A = jnp.where(valid, A * a_n, A)
+        s *= 2
+    return Bv + A * carry
+
+
+def _edge(x, first: bool, chunk: int):
+    i = 0 if first else chunk - 1
+    return x[i : i + 1, :]
+
+
+def _tpu_fwd_kernel(a_tile, b_tile, h0_tile, o_tile, *rest, chunk, reverse, save_bounds):
+    *bnd, carry = rest
+
+    @pl.when(pl.program_id(2) == 0)
+    def _():
+        carry[...] = h0_tile[...]
+
+    if save_bounds:
+        bnd[0][...] = carry[...]
+    h = _tile_scan(a_tile[...].astype(jnp.float32), b_tile[...].astype(jnp.float32), carry[...], chunk, reverse)
+    o_tile[...] = h.astype(o_tile.dtype)
+    carry[...] = _edge(h, reverse, chunk)
+
+
+def _tpu_bwd_kernel(a_tile, b_tile, g_tile, bnd_tile, da_tile, db_tile, dh0_tile, lam_c, anext_c, *, chunk, reverse):
     from jax.experimental.pallas import tpu as pltpu
 
     @pl.when(pl.program_id(2) == 0)
     def _():
-        carry[...] = jnp.zeros_like(carry)
+        lam_c[...] = jnp.zeros_like(lam_c)
+        anext_c[...] = jnp.zeros_like(anext_c)
 
     A = a_tile[...].astype(jnp.float32)
-    Bv = b_tile[...].astype(jnp.float32)
+    bound = bnd_tile[...]
+    h = _tile_scan(A, b_tile[...].astype(jnp.float32), bound, chunk, reverse)
     row = lax.broadcasted_iota(jnp.int32, A.shape, 0)
-    s = 1
-    while s < chunk:  # log-depth inclusive scan down (or up) the sublanes
-        if reverse:
-            a_next, b_next, valid = pltpu.roll(A, chunk - s, 0), pltpu.roll(Bv, chunk - s, 0), row < chunk - s
-        else:
-            a_next, b_next, valid = pltpu.roll(A, s, 0), pltpu.roll(Bv, s, 0), row >= s
-        Bv = jnp.where(valid, A * b_next + Bv, Bv)
-        A = jnp.where(valid, A * a_next, A)
-        s *= 2
-    h = Bv + A * carry[...]
-    o_tile[...] = h.astype(o_tile.dtype)
-    edge = 0 if reverse else chunk - 1
-    carry[...] = h[edge : edge + 1, :]
+    # incoming state of each row: the previous row's state, the boundary at the edge
+    if reverse:
+        h_prev = jnp.where(row == chunk - 1, bound, pltpu.roll(h, chunk - 1, 0))
+        coef = jnp.where(row == 0, anext_c[...], pltpu.roll(A, 1, 0))
+    else:
+        h_prev = jnp.where(row == 0, bound, pltpu.roll(h, 1, 0))
+        coef = jnp.where(row == chunk - 1, anext_c[...], pltpu.roll(A, chunk - 1, 0))
+    lam = _tile_scan(coef, g_tile[...].astype(jnp.float32), lam_c[...], chunk, not reverse)
+    da_tile[...] = (lam * h_prev).astype(da_tile.dtype)
+    db_tile[...] = lam.astype(db_tile.dtype)
+    lam_c[...] = _edge(lam, not reverse, chunk)
+    anext_c[...] = _edge(A, not reverse, chunk)
+    dh0_tile[...] = anext_c[...] * lam_c[...]
 
 
-def scan_tpu(a, b, *, reverse: bool = False, chunk: int | None = None, interpret=False):
-    """Bare scan from a zero state on TPU; a, b: (batch, time, ...) same shape."""
+def _tpu_forward(lay: _Layout, a, b, h0, out_dtype, *, save_bounds, interpret):
     from jax.experimental.pallas import tpu as pltpu
 
-    shape, out_dtype = b.shape, b.dtype
-    a3, b3 = _as_3d(a, b)
-    chunk = chunk or default_chunk(b.dtype, "tpu")
-    if chunk % 16:
-        raise ValueError(f"chunk must be a multiple of 16 (Mosaic TPU tiles), got {chunk}")
-    time, chans = a3.shape[1], a3.shape[2]
-    a3, b3 = (_pad_to(_pad_to(x, 1, chunk), 2, LANES) for x in (a3, b3))
-    batch, time_p, chans_p = b3.shape
-    n_chunks = time_p // chunk
+    chunk, reverse, n_chunks = lay.chunk, lay.reverse, lay.n_chunks
 
-    def tmap(i, j, t):
-        return (i, n_chunks - 1 - t if reverse else t, j)
+    def tchunk(t):
+        return n_chunks - 1 - t if reverse else t
 
-    spec = pl.BlockSpec((None, chunk, LANES), tmap)
-    h = pl.pallas_call(
-        functools.partial(_tpu_kernel, chunk=chunk, reverse=reverse),
-        grid=(batch, chans_p // LANES, n_chunks),
-        in_specs=[spec, spec],
-        out_specs=spec,
-        out_shape=jax.ShapeDtypeStruct(b3.shape, out_dtype),
+    seq = pl.BlockSpec((None, chunk, LANES), lambda i, j, t: (i, tchunk(t), j))
+    st = pl.BlockSpec((None, 1, LANES), lambda i, j, t: (i, 0, j))
+    bnd = pl.BlockSpec((None, None, 1, LANES), lambda i, j, t: (i, tchunk(t), 0, j))
+    out_shapes = [jax.ShapeDtypeStruct((lay.batch, lay.time_p, lay.lanes_p), out_dtype)]
+    if save_bounds:
+        out_shapes.append(jax.ShapeDtypeStruct((lay.batch, n_chunks, 1, lay.lanes_p), jnp.float32))
+    outs = pl.pallas_call(
+        functools.partial(_tpu_fwd_kernel, chunk=chunk, reverse=reverse, save_bounds=save_bounds),
+        grid=(lay.batch, lay.lanes_p // LANES, n_chunks),
+        in_specs=[seq, seq, st], out_specs=[seq] + ([bnd] if save_bounds else []), out_shape=out_shapes,
         scratch_shapes=[pltpu.VMEM((1, LANES), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
-    )(a3, b3)
-    return h[:, :time, :chans].reshape(shape)
+    )(a, b, h0)
+    return outs if save_bounds else (outs[0], None)
+
+
+def _tpu_backward(lay: _Layout, a, b, g, bounds, da_dtype, db_dtype, *, interpret):
+    from jax.experimental.pallas import tpu as pltpu
+
+    chunk, reverse, n_chunks = lay.chunk, lay.reverse, lay.n_chunks
+
+    def tchunk(t):
+        return t if reverse else n_chunks - 1 - t
+
+    seq = pl.BlockSpec((None, chunk, LANES), lambda i, j, t: (i, tchunk(t), j))
+    st = pl.BlockSpec((None, 1, LANES), lambda i, j, t: (i, 0, j))
+    bnd = pl.BlockSpec((None, None, 1, LANES), lambda i, j, t: (i, tchunk(t), 0, j))
+    seq_shape = (lay.batch, lay.time_p, lay.lanes_p)
+    return pl.pallas_call(
+        functools.partial(_tpu_bwd_kernel, chunk=chunk, reverse=reverse),
+        grid=(lay.batch, lay.lanes_p // LANES, n_chunks),
+        in_specs=[seq, seq, seq, bnd], out_specs=[seq, seq, st],
+        out_shape=[jax.ShapeDtypeStruct(seq_shape, da_dtype), jax.ShapeDtypeStruct(seq_shape, db_dtype),
+                   jax.ShapeDtypeStruct((lay.batch, 1, lay.lanes_p), jnp.float32)],
+        scratch_shapes=[pltpu.VMEM((1, LANES), jnp.float32), pltpu.VMEM((1, LANES), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=interpret,
+    )(a, b, g, bounds)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def _layout(platform, shape, a_dtype, b_dtype, reverse, chunk, packed):
+    bf16 = jnp.dtype(a_dtype) == jnp.bfloat16 and jnp.dtype(b_dtype) == jnp.bfloat16
+    if platform == "tpu":
+        packed = False
+        chunk = chunk or 32
+        if chunk % 16:
+            raise ValueError(f"chunk must be a multiple of 16 (Mosaic TPU tiles), got {chunk}")
+    else:
+        packed = bf16 if packed is None else (packed and bf16)
+        chunk = chunk or 32
+    return _Layout(shape, chunk, reverse, packed)
+
+
+def scan_forward(platform, a, b, h0, *, reverse=False, save_bounds=False, chunk=None, packed=None, stages=2, interpret=False):
+    """h (b's shape and dtype) and, if ``save_bounds``, the float32 chunk-boundary carries."""
+    lay = _layout(platform, b.shape, a.dtype, b.dtype, reverse, chunk, packed)
+    seq_dtype = b.dtype
+    if platform == "tpu":
+        h, bounds = _tpu_forward(lay, lay.seq(a), lay.seq(b), lay.state(h0), seq_dtype, save_bounds=save_bounds, interpret=interpret)
+    else:
+        h, bounds = _gpu_forward(lay, lay.seq(a), lay.seq(b), lay.state(h0), seq_dtype, save_bounds=save_bounds,
+                                 stages=stages, interpret=interpret)
+    return lay.unseq(h, b.dtype), bounds
+
+
+def scan_backward(platform, a, b, g, bounds, *, reverse=False, chunk=None, packed=None, stages=2, interpret=False):
+    """(da, db, dh0) of the scan whose forward saved ``bounds``."""
+    lay = _layout(platform, b.shape, a.dtype, b.dtype, reverse, chunk, packed)
+    if platform == "tpu":
+        da, db, dh0 = _tpu_backward(lay, lay.seq(a), lay.seq(b), lay.seq(g.astype(b.dtype)), bounds, a.dtype, b.dtype,
+                                    interpret=interpret)
+    else:
+        da, db, dh0 = _gpu_backward(lay, lay.seq(a), lay.seq(b), lay.seq(g.astype(b.dtype)), bounds, a.dtype, b.dtype,
+                                    stages=stages, interpret=interpret)
+    return lay.unseq(da, a.dtype), lay.unseq(db, b.dtype), lay.unstate(dh0)
