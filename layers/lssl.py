@@ -314,9 +314,10 @@ class LSSL(nn.Module):
         batch, time, H = u.shape
         cdt = compute_dtype(self.dtype, u)
         sdt = state_dtype(self.dtype)
-        Abar, Bbar, C, D = self._system(cdt)
-        u = u.astype(cdt)
-        x0 = None if state is None else state.x.astype(cdt)
+        ssm_dt = jnp.promote_types(cdt, jnp.float32)  # the SSM itself runs in float32 (float64)
+        Abar, Bbar, C, D = self._system(ssm_dt)
+        u = u.astype(ssm_dt)
+        x0 = None if state is None else state.x.astype(ssm_dt)
         recurrent = self.mode == "recurrent" or (self.mode == "auto" and resets is not None)
         if recurrent or resets is not None:
             y, x_last = self._recurrent(u, x0, resets, Abar, Bbar, C)
@@ -331,7 +332,7 @@ class LSSL(nn.Module):
             kernel_init=partitioned(nn.initializers.lecun_normal(), (None, "embed")),
             bias_init=partitioned(nn.initializers.zeros, ("embed",)),
             name="output_linear",
-        )(y)
+        )(y.astype(cdt))
         return y, LSSLState(x_last.astype(sdt))
 
     @staticmethod

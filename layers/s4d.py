@@ -108,35 +108,36 @@ class DiagonalSSM(nn.Module):
         H = u.shape[-1]
         cdt = compute_dtype(self.dtype, u)
         sdt = state_dtype(self.dtype)
+        rdt = jnp.promote_types(cdt, jnp.float32)  # the SSM itself runs in float32 (float64)
         modes = self.state_size // 2 if self._complex else self.state_size
         real_init, imag_init = s4d_init(self.a_init, self.state_size)
         names = ("embed", "state")
         log_dt = self.param("log_dt", partitioned(log_uniform_dt(self.dt_min, self.dt_max), ("embed",)), (H,), self.param_dtype)
         log_A_real = self.param("log_A_real", partitioned(real_init, names), (H, modes), self.param_dtype)
-        A = -jnp.exp(log_A_real.astype(cdt))
+        A = -jnp.exp(log_A_real.astype(rdt))
         if self._complex:
             A_imag = self.param("A_imag", partitioned(imag_init, names), (H, modes), self.param_dtype)
             # C ~ complex normal with E|C|^2 = 1: real and imaginary parts with variance 1/2
             C = self.param("C", partitioned(nn.initializers.normal(math.sqrt(0.5)), names + (None,)), (H, modes, 2), self.param_dtype)
-            A = A + 1j * A_imag.astype(cdt)
-            C = C[..., 0].astype(cdt) + 1j * C[..., 1].astype(cdt)
+            A = A + 1j * A_imag.astype(rdt)
+            C = C[..., 0].astype(rdt) + 1j * C[..., 1].astype(rdt)
         else:
-            C = self.param("C", partitioned(nn.initializers.normal(1.0), names), (H, modes), self.param_dtype).astype(cdt)
+            C = self.param("C", partitioned(nn.initializers.normal(1.0), names), (H, modes), self.param_dtype).astype(rdt)
         D = self.param("D", partitioned(nn.initializers.normal(1.0), ("embed",)), (H,), self.param_dtype)
 
-        dtA = jnp.exp(log_dt.astype(cdt))[:, None] * A  # (H, modes)
+        dtA = jnp.exp(log_dt.astype(rdt))[:, None] * A  # (H, modes)
         Abar = jnp.exp(dtA)
         Bbar = (Abar - 1.0) / A
-        u = u.astype(cdt)
+        u = u.astype(rdt)
         h0 = None
         if state is not None:
-            h0 = state.x.astype(cdt)
+            h0 = state.x.astype(rdt)
             if self._complex:
                 h0 = h0[..., :modes] + 1j * h0[..., modes:]
         xs = linear_scan(Abar[None, None], Bbar * u[..., None], h0=h0, resets=resets, backend=self.backend)
         y = jnp.einsum("bthn,hn->bth", xs, C)
         y = 2.0 * y.real if self._complex else y
-        y = y + u * D.astype(cdt)
+        y = y + u * D.astype(rdt)
         if self.activation == "gelu":
             y = jax.nn.gelu(y, approximate=False)
         y = nn.Dense(
@@ -144,7 +145,7 @@ class DiagonalSSM(nn.Module):
             kernel_init=partitioned(nn.initializers.lecun_normal(), (None, "embed")),
             bias_init=partitioned(nn.initializers.zeros, ("embed",)),
             name="output_linear",
-        )(y)
+        )(y.astype(cdt))
         last = xs[:, -1]
         if self._complex:
             last = jnp.concatenate([last.real, last.imag], axis=-1)

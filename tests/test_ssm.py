@@ -266,6 +266,21 @@ def test_diagonal_ssm_equals_python_loop(a_init):
         np.testing.assert_allclose(np.asarray(y[0]), want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("cls", [LSSL, DiagonalSSM])
+def test_bfloat16_layers_run_the_ssm_in_float32(cls):
+    """bf16 activations: the SSM (FFT / scan) runs in float32, states stay float32, and the
+    outputs match the float32 layer to bf16 precision."""
+    u = jnp.asarray(np.random.default_rng(6).standard_normal((2, 10, 4)), jnp.float32)
+    layer = cls(features=4, state_size=6, dt_min=0.01, dt_max=0.5)
+    v = jax.jit(layer.init)(jax.random.key(0), u)
+    y32, s32 = jax.jit(layer.apply)(v, u)
+    y16, s16 = jax.jit(cls(features=4, state_size=6, dt_min=0.01, dt_max=0.5, dtype=jnp.bfloat16).apply)(v, u.astype(jnp.bfloat16))
+    assert y16.dtype == jnp.bfloat16 and s16.x.dtype == jnp.float32
+    scale = float(jnp.abs(y32).max())
+    np.testing.assert_allclose(np.asarray(y16, np.float32), np.asarray(y32), atol=3e-2 * scale)
+    np.testing.assert_allclose(np.asarray(s16.x), np.asarray(s32.x), atol=3e-2 * float(jnp.abs(s32.x).max()))
+
+
 # ----------------------------------------------------------------------------- contracts
 
 
