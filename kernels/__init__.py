@@ -6,5 +6,6 @@ See :mod:`mnemax.kernels.dispatch` for how a backend is chosen.
 from . import dispatch
 from .dispatch import available, default_backend
 from .linear_scan import linear_scan
+from .selective_scan import selective_scan
 
-__all__ = ["available", "default_backend", "dispatch", "linear_scan"]
+__all__ = ["available", "default_backend", "dispatch", "linear_scan", "selective_scan"]

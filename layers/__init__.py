@@ -10,15 +10,35 @@ from .base import check_resets, check_sequence, check_state, reset_state, state_
 from .conv import CausalConv1d, ConvState
 from .mlp import MLP
 from .norms import LayerNorm, RMSNorm, layer_norm, make_norm, rms_norm
+from .ssm import (
+    LSSL,
+    DiagonalSSM,
+    DiagonalSSMBlock,
+    DiagonalSSMState,
+    LSSLBlock,
+    LSSLState,
+    MambaBlock,
+    MambaMixer,
+    MambaState,
+)
 from .transformer import TransformerBlock
 
 __all__ = [
     "AttentionState",
     "CausalConv1d",
     "CausalSelfAttention",
+    "DiagonalSSM",
+    "DiagonalSSMBlock",
+    "DiagonalSSMState",
     "ConvState",
+    "LSSL",
+    "LSSLBlock",
+    "LSSLState",
     "LayerNorm",
     "MLP",
+    "MambaBlock",
+    "MambaMixer",
+    "MambaState",
     "RMSNorm",
     "TransformerBlock",
     "check_resets",
