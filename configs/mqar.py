@@ -14,6 +14,9 @@ from mnemax.configs.base import apply_family, base_config
 FAMILIES = {
     "transformer": ("transformer-tiny", {"d_model": 64, "n_layers": 2, "num_heads": 2, "window": 128, "key_conv": 4}),
     "transformer-vanilla": ("transformer-tiny", {"d_model": 64, "n_layers": 2, "num_heads": 2, "window": 128}),
+    "mamba": ("mamba-tiny", {"d_model": 64, "n_layers": 2, "d_state": 16}),
+    "lssl": ("lssl-tiny", {"d_model": 64, "n_layers": 2, "state_size": 32, "channels": 2}),
+    "s4d": ("s4d-tiny", {"d_model": 64, "n_layers": 2, "state_size": 32}),
 }
 
 

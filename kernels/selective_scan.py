@@ -22,6 +22,8 @@ Backends (see :mod:`mnemax.kernels.dispatch`): every one is called as
 chunk_size)`` on validated, uncast inputs and returns ``(y, h_last or None)``.
 
 * ``reference``: a ``lax.scan`` over time, differentiated by JAX: the ground truth.
+* ``pallas_gpu`` / ``pallas_tpu``: fused Pallas kernels, forward and backward
+  (:mod:`mnemax.kernels.pallas_selective_scan`).
 * ``xla``: a ``lax.scan`` over chunks of ``chunk_size`` steps carrying the
   (batch, channels, state) state; inside a chunk, a ``lax.associative_scan`` over the
   pairs (Abar_t, dt_t B_t x_t) under ``jax.checkpoint``. Only one chunk of
@@ -30,6 +32,8 @@ chunk_size)`` on validated, uncast inputs and returns ``(y, h_last or None)``.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -96,6 +100,7 @@ def selective_scan(
     return_state: bool = False,
     chunk_size: int | None = None,
     backend: str | None = None,
+    interpret: bool | None = None,
 ):
     """Mamba's selective scan (see the module docstring for the equations).
 
@@ -113,8 +118,10 @@ def selective_scan(
       return_state: also return the final state (batch, channels, state).
       chunk_size: time steps per chunk of the ``xla`` backend (block size of kernel
         backends); None picks a default.
-      backend: ``"reference"``, ``"xla"`` or a registered kernel backend; None picks by
+      backend: ``"reference"``, ``"xla"``, ``"pallas_gpu"`` or ``"pallas_tpu"``; None picks by
         platform (``MNEMAX_KERNEL_BACKEND`` overrides).
+      interpret: run a Pallas backend in interpret mode (CPU); None reads
+        ``MNEMAX_PALLAS_INTERPRET``.
 
     Returns:
       ``y`` (batch, time, channels), or ``(y, h_last)`` with ``return_state=True``.
@@ -123,10 +130,11 @@ def selective_scan(
     if resets is not None:
         resets = jnp.asarray(resets).astype(bool)
     out_dtype = jnp.result_type(x) if z is None else jnp.result_type(x, z)
-    _, impl = dispatch.resolve(OP, backend)
+    name, impl = dispatch.resolve(OP, backend)
+    kw = {"interpret": dispatch.interpret_flag(interpret)} if name.startswith("pallas") else {}
     y, h = impl(
         x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, h0=h0,
-        resets=resets, return_state=return_state, chunk_size=chunk_size,
+        resets=resets, return_state=return_state, chunk_size=chunk_size, **kw,
     )
     y = y.astype(out_dtype)
     return (y, h) if return_state else y
@@ -219,3 +227,80 @@ def _xla(x, dt, A, B, C, *, D, z, dt_bias, dt_softplus, h0, resets, return_state
     y = jnp.moveaxis(ys, 0, 1).reshape(batch, n_chunks * size, channels)[:, :time]
     y = finish(y, x, D, z, cdt)
     return y, (h if return_state else None)
+
+
+# ----------------------------------------------------------------------------- pallas
+
+
+def _dtypes(x, dt, z):
+    return {"x": jnp.result_type(x), "dt": jnp.result_type(dt), "z": None if z is None else jnp.result_type(z)}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13))
+def _pallas_scan(x, dt, A, B, C, D, z, dt_bias, h0, keep, platform, softplus, chunk, interpret):
+    from . import pallas_selective_scan as pss
+
+    resets = None if keep is None else keep < 0.5
+    p = pss.make_problem(platform, x, dt, A, B, C, D, z, dt_bias, h0, resets, softplus, chunk)
+    out_dtype = jnp.result_type(x) if z is None else jnp.result_type(x, z)
+    y, h_last, _ = pss.forward(platform, p, out_dtype, interpret=_interp(platform, interpret))
+    return y, h_last
+
+
+def _interp(platform, interpret):
+    if interpret and platform == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+
+        return pltpu.InterpretParams()
+    return bool(interpret)
+
+
+def _pallas_fwd(x, dt, A, B, C, D, z, dt_bias, h0, keep, platform, softplus, chunk, interpret):
+    from . import pallas_selective_scan as pss
+
+    resets = None if keep is None else keep < 0.5
+    p = pss.make_problem(platform, x, dt, A, B, C, D, z, dt_bias, h0, resets, softplus, chunk)
+    out_dtype = jnp.result_type(x) if z is None else jnp.result_type(x, z)
+    y, h_last, bounds = pss.forward(platform, p, out_dtype, save_bounds=True, interpret=_interp(platform, interpret))
+    return (y, h_last), (x, dt, A, B, C, D, z, dt_bias, h0, keep, bounds)
+
+
+def _pallas_bwd(platform, softplus, chunk, interpret, res, cts):
+    from . import pallas_selective_scan as pss
+
+    x, dt, A, B, C, D, z, dt_bias, h0, keep, bounds = res
+    gy, gh_last = cts
+    resets = None if keep is None else keep < 0.5
+    p = pss.make_problem(platform, x, dt, A, B, C, D, z, dt_bias, h0, resets, softplus, chunk)
+    g = pss.backward(platform, p, gy, gh_last, bounds, _dtypes(x, dt, z), interpret=_interp(platform, interpret))
+
+    def cast(v, like):
+        return None if like is None else v.astype(jnp.result_type(like))
+
+    return (
+        cast(g["x"], x), cast(g["dt"], dt), cast(g["A"], A), cast(g["B"], B), cast(g["C"], C), cast(g["D"], D),
+        cast(g["z"], z), cast(g["dt_bias"], dt_bias), cast(g["h0"], h0), None if keep is None else jnp.zeros_like(keep),
+    )
+
+
+_pallas_scan.defvjp(_pallas_fwd, _pallas_bwd)
+
+
+def _pallas(platform, x, dt, A, B, C, *, D, z, dt_bias, dt_softplus, h0, resets, return_state, chunk_size, interpret=False):
+    if jnp.dtype(compute_dtype(x, dt, A, B, C, D, z, dt_bias, h0)) == jnp.float64:
+        # The kernels compute in float32; float64 takes the XLA path.
+        return _xla(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, h0=h0, resets=resets,
+                    return_state=return_state, chunk_size=chunk_size)
+    keep = None if resets is None else 1.0 - resets.astype(jnp.float32)
+    y, h = _pallas_scan(x, dt, A, B, C, D, z, dt_bias, h0, keep, platform, bool(dt_softplus), chunk_size, bool(interpret))
+    return y, (h if return_state else None)
+
+
+@dispatch.register(OP, "pallas_gpu")
+def _pallas_gpu(x, dt, A, B, C, **kw):
+    return _pallas("gpu", x, dt, A, B, C, **kw)
+
+
+@dispatch.register(OP, "pallas_tpu")
+def _pallas_tpu(x, dt, A, B, C, **kw):
+    return _pallas("tpu", x, dt, A, B, C, **kw)

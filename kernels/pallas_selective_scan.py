@@ -1,0 +1,587 @@
+"""Pallas kernels for ``selective_scan`` (Mamba's S6) on GPU and TPU, forward and backward.
+
+Both kernels are fused: softplus(dt + dt_bias), ``exp(dt A)``, ``dt B x``, ``C . h``,
+the ``D`` skip and the ``silu(z)`` gate all happen on chip, and the state (per
+channel, ``state`` values) lives in float32 registers / VMEM across the whole
+sequence. Nothing of shape (batch, time, channels, state) is ever written to HBM.
+Inputs are read once per pass in chunks of ``chunk`` time steps and ``y`` is written
+once.
+
+Layout: channels go on the 128 lanes (one CTA / grid cell per (batch, 128-channel
+block)); time is walked in chunks; the per-step shared vectors B_t, C_t and the
+reset flag are packed as one float32 row ``bc = [B_t, C_t, keep_t, valid_t, 0...]``
+so that a chunk of them is one tile (``valid`` is 0 on the steps that pad the
+sequence to whole chunks: their dt is zeroed, so the state passes through them).
+
+Forward saves the state at the start of every chunk (``bounds``: (batch, chunks,
+state, channels) float32, ``1/chunk`` of the (batch, time, channels, state) the
+recurrence touches). The backward kernel walks the chunks from last to first,
+recomputes the chunk's states from its boundary (kept in a (chunk, state, 128)
+scratch), and runs the adjoint recurrence
+``g_h(t) = C_t g_y'(t) + Abar_{t+1} keep_{t+1} g_h(t+1)`` with the gradients
+
+* ``dx_t = g_y' D + sum_n g_h,n dt B_n``,
+* ``d dt_t = sum_n g_h,n (A_n Abar_n keep_t h_n(t-1) + B_n x_t)`` (then through the
+  softplus and the bias),
+* ``dA_n += g_h,n dt Abar_n keep_t h_n(t-1)``, ``dD += g_y' x``,
+* ``dB_n(t) = sum_channels g_h,n dt x``, ``dC_n(t) = sum_channels h_n(t) g_y'`` (reduced
+  over the block's lanes in the kernel, over blocks by XLA),
+* ``dh0 = Abar_0 keep_0 g_h(0)``,
+
+where ``g_y' = g_y silu(z)`` and ``dz = g_y y' silu'(z)``.
+
+* ``pallas_gpu``: Mosaic GPU, one warpgroup per CTA, ``plgpu.emit_pipeline`` streams
+  the tiles by TMA ``stages`` chunks ahead. ``interpret=True`` runs the same
+  per-chunk bodies through ``pl.pallas_call``'s interpreter (CPU).
+* ``pallas_tpu``: Mosaic TPU, grid (batch, lane block, chunk) with the chunk axis
+  "arbitrary" and the state as a (state, 128) VMEM scratch: state on sublanes,
+  channels on lanes, so each step is a handful of full-vreg operations.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+LANES = 128
+LOG2E = math.log2(math.e)
+
+
+def _pad_to(x, axis: int, multiple: int, value=0):
+    pad = (-x.shape[axis]) % multiple
+    if not pad:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+class Problem:
+    """The kernels' view of one call: padded, packed inputs and the static sizes."""
+
+    def __init__(self, x, dt, A, B, C, D, z, dt_bias, h0, resets, chunk, softplus, state_multiple=1, bc_multiple=8):
+        batch, time, chans = x.shape
+        self.n_real = A.shape[1]
+        n = self.n_real + (-self.n_real) % state_multiple
+        if n != self.n_real:  # zero-padded states: B = C = 0, h0 = 0, so they stay 0 and add nothing
+            A = _pad_to(A, 1, state_multiple)
+            B, C = _pad_to(B, 2, state_multiple), _pad_to(C, 2, state_multiple)
+            h0 = None if h0 is None else _pad_to(h0, 2, state_multiple)
+        self.batch, self.time, self.chans, self.n = batch, time, chans, n
+        self.chunk, self.softplus, self.gated = chunk, softplus, z is not None
+        self.time_p = time + (-time) % chunk
+        self.chans_p = chans + (-chans) % LANES
+        self.n_chunks, self.n_blocks = self.time_p // chunk, self.chans_p // LANES
+        self.bc_width = 2 * n + 2 + (-(2 * n + 2)) % bc_multiple
+        f32 = jnp.float32
+
+        def seq(v):  # (batch, time, chans) -> padded; padded steps have dt = 0 (no effect)
+            return _pad_to(_pad_to(v, 1, chunk), 2, LANES)
+
+        self.x, self.dt = seq(x), seq(dt)
+        self.z = seq(z) if z is not None else None
+        keep = jnp.ones((batch, time, 1), f32) if resets is None else 1.0 - resets.astype(f32)[..., None]
+        valid = jnp.ones((batch, time, 1), f32)
+        bc = jnp.concatenate([B.astype(f32), C.astype(f32), keep, valid], axis=-1)
+        # padded steps: B = C = 0, keep = 1, valid = 0 (dt is zeroed there: the state passes unchanged)
+        bc = _pad_to(_pad_to(bc, 2, bc_multiple), 1, chunk, value=0.0)
+        self.bc = bc.at[:, time:, 2 * n].set(1.0) if self.time_p > time else bc
+        # A^T (state, chans) in log2 units (exp(dt A) = exp2(dt A log2 e)); D and dt_bias rows.
+        self.a2 = _pad_to(A.astype(f32).T * LOG2E, 1, LANES)
+        d = jnp.zeros((chans,), f32) if D is None else D.astype(f32)
+        bias = jnp.zeros((chans,), f32) if dt_bias is None else dt_bias.astype(f32)
+        self.params = _pad_to(jnp.stack([d, bias]), 1, LANES)
+        h0 = jnp.zeros((batch, chans, n), f32) if h0 is None else h0.astype(f32)
+        self.h0 = _pad_to(jnp.swapaxes(h0, 1, 2), 2, LANES)  # (batch, state, chans)
+
+
+# ----------------------------------------------------------------------------- per-step math
+
+
+def _softplus(u):
+    return jnp.where(u > 20.0, u, jnp.log(1.0 + jnp.exp(jnp.minimum(u, 20.0))))
+
+
+def _sigmoid(v):
+    return 1.0 / (1.0 + jnp.exp(-v))
+
+
+def _fwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, a2, dvec, bias, y_t, h, hbuf=None):
+    """The forward recurrence over one chunk's rows. ``h``: tuple of ``state`` lane
+    vectors. With ``hbuf`` (chunk, state, 128), stores every row's incoming state."""
+    n = p.n
+
+    def row(r, h):
+        u = dt_t[r].astype(jnp.float32) + bias
+        delta = (_softplus(u) if p.softplus else u) * bc_t[r, 2 * n + 1]
+        xv = x_t[r].astype(jnp.float32)
+        keep = bc_t[r, 2 * n]
+        dbx = delta * xv
+        y = dvec * xv
+        new = []
+        for i in range(n):
+            if hbuf is not None:
+                hbuf[r, i] = h[i]
+            hi = jnp.exp2(delta * a2[i]) * (keep * h[i]) + dbx * bc_t[r, i]
+            y = y + bc_t[r, n + i] * hi
+            new.append(hi)
+        if z_t is not None:
+            zv = z_t[r].astype(jnp.float32)
+            y = y * zv * _sigmoid(zv)
+        if y_t is not None:
+            y_t[r] = y.astype(y_t.dtype)
+        return tuple(new)
+
+    return lax.fori_loop(0, p.chunk, row, h, unroll=True)
+
+
+def _bwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, gy_t, a2, dvec, bias, hbuf, dx_t, ddt_t, dz_t, dbc_t, carry):
+    """Adjoint over one chunk's rows (last to first). carry = (g_h tuple, dA tuple, dD, dbias)."""
+    n = p.n
+    ln2 = 1.0 / LOG2E
+
+    def row(i, carry):
+        gh, dA, dD, dbias = carry
+        r = p.chunk - 1 - i
+        u = dt_t[r].astype(jnp.float32) + bias
+        valid = bc_t[r, 2 * n + 1]
+        delta = (_softplus(u) if p.softplus else u) * valid
+        xv = x_t[r].astype(jnp.float32)
+        keep = bc_t[r, 2 * n]
+        gy = gy_t[r].astype(jnp.float32)
+        # recompute this row's states and y' from the incoming states in hbuf
+        hprev = [hbuf[r, k] for k in range(n)]
+        decay = [jnp.exp2(delta * a2[k]) for k in range(n)]
+        hk = [decay[k] * (keep * hprev[k]) + delta * xv * bc_t[r, k] for k in range(n)]
+        if z_t is not None:
+            zv = z_t[r].astype(jnp.float32)
+            sg = _sigmoid(zv)
+            ypre = dvec * xv
+            for k in range(n):
+                ypre = ypre + bc_t[r, n + k] * hk[k]
+            dz_t[r] = (gy * ypre * sg * (1.0 + zv * (1.0 - sg))).astype(dz_t.dtype)
+            gy = gy * zv * sg
+        dD = dD + gy * xv
+        dx = gy * dvec
+        ddelta = jnp.zeros_like(xv)
+        new_gh, new_dA = [], []
+        for k in range(n):
+            g = gh[k] + bc_t[r, n + k] * gy
+            dbc_t[r, n + k] = jnp.sum(hk[k] * gy)
+            dbc_t[r, k] = jnp.sum(g * delta * xv)
+            dx = dx + g * delta * bc_t[r, k]
+            dh_decay = g * decay[k] * keep * hprev[k]  # d/d(delta A) of the decay term
+            ddelta = ddelta + dh_decay * a2[k] * ln2 + g * bc_t[r, k] * xv
+            new_dA.append(dA[k] + dh_decay * delta)
+            new_gh.append(g * decay[k] * keep)  # carried to the previous step
+        du = (ddelta * _sigmoid(u) if p.softplus else ddelta) * valid
+        dx_t[r] = dx.astype(dx_t.dtype)
+        ddt_t[r] = du.astype(ddt_t.dtype)
+        return tuple(new_gh), tuple(new_dA), dD, dbias + du
+
+    return lax.fori_loop(0, p.chunk, row, carry, unroll=True)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+def _gpu_forward(p: Problem, out_dtype, *, save_bounds: bool, stages: int, interpret: bool):
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    batch, chunk, n, nc, nb = p.batch, p.chunk, p.n, p.n_chunks, p.n_blocks
+    shapes = [jax.ShapeDtypeStruct((batch, p.time_p, p.chans_p), out_dtype),
+              jax.ShapeDtypeStruct((batch, n, p.chans_p), jnp.float32)]
+    if save_bounds:
+        shapes.append(jax.ShapeDtypeStruct((batch, nc, n, p.chans_p), jnp.float32))
+    ins = [p.x, p.dt] + ([p.z] if p.gated else []) + [p.bc, p.a2, p.params, p.h0]
+
+    def body(tiles, h, first):
+        if p.gated:
+            x_t, dt_t, z_t, bc_t, a_t, pr_t, h0_t, y_t, hl_t, *bnd = tiles
+        else:
+            (x_t, dt_t, bc_t, a_t, pr_t, h0_t, y_t, hl_t, *bnd), z_t = tiles, None
+        a2 = [a_t[i] for i in range(n)]
+        h = tuple(hi + first * h0_t[i] for i, hi in enumerate(h))
+        if bnd:
+            for i in range(n):
+                bnd[0][i] = h[i]
+        h = _fwd_rows(p, x_t, dt_t, z_t, bc_t, a2, pr_t[0], pr_t[1], y_t, h)
+        for i in range(n):
+            hl_t[i] = h[i]
+        return h
+
+    if interpret:
+        seq = pl.BlockSpec((None, chunk, LANES), lambda b, c, t: (b, t, c))
+        bcs = pl.BlockSpec((None, chunk, p.bc_width), lambda b, c, t: (b, t, 0))
+        st = pl.BlockSpec((None, n, LANES), lambda b, c, t: (b, 0, c))
+        par = [pl.BlockSpec((n, LANES), lambda b, c, t: (0, c)), pl.BlockSpec((2, LANES), lambda b, c, t: (0, c))]
+        bnd = pl.BlockSpec((None, None, n, LANES), lambda b, c, t: (b, t, 0, c))
+
+        def kernel(*refs):
+            *tiles, carry = refs
+            is_first = pl.program_id(2) == 0
+            h = tuple(jnp.where(is_first, 0.0, carry[i]) for i in range(n))
+            h = body(tiles, h, is_first.astype(jnp.float32))
+            for i in range(n):
+                carry[i] = h[i]
+
+        return pl.pallas_call(
+            kernel, grid=(batch, nb, nc),
+            in_specs=[seq, seq] + ([seq] if p.gated else []) + [bcs] + par + [st],
+            out_specs=[seq, st] + ([bnd] if save_bounds else []), out_shape=shapes,
+            scratch_shapes=[plgpu.SMEM((n, LANES), jnp.float32)], interpret=True,
+        )(*ins)
+
+    @functools.partial(plgpu.kernel, out_type=tuple(shapes), grid=(batch, nb), grid_names=("batch", "block"))
+    def kernel(*refs):
+        bi, ci = lax.axis_index("batch"), lax.axis_index("block")
+        seq = pl.BlockSpec((chunk, LANES), lambda t: (t, ci))
+        bcs = pl.BlockSpec((chunk, p.bc_width), lambda t: (t, 0))
+        st = pl.BlockSpec((n, LANES), lambda t: (0, ci))
+        pr = pl.BlockSpec((2, LANES), lambda t: (0, ci))
+        bnd = pl.BlockSpec((None, n, LANES), lambda t: (t, 0, ci))
+        n_in = len(ins)
+        gin, gout = refs[:n_in], refs[n_in:]
+        per_batch = [g.at[bi] for g in gin[: 3 + p.gated]] + [gin[3 + p.gated], gin[4 + p.gated], gin[5 + p.gated].at[bi]]
+        zeros = tuple(jnp.zeros((LANES,), jnp.float32) for _ in range(n))
+
+        def step(idx, *tiles_and_carry):
+            *tiles, h = tiles_and_carry
+            first = jnp.where(idx[0] == 0, 1.0, 0.0).astype(jnp.float32)
+            return body(tiles, h, first)
+
+        plgpu.emit_pipeline(
+            step, grid=(nc,),
+            in_specs=[seq, seq] + ([seq] if p.gated else []) + [bcs, st, pr, st],
+            out_specs=[seq, st] + ([bnd] if save_bounds else []),
+            max_concurrent_steps=stages, init_carry=zeros,
+        )(*per_batch, *[g.at[bi] for g in gout])
+
+    return kernel(*ins)
+
+
+def _gpu_backward(p: Problem, gy, bounds, gh_last, dtypes, *, stages: int, interpret: bool):
+    """Returns dx, ddt_raw, dz (or None), dbc partials (batch, blocks, time_p, bc_width),
+    dA partials (batch, state, chans_p), dD/dbias partials (batch, 2, chans_p), dh0."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    batch, chunk, n, nc, nb = p.batch, p.chunk, p.n, p.n_chunks, p.n_blocks
+    seq_shape = (batch, p.time_p, p.chans_p)
+    shapes = [jax.ShapeDtypeStruct(seq_shape, dtypes["x"]), jax.ShapeDtypeStruct(seq_shape, dtypes["dt"])]
+    if p.gated:
+        shapes.append(jax.ShapeDtypeStruct(seq_shape, dtypes["z"]))
+    shapes += [
+        jax.ShapeDtypeStruct((batch, nb, p.time_p, p.bc_width), jnp.float32),
+        jax.ShapeDtypeStruct((batch, n, p.chans_p), jnp.float32),  # dA
+        jax.ShapeDtypeStruct((batch, 2, p.chans_p), jnp.float32),  # dD, dbias
+        jax.ShapeDtypeStruct((batch, n, p.chans_p), jnp.float32),  # dh0
+    ]
+    ins = [p.x, p.dt] + ([p.z] if p.gated else []) + [p.bc, gy, p.a2, p.params, bounds, gh_last]
+
+    def body(tiles, hbuf, carry, first):
+        if p.gated:
+            x_t, dt_t, z_t, bc_t, gy_t, a_t, pr_t, bnd_t, ghl_t, dx_t, ddt_t, dz_t, dbc_t, da_t, dp_t, dh0_t = tiles
+        else:
+            (x_t, dt_t, bc_t, gy_t, a_t, pr_t, bnd_t, ghl_t, dx_t, ddt_t, dbc_t, da_t, dp_t, dh0_t), z_t, dz_t = tiles, None, None
+        gh0, dA0, dD0, db0 = carry
+        carry = (tuple(g + first * ghl_t[i] for i, g in enumerate(gh0)), dA0, dD0, db0)
+        a2 = [a_t[i] for i in range(n)]
+        dvec, bias = pr_t[0], pr_t[1]
+        _fwd_rows(p, x_t, dt_t, z_t, bc_t, a2, dvec, bias, None, tuple(bnd_t[i] for i in range(n)), hbuf=hbuf)
+        gh, dA, dD, dbias = _bwd_rows(p, x_t, dt_t, z_t, bc_t, gy_t, a2, dvec, bias, hbuf, dx_t, ddt_t, dz_t, dbc_t, carry)
+        for i in range(n):
+            da_t[i] = dA[i]
+            dh0_t[i] = gh[i]
+        dp_t[0] = dD
+        dp_t[1] = dbias
+        return gh, dA, dD, dbias
+
+    def zeros():
+        z = jnp.zeros((LANES,), jnp.float32)
+        return tuple(z for _ in range(n)), tuple(z for _ in range(n)), z, z
+
+    if interpret:
+        seq = pl.BlockSpec((None, chunk, LANES), lambda b, c, t: (b, nc - 1 - t, c))
+        bcs = pl.BlockSpec((None, chunk, p.bc_width), lambda b, c, t: (b, nc - 1 - t, 0))
+        dbcs = pl.BlockSpec((None, None, chunk, p.bc_width), lambda b, c, t: (b, c, nc - 1 - t, 0))
+        st = pl.BlockSpec((None, n, LANES), lambda b, c, t: (b, 0, c))
+        two = pl.BlockSpec((None, 2, LANES), lambda b, c, t: (b, 0, c))
+        par = [pl.BlockSpec((n, LANES), lambda b, c, t: (0, c)), pl.BlockSpec((2, LANES), lambda b, c, t: (0, c))]
+        bnd = pl.BlockSpec((None, None, n, LANES), lambda b, c, t: (b, nc - 1 - t, 0, c))
+
+        def kernel(*refs):
+            *tiles, hbuf, cst = refs
+            is_first = pl.program_id(2) == 0
+            z = jnp.zeros((LANES,), jnp.float32)
+            rd = lambda i: jnp.where(is_first, z, cst[i])  # noqa: E731 - scratch starts uninitialised
+            carry = (tuple(rd(i) for i in range(n)), tuple(rd(n + i) for i in range(n)), rd(2 * n), rd(2 * n + 1))
+            gh, dA, dD, dbias = body(tiles, hbuf, carry, is_first.astype(jnp.float32))
+            for i, v in enumerate(list(gh) + list(dA) + [dD, dbias]):
+                cst[i] = v
+
+        return pl.pallas_call(
+            kernel, grid=(batch, nb, nc),
+            in_specs=[seq, seq] + ([seq] if p.gated else []) + [bcs, seq] + par + [bnd, st],
+            out_specs=[seq, seq] + ([seq] if p.gated else []) + [dbcs, st, two, st], out_shape=shapes,
+            scratch_shapes=[plgpu.SMEM((chunk, n, LANES), jnp.float32), plgpu.SMEM((2 * n + 2, LANES), jnp.float32)],
+            interpret=True,
+        )(*ins)
+
+    @functools.partial(
+        plgpu.kernel, out_type=tuple(shapes), grid=(batch, nb), grid_names=("batch", "block"),
+        scratch_types=[plgpu.SMEM((chunk, n, LANES), jnp.float32)],
+    )
+    def kernel(*refs):
+        bi, ci = lax.axis_index("batch"), lax.axis_index("block")
+        seq = pl.BlockSpec((chunk, LANES), lambda t: (nc - 1 - t, ci))
+        bcs = pl.BlockSpec((chunk, p.bc_width), lambda t: (nc - 1 - t, 0))
+        dbcs = pl.BlockSpec((chunk, p.bc_width), lambda t: (nc - 1 - t, 0))
+        st = pl.BlockSpec((n, LANES), lambda t: (0, ci))
+        two = pl.BlockSpec((2, LANES), lambda t: (0, ci))
+        bnd = pl.BlockSpec((None, n, LANES), lambda t: (nc - 1 - t, 0, ci))
+        n_in = len(ins)
+        gin, gout, hbuf = refs[:n_in], refs[n_in:-1], refs[-1]
+        k = 3 + p.gated  # x, dt, (z), bc are per batch; then gy per batch; then a2, params shared; bounds per batch
+        per_batch_in = [g.at[bi] for g in gin[:k]] + [gin[k].at[bi], gin[k + 1], gin[k + 2], gin[k + 3].at[bi], gin[k + 4].at[bi]]
+        nseq_out = 2 + p.gated
+        per_batch_out = [g.at[bi] for g in gout[:nseq_out]] + [gout[nseq_out].at[bi, ci]] + [g.at[bi] for g in gout[nseq_out + 1 :]]
+
+        def step(idx, *tiles_and_carry):
+            *tiles, carry = tiles_and_carry
+            first = jnp.where(idx[0] == 0, 1.0, 0.0).astype(jnp.float32)
+            return body(tiles, hbuf, carry, first)
+
+        plgpu.emit_pipeline(
+            step, grid=(nc,),
+            in_specs=[seq, seq] + ([seq] if p.gated else []) + [bcs, seq, st, two, bnd, st],
+            out_specs=[seq, seq] + ([seq] if p.gated else []) + [dbcs, st, two, st],
+            max_concurrent_steps=stages, init_carry=zeros(),
+        )(*per_batch_in, *per_batch_out)
+
+    return kernel(*ins)
+
+
+# ----------------------------------------------------------------------------- TPU
+
+
+def _tpu_step_inputs(p: Problem, x_t, dt_t, z_t, bcT, r, dvec, bias):
+    n = p.n
+    u = dt_t[r : r + 1, :].astype(jnp.float32) + bias
+    valid = bcT[2 * n + 1 : 2 * n + 2, r : r + 1]
+    delta = (_softplus(u) if p.softplus else u) * valid
+    xv = x_t[r : r + 1, :].astype(jnp.float32)
+    bcol, ccol, keep = bcT[0:n, r : r + 1], bcT[n : 2 * n, r : r + 1], bcT[2 * n : 2 * n + 1, r : r + 1]
+    zv = None if z_t is None else z_t[r : r + 1, :].astype(jnp.float32)
+    return u, delta, xv, bcol, ccol, keep, zv, valid
+
+
+def _tpu_fwd_kernel(*refs, p: Problem, save_bounds: bool):
+    if p.gated:
+        x_t, dt_t, z_t, bc_t, a_t, pr_t, h0_t, y_t, hl_t, *rest = refs
+    else:
+        (x_t, dt_t, bc_t, a_t, pr_t, h0_t, y_t, hl_t, *rest), z_t = refs, None
+    *bnd, h_s = rest
+
+    @pl.when(pl.program_id(2) == 0)
+    def _():
+        h_s[...] = h0_t[...]
+
+    if save_bounds:
+        bnd[0][...] = h_s[...]
+    a2 = a_t[...]
+    dvec, bias = pr_t[0:1, :], pr_t[1:2, :]
+    bcT = bc_t[...].T
+    h = h_s[...]
+    rows = []
+    for r in range(p.chunk):
+        u, delta, xv, bcol, ccol, keep, zv, _ = _tpu_step_inputs(p, x_t, dt_t, z_t, bcT, r, dvec, bias)
+        h = jnp.exp2(delta * a2) * (keep * h) + (delta * xv) * bcol
+        y = jnp.sum(ccol * h, axis=0, keepdims=True) + dvec * xv
+        if zv is not None:
+            y = y * zv * _sigmoid(zv)
+        rows.append(y)
+    y_t[...] = jnp.concatenate(rows, axis=0).astype(y_t.dtype)
+    h_s[...] = h
+    hl_t[...] = h
+
+
+def _tpu_bwd_kernel(*refs, p: Problem):
+    if p.gated:
+        x_t, dt_t, z_t, bc_t, gy_t, a_t, pr_t, bnd_t, ghl_t, dx_t, ddt_t, dz_t, dbc_t, da_t, dp_t, dh0_t, gh_s, da_s, dp_s = refs
+    else:
+        (x_t, dt_t, bc_t, gy_t, a_t, pr_t, bnd_t, ghl_t, dx_t, ddt_t, dbc_t, da_t, dp_t, dh0_t, gh_s, da_s, dp_s), z_t, dz_t = refs, None, None
+
+    @pl.when(pl.program_id(2) == 0)
+    def _():
+        gh_s[...] = ghl_t[...]
+        da_s[...] = jnp.zeros_like(da_s)
+        dp_s[...] = jnp.zeros_like(dp_s)
+
+    n, chunk = p.n, p.chunk
+    a2 = a_t[...]
+    dvec, bias = pr_t[0:1, :], pr_t[1:2, :]
+    bcT = bc_t[...].T
+    ln2 = 1.0 / LOG2E
+    # recompute the chunk's states from its boundary
+    h, hprev = bnd_t[...], []
+    for r in range(chunk):
+        u, delta, xv, bcol, ccol, keep, zv, _ = _tpu_step_inputs(p, x_t, dt_t, z_t, bcT, r, dvec, bias)
+        hprev.append(h)
+        h = jnp.exp2(delta * a2) * (keep * h) + (delta * xv) * bcol
+    gh, dA, dp = gh_s[...], da_s[...], dp_s[...]
+    lane = lax.broadcasted_iota(jnp.int32, (n, chunk), 1)
+    dB = jnp.zeros((n, chunk), jnp.float32)
+    dC = jnp.zeros((n, chunk), jnp.float32)
+    dx_rows, du_rows, dz_rows = [None] * chunk, [None] * chunk, [None] * chunk
+    for r in reversed(range(chunk)):
+        u, delta, xv, bcol, ccol, keep, zv, valid = _tpu_step_inputs(p, x_t, dt_t, z_t, bcT, r, dvec, bias)
+        gy = gy_t[r : r + 1, :].astype(jnp.float32)
+        decay = jnp.exp2(delta * a2)
+        hk = decay * (keep * hprev[r]) + (delta * xv) * bcol
+        if zv is not None:
+            sg = _sigmoid(zv)
+            ypre = jnp.sum(ccol * hk, axis=0, keepdims=True) + dvec * xv
+            dz_rows[r] = gy * ypre * sg * (1.0 + zv * (1.0 - sg))
+            gy = gy * zv * sg
+        g = gh + ccol * gy
+        dC = jnp.where(lane == r, jnp.sum(hk * gy, axis=1, keepdims=True), dC)
+        dB = jnp.where(lane == r, jnp.sum(g * (delta * xv), axis=1, keepdims=True), dB)
+        gb = jnp.sum(g * bcol, axis=0, keepdims=True)
+        dh_decay = g * decay * keep * hprev[r]
+        ddelta = jnp.sum(dh_decay * a2, axis=0, keepdims=True) * ln2 + gb * xv
+        du = (ddelta * _sigmoid(u) if p.softplus else ddelta) * valid
+        dx_rows[r] = gy * dvec + gb * delta
+        du_rows[r] = du
+        dA = dA + dh_decay * delta
+        dp = dp + jnp.concatenate([gy * xv, du], axis=0)
+        gh = g * decay * keep
+    dx_t[...] = jnp.concatenate(dx_rows, axis=0).astype(dx_t.dtype)
+    ddt_t[...] = jnp.concatenate(du_rows, axis=0).astype(ddt_t.dtype)
+    if dz_t is not None:
+        dz_t[...] = jnp.concatenate(dz_rows, axis=0).astype(dz_t.dtype)
+    pad = jnp.zeros((p.bc_width - 2 * n, chunk), jnp.float32)
+    dbc_t[...] = jnp.concatenate([dB, dC, pad], axis=0).T
+    gh_s[...], da_s[...], dp_s[...] = gh, dA, dp
+    da_t[...], dp_t[...], dh0_t[...] = dA, dp, gh
+
+
+def _tpu_specs(p: Problem, reverse_time: bool):
+    nc = p.n_chunks
+
+    def t_of(t):
+        return nc - 1 - t if reverse_time else t
+
+    return {
+        "seq": pl.BlockSpec((None, p.chunk, LANES), lambda b, c, t: (b, t_of(t), c)),
+        "bc": pl.BlockSpec((None, p.chunk, p.bc_width), lambda b, c, t: (b, t_of(t), 0)),
+        "dbc": pl.BlockSpec((None, None, p.chunk, p.bc_width), lambda b, c, t: (b, c, t_of(t), 0)),
+        "st": pl.BlockSpec((None, p.n, LANES), lambda b, c, t: (b, 0, c)),
+        "two": pl.BlockSpec((None, 2, LANES), lambda b, c, t: (b, 0, c)),
+        "a": pl.BlockSpec((p.n, LANES), lambda b, c, t: (0, c)),
+        "par": pl.BlockSpec((2, LANES), lambda b, c, t: (0, c)),
+        "bnd": pl.BlockSpec((None, None, p.n, LANES), lambda b, c, t: (b, t_of(t), 0, c)),
+    }
+
+
+def _tpu_params(interpret):
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+
+
+def _tpu_forward(p: Problem, out_dtype, *, save_bounds: bool, interpret):
+    from jax.experimental.pallas import tpu as pltpu
+
+    sp = _tpu_specs(p, False)
+    shapes = [jax.ShapeDtypeStruct((p.batch, p.time_p, p.chans_p), out_dtype),
+              jax.ShapeDtypeStruct((p.batch, p.n, p.chans_p), jnp.float32)]
+    if save_bounds:
+        shapes.append(jax.ShapeDtypeStruct((p.batch, p.n_chunks, p.n, p.chans_p), jnp.float32))
+    ins = [p.x, p.dt] + ([p.z] if p.gated else []) + [p.bc, p.a2, p.params, p.h0]
+    return pl.pallas_call(
+        functools.partial(_tpu_fwd_kernel, p=p, save_bounds=save_bounds),
+        grid=(p.batch, p.n_blocks, p.n_chunks),
+        in_specs=[sp["seq"], sp["seq"]] + ([sp["seq"]] if p.gated else []) + [sp["bc"], sp["a"], sp["par"], sp["st"]],
+        out_specs=[sp["seq"], sp["st"]] + ([sp["bnd"]] if save_bounds else []),
+        out_shape=shapes,
+        scratch_shapes=[pltpu.VMEM((p.n, LANES), jnp.float32)],
+        compiler_params=_tpu_params(interpret),
+        interpret=interpret,
+    )(*ins)
+
+
+def _tpu_backward(p: Problem, gy, bounds, gh_last, dtypes, *, interpret):
+    from jax.experimental.pallas import tpu as pltpu
+
+    sp = _tpu_specs(p, True)
+    seq_shape = (p.batch, p.time_p, p.chans_p)
+    shapes = [jax.ShapeDtypeStruct(seq_shape, dtypes["x"]), jax.ShapeDtypeStruct(seq_shape, dtypes["dt"])]
+    if p.gated:
+        shapes.append(jax.ShapeDtypeStruct(seq_shape, dtypes["z"]))
+    shapes += [
+        jax.ShapeDtypeStruct((p.batch, p.n_blocks, p.time_p, p.bc_width), jnp.float32),
+        jax.ShapeDtypeStruct((p.batch, p.n, p.chans_p), jnp.float32),
+        jax.ShapeDtypeStruct((p.batch, 2, p.chans_p), jnp.float32),
+        jax.ShapeDtypeStruct((p.batch, p.n, p.chans_p), jnp.float32),
+    ]
+    ins = [p.x, p.dt] + ([p.z] if p.gated else []) + [p.bc, gy, p.a2, p.params, bounds, gh_last]
+    return pl.pallas_call(
+        functools.partial(_tpu_bwd_kernel, p=p),
+        grid=(p.batch, p.n_blocks, p.n_chunks),
+        in_specs=[sp["seq"], sp["seq"]] + ([sp["seq"]] if p.gated else []) + [sp["bc"], sp["seq"], sp["a"], sp["par"], sp["bnd"], sp["st"]],
+        out_specs=[sp["seq"], sp["seq"]] + ([sp["seq"]] if p.gated else []) + [sp["dbc"], sp["st"], sp["two"], sp["st"]],
+        out_shape=shapes,
+        scratch_shapes=[pltpu.VMEM((p.n, LANES), jnp.float32), pltpu.VMEM((p.n, LANES), jnp.float32),
+                        pltpu.VMEM((2, LANES), jnp.float32)],
+        compiler_params=_tpu_params(interpret),
+        interpret=interpret,
+    )(*ins)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def make_problem(platform, x, dt, A, B, C, D, z, dt_bias, h0, resets, softplus, chunk=None):
+    if platform == "tpu":
+        return Problem(x, dt, A, B, C, D, z, dt_bias, h0, resets, chunk or 32, softplus, state_multiple=8, bc_multiple=LANES)
+    return Problem(x, dt, A, B, C, D, z, dt_bias, h0, resets, chunk or 16, softplus)
+
+
+def forward(platform, p: Problem, out_dtype, *, save_bounds=False, stages=2, interpret=False):
+    """(y (batch, time, chans), h_last (batch, chans, state), bounds or None)."""
+    if platform == "tpu":
+        outs = _tpu_forward(p, out_dtype, save_bounds=save_bounds, interpret=interpret)
+    else:
+        outs = _gpu_forward(p, out_dtype, save_bounds=save_bounds, stages=stages, interpret=interpret)
+    y, hl = outs[0], outs[1]
+    y = y[:, : p.time, : p.chans]
+    h_last = jnp.swapaxes(hl[:, : p.n_real, : p.chans], 1, 2)
+    return y, h_last, (outs[2] if save_bounds else None)
+
+
+def backward(platform, p: Problem, gy, gh_last, bounds, dtypes, *, stages=2, interpret=False):
+    """Gradients: dict with x, dt, z, B, C, A, D, dt_bias, h0 (unpadded). ``gh_last`` is
+    the cotangent of the final state (batch, chans, state)."""
+    gy = _pad_to(_pad_to(gy, 1, p.chunk), 2, LANES)
+    ghl = _pad_to(_pad_to(jnp.swapaxes(gh_last.astype(jnp.float32), 1, 2), 1, p.n), 2, LANES)
+    if platform == "tpu":
+        outs = _tpu_backward(p, gy, bounds, ghl, dtypes, interpret=interpret)
+    else:
+        outs = _gpu_backward(p, gy, bounds, ghl, dtypes, stages=stages, interpret=interpret)
+    if p.gated:
+        dx, ddt, dz, dbc, dA, dp, dh0 = outs
+    else:
+        (dx, ddt, dbc, dA, dp, dh0), dz = outs, None
+    T, Cn, n = p.time, p.chans, p.n_real
+    dbc = jnp.sum(dbc, axis=1)[:, :T]
+    return {
+        "x": dx[:, :T, :Cn], "dt": ddt[:, :T, :Cn], "z": None if dz is None else dz[:, :T, :Cn],
+        "B": dbc[..., :n], "C": dbc[..., p.n : p.n + n],
+        "A": jnp.sum(dA, axis=0)[:n, :Cn].T, "D": jnp.sum(dp[:, 0, :Cn], axis=0), "dt_bias": jnp.sum(dp[:, 1, :Cn], axis=0),
+        "h0": jnp.swapaxes(dh0[:, :n, :Cn], 1, 2),
+    }
