@@ -271,7 +271,8 @@ class HCAMAttention(nn.Module):
 
         y = read
         if self.local_attention:
-            y = y + self._local_parallel(p, h, ext, off)
+            ext_off = jnp.concatenate([jnp.maximum(j, 0), off], axis=1)  # within-chunk offsets of ext
+            y = y + self._local_parallel(p, h, ext, off, ext_off)
 
         # New state.
         life_last = life[:, -1]
@@ -301,19 +302,17 @@ class HCAMAttention(nn.Module):
         )
         return y, new_state
 
-    def _local_parallel(self, p, h, ext, off):
-        """Causal attention of each step to the steps of its own chunk (the last C of ext)."""
+    def _local_parallel(self, p, h, ext, off, ext_off):
+        """Causal attention of each step to the steps of its own chunk (within the last C
+        of ext); rotary positions are the within-chunk offsets."""
         batch, time, d = h.shape
         c, heads = self.chunk_size, self.num_heads
         hd = d // heads
-        q = jnp.einsum("btd,dhe->bthe", h, p["local_query"])
-        kx = jnp.einsum("btd,dhe->bthe", ext, p["local_key"])
+        q = rope(jnp.einsum("btd,dhe->bthe", h, p["local_query"]), off)
+        kx = rope(jnp.einsum("btd,dhe->bthe", ext, p["local_key"]), ext_off)
         vx = jnp.einsum("btd,dhe->bthe", ext, p["local_value"])
         kw = jnp.stack([kx[:, i : i + time] for i in range(c)], axis=2)  # (batch, time, C, H, hd)
         vw = jnp.stack([vx[:, i : i + time] for i in range(c)], axis=2)
-        q = rope(q, jnp.full((batch, time), c - 1, jnp.int32))
-        kw = rope(kw.reshape(batch, time * c, heads, hd), jnp.tile(jnp.arange(c), time)[None].repeat(batch, 0))
-        kw = kw.reshape(batch, time, c, heads, hd)
         scores = jnp.einsum("bthe,btche->bthc", q, kw) / jnp.sqrt(jnp.asarray(hd, h.dtype))
         visible = (jnp.arange(c)[None, None, :] >= (c - 1 - off)[:, :, None])[:, :, None, :]
         att = _softmax_masked(scores, visible)

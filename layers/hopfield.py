@@ -13,8 +13,11 @@ gives metastable states that average over many patterns.
 
 As a layer (eq. 10), state patterns ``R`` query stored patterns ``Y``::
 
-    Q = R W_Q,  K = Y W_K,  V = Y W_K W_V (or any pattern projection P W_V)
+    Q = R W_Q,  K = Y W_K,  V = P W_V   (P: the pattern projection input, default Y)
     Z = softmax(beta Q K^T) V,  then an output projection W_O.
+
+(The paper writes V = Y W_K W_V; hflayers' default, and ours, projects P with its own
+W_V -- its ``pattern_projection_as_connected`` option, not ported, gives the paper's form.)
 
 :func:`hopfield_update` and :func:`hopfield_energy` are the plain functions;
 :func:`associate` runs the update iteration of the layers *in the association space*

@@ -212,13 +212,17 @@ def test_stop_gradient_on_memory():
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((1, 4, 4)), jnp.float32)
     state = memory_state(rng.standard_normal((1, 3, 2, 4)), [[0, 1, 2]])
-    for stop in (True, False):
-        layer = HCAMAttention(features=4, num_heads=1, chunk_size=2, num_chunks=3, top_k=2, stop_gradient_memory=stop)
-        v = jax.jit(layer.init)(jax.random.key(0), x)
-        loss = lambda ck: jnp.sum(layer.apply(v, x, state._replace(contents=ck[0], keys=ck[1]))[0] ** 2)  # noqa: E731
-        g_contents, g_keys = jax.jit(jax.grad(loss))((state.contents, state.keys))
-        assert (float(jnp.abs(g_contents).max()) == 0.0) == stop
-        assert (float(jnp.abs(g_keys).max()) == 0.0) == stop
+    layer = HCAMAttention(features=4, num_heads=1, chunk_size=2, num_chunks=3, top_k=2, local_attention=False)
+    v = jax.jit(layer.init)(jax.random.key(0), x)
+
+    def loss(inputs, contents, keys):
+        return jnp.sum(layer.apply(v, inputs, state._replace(contents=contents, keys=keys))[0] ** 2)
+
+    g_x, g_contents, g_keys = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, state.contents, state.keys)
+    assert float(jnp.abs(g_contents).max()) == 0.0 and float(jnp.abs(g_keys).max()) == 0.0
+    assert float(jnp.abs(g_x).max()) > 0.0  # the query path still learns
+    # (with stop_gradient_memory=False the memory gradients are checked against finite
+    # differences by the contract test below)
 
 
 def test_hcam_block_contract():
