@@ -226,7 +226,8 @@ class HCAMAttention(nn.Module):
         # New complete chunks of this call: the C steps ending at each chunk end.
         n_new = -(-time // c)
         rank = jnp.where(is_end, jnp.cumsum(ends, axis=1) - 1, n_new)  # j-th end of the call -> j
-        end_idx = jax.vmap(lambda r: jnp.full((n_new,), time, jnp.int32).at[r].set(jnp.arange(time), mode="drop"))(rank)
+        steps_i32 = jnp.arange(time, dtype=jnp.int32)
+        end_idx = jax.vmap(lambda r: jnp.full((n_new,), time, jnp.int32).at[r].set(steps_i32, mode="drop"))(rank)
         new_valid = end_idx < time
         e_safe = jnp.minimum(end_idx, time - 1)
         window = e_safe[:, :, None] + jnp.arange(c)[None, None, :]
