@@ -2,12 +2,18 @@
 
 ``y, state = layer(x, state=None, resets=None)`` with ``x: (batch, time, features)``
 and ``layer.initial_state(batch_size)`` on the unbound module. See
-:mod:`mnemax.layers.base`.
+:mod:`mnemax.layers.base`. The set-based Hopfield layers (``Hopfield``,
+``HopfieldPooling``, ``HopfieldLayer``) keep their own signature (see
+:mod:`mnemax.layers.hopfield`).
 """
 
-from .attention import AttentionState, CausalSelfAttention, rope
+from .attention import AttentionState, CausalSelfAttention, episode_positions, ring_buffer_update, rope
 from .base import check_resets, check_sequence, check_state, reset_state, state_dtype
 from .conv import CausalConv1d, ConvState
+from .hopfield import Hopfield, HopfieldLayer, HopfieldPooling, associate, hopfield_energy, hopfield_update
+from .causal_hopfield import CausalHopfield, CausalHopfieldBlock, HopfieldPoolingBlock  # noqa: I001 (after .hopfield)
+from .elm import ELMBlock, ELMNeuron, ELMState
+from .hcam import HCAMAttention, HCAMBlock, HCAMState
 from .mlp import MLP
 from .norms import LayerNorm, RMSNorm, layer_norm, make_norm, rms_norm
 from .ssm import (
@@ -26,11 +32,23 @@ from .transformer import TransformerBlock
 __all__ = [
     "AttentionState",
     "CausalConv1d",
+    "CausalHopfield",
+    "CausalHopfieldBlock",
     "CausalSelfAttention",
+    "ConvState",
     "DiagonalSSM",
     "DiagonalSSMBlock",
     "DiagonalSSMState",
-    "ConvState",
+    "ELMBlock",
+    "ELMNeuron",
+    "ELMState",
+    "HCAMAttention",
+    "HCAMBlock",
+    "HCAMState",
+    "Hopfield",
+    "HopfieldLayer",
+    "HopfieldPooling",
+    "HopfieldPoolingBlock",
     "LSSL",
     "LSSLBlock",
     "LSSLState",
@@ -41,12 +59,17 @@ __all__ = [
     "MambaState",
     "RMSNorm",
     "TransformerBlock",
+    "associate",
     "check_resets",
     "check_sequence",
     "check_state",
+    "episode_positions",
+    "hopfield_energy",
+    "hopfield_update",
     "layer_norm",
     "make_norm",
     "reset_state",
+    "ring_buffer_update",
     "rms_norm",
     "rope",
     "state_dtype",

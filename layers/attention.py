@@ -174,27 +174,12 @@ class CausalSelfAttention(nn.Module):
             k = proj(kv_heads, "key")(x)
         v = proj(kv_heads, "value")(x)
 
-        # Episode-relative positions and segments: segment 0 continues the state's episode,
-        # segment j > 0 starts at the j-th reset inside this call.
-        steps = jnp.arange(time, dtype=jnp.int32)[None, :]
-        if resets is None:
-            seg = jnp.zeros((batch, time), jnp.int32)
-            positions = state.pos[:, None] + steps
-        else:
-            seg = jnp.cumsum(resets.astype(jnp.int32), axis=1)
-            last_reset = jax.lax.cummax(jnp.where(resets, steps, -1), axis=1)
-            positions = jnp.where(seg > 0, steps - last_reset, state.pos[:, None] + steps)
+        seg, positions = episode_positions(state.pos, resets, batch, time)
         if self.use_rope:
             q = rope(q, positions, self.rope_base)
             k = rope(k, positions, self.rope_base)
 
-        if fresh:
-            keys, values, key_pos, key_seg = k, v, positions, seg
-        else:
-            keys = jnp.concatenate([state.k.astype(dt), k], axis=1)
-            values = jnp.concatenate([state.v.astype(dt), v], axis=1)
-            key_pos = jnp.concatenate([state.slot_pos, positions], axis=1)
-            key_seg = jnp.concatenate([jnp.zeros_like(state.slot_pos), seg], axis=1)
+        keys, values, key_pos, key_seg = with_cache(state, k, v, positions, seg, fresh)
         qp, kp = positions[:, :, None], key_pos[:, None, :]
         mask = (seg[:, :, None] == key_seg[:, None, :]) & (kp >= 0) & (kp <= qp) & (qp - kp < window)
         scale = 1.0 / jnp.sqrt(jnp.asarray(hd, dt))
@@ -223,26 +208,65 @@ class CausalSelfAttention(nn.Module):
         return y, self._update_cache(state, k, v, positions, seg)._replace(key_conv=key_conv_state)
 
     def _update_cache(self, state: AttentionState, k, v, positions, seg) -> AttentionState:
-        """Ring-buffer write of the last tokens of the last episode; a reset clears the cache."""
-        time, window = k.shape[1], self.window
-        last_seg = seg[:, -1:]
-        cleared = last_seg[:, 0] > 0  # the last token starts or continues a new episode
-        keep = ~cleared
-        sdt = state.k.dtype
-        old_k = jnp.where(keep[:, None, None, None], state.k, 0)
-        old_v = jnp.where(keep[:, None, None, None], state.v, 0)
-        old_pos = jnp.where(keep[:, None], state.slot_pos, -1)
-        n = min(time, window)
-        pos_tail = positions[:, time - n :]
-        in_last = seg[:, time - n :] == last_seg
-        slots = jnp.where(in_last, pos_tail % window, window)  # index `window` is dropped
+        return ring_buffer_update(state, k, v, positions, seg, self.window)
 
-        def write(buf, idx, val):
-            return buf.at[idx].set(val, mode="drop")
 
-        return AttentionState(
-            k=jax.vmap(write)(old_k, slots, k[:, time - n :].astype(sdt)),
-            v=jax.vmap(write)(old_v, slots, v[:, time - n :].astype(sdt)),
-            slot_pos=jax.vmap(write)(old_pos, slots, pos_tail),
-            pos=positions[:, -1] + 1,
-        )
+def with_cache(state: AttentionState, k, v, positions, seg, fresh: bool):
+    """The call's keys/values after the cached ones (unless ``fresh``), with their episode
+    positions and segments (the cache belongs to segment 0): ``(keys, values, key_pos,
+    key_seg)``, the keys axis being axis 1."""
+    if fresh:
+        return k, v, positions, seg
+    return (
+        jnp.concatenate([state.k.astype(k.dtype), k], axis=1),
+        jnp.concatenate([state.v.astype(v.dtype), v], axis=1),
+        jnp.concatenate([state.slot_pos, positions], axis=1),
+        jnp.concatenate([jnp.zeros_like(state.slot_pos), seg], axis=1),
+    )
+
+
+def episode_positions(pos, resets, batch: int, time: int):
+    """Segments and episode-relative positions of a call's tokens.
+
+    Segment 0 continues the state's episode (positions ``pos + t``); segment j > 0 starts
+    at the j-th reset inside the call (positions count from 0 there). Returns
+    ``(seg, positions)``, both (batch, time) int32.
+    """
+    steps = jnp.arange(time, dtype=jnp.int32)[None, :]
+    if resets is None:
+        return jnp.zeros((batch, time), jnp.int32), pos[:, None] + steps
+    seg = jnp.cumsum(resets.astype(jnp.int32), axis=1)
+    last_reset = jax.lax.cummax(jnp.where(resets, steps, -1), axis=1)
+    positions = jnp.where(seg > 0, steps - last_reset, pos[:, None] + steps)
+    return seg, positions
+
+
+def ring_buffer_update(state: AttentionState, k, v, positions, seg, window: int) -> AttentionState:
+    """Ring-buffer write of the last tokens of the last episode; a reset clears the cache.
+
+    ``state`` holds ``window`` slots (any trailing shapes of k and v); the entry of the
+    token at episode position p goes to slot ``p % window``. Used by every layer whose
+    memory is the last ``window`` entries of the current episode.
+    """
+    time = k.shape[1]
+    last_seg = seg[:, -1:]
+    cleared = last_seg[:, 0] > 0  # the last token starts or continues a new episode
+    keep = ~cleared
+
+    def kept(buf, fill):
+        return jnp.where(keep.reshape((-1,) + (1,) * (buf.ndim - 1)), buf, fill)
+
+    n = min(time, window)
+    pos_tail = positions[:, time - n :]
+    in_last = seg[:, time - n :] == last_seg
+    slots = jnp.where(in_last, pos_tail % window, window)  # index `window` is dropped
+
+    def write(buf, idx, val):
+        return buf.at[idx].set(val, mode="drop")
+
+    return AttentionState(
+        k=jax.vmap(write)(kept(state.k, 0), slots, k[:, time - n :].astype(state.k.dtype)),
+        v=jax.vmap(write)(kept(state.v, 0), slots, v[:, time - n :].astype(state.v.dtype)),
+        slot_pos=jax.vmap(write)(kept(state.slot_pos, -1), slots, pos_tail),
+        pos=positions[:, -1] + 1,
+    )

@@ -94,6 +94,33 @@ def expected_state(module, batch: int):
     return jax.eval_shape(lambda: module.initial_state(batch))
 
 
+def begin_call(module, x, features: int | None, state, resets):
+    """The first steps of a contract layer's call: checks ``x`` (batch, time, features),
+    ``resets`` and ``state`` (against ``module.initial_state``). Returns ``(batch, time,
+    resets, state, fresh)`` with a fresh initial state when ``state`` is None."""
+    check_sequence(x, features)
+    batch, time = x.shape[:2]
+    resets = check_resets(resets, batch, time)
+    fresh = state is None
+    if fresh:
+        state = module.initial_state(batch)
+    else:
+        check_state(state, expected_state(module, batch))
+    return batch, time, resets, state, fresh
+
+
+def inner_module(outer: nn.Module, cls, **overrides):
+    """``cls`` built from the fields ``outer`` shares with it (by name), plus ``overrides``:
+    the block -> layer pattern, without listing every option twice."""
+    import dataclasses
+
+    mine = {f.name for f in dataclasses.fields(outer)} - {"parent", "name"}
+    theirs = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+    kwargs = {n: getattr(outer, n) for n in mine & theirs}
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
 def segment_ids(resets, batch: int, time: int):
     """(batch, time) int32: number of resets up to and including each step."""
     if resets is None:

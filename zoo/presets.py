@@ -178,3 +178,189 @@ register_preset(
         block={"d_state": 16, "d_conv": 4, "expand": 2},
     ),
 )
+
+
+# ----------------------------------------------------------------------------- hopfield
+
+from mnemax.layers.causal_hopfield import CausalHopfieldBlock, HopfieldPoolingBlock  # noqa: E402
+
+HOPFIELD_KEYS = {
+    "num_heads": 4,
+    "hidden_size": None,
+    "pattern_size": None,
+    "memory_size": 256,
+    "include_current": False,
+    "scaling": None,
+    "update_steps_max": 0,
+    "update_steps_eps": 1e-4,
+    "normalize_hopfield_space": False,
+    "mlp_ratio": 4.0,
+    "mlp_kind": "swiglu",
+    "norm": "rms",
+    "pool_last": False,
+    "pool_queries": 1,
+}
+
+
+def _hopfield_block(cfg: ModelConfig, index: int, **kw):
+    b = dict(cfg.block)
+    pool_last, queries = b.pop("pool_last"), b.pop("pool_queries")
+    if pool_last and index == cfg.n_layers - 1:
+        return HopfieldPoolingBlock(
+            features=cfg.d_model, num_heads=b["num_heads"], num_queries=queries, memory_size=b["memory_size"],
+            hidden_size=b["hidden_size"], pattern_size=b["pattern_size"], scaling=b["scaling"],
+            update_steps_max=b["update_steps_max"], update_steps_eps=b["update_steps_eps"],
+            **_module_kwargs(cfg), **kw,
+        )
+    return CausalHopfieldBlock(features=cfg.d_model, **b, **_module_kwargs(cfg), **kw)
+
+
+register_family(
+    Family(
+        name="hopfield",
+        make_block=_hopfield_block,
+        block_keys=HOPFIELD_KEYS,
+        description="modern Hopfield layers: causal retrieval from a ring buffer of earlier steps "
+        "(+ Hopfield pooling for sequence classification)",
+    )
+)
+
+register_preset(
+    "hopfield-tiny",
+    ModelConfig(
+        family="hopfield", d_model=32, n_layers=2, vocab_size=64,
+        block={"num_heads": 2, "memory_size": 32, "mlp_ratio": 2.0},
+    ),
+)
+register_preset(
+    "hopfield-small",
+    ModelConfig(
+        family="hopfield", d_model=128, n_layers=3, vocab_size=256, head="classify", num_classes=10,
+        block={"num_heads": 4, "memory_size": 2048, "pool_last": True, "pool_queries": 1},
+    ),
+)
+
+
+# ----------------------------------------------------------------------------- hcam
+
+from mnemax.layers.hcam import HCAMBlock  # noqa: E402
+
+HCAM_KEYS = {
+    "num_heads": 4,
+    "chunk_size": 16,
+    "num_chunks": 64,
+    "top_k": 4,
+    "key_size": None,
+    "memory_position_encoding": True,
+    "stop_gradient_memory": True,
+    "persist_across_resets": False,
+    "impl": "parallel",
+    "mlp_ratio": 4.0,
+    "mlp_kind": "swiglu",
+    "norm": "rms",
+}
+
+
+def _hcam_block(cfg: ModelConfig, index: int, **kw) -> HCAMBlock:
+    del index
+    return HCAMBlock(features=cfg.d_model, **dict(cfg.block), **_module_kwargs(cfg), **kw)
+
+
+register_family(
+    Family(
+        name="hcam",
+        make_block=_hcam_block,
+        block_keys=HCAM_KEYS,
+        description="Transformer with Hierarchical Chunk Attention Memory: local attention in the "
+        "current chunk + top-k chunk retrieval from a ring buffer of past chunks",
+    )
+)
+
+register_preset(
+    "hcam-tiny",
+    ModelConfig(
+        family="hcam", d_model=32, n_layers=2, vocab_size=64,
+        block={"num_heads": 2, "chunk_size": 4, "num_chunks": 8, "top_k": 2, "mlp_ratio": 2.0},
+    ),
+)
+register_preset(
+    "hcam-small",
+    ModelConfig(
+        family="hcam", d_model=256, n_layers=4, vocab_size=256,
+        block={"num_heads": 4, "chunk_size": 16, "num_chunks": 64, "top_k": 4},
+    ),
+)
+
+
+# ----------------------------------------------------------------------------- elm
+
+from mnemax.layers.elm import ELMBlock  # noqa: E402
+
+ELM_KEYS = {
+    "neuron_model": False,
+    "num_memory": None,
+    "version": 1,
+    "lambda_value": 5.0,
+    "mlp_num_layers": 1,
+    "tau_s_value": 5.0,
+    "memory_tau_min": 1.0,
+    "memory_tau_max": 1000.0,
+    "learn_memory_tau": False,
+    "num_branch": None,
+    "num_synapse_per_branch": 1,
+    "routing": None,
+    "routing_seed": 0,
+    "norm": "rms",
+}
+
+
+def _elm_block(cfg: ModelConfig, index: int, **kw) -> ELMBlock:
+    del index
+    b = {k: v for k, v in cfg.block.items() if k != "neuron_model"}
+    b["num_memory"] = b["num_memory"] or cfg.d_model
+    return ELMBlock(features=cfg.d_model, **b, **_module_kwargs(cfg), **kw)
+
+
+def _elm_model(cfg: ModelConfig):
+    if cfg.block.get("neuron_model"):
+        from .neuron_model import NeuronModel
+
+        return NeuronModel(cfg)
+    from .model import SequenceModel
+
+    return SequenceModel(cfg)
+
+
+register_family(
+    Family(
+        name="elm",
+        make_block=_elm_block,
+        block_keys=ELM_KEYS,
+        description="Expressive Leaky Memory neuron (v1/v2, Branch-ELM routing): one neuron as the model "
+        "(neuron_model=True) or residual ELM layers in a stack",
+        make_model=_elm_model,
+    )
+)
+
+register_preset(
+    "elm-tiny",
+    ModelConfig(
+        family="elm", d_model=8, n_layers=1, input_dim=6, head="classify", num_classes=4, final_norm="none",
+        block={"neuron_model": True, "num_memory": 8, "num_branch": 3, "num_synapse_per_branch": 3, "routing": "random"},
+    ),
+)
+register_preset(
+    "elm-small",
+    ModelConfig(
+        family="elm", d_model=100, n_layers=1, input_dim=700, head="classify", num_classes=20, final_norm="none",
+        block={"neuron_model": True, "num_memory": 100, "memory_tau_max": 1000.0},
+    ),
+)
+register_preset(
+    "branch-elm-small",
+    ModelConfig(
+        family="elm", d_model=100, n_layers=1, input_dim=700, head="classify", num_classes=20, final_norm="none",
+        block={"neuron_model": True, "num_memory": 100, "version": 2, "num_branch": 64,
+               "num_synapse_per_branch": 16, "routing": "random"},
+    ),
+)

@@ -1,0 +1,236 @@
+"""Causal Hopfield sequence mixer: each step's state pattern retrieves from the stored
+patterns of earlier steps (Ramsauer et al., 2020, used as a causal layer).
+
+At step t (episode position p) the layer projects the input into a state pattern
+``r_t = W_Q LN(x_t)``, a stored pattern ``y_t = W_K LN(x_t)`` and a pattern projection
+``v_t = W_V LN(x_t)`` per head (hflayers' defaults: LayerNorms of state, stored and
+projected patterns, N(0, 0.02) projections). The memory is a ring buffer of the last
+``memory_size`` (M) stored patterns and their projections of the current episode:
+steps ``p - M .. p - 1`` (``include_current=False``, the default: strictly earlier
+steps) or ``p - M + 1 .. p`` (``include_current=True``). The Hopfield iteration of
+:func:`~mnemax.layers.hopfield.associate` runs in the association space against that
+memory (``update_steps_max``, ``update_steps_eps`` as in :class:`Hopfield`), and
+
+    z_t = W_O concat_h( xi_t^h V^h ),   xi_t^h = the association of r_t^h with Y^h.
+
+A step with an empty memory (the first step of an episode without
+``include_current``) outputs ``W_O 0 = bias``.
+
+With ``num_queries = Q`` the state patterns are Q learned vectors instead of ``r_t``
+(a causal Hopfield pooling: at each step the learned queries pool the memory, so with
+``include_current=True`` and M >= the episode length the last step's output is
+:class:`HopfieldPooling` of the whole sequence); the Q outputs are joined by one output
+projection ``(Q, heads, pattern_size) -> features``.
+
+Shapes::
+
+    y, state = CausalHopfield(features=F, num_heads=H, memory_size=M)(x, state, resets)
+    x, y: (batch, time, F)
+    state: AttentionState(
+        k: (batch, M, H, hidden_size)  stored patterns (after projection and Hopfield-space norm)
+        v: (batch, M, H, pattern_size) pattern projections
+        slot_pos: (batch, M) int32     episode position of each slot, -1 if empty
+        pos: (batch,) int32            episode position of the next step)
+
+A reset empties the memory and restarts positions, so the state after a reset equals
+a fresh sequence's. One call over T steps computes a (T, M + T) association per head
+and query, like attention with a KV cache; streaming calls give the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from .attention import AttentionState, episode_positions, ring_buffer_update, with_cache
+from .base import Dtype, begin_call, check_sequence, compute_dtype, inner_module, partitioned, state_dtype
+from .hopfield import PatternOps, associate
+from .mlp import MLP
+from .norms import make_norm
+
+CausalHopfieldState = AttentionState
+
+
+class CausalHopfield(PatternOps, nn.Module):
+    """Causal Hopfield retrieval from a ring buffer of earlier steps (module docstring)."""
+
+    features: int
+    num_heads: int = 1
+    hidden_size: int | None = None
+    pattern_size: int | None = None
+    memory_size: int = 256
+    include_current: bool = False
+    num_queries: int | None = None
+    scaling: float | Sequence[float] | None = None
+    update_steps_max: int | None = 0
+    update_steps_eps: float = 1e-4
+    normalize_stored_pattern: bool = True
+    normalize_stored_pattern_affine: bool = True
+    normalize_state_pattern: bool = True
+    normalize_state_pattern_affine: bool = True
+    normalize_pattern_projection: bool = True
+    normalize_pattern_projection_affine: bool = True
+    normalize_hopfield_space: bool = False
+    normalize_hopfield_space_affine: bool = False
+    norm_eps: float = 1e-5
+    use_bias: bool = True
+    dropout: float = 0.0
+    deterministic: bool | None = None
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
+
+    @property
+    def _hd(self) -> int:
+        return self._head_dim(self.features)
+
+    @property
+    def _pd(self) -> int:
+        return self.pattern_size or self._hd
+
+    def _check_config(self):
+        if self.num_heads < 1:
+            raise ValueError(f"num_heads must be >= 1, got {self.num_heads}")
+        if self.memory_size < 1:
+            raise ValueError(f"memory_size must be >= 1, got {self.memory_size}")
+        if self.num_queries is not None and self.num_queries < 1:
+            raise ValueError(f"num_queries must be >= 1 or None, got {self.num_queries}")
+        self._head_dim(self.features)
+
+    def initial_state(self, batch_size: int) -> AttentionState:
+        self._check_config()
+        sdt = state_dtype(self.dtype)
+        m, h = self.memory_size, self.num_heads
+        return AttentionState(
+            k=jnp.zeros((batch_size, m, h, self._hd), sdt),
+            v=jnp.zeros((batch_size, m, h, self._pd), sdt),
+            slot_pos=jnp.full((batch_size, m), -1, jnp.int32),
+            pos=jnp.zeros((batch_size,), jnp.int32),
+        )
+
+    @nn.compact
+    def __call__(self, x, state: AttentionState | None = None, resets=None, *, deterministic: bool | None = None):
+        self._check_config()
+        batch, time, resets, state, fresh = begin_call(self, x, self.features, state, resets)
+        dt = compute_dtype(self.dtype, x)
+        hd, pd, heads, m = self._hd, self._pd, self.num_heads, self.memory_size
+        x = x.astype(dt)
+
+        stored = self._norm(x, "norm_stored", self.normalize_stored_pattern_affine) if self.normalize_stored_pattern else x
+        proj_in = (
+            self._norm(x, "norm_projection", self.normalize_pattern_projection_affine)
+            if self.normalize_pattern_projection
+            else x
+        )
+        if self.num_queries is None:
+            state_in = x  # (batch, time, F)
+        else:
+            state_in = self.param(
+                "pooling_weights",
+                partitioned(nn.initializers.normal(0.02), (None, "embed")),
+                (self.num_queries, self.features),
+                self.param_dtype,
+            ).astype(dt)  # (Q, F)
+        if self.normalize_state_pattern:
+            state_in = self._norm(state_in, "norm_state", self.normalize_state_pattern_affine)
+        q = self._project(state_in, False, hd, "state", dt)  # (batch, time, H, hd) or (Q, H, hd)
+        k = self._project(stored, False, hd, "stored", dt)  # (batch, time, H, hd)
+        v = self._project(proj_in, False, pd, "projection", dt)
+        if self.normalize_hopfield_space:
+            q, k = self._norm((q, k), "norm_hopfield", self.normalize_hopfield_space_affine, ("head_dim",))
+
+        seg, positions = episode_positions(state.pos, resets, batch, time)
+        keys, values, key_pos, key_seg = with_cache(state, k, v, positions, seg, fresh)
+        qp, kp = positions[:, :, None], key_pos[:, None, :]
+        if self.include_current:
+            window = (kp <= qp) & (qp - kp < m)
+        else:
+            window = (kp < qp) & (qp - kp <= m)
+        mask = (seg[:, :, None] == key_seg[:, None, :]) & (kp >= 0) & window  # (batch, time, S)
+
+        # Association layout (batch, H, time, Q, S): Q = 1 for state patterns from x_t.
+        kh = jnp.moveaxis(keys, 2, 1)[:, :, None]  # (batch, H, 1, S, hd)
+        if self.num_queries is None:
+            qh = jnp.moveaxis(q, 2, 1)[:, :, :, None]  # (batch, H, time, 1, hd)
+        else:
+            qh = jnp.broadcast_to(jnp.moveaxis(q, 1, 0)[None, :, None], (batch, heads, time) + (q.shape[0], hd))
+        beta = self._beta(hd, dt, trailing=3)
+        xi = associate(qh, kh, beta, mask[:, None, :, None, :], self.update_steps_max, self.update_steps_eps)
+        if self.dropout > 0.0 and not nn.merge_param("deterministic", self.deterministic, deterministic):
+            xi = nn.Dropout(rate=self.dropout, deterministic=False, name="dropout")(xi)
+        out = jnp.einsum("bhtqs,bshd->btqhd", xi, values)  # (batch, time, Q, H, pd)
+        if self.num_queries is None:
+            y = self._out_projection(out[:, :, 0], self.features, dt)
+        else:
+            y = self._out_projection(out, self.features, dt, n_axes=3)
+        return y, ring_buffer_update(state, k, v, positions, seg, m)
+
+
+class CausalHopfieldBlock(nn.Module):
+    """``x + CausalHopfield(x)`` then ``x + MLP(norm(x))``. The Hopfield layer's own
+    LayerNorms of state/stored/projected patterns (hflayers' defaults) act as its
+    pre-norm. State: that of :class:`CausalHopfield`."""
+
+    features: int
+    num_heads: int = 4
+    hidden_size: int | None = None
+    pattern_size: int | None = None
+    memory_size: int = 256
+    include_current: bool = False
+    scaling: float | Sequence[float] | None = None
+    update_steps_max: int | None = 0
+    update_steps_eps: float = 1e-4
+    normalize_hopfield_space: bool = False
+    mlp_ratio: float = 4.0
+    mlp_kind: str = "swiglu"
+    norm: str = "rms"
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    def _hopfield(self, **kw) -> CausalHopfield:
+        return inner_module(self, CausalHopfield, **kw)
+
+    def initial_state(self, batch_size: int) -> AttentionState:
+        return self._hopfield(parent=None).initial_state(batch_size)
+
+    @nn.compact
+    def __call__(self, x, state: AttentionState | None = None, resets=None):
+        check_sequence(x, self.features)
+        h, state = self._hopfield(name="hopfield")(x, state, resets)
+        x = x + h.astype(x.dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h, _ = make_norm(self.norm, name="mlp_norm", **kw)(x)
+        h, _ = MLP(hidden=int(round(self.mlp_ratio * self.features)), kind=self.mlp_kind, name="mlp", **kw)(h)
+        return x + h.astype(x.dtype), state
+
+
+class HopfieldPoolingBlock(nn.Module):
+    """Causal Hopfield pooling (``num_queries`` learned state patterns, current step
+    included) that *replaces* the stream: ``y_t`` = the pooled memory of the last
+    ``memory_size`` steps of the episode (no residual, so a classifier reading the last
+    step sees HopfieldPooling of the sequence). State: that of :class:`CausalHopfield`."""
+
+    features: int
+    num_heads: int = 4
+    num_queries: int = 1
+    memory_size: int = 2048
+    hidden_size: int | None = None
+    pattern_size: int | None = None
+    scaling: float | Sequence[float] | None = None
+    update_steps_max: int | None = 0
+    update_steps_eps: float = 1e-4
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    def _pool(self, **kw) -> CausalHopfield:
+        return inner_module(self, CausalHopfield, include_current=True, **kw)
+
+    def initial_state(self, batch_size: int) -> AttentionState:
+        return self._pool(parent=None).initial_state(batch_size)
+
+    @nn.compact
+    def __call__(self, x, state: AttentionState | None = None, resets=None):
+        y, state = self._pool(name="pool")(x, state, resets)
+        return y.astype(x.dtype), state

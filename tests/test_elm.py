@@ -1,0 +1,180 @@
+"""The ELM neuron: v1 and v2 against a plain Python loop of the paper's equations, the
+reference NeuronIO parameter counts, routing, the contract, and the neuron model."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mnemax
+from mnemax.layers.elm import ELMBlock, ELMNeuron, interlocking_indices, overlapping_window_indices
+
+from .contract import check_layer_contract
+
+
+def python_loop(p, x, resets, *, version, n_branch, route, tau_m, tau_s=5.0, lam=5.0, dt=1.0, hidden_layers=1):
+    """The ELM equations, step by step, in float64 (no linear_scan, no lax.scan)."""
+    batch, time, _ = x.shape
+    w_s = np.maximum(p["w_s"], 0.0)
+    if route is not None:
+        idx, valid = route
+        x = x[..., idx] * valid
+    n_syn = x.shape[-1]
+    per = n_syn // n_branch
+    kappa_s = math.exp(-dt / tau_s)
+    kappa_m = np.exp(-dt / tau_m)
+    kappa_lam = np.exp(-dt * lam / tau_m)
+    d_m = tau_m.shape[0]
+    ys = np.zeros((batch, time, p["w_y"]["kernel"].shape[1]))
+    for b in range(batch):
+        s = np.zeros(n_syn if version == 1 else n_branch)
+        m = np.zeros(d_m)
+        for t in range(time):
+            if resets[b, t]:
+                s, m = np.zeros_like(s), np.zeros_like(m)
+            if version == 1:
+                s = kappa_s * s + w_s * x[b, t]
+                branch = np.array([s[i * per : (i + 1) * per].sum() for i in range(n_branch)])
+            else:
+                inp = w_s * x[b, t]
+                s = kappa_s * s + np.array([inp[i * per : (i + 1) * per].sum() for i in range(n_branch)])
+                branch = s
+            z = np.concatenate([branch, kappa_m * m])
+            for i in range(hidden_layers):
+                z = np.maximum(z @ p[f"mlp_{i}_kernel"] + p[f"mlp_{i}_bias"], 0.0)
+            z = z @ p[f"mlp_{hidden_layers}_kernel"] + p[f"mlp_{hidden_layers}_bias"]
+            dm = 1.7159 * np.tanh(2.0 * z / 3.0)
+            if version == 1:
+                m = kappa_m * m + lam * (1 - kappa_m) * dm
+            else:
+                m = kappa_m * m + (1 - kappa_lam) * dm
+            ys[b, t] = m @ p["w_y"]["kernel"] + p["w_y"]["bias"]
+    return ys, s, m
+
+
+@pytest.mark.parametrize(
+    "version,routing,hidden_layers,learn_tau",
+    [(1, "structured", 2, False), (2, "random", 1, True)],
+)
+def test_elm_matches_python_loop_of_the_equations(version, routing, hidden_layers, learn_tau):
+    rng = np.random.default_rng(version)
+    batch, time, n_in, n_branch, per, d_m = 2, 12, 7, 3, 4, 5
+    layer = ELMNeuron(
+        num_input=n_in, num_output=3, num_memory=d_m, version=version, num_branch=n_branch,
+        num_synapse_per_branch=per, routing=routing, routing_seed=3, mlp_num_layers=hidden_layers,
+        memory_tau_min=1.0, memory_tau_max=150.0, learn_memory_tau=learn_tau,
+    )
+    x = (rng.random((batch, time, n_in)) < 0.4).astype(np.float32)  # spikes
+    resets = np.zeros((batch, time), bool)
+    resets[1, 7] = True
+    v = jax.jit(layer.init)(jax.random.key(0), jnp.asarray(x))
+    # perturb w_s (some negative: the ReLU keeps them out) and, if learned, tau_m
+    p = nn.meta.unbox(v["params"])
+    p["w_s"] = p["w_s"] + jnp.asarray(rng.normal(0, 0.4, p["w_s"].shape), jnp.float32)
+    tau_m = np.logspace(np.log10(1.0 + 1e-6), np.log10(150.0 - 1e-6), d_m)  # the reference's init
+    if learn_tau:
+        p["tau_m_proto"] = p["tau_m_proto"] + 0.3
+        proto = np.asarray(p["tau_m_proto"], np.float64)
+        tau_m = 1.0 + 149.0 / (1 + np.exp(-proto))
+    v = {"params": p}
+    y, state = jax.jit(layer.apply)(v, jnp.asarray(x), None, jnp.asarray(resets))
+    if routing == "structured":
+        win, valid = overlapping_window_indices(n_in, n_branch, per)
+        route = (interlocking_indices(n_in)[win], valid.astype(np.float64))
+    else:
+        route = (np.random.default_rng(3).integers(0, n_in, n_branch * per), np.ones(n_branch * per))
+    pn = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+    want, s, m = python_loop(pn, x.astype(np.float64), resets, version=version, n_branch=n_branch, route=route,
+                             tau_m=tau_m, hidden_layers=hidden_layers)
+    np.testing.assert_allclose(np.asarray(y), want, rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(state.traces[-1]), s, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(state.memory[-1]), m, rtol=2e-4, atol=2e-5)
+    assert np.abs(want).max() > 0.1  # the dynamics did something
+
+
+def test_structured_routing_indices():
+    """n = 10 inputs, 3 branches of 4: stride ceil(10/3) = 4, windows [0..3], [4..7],
+    [8..11] with 10, 11 masked; inputs interlocked as 0, 5, 1, 6, 2, 7, 3, 8, 4, 9."""
+    assert list(interlocking_indices(10)) == [0, 5, 1, 6, 2, 7, 3, 8, 4, 9]
+    idx, valid = overlapping_window_indices(10, 3, 4)
+    assert list(idx) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9]
+    assert list(valid) == [True] * 10 + [False] * 2
+    with pytest.raises(ValueError, match="num_synapse_per_branch"):
+        ELMNeuron(num_input=10, num_output=1, num_branch=3, num_synapse_per_branch=3, routing="structured").initial_state(1)
+    with pytest.raises(ValueError, match="num_input"):
+        ELMNeuron(num_input=10, num_output=1, num_branch=3, num_synapse_per_branch=3).initial_state(1)
+
+
+@pytest.mark.parametrize("d_m,reference_count", [(1, 4601), (10, 5852), (20, 8002), (100, 54002)])
+def test_neuronio_parameter_count(d_m, reference_count):
+    """The reference's NeuronIO Branch-ELM (1278 inputs, 45 branches x 100 synapses,
+    2 outputs, tau_m in [1, 150] not learned) has the README's parameter count, which is
+    REFERENCES.md's formula with n_syn = 45 * 100."""
+    layer = ELMNeuron(
+        num_input=1278, num_output=2, num_memory=d_m, num_branch=45, num_synapse_per_branch=100,
+        routing="structured", memory_tau_max=150.0,
+    )
+    shapes = jax.eval_shape(layer.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 2, 1278), jnp.float32))
+    count = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes))
+    n_syn, d_tree = 45 * 100, 45
+    formula = n_syn + (d_tree + d_m) * 2 * d_m + 2 * d_m + 2 * d_m**2 + d_m + 2 * d_m + 2
+    assert count == formula == reference_count
+    learned = ELMNeuron(num_input=1278, num_output=2, num_memory=d_m, num_branch=45, num_synapse_per_branch=100,
+                        routing="structured", memory_tau_max=150.0, learn_memory_tau=True)
+    shapes = jax.eval_shape(learned.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 2, 1278), jnp.float32))
+    assert sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes)) == formula + d_m
+
+
+def test_elm_contract():
+    check_layer_contract(
+        lambda **kw: ELMNeuron(num_input=5, num_output=4, num_memory=6, version=2, num_branch=3,
+                               num_synapse_per_branch=3, routing="random", memory_tau_max=20.0, **kw),
+        lambda rng, b, t: jnp.asarray(rng.random((b, t, 5)), jnp.float32),
+        time=9,
+    )
+
+
+def test_neuron_model_and_block():
+    """elm-tiny (one neuron, mean-pooled logits): streaming == one call, a reset == a
+    fresh start, outputs == the neuron's W_y readout averaged over time; the residual
+    block is x + ELM(norm(x))."""
+    model = mnemax.create("elm-tiny", pool="mean")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.random((2, 9, 6)), jnp.float32)
+    v = jax.jit(model.init)(jax.random.key(0), x)
+    run = jax.jit(model.apply)
+    y, s = run(v, x)
+    y1, s1 = run(v, x[:, :4])
+    y2, s2 = run(v, x[:, 4:], s1)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate([y1, y2], 1)), np.asarray(y), rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(s2), jax.tree.leaves(s)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    first = jnp.zeros((2, 5), bool).at[:, 0].set(True)
+    np.testing.assert_allclose(np.asarray(run(v, x[:, 4:], s1, first)[0]), np.asarray(run(v, x[:, 4:])[0]), rtol=1e-5, atol=1e-6)
+    cfg = model.config
+    neuron = ELMNeuron(num_input=6, num_output=4, num_memory=8, num_branch=3, num_synapse_per_branch=3, routing="random")
+    per_step, _ = jax.jit(neuron.apply)({"params": v["params"]["neuron"]}, x)
+    mean = np.cumsum(np.asarray(per_step, np.float64), axis=1) / np.arange(1, 10)[None, :, None]
+    np.testing.assert_allclose(np.asarray(y), mean, rtol=1e-5, atol=1e-6)
+    assert cfg.block["neuron_model"]
+
+    block = ELMBlock(features=4, num_memory=3)
+    xb = jnp.asarray(rng.standard_normal((1, 5, 4)), jnp.float32)
+    bv = jax.jit(block.init)(jax.random.key(1), xb)
+
+    @jax.jit
+    def by_hand(p, x):
+        from mnemax.layers import RMSNorm
+
+        h, _ = RMSNorm().apply({"params": p["norm"]}, x)
+        return x + ELMNeuron(num_input=4, num_output=4, num_memory=3).apply({"params": p["elm"]}, h)[0]
+
+    got = jax.jit(block.apply)(bv, xb)[0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(by_hand(bv["params"], xb)), rtol=1e-5, atol=1e-6)
+    for name in ("elm-small", "branch-elm-small"):
+        m = mnemax.create(name)
+        shapes = jax.eval_shape(m.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 4, 700), jnp.float32))
+        assert jax.tree.leaves(shapes)
