@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import bench, copy_bandwidth, environment, save, table  # noqa: E402
 
 from mnemax.kernels import linear_scan  # noqa: E402
+from mnemax.kernels.selective_scan import selective_scan  # noqa: E402
 
 RNG = np.random.default_rng(0)
 
@@ -68,6 +69,7 @@ def linear_scan_rows(bw: float, quick: bool) -> list[dict]:
     if quick:
         shapes = shapes[:1]
     for shape, dtype in shapes:
+        first = len(rows)
         n = int(np.prod(shape))
         item = jnp.dtype(dtype).itemsize
         a = jnp.asarray(RNG.uniform(0.9, 1.0, shape).astype(np.float32), dtype)
@@ -109,7 +111,7 @@ def linear_scan_rows(bw: float, quick: bool) -> list[dict]:
                 rows.append(_row("linear_scan", shape, dtype, "naive", t, None, fwd_bytes, bwd_bytes, bw, err))
             except Exception as e:  # noqa: BLE001
                 rows.append({"op": "linear_scan", "shape": str(shape), "backend": "naive", "error": f"{type(e).__name__}: {str(e)[:200]}"})
-        _speedups(rows, times)
+        _speedups(rows[first:], times)
     return rows
 
 
@@ -133,10 +135,150 @@ def _speedups(rows, times):
             r["vs_naive"] = times["naive"][0] / times[r["backend"]][0]
 
 
+# ----------------------------------------------------------------------------- selective_scan
+
+
+def naive_selective_scan(x, dt, A, B, C, D, z, dt_bias, block: int = 32):
+    """The baseline: one Triton program per (batch, channel block), one step per iteration,
+    state in registers (softplus, D skip and SiLU gate fused)."""
+    from jax.experimental import pallas as pl
+
+    batch, time, chans = x.shape
+    n = A.shape[1]
+
+    def kernel(x_ref, dt_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, y_ref):
+        a = a_ref[...].astype(jnp.float32)  # (block, n)
+        dvec, bias = d_ref[...].astype(jnp.float32), bias_ref[...].astype(jnp.float32)
+
+        def body(t, h):
+            u = dt_ref[t, :].astype(jnp.float32) + bias
+            delta = jnp.where(u > 20.0, u, jnp.log1p(jnp.exp(jnp.minimum(u, 20.0))))
+            xv = x_ref[t, :].astype(jnp.float32)
+            bv, cv = b_ref[t, :].astype(jnp.float32), c_ref[t, :].astype(jnp.float32)
+            h = jnp.exp(delta[:, None] * a) * h + (delta * xv)[:, None] * bv[None, :]
+            y = jnp.sum(h * cv[None, :], axis=1) + dvec * xv
+            zv = z_ref[t, :].astype(jnp.float32)
+            y_ref[t, :] = (y * zv * jax.nn.sigmoid(zv)).astype(y_ref.dtype)
+            return h
+
+        jax.lax.fori_loop(0, time, body, jnp.zeros((block, n), jnp.float32))
+
+    seq = pl.BlockSpec((None, time, block), lambda i, j: (i, 0, j))
+    bc = pl.BlockSpec((None, time, n), lambda i, j: (i, 0, 0))
+    return pl.pallas_call(
+        kernel, grid=(batch, chans // block),
+        in_specs=[seq, seq, seq, bc, bc, pl.BlockSpec((block, n), lambda i, j: (j, 0)),
+                  pl.BlockSpec((block,), lambda i, j: (j,)), pl.BlockSpec((block,), lambda i, j: (j,))],
+        out_specs=seq, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+    )(x, dt, z, B, C, A, D, dt_bias)
+
+
+def selective_scan_rows(bw: float, quick: bool) -> list[dict]:
+    rows = []
+    shapes = [((8, 2048, 1536, 16), jnp.float32), ((8, 2048, 1536, 16), jnp.bfloat16), ((8, 2048, 4096, 16), jnp.bfloat16),
+              ((1, 65536, 1536, 16), jnp.bfloat16)]
+    if quick:
+        shapes = shapes[:1]
+    for (b, t, c, n), dtype in shapes:
+        first = len(rows)
+        item = jnp.dtype(dtype).itemsize
+        x = jnp.asarray(RNG.standard_normal((b, t, c), np.float32), dtype)
+        dt = jnp.asarray(RNG.standard_normal((b, t, c), np.float32) * 0.5 - 2.0, dtype)
+        z = jnp.asarray(RNG.standard_normal((b, t, c), np.float32), dtype)
+        A = -jnp.asarray(np.tile(np.arange(1, n + 1, dtype=np.float32), (c, 1)))
+        Bm = jnp.asarray(RNG.standard_normal((b, t, n), np.float32), dtype)
+        Cm = jnp.asarray(RNG.standard_normal((b, t, n), np.float32), dtype)
+        D = jnp.ones((c,), jnp.float32)
+        bias = jnp.asarray(RNG.uniform(-4, -2, (c,)).astype(np.float32))
+        gy = jnp.asarray(RNG.standard_normal((b, t, c), np.float32), dtype)
+        args = (x, dt, A, Bm, Cm, D, z, bias)
+        big, small = b * t * c * item, b * t * n * item
+        fwd_bytes = 4 * big + 2 * small
+        bwd_bytes = fwd_bytes + 7 * big + 4 * small
+
+        def run(backend):
+            return jax.jit(lambda x, dt, A, Bm, Cm, D, z, bias: selective_scan(
+                x, dt, A, Bm, Cm, D=D, z=z, dt_bias=bias, dt_softplus=True, backend=backend))
+
+        def run_bwd(backend):
+            def f(*a):
+                y, vjp = jax.vjp(lambda *q: selective_scan(q[0], q[1], q[2], q[3], q[4], D=q[5], z=q[6], dt_bias=q[7],
+                                                           dt_softplus=True, backend=backend), *a)
+                return vjp(gy)
+            return jax.jit(f)
+
+        ref = run("xla")(*args).astype(jnp.float32)
+        times = {}
+        for name in ("xla", "pallas_gpu"):
+            try:
+                f = run(name)
+                err = rel_err(f(*args).astype(jnp.float32), ref)
+                tf = bench(f, *args, calls=3, repeats=5)
+                tb = None
+                try:
+                    fb = run_bwd(name)
+                    tb = bench(fb, *args, calls=2, repeats=3)
+                    mem = fb.lower(*args).compile().memory_analysis()
+                    temp = getattr(mem, "temp_size_in_bytes", None)
+                except Exception as e:  # noqa: BLE001
+                    traceback.print_exc()
+                    temp = f"bwd error: {type(e).__name__}: {str(e)[:120]}"
+                times[name] = (tf, tb)
+                row = _row("selective_scan", (b, t, c, n), dtype, name, tf, tb, fwd_bytes, bwd_bytes, bw, err)
+                row["bwd_temp_MB"] = temp / 1e6 if isinstance(temp, int | float) else temp
+                row["BTCN_MB"] = b * t * c * n * 4 / 1e6
+                rows.append(row)
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                rows.append({"op": "selective_scan", "shape": str((b, t, c, n)), "dtype": jnp.dtype(dtype).name, "backend": name,
+                             "error": f"{type(e).__name__}: {str(e)[:200]}"})
+        if t <= 4096:
+            try:
+                nv = jax.jit(naive_selective_scan)
+                err = rel_err(nv(*args).astype(jnp.float32), ref)
+                tn = bench(nv, *args, calls=2, repeats=3)
+                times["naive"] = (tn, None)
+                rows.append(_row("selective_scan", (b, t, c, n), dtype, "naive", tn, None, fwd_bytes, bwd_bytes, bw, err))
+            except Exception as e:  # noqa: BLE001
+                rows.append({"op": "selective_scan", "shape": str((b, t, c, n)), "backend": "naive", "error": f"{type(e).__name__}: {str(e)[:200]}"})
+        if (b, t, c) == (8, 2048, 1536) and dtype == jnp.float32:
+            try:
+                rf = run("reference")
+                tr = bench(rf, *args, calls=1, repeats=3)
+                rows.append(_row("selective_scan", (b, t, c, n), dtype, "reference(lax.scan)", tr, None, fwd_bytes, bwd_bytes, bw, 0.0))
+            except Exception as e:  # noqa: BLE001
+                rows.append({"op": "selective_scan", "backend": "reference", "error": str(e)[:200]})
+        _speedups(rows[first:], times)
+    return rows
+
+
+def linear_scan_sweep(bw: float, quick: bool) -> list[dict]:
+    """bf16 (8, 4096, 4096) forward: chunk, pipeline depth and packing variants."""
+    from mnemax.kernels import pallas_linear_scan as pls
+
+    shape = (8, 4096, 4096)
+    n = int(np.prod(shape))
+    a = jnp.asarray(RNG.uniform(0.9, 1.0, shape).astype(np.float32), jnp.bfloat16)
+    b = jnp.asarray(RNG.standard_normal(shape, np.float32), jnp.bfloat16)
+    h0 = jnp.zeros((8, 4096), jnp.float32)
+    ref = jax.jit(functools.partial(linear_scan, backend="xla"))(a, b)
+    rows = []
+    for packed, chunk, stages in [(True, 32, 2), (True, 64, 2), (True, 32, 3), (True, 16, 4), (False, 32, 2), (False, 64, 2)]:
+        name = f"pallas packed={packed} chunk={chunk} stages={stages}"
+        try:
+            f = jax.jit(lambda a, b, h0: pls.scan_forward("gpu", a, b, h0, chunk=chunk, packed=packed, stages=stages)[0])
+            err = rel_err(f(a, b, h0).astype(jnp.float32), ref.astype(jnp.float32))
+            t = bench(f, a, b, h0)
+            rows.append(_row("linear_scan sweep", shape, jnp.bfloat16, name, t, None, 3 * n * 2, 8 * n * 2, bw, err))
+        except Exception as e:  # noqa: BLE001
+            rows.append({"op": "linear_scan sweep", "backend": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+    return rows
+
+
 # ----------------------------------------------------------------------------- main
 
 
-SECTIONS = {"linear_scan": linear_scan_rows}
+SECTIONS = {"linear_scan": linear_scan_rows, "linear_scan_sweep": linear_scan_sweep, "selective_scan": selective_scan_rows}
 
 
 def main():
@@ -156,7 +298,8 @@ def main():
     print("\n" + table(rows, COLUMNS))
 
 
-COLUMNS = ["op", "shape", "dtype", "backend", "rel_err", "fwd_ms", "fwd_GBps", "fwd_x_floor", "fwdbwd_ms", "fwdbwd_x_floor", "floor_ms", "vs_xla", "vs_naive", "error"]
+COLUMNS = ["op", "shape", "dtype", "backend", "rel_err", "fwd_ms", "fwd_GBps", "fwd_x_floor", "fwdbwd_ms", "fwdbwd_x_floor",
+           "floor_ms", "vs_xla", "vs_naive", "bwd_temp_MB", "BTCN_MB", "error"]
 
 if __name__ == "__main__":
     main()
