@@ -16,6 +16,7 @@ import argparse
 import functools
 import os
 import sys
+import time
 import traceback
 
 import jax
@@ -173,12 +174,16 @@ def naive_selective_scan(x, dt, A, B, C, D, z, dt_bias, block: int = 32):
     )(x, dt, z, B, C, A, D, dt_bias)
 
 
+def _log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
 def selective_scan_rows(bw: float, quick: bool) -> list[dict]:
     rows = []
     shapes = [((8, 2048, 1536, 16), jnp.float32), ((8, 2048, 1536, 16), jnp.bfloat16), ((8, 2048, 4096, 16), jnp.bfloat16),
               ((1, 65536, 1536, 16), jnp.bfloat16)]
     if quick:
-        shapes = shapes[:1]
+        shapes = [((2, 256, 256, 16), jnp.float32)] + shapes[:1]
     for (b, t, c, n), dtype in shapes:
         first = len(rows)
         item = jnp.dtype(dtype).itemsize
@@ -207,17 +212,26 @@ def selective_scan_rows(bw: float, quick: bool) -> list[dict]:
                 return vjp(gy)
             return jax.jit(f)
 
+        _log(f"selective_scan {(b, t, c, n)} {jnp.dtype(dtype).name}: xla reference output")
         ref = run("xla")(*args).astype(jnp.float32)
         times = {}
-        for name in ("xla", "pallas_gpu"):
+        for name in ("pallas_gpu", "xla"):
             try:
                 f = run(name)
+                t0 = time.time()
+                f.lower(*args).compile()
+                _log(f"  {name} forward compiled in {time.time() - t0:.1f}s")
                 err = rel_err(f(*args).astype(jnp.float32), ref)
                 tf = bench(f, *args, calls=3, repeats=5)
+                _log(f"  {name} forward {tf * 1e3:.3f} ms, rel err {err:.2e}")
                 tb = None
                 try:
                     fb = run_bwd(name)
+                    t0 = time.time()
+                    fb.lower(*args).compile()
+                    _log(f"  {name} fwd+bwd compiled in {time.time() - t0:.1f}s")
                     tb = bench(fb, *args, calls=2, repeats=3)
+                    _log(f"  {name} fwd+bwd {tb * 1e3:.3f} ms")
                     mem = fb.lower(*args).compile().memory_analysis()
                     temp = getattr(mem, "temp_size_in_bytes", None)
                 except Exception as e:  # noqa: BLE001
@@ -252,6 +266,48 @@ def selective_scan_rows(bw: float, quick: bool) -> list[dict]:
     return rows
 
 
+def selective_scan_sweep(bw: float, quick: bool) -> list[dict]:
+    """Forward variants of the GPU selective-scan kernel at (8, 2048, 1536, 16) float32."""
+    from mnemax.kernels import pallas_selective_scan as pss
+
+    b, t, c, n = (2, 256, 256, 16) if quick else (8, 2048, 1536, 16)
+    x = jnp.asarray(RNG.standard_normal((b, t, c), np.float32))
+    dt = jnp.asarray(RNG.standard_normal((b, t, c), np.float32) * 0.5 - 2.0)
+    z = jnp.asarray(RNG.standard_normal((b, t, c), np.float32))
+    A = -jnp.asarray(np.tile(np.arange(1, n + 1, dtype=np.float32), (c, 1)))
+    Bm = jnp.asarray(RNG.standard_normal((b, t, n), np.float32))
+    Cm = jnp.asarray(RNG.standard_normal((b, t, n), np.float32))
+    D = jnp.ones((c,), jnp.float32)
+    bias = jnp.asarray(RNG.uniform(-4, -2, (c,)).astype(np.float32))
+    ref = jax.jit(lambda *a: selective_scan(*a[:5], D=a[5], z=a[6], dt_bias=a[7], dt_softplus=True, backend="xla"))(
+        x, dt, A, Bm, Cm, D, z, bias)
+    fwd_bytes = 4 * b * t * c * 4 + 2 * b * t * n * 4
+    rows = []
+    variants = [{"unroll": 1}, {"unroll": 2}, {"unroll": 4}, {"unroll": 2, "approx_math": False},
+                {"unroll": 2, "no_auto_barriers": False}, {"unroll": 2, "chunk": 16}, {"unroll": 2, "stages": 3}]
+    for opts in variants:
+        name = "pallas " + ",".join(f"{k}={v}" for k, v in opts.items())
+        try:
+            def f(x, dt, A, Bm, Cm, D, z, bias, opts=opts):
+                p = pss.make_problem("gpu", x, dt, A, Bm, Cm, D, z, bias, None, None, True, opts=opts)
+                return pss.forward("gpu", p, x.dtype, opts=opts)[0]
+
+            f = jax.jit(f)
+            t0 = time.time()
+            f.lower(x, dt, A, Bm, Cm, D, z, bias).compile()
+            comp = time.time() - t0
+            err = rel_err(f(x, dt, A, Bm, Cm, D, z, bias), ref)
+            tf = bench(f, x, dt, A, Bm, Cm, D, z, bias, calls=3, repeats=5)
+            _log(f"  sweep {name}: {tf * 1e3:.3f} ms (compile {comp:.0f}s, err {err:.1e})")
+            row = _row("selective_scan sweep", (b, t, c, n), jnp.float32, name, tf, None, fwd_bytes, fwd_bytes, bw, err)
+            row["compile_s"] = comp
+            rows.append(row)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            rows.append({"op": "selective_scan sweep", "backend": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+    return rows
+
+
 def linear_scan_sweep(bw: float, quick: bool) -> list[dict]:
     """bf16 (8, 4096, 4096) forward: chunk, pipeline depth and packing variants."""
     from mnemax.kernels import pallas_linear_scan as pls
@@ -278,7 +334,8 @@ def linear_scan_sweep(bw: float, quick: bool) -> list[dict]:
 # ----------------------------------------------------------------------------- main
 
 
-SECTIONS = {"linear_scan": linear_scan_rows, "linear_scan_sweep": linear_scan_sweep, "selective_scan": selective_scan_rows}
+SECTIONS = {"linear_scan": linear_scan_rows, "linear_scan_sweep": linear_scan_sweep, "selective_scan": selective_scan_rows,
+            "selective_scan_sweep": selective_scan_sweep}
 
 
 def main():
@@ -299,7 +356,7 @@ def main():
 
 
 COLUMNS = ["op", "shape", "dtype", "backend", "rel_err", "fwd_ms", "fwd_GBps", "fwd_x_floor", "fwdbwd_ms", "fwdbwd_x_floor",
-           "floor_ms", "vs_xla", "vs_naive", "bwd_temp_MB", "BTCN_MB", "error"]
+           "floor_ms", "vs_xla", "vs_naive", "bwd_temp_MB", "BTCN_MB", "compile_s", "error"]
 
 if __name__ == "__main__":
     main()

@@ -64,7 +64,8 @@ def _pad_to(x, axis: int, multiple: int, value=0):
 class Problem:
     """The kernels' view of one call: padded, packed inputs and the static sizes."""
 
-    def __init__(self, x, dt, A, B, C, D, z, dt_bias, h0, resets, chunk, softplus, state_multiple=1, bc_multiple=8):
+    def __init__(self, x, dt, A, B, C, D, z, dt_bias, h0, resets, chunk, softplus, state_multiple=1, bc_multiple=8,
+                 unroll=True):
         batch, time, chans = x.shape
         self.n_real = A.shape[1]
         n = self.n_real + (-self.n_real) % state_multiple
@@ -73,7 +74,7 @@ class Problem:
             B, C = _pad_to(B, 2, state_multiple), _pad_to(C, 2, state_multiple)
             h0 = None if h0 is None else _pad_to(h0, 2, state_multiple)
         self.batch, self.time, self.chans, self.n = batch, time, chans, n
-        self.chunk, self.softplus, self.gated = chunk, softplus, z is not None
+        self.chunk, self.softplus, self.gated, self.unroll = chunk, softplus, z is not None, unroll
         self.time_p = time + (-time) % chunk
         self.chans_p = chans + (-chans) % LANES
         self.n_chunks, self.n_blocks = self.time_p // chunk, self.chans_p // LANES
@@ -137,7 +138,7 @@ def _fwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, a2, dvec, bias, y_t, h, hbuf=Non
             y_t[r] = y.astype(y_t.dtype)
         return tuple(new)
 
-    return lax.fori_loop(0, p.chunk, row, h, unroll=True)
+    return lax.fori_loop(0, p.chunk, row, h, unroll=p.unroll)
 
 
 def _bwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, gy_t, a2, dvec, bias, hbuf, dx_t, ddt_t, dz_t, dbc_t, carry):
@@ -184,13 +185,23 @@ def _bwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, gy_t, a2, dvec, bias, hbuf, dx_t
         ddt_t[r] = du.astype(ddt_t.dtype)
         return tuple(new_gh), tuple(new_dA), dD, dbias + du
 
-    return lax.fori_loop(0, p.chunk, row, carry, unroll=True)
+    return lax.fori_loop(0, p.chunk, row, carry, unroll=p.unroll)
 
 
 # ----------------------------------------------------------------------------- GPU
 
 
-def _gpu_forward(p: Problem, out_dtype, *, save_bounds: bool, stages: int, interpret: bool):
+GPU_OPTIONS = {"chunk": 8, "stages": 3, "unroll": 4, "approx_math": True, "no_auto_barriers": True}
+
+
+def _gpu_params(opts):
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu.CompilerParams(approx_math=opts["approx_math"], unsafe_no_auto_barriers=opts["no_auto_barriers"])
+
+
+def _gpu_forward(p: Problem, out_dtype, *, save_bounds: bool, stages: int, interpret: bool, opts=None):
+    opts = {**GPU_OPTIONS, **(opts or {})}
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     batch, chunk, n, nc, nb = p.batch, p.chunk, p.n, p.n_chunks, p.n_blocks
@@ -237,7 +248,8 @@ def _gpu_forward(p: Problem, out_dtype, *, save_bounds: bool, stages: int, inter
             scratch_shapes=[plgpu.SMEM((n, LANES), jnp.float32)], interpret=True,
         )(*ins)
 
-    @functools.partial(plgpu.kernel, out_type=tuple(shapes), grid=(batch, nb), grid_names=("batch", "block"))
+    @functools.partial(plgpu.kernel, out_type=tuple(shapes), grid=(batch, nb), grid_names=("batch", "block"),
+                       compiler_params=_gpu_params(opts))
     def kernel(*refs):
         bi, ci = lax.axis_index("batch"), lax.axis_index("block")
         seq = pl.BlockSpec((chunk, LANES), lambda t: (t, ci))
@@ -265,7 +277,8 @@ def _gpu_forward(p: Problem, out_dtype, *, save_bounds: bool, stages: int, inter
     return kernel(*ins)
 
 
-def _gpu_backward(p: Problem, gy, bounds, gh_last, dtypes, *, stages: int, interpret: bool):
+def _gpu_backward(p: Problem, gy, bounds, gh_last, dtypes, *, stages: int, interpret: bool, opts=None):
+    opts = {**GPU_OPTIONS, **(opts or {})}
     """Returns dx, ddt_raw, dz (or None), dbc partials (batch, blocks, time_p, bc_width),
     dA partials (batch, state, chans_p), dD/dbias partials (batch, 2, chans_p), dh0."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -334,7 +347,7 @@ def _gpu_backward(p: Problem, gy, bounds, gh_last, dtypes, *, stages: int, inter
 
     @functools.partial(
         plgpu.kernel, out_type=tuple(shapes), grid=(batch, nb), grid_names=("batch", "block"),
-        scratch_types=[plgpu.SMEM((chunk, n, LANES), jnp.float32)],
+        scratch_types=[plgpu.SMEM((chunk, n, LANES), jnp.float32)], compiler_params=_gpu_params(opts),
     )
     def kernel(*refs):
         bi, ci = lax.axis_index("batch"), lax.axis_index("block")
@@ -546,25 +559,27 @@ def _tpu_backward(p: Problem, gy, bounds, gh_last, dtypes, *, interpret):
 # ----------------------------------------------------------------------------- entry points
 
 
-def make_problem(platform, x, dt, A, B, C, D, z, dt_bias, h0, resets, softplus, chunk=None):
+def make_problem(platform, x, dt, A, B, C, D, z, dt_bias, h0, resets, softplus, chunk=None, opts=None):
     if platform == "tpu":
-        return Problem(x, dt, A, B, C, D, z, dt_bias, h0, resets, chunk or 32, softplus, state_multiple=8, bc_multiple=LANES)
-    return Problem(x, dt, A, B, C, D, z, dt_bias, h0, resets, chunk or 16, softplus)
+        return Problem(x, dt, A, B, C, D, z, dt_bias, h0, resets, chunk or 16, softplus, state_multiple=8, bc_multiple=LANES)
+    opts = {**GPU_OPTIONS, **(opts or {})}
+    return Problem(x, dt, A, B, C, D, z, dt_bias, h0, resets, chunk or opts["chunk"], softplus, unroll=opts["unroll"])
 
 
-def forward(platform, p: Problem, out_dtype, *, save_bounds=False, stages=2, interpret=False):
+def forward(platform, p: Problem, out_dtype, *, save_bounds=False, stages=None, interpret=False, opts=None):
     """(y (batch, time, chans), h_last (batch, chans, state), bounds or None)."""
     if platform == "tpu":
         outs = _tpu_forward(p, out_dtype, save_bounds=save_bounds, interpret=interpret)
     else:
-        outs = _gpu_forward(p, out_dtype, save_bounds=save_bounds, stages=stages, interpret=interpret)
+        opts = {**GPU_OPTIONS, **(opts or {})}
+        outs = _gpu_forward(p, out_dtype, save_bounds=save_bounds, stages=stages or opts["stages"], interpret=interpret, opts=opts)
     y, hl = outs[0], outs[1]
     y = y[:, : p.time, : p.chans]
     h_last = jnp.swapaxes(hl[:, : p.n_real, : p.chans], 1, 2)
     return y, h_last, (outs[2] if save_bounds else None)
 
 
-def backward(platform, p: Problem, gy, gh_last, bounds, dtypes, *, stages=2, interpret=False):
+def backward(platform, p: Problem, gy, gh_last, bounds, dtypes, *, stages=None, interpret=False, opts=None):
     """Gradients: dict with x, dt, z, B, C, A, D, dt_bias, h0 (unpadded). ``gh_last`` is
     the cotangent of the final state (batch, chans, state)."""
     gy = _pad_to(_pad_to(gy, 1, p.chunk), 2, LANES)
@@ -572,7 +587,8 @@ def backward(platform, p: Problem, gy, gh_last, bounds, dtypes, *, stages=2, int
     if platform == "tpu":
         outs = _tpu_backward(p, gy, bounds, ghl, dtypes, interpret=interpret)
     else:
-        outs = _gpu_backward(p, gy, bounds, ghl, dtypes, stages=stages, interpret=interpret)
+        opts = {**GPU_OPTIONS, **(opts or {})}
+        outs = _gpu_backward(p, gy, bounds, ghl, dtypes, stages=stages or opts["stages"], interpret=interpret, opts=opts)
     if p.gated:
         dx, ddt, dz, dbc, dA, dp, dh0 = outs
     else:
