@@ -30,6 +30,7 @@ from mnemax.kernels import linear_scan  # noqa: E402
 from mnemax.kernels.selective_scan import selective_scan  # noqa: E402
 
 RNG = np.random.default_rng(0)
+SHAPE_FILTER: set[int] = set()
 
 
 def rel_err(x, y) -> float:
@@ -184,6 +185,8 @@ def selective_scan_rows(bw: float, quick: bool) -> list[dict]:
               ((1, 65536, 1536, 16), jnp.bfloat16)]
     if quick:
         shapes = [((2, 256, 256, 16), jnp.float32)] + shapes[:1]
+    elif SHAPE_FILTER:
+        shapes = [s for i, s in enumerate(shapes) if i in SHAPE_FILTER]
     for (b, t, c, n), dtype in shapes:
         first = len(rows)
         item = jnp.dtype(dtype).itemsize
@@ -246,7 +249,7 @@ def selective_scan_rows(bw: float, quick: bool) -> list[dict]:
                 traceback.print_exc()
                 rows.append({"op": "selective_scan", "shape": str((b, t, c, n)), "dtype": jnp.dtype(dtype).name, "backend": name,
                              "error": f"{type(e).__name__}: {str(e)[:200]}"})
-        if t <= 4096:
+        if t <= 4096 and dtype == jnp.float32:
             try:
                 nv = jax.jit(naive_selective_scan)
                 err = rel_err(nv(*args).astype(jnp.float32), ref)
@@ -342,12 +345,15 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--ops", default=",".join(SECTIONS))
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--shapes", default="", help="selective_scan: comma-separated indices of the shapes to run")
     args = p.parse_args()
     env = environment()
     print(env, flush=True)
     bw = copy_bandwidth()
     print(f"copy bandwidth: {bw / 1e12:.3f} TB/s", flush=True)
     rows = []
+    global SHAPE_FILTER
+    SHAPE_FILTER = {int(i) for i in args.shapes.split(",") if i}
     for op in args.ops.split(","):
         rows += SECTIONS[op](bw, args.quick)
         print(table(rows, COLUMNS), flush=True)

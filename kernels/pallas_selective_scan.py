@@ -65,7 +65,7 @@ class Problem:
     """The kernels' view of one call: padded, packed inputs and the static sizes."""
 
     def __init__(self, x, dt, A, B, C, D, z, dt_bias, h0, resets, chunk, softplus, state_multiple=1, bc_multiple=8,
-                 unroll=True):
+                 unroll=True, bwd_unroll=None):
         batch, time, chans = x.shape
         self.n_real = A.shape[1]
         n = self.n_real + (-self.n_real) % state_multiple
@@ -75,6 +75,7 @@ class Problem:
             h0 = None if h0 is None else _pad_to(h0, 2, state_multiple)
         self.batch, self.time, self.chans, self.n = batch, time, chans, n
         self.chunk, self.softplus, self.gated, self.unroll = chunk, softplus, z is not None, unroll
+        self.bwd_unroll = unroll if bwd_unroll is None else bwd_unroll
         self.time_p = time + (-time) % chunk
         self.chans_p = chans + (-chans) % LANES
         self.n_chunks, self.n_blocks = self.time_p // chunk, self.chans_p // LANES
@@ -185,13 +186,13 @@ def _bwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, gy_t, a2, dvec, bias, hbuf, dx_t
         ddt_t[r] = du.astype(ddt_t.dtype)
         return tuple(new_gh), tuple(new_dA), dD, dbias + du
 
-    return lax.fori_loop(0, p.chunk, row, carry, unroll=p.unroll)
+    return lax.fori_loop(0, p.chunk, row, carry, unroll=p.bwd_unroll)
 
 
 # ----------------------------------------------------------------------------- GPU
 
 
-GPU_OPTIONS = {"chunk": 8, "stages": 3, "unroll": 4, "approx_math": True, "no_auto_barriers": True}
+GPU_OPTIONS = {"chunk": 8, "stages": 3, "unroll": 4, "bwd_unroll": 2, "approx_math": True, "no_auto_barriers": True}
 
 
 def _gpu_params(opts):
@@ -563,7 +564,8 @@ def make_problem(platform, x, dt, A, B, C, D, z, dt_bias, h0, resets, softplus, 
     if platform == "tpu":
         return Problem(x, dt, A, B, C, D, z, dt_bias, h0, resets, chunk or 16, softplus, state_multiple=8, bc_multiple=LANES)
     opts = {**GPU_OPTIONS, **(opts or {})}
-    return Problem(x, dt, A, B, C, D, z, dt_bias, h0, resets, chunk or opts["chunk"], softplus, unroll=opts["unroll"])
+    return Problem(x, dt, A, B, C, D, z, dt_bias, h0, resets, chunk or opts["chunk"], softplus, unroll=opts["unroll"],
+                   bwd_unroll=opts["bwd_unroll"])
 
 
 def forward(platform, p: Problem, out_dtype, *, save_bounds=False, stages=None, interpret=False, opts=None):
