@@ -192,7 +192,8 @@ def _bwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, gy_t, a2, dvec, bias, hbuf, dx_t
 # ----------------------------------------------------------------------------- GPU
 
 
-GPU_OPTIONS = {"chunk": 8, "stages": 3, "unroll": 4, "bwd_unroll": 2, "approx_math": True, "no_auto_barriers": True}
+GPU_OPTIONS = {"chunk": 8, "stages": 3, "bwd_stages": 2, "unroll": 4, "bwd_unroll": 2, "approx_math": True,
+               "no_auto_barriers": True}
 
 
 def _gpu_params(opts):
@@ -590,7 +591,7 @@ def backward(platform, p: Problem, gy, gh_last, bounds, dtypes, *, stages=None, 
         outs = _tpu_backward(p, gy, bounds, ghl, dtypes, interpret=interpret)
     else:
         opts = {**GPU_OPTIONS, **(opts or {})}
-        outs = _gpu_backward(p, gy, bounds, ghl, dtypes, stages=stages or opts["stages"], interpret=interpret, opts=opts)
+        outs = _gpu_backward(p, gy, bounds, ghl, dtypes, stages=stages or opts["bwd_stages"], interpret=interpret, opts=opts)
     if p.gated:
         dx, ddt, dz, dbc, dA, dp, dh0 = outs
     else:

@@ -71,6 +71,8 @@ class ModelConfig:
       embed_init_std: standard deviation of the embedding init.
       dtype, param_dtype: compute and storage dtypes (names, e.g. "bfloat16").
       remat: rematerialise each block in the backward pass.
+      scan_layers: run the blocks with ``nn.scan`` (one traced and compiled block for all
+        layers, parameters stacked on a leading "layers" axis); needs identical blocks.
       block: the family's keyword arguments.
       preset: the preset this config came from, if any.
     """
@@ -92,6 +94,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    scan_layers: bool = False
     block: Mapping[str, Any] = dataclasses.field(default_factory=FrozenDict)
     preset: str | None = None
 

@@ -14,12 +14,13 @@ Shapes:
     per-step class logits ("classify": the last step's are the sequence's; with
     ``pool="mean"`` each step sees the running mean of the features so far), or
     per-step regression outputs ("regress").
-  state: ModelState(blocks=tuple of each block's state, pool=PoolState or ()).
+  state: ModelState(blocks=tuple of each block's state (with scan_layers: one state
+    pytree stacked on a leading layer axis), pool=PoolState or ()).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 from mnemax.layers.base import check_resets, check_state, expected_state, partitioned, state_dtype
 from mnemax.layers.norms import make_norm
 
-from .config import ModelConfig
+from .config import FrozenDict, ModelConfig
 from .registry import get_family
 
 
@@ -52,12 +53,28 @@ class SequenceModel(nn.Module):
 
     def initial_state(self, batch_size: int) -> ModelState:
         cfg = self.config
-        blocks = tuple(b.initial_state(batch_size) for b in self._blocks(parent=None))
+        if cfg.scan_layers:
+            one = self._uniform_block().initial_state(batch_size)
+            blocks = jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (cfg.n_layers,) + leaf.shape), one)
+        else:
+            blocks = tuple(b.initial_state(batch_size) for b in self._blocks(parent=None))
         pool: PoolState | tuple = ()
         if cfg.head == "classify" and cfg.pool == "mean":
             sdt = state_dtype(cfg.dtype)
             pool = PoolState(jnp.zeros((batch_size, cfg.d_model), sdt), jnp.zeros((batch_size,), sdt))
         return ModelState(blocks=blocks, pool=pool)
+
+    def _uniform_block(self):
+        """The block every layer uses (scan_layers needs them identical)."""
+        blocks = self._blocks(parent=None)
+        first = _fields(blocks[0])
+        for i, b in enumerate(blocks[1:], 1):
+            if type(b) is not type(blocks[0]) or _fields(b) != first:
+                raise ValueError(
+                    f"scan_layers=True needs identical blocks, but block {i} of family {self.config.family!r} differs "
+                    "from block 0; set scan_layers=False"
+                )
+        return blocks[0]
 
     def _check_inputs(self, inputs):
         cfg = self.config
@@ -105,16 +122,33 @@ class SequenceModel(nn.Module):
             )(inputs.astype(dt))
         x = x.astype(residual_dt)
 
-        block_states = [None] * cfg.n_layers if state is None else list(state.blocks)
-        family = get_family(cfg.family)
-        new_states = []
-        for i in range(cfg.n_layers):
-            proto = family.make_block(cfg, i, parent=None)
-            cls = nn.remat(type(proto)) if cfg.remat else type(proto)
-            block = cls(**_fields(proto), name=f"block_{i}")
-            x, s = block(x, block_states[i], resets)
-            x = x.astype(residual_dt)
-            new_states.append(s)
+        if cfg.scan_layers:
+            proto = self._uniform_block()
+            stacked = self.initial_state(batch).blocks if state is None else state.blocks
+            scanned = nn.scan(
+                _ScanStep,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast),
+                length=cfg.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, new_blocks = scanned(
+                block_cls=type(proto), block_fields=FrozenDict(_fields(proto)), remat=cfg.remat,
+                residual_dtype=jnp.dtype(residual_dt).name, name="blocks",
+            )(x, stacked, resets)
+        else:
+            block_states = [None] * cfg.n_layers if state is None else list(state.blocks)
+            family = get_family(cfg.family)
+            new_states = []
+            for i in range(cfg.n_layers):
+                proto = family.make_block(cfg, i, parent=None)
+                cls = nn.remat(type(proto)) if cfg.remat else type(proto)
+                block = cls(**_fields(proto), name=f"block_{i}")
+                x, s = block(x, block_states[i], resets)
+                x = x.astype(residual_dt)
+                new_states.append(s)
+            new_blocks = tuple(new_states)
 
         if cfg.final_norm == "none":
             h = x.astype(dt)
@@ -141,7 +175,22 @@ class SequenceModel(nn.Module):
         out = out.astype(residual_dt)
         if cfg.logit_soft_cap is not None:
             out = cfg.logit_soft_cap * jnp.tanh(out / cfg.logit_soft_cap)
-        return out, ModelState(blocks=tuple(new_states), pool=pool_state)
+        return out, ModelState(blocks=new_blocks, pool=pool_state)
+
+
+class _ScanStep(nn.Module):
+    """One layer inside ``nn.scan``: carry the residual stream, scan over the stacked states."""
+
+    block_cls: Any
+    block_fields: Any
+    remat: bool = False
+    residual_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x, state, resets):
+        cls = nn.remat(self.block_cls) if self.remat else self.block_cls
+        y, s = cls(**dict(self.block_fields), name="block")(x, state, resets)
+        return y.astype(self.residual_dtype), s
 
 
 def _fields(module: nn.Module) -> dict:
