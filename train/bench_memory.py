@@ -1,0 +1,295 @@
+"""The side-by-side memory benchmark: every family, the same tasks, matched budgets.
+
+    mnemax-bench memory --budget tiny [--smoke] [--families ...] [--out benchmarks]
+    python benchmarks/memory_tasks.py ...            (the same)
+
+For each family, each task and each difficulty it trains a model sized to the
+parameter budget (``d_model`` searched so that the count is as close as possible to
+the budget's target) with fixed seeds, evaluates it on held-out data, and writes a
+table (accuracy per family x task x difficulty) as markdown and JSON, plus plots of
+accuracy against the difficulty axis (number of key-value pairs, context length).
+
+Passkey is trained at one length and evaluated at 1x, 2x and 4x that length (and by
+needle depth); families with a bounded context (a Transformer's attention window)
+see only the window, which is the point of the comparison.
+
+``--smoke`` runs a few steps per cell, on every family's first cell and on one cell
+of every task (CI checks that the table is produced, not the accuracies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+import mnemax
+from mnemax.configs.base import base_config
+
+from . import tasks as tasks_lib
+from .data import Feeder
+from .trainer import Trainer, accumulate_eval
+
+# family label -> (preset, fixed overrides). Families appear here once they exist.
+FAMILIES: dict[str, tuple[str, dict]] = {
+    "transformer": ("transformer-tiny", {"num_heads": 2}),
+    "transformer+keyconv": ("transformer-tiny", {"num_heads": 2, "key_conv": 4}),
+    "mamba": ("mamba-tiny", {}),
+    "s4d": ("s4d-tiny", {}),
+    "lssl": ("lssl-tiny", {}),
+    "hopfield": ("hopfield-tiny", {}),
+    "hcam": ("hcam-tiny", {}),
+}
+OPTIONAL_FAMILIES = {
+    "mlstm": ("mlstm-tiny", {}),
+    "slstm": ("slstm-tiny", {}),
+    "xlstm": ("xlstm-tiny", {}),
+    "memmamba": ("memmamba-tiny", {}),
+    "elm": ("elm-tiny", {}),
+}
+
+BUDGETS = {  # target parameter counts, training steps, batch
+    "tiny": {"params": 60_000, "steps": 400, "batch": 32, "layers": 2},
+    "10m": {"params": 10_000_000, "steps": 4000, "batch": 64, "layers": 4},
+    "125m": {"params": 125_000_000, "steps": 10000, "batch": 64, "layers": 12},
+}
+
+
+@dataclasses.dataclass
+class Cell:
+    task: str
+    difficulty: str
+    params: dict
+    eval_lengths: tuple = ()
+
+
+def cells(budget: str) -> list[Cell]:
+    long = budget != "tiny"
+    mqar_len = 256 if long else 64
+    pk_len = 256 if long else 64
+    return [
+        *[Cell("mqar", f"pairs={p}", {"seq_len": mqar_len, "num_pairs": p, "vocab_size": 128 if long else 64})
+          for p in ((8, 16, 32, 64) if long else (4, 8, 16))],
+        Cell("passkey", f"len={pk_len}", {"seq_len": pk_len, "key_len": 4}, eval_lengths=(pk_len, 2 * pk_len, 4 * pk_len)),
+        *[Cell("selective_copying", f"tokens={k}", {"seq_len": 128 if long else 48, "num_tokens": k, "data_vocab": 8})
+          for k in ((8, 16) if long else (4, 8))],
+        Cell("recall", "dancers=4", {"seq_len": 160 if long else 96, "num_dancers": 4}),
+        Cell("spiking_adding", "bins=30", {"num_channels": 16, "bins_per_digit": 30}),
+    ]
+
+
+def available_families(selected=None) -> dict:
+    fams = dict(FAMILIES)
+    for k, v in OPTIONAL_FAMILIES.items():
+        if v[0] in mnemax.list_models():
+            fams[k] = v
+    if selected:
+        unknown = sorted(set(selected) - set(fams))
+        if unknown:
+            raise ValueError(f"--families: unknown {unknown}; available {sorted(fams)}")
+        fams = {k: fams[k] for k in selected}
+    return fams
+
+
+def sized_overrides(preset: str, fixed: dict, spec: tasks_lib.TaskSpec, target: int, layers: int) -> tuple[dict, int]:
+    """Overrides (d_model and fixed ones) whose parameter count is closest to ``target``."""
+    best = None
+    for d in (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024):
+        ov = {**fixed, "d_model": d, **spec.model_overrides()}
+        if "n_layers" in mnemax.get_config(preset).to_dict() and mnemax.get_config(preset).n_layers > 1:
+            ov["n_layers"] = layers
+        if "window" in mnemax.get_config(preset).block:
+            ov["window"] = 4 * spec.seq_len
+        try:
+            cfg = mnemax.get_config(preset, **ov)
+            n = mnemax.release.count_params(mnemax.release.abstract_params(mnemax.build(cfg)))
+        except (ValueError, TypeError):
+            continue
+        if best is None or abs(np.log(n / target)) < abs(np.log(best[1] / target)):
+            best = (ov, n)
+    if best is None:
+        raise ValueError(f"no size of {preset!r} fits the task {spec.name!r}")
+    return best
+
+
+def run_cell(family: str, preset: str, fixed: dict, cell: Cell, budget: dict, workdir: str, data_dir: str,
+             smoke: bool, seed: int = 0) -> dict:
+    task = tasks_lib.make_task(cell.task, **cell.params)
+    spec = task.spec()
+    overrides, n_params = sized_overrides(preset, fixed, spec, budget["params"], budget["layers"])
+    c = base_config()
+    c.seed = seed
+    c.model.preset = preset
+    c.model.overrides = {k: v for k, v in overrides.items() if k not in spec.model_overrides()}
+    c.task.name = cell.task
+    c.task.params = cell.params
+    c.task.num_train = 64 if smoke else 20000
+    c.task.num_test = 32 if smoke else 1000
+    c.task.seed = seed
+    c.task.data_dir = data_dir
+    c.train.steps = 3 if smoke else budget["steps"]
+    c.train.batch_size = 8 if smoke else budget["batch"]
+    c.train.warmup_steps = 1 if smoke else min(100, budget["steps"] // 10)
+    c.train.learning_rate = 3e-3
+    c.eval.every_steps = 0
+    c.eval.batch_size = 32
+    c.checkpoint.every_steps = 0
+    c.log.progress_bar = False
+    c.log.console = False
+    c.log.tensorboard = False
+    c.release.write = False
+    c.mesh.num_devices = 1
+    t0 = time.time()
+    trainer = Trainer(c, workdir)
+    result = trainer.run()
+    row = {
+        "family": family, "preset": preset, "task": cell.task, "difficulty": cell.difficulty,
+        "params": n_params, "d_model": overrides["d_model"], "steps": c.train.steps,
+        "accuracy": result["eval_accuracy"], "loss": result["eval_loss"], "seconds": time.time() - t0,
+    }
+    for k, v in result.items():
+        if k.startswith("eval_accuracy/"):
+            row[k.replace("eval_accuracy/", "acc ")] = v
+    if cell.eval_lengths:
+        state = None
+        from .checkpoint import Checkpointer
+
+        ck = Checkpointer(os.path.join(workdir, "checkpoints"), use_async=False)
+        restored = ck.restore_latest(trainer.abstract_state)
+        ck.close()
+        params = restored[1].params if restored else None
+        for length in cell.eval_lengths:
+            if params is None:
+                break
+            long_params = {**cell.params, "seq_len": length}
+            src = tasks_lib.open_task(cell.task, long_params, num_train=1, num_test=c.task.num_test, seed=seed, data_dir=data_dir)
+            feeder = Feeder(src, trainer.mesh, batch_size=c.eval.batch_size, seed=0)
+            model = trainer.model
+
+            @jax.jit
+            def step(p, batch):
+                from .trainer import masked_metrics
+
+                logits, _ = model.apply({"params": p}, batch["inputs"])
+                return masked_metrics(logits, batch["targets"], batch["mask"], batch["group"], len(src.spec().group_names))
+
+            out = accumulate_eval(lambda b: step(params, b), feeder.eval_batches(c.eval.batch_size), src.spec().group_names)
+            row[f"acc len={length}"] = out["eval_accuracy"]
+        del state
+    return row
+
+
+def _natural(key):
+    task, diff = key
+    name, _, num = diff.partition("=")
+    return (task, name, int(num) if num.isdigit() else num)
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = sorted({(r["task"], r["difficulty"]) for r in rows}, key=_natural)
+    fams = list(dict.fromkeys(r["family"] for r in rows))
+    head = "| family | params | " + " | ".join(f"{t} {d}" for t, d in cols) + " |"
+    sep = "| --- | --- | " + " | ".join("---" for _ in cols) + " |"
+    lines = [head, sep]
+    for f in fams:
+        mine = {(r["task"], r["difficulty"]): r for r in rows if r["family"] == f}
+        params = sorted({r["params"] for r in mine.values()})
+        cells_ = [f"{mine[c]['accuracy']:.3f}" if c in mine else "-" for c in cols]
+        lines.append(f"| {f} | {params[0]:,}-{params[-1]:,} | " + " | ".join(cells_) + " |")
+    extra = [r for r in rows if any(k.startswith("acc len=") for k in r)]
+    if extra:
+        lens = sorted({k for r in extra for k in r if k.startswith("acc len=")}, key=lambda k: int(k.split("=")[1]))
+        depths = sorted({k for r in extra for k in r if k.startswith("acc depth")})
+        lines += ["", "Passkey, trained at the first length: accuracy by evaluation length and by needle depth (training length)", "",
+                  "| family | " + " | ".join(lens + depths) + " |", "| --- | " + " | ".join("---" for _ in lens + depths) + " |"]
+        for r in extra:
+            lines.append(f"| {r['family']} | " + " | ".join(f"{r.get(k, float('nan')):.3f}" for k in lens + depths) + " |")
+    return "\n".join(lines)
+
+
+def plots(rows: list[dict], out_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    mq = [r for r in rows if r["task"] == "mqar"]
+    if mq:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for f in dict.fromkeys(r["family"] for r in mq):
+            pts = sorted((int(r["difficulty"].split("=")[1]), r["accuracy"]) for r in mq if r["family"] == f)
+            ax.plot(*zip(*pts), "o-", label=f)
+        ax.set(xlabel="key-value pairs", ylabel="held-out recall accuracy", title="MQAR", xscale="log", ylim=(0, 1.02))
+        ax.legend(fontsize=7)
+        p = os.path.join(out_dir, "mqar_accuracy_vs_pairs.png")
+        fig.savefig(p, dpi=120, bbox_inches="tight")
+        paths.append(p)
+    pk = [r for r in rows if r["task"] == "passkey"]
+    if pk:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in pk:
+            lens = sorted((int(k.split("=")[1]), v) for k, v in r.items() if k.startswith("acc len="))
+            if lens:
+                ax.plot(*zip(*lens), "o-", label=r["family"])
+        ax.set(xlabel="context length (trained at the first point)", ylabel="passkey accuracy", xscale="log", ylim=(0, 1.02))
+        ax.legend(fontsize=7)
+        p = os.path.join(out_dir, "passkey_accuracy_vs_length.png")
+        fig.savefig(p, dpi=120, bbox_inches="tight")
+        paths.append(p)
+    return paths
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="mnemax-bench memory", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--budget", default="tiny", choices=sorted(BUDGETS))
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--families", nargs="*")
+    ap.add_argument("--tasks", nargs="*")
+    ap.add_argument("--out", default="benchmarks")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--data_dir", default=None)
+    args = ap.parse_args(argv)
+    fams = available_families(args.families)
+    todo = [c for c in cells(args.budget) if not args.tasks or c.task in args.tasks]
+    plan = [(f, c) for f in fams for c in todo]
+    if args.smoke and not args.tasks:
+        # smoke: every family on the first cell, the first family on one cell of every task
+        first_of_task = list({c.task: c for c in reversed(todo)}.values())[::-1]
+        plan = [(f, todo[0]) for f in fams] + [(next(iter(fams)), c) for c in first_of_task if c is not todo[0]]
+    import tempfile
+
+    work = args.workdir or tempfile.mkdtemp(prefix="mnemax-bench-")
+    data_dir = args.data_dir or os.path.join(work, "data")
+    rows = []
+    for fam, cell in plan:
+        preset, fixed = fams[fam]
+        wd = os.path.join(work, f"{fam}-{cell.task}-{cell.difficulty}".replace("=", ""))
+        try:
+            row = run_cell(fam, preset, fixed, cell, BUDGETS[args.budget], wd, data_dir, args.smoke)
+        except Exception as err:  # noqa: BLE001 - a family that cannot take a task is reported, not fatal
+            row = {"family": fam, "preset": preset, "task": cell.task, "difficulty": cell.difficulty, "params": 0,
+                   "accuracy": float("nan"), "error": f"{type(err).__name__}: {str(err)[:200]}"}
+        rows.append(row)
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    tag = f"memory_{args.budget}{'_smoke' if args.smoke else ''}"
+    with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
+        json.dump({"budget": args.budget, "smoke": args.smoke, "jax": jax.__version__, "device": str(jax.devices()[0]),
+                   "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
+    table = markdown([r for r in rows if "error" not in r])
+    with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
+        f.write(table + "\n")
+    png = plots([r for r in rows if "error" not in r], os.path.join(args.out, "plots"))
+    print(table)
+    return {"rows": rows, "table": table, "plots": png}
+
+
+if __name__ == "__main__":
+    main()
