@@ -11,6 +11,8 @@ from .conv import CausalConv1d, ConvState
 from .mlp import MLP
 from .norms import LayerNorm, RMSNorm, layer_norm, make_norm, rms_norm
 from .transformer import TransformerBlock
+from .xlstm import MLSTMBlock, SLSTMBlock, XLSTMLargeBlock, XLSTMStack
+from .xlstm_cells import MLSTMLargeLayer, MLSTMLayer, MLSTMLayerState, SLSTMLayer, SLSTMLayerState
 
 __all__ = [
     "AttentionState",
@@ -19,8 +21,17 @@ __all__ = [
     "ConvState",
     "LayerNorm",
     "MLP",
+    "MLSTMBlock",
+    "MLSTMLargeLayer",
+    "MLSTMLayer",
+    "MLSTMLayerState",
     "RMSNorm",
+    "SLSTMBlock",
+    "SLSTMLayer",
+    "SLSTMLayerState",
     "TransformerBlock",
+    "XLSTMLargeBlock",
+    "XLSTMStack",
     "check_resets",
     "check_sequence",
     "check_state",
