@@ -47,6 +47,19 @@ from .xlstm_cells import (
     round_up,
 )
 
+__all__ = [  # the layers live in xlstm_cells; importable from here too
+    "GatedFFN",
+    "MLSTMBlock",
+    "MLSTMLargeLayer",
+    "MLSTMLayer",
+    "MLSTMLayerState",
+    "SLSTMBlock",
+    "SLSTMLayer",
+    "SLSTMLayerState",
+    "XLSTMLargeBlock",
+    "XLSTMStack",
+]
+
 
 def _fields(module: nn.Module, exclude=()) -> dict:
     import dataclasses

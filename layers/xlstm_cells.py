@@ -35,7 +35,8 @@ fixtures in tests/fixtures):
 
 ``MLSTMLargeLayer`` (xLSTM 7B mLSTM layer)::
 
-    q = W_q x, k = W_k x  (qk_dim = qk_dim_factor d),  v = W_v x, o~ = W_o x  (v_dim = v_dim_factor d)
+    q = W_q x, k = W_k x  (qk_dim = int(qk_dim_factor d), 0.5: half the value width)
+    v = W_v x, o~ = W_o x  (v_dim = int(v_dim_factor d))
     i~ = cap(W_i x + b_i), f~ = cap(W_f x + b_f),  cap(u) = c tanh(u / c), c = gate_soft_cap (15)
     h = mLSTM(q, k, v, i~, f~)
     y = W_out (sigmoid(o~) * headwise_layernorm(h))
@@ -46,6 +47,10 @@ fixtures in tests/fixtures):
 Headwise layer norms normalise each head's features (eps 1e-5 NeurIPS, ``norm_eps``
 7B) with a learned per-feature scale and no bias (upstream's NeurIPS norms store the
 scale as ``1 + weight``; mnemax stores the scale itself).
+
+The mLSTM kernel scales queries by ``d_qk ** -0.5`` (NeurIPS code scales keys; same
+outputs) and uses eps 1e-6. Parameters carry the logical axes 'embed' (model width),
+'mlp' (inner / projected width) and 'heads'.
 
 States: ``MLSTMLayerState(conv, cell)`` with ``ConvState`` (or ``()`` without a conv)
 and :class:`~mnemax.kernels.MLSTMState`; ``SLSTMLayerState(conv, cell)`` with

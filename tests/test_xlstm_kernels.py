@@ -101,10 +101,12 @@ def test_mlstm_forms_agree_fp32(time):
     w_h = f32(rng.standard_normal(v.shape))
     w_s = [f32(rng.standard_normal(np.shape(s))) for s in state]
 
+    forms = FORMS if time > 128 else FORMS[:4]  # chunks of 64 and 128 are both one chunk here
+
     @jax.jit
     def run(args):
         outs = []
-        for backend, chunk in FORMS:
+        for backend, chunk in forms:
 
             def loss(*a):
                 h, s = mlstm(*a[:5], state=a[5], resets=resets, backend=backend, chunk_size=chunk)
@@ -115,7 +117,7 @@ def test_mlstm_forms_agree_fp32(time):
         return outs
 
     (ref_out, ref_grads), *others = run(args)
-    for (backend, chunk), (out, grads) in zip(FORMS[1:], others):
+    for (backend, chunk), (out, grads) in zip(forms[1:], others):
         for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(ref_out)):
             assert rel_err(got, want) <= 1e-4, (backend, chunk)
         for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
