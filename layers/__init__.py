@@ -28,6 +28,8 @@ from .ssm import (
     MambaState,
 )
 from .transformer import TransformerBlock
+from .xlstm import MLSTMBlock, SLSTMBlock, XLSTMLargeBlock, XLSTMStack
+from .xlstm_cells import MLSTMLargeLayer, MLSTMLayer, MLSTMLayerState, SLSTMLayer, SLSTMLayerState
 
 __all__ = [
     "AttentionState",
@@ -54,11 +56,20 @@ __all__ = [
     "LSSLState",
     "LayerNorm",
     "MLP",
+    "MLSTMBlock",
+    "MLSTMLargeLayer",
+    "MLSTMLayer",
+    "MLSTMLayerState",
     "MambaBlock",
     "MambaMixer",
     "MambaState",
     "RMSNorm",
+    "SLSTMBlock",
+    "SLSTMLayer",
+    "SLSTMLayerState",
     "TransformerBlock",
+    "XLSTMLargeBlock",
+    "XLSTMStack",
     "associate",
     "check_resets",
     "check_sequence",

@@ -1,0 +1,349 @@
+"""``mlstm``: the mLSTM memory of xLSTM (Beck et al., 2024, "xLSTM: Extended Long
+Short-Term Memory", Section 2.3), in its recurrent, parallel and chunkwise forms.
+
+Per batch row and head, with gate pre-activations ``i~_t``, ``f~_t`` (scalars),
+key/query ``k_t, q_t`` (``d_qk``) and value ``v_t`` (``d_v``)::
+
+    m_t = max(log sigma(f~_t) + m_{t-1}, i~_t)               stabiliser
+    i'_t = exp(i~_t - m_t),  f'_t = exp(log sigma(f~_t) + m_{t-1} - m_t)
+    C_t = f'_t C_{t-1} + i'_t k_t v_t^T                       (d_qk, d_v)
+    n_t = f'_t n_{t-1} + i'_t k_t                             (d_qk)
+    h_t = (s q_t)^T C_t / (max(|(s q_t)^T n_t|, exp(-m_t)) + eps),   s = qk_scale
+
+``(C, n, m)`` is the stabilised state: the true memory is ``exp(m) C``. A fresh state
+is all zeros (``m_0 = 0``, as in the official recurrent kernels), and ``h`` depends on
+``m`` only through ``eps``. The scale ``s`` (default ``d_qk ** -0.5``) multiplies the
+query, so ``C`` holds unscaled keys -- the convention of ``mlstm_kernels`` and xLSTM 7B
+(the NeurIPS code scales the key instead, which changes the stored state by
+``sqrt(d_qk)`` but not ``h``).
+
+Resets: ``resets[:, t]`` True replaces the incoming state by a fresh one before step
+``t``, so the state after a reset is exactly that of a sequence started there. In the
+parallel and chunkwise forms this cuts the cumulative log-forget sum at the boundary;
+the fresh state's ``m = 0`` enters the stabiliser as the candidate
+``log sigma(f~_r) + sum of later log-forgets`` (the reset step's forget gate acting on
+``m = 0``).
+
+Forms (``backend=``):
+
+* ``reference`` -- ``lax.scan`` over time, the equations above (float32): ground truth.
+* ``parallel``  -- quadratic: ``D_ts = exp(F_t - F_s + i~_s - m_t)`` with ``F`` the
+  cumulative log-forget sum, ``h = ((s Q K^T) * D) V / normaliser``; for short
+  sequences and tests (not in the dispatch registry, never a default).
+* ``xla``       -- chunkwise: the sequence is cut into chunks of ``chunk_size``
+  (padded internally; padded steps leave the state untouched); a ``lax.scan`` carries
+  ``(C, n, m)`` across chunks and each chunk's outputs are intra-chunk matmuls plus
+  the carried state's contribution. Memory is O(time * chunk_size) per head.
+
+Pallas backends register under ``pallas_gpu`` / ``pallas_tpu`` with the signature of
+:func:`_reference` (arrays already validated and promoted; see :func:`mlstm`).
+
+Shapes::
+
+    h, state = mlstm(q, k, v, i, f, state=None, resets=None, chunk_size=64)
+    q, k: (batch, heads, time, d_qk);  v: (batch, heads, time, d_v)
+    i, f: (batch, heads, time) gate pre-activations;  resets: (batch, time) bool
+    h: (batch, heads, time, d_v) in the dtype of q, k, v
+    state: MLSTMState(C (batch, heads, d_qk, d_v), n (batch, heads, d_qk), m (batch, heads)),
+           float32 (float64 for float64 inputs)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import dispatch
+
+OP = "mlstm"
+NEG_INF = -jnp.inf
+
+
+class MLSTMState(NamedTuple):
+    C: jax.Array  # (batch, heads, d_qk, d_v) stabilised matrix memory
+    n: jax.Array  # (batch, heads, d_qk) stabilised normaliser
+    m: jax.Array  # (batch, heads) log-scale stabiliser
+
+
+def initial_state(batch: int, heads: int, d_qk: int, d_v: int, dtype=jnp.float32) -> MLSTMState:
+    """The fresh (all-zero) state."""
+    return MLSTMState(
+        jnp.zeros((batch, heads, d_qk, d_v), dtype),
+        jnp.zeros((batch, heads, d_qk), dtype),
+        jnp.zeros((batch, heads), dtype),
+    )
+
+
+def checked_resets(resets, batch: int, time: int):
+    """resets as a (batch, time) bool array, or None; ValueError on another shape."""
+    if resets is None:
+        return None
+    resets = jnp.asarray(resets)
+    if resets.shape != (batch, time):
+        raise ValueError(f"resets must have shape (batch, time) = {(batch, time)}, got shape {resets.shape}")
+    return resets.astype(bool)
+
+
+def state_shapes(state):
+    """The shapes of a state tuple's arrays (None if ``state`` is not iterable)."""
+    try:
+        return tuple(tuple(jnp.shape(s)) for s in state)
+    except TypeError:
+        return None
+
+
+def _validate(q, k, v, i, f, state, resets, chunk_size):
+    q, k, v, i, f = (jnp.asarray(a) for a in (q, k, v, i, f))
+    if q.ndim != 4:
+        raise ValueError(f"q must have shape (batch, heads, time, d_qk), got shape {q.shape}")
+    batch, heads, time, d_qk = q.shape
+    if time < 1:
+        raise ValueError(f"q must have at least one time step, got shape {q.shape}")
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape (batch, heads, time, d_qk) = {q.shape}, got shape {k.shape}")
+    if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must have shape (batch, heads, time, d_v) = {q.shape[:3] + ('d_v',)}, got shape {v.shape}")
+    for name, g in (("i", i), ("f", f)):
+        if g.shape != q.shape[:3]:
+            raise ValueError(f"{name} must have shape (batch, heads, time) = {q.shape[:3]}, got shape {g.shape}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    d_v = v.shape[-1]
+    want = ((batch, heads, d_qk, d_v), (batch, heads, d_qk), (batch, heads))
+    if state is not None:
+        got = state_shapes(state)
+        if got != want:
+            raise ValueError(f"state must be (C, n, m) with shapes {want}, got {got}")
+    return q, k, v, i, f, checked_resets(resets, batch, time)
+
+
+def mlstm(
+    q,
+    k,
+    v,
+    i,
+    f,
+    *,
+    state: MLSTMState | tuple | None = None,
+    resets=None,
+    chunk_size: int = 64,
+    eps: float = 1e-6,
+    qk_scale: float | None = None,
+    backend: str | None = None,
+):
+    """The mLSTM over a sequence; returns ``(h, MLSTMState)`` (see the module docstring).
+
+    Args:
+      q, k: (batch, heads, time, d_qk); v: (batch, heads, time, d_v).
+      i, f: input and forget gate pre-activations, (batch, heads, time).
+      state: incoming ``(C, n, m)``; None is the fresh (zero) state.
+      resets: (batch, time) bool; True replaces the state by a fresh one before step t.
+      chunk_size: chunk length of the ``xla`` (chunkwise) form; other forms ignore it.
+      eps: added to the normaliser.
+      qk_scale: multiplies the query; default ``d_qk ** -0.5``.
+      backend: ``"reference"``, ``"parallel"``, ``"xla"`` or a registered Pallas backend;
+        None picks by platform (``MNEMAX_KERNEL_BACKEND`` overrides).
+    """
+    q, k, v, i, f, resets = _validate(q, k, v, i, f, state, resets, chunk_size)
+    out_dtype = jnp.result_type(q, k, v)
+    cdt = jnp.promote_types(jnp.result_type(q, k, v, i, f), jnp.float32)
+    batch, heads, _, d_qk = q.shape
+    if state is None:
+        state = initial_state(batch, heads, d_qk, v.shape[-1], cdt)
+    else:
+        state = MLSTMState(*(jnp.asarray(s, cdt) for s in state))
+    scale = d_qk**-0.5 if qk_scale is None else float(qk_scale)
+    if backend == "parallel":
+        impl = _parallel
+    else:
+        _, impl = dispatch.resolve(OP, backend)
+    h, new_state = _jitted(impl)(
+        q, k, v, i.astype(cdt), f.astype(cdt), state, resets, chunk_size=chunk_size, eps=eps, scale=scale
+    )
+    return h.astype(out_dtype), new_state
+
+
+_JITTED: dict = {}
+
+
+def _jitted(impl):
+    """``impl`` under ``jax.jit`` (inlined inside an outer jit; one compiled unit eagerly)."""
+    if impl not in _JITTED:
+        _JITTED[impl] = jax.jit(impl, static_argnames=("chunk_size", "eps", "scale"))
+    return _JITTED[impl]
+
+
+def _normalise(num, den, m, eps):
+    """h = num / (max(|den|, exp(-m)) + eps); num (..., d_v), den and m (...)."""
+    return num / (jnp.maximum(jnp.abs(den), jnp.exp(-m)) + eps)[..., None]
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+@dispatch.register(OP, "reference")
+def _reference(q, k, v, i, f, state, resets, *, chunk_size, eps, scale):
+    del chunk_size
+    cdt = i.dtype
+    batch, _, time, _ = q.shape
+    cut = jnp.zeros((batch, time), bool) if resets is None else resets
+    xs = (
+        jnp.moveaxis(q.astype(cdt), 2, 0),
+        jnp.moveaxis(k.astype(cdt), 2, 0),
+        jnp.moveaxis(v.astype(cdt), 2, 0),
+        jnp.moveaxis(i, 2, 0),
+        jnp.moveaxis(jax.nn.log_sigmoid(f), 2, 0),
+        jnp.moveaxis(cut, 1, 0),
+    )
+
+    def step(carry, x):
+        C, n, m = carry
+        q_t, k_t, v_t, i_t, logf_t, cut_t = x
+        # A reset replaces the incoming state by the fresh (zero) one.
+        C = jnp.where(cut_t[:, None, None, None], 0.0, C)
+        n = jnp.where(cut_t[:, None, None], 0.0, n)
+        m = jnp.where(cut_t[:, None], 0.0, m)
+        m_new = jnp.maximum(logf_t + m, i_t)
+        f_act = jnp.exp(logf_t + m - m_new)
+        i_act = jnp.exp(i_t - m_new)
+        C = f_act[..., None, None] * C + i_act[..., None, None] * (k_t[..., :, None] * v_t[..., None, :])
+        n = f_act[..., None] * n + i_act[..., None] * k_t
+        qs = q_t * scale
+        num = jnp.einsum("bhd,bhdv->bhv", qs, C)
+        den = jnp.einsum("bhd,bhd->bh", qs, n)
+        return MLSTMState(C, n, m_new), _normalise(num, den, m_new, eps)
+
+    final, hs = lax.scan(step, MLSTMState(*state), xs)
+    return jnp.moveaxis(hs, 0, 2), final
+
+
+# ----------------------------------------------------------------------------- parallel
+
+
+def _parallel(q, k, v, i, f, state, resets, *, chunk_size, eps, scale):
+    """The quadratic form over the whole sequence (one T x T decay matrix per head)."""
+    del chunk_size
+    cdt = i.dtype
+    batch, _, time, _ = q.shape
+    q, k, v = (a.astype(cdt) for a in (q, k, v))
+    logf = jax.nn.log_sigmoid(f)
+    F = jnp.cumsum(logf, axis=-1)  # (B, H, T)
+    if resets is None:
+        seg = jnp.zeros((batch, 1, time), jnp.int32)
+        gate_for_m = i
+    else:
+        seg = jnp.cumsum(resets.astype(jnp.int32), axis=1)[:, None, :]
+        # The fresh state at a reset contributes the candidate log sigma(f~_r) (+ later log-forgets).
+        gate_for_m = jnp.where(resets[:, None, :], jnp.maximum(i, logf), i)
+    t_idx = jnp.arange(time)
+    mask = (t_idx[None, :] <= t_idx[:, None]) & (seg[..., :, None] == seg[..., None, :])  # (B, 1|H, T, T)
+    decay = F[..., :, None] - F[..., None, :]
+    log_d = jnp.where(mask, decay + i[..., None, :], NEG_INF)
+    log_g = jnp.where(mask, decay + gate_for_m[..., None, :], NEG_INF)
+    # The incoming state reaches step t unless a reset came in between.
+    log_a = jnp.where(seg == 0, F + state.m[..., None], NEG_INF)  # (B, H, T)
+    m = jnp.maximum(log_a, jnp.max(log_g, axis=-1))
+    d = jnp.exp(log_d - m[..., None])
+    w = jnp.exp(log_a - m)
+    qs = q * scale
+    s = jnp.einsum("bhtd,bhsd->bhts", qs, k) * d
+    num = jnp.einsum("bhts,bhsv->bhtv", s, v) + w[..., None] * jnp.einsum("bhtd,bhdv->bhtv", qs, state.C)
+    den = jnp.sum(s, axis=-1) + w * jnp.einsum("bhtd,bhd->bht", qs, state.n)
+    h = _normalise(num, den, m, eps)
+    d_last, w_last = d[..., -1, :], w[..., -1]
+    C = w_last[..., None, None] * state.C + jnp.einsum("bhs,bhsd,bhsv->bhdv", d_last, k, v)
+    n = w_last[..., None] * state.n + jnp.einsum("bhs,bhsd->bhd", d_last, k)
+    return h, MLSTMState(C, n, m[..., -1])
+
+
+# ----------------------------------------------------------------------------- xla (chunkwise)
+
+
+def _chunk(x, n_chunks, length):
+    """(B, H, T, ...) -> (B, H, NC, L, ...)."""
+    return x.reshape(x.shape[:2] + (n_chunks, length) + x.shape[3:])
+
+
+@dispatch.register(OP, "xla")
+def _chunkwise(q, k, v, i, f, state, resets, *, chunk_size, eps, scale):
+    cdt = i.dtype
+    batch, heads, time, d_qk = q.shape
+    d_v = v.shape[-1]
+    length = min(chunk_size, time)
+    n_chunks = -(-time // length)
+    pad = n_chunks * length - time
+    # Matmul operands stay in 16-bit inputs' dtype (float32 accumulation); all gate and
+    # stabiliser arithmetic is in cdt.
+    mm = q.dtype if jnp.finfo(q.dtype).bits < 32 else cdt
+    logf = jax.nn.log_sigmoid(f)
+    valid = jnp.arange(n_chunks * length) < time
+    has_resets = resets is not None
+    if resets is None:
+        resets = jnp.zeros((batch, time), bool)
+    if pad:
+        # Padded steps: forget gate 1 (log 0), masked out as keys, never a reset.
+        pad4 = ((0, 0), (0, 0), (0, pad), (0, 0))
+        q, k, v = (jnp.pad(a, pad4) for a in (q, k, v))
+        i, logf = (jnp.pad(a, pad4[:3]) for a in (i, logf))
+        resets = jnp.pad(resets, ((0, 0), (0, pad)))
+    qc = _chunk((q * scale).astype(mm), n_chunks, length)
+    kc = _chunk(k.astype(mm), n_chunks, length)
+    vc = _chunk(v.astype(mm), n_chunks, length)
+    ic, logfc = _chunk(i, n_chunks, length), _chunk(logf, n_chunks, length)
+
+    seg = jnp.cumsum(resets.astype(jnp.int32), axis=1).reshape(batch, 1, n_chunks, length)
+    seg_in = jnp.concatenate([jnp.zeros_like(seg[:, :, :1, -1]), seg[:, :, :-1, -1]], axis=2)  # (B, 1, NC)
+    carried = seg == seg_in[..., None]  # step t still sees the chunk's incoming state
+    b = jnp.cumsum(logfc, axis=-1)  # (B, H, NC, L) log-forget sum within the chunk
+    tri = jnp.tril(jnp.ones((length, length), bool))
+    key_ok = valid.reshape(n_chunks, length)[:, None, :]
+    mask = tri & key_ok & (seg[..., :, None] == seg[..., None, :])  # (B, 1, NC, L, L)
+    decay = b[..., :, None] - b[..., None, :]
+    log_d = jnp.where(mask, decay + ic[..., None, :], NEG_INF)
+    if has_resets:  # the fresh state at a reset adds the candidate log sigma(f~_r) to the max
+        gc = _chunk(jnp.where(resets[:, None, :], jnp.maximum(i, logf), i), n_chunks, length)
+        intra_max = jnp.max(jnp.where(mask, decay + gc[..., None, :], NEG_INF), axis=-1)  # (B, H, NC, L)
+    else:
+        intra_max = jnp.max(log_d, axis=-1)
+
+    # Chunk summaries relative to the chunk's last step (padding leaves them unchanged).
+    m_loc = intra_max[..., -1]  # (B, H, NC)
+    w_loc = jnp.exp(log_d[..., -1, :] - m_loc[..., None]).astype(mm)  # (B, H, NC, L)
+    kv_loc = jnp.einsum("bhcs,bhcsd,bhcsv->bhcdv", w_loc, kc, vc, preferred_element_type=cdt)
+    k_loc = jnp.einsum("bhcs,bhcsd->bhcd", w_loc, kc, preferred_element_type=cdt)
+    g_total = b[..., -1]  # (B, H, NC)
+    carried_end = jnp.broadcast_to(carried[..., -1], g_total.shape)
+
+    def carry_state(st, x):
+        g_c, m_c, kv_c, k_c, keep_c = x
+        log_a = jnp.where(keep_c, g_c + st.m, NEG_INF)
+        m_new = jnp.maximum(log_a, m_c)
+        w_a, w_c = jnp.exp(log_a - m_new), jnp.exp(m_c - m_new)
+        new = MLSTMState(
+            w_a[..., None, None] * st.C + w_c[..., None, None] * kv_c,
+            w_a[..., None] * st.n + w_c[..., None] * k_c,
+            m_new,
+        )
+        return new, st
+
+    xs = tuple(jnp.moveaxis(a, 2, 0) for a in (g_total, m_loc, kv_loc, k_loc, carried_end))
+    if n_chunks == 1:  # no loop needed (short calls, one-token steps)
+        final, incoming = carry_state(MLSTMState(*state), tuple(a[0] for a in xs))
+        incoming = jax.tree.map(lambda a: a[None], incoming)
+    else:
+        final, incoming = lax.scan(carry_state, MLSTMState(*state), xs)
+    c_in, n_in, m_in = (jnp.moveaxis(a, 0, 2) for a in incoming)  # per chunk: (B, H, NC, ...)
+
+    log_a = jnp.where(carried, b + m_in[..., None], NEG_INF)  # (B, H, NC, L)
+    m = jnp.maximum(log_a, intra_max)
+    d = jnp.exp(log_d - m[..., None])
+    w = jnp.exp(log_a - m)
+    s = jnp.einsum("bhctd,bhcsd->bhcts", qc, kc, preferred_element_type=cdt) * d
+    num = jnp.einsum("bhcts,bhcsv->bhctv", s.astype(mm), vc, preferred_element_type=cdt)
+    num = num + w[..., None] * jnp.einsum("bhctd,bhcdv->bhctv", qc, c_in.astype(mm), preferred_element_type=cdt)
+    den = jnp.sum(s, axis=-1) + w * jnp.einsum("bhctd,bhcd->bhct", qc, n_in.astype(mm), preferred_element_type=cdt)
+    h = _normalise(num, den, m, eps).reshape(batch, heads, n_chunks * length, d_v)[:, :, :time]
+    return h, final

@@ -1,0 +1,208 @@
+"""xLSTM residual blocks and the ``xLSTM[a:b]`` stack (Beck et al., 2024; xLSTM 7B, 2025).
+
+Blocks (each returns ``x + ...`` and follows the layer contract; layers and their
+equations are in :mod:`mnemax.layers.xlstm_cells`)::
+
+    MLSTMBlock:       x + MLSTMLayer(LN(x))                               (pre up-projection)
+    SLSTMBlock:       x = x + SLSTMLayer(LN(x));  x + GatedFFN(LN(x))       (post up-projection,
+                      FFN width ceil(ffn_proj_factor d / 64) 64, GeLU; no FFN when
+                      ffn_proj_factor is None)
+    XLSTMLargeBlock:  x = x + MLSTMLargeLayer(RMSNorm(x));  x + SwiGLU(RMSNorm(x))   (xLSTM 7B;
+                      FFN width ceil(ffn_proj_factor d / ffn_round_to) ffn_round_to)
+
+LN is a layer norm without bias (eps ``norm_eps`` = 1e-5, upstream's default); the 7B
+block's RMSNorms use ``norm_eps`` = 1e-6.
+
+``XLSTMStack`` is ``xLSTM[a:b]``: ``n_blocks`` blocks, sLSTM blocks at the indices in
+``slstm_at`` ("all" for every block), mLSTM blocks elsewhere, and an optional final
+layer norm (upstream's ``post_blocks_norm``). Its state is the tuple of its blocks'
+states. The zoo family ``xlstm`` builds the same blocks through
+:meth:`XLSTMStack.make_block`.
+
+Shapes::
+
+    y, state = XLSTMStack(features=F, n_blocks=L, slstm_at=(1,))(x, state, resets)
+    x, y: (batch, time, F);  state: tuple of L block states
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mnemax.kernels import MLSTMState
+
+from .base import Dtype, check_resets, check_sequence, check_state, expected_state
+from .mlp import MLP
+from .norms import LayerNorm, RMSNorm
+from .xlstm_cells import (
+    GatedFFN,
+    MLSTMLargeLayer,
+    MLSTMLayer,
+    MLSTMLayerState,
+    SLSTMLayer,
+    SLSTMLayerState,
+    round_up,
+)
+
+__all__ = [  # the layers live in xlstm_cells; importable from here too
+    "GatedFFN",
+    "MLSTMBlock",
+    "MLSTMLargeLayer",
+    "MLSTMLayer",
+    "MLSTMLayerState",
+    "SLSTMBlock",
+    "SLSTMLayer",
+    "SLSTMLayerState",
+    "XLSTMLargeBlock",
+    "XLSTMStack",
+]
+
+
+def _fields(module: nn.Module, exclude=()) -> dict:
+    import dataclasses
+
+    skip = {"parent", "name", *exclude}
+    return {f.name: getattr(module, f.name) for f in dataclasses.fields(module) if f.name not in skip}
+
+
+# The blocks subclass their layers: same fields (plus the FFN's), same state and
+# initial_state; their __call__ wraps the layer in the norm and the residual.
+
+
+class MLSTMBlock(MLSTMLayer):
+    """``x + MLSTMLayer(LN(x))``, configured by MLSTMLayer's fields; state: MLSTMLayerState."""
+
+    @nn.compact
+    def __call__(self, x, state: MLSTMLayerState | None = None, resets=None):
+        check_sequence(x, self.features)
+        h, _ = LayerNorm(eps=self.norm_eps, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
+        h, state = MLSTMLayer(**_fields(self), name="mlstm")(h, state, resets)
+        return x + h.astype(x.dtype), state
+
+
+class SLSTMBlock(SLSTMLayer):
+    """``x + SLSTMLayer(LN(x))``, then ``+ GatedFFN(LN(.))`` of width
+    ``round_up(ffn_proj_factor * features, ffn_round_to)`` (no FFN for ``ffn_proj_factor=None``)."""
+
+    ffn_proj_factor: float | None = 1.3
+    ffn_act: str = "gelu"
+    ffn_round_to: int = 64
+
+    @nn.compact
+    def __call__(self, x, state: SLSTMLayerState | None = None, resets=None):
+        check_sequence(x, self.features)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h, _ = LayerNorm(eps=self.norm_eps, use_bias=False, name="norm", **kw)(x)
+        layer = SLSTMLayer(**_fields(self, ("ffn_proj_factor", "ffn_act", "ffn_round_to")), name="slstm")
+        h, state = layer(h, state, resets)
+        x = x + h.astype(x.dtype)
+        if self.ffn_proj_factor is not None:
+            h, _ = LayerNorm(eps=self.norm_eps, use_bias=False, name="ffn_norm", **kw)(x)
+            hidden = round_up(self.ffn_proj_factor * self.features, self.ffn_round_to)
+            h, _ = GatedFFN(hidden=hidden, act=self.ffn_act, num_blocks=self.num_blocks, name="ffn", **kw)(h)
+            x = x + h.astype(x.dtype)
+        return x, state
+
+
+class XLSTMLargeBlock(MLSTMLargeLayer):
+    """The xLSTM 7B block: ``x + MLSTMLargeLayer(RMSNorm(x))``, then ``+ SwiGLU(RMSNorm(.))``
+    of width ``round_up(ffn_proj_factor * features, ffn_round_to)``; state: MLSTMState."""
+
+    ffn_proj_factor: float = 2.6667
+    ffn_round_to: int = 64
+
+    @nn.compact
+    def __call__(self, x, state: MLSTMState | None = None, resets=None):
+        check_sequence(x, self.features)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h, _ = RMSNorm(eps=self.norm_eps, name="norm_mlstm", **kw)(x)
+        layer = MLSTMLargeLayer(**_fields(self, ("ffn_proj_factor", "ffn_round_to")), name="mlstm")
+        h, state = layer(h, state, resets)
+        x = x + h.astype(x.dtype)
+        h, _ = RMSNorm(eps=self.norm_eps, name="norm_ffn", **kw)(x)
+        hidden = round_up(self.ffn_proj_factor * self.features, self.ffn_round_to)
+        h, _ = MLP(hidden=hidden, kind="swiglu", name="ffn", **kw)(h)
+        return x + h.astype(x.dtype), state
+
+
+class XLSTMStack(nn.Module):
+    """``xLSTM[a:b]``: mLSTM blocks with sLSTM blocks at ``slstm_at`` (see module docstring).
+
+    ``num_heads``, ``proj_factor``, ``conv_width``, ``qkv_blocksize``, ``chunk_size``,
+    ``eps`` and ``backend`` configure the mLSTM blocks; ``slstm_heads``,
+    ``slstm_conv_width``, ``slstm_bias_init``, ``slstm_backend``, ``ffn_proj_factor`` and
+    ``ffn_act`` the sLSTM blocks.
+    """
+
+    features: int
+    n_blocks: int
+    slstm_at: Sequence[int] | str = ()
+    num_heads: int = 4
+    proj_factor: float = 2.0
+    conv_width: int = 4
+    qkv_blocksize: int = 4
+    chunk_size: int = 64
+    eps: float = 1e-6
+    backend: str | None = None
+    slstm_heads: int = 4
+    slstm_conv_width: int = 4
+    slstm_bias_init: str = "powerlaw_blockdependent"
+    slstm_backend: str | None = None
+    ffn_proj_factor: float | None = 1.3
+    ffn_act: str = "gelu"
+    norm_eps: float = 1e-5
+    post_norm: bool = True
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    def slstm_indices(self) -> tuple[int, ...]:
+        if isinstance(self.slstm_at, str):
+            if self.slstm_at != "all":
+                raise ValueError(f"slstm_at must be a sequence of block indices or 'all', got {self.slstm_at!r}")
+            return tuple(range(self.n_blocks))
+        at = tuple(int(i) for i in self.slstm_at)
+        bad = [i for i in at if not 0 <= i < self.n_blocks]
+        if bad:
+            raise ValueError(f"slstm_at indices must lie in [0, {self.n_blocks}), got {list(at)}")
+        return at
+
+    def make_block(self, index: int, **kw) -> nn.Module:
+        """Block ``index`` of the stack (an SLSTMBlock at ``slstm_at``, else an MLSTMBlock)."""
+        common = dict(
+            features=self.features, num_blocks=self.n_blocks, norm_eps=self.norm_eps,
+            dtype=self.dtype, param_dtype=self.param_dtype,
+        )
+        if index in self.slstm_indices():
+            return SLSTMBlock(
+                num_heads=self.slstm_heads, conv_width=self.slstm_conv_width, block_index=index,
+                bias_init=self.slstm_bias_init, backend=self.slstm_backend,
+                ffn_proj_factor=self.ffn_proj_factor, ffn_act=self.ffn_act, **common, **kw,
+            )
+        return MLSTMBlock(
+            num_heads=self.num_heads, proj_factor=self.proj_factor, conv_width=self.conv_width,
+            qkv_blocksize=self.qkv_blocksize, chunk_size=self.chunk_size, eps=self.eps,
+            backend=self.backend, **common, **kw,
+        )
+
+    def initial_state(self, batch_size: int) -> tuple:
+        return tuple(self.make_block(i, parent=None).initial_state(batch_size) for i in range(self.n_blocks))
+
+    @nn.compact
+    def __call__(self, x, state: tuple | None = None, resets=None):
+        check_sequence(x, self.features)
+        batch = x.shape[0]
+        check_resets(resets, batch, x.shape[1])
+        if state is None:
+            state = (None,) * self.n_blocks
+        else:
+            check_state(state, expected_state(self, batch))
+        new_states = []
+        for i in range(self.n_blocks):
+            x, s = self.make_block(i, name=f"block_{i}")(x, state[i], resets)
+            new_states.append(s)
+        if self.post_norm:
+            x, _ = LayerNorm(eps=self.norm_eps, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="post_norm")(x)
+        return x, tuple(new_states)
