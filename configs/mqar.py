@@ -17,6 +17,11 @@ FAMILIES = {
     "mamba": ("mamba-tiny", {"d_model": 64, "n_layers": 2, "d_state": 16}),
     "lssl": ("lssl-tiny", {"d_model": 64, "n_layers": 2, "state_size": 32, "channels": 2}),
     "s4d": ("s4d-tiny", {"d_model": 64, "n_layers": 2, "state_size": 32}),
+    "xlstm": ("xlstm-tiny", {"d_model": 64, "num_heads": 2}),
+    "mlstm": ("mlstm-tiny", {"d_model": 64, "num_heads": 2}),
+    "slstm": ("slstm-tiny", {"d_model": 64}),
+    "hopfield": ("hopfield-tiny", {"d_model": 64, "memory_size": 128}),
+    "hcam": ("hcam-tiny", {"d_model": 64, "chunk_size": 8, "num_chunks": 16, "top_k": 4}),
 }
 
 

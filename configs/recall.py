@@ -4,6 +4,10 @@ from mnemax.configs.base import apply_family, base_config
 
 FAMILIES = {
     "transformer": ("transformer-tiny", {"d_model": 64, "n_layers": 2, "num_heads": 2, "window": 256, "key_conv": 4}),
+    "hopfield": ("hopfield-tiny", {"d_model": 64, "memory_size": 256}),
+    "hcam": ("hcam-tiny", {"d_model": 64, "chunk_size": 16, "num_chunks": 16, "top_k": 2}),
+    "mamba": ("mamba-tiny", {"d_model": 64, "n_layers": 2, "d_state": 16}),
+    "xlstm": ("xlstm-tiny", {"d_model": 64, "num_heads": 2}),
 }
 
 

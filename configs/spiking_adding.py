@@ -4,6 +4,9 @@ from mnemax.configs.base import apply_family, base_config
 
 FAMILIES = {
     "transformer": ("transformer-tiny", {"d_model": 64, "n_layers": 2, "num_heads": 2, "window": 128}),
+    "elm": ("elm-small", {"num_memory": 64}),
+    "branch-elm": ("branch-elm-small", {"num_memory": 64, "num_branch": 16, "num_synapse_per_branch": 4}),
+    "slstm": ("slstm-tiny", {"d_model": 64}),
 }
 
 
