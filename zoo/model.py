@@ -15,6 +15,12 @@ Shapes:
     ``pool="mean"`` each step sees the running mean of the features so far), or
     per-step regression outputs ("regress").
   state: ModelState(blocks=tuple of each block's state, pool=PoolState or ()).
+
+Per-layer outputs: every call sows the residual stream after the embedding and after
+each block into the "intermediates" collection as ``layer_outputs`` (a tuple of
+n_layers + 1 arrays (batch, time, d_model)); read them with
+``model.apply(variables, inputs, mutable=["intermediates"])`` or
+:func:`mnemax.diagnostics.layer_outputs`. Without ``mutable`` the sow is a no-op.
 """
 
 from __future__ import annotations
@@ -105,16 +111,8 @@ class SequenceModel(nn.Module):
             )(inputs.astype(dt))
         x = x.astype(residual_dt)
 
-        block_states = [None] * cfg.n_layers if state is None else list(state.blocks)
-        family = get_family(cfg.family)
-        new_states = []
-        for i in range(cfg.n_layers):
-            proto = family.make_block(cfg, i, parent=None)
-            cls = nn.remat(type(proto)) if cfg.remat else type(proto)
-            block = cls(**_fields(proto), name=f"block_{i}")
-            x, s = block(x, block_states[i], resets)
-            x = x.astype(residual_dt)
-            new_states.append(s)
+        self.sow("intermediates", "layer_outputs", x)
+        x, new_states = self._run_blocks(x, None if state is None else state.blocks, resets, residual_dt)
 
         if cfg.final_norm == "none":
             h = x.astype(dt)
@@ -142,6 +140,23 @@ class SequenceModel(nn.Module):
         if cfg.logit_soft_cap is not None:
             out = cfg.logit_soft_cap * jnp.tanh(out / cfg.logit_soft_cap)
         return out, ModelState(blocks=tuple(new_states), pool=pool_state)
+
+    def _run_blocks(self, x, block_states, resets, residual_dt):
+        """The blocks, in order (a family's ``make_model`` may subclass and replace this).
+        Each block's output is cast to ``residual_dt`` and sown as an "intermediates"
+        ``layer_outputs`` entry. Returns (x, tuple of the blocks' new states)."""
+        cfg = self.config
+        family = get_family(cfg.family)
+        new_states = []
+        for i in range(cfg.n_layers):
+            proto = family.make_block(cfg, i, parent=None)
+            cls = nn.remat(type(proto)) if cfg.remat else type(proto)
+            block = cls(**_fields(proto), name=f"block_{i}")
+            x, s = block(x, None if block_states is None else block_states[i], resets)
+            x = x.astype(residual_dt)
+            self.sow("intermediates", "layer_outputs", x)
+            new_states.append(s)
+        return x, tuple(new_states)
 
 
 def _fields(module: nn.Module) -> dict:
