@@ -8,6 +8,7 @@ and ``layer.initial_state(batch_size)`` on the unbound module. See
 from .attention import AttentionState, CausalSelfAttention, rope
 from .base import check_resets, check_sequence, check_state, reset_state, state_dtype
 from .conv import CausalConv1d, ConvState
+from .memmamba import CrossLayerRead, MemMambaBlock, MemMambaStack, MemMambaState, NotePool
 from .mlp import MLP
 from .norms import LayerNorm, RMSNorm, layer_norm, make_norm, rms_norm
 from .ssm import (
@@ -36,6 +37,11 @@ __all__ = [
     "LSSLState",
     "LayerNorm",
     "MLP",
+    "CrossLayerRead",
+    "MemMambaBlock",
+    "MemMambaStack",
+    "MemMambaState",
+    "NotePool",
     "MambaBlock",
     "MambaMixer",
     "MambaState",
