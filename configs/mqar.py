@@ -14,6 +14,13 @@ from mnemax.configs.base import apply_family, base_config
 FAMILIES = {
     "transformer": ("transformer-tiny", {"d_model": 64, "n_layers": 2, "num_heads": 2, "window": 128, "key_conv": 4}),
     "transformer-vanilla": ("transformer-tiny", {"d_model": 64, "n_layers": 2, "num_heads": 2, "window": 128}),
+    "mamba": ("mamba-tiny", {"d_model": 64, "n_layers": 2, "d_state": 16}),
+    # the same backbone; pools of 32 notes (room for the 16 key-value pairs), cross-layer read at layer 2
+    "memmamba": (
+        "memmamba-tiny",
+        {"d_model": 64, "n_layers": 2, "d_state": 16, "pool_size": 32, "pool_dim": 32, "num_heads": 2,
+         "cross_layer_every": 2, "pool_chunk": 8},
+    ),
 }
 
 
