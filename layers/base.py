@@ -94,6 +94,19 @@ def expected_state(module, batch: int):
     return jax.eval_shape(lambda: module.initial_state(batch))
 
 
+def begin_call(module, x, state, resets, features: int | None = None, name: str = "x"):
+    """The checks every contract call starts with: ``x`` is (batch, time, features),
+    ``resets`` (batch, time), ``state`` None (-> ``module.initial_state(batch)``) or shaped
+    like it. Returns (state, resets as bool or None)."""
+    check_sequence(x, features, name=name)
+    batch, time = x.shape[:2]
+    resets = check_resets(resets, batch, time)
+    if state is None:
+        return module.initial_state(batch), resets
+    check_state(state, expected_state(module, batch))
+    return state, resets
+
+
 def segment_ids(resets, batch: int, time: int):
     """(batch, time) int32: number of resets up to and including each step."""
     if resets is None:

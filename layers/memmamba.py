@@ -111,18 +111,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .base import (
-    Dtype,
-    check_resets,
-    check_sequence,
-    check_state,
-    compute_dtype,
-    expected_state,
-    partitioned,
-    reset_state,
-    state_dtype,
-)
-from .mamba import MambaBlock, MambaMixer, MambaState, fan_in_uniform, mixer_fields
+from .base import Dtype, begin_call, check_sequence, check_state, compute_dtype, expected_state, partitioned, reset_state, state_dtype
+from .mamba import MambaBlock, MambaMixer, MambaState, fan_in_uniform, mamba_residual, mixer_fields
 from .norms import RMSNorm
 
 GATES = ("hard", "soft", "ste")
@@ -417,20 +407,10 @@ class MemMambaBlock(MambaBlock):
     def forward(self, u, state: MemMambaState | None = None, resets=None):
         """Like ``__call__``, and also returns the layer's :class:`Notes` (for cross-layer reads)."""
         self._check_pool_config()
-        check_sequence(u, self.features, name="x")
-        batch, time, _ = u.shape
-        resets = check_resets(resets, batch, time)
-        if state is None:
-            state = self.initial_state(batch)
-        else:
-            check_state(state, expected_state(self, batch))
+        state, resets = begin_call(self, u, state, resets, self.features)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         sdt = state_dtype(self.dtype)
-
-        h, _ = RMSNorm(eps=self.norm_eps, name="norm", **kw)(u)
-        m, mamba_state = MambaMixer(**mixer_fields(self, MambaMixer), name="mixer")(h, state.mamba, resets)
-        residual = u.astype(jnp.promote_types(u.dtype, jnp.float32)) if self.residual_in_fp32 else u
-        y = residual + m.astype(residual.dtype)
+        y, mamba_state, h = mamba_residual(self, u, state.mamba, resets)
 
         # Note Block: salience, summary, hard write decision, gated value.
         salience = Scorer(self.score_hidden, name="note_score", **kw)(h).astype(sdt)
