@@ -40,6 +40,9 @@ value forward, the soft gradient backward (straight-through). Which notes are wr
 always the hard threshold (a slot cannot be written "half"); the note gate scales the
 stored summary: the gradient reaches the note scorer only through it (``soft``/``ste``),
 and reaches ``W_sum`` and the tokens through the summaries that later reads attend to.
+Which note the salience rule keeps is piecewise constant in the scores, so where a new
+note's salience ties an entry's the layer's function has a kink (either choice gives the
+same value, not the same slope).
 
 Two paths compute the same pools and reads (``pool_impl``):
 
@@ -54,8 +57,8 @@ Two paths compute the same pools and reads (``pool_impl``):
   At larger chunks it approximates it in one way only: a token does not see the notes
   written earlier in its own chunk (at most ``pool_chunk - 1`` tokens back); the pool
   after a chunk holds the same notes as the reference's (FIFO: the same slots; salience:
-  the same set, possibly in other slots -- reads do not depend on slot order) given the
-  same layer inputs. Chunks count from the start of each call, so with
+  the same set up to ties, possibly in other slots -- reads do not depend on slot order)
+  given the same layer inputs. Chunks count from the start of each call, so with
   ``pool_chunk > 1`` a sequence fed in pieces sees notes at slightly different delays
   than one call (the layer contract's streaming identity holds exactly at 1, the
   default).
