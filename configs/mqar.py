@@ -22,6 +22,12 @@ FAMILIES = {
     "slstm": ("slstm-tiny", {"d_model": 64}),
     "hopfield": ("hopfield-tiny", {"d_model": 64, "memory_size": 128}),
     "hcam": ("hcam-tiny", {"d_model": 64, "chunk_size": 8, "num_chunks": 16, "top_k": 4}),
+    # the same backbone; pools of 32 notes (room for the 16 key-value pairs), cross-layer read at layer 2
+    "memmamba": (
+        "memmamba-tiny",
+        {"d_model": 64, "n_layers": 2, "d_state": 16, "pool_size": 32, "pool_dim": 32, "num_heads": 2,
+         "cross_layer_every": 2, "pool_chunk": 8},
+    ),
 }
 
 

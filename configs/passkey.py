@@ -8,6 +8,13 @@ from mnemax.configs.base import apply_family, base_config
 
 FAMILIES = {
     "transformer": ("transformer-tiny", {"d_model": 64, "n_layers": 2, "num_heads": 2, "window": 256, "key_conv": 4}),
+    "mamba": ("mamba-tiny", {"d_model": 64, "n_layers": 2, "d_state": 16}),
+    # the same backbone; pools of 16 notes (the 7-token needle fits), cross-layer read at layer 2
+    "memmamba": (
+        "memmamba-tiny",
+        {"d_model": 64, "n_layers": 2, "d_state": 16, "pool_size": 16, "pool_dim": 32, "num_heads": 2,
+         "cross_layer_every": 2, "pool_chunk": 8},
+    ),
 }
 
 

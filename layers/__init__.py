@@ -14,6 +14,7 @@ from .hopfield import Hopfield, HopfieldLayer, HopfieldPooling, associate, hopfi
 from .causal_hopfield import CausalHopfield, CausalHopfieldBlock, HopfieldPoolingBlock  # noqa: I001 (after .hopfield)
 from .elm import ELMBlock, ELMNeuron, ELMState
 from .hcam import HCAMAttention, HCAMBlock, HCAMState
+from .memmamba import CrossLayerRead, MemMambaBlock, MemMambaStack, MemMambaState, NotePool
 from .mlp import MLP
 from .norms import LayerNorm, RMSNorm, layer_norm, make_norm, rms_norm
 from .ssm import (
@@ -38,6 +39,7 @@ __all__ = [
     "CausalHopfieldBlock",
     "CausalSelfAttention",
     "ConvState",
+    "CrossLayerRead",
     "DiagonalSSM",
     "DiagonalSSMBlock",
     "DiagonalSSMState",
@@ -63,6 +65,10 @@ __all__ = [
     "MambaBlock",
     "MambaMixer",
     "MambaState",
+    "MemMambaBlock",
+    "MemMambaStack",
+    "MemMambaState",
+    "NotePool",
     "RMSNorm",
     "SLSTMBlock",
     "SLSTMLayer",

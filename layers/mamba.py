@@ -41,16 +41,7 @@ import jax.numpy as jnp
 
 from mnemax.kernels import selective_scan
 
-from .base import (
-    Dtype,
-    check_resets,
-    check_sequence,
-    check_state,
-    compute_dtype,
-    expected_state,
-    partitioned,
-    state_dtype,
-)
+from .base import Dtype, begin_call, check_sequence, compute_dtype, partitioned, state_dtype
 from .conv import CausalConv1d, ConvState
 from .norms import RMSNorm
 
@@ -145,13 +136,7 @@ class MambaMixer(nn.Module):
     @nn.compact
     def __call__(self, u, state: MambaState | None = None, resets=None):
         self._check_config()
-        check_sequence(u, self.features, name="x")
-        batch, time, _ = u.shape
-        resets = check_resets(resets, batch, time)
-        if state is None:
-            state = self.initial_state(batch)
-        else:
-            check_state(state, expected_state(self, batch))
+        _, _, resets, state, _ = begin_call(self, u, self.features, state, resets)
         cdt = compute_dtype(self.dtype, u)
         E, N, R, d = self.d_inner, self.d_state, self.rank, self.features
         pdt = self.param_dtype
@@ -214,7 +199,15 @@ class MambaBlock(MambaMixer):
     @nn.compact
     def __call__(self, u, state: MambaState | None = None, resets=None):
         check_sequence(u, self.features, name="x")
-        h, _ = RMSNorm(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(u)
-        h, state = MambaMixer(**mixer_fields(self, MambaMixer), name="mixer")(h, state, resets)
-        residual = u.astype(jnp.promote_types(u.dtype, jnp.float32)) if self.residual_in_fp32 else u
-        return residual + h.astype(residual.dtype), state
+        y, state, _ = mamba_residual(self, u, state, resets)
+        return y, state
+
+
+def mamba_residual(block: MambaBlock, u, state: MambaState | None, resets):
+    """``u + MambaMixer(RMSNorm(u))`` with the fields of ``block`` (a MambaBlock or a block
+    extending it), as its submodules ``norm`` and ``mixer``; call it from the block's compact
+    method. Returns (output, mixer state, the normed input)."""
+    h, _ = RMSNorm(eps=block.norm_eps, dtype=block.dtype, param_dtype=block.param_dtype, name="norm")(u)
+    m, state = MambaMixer(**mixer_fields(block, MambaMixer), name="mixer")(h, state, resets)
+    residual = u.astype(jnp.promote_types(u.dtype, jnp.float32)) if block.residual_in_fp32 else u
+    return residual + m.astype(residual.dtype), state, h

@@ -16,6 +16,13 @@ Shapes:
     per-step regression outputs ("regress").
   state: ModelState(blocks=tuple of each block's state (with scan_layers: one state
     pytree stacked on a leading layer axis), pool=PoolState or ()).
+
+Per-layer outputs: every call sows the residual stream after the embedding and after
+each block into the "intermediates" collection as ``layer_outputs`` (a tuple of
+n_layers + 1 arrays (batch, time, d_model)); read them with
+``model.apply(variables, inputs, mutable=["intermediates"])`` or
+:func:`mnemax.diagnostics.layer_outputs`. Without ``mutable`` the sow is a no-op. With
+``scan_layers`` only the embedding output is sown (the blocks run inside ``nn.scan``).
 """
 
 from __future__ import annotations
@@ -122,33 +129,8 @@ class SequenceModel(nn.Module):
             )(inputs.astype(dt))
         x = x.astype(residual_dt)
 
-        if cfg.scan_layers:
-            proto = self._uniform_block()
-            stacked = self.initial_state(batch).blocks if state is None else state.blocks
-            scanned = nn.scan(
-                _ScanStep,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                in_axes=(0, nn.broadcast),
-                length=cfg.n_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )
-            x, new_blocks = scanned(
-                block_cls=type(proto), block_fields=FrozenDict(_fields(proto)), remat=cfg.remat,
-                residual_dtype=jnp.dtype(residual_dt).name, name="blocks",
-            )(x, stacked, resets)
-        else:
-            block_states = [None] * cfg.n_layers if state is None else list(state.blocks)
-            family = get_family(cfg.family)
-            new_states = []
-            for i in range(cfg.n_layers):
-                proto = family.make_block(cfg, i, parent=None)
-                cls = nn.remat(type(proto)) if cfg.remat else type(proto)
-                block = cls(**_fields(proto), name=f"block_{i}")
-                x, s = block(x, block_states[i], resets)
-                x = x.astype(residual_dt)
-                new_states.append(s)
-            new_blocks = tuple(new_states)
+        self.sow("intermediates", "layer_outputs", x)
+        x, new_states = self._run_blocks(x, None if state is None else state.blocks, resets, residual_dt)
 
         if cfg.final_norm == "none":
             h = x.astype(dt)
@@ -175,7 +157,39 @@ class SequenceModel(nn.Module):
         out = out.astype(residual_dt)
         if cfg.logit_soft_cap is not None:
             out = cfg.logit_soft_cap * jnp.tanh(out / cfg.logit_soft_cap)
-        return out, ModelState(blocks=new_blocks, pool=pool_state)
+        return out, ModelState(blocks=tuple(new_states), pool=pool_state)
+
+    def _run_blocks(self, x, block_states, resets, residual_dt):
+        """The blocks, in order (a family's ``make_model`` may subclass and replace this).
+        Each block's output is cast to ``residual_dt`` and sown as an "intermediates"
+        ``layer_outputs`` entry. Returns (x, tuple of the blocks' new states)."""
+        cfg = self.config
+        if cfg.scan_layers:
+            proto = self._uniform_block()
+            stacked = self.initial_state(x.shape[0]).blocks if block_states is None else block_states
+            scanned = nn.scan(
+                _ScanStep,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast),
+                length=cfg.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            return scanned(
+                block_cls=type(proto), block_fields=FrozenDict(_fields(proto)), remat=cfg.remat,
+                residual_dtype=jnp.dtype(residual_dt).name, name="blocks",
+            )(x, stacked, resets)
+        family = get_family(cfg.family)
+        new_states = []
+        for i in range(cfg.n_layers):
+            proto = family.make_block(cfg, i, parent=None)
+            cls = nn.remat(type(proto)) if cfg.remat else type(proto)
+            block = cls(**_fields(proto), name=f"block_{i}")
+            x, s = block(x, None if block_states is None else block_states[i], resets)
+            x = x.astype(residual_dt)
+            self.sow("intermediates", "layer_outputs", x)
+            new_states.append(s)
+        return x, tuple(new_states)
 
 
 class _ScanStep(nn.Module):

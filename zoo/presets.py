@@ -473,3 +473,93 @@ register_preset(
         logit_soft_cap=30.0, embed_init_std=_small_init_std(4096), block={"num_heads": 8},
     ),
 )
+
+
+# ----------------------------------------------------------------------------- MemMamba
+
+import flax.linen as nn  # noqa: E402
+
+from mnemax.layers.mamba import mixer_fields  # noqa: E402
+from mnemax.layers.memmamba import CrossLayerRead, MemMambaBlock, run_layers  # noqa: E402
+
+from .model import SequenceModel, _fields  # noqa: E402
+
+# The stack's own options (the rest are MemMambaBlock fields; see mnemax.layers.memmamba).
+_MEMMAMBA_MODEL_KEYS = {"cross_layer_every": 4, "cross_layer_pools": 0}
+
+MEMMAMBA_KEYS = {
+    **MAMBA_KEYS,
+    "pool_size": 50,
+    "pool_dim": 64,
+    "num_heads": 4,
+    "note_threshold": 0.5,
+    "read_threshold": 0.5,
+    "note_gate": "ste",
+    "read_gate": "ste",
+    "gate_temperature": 0.1,
+    "replace": "salience",
+    "score_hidden": 0,
+    "fusion": "add",
+    "read_bias_init": 2.0,
+    "read_init_scale": 0.0,
+    "pool_chunk": 1,
+    "pool_impl": "chunked",
+    **_MEMMAMBA_MODEL_KEYS,
+}
+
+
+def _memmamba_block(cfg: ModelConfig, index: int, **kw) -> MemMambaBlock:
+    del index
+    block = {k: v for k, v in cfg.block.items() if k not in _MEMMAMBA_MODEL_KEYS}
+    return MemMambaBlock(features=cfg.d_model, n_layers=cfg.n_layers, **block, **_module_kwargs(cfg), **kw)
+
+
+class MemMambaModel(SequenceModel):
+    """The zoo model of the ``memmamba`` family: :class:`SequenceModel` (embedding, final
+    norm, heads, state, ``layer_outputs``) with the MemMamba stack as its blocks, i.e.
+    cross-layer attention (``cross_layer_<l>``) after every ``cross_layer_every``-th block.
+    The parameters of the Mamba parts have the names of the ``mamba`` family's."""
+
+    def _run_blocks(self, x, block_states, resets, residual_dt):
+        cfg = self.config
+        proto = _memmamba_block(cfg, 0, parent=None)
+        cls = nn.remat(type(proto), methods=["forward"]) if cfg.remat else type(proto)
+
+        def after_layer(x):
+            x = x.astype(residual_dt)
+            self.sow("intermediates", "layer_outputs", x)
+            return x
+
+        x, states, _ = run_layers(
+            x, block_states, resets,
+            lambda l: cls(**_fields(_memmamba_block(cfg, l, parent=None)), name=f"block_{l}"),
+            lambda l: CrossLayerRead(**mixer_fields(proto, CrossLayerRead), name=f"cross_layer_{l}"),
+            cfg.n_layers, cfg.block["cross_layer_every"], cfg.block["cross_layer_pools"], after_layer,
+        )
+        return x, states
+
+
+register_family(
+    Family(
+        name="memmamba",
+        make_block=_memmamba_block,
+        block_keys=MEMMAMBA_KEYS,
+        description="MemMamba: Mamba blocks + Note Block state pool, cross-token and sparse cross-layer attention",
+        make_model=MemMambaModel,
+    )
+)
+
+register_preset(
+    "memmamba-tiny",
+    ModelConfig(
+        family="memmamba", d_model=32, n_layers=2, vocab_size=64, tie_embeddings=True, norm_eps=1e-5,
+        block={"d_state": 8, "pool_size": 16, "pool_dim": 16, "num_heads": 2, "cross_layer_every": 2},
+    ),
+)
+register_preset(
+    "memmamba-130m",  # the mamba-130m backbone; 50-slot pools of 64-d notes, cross-layer reads every 4 layers
+    ModelConfig(
+        family="memmamba", d_model=768, n_layers=24, vocab_size=50280, tie_embeddings=True, norm_eps=1e-5,
+        block={"d_state": 16, "d_conv": 4, "expand": 2, "pool_size": 50, "pool_dim": 64, "num_heads": 4, "cross_layer_every": 4},
+    ),
+)

@@ -1,0 +1,521 @@
+"""MemMamba: Mamba blocks with a note-taking state pool, cross-token and cross-layer attention.
+
+Wang et al., "MemMamba: Rethinking Memory Patterns in State Space Model" (arXiv
+2510.03279). No official code is public and the method section's exact operators were
+not available to us; what follows is the paper's structure with every open choice made
+explicit as a field (the table below says which default we took and why).
+
+Layer l (:class:`MemMambaBlock`), on the residual stream ``u`` (batch, time, d)::
+
+    h_t   = RMSNorm(u_t)                                       the Mamba block's pre-norm
+    y_t   = u_t + MambaMixer(h)_t                              x^{l+1}: the Mamba block (fp32 residual)
+    Note Block:
+      s_t = sigmoid(score_note(h_t))                           salience I_token(x_t^l)
+      v_t = W_sum h_t                      (d -> pool_dim)      summary N_l(x_t^l)
+      s_t > tau_1  =>  write v_t (times the note gate) into the pool
+    Cross-token attention:
+      n_t = RMSNorm(y_t);  r_t = sigmoid(score_read(n_t))      retrieval score I_state
+      c_t = MHA(q = W_q n_t, K = W_k Pool_{t-1}, V = W_v Pool_{t-1})   over valid entries
+      out_t = y_t + g(r_t - tau_2) * W_o c_t                   (F_tok; "gated" fusion adds sigma(W_f n_t) *)
+
+and the stack (:class:`MemMambaStack`; the zoo's ``memmamba`` family) adds, after
+every layer l with (l + 1) % p == 0, cross-layer attention from the stream to the pools
+of the earlier layers (F_lay)::
+
+    x_t <- x_t + W'_o MHA(q = W'_q RMSNorm(x_t), K, V from Pool^j_{t-1}, j < l)
+
+A pool holds ``pool_size`` slots (entries (batch, P, pool_dim), salience (batch, P)) and
+``count``, the notes written in the episode; the valid slots are ``0 .. min(count, P)-1``.
+When the pool is full, a new note replaces the entry with the lowest salience if its own
+salience is higher (``replace="salience"``: the pool keeps the P most salient notes seen,
+ties keep the older), or the oldest entry (``replace="oldest"``: a ring buffer). A token
+reads the pool before its own note is written. An empty pool reads as exactly zero, so
+with ``note_threshold >= 1`` (nothing is ever written) a MemMamba model equals Mamba with
+the same weights.
+
+Gates (``note_gate``, ``read_gate``), with the score s and threshold tau:
+``"hard"`` 1[s > tau] (no gradient to the scorer); ``"soft"`` sigmoid((s - tau)/T)
+(``T = gate_temperature``; differentiable, changes the forward value); ``"ste"`` the hard
+value forward, the soft gradient backward (straight-through). Which notes are written is
+always the hard threshold (a slot cannot be written "half"); the note gate scales the
+stored summary: the gradient reaches the note scorer only through it (``soft``/``ste``),
+and reaches ``W_sum`` and the tokens through the summaries that later reads attend to.
+Which note the salience rule keeps is piecewise constant in the scores, so where a new
+note's salience ties an entry's the layer's function has a kink (either choice gives the
+same value, not the same slope).
+
+Two paths compute the same pools and reads (``pool_impl``):
+
+* ``"reference"``: a ``lax.scan`` over tokens: clear on reset, read, insert (the rule
+  above, written as it reads). The ground truth.
+* ``"chunked"`` (training): a ``lax.scan`` over chunks of ``pool_chunk`` tokens. All
+  tokens of a chunk read the pool as it was at the chunk's start (masked to empty after
+  a reset inside the chunk), in one batched attention; the chunk's notes are then
+  merged into the pool at once (the P best of old entries and new notes by salience,
+  new notes filling the freed slots in order; or the ring buffer advanced by the
+  chunk's notes). At ``pool_chunk=1`` this is the reference (values and gradients).
+  At larger chunks it approximates it in one way only: a token does not see the notes
+  written earlier in its own chunk (at most ``pool_chunk - 1`` tokens back); the pool
+  after a chunk holds the same notes as the reference's (FIFO: the same slots; salience:
+  the same set up to ties, possibly in other slots -- reads do not depend on slot order)
+  given the same layer inputs. Chunks count from the start of each call, so with
+  ``pool_chunk > 1`` a sequence fed in pieces sees notes at slightly different delays
+  than one call (the layer contract's streaming identity holds exactly at 1, the
+  default).
+
+Choices the paper leaves open (field: default -- why):
+
+* ``pool_size`` P: 50, ``pool_dim``: 64 -- the sizes secondary summaries of the paper
+  report (50 slots of 64-d summaries); cost per token O(P * pool_dim), constant in T.
+* scorers (``score_hidden``): 0 = linear score from the normed token (an MLP of that
+  width otherwise) -- the cheapest learned salience; the paper names no network.
+* ``note_threshold`` tau_1 = 0.5 on sigmoid scores: at init about half the tokens
+  qualify, so the pool fills and the salience rule, not the threshold, picks what stays.
+* ``read_threshold`` tau_2 = 0.5 with the read scorer's bias at ``read_bias_init`` = 2
+  (r ~ 0.88): reads start switched on and the model learns where to switch them off
+  (a read that starts off gets no gradient through its hard forward value).
+* ``note_gate``/``read_gate``: "ste" -- the forward pass is the hard-threshold function
+  used at inference, and the scorers still learn.
+* ``gate_temperature`` T = 0.1: a soft gate that goes from 0.27 to 0.73 over +-0.1 of
+  score around the threshold.
+* ``replace``: "salience" -- the paper's priority-based rule; "oldest" (FIFO) also named.
+* summary: a linear projection of the normed token (the paper's "dimensionality
+  reduction"); query from the normed Mamba output (the retrieval score looks at the
+  state after the token, the paper's I_state(z)); multi-head attention with
+  ``num_heads`` = 4 heads of pool_dim / heads, no positions (a pool is a set).
+* ``fusion``: "add" (residual mapping) -- "gated" multiplies by a learned sigmoid gate
+  per channel; both are named in the paper.
+* cross-layer (stack only): ``cross_layer_every`` p = 4, over the pools of all earlier
+  layers (``cross_layer_pools`` = 0; n > 0 reads only the n layers just before), read
+  unconditionally (the paper triggers it by depth only), pools concatenated as one set.
+* ``read_init_scale`` = 0: the output projections of the reads (W_o, W'_o) start at zero,
+  so an untrained MemMamba computes exactly its Mamba backbone and the reads grow in as
+  they help (the first update of W_o opens the gradient to the rest of the read path);
+  s > 0 initialises them like Mamba's ``out_proj``, U(+-s/sqrt(fan_in)) / sqrt(n_layers).
+
+State (float32; ``count`` int32)::
+
+    y, state = MemMambaBlock(features=d)(u, state, resets)
+    state: MemMambaState(mamba=MambaState(conv, ssm),
+                         pool=NotePool(entries=(batch, P, pool_dim), salience=(batch, P), count=(batch,)))
+
+Logical axis names: 'embed', 'mlp', 'state', 'conv' (Mamba), 'heads', 'head_dim' (the
+pool attention) and 'note' (the summary width pool_dim).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .base import Dtype, begin_call, check_sequence, check_state, compute_dtype, expected_state, partitioned, reset_state, state_dtype
+from .mamba import MambaBlock, MambaMixer, MambaState, fan_in_uniform, mamba_residual, mixer_fields
+from .norms import RMSNorm
+
+GATES = ("hard", "soft", "ste")
+REPLACE = ("salience", "oldest")
+FUSIONS = ("add", "gated")
+POOL_IMPLS = ("chunked", "reference")
+
+
+class NotePool(NamedTuple):
+    entries: jax.Array  # (batch, P, pool_dim) stored summaries
+    salience: jax.Array  # (batch, P) their scores
+    count: jax.Array  # (batch,) int32: notes written in this episode (valid slots: min(count, P))
+
+
+class MemMambaState(NamedTuple):
+    mamba: MambaState
+    pool: NotePool
+
+
+class Notes(NamedTuple):
+    """A layer's note stream: what each token offers the pool."""
+
+    values: jax.Array  # (batch, time, pool_dim) summaries (times the note gate)
+    salience: jax.Array  # (batch, time) scores in (0, 1)
+    write: jax.Array  # (batch, time) bool: score > note_threshold
+
+
+def empty_pool(batch: int, size: int, width: int, dtype=jnp.float32) -> NotePool:
+    return NotePool(
+        jnp.zeros((batch, size, width), dtype), jnp.zeros((batch, size), dtype), jnp.zeros((batch,), jnp.int32)
+    )
+
+
+def pool_valid(pool: NotePool) -> jax.Array:
+    """(batch, P) bool: the slots that hold a note."""
+    size = pool.salience.shape[1]
+    return jnp.arange(size)[None, :] < jnp.minimum(pool.count, size)[:, None]
+
+
+def gate(score, threshold: float, kind: str, temperature: float):
+    """The hard / soft / straight-through gate of ``score > threshold``."""
+    hard = (score > threshold).astype(score.dtype)
+    if kind == "hard":
+        return hard
+    soft = jax.nn.sigmoid((score - threshold) / temperature)
+    if kind == "soft":
+        return soft
+    return hard + soft - lax.stop_gradient(soft)
+
+
+# ----------------------------------------------------------------------------- pool updates
+
+
+def insert_note(pool: NotePool, value, salience, write, replace: str) -> NotePool:
+    """The reference rule for one token: value (batch, W), salience/write (batch,)."""
+    size = pool.salience.shape[1]
+    slots = jnp.arange(size)[None, :]
+    n = pool.count
+    if replace == "oldest":
+        slot, do = n % size, write
+    else:
+        full = n >= size
+        weakest = jnp.argmin(pool.salience, axis=1)  # a full pool has only valid slots
+        lowest = jnp.take_along_axis(pool.salience, weakest[:, None], axis=1)[:, 0]
+        slot = jnp.where(full, weakest, n)
+        do = write & (~full | (salience > lowest))
+    hit = do[:, None] & (slots == slot[:, None])
+    return NotePool(
+        jnp.where(hit[..., None], value[:, None, :].astype(pool.entries.dtype), pool.entries),
+        jnp.where(hit, salience[:, None].astype(pool.salience.dtype), pool.salience),
+        n + write.astype(jnp.int32),
+    )
+
+
+def merge_notes(pool: NotePool, values, salience, write, replace: str) -> NotePool:
+    """Writes a chunk's notes at once: values (batch, C, W), salience/write (batch, C).
+
+    "oldest": the chunk's k-th note goes to slot (count + k) mod P (only the last P
+    survive). "salience": the P best of (valid entries, written notes) by salience stay
+    -- ties rank old entries above new ones, a higher slot above a lower one and an
+    earlier note above a later one, which is the order the reference's one-at-a-time
+    rule produces -- and the kept notes fill the freed slots in ascending order. Slots
+    are assigned with a one-hot (batch, C, P) matrix, so gradients reach the values.
+    """
+    size, chunk = pool.salience.shape[1], salience.shape[1]
+    n = pool.count
+    if replace == "oldest":
+        rank = jnp.cumsum(write, axis=1) - 1
+        total = jnp.sum(write, axis=1)
+        keep = write & (rank >= (total - size)[:, None])
+        slot = (n[:, None] + rank) % size
+        assign = keep[..., None] & (slot[..., None] == jnp.arange(size))
+    else:
+        key = jnp.concatenate([pool.salience, salience.astype(pool.salience.dtype)], axis=1)
+        tie = jnp.concatenate([jnp.arange(size), -1 - jnp.arange(chunk)])
+        cand = jnp.concatenate([pool_valid(pool), write], axis=1)
+        ka, kc = key[:, :, None], key[:, None, :]
+        above = cand[:, :, None] & ((ka > kc) | ((ka == kc) & (tie[:, None] > tie[None, :])))
+        keep = cand & (jnp.sum(above, axis=1) < size)
+        keep_old, keep_new = keep[:, :size], keep[:, size:]
+        free = ~keep_old
+        free_rank = jnp.cumsum(free, axis=1) - 1
+        new_rank = jnp.cumsum(keep_new, axis=1) - 1
+        assign = keep_new[..., None] & free[:, None, :] & (new_rank[..., None] == free_rank[:, None, :])
+    written = jnp.any(assign, axis=1)
+    onehot = assign.astype(pool.entries.dtype)
+    new_values = jnp.einsum("bcp,bcw->bpw", onehot, values.astype(pool.entries.dtype))
+    new_salience = jnp.einsum("bcp,bc->bp", onehot, salience.astype(pool.salience.dtype))
+    return NotePool(
+        jnp.where(written[..., None], new_values, pool.entries),
+        jnp.where(written, new_salience, pool.salience),
+        n + jnp.sum(write, axis=1).astype(jnp.int32),
+    )
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def attend(q, pools: Sequence[NotePool], visible, w_k, w_v):
+    """Multi-head attention from queries q (batch, C, H, D) to the valid entries of the
+    pools (concatenated), for the tokens where ``visible`` (batch, C) is True; a token
+    that sees no entry gets exactly zero. Returns (batch, C, H, D)."""
+    entries = jnp.concatenate([p.entries for p in pools], axis=1).astype(q.dtype)
+    valid = jnp.concatenate([pool_valid(p) for p in pools], axis=1)
+    k = jnp.einsum("bpw,whd->bphd", entries, w_k.astype(q.dtype))
+    v = jnp.einsum("bpw,whd->bphd", entries, w_v.astype(q.dtype))
+    logits = jnp.einsum("bchd,bphd->bhcp", q, k) / math.sqrt(q.shape[-1])
+    mask = valid[:, None, None, :] & visible[:, None, :, None]
+    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    probs = jax.nn.softmax(logits, axis=-1) * mask
+    return jnp.einsum("bhcp,bphd->bchd", probs, v)
+
+
+def _clear(pool: NotePool, mask) -> NotePool:
+    return reset_state(pool, mask)
+
+
+def scan_reference(pools0, notes, resets, q, w_k, w_v, replace: str):
+    """Token by token: clear on reset, read the pools, then insert each pool's note.
+    q: (batch, T, H, D); returns (reads (batch, T, H, D), final pools)."""
+    batch, time = q.shape[:2]
+    cut = jnp.zeros((batch, time), bool) if resets is None else resets
+    xs = (q, cut, tuple(tuple(n) for n in notes))
+    xs = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), xs)
+
+    def step(pools, inp):
+        q_t, cut_t, notes_t = inp
+        pools = tuple(_clear(p, cut_t) for p in pools)
+        read = attend(q_t[:, None], pools, jnp.ones((batch, 1), bool), w_k, w_v)[:, 0]
+        pools = tuple(insert_note(p, v, s, w, replace) for p, (v, s, w) in zip(pools, notes_t))
+        return pools, read
+
+    pools, reads = lax.scan(step, tuple(pools0), xs)
+    return jnp.moveaxis(reads, 0, 1), pools
+
+
+def scan_chunked(pools0, notes, resets, q, w_k, w_v, replace: str, chunk: int):
+    """Chunk by chunk (see the module docstring); equals :func:`scan_reference` at chunk 1."""
+    batch, time = q.shape[:2]
+    size = min(chunk, time)
+    n_chunks = -(-time // size)
+    pad = n_chunks * size - time
+    cut = jnp.zeros((batch, time), bool) if resets is None else resets
+
+    def split(a):  # (batch, time, ...) -> (n_chunks, batch, size, ...), padded steps write nothing
+        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+        return jnp.moveaxis(a.reshape((batch, n_chunks, size) + a.shape[2:]), 1, 0)
+
+    xs = jax.tree.map(split, (q, cut, tuple(tuple(n) for n in notes)))
+    steps = jnp.arange(size)
+
+    @jax.checkpoint
+    def body(pools, inp):
+        q_c, cut_c, notes_c = inp
+        visible = jnp.cumsum(cut_c, axis=1) == 0  # no reset between the chunk start and the token
+        read = attend(q_c, pools, visible, w_k, w_v)
+        last = jnp.max(jnp.where(cut_c, steps, -1), axis=1)  # the chunk's last reset, or -1
+        new = []
+        for pool, (v, s, w) in zip(pools, notes_c):
+            pool = _clear(pool, last >= 0)
+            new.append(merge_notes(pool, v, s, w & (steps[None, :] >= last[:, None]), replace))
+        return tuple(new), read
+
+    pools, reads = lax.scan(body, tuple(pools0), xs)
+    reads = jnp.moveaxis(reads, 0, 1).reshape((batch, n_chunks * size) + reads.shape[3:])
+    return reads[:, :time], pools
+
+
+class PoolAttention(nn.Module):
+    """Multi-head attention from a (normed) stream to note pools that it updates as it
+    goes: ``out (batch, T, d), final_pools = PoolAttention(...)(n, pools0, notes, resets)``."""
+
+    features: int
+    pool_dim: int
+    num_heads: int
+    replace: str = "salience"
+    pool_impl: str = "chunked"
+    pool_chunk: int = 1
+    n_layers: int = 1
+    read_init_scale: float = 0.0
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, n, pools0: Sequence[NotePool], notes: Sequence[Notes], resets=None):
+        d, W, H = self.features, self.pool_dim, self.num_heads
+        D = W // H
+        pdt = self.param_dtype
+        w_q = self.param("query", partitioned(fan_in_uniform(d), ("embed", "heads", "head_dim")), (d, H, D), pdt)
+        w_k = self.param("key", partitioned(fan_in_uniform(W), ("note", "heads", "head_dim")), (W, H, D), pdt)
+        w_v = self.param("value", partitioned(fan_in_uniform(W), ("note", "heads", "head_dim")), (W, H, D), pdt)
+        out_init = fan_in_uniform(W, self.read_init_scale / math.sqrt(self.n_layers)) if self.read_init_scale else nn.initializers.zeros
+        w_o = self.param("out", partitioned(out_init, ("heads", "head_dim", "embed")), (H, D, d), pdt)
+        sdt = pools0[0].entries.dtype  # the pool arithmetic runs in the state dtype
+        q = jnp.einsum("btd,dhk->bthk", n.astype(sdt), w_q.astype(sdt))
+        if self.pool_impl == "reference":
+            reads, pools = scan_reference(pools0, notes, resets, q, w_k, w_v, self.replace)
+        else:
+            reads, pools = scan_chunked(pools0, notes, resets, q, w_k, w_v, self.replace, self.pool_chunk)
+        out = jnp.einsum("bthk,hkd->btd", reads, w_o.astype(sdt))
+        return out.astype(compute_dtype(self.dtype, n)), pools
+
+
+class Scorer(nn.Module):
+    """A score in (0, 1) per token: sigmoid of a linear map (or of a SiLU MLP of width
+    ``hidden``). x: (batch, T, d) -> (batch, T)."""
+
+    hidden: int = 0
+    bias_init: float = 0.0
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.hidden:
+            x = nn.Dense(self.hidden, kernel_init=partitioned(fan_in_uniform(d), ("embed", "mlp")),
+                         bias_init=partitioned(nn.initializers.zeros, ("mlp",)), name="hidden", **kw)(x)
+            x, d = jax.nn.silu(x), self.hidden
+        logit = nn.Dense(1, kernel_init=partitioned(fan_in_uniform(d), ("mlp" if self.hidden else "embed", None)),
+                         bias_init=partitioned(nn.initializers.constant(self.bias_init), (None,)), name="logit", **kw)(x)
+        return jax.nn.sigmoid(logit[..., 0].astype(jnp.promote_types(logit.dtype, jnp.float32)))
+
+
+class MemMambaBlock(MambaBlock):
+    """A MemMamba layer: the Mamba block (``norm``, ``mixer``: the same parameters as
+    :class:`MambaBlock`), the Note Block and cross-token attention to its pool (module
+    docstring). Fields: the Mamba block's plus the pool's (see the module docstring)."""
+
+    pool_size: int = 50
+    pool_dim: int = 64
+    num_heads: int = 4
+    note_threshold: float = 0.5
+    read_threshold: float = 0.5
+    note_gate: str = "ste"
+    read_gate: str = "ste"
+    gate_temperature: float = 0.1
+    replace: str = "salience"
+    score_hidden: int = 0
+    fusion: str = "add"
+    read_bias_init: float = 2.0
+    read_init_scale: float = 0.0
+    pool_chunk: int = 1
+    pool_impl: str = "chunked"
+
+    def _check_pool_config(self):
+        for field, value, allowed in (
+            ("note_gate", self.note_gate, GATES), ("read_gate", self.read_gate, GATES),
+            ("replace", self.replace, REPLACE), ("fusion", self.fusion, FUSIONS), ("pool_impl", self.pool_impl, POOL_IMPLS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{field} must be one of {allowed}, got {value!r}")
+        for field in ("pool_size", "pool_dim", "num_heads", "pool_chunk"):
+            if int(getattr(self, field)) < 1:
+                raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+        if self.pool_dim % self.num_heads:
+            raise ValueError(f"pool_dim ({self.pool_dim}) must be divisible by num_heads ({self.num_heads})")
+        if self.gate_temperature <= 0:
+            raise ValueError(f"gate_temperature must be > 0, got {self.gate_temperature}")
+
+    def initial_state(self, batch_size: int) -> MemMambaState:
+        self._check_pool_config()
+        mamba = MambaMixer(**mixer_fields(self, MambaMixer), parent=None).initial_state(batch_size)
+        return MemMambaState(mamba, empty_pool(batch_size, self.pool_size, self.pool_dim, state_dtype(self.dtype)))
+
+    def __call__(self, u, state: MemMambaState | None = None, resets=None):
+        y, state, _ = self.forward(u, state, resets)
+        return y, state
+
+    @nn.compact
+    def forward(self, u, state: MemMambaState | None = None, resets=None):
+        """Like ``__call__``, and also returns the layer's :class:`Notes` (for cross-layer reads)."""
+        self._check_pool_config()
+        _, _, resets, state, _ = begin_call(self, u, self.features, state, resets)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        sdt = state_dtype(self.dtype)
+        y, mamba_state, h = mamba_residual(self, u, state.mamba, resets)
+
+        # Note Block: salience, summary, hard write decision, gated value.
+        salience = Scorer(self.score_hidden, name="note_score", **kw)(h).astype(sdt)
+        summary = nn.DenseGeneral(
+            self.pool_dim, use_bias=False, kernel_init=partitioned(fan_in_uniform(self.features), ("embed", "note")),
+            name="summary", **kw,
+        )(h).astype(sdt)
+        note_gate = gate(salience, self.note_threshold, self.note_gate, self.gate_temperature)
+        notes = Notes(summary * note_gate[..., None], salience, salience > self.note_threshold)
+        self.sow("intermediates", "notes", notes)
+
+        # Cross-token attention to the pool, triggered by the retrieval score.
+        n, _ = RMSNorm(eps=self.norm_eps, name="read_norm", **kw)(y)
+        retrieval = Scorer(self.score_hidden, self.read_bias_init, name="read_score", **kw)(n)
+        read, pools = PoolAttention(**mixer_fields(self, PoolAttention), name="read")(n, (state.pool,), (notes,), resets)
+        if self.fusion == "gated":
+            read = read * jax.nn.sigmoid(
+                nn.Dense(self.features, kernel_init=partitioned(fan_in_uniform(self.features), ("embed", "embed")),
+                         bias_init=partitioned(nn.initializers.zeros, ("embed",)), name="fuse", **kw)(n)
+            )
+        g = gate(retrieval, self.read_threshold, self.read_gate, self.gate_temperature)
+        out = y + (g[..., None].astype(read.dtype) * read).astype(y.dtype)
+        return out, MemMambaState(mamba_state, pools[0]), notes
+
+
+class CrossLayerRead(PoolAttention):
+    """Cross-layer attention: ``x + W_o MHA(RMSNorm(x), pools of earlier layers)``.
+
+    ``sources`` are (incoming pool, notes) of the earlier layers; their pools are
+    replayed with the same rule and chunking as in the layers themselves, so a token
+    reads each earlier pool as it was before that token (before its chunk)."""
+
+    norm_eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x, sources: Sequence[tuple[NotePool, Notes]], resets=None):
+        n, _ = RMSNorm(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
+        pools0, notes = zip(*sources)
+        read, _ = PoolAttention(**mixer_fields(self, PoolAttention), name="read")(n, pools0, notes, resets)
+        return x + read.astype(x.dtype)
+
+
+def cross_layer_sources(layer: int, every: int, span: int) -> range:
+    """The earlier layers whose pools ``layer`` reads (empty: no cross-layer attention)."""
+    if every < 1 or layer < 1 or (layer + 1) % every:
+        return range(0)
+    return range(max(0, layer - span) if span > 0 else 0, layer)
+
+
+def run_layers(
+    x,
+    states,
+    resets,
+    make_block: Callable[[int], MemMambaBlock],
+    make_cross: Callable[[int], CrossLayerRead],
+    n_layers: int,
+    every: int,
+    span: int,
+    after_layer: Callable = lambda x: x,
+):
+    """The MemMamba stack: layer l, then (if l reads earlier pools) its cross-layer read.
+
+    ``make_block(l)``/``make_cross(l)`` build named submodules of the caller; ``states``
+    is a tuple of :class:`MemMambaState` or None; ``after_layer`` maps each layer's output
+    (casts, recording). Returns (x, tuple of new states, tuple of the layers' notes)."""
+    sources, new_states = [], []
+    for l in range(n_layers):
+        block = make_block(l)
+        state = None if states is None else states[l]
+        pool0 = block.initial_state(x.shape[0]).pool if state is None else state.pool
+        x, state, notes = block.forward(x, state, resets)
+        sources.append((pool0, notes))
+        new_states.append(state)
+        earlier = cross_layer_sources(l, every, span)
+        if len(earlier):
+            x = make_cross(l)(x, [sources[j] for j in earlier], resets)
+        x = after_layer(x)
+    return x, tuple(new_states), tuple(notes for _, notes in sources)
+
+
+class MemMambaStack(MemMambaBlock):
+    """``n_layers`` MemMamba layers with cross-layer attention every ``cross_layer_every``
+    layers (over the ``cross_layer_pools`` earlier pools, 0 = all); the layer contract on
+    (batch, time, features) with the state a tuple of :class:`MemMambaState`."""
+
+    cross_layer_every: int = 4
+    cross_layer_pools: int = 0
+
+    def _layer(self, **kw) -> MemMambaBlock:
+        return MemMambaBlock(**mixer_fields(self, MemMambaBlock), **kw)
+
+    def initial_state(self, batch_size: int) -> tuple:
+        return tuple(self._layer(parent=None).initial_state(batch_size) for _ in range(self.n_layers))
+
+    @nn.compact
+    def forward(self, x, state=None, resets=None):
+        """Returns (y, states, the layers' notes)."""
+        check_sequence(x, self.features, name="x")
+        if state is not None:
+            check_state(state, expected_state(self, x.shape[0]))
+        return run_layers(
+            x, state, resets, lambda l: self._layer(name=f"block_{l}"),
+            lambda l: CrossLayerRead(**mixer_fields(self, CrossLayerRead), name=f"cross_layer_{l}"),
+            self.n_layers, self.cross_layer_every, self.cross_layer_pools,
+        )
