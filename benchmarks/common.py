@@ -79,7 +79,9 @@ def save(results: dict, name: str) -> None:
 
 
 def table(rows: list[dict], columns: list[str]) -> str:
-    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    if not rows:
+        return ""
+    widths = {c: max([len(c)] + [len(_fmt(r.get(c))) for r in rows]) for c in columns}
     lines = [" | ".join(c.ljust(widths[c]) for c in columns)]
     lines.append("-|-".join("-" * widths[c] for c in columns))
     for r in rows:
@@ -93,3 +95,31 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def lm_train_step(model, tokens):
+    """A jitted AdamW next-token step for ``model`` on ``tokens`` (batch, seq + 1).
+
+    Returns ``(step, params, opt_state, n_params)``; ``step(params, opt, tokens)``
+    returns the updated ``(params, opt, loss)``. Parameters are initialised from a
+    short prefix (their shapes do not depend on the length).
+    """
+    import optax
+
+    params = jax.jit(model.init)(jax.random.key(0), tokens[:, :8])["params"]
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    tx = optax.adamw(1e-4)
+    opt = tx.init(params)
+
+    def loss_fn(p, tok):
+        logits, _ = model.apply({"params": p}, tok[:, :-1])
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+        return -jnp.mean(jnp.take_along_axis(logp, tok[:, 1:, None], axis=-1))
+
+    @jax.jit
+    def step(p, o, tok):
+        loss, g = jax.value_and_grad(loss_fn)(p, tok)
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), o, loss
+
+    return step, params, opt, n_params

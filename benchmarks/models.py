@@ -20,10 +20,9 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench, environment, matmul_rate, save, table  # noqa: E402
+from common import bench, environment, lm_train_step, matmul_rate, save, table  # noqa: E402
 
 import mnemax  # noqa: E402
 
@@ -50,21 +49,7 @@ def train_step_row(spec: str, batch: int, seq: int, peak_flops: float) -> dict:
     cfg = model.config
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq + 1)), jnp.int32)
-    params = jax.jit(model.init)(jax.random.key(0), tokens[:, :8])["params"]
-    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-    tx = optax.adamw(1e-4)
-    opt = tx.init(params)
-
-    def loss_fn(p, tok):
-        logits, _ = model.apply({"params": p}, tok[:, :-1])
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-        return -jnp.mean(jnp.take_along_axis(logp, tok[:, 1:, None], axis=-1))
-
-    @jax.jit
-    def step(p, o, tok):
-        loss, g = jax.value_and_grad(loss_fn)(p, tok)
-        u, o = tx.update(g, o, p)
-        return optax.apply_updates(p, u), o, loss
+    step, params, opt, n_params = lm_train_step(model, tokens)
 
     compiled = step.lower(params, opt, tokens).compile()
     mem = compiled.memory_analysis()

@@ -188,4 +188,4 @@ def test_bad_inputs_raise():
         selective_scan(args["x"], args["dt"], args["A"], args["B"], args["C"], chunk_size=0)
     with pytest.raises(ValueError, match="backend"):
         selective_scan(args["x"], args["dt"], args["A"], args["B"], args["C"], backend="nope")
-    assert available("selective_scan") == ("reference", "xla")
+    assert available("selective_scan") == ("reference", "xla", "pallas_gpu", "pallas_tpu")

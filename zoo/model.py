@@ -157,7 +157,7 @@ class SequenceModel(nn.Module):
         out = out.astype(residual_dt)
         if cfg.logit_soft_cap is not None:
             out = cfg.logit_soft_cap * jnp.tanh(out / cfg.logit_soft_cap)
-        return out, ModelState(blocks=tuple(new_states), pool=pool_state)
+        return out, ModelState(blocks=new_states, pool=pool_state)
 
     def _run_blocks(self, x, block_states, resets, residual_dt):
         """The blocks, in order (a family's ``make_model`` may subclass and replace this).
@@ -175,10 +175,12 @@ class SequenceModel(nn.Module):
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            return scanned(
+            x, new = scanned(
                 block_cls=type(proto), block_fields=FrozenDict(_fields(proto)), remat=cfg.remat,
                 residual_dtype=jnp.dtype(residual_dt).name, name="blocks",
             )(x, stacked, resets)
+            # nn.scan returns NamedTuple states as plain tuples: restore the structure
+            return x, jax.tree.unflatten(jax.tree.structure(stacked), jax.tree.leaves(new))
         family = get_family(cfg.family)
         new_states = []
         for i in range(cfg.n_layers):

@@ -1,0 +1,154 @@
+"""Model throughput and generation on one accelerator (issue 10).
+
+    python benchmarks/throughput.py [--families transformer,mamba,xlstm] [--contexts 2048,8192]
+        [--tokens 65536] [--prefill 16384] [--gen 64]
+
+Training: for each family's ~125M preset and each context length, a jitted AdamW step
+on ``--tokens`` tokens per step (batch = tokens / context), bf16 compute: step time,
+tokens/s, MFU (6 * params * tokens / time over the bf16 matmul rate measured here).
+
+Generation: prefill ``--prefill`` tokens in one call, then ``--gen`` one-token steps
+from the returned state (the Transformer from its KV cache, recurrent families from
+their state), at batch 1 and 32: generated tokens/s and the bytes of the state that
+generation carries, at 1/4, 1/2 and all of the prefill length (flat for recurrent
+families, growing for attention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import bench, environment, lm_train_step, matmul_rate, save, table  # noqa: E402
+
+import mnemax  # noqa: E402
+
+FAMILIES = {
+    "transformer": ("transformer-125m", {"implementation": "cudnn", "scan_layers": True}),
+    "mamba": ("mamba-130m", {"scan_layers": True}),
+    "xlstm": ("xlstm-125m", {}),
+    "memmamba": ("memmamba-130m", {"pool_chunk": 64}),
+}
+
+
+def make(name, context, **extra):
+    preset, ov = FAMILIES[name]
+    ov = {**ov, **extra}
+    if "window" in mnemax.get_config(preset).block:
+        ov["window"] = context
+    return mnemax.create(preset, dtype="bfloat16", **ov)
+
+
+def nbytes(tree) -> int:
+    return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def train_row(name, context, tokens, peak):
+    batch = max(1, tokens // context)
+    model = make(name, context)
+    rng = np.random.default_rng(0)
+    tok = jnp.asarray(rng.integers(0, model.config.vocab_size, (batch, context + 1)), jnp.int32)
+    step, params, opt, n = lm_train_step(model, tok)
+
+    t0 = time.time()
+    step.lower(params, opt, tok).compile()
+    comp = time.time() - t0
+    t = bench(lambda: step(params, opt, tok), calls=2, repeats=3, warmup=1)
+    return {"family": name, "context": context, "batch": batch, "params_M": n / 1e6, "step_ms": t * 1e3,
+            "tokens_per_s": batch * context / t, "MFU": 6 * n * batch * context / t / peak, "compile_s": comp}
+
+
+def gen_rows(name, prefill, gen, batches):
+    rows = []
+    model = make(name, prefill + gen + 8)
+    rng = np.random.default_rng(1)
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    apply = jax.jit(model.apply)
+    for batch in batches:
+        prompt = jnp.asarray(rng.integers(0, model.config.vocab_size, (batch, prefill)), jnp.int32)
+        t0 = time.time()
+        logits, state = apply(params, prompt)
+        jax.block_until_ready(logits)
+        t_prefill = time.time() - t0
+        nxt = jnp.argmax(logits[:, -1:], -1).astype(jnp.int32)
+
+        def one(state, nxt):
+            y, state = apply(params, nxt, state)
+            return state, jnp.argmax(y[:, -1:], -1).astype(jnp.int32)
+
+        state, nxt = one(state, nxt)  # compile
+        jax.block_until_ready(nxt)
+        t0 = time.time()
+        for _ in range(gen):
+            state, nxt = one(state, nxt)
+        jax.block_until_ready(nxt)
+        dt = time.time() - t0
+        sizes = {}
+        for frac in (4, 2, 1):
+            ctx = prefill // frac
+            m = make(name, ctx + gen + 8)
+            sizes[f"state_MB@{ctx}"] = nbytes(jax.eval_shape(lambda: m.initial_state(batch))) / 1e6
+        rows.append({"family": name, "batch": batch, "prefill": prefill, "prefill_s_incl_compile": t_prefill,
+                     "gen_tokens_per_s": batch * gen / dt, "ms_per_token_step": dt / gen * 1e3, **sizes})
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--families", default=",".join(FAMILIES))
+    ap.add_argument("--contexts", default="2048,8192")
+    ap.add_argument("--tokens", type=int, default=65536)
+    ap.add_argument("--prefill", type=int, default=16384)
+    ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--skip_train", action="store_true")
+    ap.add_argument("--skip_gen", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="tiny presets (a dry run on CPU)")
+    args = ap.parse_args()
+    if args.tiny:
+        for k, (preset, ov) in list(FAMILIES.items()):
+            tiny = {"transformer-125m": "transformer-tiny", "mamba-130m": "mamba-tiny", "xlstm-125m": "xlstm-tiny",
+                    "memmamba-130m": "memmamba-tiny"}[preset]
+            FAMILIES[k] = (tiny, {kk: vv for kk, vv in ov.items() if kk != "implementation"})
+    env = environment()
+    print(env, flush=True)
+    peak = matmul_rate()
+    print(f"bf16 matmul: {peak / 1e12:.1f} TFLOP/s", flush=True)
+    train, gen = [], []
+    for name in args.families.split(","):
+        if not args.skip_train:
+            for ctx in map(int, args.contexts.split(",")):
+                try:
+                    train.append(train_row(name, ctx, args.tokens, peak))
+                except Exception as e:  # noqa: BLE001
+                    traceback.print_exc()
+                    train.append({"family": name, "context": ctx, "error": f"{type(e).__name__}: {str(e)[:160]}"})
+                print(table(train, TRAIN_COLS), flush=True)
+        if not args.skip_gen:
+            try:
+                gen += gen_rows(name, args.prefill, args.gen, (1, 32))
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                gen.append({"family": name, "error": f"{type(e).__name__}: {str(e)[:160]}"})
+            print(table(gen, gen_cols(gen)), flush=True)
+    save({"env": env, "matmul_flops": peak, "train": train, "generation": gen}, "throughput.json")
+    print("\n" + table(train, TRAIN_COLS) + "\n\n" + table(gen, gen_cols(gen)))
+
+
+TRAIN_COLS = ["family", "context", "batch", "params_M", "step_ms", "tokens_per_s", "MFU", "compile_s", "error"]
+
+
+def gen_cols(rows):
+    extra = sorted({k for r in rows for k in r if k.startswith("state_MB@")}, key=lambda k: int(k.split("@")[1]))
+    return ["family", "batch", "prefill", "gen_tokens_per_s", "ms_per_token_step", *extra, "error"]
+
+
+if __name__ == "__main__":
+    main()
