@@ -1,6 +1,6 @@
 """Model throughput and generation on one accelerator (issue 10).
 
-    python benchmarks/throughput.py [--families transformer,mamba,xlstm] [--contexts 2048,8192]
+    python benchmarks/throughput.py [--families transformer,mamba,xlstm] [--contexts 2048,8192,32768]
         [--tokens 65536] [--prefill 16384] [--gen 64]
 
 Training: for each family's ~125M preset and each context length, a jitted AdamW step
@@ -104,7 +104,7 @@ def gen_rows(name, prefill, gen, batches):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--families", default=",".join(FAMILIES))
-    ap.add_argument("--contexts", default="2048,8192")
+    ap.add_argument("--contexts", default="2048,8192,32768")
     ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--prefill", type=int, default=16384)
     ap.add_argument("--gen", type=int, default=64)
@@ -122,6 +122,10 @@ def main():
     peak = matmul_rate()
     print(f"bf16 matmul: {peak / 1e12:.1f} TFLOP/s", flush=True)
     train, gen = [], []
+
+    def dump():  # after every row, so a run cut short keeps what it measured
+        save({"env": env, "matmul_flops": peak, "train": train, "generation": gen}, "throughput.json")
+
     for name in args.families.split(","):
         if not args.skip_train:
             for ctx in map(int, args.contexts.split(",")):
@@ -130,6 +134,7 @@ def main():
                 except Exception as e:  # noqa: BLE001
                     traceback.print_exc()
                     train.append({"family": name, "context": ctx, "error": f"{type(e).__name__}: {str(e)[:160]}"})
+                dump()
                 print(table(train, TRAIN_COLS), flush=True)
         if not args.skip_gen:
             try:
@@ -137,8 +142,8 @@ def main():
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc()
                 gen.append({"family": name, "error": f"{type(e).__name__}: {str(e)[:160]}"})
+            dump()
             print(table(gen, gen_cols(gen)), flush=True)
-    save({"env": env, "matmul_flops": peak, "train": train, "generation": gen}, "throughput.json")
     print("\n" + table(train, TRAIN_COLS) + "\n\n" + table(gen, gen_cols(gen)))
 
 
