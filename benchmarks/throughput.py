@@ -1,14 +1,14 @@
 """Model throughput and generation on one accelerator (issue 10).
 
     python benchmarks/throughput.py [--families transformer,mamba,xlstm] [--contexts 2048,8192,32768]
-        [--tokens 65536] [--prefill 16384] [--gen 64]
+        [--tokens 16384] [--prefill 16384] [--prefill_chunk 2048] [--gen 64]
 
-Training: for each family's ~125M preset and each context length, a jitted AdamW step
-on ``--tokens`` tokens per step (batch = tokens / context), bf16 compute: step time,
-tokens/s, MFU (6 * params * tokens / time over the bf16 matmul rate measured here).
+Training: for each context length and each family's ~125M preset, a jitted AdamW step
+on ``--tokens`` tokens per step (batch = tokens / context; blocks rematerialised from
+``--remat_from`` on), bf16 compute: step time, tokens/s, MFU (6 * params * tokens / time over the bf16 matmul rate measured here).
 
-Generation: prefill ``--prefill`` tokens in one call, then ``--gen`` one-token steps
-from the returned state (the Transformer from its KV cache, recurrent families from
+Generation: prefill ``--prefill`` tokens in chunks of ``--prefill_chunk`` (carrying the
+state), then ``--gen`` one-token steps from the returned state (the Transformer from its KV cache, recurrent families from
 their state), at batch 1 and 32: generated tokens/s and the bytes of the state that
 generation carries, at 1/4, 1/2 and all of the prefill length (flat for recurrent
 families, growing for attention).
@@ -51,9 +51,10 @@ def nbytes(tree) -> int:
     return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
-def train_row(name, context, tokens, peak):
+def train_row(name, context, tokens, peak, remat_from):
     batch = max(1, tokens // context)
-    model = make(name, context)
+    remat = context >= remat_from
+    model = make(name, context, remat=remat)
     rng = np.random.default_rng(0)
     tok = jnp.asarray(rng.integers(0, model.config.vocab_size, (batch, context + 1)), jnp.int32)
     step, params, opt, n = lm_train_step(model, tok)
@@ -62,11 +63,11 @@ def train_row(name, context, tokens, peak):
     step.lower(params, opt, tok).compile()
     comp = time.time() - t0
     t = bench(lambda: step(params, opt, tok), calls=2, repeats=3, warmup=1)
-    return {"family": name, "context": context, "batch": batch, "params_M": n / 1e6, "step_ms": t * 1e3,
+    return {"family": name, "context": context, "batch": batch, "remat": remat, "params_M": n / 1e6, "step_ms": t * 1e3,
             "tokens_per_s": batch * context / t, "MFU": 6 * n * batch * context / t / peak, "compile_s": comp}
 
 
-def gen_rows(name, prefill, gen, batches):
+def gen_rows(name, prefill, gen, batches, chunk):
     rows = []
     model = make(name, prefill + gen + 8)
     rng = np.random.default_rng(1)
@@ -75,7 +76,9 @@ def gen_rows(name, prefill, gen, batches):
     for batch in batches:
         prompt = jnp.asarray(rng.integers(0, model.config.vocab_size, (batch, prefill)), jnp.int32)
         t0 = time.time()
-        logits, state = apply(params, prompt)
+        state = model.initial_state(batch)
+        for i in range(0, prefill, chunk):  # chunked prefill: logits of one chunk at a time
+            logits, state = apply(params, prompt[:, i : i + chunk], state)
         jax.block_until_ready(logits)
         t_prefill = time.time() - t0
         nxt = jnp.argmax(logits[:, -1:], -1).astype(jnp.int32)
@@ -105,7 +108,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--contexts", default="2048,8192,32768")
-    ap.add_argument("--tokens", type=int, default=65536)
+    ap.add_argument("--tokens", type=int, default=16384, help="tokens per training step (batch = tokens / context, at least 1)")
+    ap.add_argument("--remat_from", type=int, default=16384, help="rematerialise blocks from this context on")
+    ap.add_argument("--prefill_chunk", type=int, default=2048)
+    ap.add_argument("--out", default="throughput.json")
     ap.add_argument("--prefill", type=int, default=16384)
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--skip_train", action="store_true")
@@ -124,21 +130,23 @@ def main():
     train, gen = [], []
 
     def dump():  # after every row, so a run cut short keeps what it measured
-        save({"env": env, "matmul_flops": peak, "train": train, "generation": gen}, "throughput.json")
+        save({"env": env, "matmul_flops": peak, "train": train, "generation": gen}, args.out)
 
-    for name in args.families.split(","):
-        if not args.skip_train:
-            for ctx in map(int, args.contexts.split(",")):
+    names = args.families.split(",")
+    if not args.skip_train:
+        for ctx in map(int, args.contexts.split(",")):
+            for name in names:
                 try:
-                    train.append(train_row(name, ctx, args.tokens, peak))
+                    train.append(train_row(name, ctx, args.tokens, peak, args.remat_from))
                 except Exception as e:  # noqa: BLE001
                     traceback.print_exc()
                     train.append({"family": name, "context": ctx, "error": f"{type(e).__name__}: {str(e)[:160]}"})
                 dump()
                 print(table(train, TRAIN_COLS), flush=True)
-        if not args.skip_gen:
+    if not args.skip_gen:
+        for name in names:
             try:
-                gen += gen_rows(name, args.prefill, args.gen, (1, 32))
+                gen += gen_rows(name, args.prefill, args.gen, (1, 32), args.prefill_chunk)
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc()
                 gen.append({"family": name, "error": f"{type(e).__name__}: {str(e)[:160]}"})
@@ -147,7 +155,7 @@ def main():
     print("\n" + table(train, TRAIN_COLS) + "\n\n" + table(gen, gen_cols(gen)))
 
 
-TRAIN_COLS = ["family", "context", "batch", "params_M", "step_ms", "tokens_per_s", "MFU", "compile_s", "error"]
+TRAIN_COLS = ["family", "context", "batch", "remat", "params_M", "step_ms", "tokens_per_s", "MFU", "compile_s", "error"]
 
 
 def gen_cols(rows):
