@@ -67,6 +67,16 @@ def train_row(name, context, tokens, peak, remat_from):
             "tokens_per_s": batch * context / t, "MFU": 6 * n * batch * context / t / peak, "compile_s": comp}
 
 
+def state_sizes(name, prefill, gen, batch):
+    """MB of the generation state at 1/4, 1/2 and all of ``prefill`` (shapes only, no device work)."""
+    sizes = {}
+    for frac in (4, 2, 1):
+        ctx = prefill // frac
+        m = make(name, ctx + gen + 8)
+        sizes[f"state_MB@{ctx}"] = nbytes(jax.eval_shape(lambda m=m: m.initial_state(batch))) / 1e6
+    return sizes
+
+
 def gen_rows(name, prefill, gen, batches, chunk):
     rows = []
     model = make(name, prefill + gen + 8)
@@ -94,11 +104,7 @@ def gen_rows(name, prefill, gen, batches, chunk):
             state, nxt = one(state, nxt)
         jax.block_until_ready(nxt)
         dt = time.time() - t0
-        sizes = {}
-        for frac in (4, 2, 1):
-            ctx = prefill // frac
-            m = make(name, ctx + gen + 8)
-            sizes[f"state_MB@{ctx}"] = nbytes(jax.eval_shape(lambda: m.initial_state(batch))) / 1e6
+        sizes = state_sizes(name, prefill, gen, batch)
         rows.append({"family": name, "batch": batch, "prefill": prefill, "prefill_s_incl_compile": t_prefill,
                      "gen_tokens_per_s": batch * gen / dt, "ms_per_token_step": dt / gen * 1e3, **sizes})
     return rows
@@ -116,6 +122,7 @@ def main():
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--skip_train", action="store_true")
     ap.add_argument("--skip_gen", action="store_true")
+    ap.add_argument("--state_only", action="store_true", help="only the state sizes (shapes; runs anywhere)")
     ap.add_argument("--tiny", action="store_true", help="tiny presets (a dry run on CPU)")
     args = ap.parse_args()
     if args.tiny:
@@ -125,6 +132,12 @@ def main():
             FAMILIES[k] = (tiny, {kk: vv for kk, vv in ov.items() if kk != "implementation"})
     env = environment()
     print(env, flush=True)
+    if args.state_only:
+        rows = [{"family": n, "batch": b, **state_sizes(n, args.prefill, args.gen, b)}
+                for n in args.families.split(",") for b in (1, 32)]
+        save({"env": env, "state_sizes": rows}, args.out)
+        print(table(rows, gen_cols(rows)[:2] + gen_cols(rows)[5:-1]))
+        return
     peak = matmul_rate()
     print(f"bf16 matmul: {peak / 1e12:.1f} TFLOP/s", flush=True)
     train, gen = [], []
