@@ -37,7 +37,8 @@ Forms (``backend=``):
 
 * ``pallas_tpu`` / ``pallas_gpu`` -- the chunkwise form as Pallas kernels (Mosaic TPU;
   Triton on GPU), forward and backward (:mod:`mnemax.kernels.pallas_mlstm`); float64
-  inputs take the ``xla`` path.
+  inputs take the ``xla`` path. Opt-in (``backend=`` or ``MNEMAX_KERNEL_BACKEND``): not
+  the platform default until they have been run on the hardware.
 
 Shapes::
 
@@ -400,11 +401,11 @@ def _pallas(platform, q, k, v, i, f, state, resets, *, chunk_size, eps, scale, i
     return h, MLSTMState(*final)
 
 
-@dispatch.register(OP, "pallas_gpu")
+@dispatch.register(OP, "pallas_gpu", default=False)  # opt-in until checked on a GPU
 def _pallas_gpu(q, k, v, i, f, state, resets, *, chunk_size, eps, scale, interpret=False):
     return _pallas("gpu", q, k, v, i, f, state, resets, chunk_size=chunk_size, eps=eps, scale=scale, interpret=interpret)
 
 
-@dispatch.register(OP, "pallas_tpu")
+@dispatch.register(OP, "pallas_tpu", default=False)  # opt-in until checked on a TPU
 def _pallas_tpu(q, k, v, i, f, state, resets, *, chunk_size, eps, scale, interpret=False):
     return _pallas("tpu", q, k, v, i, f, state, resets, chunk_size=chunk_size, eps=eps, scale=scale, interpret=interpret)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnemax.kernels import available, mlstm
+from mnemax.kernels import available, dispatch, mlstm
 
 BACKENDS = ["pallas_tpu", "pallas_gpu"]
 
@@ -71,8 +71,9 @@ def _errors(backend, case, chunk, **kw):
     return out, ref_out, out_err, grad_err
 
 
-def test_pallas_backends_registered():
+def test_pallas_backends_registered_opt_in():
     assert {"pallas_gpu", "pallas_tpu"} <= set(available("mlstm"))
+    assert dispatch.default_backend("mlstm", "gpu") == "xla" and dispatch.default_backend("mlstm", "tpu") == "xla"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -91,9 +92,8 @@ def test_pallas_mlstm_matches_reference_fp32(backend, shape, chunk, with_state, 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_pallas_mlstm_extreme_gates_finite_and_exact(backend):
-    """Gate pre-activations uniform in [-30, 30]: exp(30) would overflow nothing here
-    because of the stabiliser; outputs, states and gradients stay finite and equal the
-    reference."""
+    """Gate pre-activations uniform in [-30, 30]: thanks to the stabiliser, outputs,
+    states and gradients stay finite and equal the reference."""
     case = _inputs(7, 1, 2, 37, 8, 8, with_state=True, reset_rate=0.1, gate_scale="extreme")
     _, _, out_err, grad_err = _errors(backend, case, 16)
     assert max(out_err.values()) <= 1e-4, out_err
