@@ -33,15 +33,21 @@ DEFAULT_ORDER: dict[str, tuple[str, ...]] = {
 }
 
 _REGISTRY: dict[str, dict[str, Callable]] = {}
+# (op, backend) pairs that run only when asked for by name (not yet checked on hardware).
+_OPT_IN: set[tuple[str, str]] = set()
 
 
-def register(op: str, backend: str) -> Callable[[Callable], Callable]:
-    """Decorator: register ``fn`` as the ``backend`` implementation of ``op``."""
+def register(op: str, backend: str, *, default: bool = True) -> Callable[[Callable], Callable]:
+    """Decorator: register ``fn`` as the ``backend`` implementation of ``op``. With
+    ``default=False`` the backend is never picked by ``backend=None`` (only by name or
+    ``MNEMAX_KERNEL_BACKEND``)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
     def deco(fn: Callable) -> Callable:
         _REGISTRY.setdefault(op, {})[backend] = fn
+        if not default:
+            _OPT_IN.add((op, backend))
         return fn
 
     return deco
@@ -65,7 +71,7 @@ def default_backend(op: str, platform: str | None = None) -> str:
         return env
     platform = platform or jax.default_backend()
     for name in DEFAULT_ORDER.get(platform, ("xla",)):
-        if name in _REGISTRY.get(op, {}):
+        if name in _REGISTRY.get(op, {}) and (op, name) not in _OPT_IN:
             return name
     return "reference"
 

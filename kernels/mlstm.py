@@ -35,8 +35,10 @@ Forms (``backend=``):
   ``(C, n, m)`` across chunks and each chunk's outputs are intra-chunk matmuls plus
   the carried state's contribution. Memory is O(time * chunk_size) per head.
 
-Pallas backends register under ``pallas_gpu`` / ``pallas_tpu`` with the signature of
-:func:`_reference` (arrays already validated and promoted; see :func:`mlstm`).
+* ``pallas_tpu`` / ``pallas_gpu`` -- the chunkwise form as Pallas kernels (Mosaic TPU;
+  Triton on GPU), forward and backward (:mod:`mnemax.kernels.pallas_mlstm`); float64
+  inputs take the ``xla`` path. Opt-in (``backend=`` or ``MNEMAX_KERNEL_BACKEND``): not
+  the platform default until they have been run on the hardware.
 
 Shapes::
 
@@ -50,6 +52,8 @@ Shapes::
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import NamedTuple
 
 import jax
@@ -133,6 +137,7 @@ def mlstm(
     eps: float = 1e-6,
     qk_scale: float | None = None,
     backend: str | None = None,
+    interpret: bool | None = None,
 ):
     """The mLSTM over a sequence; returns ``(h, MLSTMState)`` (see the module docstring).
 
@@ -146,6 +151,8 @@ def mlstm(
       qk_scale: multiplies the query; default ``d_qk ** -0.5``.
       backend: ``"reference"``, ``"parallel"``, ``"xla"`` or a registered Pallas backend;
         None picks by platform (``MNEMAX_KERNEL_BACKEND`` overrides).
+      interpret: run a Pallas backend in interpret mode (CPU); None reads
+        ``MNEMAX_PALLAS_INTERPRET``.
     """
     q, k, v, i, f, resets = _validate(q, k, v, i, f, state, resets, chunk_size)
     out_dtype = jnp.result_type(q, k, v)
@@ -157,11 +164,12 @@ def mlstm(
         state = MLSTMState(*(jnp.asarray(s, cdt) for s in state))
     scale = d_qk**-0.5 if qk_scale is None else float(qk_scale)
     if backend == "parallel":
-        impl = _parallel
+        name, impl = backend, _parallel
     else:
-        _, impl = dispatch.resolve(OP, backend)
+        name, impl = dispatch.resolve(OP, backend)
+    kw = {"interpret": dispatch.interpret_flag(interpret)} if name.startswith("pallas") else {}
     h, new_state = _jitted(impl)(
-        q, k, v, i.astype(cdt), f.astype(cdt), state, resets, chunk_size=chunk_size, eps=eps, scale=scale
+        q, k, v, i.astype(cdt), f.astype(cdt), state, resets, chunk_size=chunk_size, eps=eps, scale=scale, **kw
     )
     return h.astype(out_dtype), new_state
 
@@ -172,7 +180,8 @@ _JITTED: dict = {}
 def _jitted(impl):
     """``impl`` under ``jax.jit`` (inlined inside an outer jit; one compiled unit eagerly)."""
     if impl not in _JITTED:
-        _JITTED[impl] = jax.jit(impl, static_argnames=("chunk_size", "eps", "scale"))
+        static = ("chunk_size", "eps", "scale") + (("interpret",) if "interpret" in inspect.signature(impl).parameters else ())
+        _JITTED[impl] = jax.jit(impl, static_argnames=static)
     return _JITTED[impl]
 
 
@@ -347,3 +356,56 @@ def _chunkwise(q, k, v, i, f, state, resets, *, chunk_size, eps, scale):
     den = jnp.sum(s, axis=-1) + w * jnp.einsum("bhctd,bhcd->bhct", qc, n_in.astype(mm), preferred_element_type=cdt)
     h = _normalise(num, den, m, eps).reshape(batch, heads, n_chunks * length, d_v)[:, :, :time]
     return h, final
+
+
+# ----------------------------------------------------------------------------- pallas
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12, 13))
+def _pallas_mlstm(q, k, v, i, f, C0, n0, m0, keep, platform, chunk_size, eps, scale, interpret):
+    from . import pallas_mlstm as pm
+
+    h, final, _ = pm.forward(platform, q, k, v, i, f, (C0, n0, m0), keep, chunk_size=chunk_size, eps=eps, scale=scale,
+                             save=False, interpret=interpret)
+    return h, final
+
+
+def _pallas_fwd(q, k, v, i, f, C0, n0, m0, keep, platform, chunk_size, eps, scale, interpret):
+    from . import pallas_mlstm as pm
+
+    h, final, bounds = pm.forward(platform, q, k, v, i, f, (C0, n0, m0), keep, chunk_size=chunk_size, eps=eps,
+                                  scale=scale, save=True, interpret=interpret)
+    return (h, final), (q, k, v, i, f, C0, n0, m0, keep, final, bounds)
+
+
+def _pallas_bwd(platform, chunk_size, eps, scale, interpret, res, cts):
+    from . import pallas_mlstm as pm
+
+    q, k, v, i, f, C0, n0, m0, keep, final, bounds = res
+    dh, dfinal = cts
+    dq, dk, dv, di, df, (dC0, dn0, dm0) = pm.backward(
+        platform, q, k, v, i, f, (C0, n0, m0), keep, final, bounds, dh, dfinal, chunk_size=chunk_size, eps=eps,
+        scale=scale, interpret=interpret)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), di.astype(i.dtype), df.astype(f.dtype),
+            dC0.astype(C0.dtype), dn0.astype(n0.dtype), dm0.astype(m0.dtype), None if keep is None else jnp.zeros_like(keep))
+
+
+_pallas_mlstm.defvjp(_pallas_fwd, _pallas_bwd)
+
+
+def _pallas(platform, q, k, v, i, f, state, resets, *, chunk_size, eps, scale, interpret=False):
+    if i.dtype == jnp.float64:  # the kernels compute in float32
+        return _chunkwise(q, k, v, i, f, state, resets, chunk_size=chunk_size, eps=eps, scale=scale)
+    keep = None if resets is None else 1.0 - resets.astype(jnp.float32)
+    h, final = _pallas_mlstm(q, k, v, i, f, *state, keep, platform, chunk_size, eps, scale, bool(interpret))
+    return h, MLSTMState(*final)
+
+
+@dispatch.register(OP, "pallas_gpu", default=False)  # opt-in until checked on a GPU
+def _pallas_gpu(q, k, v, i, f, state, resets, *, chunk_size, eps, scale, interpret=False):
+    return _pallas("gpu", q, k, v, i, f, state, resets, chunk_size=chunk_size, eps=eps, scale=scale, interpret=interpret)
+
+
+@dispatch.register(OP, "pallas_tpu", default=False)  # opt-in until checked on a TPU
+def _pallas_tpu(q, k, v, i, f, state, resets, *, chunk_size, eps, scale, interpret=False):
+    return _pallas("tpu", q, k, v, i, f, state, resets, chunk_size=chunk_size, eps=eps, scale=scale, interpret=interpret)

@@ -17,8 +17,10 @@ A reset before step ``t`` replaces the incoming state by the fresh one.
 
 Backends: ``reference`` (a ``lax.scan`` written as the equations above, float32) and
 ``xla`` (one fused ``lax.scan`` over a packed ``(4, ...)`` carry with the input and bias
-added before the loop and resets folded into a multiplicative mask). Pallas backends
-register under ``pallas_gpu`` / ``pallas_tpu`` with :func:`_reference`'s signature.
+added before the loop and resets folded into a multiplicative mask), and ``pallas_tpu``
+(Mosaic TPU) / ``pallas_gpu`` (Triton): one fused kernel for the whole sequence with the
+recurrent matrices on chip, forward and backward (:mod:`mnemax.kernels.pallas_slstm`;
+opt-in by name until run on the hardware; float64 takes the ``xla`` path).
 
 Shapes::
 
@@ -33,6 +35,8 @@ Shapes::
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import NamedTuple
 
 import jax
@@ -58,8 +62,11 @@ def initial_state(batch: int, heads: int, head_dim: int, dtype=jnp.float32) -> S
     return SLSTMState(*(jnp.zeros((batch, heads, head_dim), dtype) for _ in range(4)))
 
 
-def slstm(x, R, b=None, *, state: SLSTMState | tuple | None = None, resets=None, backend: str | None = None):
-    """The sLSTM over a sequence; returns ``(h, SLSTMState)`` (see the module docstring)."""
+def slstm(x, R, b=None, *, state: SLSTMState | tuple | None = None, resets=None, backend: str | None = None,
+          interpret: bool | None = None):
+    """The sLSTM over a sequence; returns ``(h, SLSTMState)`` (see the module docstring).
+    ``interpret`` runs a Pallas backend in interpret mode (CPU); None reads
+    ``MNEMAX_PALLAS_INTERPRET``."""
     x, R = jnp.asarray(x), jnp.asarray(R)
     if x.ndim != 5 or x.shape[2] != 4 or x.shape[1] < 1:
         raise ValueError(f"x must have shape (batch, time, 4, heads, head_dim) with time >= 1, got shape {x.shape}")
@@ -79,10 +86,12 @@ def slstm(x, R, b=None, *, state: SLSTMState | tuple | None = None, resets=None,
     cdt = jnp.promote_types(jnp.result_type(x, R), jnp.float32)
     state = initial_state(batch, heads, head_dim, cdt) if state is None else SLSTMState(*(jnp.asarray(s, cdt) for s in state))
     b = jnp.zeros((4, heads, head_dim), cdt) if b is None else b.astype(cdt)
-    _, impl = dispatch.resolve(OP, backend)
+    name, impl = dispatch.resolve(OP, backend)
     if impl not in _JITTED:  # one compiled unit when called eagerly; inlined under jit
-        _JITTED[impl] = jax.jit(impl)
-    h, new_state = _JITTED[impl](x.astype(cdt), R.astype(cdt), b, state, resets)
+        static = ("interpret",) if "interpret" in inspect.signature(impl).parameters else ()
+        _JITTED[impl] = jax.jit(impl, static_argnames=static)
+    kw = {"interpret": dispatch.interpret_flag(interpret)} if name.startswith("pallas") else {}
+    h, new_state = _JITTED[impl](x.astype(cdt), R.astype(cdt), b, state, resets, **kw)
     return h.astype(x.dtype), new_state
 
 
@@ -148,3 +157,53 @@ def _fused(x, R, b, state, resets):
 
     final, hs = lax.scan(step, carry0, (pre, keep))
     return jnp.moveaxis(hs, 0, 1), SLSTMState(*final)
+
+
+# ----------------------------------------------------------------------------- pallas
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _pallas_slstm(x, R, b, state, keep, platform, interpret):
+    from . import pallas_slstm as ps
+
+    h, final, _ = ps.forward(platform, x, R, b, state, keep, save=False, interpret=interpret)
+    return h, SLSTMState(*final)
+
+
+def _pallas_fwd(x, R, b, state, keep, platform, interpret):
+    from . import pallas_slstm as ps
+
+    h, final, saved = ps.forward(platform, x, R, b, state, keep, save=True, interpret=interpret)
+    return (h, SLSTMState(*final)), (saved, keep)
+
+
+def _pallas_bwd(platform, interpret, res, cts):
+    from . import pallas_slstm as ps
+
+    saved, keep = res
+    dh, dfinal = cts
+    B, T, H, D = dh.shape
+    dx, dR, db, d0 = ps.backward(platform, (B, T, 4, H, D), saved, dh, tuple(dfinal), interpret=interpret)
+    xdt = saved[0][0].dtype
+    return (dx.astype(xdt), dR.astype(xdt), db.astype(xdt), SLSTMState(*(a.astype(xdt) for a in d0)),
+            None if keep is None else jnp.zeros_like(keep))
+
+
+_pallas_slstm.defvjp(_pallas_fwd, _pallas_bwd)
+
+
+def _pallas(platform, x, R, b, state, resets, interpret=False):
+    if x.dtype == jnp.float64:  # the kernels compute in float32
+        return _fused(x, R, b, state, resets)
+    keep = None if resets is None else 1.0 - resets.astype(jnp.float32)
+    return _pallas_slstm(x, R, b, SLSTMState(*state), keep, platform, bool(interpret))
+
+
+@dispatch.register(OP, "pallas_gpu", default=False)  # opt-in until checked on a GPU
+def _pallas_gpu(x, R, b, state, resets, interpret=False):
+    return _pallas("gpu", x, R, b, state, resets, interpret)
+
+
+@dispatch.register(OP, "pallas_tpu", default=False)  # opt-in until checked on a TPU
+def _pallas_tpu(x, R, b, state, resets, interpret=False):
+    return _pallas("tpu", x, R, b, state, resets, interpret)
