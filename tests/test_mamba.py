@@ -156,6 +156,8 @@ def test_mamba_130m_builds_without_allocating_and_has_the_published_size():
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
     assert count == mamba_130m_count() == 129_135_360
+    big = jax.eval_shape(mnemax.create("mamba-1.4b").init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(big)) == mamba_130m_count(d=2048, n_layers=48)
     state = jax.eval_shape(lambda: model.initial_state(2))
     assert state.blocks[0].ssm.shape == (2, 1536, 16) and state.blocks[0].conv.shape == (2, 3, 1536)
 

@@ -178,6 +178,13 @@ register_preset(
         block={"d_state": 16, "d_conv": 4, "expand": 2},
     ),
 )
+register_preset(
+    "mamba-1.4b",  # the state-spaces/mamba-1.4b layout (d 2048, 48 layers); for the multi-GPU scaling runs
+    ModelConfig(
+        family="mamba", d_model=2048, n_layers=48, vocab_size=50280, tie_embeddings=True, norm_eps=1e-5,
+        block={"d_state": 16, "d_conv": 4, "expand": 2},
+    ),
+)
 
 
 # ----------------------------------------------------------------------------- hopfield
