@@ -54,19 +54,11 @@ CHUNKED = {"mlstm_layer", "mlstm_large_layer", "mlstm_block", "xlstm_large_block
 # eps^2), not a wrong gradient.
 FD_RTOL = {"mlstm_large_layer": 1e-4, "xlstm_large_block": 1e-4, "xlstm-7b": 1e-4}
 
-# Every module and both LMs pass the full contract checker (all of them: `-m slow`). To
-# keep CI near its time budget it runs the contract on the three layers and on the
-# xlstm-tiny LM (an mLSTM and an sLSTM block, so both NeurIPS blocks); the blocks, the
-# stack and the 7B-style LM get the streaming/reset/state checks below (and the 7B LM the
-# fixture test of logits, states and continuation in test_xlstm_convert.py).
-CI_CONTRACT = ("mlstm_layer", "slstm_layer", "mlstm_large_layer", "xlstm-tiny")
+# Every module (layers, blocks, the stack) and both LMs run the full contract checker in CI
+# (about 4 minutes of one core together; the stack is the longest at ~1.5 min).
 
 
-def _ci_or_slow(names):
-    return [n if n in CI_CONTRACT else pytest.param(n, marks=pytest.mark.slow) for n in names]
-
-
-@pytest.mark.parametrize("name", _ci_or_slow(sorted(MODULES)))
+@pytest.mark.parametrize("name", sorted(MODULES))
 def test_layer_contract(name):
     make, features = MODULES[name]
     check_layer_contract(make, float_input(features), fd_rtol=FD_RTOL.get(name, 1e-6))
@@ -78,7 +70,7 @@ LM_OVERRIDES = {
 }
 
 
-@pytest.mark.parametrize("preset", _ci_or_slow(sorted(LM_OVERRIDES)))
+@pytest.mark.parametrize("preset", sorted(LM_OVERRIDES))
 def test_lm_contract(preset):
     check_layer_contract(
         model_factory(preset, **LM_OVERRIDES[preset]), tokens(64), input_name="inputs",
