@@ -61,7 +61,12 @@ def make_config(model: str, mesh: dict, args, data_dir: str, steps: int):
     c = base_config()
     c.model.preset = model
     tiny = {**TINY, **({"slstm_at": (1,)} if model.startswith("xlstm") else {})} if args.tiny else {}
-    c.model.overrides = {"dtype": "bfloat16", "remat": args.remat, **tiny}
+    # Identical blocks (Mamba) run under nn.scan: one compiled block, fast compiles. xLSTM
+    # stacks mix sLSTM and mLSTM blocks, so they stay unrolled.
+    scan = args.scan_layers and not model.startswith("xlstm")
+    extra = dict(kv.split("=", 1) for kv in args.override)
+    extra = {k: int(v) if v.isdigit() else v for k, v in extra.items()}
+    c.model.overrides = {"dtype": "bfloat16", "remat": args.remat, "scan_layers": scan, **extra, **tiny}
     c.task.name = "mqar"
     c.task.params.seq_len = args.seq
     c.task.params.num_pairs = max(4, args.seq // 16)
@@ -120,23 +125,69 @@ def run_one(model, mesh, args, data_dir, workdir, peak):
     }
 
 
+def _child(task: dict, args) -> dict:
+    """One run (or one restore) in this process: ``task`` from the parent, JSON back."""
+    peak, data_dir, work = task["peak"], task["data_dir"], task["work"]
+    if task["kind"] == "run":
+        _, losses, row = run_one(task["model"], task["mesh"], args, data_dir, task["wd"], peak)
+        return {"row": row, "losses": {str(k): v for k, v in losses.items()}}
+    return {"restores": restore_elsewhere(task["model"], (task["wd"], task["row"], task["mesh"]), args, data_dir, work, peak,
+                                          task["target"])}
+
+
+def _spawn(task: dict, argv: list[str]) -> dict:
+    """Runs ``task`` in a fresh process (so each run's peak device memory is its own)."""
+    import json
+    import subprocess
+
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_PREALLOCATE"}
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--child", json.dumps(task), "--child_out", path],
+                          env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the {task['kind']} of {task['model']} on {task.get('mesh')} exited with {proc.returncode}")
+    with open(path) as f:
+        return json.load(f)
+
+
 def main():
+    import json
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="xlstm-1.3b,mamba-1.4b")
-    ap.add_argument("--meshes", nargs="+", default=["data=8", "fsdp=8", "data=2,fsdp=4", "fsdp=4,tensor=2"])
+    ap.add_argument("--meshes", nargs="*", default=["data=8", "fsdp=8", "data=2,fsdp=4", "fsdp=4,tensor=2"],
+                    help="meshes to compare with one device (none: only the one-device run)")
+    ap.add_argument("--baseline", default=None, help="reuse the one-device runs saved in this JSON (an earlier --out)")
     ap.add_argument("--batch", type=int, default=16, help="global batch (sequences per step)")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=20, help="timed steps after --warmup")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--scan_layers", action=argparse.BooleanOptionalAction, default=True,
+                    help="nn.scan over identical blocks (ignored for xLSTM's mixed stacks)")
+    ap.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="model overrides for every run, e.g. chunk_size=128 (integers or strings)")
+    ap.add_argument("--restore", action=argparse.BooleanOptionalAction, default=True,
+                    help="restore the first mesh's checkpoint on one device and on another mesh")
     ap.add_argument("--tiny", action="store_true", help="tiny models on 8 simulated CPU devices (a path check)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default="scaling.json")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child_out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.tiny:
         args.seq, args.batch, args.steps, args.warmup = min(args.seq, 64), min(args.batch, 16), min(args.steps, 4), 1
+    if args.child:
+        with open(args.child_out, "w") as f:
+            json.dump(_child(json.loads(args.child), args), f, default=float)
+        return
+    # The parent only measures the matmul rate; every run is a child process that owns
+    # the devices (the parent must not preallocate their memory).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    argv = [a for a in sys.argv[1:]]
     meshes = [parse_mesh(m) for m in args.meshes]
-    most = max(m["data"] * m["fsdp"] * m["tensor"] for m in meshes)
+    most = max([m["data"] * m["fsdp"] * m["tensor"] for m in meshes] + [1])
     if most > jax.device_count():
         raise ValueError(f"--meshes: needs {most} devices, this process sees {jax.device_count()}")
     env = environment()
@@ -144,12 +195,19 @@ def main():
     peak = matmul_rate(2048 if args.tiny else 8192)
     work = args.workdir or tempfile.mkdtemp(prefix="mnemax-scaling-")
     data_dir = os.path.join(work, "data")
-    rows, restores = [], []
+    rows, restores, baselines = [], [], {}
+    if args.baseline:
+        with open(args.baseline) as f:
+            baselines = json.load(f)["baselines"]
+    one = {"data": 1, "fsdp": 1, "tensor": 1}
+    common = {"peak": peak, "data_dir": data_dir, "work": work}
     for model in args.models.split(","):
         base_losses, base = None, None
         try:
-            _, base_losses, base = run_one(model, {"data": 1, "fsdp": 1, "tensor": 1}, args, data_dir,
-                                           os.path.join(work, model, "one"), peak)
+            got = baselines.get(model) or _spawn(
+                {**common, "kind": "run", "model": model, "mesh": one, "wd": os.path.join(work, model, "one")}, argv)
+            baselines[model] = got
+            base_losses, base = got["losses"], dict(got["row"])
             base["efficiency"], base["loss_max_rel_diff"] = 1.0, 0.0
             rows.append(base)
         except Exception as e:  # noqa: BLE001
@@ -158,46 +216,50 @@ def main():
         for mesh in meshes:
             wd = os.path.join(work, model, "_".join(f"{k}{v}" for k, v in mesh.items()))
             try:
-                trainer, losses, row = run_one(model, mesh, args, data_dir, wd, peak)
+                got = _spawn({**common, "kind": "run", "model": model, "mesh": mesh, "wd": wd}, argv)
             except Exception as e:  # noqa: BLE001
                 rows.append({"model": model, "mesh": mesh_name(mesh), "error": f"{type(e).__name__}: {str(e)[:200]}"})
                 continue
+            losses, row = got["losses"], got["row"]
             if base is not None:
                 row["efficiency"] = row["tokens_per_s"] / (row["devices"] * base["tokens_per_s"])
                 row["loss_max_rel_diff"] = max(abs(losses[s] - base_losses[s]) / abs(base_losses[s]) for s in base_losses)
             rows.append(row)
             first = first or (wd, row, mesh)
-            save({"env": env, "matmul_flops": peak, "rows": rows, "restores": restores}, args.out)
+            save({"env": env, "matmul_flops": peak, "rows": rows, "restores": restores, "baselines": baselines}, args.out)
             print(table(rows, COLUMNS), flush=True)
-        if first is not None:
-            restores += restore_elsewhere(model, first, args, data_dir, work, peak)
-    save({"env": env, "matmul_flops": peak, "rows": rows, "restores": restores}, args.out)
+        if first is not None and args.restore:
+            wd, row, mesh = first
+            n = most
+            for target in ({"data": 1, "fsdp": 1, "tensor": 1},
+                           {"data": 2, "fsdp": 2, "tensor": 2} if n >= 8 else {"data": 1, "fsdp": n, "tensor": 1}):
+                if target == mesh:
+                    continue
+                try:
+                    restores += _spawn({**common, "kind": "restore", "model": model, "mesh": mesh, "wd": wd, "row": row,
+                                        "target": target}, argv)["restores"]
+                except Exception as e:  # noqa: BLE001
+                    restores.append({"model": model, "saved_on": row["mesh"], "restored_on": mesh_name(target),
+                                     "error": f"{type(e).__name__}: {str(e)[:200]}"})
+    save({"env": env, "matmul_flops": peak, "rows": rows, "restores": restores, "baselines": baselines}, args.out)
     print("\n" + table(rows, COLUMNS))
-    print("\n" + table(restores, ["model", "saved_on", "restored_on", "eval_loss", "run_eval_loss", "rel_diff"]))
+    print("\n" + table(restores, ["model", "saved_on", "restored_on", "eval_loss", "run_eval_loss", "rel_diff", "error"]))
 
 
-def restore_elsewhere(model, first, args, data_dir, work, peak):
-    """The first mesh's final checkpoint, restored on one device and on a different mesh."""
+def restore_elsewhere(model, first, args, data_dir, work, peak, target):
+    """The first mesh's final checkpoint, restored on the ``target`` mesh and evaluated."""
     from mnemax.train.checkpoint import Checkpointer
     from mnemax.train.trainer import Trainer
 
     wd, row, mesh = first
-    out = []
-    n = jax.device_count()
-    others = [{"data": 1, "fsdp": 1, "tensor": 1}]
-    other = {"data": 2, "fsdp": 2, "tensor": 2} if n >= 8 else {"data": 1, "fsdp": n, "tensor": 1}
-    if other != mesh:
-        others.append(other)
-    for target in others:
-        cfg = make_config(model, target, args, data_dir, args.warmup + args.steps)
-        trainer = Trainer(cfg, os.path.join(work, model, "restore"), devices=jax.devices()[: cfg.mesh.num_devices])
-        ck = Checkpointer(os.path.join(wd, "checkpoints"), use_async=False)
-        _, state, _ = ck.restore_latest(trainer.abstract_state)
-        ck.close()
-        got = trainer.evaluate(state.params)["eval_loss"]
-        out.append({"model": model, "saved_on": row["mesh"], "restored_on": mesh_name(target),
-                    "eval_loss": got, "run_eval_loss": row["eval_loss"], "rel_diff": abs(got - row["eval_loss"]) / abs(row["eval_loss"])})
-    return out
+    cfg = make_config(model, target, args, data_dir, args.warmup + args.steps)
+    trainer = Trainer(cfg, os.path.join(work, model, "restore"), devices=jax.devices()[: cfg.mesh.num_devices])
+    ck = Checkpointer(os.path.join(wd, "checkpoints"), use_async=False)
+    _, state, _ = ck.restore_latest(trainer.abstract_state)
+    ck.close()
+    got = trainer.evaluate(state.params)["eval_loss"]
+    return [{"model": model, "saved_on": row["mesh"], "restored_on": mesh_name(target),
+             "eval_loss": got, "run_eval_loss": row["eval_loss"], "rel_diff": abs(got - row["eval_loss"]) / abs(row["eval_loss"])}]
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ Forms (``backend=``):
   cumulative log-forget sum, ``h = ((s Q K^T) * D) V / normaliser``; for short
   sequences and tests (not in the dispatch registry, never a default).
 * ``xla``       -- chunkwise: the sequence is cut into chunks of ``chunk_size``
-  (padded internally; padded steps leave the state untouched); a ``lax.scan`` carries
-  ``(C, n, m)`` across chunks and each chunk's outputs are intra-chunk matmuls plus
+  (padded internally; padded steps leave the state untouched); an associative scan
+  carries ``(C, n, m)`` across chunks and each chunk's outputs are intra-chunk matmuls plus
   the carried state's contribution. Memory is O(time * chunk_size) per head.
 
 * ``pallas_tpu`` / ``pallas_gpu`` -- the chunkwise form as Pallas kernels (Mosaic TPU;
@@ -326,25 +326,32 @@ def _chunkwise(q, k, v, i, f, state, resets, *, chunk_size, eps, scale):
     g_total = b[..., -1]  # (B, H, NC)
     carried_end = jnp.broadcast_to(carried[..., -1], g_total.shape)
 
-    def carry_state(st, x):
-        g_c, m_c, kv_c, k_c, keep_c = x
-        log_a = jnp.where(keep_c, g_c + st.m, NEG_INF)
-        m_new = jnp.maximum(log_a, m_c)
-        w_a, w_c = jnp.exp(log_a - m_new), jnp.exp(m_c - m_new)
-        new = MLSTMState(
-            w_a[..., None, None] * st.C + w_c[..., None, None] * kv_c,
-            w_a[..., None] * st.n + w_c[..., None] * k_c,
-            m_new,
-        )
-        return new, st
+    # The carry across chunks is a linear recurrence with a max-plus stabiliser, run as
+    # an associative scan over chunk "maps" (log-decay G, stabiliser m, C, n): applying
+    # map 1 then map 2 gives G = G1 + G2, m = max(m1 + G2, m2), C = e^(m1+G2-m) C1 +
+    # e^(m2-m) C2. The incoming state is map 0 and a reset before a chunk's end sets
+    # its G to -inf. No while loop: a lax.scan here kept every layer's recomputed
+    # chunk states alive at once under jax.checkpoint (XLA hoists the loops), so remat
+    # did not bound a deep stack's memory.
+    g_map = jnp.where(carried_end, g_total, NEG_INF)
+    elems = (
+        jnp.concatenate([jnp.zeros_like(g_map[..., :1]), g_map], axis=2),
+        jnp.concatenate([state.m[..., None].astype(cdt), m_loc], axis=2),
+        jnp.concatenate([state.C[:, :, None].astype(cdt), kv_loc], axis=2),
+        jnp.concatenate([state.n[:, :, None].astype(cdt), k_loc], axis=2),
+    )
 
-    xs = tuple(jnp.moveaxis(a, 2, 0) for a in (g_total, m_loc, kv_loc, k_loc, carried_end))
-    if n_chunks == 1:  # no loop needed (short calls, one-token steps)
-        final, incoming = carry_state(MLSTMState(*state), tuple(a[0] for a in xs))
-        incoming = jax.tree.map(lambda a: a[None], incoming)
-    else:
-        final, incoming = lax.scan(carry_state, MLSTMState(*state), xs)
-    c_in, n_in, m_in = (jnp.moveaxis(a, 0, 2) for a in incoming)  # per chunk: (B, H, NC, ...)
+    def compose(e1, e2):
+        g1, m1, c1, n1 = e1
+        g2, m2, c2, n2 = e2
+        a = m1 + g2
+        m_new = jnp.maximum(a, m2)
+        w1, w2 = jnp.exp(a - m_new), jnp.exp(m2 - m_new)
+        return g1 + g2, m_new, w1[..., None, None] * c1 + w2[..., None, None] * c2, w1[..., None] * n1 + w2[..., None] * n2
+
+    _, m_all, c_all, n_all = lax.associative_scan(compose, elems, axis=2)  # state after 0..NC chunks
+    final = MLSTMState(c_all[:, :, -1], n_all[:, :, -1], m_all[:, :, -1])
+    c_in, n_in, m_in = c_all[:, :, :-1], n_all[:, :, :-1], m_all[:, :, :-1]
 
     log_a = jnp.where(carried, b + m_in[..., None], NEG_INF)  # (B, H, NC, L)
     m = jnp.maximum(log_a, intra_max)

@@ -1,0 +1,261 @@
+"""xLSTM kernel benchmarks on the accelerator (issue 9): mLSTM and sLSTM, every backend.
+
+    python benchmarks/kernels_xlstm.py [--ops mlstm,slstm] [--quick]
+    python benchmarks/kernels.py --ops mlstm,slstm        # the same, from the kernel suite
+
+mLSTM, forward and forward+backward, bf16 inputs, 65,536 tokens per call, 8 heads,
+d_qk 256, d_v 512, at context 8k (batch 8) and 64k (batch 1), against
+
+* our ``xla`` chunkwise backend,
+* cuDNN attention (``jax.nn.dot_product_attention(..., implementation="cudnn")``,
+  causal) at the same tokens and heads, d_qk 256 and d_v 256 (``dot_product_attention``
+  needs d_v == d_qk: less work for attention than d_v 512; the row says so),
+* NX-AI's ``mlstm_kernels`` chunkwise Triton kernel (``chunkwise--triton_xl_chunk``) in
+  PyTorch on the same GPU, run in a subprocess of this command before JAX takes the
+  device memory.
+
+sLSTM, forward+backward, batch 16, time 2048, d 1024 (4 heads of 256): the fused
+Pallas kernel against the ``xla`` lax.scan.
+
+Each row: median time, TFLOP/s achieved (the chunkwise algorithm's matmul FLOPs for
+mLSTM: per (batch, head) ``2 T L (d_qk + d_v) + 4 T d_qk d_v`` forward with chunk ``L``,
+the backward counted as twice the forward; ``2 T^2 (d_qk + d_v)`` halved for causal
+attention; the recurrent matmul ``2 * 4 d^2 / heads`` per token for sLSTM), the ratio
+to the bf16 tensor-core rate measured in the same run, and speedups. JSON to $OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import traceback
+
+COLUMNS = ["op", "shape", "impl", "fwd_ms", "fwdbwd_ms", "fwdbwd_TFLOPs", "x_peak", "rel_err", "vs_xla", "vs_mlstm_kernels",
+           "vs_cudnn", "note", "error"]
+MLSTM_SHAPES = [(8, 8, 8192, 256, 512), (1, 8, 65536, 256, 512)]  # (batch, heads, time, d_qk, d_v)
+SLSTM_SHAPE = (16, 2048, 4, 256)  # batch, time, heads, head_dim (d = 1024)
+CHUNK = 64
+
+
+def mlstm_flops(b, h, t, dk, dv, L=CHUNK):
+    fwd = b * h * (2 * t * L * (dk + dv) + 4 * t * dk * dv)
+    return fwd, 3 * fwd
+
+
+def attention_flops(b, h, t, dk, dv):
+    fwd = b * h * t * t * (dk + dv)  # 2 T^2 (dk + dv), halved by the causal mask
+    return fwd, 3 * fwd
+
+
+def torch_rows(shapes) -> list[dict]:
+    """mlstm_kernels' chunkwise Triton kernel, fwd and fwd+bwd, CUDA events."""
+    import torch
+    from mlstm_kernels.torch import get_mlstm_kernel
+
+    kern = get_mlstm_kernel("chunkwise--triton_xl_chunk")
+    rows = []
+    for b, h, t, dk, dv in shapes:
+        shape = str((b, h, t, dk, dv))
+        try:
+            g = torch.Generator(device="cuda").manual_seed(0)
+            mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
+            q, k, v = mk(b, h, t, dk), mk(b, h, t, dk), mk(b, h, t, dv)
+            i, f = mk(b, h, t), mk(b, h, t) + 3.0
+            for x in (q, k, v, i, f):
+                x.requires_grad_(True)
+            dh = mk(b, h, t, dv)
+
+            def fwd():
+                with torch.no_grad():
+                    return kern(q, k, v, i, f, chunk_size=128)
+
+            def fwdbwd():
+                out = kern(q, k, v, i, f, chunk_size=128)
+                out.backward(dh)
+
+            times = {}
+            for name, fn in (("fwd", fwd), ("fwdbwd", fwdbwd)):
+                for _ in range(2):
+                    fn()
+                torch.cuda.synchronize()
+                meds = []
+                for _ in range(5):
+                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    s.record()
+                    for _ in range(3):
+                        fn()
+                    e.record()
+                    torch.cuda.synchronize()
+                    meds.append(s.elapsed_time(e) / 3)
+                times[name] = sorted(meds)[len(meds) // 2]
+            rows.append({"op": "mlstm", "shape": shape, "impl": "mlstm_kernels(triton_xl_chunk,L=128)",
+                         "fwd_ms": times["fwd"], "fwdbwd_ms": times["fwdbwd"]})
+            torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            rows.append({"op": "mlstm", "shape": shape, "impl": "mlstm_kernels", "error": f"{type(e).__name__}: {str(e)[:200]}"})
+    return rows
+
+
+def _time(fn, *args):
+    from common import bench
+
+    return bench(fn, *args, calls=3, repeats=5, warmup=1)
+
+
+def _measure(row, fwd, fb, args, ref, flops, peak):
+    """Fills ``row`` with the error against ``ref`` (None: this is the reference), the
+    forward and forward+backward times and the achieved rate; returns the output."""
+    import jax.numpy as jnp
+
+    out = fwd(*args).astype(jnp.float32)
+    ref = out if ref is None else ref
+    row["rel_err"] = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+    row["fwd_ms"] = _time(fwd, *args) * 1e3
+    row["fwdbwd_ms"] = _time(fb, *args) * 1e3
+    row["fwdbwd_TFLOPs"] = flops / row["fwdbwd_ms"] / 1e9
+    row["x_peak"] = row["fwdbwd_TFLOPs"] * 1e12 / peak
+    return out
+
+
+def mlstm_rows(peak: float, quick: bool) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mnemax.kernels.mlstm import mlstm
+
+    shapes = [(1, 2, 1024, 64, 128)] if quick else MLSTM_SHAPES
+    rows = []
+    torch_out = os.path.join(os.environ.get("OUT") or ".", "mlstm_kernels_torch.json")
+    try:  # before JAX allocates on the device
+        subprocess.run([sys.executable, __file__, "--torch", json.dumps(shapes), torch_out], check=True, timeout=300)
+        with open(torch_out) as fh:
+            torch_results = json.load(fh)
+    except Exception as e:  # noqa: BLE001
+        torch_results = [{"op": "mlstm", "shape": "all", "impl": "mlstm_kernels", "error": f"{type(e).__name__}: {str(e)[:200]}"}]
+    rng = np.random.default_rng(0)
+    for b, h, t, dk, dv in shapes:
+        shape = str((b, h, t, dk, dv))
+        mk = lambda *s, off=0.0: jnp.asarray(rng.standard_normal(s, np.float32) + off, jnp.bfloat16)  # noqa: E731
+        q, k, v, i, f, dh = mk(b, h, t, dk), mk(b, h, t, dk), mk(b, h, t, dv), mk(b, h, t), mk(b, h, t, off=3.0), mk(b, h, t, dv)
+        fl_fb = mlstm_flops(b, h, t, dk, dv)[1]
+        ref = None
+        here = [r for r in torch_results if r.get("shape") in (shape, "all")]
+        for dvv in (dk,):  # jax's attention needs d_v == d_qk
+            row = {"op": "mlstm", "shape": shape, "impl": f"cudnn_attention(d_v={dvv})"}
+            try:
+                qa, ka = (jnp.swapaxes(a, 1, 2) for a in (q, k))  # (B, T, H, D)
+                va, dha = jnp.swapaxes(v[..., :dvv], 1, 2), jnp.swapaxes(dh[..., :dvv], 1, 2)
+                att = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")  # noqa: E731
+                fwd = jax.jit(att)
+                fb = jax.jit(jax.grad(lambda q, k, v: jnp.sum(att(q, k, v).astype(jnp.float32) * dha), argnums=(0, 1, 2)))
+                row["fwd_ms"] = _time(fwd, qa, ka, va) * 1e3
+                row["fwdbwd_ms"] = _time(fb, qa, ka, va) * 1e3
+                row["fwdbwd_TFLOPs"] = attention_flops(b, h, t, dk, dvv)[1] / row["fwdbwd_ms"] / 1e9
+                row["x_peak"] = row["fwdbwd_TFLOPs"] * 1e12 / peak
+                if dvv != dv:
+                    row["note"] = "d_v 512 refused (jax attention needs d_v == d_qk); attention at d_v = d_qk, less work"
+                here.append(row)
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                here.append(row)
+        for backend in ("xla", "pallas_gpu"):
+            row = {"op": "mlstm", "shape": shape, "impl": backend}
+            try:
+                fwd = jax.jit(lambda q, k, v, i, f, be=backend: mlstm(q, k, v, i, f, backend=be, chunk_size=CHUNK)[0])
+
+                def loss(q, k, v, i, f, be=backend):
+                    return jnp.sum(mlstm(q, k, v, i, f, backend=be, chunk_size=CHUNK)[0].astype(jnp.float32) * dh)
+
+                fb = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+                out = _measure(row, fwd, fb, (q, k, v, i, f), ref, fl_fb, peak)
+                ref = out if ref is None else ref
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            here.append(row)
+            print(row, flush=True)
+        times = {r["impl"]: r.get("fwdbwd_ms") for r in here if r.get("fwdbwd_ms")}
+        mk_t = next((v_ for k_, v_ in times.items() if k_.startswith("mlstm_kernels")), None)
+        cu_t = next((v_ for k_, v_ in times.items() if k_.startswith("cudnn")), None)
+        for r in here:
+            if r.get("fwdbwd_ms"):
+                r["vs_xla"] = times.get("xla", float("nan")) / r["fwdbwd_ms"]
+                r["vs_mlstm_kernels"] = (mk_t or float("nan")) / r["fwdbwd_ms"]
+                r["vs_cudnn"] = (cu_t or float("nan")) / r["fwdbwd_ms"]
+            if r["impl"].startswith("mlstm_kernels") and r.get("fwdbwd_ms"):
+                r["fwdbwd_TFLOPs"] = mlstm_flops(b, h, t, dk, dv, 128)[1] / r["fwdbwd_ms"] / 1e9
+                r["x_peak"] = r["fwdbwd_TFLOPs"] * 1e12 / peak
+        rows += here
+    return rows
+
+
+def slstm_rows(peak: float, quick: bool) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mnemax.kernels.slstm import slstm
+
+    b, t, h, d = (2, 64, 2, 32) if quick else SLSTM_SHAPE
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((b, t, 4, h, d), np.float32), jnp.bfloat16)
+    R = jnp.asarray(rng.standard_normal((h, d, 4, d), np.float32) / np.sqrt(d))
+    bias = jnp.zeros((4, h, d), jnp.float32)
+    gy = jnp.asarray(rng.standard_normal((b, t, h, d), np.float32))
+    flops = 3 * b * t * 2 * 4 * d * d * h
+    rows, ref = [], None
+    for backend in ("xla", "pallas_gpu"):
+        row = {"op": "slstm", "shape": str((b, t, h * d, h)), "impl": backend}
+        try:
+            fwd = jax.jit(lambda x, R, bias, be=backend: slstm(x, R, bias, backend=be)[0])
+            fb = jax.jit(jax.grad(lambda x, R, bias, be=backend: jnp.sum(slstm(x, R, bias, backend=be)[0].astype(jnp.float32) * gy),
+                                  argnums=(0, 1, 2)))
+            out = _measure(row, fwd, fb, (x, R, bias), ref, flops, peak)
+            ref = out if ref is None else ref
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        rows.append(row)
+        print(row, flush=True)
+    base = rows[0].get("fwdbwd_ms")
+    for r in rows:
+        if base and r.get("fwdbwd_ms"):
+            r["vs_xla"] = base / r["fwdbwd_ms"]
+    return rows
+
+
+SECTIONS = {"mlstm": mlstm_rows, "slstm": slstm_rows}
+
+
+def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "--torch":
+        rows = torch_rows([tuple(s) for s in json.loads(sys.argv[2])])
+        with open(sys.argv[3], "w") as fh:
+            json.dump(rows, fh)
+        return
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common import environment, matmul_rate, save, table
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--ops", default="mlstm,slstm")
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    env = environment()
+    print(env, flush=True)
+    peak = matmul_rate()
+    print(f"bf16 matmul: {peak / 1e12:.1f} TFLOP/s", flush=True)
+    rows = []
+    for op in args.ops.split(","):
+        rows += SECTIONS[op](peak, args.quick)
+        save({"env": env, "matmul_flops": peak, "rows": rows}, "kernels_xlstm.json")
+        print(table(rows, COLUMNS), flush=True)
+    print("\n" + table(rows, COLUMNS))
+
+
+if __name__ == "__main__":
+    main()
