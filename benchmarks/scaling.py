@@ -69,7 +69,7 @@ def make_config(model: str, mesh: dict, args, data_dir: str, steps: int):
     c.model.overrides = {"dtype": "bfloat16", "remat": args.remat, "scan_layers": scan, **extra, **tiny}
     c.task.name = "mqar"
     c.task.params.seq_len = args.seq
-    c.task.params.num_pairs = max(4, args.seq // 16)
+    c.task.params.num_pairs = max(4, min(args.seq // 32, 64))  # 256-token vocabulary: at most 127 distinct keys
     c.task.params.vocab_size = 256
     c.task.num_train = args.batch * (steps + 2)
     c.task.num_test = args.batch
