@@ -1,7 +1,6 @@
 """xLSTM kernel benchmarks on the accelerator (issue 9): mLSTM and sLSTM, every backend.
 
     python benchmarks/kernels_xlstm.py [--ops mlstm,slstm] [--quick]
-    python benchmarks/kernels.py --ops mlstm,slstm        # the same, from the kernel suite
 
 mLSTM, forward and forward+backward, bf16 inputs, 65,536 tokens per call, 8 heads,
 d_qk 256, d_v 512, at context 8k (batch 8) and 64k (batch 1), against
