@@ -105,6 +105,18 @@ def _time(fn, *args):
     return bench(fn, *args, calls=3, repeats=5, warmup=1)
 
 
+def _attempt(row, fn):
+    """``fn()``; an exception becomes the row's ``error`` (the benchmark goes on). Prints the row."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        return None
+    finally:
+        print(row, flush=True)
+
+
 def _measure(row, fwd, fb, args, ref, flops, peak):
     """Fills ``row`` with the error against ``ref`` (None: this is the reference), the
     forward and forward+backward times and the achieved rate; returns the output."""
@@ -144,40 +156,34 @@ def mlstm_rows(peak: float, quick: bool) -> list[dict]:
         fl_fb = mlstm_flops(b, h, t, dk, dv)[1]
         ref = None
         here = [r for r in torch_results if r.get("shape") in (shape, "all")]
-        for dvv in (dk,):  # jax's attention needs d_v == d_qk
-            row = {"op": "mlstm", "shape": shape, "impl": f"cudnn_attention(d_v={dvv})"}
-            try:
-                qa, ka = (jnp.swapaxes(a, 1, 2) for a in (q, k))  # (B, T, H, D)
-                va, dha = jnp.swapaxes(v[..., :dvv], 1, 2), jnp.swapaxes(dh[..., :dvv], 1, 2)
-                att = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")  # noqa: E731
-                fwd = jax.jit(att)
-                fb = jax.jit(jax.grad(lambda q, k, v: jnp.sum(att(q, k, v).astype(jnp.float32) * dha), argnums=(0, 1, 2)))
-                row["fwd_ms"] = _time(fwd, qa, ka, va) * 1e3
-                row["fwdbwd_ms"] = _time(fb, qa, ka, va) * 1e3
-                row["fwdbwd_TFLOPs"] = attention_flops(b, h, t, dk, dvv)[1] / row["fwdbwd_ms"] / 1e9
-                row["x_peak"] = row["fwdbwd_TFLOPs"] * 1e12 / peak
-                if dvv != dv:
-                    row["note"] = "d_v 512 refused (jax attention needs d_v == d_qk); attention at d_v = d_qk, less work"
-                here.append(row)
-            except Exception as e:  # noqa: BLE001
-                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-                here.append(row)
+        # cuDNN attention at d_v = d_qk: jax's dot_product_attention needs equal head dims.
+        row = {"op": "mlstm", "shape": shape, "impl": f"cudnn_attention(d_v={dk})",
+               "note": "jax attention needs d_v == d_qk: attention at d_v = d_qk, less work than the mLSTM's d_v"}
+
+        def attention(row=row):
+            qa, ka = (jnp.swapaxes(a, 1, 2) for a in (q, k))  # (B, T, H, D)
+            va, dha = jnp.swapaxes(v[..., :dk], 1, 2), jnp.swapaxes(dh[..., :dk], 1, 2)
+            att = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")  # noqa: E731
+            fwd = jax.jit(att)
+            fb = jax.jit(jax.grad(lambda q, k, v: jnp.sum(att(q, k, v).astype(jnp.float32) * dha), argnums=(0, 1, 2)))
+            row["fwd_ms"] = _time(fwd, qa, ka, va) * 1e3
+            row["fwdbwd_ms"] = _time(fb, qa, ka, va) * 1e3
+            row["fwdbwd_TFLOPs"] = attention_flops(b, h, t, dk, dk)[1] / row["fwdbwd_ms"] / 1e9
+            row["x_peak"] = row["fwdbwd_TFLOPs"] * 1e12 / peak
+
+        _attempt(row, attention)
+        here.append(row)
         for backend in ("xla", "pallas_gpu"):
             row = {"op": "mlstm", "shape": shape, "impl": backend}
-            try:
-                fwd = jax.jit(lambda q, k, v, i, f, be=backend: mlstm(q, k, v, i, f, backend=be, chunk_size=CHUNK)[0])
 
-                def loss(q, k, v, i, f, be=backend):
-                    return jnp.sum(mlstm(q, k, v, i, f, backend=be, chunk_size=CHUNK)[0].astype(jnp.float32) * dh)
+            def loss(q, k, v, i, f, be=backend):
+                return jnp.sum(mlstm(q, k, v, i, f, backend=be, chunk_size=CHUNK)[0].astype(jnp.float32) * dh)
 
-                fb = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
-                out = _measure(row, fwd, fb, (q, k, v, i, f), ref, fl_fb, peak)
-                ref = out if ref is None else ref
-            except Exception as e:  # noqa: BLE001
-                traceback.print_exc()
-                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            fwd = jax.jit(lambda q, k, v, i, f, be=backend: mlstm(q, k, v, i, f, backend=be, chunk_size=CHUNK)[0])
+            fb = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+            out = _attempt(row, lambda row=row, fwd=fwd, fb=fb: _measure(row, fwd, fb, (q, k, v, i, f), ref, fl_fb, peak))
+            ref = out if ref is None else ref
             here.append(row)
-            print(row, flush=True)
         times = {r["impl"]: r.get("fwdbwd_ms") for r in here if r.get("fwdbwd_ms")}
         mk_t = next((v_ for k_, v_ in times.items() if k_.startswith("mlstm_kernels")), None)
         cu_t = next((v_ for k_, v_ in times.items() if k_.startswith("cudnn")), None)
@@ -210,17 +216,12 @@ def slstm_rows(peak: float, quick: bool) -> list[dict]:
     rows, ref = [], None
     for backend in ("xla", "pallas_gpu"):
         row = {"op": "slstm", "shape": str((b, t, h * d, h)), "impl": backend}
-        try:
-            fwd = jax.jit(lambda x, R, bias, be=backend: slstm(x, R, bias, backend=be)[0])
-            fb = jax.jit(jax.grad(lambda x, R, bias, be=backend: jnp.sum(slstm(x, R, bias, backend=be)[0].astype(jnp.float32) * gy),
-                                  argnums=(0, 1, 2)))
-            out = _measure(row, fwd, fb, (x, R, bias), ref, flops, peak)
-            ref = out if ref is None else ref
-        except Exception as e:  # noqa: BLE001
-            traceback.print_exc()
-            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        fwd = jax.jit(lambda x, R, bias, be=backend: slstm(x, R, bias, backend=be)[0])
+        fb = jax.jit(jax.grad(lambda x, R, bias, be=backend: jnp.sum(slstm(x, R, bias, backend=be)[0].astype(jnp.float32) * gy),
+                              argnums=(0, 1, 2)))
+        out = _attempt(row, lambda row=row, fwd=fwd, fb=fb: _measure(row, fwd, fb, (x, R, bias), ref, flops, peak))
+        ref = out if ref is None else ref
         rows.append(row)
-        print(row, flush=True)
     base = rows[0].get("fwdbwd_ms")
     for r in rows:
         if base and r.get("fwdbwd_ms"):
