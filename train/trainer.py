@@ -233,8 +233,11 @@ class Trainer:
         model, tx = self.model, self.tx
         groups = len(self.spec.group_names)
 
+        mesh = self.mesh.abstract_mesh
+
         def loss_fn(params, batch):
-            logits, _ = model.apply({"params": params}, batch["inputs"])
+            with jax.sharding.use_abstract_mesh(mesh):  # activations' rows over (data, fsdp): mnemax.sharding.constrain_rows
+                logits, _ = model.apply({"params": params}, batch["inputs"])
             m = masked_metrics(logits, batch["targets"], batch["mask"])
             return m["nll"] / jnp.maximum(m["count"], 1.0), m
 
@@ -250,7 +253,8 @@ class Trainer:
             return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
         def eval_step(params, batch):
-            logits, _ = model.apply({"params": params}, batch["inputs"])
+            with jax.sharding.use_abstract_mesh(mesh):
+                logits, _ = model.apply({"params": params}, batch["inputs"])
             return masked_metrics(logits, batch["targets"], batch["mask"], batch["group"], groups)
 
         batch_shard = {

@@ -38,6 +38,7 @@ from mnemax.layers.norms import make_norm
 
 from .config import FrozenDict, ModelConfig
 from .registry import get_family
+from .sharding import constrain_rows
 
 
 class PoolState(NamedTuple):
@@ -127,7 +128,7 @@ class SequenceModel(nn.Module):
                 bias_init=partitioned(nn.initializers.zeros, ("embed",)),
                 name="input_proj",
             )(inputs.astype(dt))
-        x = x.astype(residual_dt)
+        x = constrain_rows(x.astype(residual_dt))
 
         self.sow("intermediates", "layer_outputs", x)
         x, new_states = self._run_blocks(x, None if state is None else state.blocks, resets, residual_dt)
@@ -188,7 +189,7 @@ class SequenceModel(nn.Module):
             cls = nn.remat(type(proto)) if cfg.remat else type(proto)
             block = cls(**_fields(proto), name=f"block_{i}")
             x, s = block(x, None if block_states is None else block_states[i], resets)
-            x = x.astype(residual_dt)
+            x = constrain_rows(x.astype(residual_dt))
             self.sow("intermediates", "layer_outputs", x)
             new_states.append(s)
         return x, tuple(new_states)
@@ -206,7 +207,7 @@ class _ScanStep(nn.Module):
     def __call__(self, x, state, resets):
         cls = nn.remat(self.block_cls) if self.remat else self.block_cls
         y, s = cls(**dict(self.block_fields), name="block")(x, state, resets)
-        return y.astype(self.residual_dtype), s
+        return constrain_rows(y.astype(self.residual_dtype)), s
 
 
 def _fields(module: nn.Module) -> dict:
