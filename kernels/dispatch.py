@@ -76,6 +76,31 @@ def default_backend(op: str, platform: str | None = None) -> str:
     return "reference"
 
 
+# Mesh axes (mnemax.sharding) that split the batch, and the one that splits channels/heads.
+BATCH_AXES = ("data", "fsdp")
+TENSOR_AXIS = "tensor"
+
+
+def mesh_split(batch: int, channels: int | None = None):
+    """``(batch_axes, channel_axis)`` of the mesh context (``jax.set_mesh`` /
+    ``use_abstract_mesh``) that divide ``batch`` / ``channels``; None where nothing splits.
+
+    A ``pallas_call`` is opaque to XLA's SPMD partitioner, which replicates it (every
+    device then runs the whole batch); kernels run per shard under ``jax.shard_map``
+    over these axes instead."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None, None
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    n = 1
+    for a in axes:
+        n *= mesh.shape[a]
+    rows = (axes if len(axes) > 1 else axes[0]) if axes and batch % n == 0 else None
+    tp = mesh.shape[TENSOR_AXIS] if TENSOR_AXIS in mesh.axis_names else 1
+    cols = TENSOR_AXIS if channels is not None and tp > 1 and channels % tp == 0 else None
+    return rows, cols
+
+
 INTERPRET_ENV_VAR = "MNEMAX_PALLAS_INTERPRET"
 
 

@@ -132,10 +132,24 @@ def selective_scan(
     out_dtype = jnp.result_type(x) if z is None else jnp.result_type(x, z)
     name, impl = dispatch.resolve(OP, backend)
     kw = {"interpret": dispatch.interpret_flag(interpret)} if name.startswith("pallas") else {}
-    y, h = impl(
-        x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, h0=h0,
-        resets=resets, return_state=return_state, chunk_size=chunk_size, **kw,
-    )
+
+    def run(x, dt, A, B, C, D, z, dt_bias, h0, resets):
+        y, h = impl(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, h0=h0,
+                    resets=resets, return_state=return_state, chunk_size=chunk_size, **kw)
+        return (y, h) if return_state else y
+
+    args = (x, dt, A, B, C, D, z, dt_bias, h0, resets)
+    rows, cols = dispatch.mesh_split(x.shape[0], x.shape[2]) if name.startswith("pallas") else (None, None)
+    if rows is None and cols is None:
+        out = run(*args)
+    else:  # the kernel per (batch, channel) shard: see dispatch.mesh_split
+        P = jax.sharding.PartitionSpec
+        seq, ch, rows_only = P(rows, None, cols), P(cols), P(rows)
+        specs = (seq, seq, P(cols, None), rows_only, rows_only, ch, seq, ch, P(rows, cols, None), rows_only)
+        specs = tuple(None if a is None else sp for a, sp in zip(args, specs))
+        out = jax.shard_map(run, in_specs=specs, out_specs=(seq, P(rows, cols, None)) if return_state else seq,
+                            check_vma=False)(*args)
+    y, h = out if return_state else (out, None)
     y = y.astype(out_dtype)
     return (y, h) if return_state else y
 

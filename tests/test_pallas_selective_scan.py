@@ -68,3 +68,32 @@ def test_pallas_selective_scan_matches_reference(backend, shape, gated, with_res
         assert g[k].shape == g_ref[k].shape and g[k].dtype == g_ref[k].dtype, k
         np.testing.assert_allclose(np.asarray(g[k], np.float32), np.asarray(g_ref[k], np.float32), rtol=rtol, atol=atol,
                                    err_msg=f"gradient of {k}")
+
+
+@pytest.mark.parametrize("axes", [{"data": 2, "fsdp": 2, "tensor": 2}, {"data": 1, "fsdp": 4, "tensor": 1}])
+def test_pallas_kernel_runs_per_shard_under_a_mesh(axes):
+    # Under the trainer's mesh context the kernel runs per (batch, channel) shard (a pallas_call
+    # left to the SPMD partitioner is replicated: every device scanned the whole batch), and the
+    # sharded call equals the reference in values, final state and every gradient.
+    from mnemax.sharding import make_mesh
+
+    mesh = make_mesh(axes, jax.devices()[: axes["data"] * axes["fsdp"] * axes["tensor"]])
+    args, resets, w, wh = _case(8, 13, 6, 4, True, True, jnp.float32, seed=5)
+    ref = _run("reference", args, resets, w, wh)
+
+    def sharded():
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return _run("pallas_gpu", args, resets, w, wh)
+
+    rows = axes["data"] * axes["fsdp"]
+    calls = [e for e in jax.make_jaxpr(sharded)().eqns if e.primitive.name == "shard_map"]
+    assert calls, "the kernel call should be wrapped in a shard_map"
+    inner = calls[0].params["jaxpr"]
+    assert inner.invars[0].aval.shape == (8 // rows, 13, 6 // axes["tensor"])
+    with jax.set_mesh(mesh):
+        y, h, g = jax.jit(sharded)()
+    rtol, atol = TOL[jnp.float32]
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref[0]), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(np.asarray(h), np.asarray(ref[1]), rtol=rtol, atol=atol)
+    for k in ref[2]:
+        np.testing.assert_allclose(np.asarray(g[k]), np.asarray(ref[2][k]), rtol=rtol, atol=atol, err_msg=f"gradient of {k}")
