@@ -31,14 +31,23 @@ out as keys and have log-forget 0, so they leave the state untouched.
 Block sizes (per grid cell / program):
 
 ==================  ===========================  ==========================================
-array               TPU block (Mosaic)           GPU (Triton, one program per batch*head)
+array               TPU block (Mosaic)           GPU (Triton, one program per batch*head
+                                                 and block of d_v / nb value columns)
 ==================  ===========================  ==========================================
-q, k / v, h         (L, d_qk) / (L, d_v)         whole sequence, loaded (L, d) per chunk
+q, k / v, h         (L, d_qk) / (L, d_v)         whole sequence, loaded (L, d_qk) /
+                                                 (L, d_v / nb) per chunk
 gates               (L, 8) and (8, L)            (NC, L, 8) and (NC, 8, L)
-state C / n / m     (d_qk, d_v) / (1, d_qk) /    loop carry, same shapes
+state C / n / m     (d_qk, d_v) / (1, d_qk) /    loop carry: (d_qk, d_v / nb) / full n, m
                     (1, 1) f32 VMEM scratch
-chunk bounds        (d_qk, d_v) per chunk        (NC, d_qk, d_v)
+chunk bounds        (d_qk, d_v) per chunk        (NC, d_qk, d_v / nb)
 ==================  ===========================  ==========================================
+
+On GPU the columns of C are independent given q, k and the gates, so ``nb`` programs
+(:func:`value_blocks`, ``GPU_OPTIONS["block_v"]``) share one row: each recomputes the
+(L, L) weights and carries its slice of C (at d_qk 256, d_v 512 one program's whole state
+did not fit in an H100/H200 SM's shared memory). The backward is linear in the
+cotangents, so each program takes its columns of dh and dC (block 0 also dn and dm) and
+the programs' dq, dk and gate partials are summed.
 
 ``L`` is ``chunk_size`` (rounded to a multiple of 8 on TPU, a power of two >= 16 on
 GPU, and never more than the padded length). TPU grid: (batch*heads "parallel",
@@ -430,15 +439,31 @@ def _gpu_bwd_kernel(q_r, k_r, v_r, dh_r, gc_r, gr_r, Cb_r, nb_r, mb_r, dCT_r, dn
     dC0_r[...], dn0_r[...], gm0_r[...] = dC, dn, gm
 
 
-def _gpu_specs(p: Problem):
-    NC, L, Tp = p.n_chunks, p.L, p.n_chunks * p.L
-    whole = lambda *s: pl.BlockSpec((None, *s), lambda b: (b,) + (0,) * len(s))  # noqa: E731
-    return {"qk": whole(Tp, p.d_qk), "v": whole(Tp, p.d_v), "gc": whole(NC, L, GATE_ROWS), "gr": whole(NC, GATE_ROWS, L),
-            "C": whole(p.d_qk, p.d_v), "n": whole(1, p.d_qk), "m": whole(1, 1),
-            "Cb": whole(NC, p.d_qk, p.d_v), "nb": whole(NC, 1, p.d_qk), "mb": whole(NC, 1, 1)}
+def _gpu_specs(p: Problem, nb: int):
+    """Grid (batch*heads*nb,): program ``b`` runs row ``b // nb`` on value columns block
+    ``b % nb`` (of ``d_v / nb``). The columns of C are independent given the shared q, k and
+    gates, so each program carries its (d_qk, d_v / nb) slice of C and a full copy of n, m.
+    Arrays indexed per program (``*_p``) have a leading BH * nb axis."""
+    NC, L, Tp, dvb = p.n_chunks, p.L, p.n_chunks * p.L, p.d_v // nb
+    row = lambda *s: pl.BlockSpec((None, *s), lambda b: (b // nb,) + (0,) * len(s))  # noqa: E731
+    own = lambda *s: pl.BlockSpec((None, *s), lambda b: (b,) + (0,) * len(s))  # noqa: E731
+    cols = lambda *s: pl.BlockSpec((None, *s[:-1], dvb), lambda b: (b // nb,) + (0,) * (len(s) - 1) + (b % nb,))  # noqa: E731
+    return {"qk": row(Tp, p.d_qk), "v": cols(Tp, p.d_v), "gc": row(NC, L, GATE_ROWS), "gr": row(NC, GATE_ROWS, L),
+            "C": cols(p.d_qk, p.d_v), "n": row(1, p.d_qk), "m": row(1, 1), "Cb": cols(NC, p.d_qk, p.d_v),
+            "qk_p": own(Tp, p.d_qk), "gr_p": own(NC, GATE_ROWS, L), "n_p": own(1, p.d_qk), "m_p": own(1, 1),
+            "nb_p": own(NC, 1, p.d_qk), "mb_p": own(NC, 1, 1)}
 
 
-GPU_OPTIONS = {"num_warps": 4, "num_stages": 1}
+# num_warps / num_stages of the Triton kernels; block_v: value columns per program (None:
+# the largest power of two <= d_v with d_qk * block_v <= 8192, so the carried float32 C
+# slice stays within 32 KB of registers per program).
+GPU_OPTIONS = {"num_warps": 4, "num_stages": 1, "block_v": None}
+
+
+def value_blocks(d_qk: int, d_v: int) -> int:
+    """How many programs split one row's (padded, power-of-two) ``d_v`` columns."""
+    bv = GPU_OPTIONS["block_v"] or max(16, 8192 // d_qk)
+    return max(1, d_v // min(d_v, 1 << (max(16, bv).bit_length() - 1)))
 
 
 def _gpu_params(interpret):
@@ -450,33 +475,51 @@ def _gpu_params(interpret):
 
 
 def _gpu_forward(p: Problem, state, out_dtype, *, scale, eps, save, interpret):
-    BH, sp = p.q.shape[0], _gpu_specs(p)
+    BH, nb = p.q.shape[0], value_blocks(p.d_qk, p.d_v)
+    sp = _gpu_specs(p, nb)
     shapes = [jax.ShapeDtypeStruct((BH, p.n_chunks * p.L, p.d_v), out_dtype)] + _state_shapes(BH, p.d_qk, p.d_v)
-    out_specs = [sp["v"], sp["C"], sp["n"], sp["m"]]
+    shapes[2:4] = _state_shapes(BH * nb, p.d_qk, p.d_v)[1:]  # n, m: one copy per program
+    out_specs = [sp["v"], sp["C"], sp["n_p"], sp["m_p"]]
     if save:
-        shapes += _state_shapes(BH, p.d_qk, p.d_v, (p.n_chunks,))
-        out_specs += [sp["Cb"], sp["nb"], sp["mb"]]
+        bounds = _state_shapes(BH, p.d_qk, p.d_v, (p.n_chunks,))
+        shapes += [bounds[0]] + _state_shapes(BH * nb, p.d_qk, p.d_v, (p.n_chunks,))[1:]
+        out_specs += [sp["Cb"], sp["nb_p"], sp["mb_p"]]
     kernel = functools.partial(_gpu_fwd_kernel, L=p.L, NC=p.n_chunks, scale=scale, eps=eps, mm=_mm_dtype(p.q.dtype),
                                save=save)
-    return pl.pallas_call(
-        kernel, grid=(BH,),
+    outs = list(pl.pallas_call(
+        kernel, grid=(BH * nb,),
         in_specs=[sp["qk"], sp["qk"], sp["v"], sp["gc"], sp["gr"], sp["C"], sp["n"], sp["m"]],
         out_specs=out_specs, out_shape=shapes, compiler_params=_gpu_params(interpret), interpret=interpret,
-    )(p.q, p.k, p.v, p.gcol, p.grow, *state)
+    )(p.q, p.k, p.v, p.gcol, p.grow, *state))
+    # n and m are the same in every column block: keep block 0's (bounds keep all, the
+    # backward reads each program's own).
+    outs[2], outs[3] = outs[2][::nb], outs[3][::nb]
+    return outs
 
 
 def _gpu_backward(p: Problem, dh, bounds, dstate, *, scale, eps, interpret):
-    BH, sp = p.q.shape[0], _gpu_specs(p)
-    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (p.q, p.k, p.v)]
-    shapes += [jax.ShapeDtypeStruct((BH, p.n_chunks, GATE_ROWS, p.L), F32)] + _state_shapes(BH, p.d_qk, p.d_v)
+    BH, nb = p.q.shape[0], value_blocks(p.d_qk, p.d_v)
+    sp = _gpu_specs(p, nb)
+    dC, dn, gm = dstate
+    # The backward is linear in its cotangents (dh, dC, dn, gm): program j gets its own
+    # columns of dh and dC, block 0 also the whole dn and gm, the others zeros; the sum of the
+    # programs' dq, dk, gate, dn and dm partials is then the full gradient (each program's
+    # sums over columns see only its own, nonzero, columns).
+    first = (jnp.arange(BH * nb) % nb == 0).astype(F32)[:, None, None]
+    dn_p, gm_p = jnp.repeat(dn, nb, axis=0) * first, jnp.repeat(gm, nb, axis=0) * first
+    shapes = [jax.ShapeDtypeStruct((BH * nb, *p.q.shape[1:]), p.q.dtype)] * 2 + [jax.ShapeDtypeStruct(p.v.shape, p.v.dtype)]
+    shapes += [jax.ShapeDtypeStruct((BH * nb, p.n_chunks, GATE_ROWS, p.L), F32)]
+    shapes += [_state_shapes(BH, p.d_qk, p.d_v)[0]] + _state_shapes(BH * nb, p.d_qk, p.d_v)[1:]
     kernel = functools.partial(_gpu_bwd_kernel, L=p.L, NC=p.n_chunks, scale=scale, eps=eps, mm=_mm_dtype(p.q.dtype))
-    return pl.pallas_call(
-        kernel, grid=(BH,),
-        in_specs=[sp["qk"], sp["qk"], sp["v"], sp["v"], sp["gc"], sp["gr"], sp["Cb"], sp["nb"], sp["mb"],
-                  sp["C"], sp["n"], sp["m"]],
-        out_specs=[sp["qk"], sp["qk"], sp["v"], sp["gr"], sp["C"], sp["n"], sp["m"]],
+    dq, dk, dv, dg, dC0, dn0, gm0 = pl.pallas_call(
+        kernel, grid=(BH * nb,),
+        in_specs=[sp["qk"], sp["qk"], sp["v"], sp["v"], sp["gc"], sp["gr"], sp["Cb"], sp["nb_p"], sp["mb_p"],
+                  sp["C"], sp["n_p"], sp["m_p"]],
+        out_specs=[sp["qk_p"], sp["qk_p"], sp["v"], sp["gr_p"], sp["C"], sp["n_p"], sp["m_p"]],
         out_shape=shapes, compiler_params=_gpu_params(interpret), interpret=interpret,
-    )(p.q, p.k, p.v, dh, p.gcol, p.grow, *bounds, *dstate)
+    )(p.q, p.k, p.v, dh, p.gcol, p.grow, *bounds, dC, dn_p, gm_p)
+    total = lambda a: a.reshape(BH, nb, *a.shape[1:]).sum(axis=1)  # noqa: E731
+    return total(dq).astype(p.q.dtype), total(dk).astype(p.k.dtype), dv, total(dg), dC0, total(dn0), total(gm0)
 
 
 # ----------------------------------------------------------------------------- entry points

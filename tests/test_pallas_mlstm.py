@@ -128,12 +128,31 @@ def test_pallas_mlstm_bf16_inputs(backend):
     assert max(grad_err.values()) <= 3e-2, grad_err
 
 
+@pytest.mark.parametrize("block_v", [16, 32])
+def test_pallas_gpu_mlstm_split_value_columns(monkeypatch, block_v):
+    """The GPU kernel split over value columns (4 and 2 programs per row: d_v 48 pads to 64),
+    with an incoming state, resets and an odd length, equals the reference."""
+    from mnemax.kernels import pallas_mlstm
+
+    monkeypatch.setitem(pallas_mlstm.GPU_OPTIONS, "block_v", block_v)
+    assert pallas_mlstm.value_blocks(16, 64) == 64 // block_v
+    case = _inputs(13, 2, 2, 37, 12, 48, with_state=True, reset_rate=0.1)
+    _, _, out_err, grad_err = _errors("pallas_gpu", case, 16)
+    assert max(out_err.values()) <= 1e-4, out_err
+    assert max(grad_err.values()) <= 1e-3, grad_err
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, (1e-4, 1e-3)), (jnp.bfloat16, (2e-2, 3e-2))])
 def test_pallas_gpu_mlstm_compiled_matches_reference(dtype, tol):
     """The compiled GPU kernel (not interpret mode) at a model-sized head."""
     assert jax.default_backend() == "gpu"
     case = _inputs(11, 2, 4, 300, 64, 64, with_state=True, reset_rate=0.01, dtype=dtype)
+    _, _, out_err, grad_err = _errors("pallas_gpu", case, 64, interpret=False)
+    assert max(out_err.values()) <= tol[0], out_err
+    assert max(grad_err.values()) <= tol[1], grad_err
+    # xLSTM-sized heads (d_qk 256, d_v 512: 16 programs of 32 value columns per row)
+    case = _inputs(12, 1, 2, 200, 256, 512, with_state=True, reset_rate=0.01, dtype=dtype)
     _, _, out_err, grad_err = _errors("pallas_gpu", case, 64, interpret=False)
     assert max(out_err.values()) <= tol[0], out_err
     assert max(grad_err.values()) <= tol[1], grad_err
