@@ -403,9 +403,20 @@ _pallas_mlstm.defvjp(_pallas_fwd, _pallas_bwd)
 def _pallas(platform, q, k, v, i, f, state, resets, *, chunk_size, eps, scale, interpret=False):
     if i.dtype == jnp.float64:  # the kernels compute in float32
         return _chunkwise(q, k, v, i, f, state, resets, chunk_size=chunk_size, eps=eps, scale=scale)
-    keep = None if resets is None else 1.0 - resets.astype(jnp.float32)
-    h, final = _pallas_mlstm(q, k, v, i, f, *state, keep, platform, chunk_size, eps, scale, bool(interpret))
-    return h, MLSTMState(*final)
+
+    def run(q, k, v, i, f, state, resets):
+        keep = None if resets is None else 1.0 - resets.astype(jnp.float32)
+        h, final = _pallas_mlstm(q, k, v, i, f, *state, keep, platform, chunk_size, eps, scale, bool(interpret))
+        return h, MLSTMState(*final)
+
+    rows, cols = dispatch.mesh_split(q.shape[0], q.shape[1])
+    if rows is None and cols is None:
+        return run(q, k, v, i, f, state, resets)
+    # per (batch, head) shard under a mesh context (see dispatch.mesh_split)
+    bh = jax.sharding.PartitionSpec(rows, cols)
+    st = MLSTMState(bh, bh, bh)
+    specs = (bh,) * 5 + (st, None if resets is None else jax.sharding.PartitionSpec(rows))
+    return jax.shard_map(run, in_specs=specs, out_specs=(bh, st), check_vma=False)(q, k, v, i, f, MLSTMState(*state), resets)
 
 
 @dispatch.register(OP, "pallas_gpu", default=False)  # opt-in until checked on a GPU

@@ -195,8 +195,20 @@ _pallas_slstm.defvjp(_pallas_fwd, _pallas_bwd)
 def _pallas(platform, x, R, b, state, resets, interpret=False):
     if x.dtype == jnp.float64:  # the kernels compute in float32
         return _fused(x, R, b, state, resets)
-    keep = None if resets is None else 1.0 - resets.astype(jnp.float32)
-    return _pallas_slstm(x, R, b, SLSTMState(*state), keep, platform, bool(interpret))
+
+    def run(x, R, b, state, resets):
+        keep = None if resets is None else 1.0 - resets.astype(jnp.float32)
+        return _pallas_slstm(x, R, b, SLSTMState(*state), keep, platform, bool(interpret))
+
+    rows, cols = dispatch.mesh_split(x.shape[0], x.shape[3])
+    if rows is None and cols is None:
+        return run(x, R, b, state, resets)
+    # per (batch, head) shard under a mesh context (see dispatch.mesh_split)
+    P = jax.sharding.PartitionSpec
+    st = SLSTMState(*(P(rows, cols),) * 4)
+    specs = (P(rows, None, None, cols), P(cols), P(None, cols), st, None if resets is None else P(rows))
+    return jax.shard_map(run, in_specs=specs, out_specs=(P(rows, None, cols), st), check_vma=False)(
+        x, R, b, SLSTMState(*state), resets)
 
 
 @dispatch.register(OP, "pallas_gpu", default=False)  # opt-in until checked on a GPU

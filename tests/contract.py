@@ -293,3 +293,17 @@ def _check_finite_differences(make_layer, make_input, batch, time, fd_rtol, seed
         numeric = (flat_loss(along(eps)) - flat_loss(along(-eps))) / (2 * eps)
         err = abs(analytic - float(numeric)) / max(abs(float(numeric)), 1e-8)
         assert err <= fd_rtol, f"gradient vs finite differences: {analytic} vs {float(numeric)} (rel err {err:.2e})"
+
+
+def primitives(jaxpr) -> set[str]:
+    """Names of every primitive in ``jaxpr`` and the jaxprs nested in its equations
+    (jit, custom_vjp, shard_map, scan bodies, ...)."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, tuple | list) else (v,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    names |= primitives(inner)
+    return names

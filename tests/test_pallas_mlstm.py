@@ -156,3 +156,20 @@ def test_pallas_gpu_mlstm_compiled_matches_reference(dtype, tol):
     _, _, out_err, grad_err = _errors("pallas_gpu", case, 64, interpret=False)
     assert max(out_err.values()) <= tol[0], out_err
     assert max(grad_err.values()) <= tol[1], grad_err
+
+
+def test_pallas_mlstm_runs_per_shard_under_a_mesh():
+    """Under a mesh context the kernel runs per (batch, head) shard (jax.shard_map; a bare
+    pallas_call is replicated by the SPMD partitioner) and still equals the reference."""
+    from mnemax.sharding import make_mesh
+
+    from .contract import primitives
+
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
+    case = _inputs(23, 4, 2, 29, 8, 8, with_state=True, reset_rate=0.1)
+    with jax.set_mesh(mesh):
+        jaxpr = jax.make_jaxpr(lambda *a: mlstm(*a, backend="pallas_gpu", chunk_size=8, interpret=True))(*case[0])
+        assert "shard_map" in primitives(jaxpr.jaxpr)
+        _, _, out_err, grad_err = _errors("pallas_gpu", case, 8)
+    assert max(out_err.values()) <= 1e-4, out_err
+    assert max(grad_err.values()) <= 1e-3, grad_err

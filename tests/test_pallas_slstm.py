@@ -103,3 +103,19 @@ def test_pallas_gpu_slstm_compiled_matches_reference():
     """The compiled GPU kernel (not interpret mode) at a model-sized head."""
     assert jax.default_backend() == "gpu"
     _check("pallas_gpu", _inputs(12, 4, 200, 4, 64, with_state=True, reset_rate=0.01), interpret=False)
+
+
+def test_pallas_slstm_runs_per_shard_under_a_mesh():
+    """Under a mesh context the kernel runs per (batch, head) shard (jax.shard_map; a bare
+    pallas_call is replicated by the SPMD partitioner) and still equals the reference,
+    gradients of R and b (summed over the batch shards) included."""
+    from mnemax.sharding import make_mesh
+
+    from .contract import primitives
+
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
+    case = _inputs(21, 4, 23, 2, 8, with_state=True, reset_rate=0.1)
+    with jax.set_mesh(mesh):
+        jaxpr = jax.make_jaxpr(lambda x, R, b: slstm(x, R, b, backend="pallas_gpu", interpret=True))(*case[0])
+        assert "shard_map" in primitives(jaxpr.jaxpr)
+        _check("pallas_gpu", case)
