@@ -14,6 +14,10 @@ its loss curve from the one-device run. Then it restores the first mesh's final
 checkpoint on one device and on a different mesh and evaluates it: the held-out loss
 must equal the one the run reported (``restore_*_rel_diff``).
 
+Each run (and each restore) is its own process, so the peak memory is that run's;
+``--baseline FILE`` reuses the one-device runs saved in an earlier ``--out`` (to split a
+long comparison over several commands), ``--no-restore`` skips the restores.
+
 ``--tiny`` shrinks every model to d_model 64, 2 layers (vocabulary of the task) and
 simulates 8 CPU devices: a check of the whole path, not a speed measurement.
 """
@@ -21,7 +25,9 @@ simulates 8 CPU devices: a check of the whole path, not a speed measurement.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -135,14 +141,16 @@ def _child(task: dict, args) -> dict:
                                           task["target"])}
 
 
+_PARENT_SET_PREALLOCATE = False
+
+
 def _spawn(task: dict, argv: list[str]) -> dict:
     """Runs ``task`` in a fresh process (so each run's peak device memory is its own)."""
-    import json
-    import subprocess
-
     fd, path = tempfile.mkstemp(suffix=".json")
     os.close(fd)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_PREALLOCATE"}
+    env = dict(os.environ)
+    if _PARENT_SET_PREALLOCATE:  # the parent's own setting; children allocate as usual
+        env.pop("XLA_PYTHON_CLIENT_PREALLOCATE")
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--child", json.dumps(task), "--child_out", path],
                           env=env)
     if proc.returncode != 0:
@@ -152,8 +160,6 @@ def _spawn(task: dict, argv: list[str]) -> dict:
 
 
 def main():
-    import json
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="xlstm-1.3b,mamba-1.4b")
     ap.add_argument("--meshes", nargs="*", default=["data=8", "fsdp=8", "data=2,fsdp=4", "fsdp=4,tensor=2"],
@@ -184,8 +190,10 @@ def main():
         return
     # The parent only measures the matmul rate; every run is a child process that owns
     # the devices (the parent must not preallocate their memory).
+    global _PARENT_SET_PREALLOCATE
+    _PARENT_SET_PREALLOCATE = "XLA_PYTHON_CLIENT_PREALLOCATE" not in os.environ
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    argv = [a for a in sys.argv[1:]]
+    argv = sys.argv[1:]
     meshes = [parse_mesh(m) for m in args.meshes]
     most = max([m["data"] * m["fsdp"] * m["tensor"] for m in meshes] + [1])
     if most > jax.device_count():
