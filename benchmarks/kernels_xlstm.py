@@ -49,12 +49,21 @@ def attention_flops(b, h, t, dk, dv):
     return fwd, 3 * fwd
 
 
-def torch_rows(shapes) -> list[dict]:
+# mlstm_kernels variants tried in order, each in its own process (a Triton compiler crash
+# aborts the process): (kernel, chunk size, environment). DISABLE_LLVM_OPT=1 skips
+# Triton's LLVM -O3 pipeline, where 2.0.6's xl_chunk kernel hit an SLPVectorizer assertion
+# under Triton 3.6 on the H200.
+TORCH_VARIANTS = [("chunkwise--triton_xl_chunk", 128, {}), ("chunkwise--triton_xl_chunk", 128, {"DISABLE_LLVM_OPT": "1"}),
+                  ("chunkwise--triton_limit_chunk", 64, {})]
+
+
+def torch_rows(shapes, name="chunkwise--triton_xl_chunk", chunk=128) -> list[dict]:
     """mlstm_kernels' chunkwise Triton kernel, fwd and fwd+bwd, CUDA events."""
     import torch
     from mlstm_kernels.torch import get_mlstm_kernel
 
-    kern = get_mlstm_kernel("chunkwise--triton_xl_chunk")
+    kern = get_mlstm_kernel(name)
+    tag = f"mlstm_kernels({name.split('--')[-1]},L={chunk}{',no_llvm_opt' if os.environ.get('DISABLE_LLVM_OPT') else ''})"
     rows = []
     for b, h, t, dk, dv in shapes:
         shape = str((b, h, t, dk, dv))
@@ -69,10 +78,10 @@ def torch_rows(shapes) -> list[dict]:
 
             def fwd():
                 with torch.no_grad():
-                    return kern(q, k, v, i, f, chunk_size=128)
+                    return kern(q, k, v, i, f, chunk_size=chunk)
 
             def fwdbwd():
-                out = kern(q, k, v, i, f, chunk_size=128)
+                out = kern(q, k, v, i, f, chunk_size=chunk)
                 out.backward(dh)
 
             times = {}
@@ -90,12 +99,37 @@ def torch_rows(shapes) -> list[dict]:
                     torch.cuda.synchronize()
                     meds.append(s.elapsed_time(e) / 3)
                 times[name] = sorted(meds)[len(meds) // 2]
-            rows.append({"op": "mlstm", "shape": shape, "impl": "mlstm_kernels(triton_xl_chunk,L=128)",
+            rows.append({"op": "mlstm", "shape": shape, "impl": tag, "chunk": chunk,
                          "fwd_ms": times["fwd"], "fwdbwd_ms": times["fwdbwd"]})
             torch.cuda.empty_cache()
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
-            rows.append({"op": "mlstm", "shape": shape, "impl": "mlstm_kernels", "error": f"{type(e).__name__}: {str(e)[:200]}"})
+            rows.append({"op": "mlstm", "shape": shape, "impl": tag, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+    return rows
+
+
+def torch_results(shapes) -> list[dict]:
+    """Runs TORCH_VARIANTS in subprocesses until every shape has a timing; returns every
+    row (failed variants as error rows, so the table says what was tried)."""
+    out = os.path.join(os.environ.get("OUT") or ".", "mlstm_kernels_torch.json")
+    rows, todo = [], list(shapes)
+    for name, chunk, env in TORCH_VARIANTS:
+        tag = f"mlstm_kernels({name.split('--')[-1]},L={chunk}{',no_llvm_opt' if env else ''})"
+        try:
+            if os.path.exists(out):
+                os.remove(out)
+            subprocess.run([sys.executable, __file__, "--torch", json.dumps(todo), out, name, str(chunk)], check=True,
+                           timeout=300, env={**os.environ, **env})
+            with open(out) as fh:
+                got = json.load(fh)
+        except Exception as e:  # noqa: BLE001
+            got = [{"op": "mlstm", "shape": "all", "impl": tag, "error": f"{type(e).__name__}: {str(e)[:200]}"}]
+        print(got, flush=True)
+        rows += got
+        done = {r["shape"] for r in got if r.get("fwdbwd_ms")}
+        todo = [s for s in todo if str(tuple(s)) not in done]
+        if not todo:
+            break
     return rows
 
 
@@ -141,13 +175,7 @@ def mlstm_rows(peak: float, quick: bool) -> list[dict]:
 
     shapes = [(1, 2, 1024, 64, 128)] if quick else MLSTM_SHAPES
     rows = []
-    torch_out = os.path.join(os.environ.get("OUT") or ".", "mlstm_kernels_torch.json")
-    try:  # before JAX allocates on the device
-        subprocess.run([sys.executable, __file__, "--torch", json.dumps(shapes), torch_out], check=True, timeout=300)
-        with open(torch_out) as fh:
-            torch_results = json.load(fh)
-    except Exception as e:  # noqa: BLE001
-        torch_results = [{"op": "mlstm", "shape": "all", "impl": "mlstm_kernels", "error": f"{type(e).__name__}: {str(e)[:200]}"}]
+    torch_rows_ = torch_results(shapes)  # before JAX allocates on the device
     rng = np.random.default_rng(0)
     for b, h, t, dk, dv in shapes:
         shape = str((b, h, t, dk, dv))
@@ -155,7 +183,7 @@ def mlstm_rows(peak: float, quick: bool) -> list[dict]:
         q, k, v, i, f, dh = mk(b, h, t, dk), mk(b, h, t, dk), mk(b, h, t, dv), mk(b, h, t), mk(b, h, t, off=3.0), mk(b, h, t, dv)
         fl_fb = mlstm_flops(b, h, t, dk, dv)[1]
         ref = None
-        here = [r for r in torch_results if r.get("shape") in (shape, "all")]
+        here = [r for r in torch_rows_ if r.get("shape") in (shape, "all")]
         # cuDNN attention at d_v = d_qk: jax's dot_product_attention needs equal head dims.
         row = {"op": "mlstm", "shape": shape, "impl": f"cudnn_attention(d_v={dk})",
                "note": "jax attention needs d_v == d_qk: attention at d_v = d_qk, less work than the mLSTM's d_v"}
@@ -193,7 +221,7 @@ def mlstm_rows(peak: float, quick: bool) -> list[dict]:
                 r["vs_mlstm_kernels"] = (mk_t or float("nan")) / r["fwdbwd_ms"]
                 r["vs_cudnn"] = (cu_t or float("nan")) / r["fwdbwd_ms"]
             if r["impl"].startswith("mlstm_kernels") and r.get("fwdbwd_ms"):
-                r["fwdbwd_TFLOPs"] = mlstm_flops(b, h, t, dk, dv, 128)[1] / r["fwdbwd_ms"] / 1e9
+                r["fwdbwd_TFLOPs"] = mlstm_flops(b, h, t, dk, dv, r.get("chunk", 128))[1] / r["fwdbwd_ms"] / 1e9
                 r["x_peak"] = r["fwdbwd_TFLOPs"] * 1e12 / peak
         rows += here
     return rows
@@ -233,8 +261,8 @@ SECTIONS = {"mlstm": mlstm_rows, "slstm": slstm_rows}
 
 
 def main():
-    if len(sys.argv) == 4 and sys.argv[1] == "--torch":
-        rows = torch_rows([tuple(s) for s in json.loads(sys.argv[2])])
+    if len(sys.argv) == 6 and sys.argv[1] == "--torch":
+        rows = torch_rows([tuple(s) for s in json.loads(sys.argv[2])], sys.argv[4], int(sys.argv[5]))
         with open(sys.argv[3], "w") as fh:
             json.dump(rows, fh)
         return
