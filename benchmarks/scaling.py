@@ -165,6 +165,12 @@ def main():
     ap.add_argument("--meshes", nargs="*", default=["data=8", "fsdp=8", "data=2,fsdp=4", "fsdp=4,tensor=2"],
                     help="meshes to compare with one device (none: only the one-device run)")
     ap.add_argument("--baseline", default=None, help="reuse the one-device runs saved in this JSON (an earlier --out)")
+    ap.add_argument("--one_device", action=argparse.BooleanOptionalAction, default=True,
+                    help="run (or reuse) the one-device baseline; --no-one_device: meshes only (their efficiencies "
+                         "come from a later --merge with a run that has the baseline)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="combine earlier --out files (e.g. the baseline and the meshes run at once on disjoint GPUs "
+                         "with CUDA_VISIBLE_DEVICES) into --out, computing efficiencies and loss differences; runs nothing")
     ap.add_argument("--batch", type=int, default=16, help="global batch (sequences per step)")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=20, help="timed steps after --warmup")
@@ -182,6 +188,8 @@ def main():
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child_out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, args.out)
     if args.tiny:
         args.seq, args.batch, args.steps, args.warmup = min(args.seq, 64), min(args.batch, 16), min(args.steps, 4), 1
     if args.child:
@@ -212,6 +220,8 @@ def main():
     for model in args.models.split(","):
         base_losses, base = None, None
         try:
+            if not args.one_device and model not in baselines:
+                raise LookupError("--no-one_device: no one-device run here (combine with --merge)")
             got = baselines.get(model) or _spawn(
                 {**common, "kind": "run", "model": model, "mesh": one, "wd": os.path.join(work, model, "one")}, argv)
             baselines[model] = got
@@ -229,6 +239,7 @@ def main():
                 rows.append({"model": model, "mesh": mesh_name(mesh), "error": f"{type(e).__name__}: {str(e)[:200]}"})
                 continue
             losses, row = got["losses"], got["row"]
+            row["losses"] = losses  # in the JSON (not the table), for --merge
             if base is not None:
                 row["efficiency"] = row["tokens_per_s"] / (row["devices"] * base["tokens_per_s"])
                 row["loss_max_rel_diff"] = max(abs(losses[s] - base_losses[s]) / abs(base_losses[s]) for s in base_losses)
@@ -252,6 +263,34 @@ def main():
     save({"env": env, "matmul_flops": peak, "rows": rows, "restores": restores, "baselines": baselines}, args.out)
     print("\n" + table(rows, COLUMNS))
     print("\n" + table(restores, ["model", "saved_on", "restored_on", "eval_loss", "run_eval_loss", "rel_diff", "error"]))
+
+
+def merge(files: list[str], out: str) -> None:
+    """Rows, restores and baselines of several ``--out`` files in one: each mesh row's
+    efficiency and loss difference are computed against its model's one-device run
+    (which any of the files may hold); the first file's environment is kept."""
+    docs = []
+    for path in files:
+        with open(path) as f:
+            docs.append(json.load(f))
+    baselines = {k: v for d in docs for k, v in d.get("baselines", {}).items()}
+    rows, restores = [], [r for d in docs for r in d.get("restores", [])]
+    for model, got in baselines.items():
+        rows.append({**got["row"], "efficiency": 1.0, "loss_max_rel_diff": 0.0})
+    for d in docs:
+        for row in d["rows"]:
+            if row.get("mesh") == "1 device":
+                continue
+            base = baselines.get(row.get("model"))
+            if base is not None and row.get("tokens_per_s") and row.get("losses"):
+                bl = base["losses"]
+                row["efficiency"] = row["tokens_per_s"] / (row["devices"] * base["row"]["tokens_per_s"])
+                row["loss_max_rel_diff"] = max(abs(row["losses"][s] - bl[s]) / abs(bl[s]) for s in bl if s in row["losses"])
+            rows.append(row)
+    env = dict(docs[0]["env"], merged_from=[d["env"].get("command") for d in docs])
+    save({"env": env, "matmul_flops": docs[0].get("matmul_flops"), "rows": rows, "restores": restores,
+          "baselines": baselines}, out)
+    print(table(rows, COLUMNS))
 
 
 def restore_elsewhere(model, first, args, data_dir, work, peak, target):
