@@ -82,32 +82,43 @@ def gen_rows(name, prefill, gen, batches, chunk):
     model = make(name, prefill + gen + 8)
     rng = np.random.default_rng(1)
     params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
-    apply = jax.jit(model.apply)
+    apply = jax.jit(model.apply, donate_argnums=(2,))  # the state is updated in place (a KV cache can be tens of GB)
     for batch in batches:
-        prompt = jnp.asarray(rng.integers(0, model.config.vocab_size, (batch, prefill)), jnp.int32)
-        t0 = time.time()
-        state = model.initial_state(batch)
-        for i in range(0, prefill, chunk):  # chunked prefill: logits of one chunk at a time
-            logits, state = apply(params, prompt[:, i : i + chunk], state)
-        jax.block_until_ready(logits)
-        t_prefill = time.time() - t0
-        nxt = jnp.argmax(logits[:, -1:], -1).astype(jnp.int32)
-
-        def one(state, nxt):
-            y, state = apply(params, nxt, state)
-            return state, jnp.argmax(y[:, -1:], -1).astype(jnp.int32)
-
-        state, nxt = one(state, nxt)  # compile
-        jax.block_until_ready(nxt)
-        t0 = time.time()
-        for _ in range(gen):
-            state, nxt = one(state, nxt)
-        jax.block_until_ready(nxt)
-        dt = time.time() - t0
-        sizes = state_sizes(name, prefill, gen, batch)
-        rows.append({"family": name, "batch": batch, "prefill": prefill, "prefill_s_incl_compile": t_prefill,
-                     "gen_tokens_per_s": batch * gen / dt, "ms_per_token_step": dt / gen * 1e3, **sizes})
+        try:
+            rows.append(gen_row(model, params, apply, name, prefill, gen, batch, chunk, rng))
+        except Exception as e:  # noqa: BLE001 - one batch size failing (memory) keeps the other's row
+            traceback.print_exc()
+            rows.append({"family": name, "batch": batch, "prefill": prefill, "error": f"{type(e).__name__}: {str(e)[:160]}"})
     return rows
+
+
+def gen_row(model, params, apply, name, prefill, gen, batch, chunk, rng):
+    """One generation row: chunked prefill (chunks shrink with the batch so a chunk's
+    logits stay near ``4 * chunk`` rows of the vocabulary), then ``gen`` timed steps."""
+    chunk = max(64, min(chunk, 4 * chunk // batch))
+    prompt = jnp.asarray(rng.integers(0, model.config.vocab_size, (batch, prefill)), jnp.int32)
+    t0 = time.time()
+    state = model.initial_state(batch)
+    for i in range(0, prefill, chunk):  # chunked prefill: logits of one chunk at a time
+        logits, state = apply(params, prompt[:, i : i + chunk], state)
+    jax.block_until_ready(logits)
+    t_prefill = time.time() - t0
+    nxt = jnp.argmax(logits[:, -1:], -1).astype(jnp.int32)
+
+    def one(state, nxt):
+        y, state = apply(params, nxt, state)
+        return state, jnp.argmax(y[:, -1:], -1).astype(jnp.int32)
+
+    state, nxt = one(state, nxt)  # compile
+    jax.block_until_ready(nxt)
+    t0 = time.time()
+    for _ in range(gen):
+        state, nxt = one(state, nxt)
+    jax.block_until_ready(nxt)
+    dt = time.time() - t0
+    sizes = state_sizes(name, prefill, gen, batch)
+    return {"family": name, "batch": batch, "prefill": prefill, "prefill_chunk": chunk, "prefill_s_incl_compile": t_prefill,
+            "gen_tokens_per_s": batch * gen / dt, "ms_per_token_step": dt / gen * 1e3, **sizes}
 
 
 def main():
