@@ -36,7 +36,11 @@ FAMILIES = {
     "mamba": ("mamba-130m", {"scan_layers": True}),
     "xlstm": ("xlstm-125m", {}),
     "memmamba": ("memmamba-130m", {"pool_chunk": 64}),
-}
+    "s4d": ("s4d-125m", {}),
+    "lssl": ("lssl-125m", {}),
+    "hopfield": ("hopfield-125m", {}),
+    "hcam": ("hcam-125m", {}),
+}  # ELM is a neuron model (spike-train inputs, a classifier head), not a language model: not here
 
 
 def make(name, context, **extra):
@@ -139,7 +143,8 @@ def main():
     if args.tiny:
         for k, (preset, ov) in list(FAMILIES.items()):
             tiny = {"transformer-125m": "transformer-tiny", "mamba-130m": "mamba-tiny", "xlstm-125m": "xlstm-tiny",
-                    "memmamba-130m": "memmamba-tiny"}[preset]
+                    "memmamba-130m": "memmamba-tiny", "s4d-125m": "s4d-tiny", "lssl-125m": "lssl-tiny",
+                    "hopfield-125m": "hopfield-tiny", "hcam-125m": "hcam-tiny"}[preset]
             FAMILIES[k] = (tiny, {kk: vv for kk, vv in ov.items() if kk != "implementation"})
     env = environment()
     print(env, flush=True)

@@ -164,6 +164,18 @@ register_preset(
     "s4d-tiny",
     ModelConfig(family="s4d", d_model=16, n_layers=2, vocab_size=32, block={"state_size": 8, "dt_min": 1e-2, "dt_max": 0.5}),
 )
+# ~125M language models of the throughput benchmark (benchmarks/throughput.py), sized like
+# mamba-130m (d 768, 24 layers, tied 50k embedding) with an MLP after each SSM layer.
+register_preset(
+    "s4d-125m",
+    ModelConfig(family="s4d", d_model=768, n_layers=24, vocab_size=50280, tie_embeddings=True,
+                block={"state_size": 64, "mlp_ratio": 2.5}),
+)
+register_preset(
+    "lssl-125m",
+    ModelConfig(family="lssl", d_model=768, n_layers=24, vocab_size=50280, tie_embeddings=True,
+                block={"state_size": 64, "channels": 1, "mlp_ratio": 2.5}),
+)
 register_preset(
     "mamba-tiny",
     ModelConfig(
@@ -240,6 +252,13 @@ register_preset(
     ),
 )
 register_preset(
+    "hopfield-125m",  # causal Hopfield LM sized like transformer-125m; 2048 stored patterns per layer
+    ModelConfig(
+        family="hopfield", d_model=768, n_layers=12, vocab_size=50304, tie_embeddings=True,
+        block={"num_heads": 12, "memory_size": 2048, "mlp_ratio": 8 / 3},
+    ),
+)
+register_preset(
     "hopfield-small",
     ModelConfig(
         family="hopfield", d_model=128, n_layers=3, vocab_size=256, head="classify", num_classes=10,
@@ -288,6 +307,13 @@ register_preset(
     ModelConfig(
         family="hcam", d_model=32, n_layers=2, vocab_size=64,
         block={"num_heads": 2, "chunk_size": 4, "num_chunks": 8, "top_k": 2, "mlp_ratio": 2.0},
+    ),
+)
+register_preset(
+    "hcam-125m",  # HCAM LM of ~125M parameters; 128 chunks of 16 steps (2048 tokens) of memory per layer
+    ModelConfig(
+        family="hcam", d_model=768, n_layers=8, vocab_size=50304, tie_embeddings=True,
+        block={"num_heads": 12, "chunk_size": 16, "num_chunks": 128, "top_k": 8, "mlp_ratio": 8 / 3},
     ),
 )
 register_preset(
