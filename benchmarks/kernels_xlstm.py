@@ -166,12 +166,29 @@ def _measure(row, fwd, fb, args, ref, flops, peak):
     return out
 
 
-def mlstm_rows(peak: float, quick: bool) -> list[dict]:
+def mlstm_variants(xla_chunks: str, pallas_configs: str) -> list[tuple]:
+    """(row name, backend, pallas_mlstm.GPU_OPTIONS changes, chunk size): ``xla`` and
+    ``pallas_gpu`` at chunk 64 and the defaults, then each extra xla chunk size and each
+    extra Pallas configuration ``block_v:num_warps[:chunk]``."""
+    out = [("xla", "xla", {}, CHUNK), ("pallas_gpu", "pallas_gpu", {}, CHUNK)]
+    for c in filter(None, xla_chunks.split(",")):
+        out.append((f"xla(L={c})", "xla", {}, int(c)))
+    for cfg in filter(None, pallas_configs.split(",")):
+        bv, w, *L = (int(x) for x in cfg.split(":"))
+        L = L[0] if L else CHUNK
+        out.append((f"pallas_gpu(bv={bv},w={w},L={L})", "pallas_gpu", {"block_v": bv, "num_warps": w}, L))
+    return out
+
+
+def mlstm_rows(peak: float, quick: bool, xla_chunks: str = "", pallas_configs: str = "") -> list[dict]:
     import jax
     import jax.numpy as jnp
     import numpy as np
 
+    from mnemax.kernels import pallas_mlstm
     from mnemax.kernels.mlstm import mlstm
+
+    variants = mlstm_variants(xla_chunks, pallas_configs)
 
     shapes = [(1, 2, 1024, 64, 128)] if quick else MLSTM_SHAPES
     rows = []
@@ -181,7 +198,6 @@ def mlstm_rows(peak: float, quick: bool) -> list[dict]:
         shape = str((b, h, t, dk, dv))
         mk = lambda *s, off=0.0: jnp.asarray(rng.standard_normal(s, np.float32) + off, jnp.bfloat16)  # noqa: E731
         q, k, v, i, f, dh = mk(b, h, t, dk), mk(b, h, t, dk), mk(b, h, t, dv), mk(b, h, t), mk(b, h, t, off=3.0), mk(b, h, t, dv)
-        fl_fb = mlstm_flops(b, h, t, dk, dv)[1]
         ref = None
         here = [r for r in torch_rows_ if r.get("shape") in (shape, "all")]
         # cuDNN attention at d_v = d_qk: jax's dot_product_attention needs equal head dims.
@@ -201,15 +217,22 @@ def mlstm_rows(peak: float, quick: bool) -> list[dict]:
 
         _attempt(row, attention)
         here.append(row)
-        for backend in ("xla", "pallas_gpu"):
-            row = {"op": "mlstm", "shape": shape, "impl": backend}
+        for impl, backend, opts, chunk in variants:
+            row = {"op": "mlstm", "shape": shape, "impl": impl}
 
-            def loss(q, k, v, i, f, be=backend):
-                return jnp.sum(mlstm(q, k, v, i, f, backend=be, chunk_size=CHUNK)[0].astype(jnp.float32) * dh)
+            def loss(q, k, v, i, f, be=backend, L=chunk):
+                return jnp.sum(mlstm(q, k, v, i, f, backend=be, chunk_size=L)[0].astype(jnp.float32) * dh)
 
-            fwd = jax.jit(lambda q, k, v, i, f, be=backend: mlstm(q, k, v, i, f, backend=be, chunk_size=CHUNK)[0])
+            fwd = jax.jit(lambda q, k, v, i, f, be=backend, L=chunk: mlstm(q, k, v, i, f, backend=be, chunk_size=L)[0])
             fb = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
-            out = _attempt(row, lambda row=row, fwd=fwd, fb=fb: _measure(row, fwd, fb, (q, k, v, i, f), ref, fl_fb, peak))
+            saved = dict(pallas_mlstm.GPU_OPTIONS)
+            pallas_mlstm.GPU_OPTIONS.update(opts)  # read while tracing, i.e. inside _measure's first calls
+            try:
+                out = _attempt(row, lambda row=row, fwd=fwd, fb=fb, L=chunk: _measure(
+                    row, fwd, fb, (q, k, v, i, f), ref, mlstm_flops(b, h, t, dk, dv, L)[1], peak))
+            finally:
+                pallas_mlstm.GPU_OPTIONS.clear()
+                pallas_mlstm.GPU_OPTIONS.update(saved)
             ref = out if ref is None else ref
             here.append(row)
         times = {r["impl"]: r.get("fwdbwd_ms") for r in here if r.get("fwdbwd_ms")}
@@ -272,6 +295,9 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--ops", default="mlstm,slstm")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--xla_chunks", default="", help="extra chunk sizes for the xla mLSTM rows, e.g. 128,256")
+    p.add_argument("--pallas_configs", default="",
+                   help="extra Pallas GPU mLSTM settings block_v:num_warps[:chunk], e.g. 64:4,128:8,128:8:128")
     args = p.parse_args()
     env = environment()
     print(env, flush=True)
@@ -279,7 +305,8 @@ def main():
     print(f"bf16 matmul: {peak / 1e12:.1f} TFLOP/s", flush=True)
     rows = []
     for op in args.ops.split(","):
-        rows += SECTIONS[op](peak, args.quick)
+        extra = {"xla_chunks": args.xla_chunks, "pallas_configs": args.pallas_configs} if op == "mlstm" else {}
+        rows += SECTIONS[op](peak, args.quick, **extra)
         save({"env": env, "matmul_flops": peak, "rows": rows}, "kernels_xlstm.json")
         print(table(rows, COLUMNS), flush=True)
     print("\n" + table(rows, COLUMNS))
