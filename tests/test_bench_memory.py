@@ -5,6 +5,8 @@ import json
 import math
 import os
 
+import pytest
+
 from mnemax.train import bench_memory
 
 
@@ -25,3 +27,19 @@ def test_memory_benchmark_smoke(tmp_path):
     assert len(data["rows"]) == len(rows)
     assert os.path.exists(tmp_path / "plots" / "mqar_accuracy_vs_pairs.png")
     assert os.path.exists(tmp_path / "plots" / "passkey_accuracy_vs_length.png")
+
+    # A table split by family (as on separate GPUs) and merged back is the same table.
+    halves = [[r for r in rows if (r["family"] < "m") == first] for first in (True, False)]
+    assert all(halves)
+    for n, part in enumerate(halves):
+        with open(tmp_path / f"part{n}.json", "w") as f:
+            json.dump({**data, "rows": part}, f)
+    merged = bench_memory.main(["--merge", str(tmp_path / "part0.json"), str(tmp_path / "part1.json"),
+                                "--out", str(tmp_path / "merged")])
+    by_key = lambda rs: sorted((r["family"], r["task"], r["difficulty"], r["accuracy"]) for r in rs)  # noqa: E731
+    assert by_key(merged["rows"]) == by_key(rows)
+    assert sorted(merged["table"].splitlines()) == sorted(table.strip().splitlines())
+    with open(tmp_path / "other.json", "w") as f:
+        json.dump({**data, "budget": "10m"}, f)
+    with pytest.raises(ValueError, match="different budgets"):
+        bench_memory.main(["--merge", str(tmp_path / "part0.json"), str(tmp_path / "other.json"), "--out", str(tmp_path)])

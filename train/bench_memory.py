@@ -15,6 +15,11 @@ see only the window, which is the point of the comparison.
 
 ``--smoke`` runs a few steps per cell, on every family's first cell and on one cell
 of every task (CI checks that the table is produced, not the accuracies).
+
+A long table can be split: run disjoint ``--families`` (on separate accelerators, e.g.
+with ``CUDA_VISIBLE_DEVICES``) into separate ``--out`` folders, then
+``mnemax-bench memory --merge A/memory_10m.json B/memory_10m.json --out benchmarks``
+writes the one table and plots. ``--steps`` overrides the budget's training steps.
 """
 
 from __future__ import annotations
@@ -255,7 +260,24 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="benchmarks")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--data_dir", default=None)
+    ap.add_argument("--steps", type=int, default=None, help="training steps per cell (default: the budget's)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="combine earlier outputs' rows into one table and plots in --out; trains nothing")
     args = ap.parse_args(argv)
+    if args.merge:
+        docs = []
+        for path in args.merge:
+            with open(path) as f:
+                docs.append(json.load(f))
+        budgets = {d["budget"] for d in docs}
+        if len(budgets) != 1:
+            raise ValueError(f"--merge: the files come from different budgets {sorted(budgets)}; expected one")
+        rows = [r for d in docs for r in d["rows"]]
+        return write(rows, docs[0]["budget"], any(d["smoke"] for d in docs), args.out,
+                     merged_from=[os.path.abspath(p) for p in args.merge])
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    budget = dict(BUDGETS[args.budget], **({"steps": args.steps} if args.steps else {}))
     fams = available_families(args.families)
     todo = [c for c in cells(args.budget) if not args.tasks or c.task in args.tasks]
     plan = [(f, c) for f in fams for c in todo]
@@ -272,21 +294,26 @@ def main(argv=None) -> dict:
         preset, fixed = fams[fam]
         wd = os.path.join(work, f"{fam}-{cell.task}-{cell.difficulty}".replace("=", ""))
         try:
-            row = run_cell(fam, preset, fixed, cell, BUDGETS[args.budget], wd, data_dir, args.smoke)
+            row = run_cell(fam, preset, fixed, cell, budget, wd, data_dir, args.smoke)
         except Exception as err:  # noqa: BLE001 - a family that cannot take a task is reported, not fatal
             row = {"family": fam, "preset": preset, "task": cell.task, "difficulty": cell.difficulty, "params": 0,
                    "accuracy": float("nan"), "error": f"{type(err).__name__}: {str(err)[:200]}"}
         rows.append(row)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    tag = f"memory_{args.budget}{'_smoke' if args.smoke else ''}"
-    with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
-        json.dump({"budget": args.budget, "smoke": args.smoke, "jax": jax.__version__, "device": str(jax.devices()[0]),
-                   "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
+    return write(rows, args.budget, args.smoke, args.out)
+
+
+def write(rows: list[dict], budget: str, smoke: bool, out: str, **extra) -> dict:
+    """``memory_<budget>[_smoke].json`` / ``.md`` and the plots under ``out/plots``."""
+    os.makedirs(out, exist_ok=True)
+    tag = f"memory_{budget}{'_smoke' if smoke else ''}"
+    with open(os.path.join(out, f"{tag}.json"), "w") as f:
+        json.dump({"budget": budget, "smoke": smoke, "jax": jax.__version__, "device": str(jax.devices()[0]),
+                   "date": time.strftime("%Y-%m-%d"), "rows": rows, **extra}, f, indent=1)
     table = markdown([r for r in rows if "error" not in r])
-    with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
+    with open(os.path.join(out, f"{tag}.md"), "w") as f:
         f.write(table + "\n")
-    png = plots([r for r in rows if "error" not in r], os.path.join(args.out, "plots"))
+    png = plots([r for r in rows if "error" not in r], os.path.join(out, "plots"))
     print(table)
     return {"rows": rows, "table": table, "plots": png}
 
