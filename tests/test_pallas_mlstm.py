@@ -145,15 +145,12 @@ def test_pallas_gpu_mlstm_split_value_columns(monkeypatch, block_v):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, (1e-4, 1e-3)), (jnp.bfloat16, (2e-2, 3e-2))])
-def test_pallas_gpu_mlstm_compiled_matches_reference(dtype, tol):
-    """The compiled GPU kernel (not interpret mode) at a model-sized head."""
+@pytest.mark.parametrize("dims", [(11, 2, 4, 300, 64, 64), (12, 1, 2, 200, 256, 512)], ids=["head64", "qk256_v512"])
+def test_pallas_gpu_mlstm_compiled_matches_reference(dtype, tol, dims):
+    """The compiled GPU kernel (not interpret mode): a model-sized head, and xLSTM-sized heads
+    (d_qk 256, d_v 512: 16 programs of 32 value columns per row)."""
     assert jax.default_backend() == "gpu"
-    case = _inputs(11, 2, 4, 300, 64, 64, with_state=True, reset_rate=0.01, dtype=dtype)
-    _, _, out_err, grad_err = _errors("pallas_gpu", case, 64, interpret=False)
-    assert max(out_err.values()) <= tol[0], out_err
-    assert max(grad_err.values()) <= tol[1], grad_err
-    # xLSTM-sized heads (d_qk 256, d_v 512: 16 programs of 32 value columns per row)
-    case = _inputs(12, 1, 2, 200, 256, 512, with_state=True, reset_rate=0.01, dtype=dtype)
+    case = _inputs(*dims, with_state=True, reset_rate=0.01, dtype=dtype)
     _, _, out_err, grad_err = _errors("pallas_gpu", case, 64, interpret=False)
     assert max(out_err.values()) <= tol[0], out_err
     assert max(grad_err.values()) <= tol[1], grad_err
