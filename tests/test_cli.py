@@ -8,13 +8,12 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 import mnemax
 from mnemax.train.evaluate import evaluate_release
 from mnemax.train.metrics import read_metrics
 
-from .trainer_utils import ROOT, cli, flag_overrides
+from .trainer_utils import cli, flag_overrides
 
 
 def test_cli_run_outputs_and_release(tmp_path):

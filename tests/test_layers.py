@@ -1,7 +1,5 @@
 """Shared layers: each equals an independent numpy formula, and each passes the contract."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np

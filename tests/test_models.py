@@ -1,7 +1,5 @@
 """The zoo scaffold: registry, configs, heads, and the Transformer LM on the contract."""
 
-import dataclasses
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

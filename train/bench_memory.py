@@ -161,7 +161,6 @@ def run_cell(family: str, preset: str, fixed: dict, cell: Cell, budget: dict, wo
         if k.startswith("eval_accuracy/"):
             row[k.replace("eval_accuracy/", "acc ")] = v
     if cell.eval_lengths:
-        state = None
         from .checkpoint import Checkpointer
 
         ck = Checkpointer(os.path.join(workdir, "checkpoints"), use_async=False)
@@ -185,7 +184,6 @@ def run_cell(family: str, preset: str, fixed: dict, cell: Cell, budget: dict, wo
 
             out = accumulate_eval(lambda b: step(params, b), feeder.eval_batches(c.eval.batch_size), src.spec().group_names)
             row[f"acc len={length}"] = out["eval_accuracy"]
-        del state
     return row
 
 
