@@ -241,13 +241,22 @@ def log_uniform_dt(dt_min: float, dt_max: float):
 
 
 def causal_fft_conv(u, k):
-    """y[b, t, h, m] = sum_{s <= t} k[h, m, t - s] u[b, s, h]. u: (batch, L, H); k: (H, M, L)."""
-    L = u.shape[1]
+    """y[b, t, h, m] = sum_{s <= t} k[h, m, t - s] u[b, s, h]. u: (batch, L, H); k: (H, M, L).
+
+    One forward FFT over the rows of u and k together and one inverse FFT, so a layer never
+    has two FFTs in flight and a stack's FFTs run one after another (each depends on the
+    layer's input). Two FFTs running at once could deadlock XLA's CPU runtime on a 2-core
+    machine (both threads of its pool inside an FFT, each waiting for the other's share of
+    the pool): seen with jax 0.11.2 evaluating an LSSL at twice its training length."""
+    b, L, H = u.shape
+    M = k.shape[1]
     n = 1 << (2 * L - 1).bit_length()
-    U = jnp.fft.rfft(u, n=n, axis=1)  # (batch, F, H)
-    Kf = jnp.fft.rfft(k, n=n, axis=-1)  # (H, M, F)
-    y = jnp.fft.irfft(U[..., None] * jnp.moveaxis(Kf, -1, 0)[None], n=n, axis=1)
-    return y[:, :L].astype(u.dtype)
+    dt = jnp.result_type(u.dtype, k.dtype, jnp.float32)  # 16-bit inputs transform in float32
+    rows = jnp.concatenate([jnp.moveaxis(u, 1, 2).reshape(b * H, L).astype(dt), k.reshape(H * M, L).astype(dt)], axis=0)
+    spec = jnp.fft.rfft(rows, n=n, axis=-1)  # (b H + H M, F)
+    U, Kf = spec[: b * H].reshape(b, H, 1, -1), spec[b * H:].reshape(1, H, M, -1)
+    y = jnp.fft.irfft(U * Kf, n=n, axis=-1)[..., :L]  # (b, H, M, L)
+    return jnp.transpose(y, (0, 3, 1, 2)).astype(u.dtype)
 
 
 class LSSL(nn.Module):

@@ -15,6 +15,7 @@ from mnemax.layers.ssm import (
     LSSL,
     DiagonalSSM,
     LSSLState,
+    causal_fft_conv,
     discretize,
     hippo,
     krylov,
@@ -322,3 +323,35 @@ def test_lssl_small_classifier_builds():
     hidden = int(cfg.block["mlp_ratio"] * d)
     per_layer = (d + d * N + d + d * d + d) + 2 * d + (2 * d * hidden) + 2 * d  # LSSL + norm + MLP (gelu) + norm
     assert count == (1 * d + d) + L * per_layer + 2 * d + (d * 10 + 10)
+
+
+def test_fft_conv_equals_direct_convolution_with_one_fft_in_flight():
+    """causal_fft_conv == the direct causal sum (numpy), and its forward and backward each
+    chain their FFTs (every FFT consumes the previous one's result): two FFTs at once could
+    deadlock XLA's CPU runtime on 2 cores (an LSSL evaluated at 2x its training length
+    hung 2 runs in 3 with a separate rfft of u and of k)."""
+    rng = np.random.default_rng(0)
+    u, k = rng.standard_normal((3, 37, 4)), rng.standard_normal((4, 2, 37))
+    want = np.zeros((3, 37, 4, 2))
+    for t in range(37):
+        for s in range(t + 1):
+            want[:, t] += u[:, s, :, None] * k[None, :, :, t - s]
+    got = causal_fft_conv(jnp.asarray(u, jnp.float32), jnp.asarray(k, jnp.float32))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+    def ffts_are_chained(fn, *args):
+        with jax.disable_jit():  # inline jnp.fft's own jit, so the FFTs are top-level equations
+            eqns = jax.make_jaxpr(fn)(*args).jaxpr.eqns
+        idx = [n for n, e in enumerate(eqns) if e.primitive.name == "fft"]
+        for a, b in zip(idx, idx[1:]):  # b depends (transitively) on a's output
+            live = set(map(id, eqns[a].outvars))
+            for e in eqns[a + 1 : b + 1]:
+                if any(id(v) in live for v in e.invars if not hasattr(v, "val")):  # skip literals
+                    live |= set(map(id, e.outvars))
+            assert any(id(v) in live for v in eqns[b].outvars), f"fft {b} does not wait for fft {a}"
+        return len(idx)
+
+    args = (jnp.asarray(u, jnp.float32), jnp.asarray(k, jnp.float32))
+    assert ffts_are_chained(causal_fft_conv, *args) == 2
+    grad = jax.grad(lambda u, k: jnp.sum(jnp.sin(causal_fft_conv(u, k))), argnums=(0, 1))
+    assert ffts_are_chained(grad, *args) == 4
