@@ -55,7 +55,7 @@ OPTIONAL_FAMILIES = {
     "slstm": ("slstm-tiny", {}),
     "xlstm": ("xlstm-tiny", {}),
     "memmamba": ("memmamba-tiny", {}),
-    "elm": ("elm-tiny", {}),
+    "elm": ("elm-tiny", {"num_memory": None}),  # memory units follow d_model, so the budget sizes the neuron
 }
 
 BUDGETS = {  # target parameter counts, training steps, batch
