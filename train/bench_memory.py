@@ -222,13 +222,17 @@ def plots(rows: list[dict], out_dir: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     os.makedirs(out_dir, exist_ok=True)
+    # 12+ families: 20 colours and alternating line styles, so no two share a look
+    from cycler import cycler
+
+    plt.rcParams["axes.prop_cycle"] = (cycler(linestyle=["-", "--"]) * cycler(color=plt.get_cmap("tab20").colors[::2]))[:20]
     paths = []
     mq = [r for r in rows if r["task"] == "mqar"]
     if mq:
         fig, ax = plt.subplots(figsize=(6, 4))
         for f in dict.fromkeys(r["family"] for r in mq):
             pts = sorted((int(r["difficulty"].split("=")[1]), r["accuracy"]) for r in mq if r["family"] == f)
-            ax.plot(*zip(*pts), "o-", label=f)
+            ax.plot(*zip(*pts), marker="o", label=f)
         ax.set(xlabel="key-value pairs", ylabel="held-out recall accuracy", title="MQAR", xscale="log", ylim=(0, 1.02))
         ax.legend(fontsize=7)
         p = os.path.join(out_dir, "mqar_accuracy_vs_pairs.png")
@@ -240,7 +244,7 @@ def plots(rows: list[dict], out_dir: str) -> list[str]:
         for r in pk:
             lens = sorted((int(k.split("=")[1]), v) for k, v in r.items() if k.startswith("acc len="))
             if lens:
-                ax.plot(*zip(*lens), "o-", label=r["family"])
+                ax.plot(*zip(*lens), marker="o", label=r["family"])
         ax.set(xlabel="context length (trained at the first point)", ylabel="passkey accuracy", xscale="log", ylim=(0, 1.02))
         ax.legend(fontsize=7)
         p = os.path.join(out_dir, "passkey_accuracy_vs_length.png")
