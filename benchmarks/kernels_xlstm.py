@@ -57,13 +57,17 @@ TORCH_VARIANTS = [("chunkwise--triton_xl_chunk", 128, {}), ("chunkwise--triton_x
                   ("chunkwise--triton_limit_chunk", 64, {})]
 
 
+def _torch_tag(name: str, chunk: int, no_llvm_opt: bool) -> str:
+    return f"mlstm_kernels({name.split('--')[-1]},L={chunk}{',no_llvm_opt' if no_llvm_opt else ''})"
+
+
 def torch_rows(shapes, name="chunkwise--triton_xl_chunk", chunk=128) -> list[dict]:
     """mlstm_kernels' chunkwise Triton kernel, fwd and fwd+bwd, CUDA events."""
     import torch
     from mlstm_kernels.torch import get_mlstm_kernel
 
     kern = get_mlstm_kernel(name)
-    tag = f"mlstm_kernels({name.split('--')[-1]},L={chunk}{',no_llvm_opt' if os.environ.get('DISABLE_LLVM_OPT') else ''})"
+    tag = _torch_tag(name, chunk, bool(os.environ.get("DISABLE_LLVM_OPT")))
     rows = []
     for b, h, t, dk, dv in shapes:
         shape = str((b, h, t, dk, dv))
@@ -114,7 +118,7 @@ def torch_results(shapes) -> list[dict]:
     out = os.path.join(os.environ.get("OUT") or ".", "mlstm_kernels_torch.json")
     rows, todo = [], list(shapes)
     for name, chunk, env in TORCH_VARIANTS:
-        tag = f"mlstm_kernels({name.split('--')[-1]},L={chunk}{',no_llvm_opt' if env else ''})"
+        tag = _torch_tag(name, chunk, "DISABLE_LLVM_OPT" in env)
         try:
             if os.path.exists(out):
                 os.remove(out)

@@ -241,8 +241,7 @@ def main():
             losses, row = got["losses"], got["row"]
             row["losses"] = losses  # in the JSON (not the table), for --merge
             if base is not None:
-                row["efficiency"] = row["tokens_per_s"] / (row["devices"] * base["tokens_per_s"])
-                row["loss_max_rel_diff"] = max(abs(losses[s] - base_losses[s]) / abs(base_losses[s]) for s in base_losses)
+                compare(row, losses, base, base_losses)
             rows.append(row)
             first = first or (wd, row, mesh)
             save({"env": env, "matmul_flops": peak, "rows": rows, "restores": restores, "baselines": baselines}, args.out)
@@ -265,6 +264,13 @@ def main():
     print("\n" + table(restores, ["model", "saved_on", "restored_on", "eval_loss", "run_eval_loss", "rel_diff", "error"]))
 
 
+def compare(row: dict, losses: dict, base: dict, base_losses: dict) -> None:
+    """Sets ``row``'s scaling efficiency against the one-device ``base`` row and the largest
+    relative difference of its loss curve from the one-device curve (steps both logged)."""
+    row["efficiency"] = row["tokens_per_s"] / (row["devices"] * base["tokens_per_s"])
+    row["loss_max_rel_diff"] = max(abs(losses[s] - base_losses[s]) / abs(base_losses[s]) for s in base_losses if s in losses)
+
+
 def merge(files: list[str], out: str) -> None:
     """Rows, restores and baselines of several ``--out`` files in one: each mesh row's
     efficiency and loss difference are computed against its model's one-device run
@@ -283,9 +289,7 @@ def merge(files: list[str], out: str) -> None:
                 continue
             base = baselines.get(row.get("model"))
             if base is not None and row.get("tokens_per_s") and row.get("losses"):
-                bl = base["losses"]
-                row["efficiency"] = row["tokens_per_s"] / (row["devices"] * base["row"]["tokens_per_s"])
-                row["loss_max_rel_diff"] = max(abs(row["losses"][s] - bl[s]) / abs(bl[s]) for s in bl if s in row["losses"])
+                compare(row, row["losses"], base["row"], base["losses"])
             rows.append(row)
     env = dict(docs[0]["env"], merged_from=[d["env"].get("command") for d in docs])
     save({"env": env, "matmul_flops": docs[0].get("matmul_flops"), "rows": rows, "restores": restores,
