@@ -1,9 +1,8 @@
 """Pallas kernels for ``mlstm`` (chunkwise mLSTM) on TPU and GPU, forward and backward.
 
-Both kernels walk the sequence chunk by chunk for one (batch, head) row: the
-intra-chunk work is matmuls (``Q K^T`` masked by the decay matrix, times ``V``) and the
-stabilised state ``(C, n, m)`` is carried across chunks on chip (VMEM scratch on TPU,
-loop-carried registers on GPU). Per chunk of ``L`` steps, with ``b`` the log-forget sum
+The intra-chunk work is matmuls (``Q K^T`` masked by the decay matrix, times ``V``) and
+the stabilised state ``(C, n, m)`` is carried across chunks (VMEM scratch on TPU; on GPU
+a separate state-walk kernel with the state in registers). Per chunk of ``L`` steps, with ``b`` the log-forget sum
 inside the chunk, ``r`` the number of resets so far inside the chunk and ``g`` the
 stabiliser candidate of a key (``i~``, or ``max(i~, log sigma(f~))`` at a reset)::
 
@@ -14,9 +13,9 @@ stabiliser candidate of a key (``i~``, or ``max(i~, log sigma(f~))`` at a reset)
     h_t     = (S V + w Q C_in)_t / (max(|S 1 + w Q n_in|_t, exp(-m_t)) + eps)
 
 and the state at the chunk's end is row ``L - 1`` of the same weights applied to the
-keys. Forward saves each chunk's incoming state (``bounds``); the backward kernel walks
-the chunks last to first, recomputes the chunk from its incoming state and runs the
-adjoint of the above. Gradients are taken in the parametrisation (unstabilised memory
+keys. Forward saves each chunk's incoming state (``bounds``); the backward recomputes
+each chunk from its incoming state and runs the adjoint of the above, with the state
+gradients carried from the last chunk to the first. Gradients are taken in the parametrisation (unstabilised memory
 ``exp(m) C``, stabiliser ``m``): the stabiliser changes the outputs only through
 ``eps`` and the returned state, so its gradient ``gm_t = -eps (dh_t . h_t) / denom_t``
 (plus the final state's) is routed along the arg-max path of each ``m_t`` (a key's
@@ -28,26 +27,32 @@ Gate arrays are packed per chunk in both orientations (``(L, 8)`` columns and
 needed in the kernels. Padded steps (time rounded up to a chunk multiple) are masked
 out as keys and have log-forget 0, so they leave the state untouched.
 
+On TPU the forward and backward kernels walk the chunks of one (batch, head) row in
+order (the chunk axis is "arbitrary", the state in VMEM scratch). On GPU the work is split
+into a sequential state walk and chunk-parallel kernels (see the GPU section below):
+the chunk-boundary states are computed first, then every chunk's outputs (and, backward,
+its gradients) in parallel, as in the chunkwise kernels of ``mlstm_kernels``.
+
 Block sizes (per grid cell / program):
 
 ==================  ===========================  ==========================================
-array               TPU block (Mosaic)           GPU (Triton, one program per batch*head
-                                                 and block of d_v / nb value columns)
+array               TPU block (Mosaic)           GPU (Triton)
 ==================  ===========================  ==========================================
-q, k / v, h         (L, d_qk) / (L, d_v)         whole sequence, loaded (L, d_qk) /
-                                                 (L, d_v / nb) per chunk
-gates               (L, 8) and (8, L)            (NC, L, 8) and (NC, 8, L)
-state C / n / m     (d_qk, d_v) / (1, d_qk) /    loop carry: (d_qk, d_v / nb) / full n, m
-                    (1, 1) f32 VMEM scratch
-chunk bounds        (d_qk, d_v) per chunk        (NC, d_qk, d_v / nb)
+q, k / v, h         (L, d_qk) / (L, d_v)         per-chunk programs (row, d_v block, chunk):
+                                                 (L, d_qk) / (L, d_v / nb); state walk
+                                                 (row, d_qk tile, d_v tile): whole sequence,
+                                                 (L, tile) per step
+gates               (L, 8) and (8, L)            (L, 8) and (8, L) per chunk
+state C / n / m     (d_qk, d_v) / (1, d_qk) /    walk carry: (tile, tile) / (1, tile);
+                    (1, 1) f32 VMEM scratch      saved per chunk in the matmul dtype
+chunk bounds        (d_qk, d_v) per chunk        (d_qk, d_v / nb) per per-chunk program
 ==================  ===========================  ==========================================
 
-On GPU the columns of C are independent given q, k and the gates, so ``nb`` programs
-(:func:`value_blocks`, ``GPU_OPTIONS["block_v"]``) share one row: each recomputes the
-(L, L) weights and carries its slice of C (at d_qk 256, d_v 512 one program's whole state
-did not fit in an H100/H200 SM's shared memory). The backward is linear in the
-cotangents, so each program takes its columns of dh and dC (block 0 also dn and dm) and
-the programs' dq, dk and gate partials are summed.
+On GPU the columns of C are independent given q, k and the gates, so ``nb`` per-chunk
+programs (:func:`value_blocks`, ``GPU_OPTIONS["block_v"]``) share one chunk: each
+recomputes the (L, L) weights for its slice of value columns. The backward is linear in
+the cotangents, so each takes its columns of dh and dC (block 0 also dn and dm) and the
+programs' dq, dk and gate partials are summed.
 
 ``L`` is ``chunk_size`` (rounded to a multiple of 8 on TPU, a power of two >= 16 on
 GPU, and never more than the padded length). TPU grid: (batch*heads "parallel",
@@ -171,11 +176,11 @@ def fwd_chunk(q, k, v, gc, gr, C, n, m_in, *, scale, eps, mm):
     return h, C_new, n_new, x.m_end
 
 
-def bwd_chunk(q, k, v, dh, gc, gr, C, n, m_in, dC, dn, gm, *, scale, eps, mm):
+def bwd_chunk(q, k, v, dh, gc, gr, C, n, m_in, dC, dn, gm, *, scale, eps, mm, carry=True):
     """One chunk backward. ``(C, n, m_in)``: the chunk's incoming state; ``(dC, dn, gm)``:
     the gradient of the chunk-end state (see the module docstring). Returns dq, dk, dv,
-    the gate gradients as rows (di (1, L), dlogf (1, L)) and the incoming state's
-    gradient (dC, dn, gm)."""
+    the gate gradients as rows (di (1, L), dlogf (1, L)) and, with ``carry``, the incoming
+    state's gradient (dC, dn, gm)."""
     L = q.shape[0]
     x = _weights(gc, gr, m_in, L)
     qs, s, den, denom, h = _outputs(q, k, v, C, n, x, scale=scale, eps=eps, mm=mm)
@@ -196,7 +201,7 @@ def bwd_chunk(q, k, v, dh, gc, gr, C, n, m_in, dC, dn, gm, *, scale, eps, mm):
     dk = _dot_tn(dG, qs, mm) + x.c * Y
     dv = _dot_tn(s, dnum, mm) + x.c * _dot(k, dC, mm)
     E = x.c * jnp.sum(k.astype(F32) * Y, axis=1, keepdims=True)  # dL/d(log c_s)
-    E_a = x.w_a * (jnp.sum(jnp.sum(C * dC, axis=1, keepdims=True), axis=0, keepdims=True)
+    E_a = x.w_a * (jnp.sum(jnp.sum(C.astype(F32) * dC.astype(F32), axis=1, keepdims=True), axis=0, keepdims=True)
                    + jnp.sum(n * dn, axis=1, keepdims=True))
 
     # The stabiliser: m_t = b_t + (m_in or -b_a + g_a) along its arg-max.
@@ -214,6 +219,8 @@ def bwd_chunk(q, k, v, dh, gc, gr, C, n, m_in, dC, dn, gm, *, scale, eps, mm):
     row = lax.broadcasted_iota(jnp.int32, (L, L), 0)
     col = lax.broadcasted_iota(jnp.int32, (L, L), 1)
     dlogf = jnp.sum(jnp.where(row >= col, db, 0.0), axis=0, keepdims=True) + col_Gm * gr.fl
+    if not carry:
+        return dqs * scale, dk, dv, di, dlogf
 
     qw = qs * x.w
     dC_in = x.w_a * dC + _dot_tn(qw, dnum, mm)
@@ -398,128 +405,224 @@ def _tpu_backward(p: Problem, dh, bounds, dstate, *, scale, eps, interpret):
     )(p.q, p.k, p.v, dh, p.gcol, p.grow, *bounds, *dstate)
 
 
-# ----------------------------------------------------------------------------- GPU (Triton)
+# ----------------------------------------------------------------------------- GPU (Triton), chunk-parallel
+#
+# The GPU path splits the chunkwise form into what is sequential and what is not:
+#
+# 1. gate scalars (XLA, O(time)): each chunk's incoming stabiliser m_in follows the
+#    max-plus recurrence m_end = max(m_in + b_end [no reset in the chunk], m_loc), run as an
+#    associative scan over chunks; from it the chunk-end weights w_a and c_s (below);
+# 2. the state walk (Pallas, sequential over chunks, parallel over (row, d_qk block, d_v
+#    block)): C_end = w_a C_in + (c * K)^T V, n_end = w_a n_in + (c * K)^T 1, saving every
+#    chunk's incoming state (in the matmul dtype; float32 carry);
+# 3. the outputs (Pallas, one program per (row, d_v block, chunk), all in parallel): the
+#    intra-chunk matmuls plus the incoming state's term, and per-step stabiliser m_t,
+#    denominator sum den_t, carried-state weight w_t and arg-max flag, kept for the backward.
+#
+# The backward is the same in reverse: the adjoint walk dC_in = w_a dC_end + (e * Q)^T dH,
+# e_t = s w_t / denom_t (and dn with s w_t dden_t) saves each chunk's end-state gradient;
+# the stabiliser's gradient (an eps-sized term along each m_t's arg-max) is a scalar affine
+# recurrence over chunks (XLA associative scan); then one program per (row, d_v block,
+# chunk) recomputes its chunk and writes dq, dk, dv and the gate gradients, in parallel.
 
-
-def _gpu_gates(gc_r, gr_r, c):
-    return (Gates(*(gc_r[c, :, j : j + 1] for j in range(6))), Gates(*(gr_r[c, j : j + 1, :] for j in range(6))))
-
-
-def _gpu_fwd_kernel(q_r, k_r, v_r, gc_r, gr_r, C0_r, n0_r, m0_r, h_r, CT_r, nT_r, mT_r, *bounds, L, NC, scale, eps,
-                    mm, save):
-    def body(c, carry):
-        C, n, m = carry
-        if save:
-            bounds[0][c], bounds[1][c], bounds[2][c] = C, n, m
-        t = pl.ds(pl.multiple_of(c * L, L), L)
-        gc, gr = _gpu_gates(gc_r, gr_r, c)
-        h, C, n, m = fwd_chunk(q_r[t, :], k_r[t, :], v_r[t, :], gc, gr, C, n, m, scale=scale, eps=eps, mm=mm)
-        h_r[t, :] = h.astype(h_r.dtype)
-        return C, n, m
-
-    C, n, m = lax.fori_loop(0, NC, body, (C0_r[...], n0_r[...], m0_r[...]))
-    CT_r[...], nT_r[...], mT_r[...] = C, n, m
-
-
-def _gpu_bwd_kernel(q_r, k_r, v_r, dh_r, gc_r, gr_r, Cb_r, nb_r, mb_r, dCT_r, dnT_r, gmT_r,
-                    dq_r, dk_r, dv_r, dg_r, dC0_r, dn0_r, gm0_r, *, L, NC, scale, eps, mm):
-    def body(j, carry):
-        dC, dn, gm = carry
-        c = NC - 1 - j
-        t = pl.ds(pl.multiple_of(c * L, L), L)
-        gc, gr = _gpu_gates(gc_r, gr_r, c)
-        dq, dk, dv, di, dlogf, dC, dn, gm = bwd_chunk(
-            q_r[t, :], k_r[t, :], v_r[t, :], dh_r[t, :], gc, gr, Cb_r[c], nb_r[c], mb_r[c], dC, dn, gm,
-            scale=scale, eps=eps, mm=mm)
-        dq_r[t, :], dk_r[t, :], dv_r[t, :] = dq.astype(dq_r.dtype), dk.astype(dk_r.dtype), dv.astype(dv_r.dtype)
-        dg_r[c, 0:1, :], dg_r[c, 1:2, :] = di, dlogf
-        return dC, dn, gm
-
-    dC, dn, gm = lax.fori_loop(0, NC, body, (dCT_r[...], dnT_r[...], gmT_r[...]))
-    dC0_r[...], dn0_r[...], gm0_r[...] = dC, dn, gm
-
-
-def _gpu_specs(p: Problem, nb: int):
-    """Grid (batch*heads*nb,): program ``b`` runs row ``b // nb`` on value columns block
-    ``b % nb`` (of ``d_v / nb``). The columns of C are independent given the shared q, k and
-    gates, so each program carries its (d_qk, d_v / nb) slice of C and a full copy of n, m.
-    Arrays indexed per program (``*_p``) have a leading BH * nb axis."""
-    NC, L, Tp, dvb = p.n_chunks, p.L, p.n_chunks * p.L, p.d_v // nb
-    row = lambda *s: pl.BlockSpec((None, *s), lambda b: (b // nb,) + (0,) * len(s))  # noqa: E731
-    own = lambda *s: pl.BlockSpec((None, *s), lambda b: (b,) + (0,) * len(s))  # noqa: E731
-    cols = lambda *s: pl.BlockSpec((None, *s[:-1], dvb), lambda b: (b // nb,) + (0,) * (len(s) - 1) + (b % nb,))  # noqa: E731
-    return {"qk": row(Tp, p.d_qk), "v": cols(Tp, p.d_v), "gc": row(NC, L, GATE_ROWS), "gr": row(NC, GATE_ROWS, L),
-            "C": cols(p.d_qk, p.d_v), "n": row(1, p.d_qk), "m": row(1, 1), "Cb": cols(NC, p.d_qk, p.d_v),
-            "qk_p": own(Tp, p.d_qk), "gr_p": own(NC, GATE_ROWS, L), "n_p": own(1, p.d_qk), "m_p": own(1, 1),
-            "nb_p": own(NC, 1, p.d_qk), "mb_p": own(NC, 1, 1)}
-
-
-# num_warps / num_stages of the Triton kernels; block_v: value columns per program (None:
-# the largest power of two <= d_v with d_qk * block_v <= 8192, so the carried float32 C
-# slice stays within 32 KB of registers per program).
-GPU_OPTIONS = {"num_warps": 4, "num_stages": 1, "block_v": None}
+# num_warps / num_stages of the per-chunk kernels; block_v: value columns per per-chunk
+# program (None: the largest power of two <= d_v with d_qk * block_v <= 8192); state_block:
+# the (d_qk, d_v) tile of one state-walk program (state_warps warps).
+GPU_OPTIONS = {"num_warps": 4, "num_stages": 1, "block_v": None, "state_block": 64, "state_warps": 4}
+COEF_COLS = 4  # state-walk coefficients per step: key/query weight, w_a (chunk), n weight, 0
 
 
 def value_blocks(d_qk: int, d_v: int) -> int:
-    """How many programs split one row's (padded, power-of-two) ``d_v`` columns."""
+    """How many per-chunk programs split one row's (padded, power-of-two) ``d_v`` columns."""
     bv = GPU_OPTIONS["block_v"] or max(16, 8192 // d_qk)
     return max(1, d_v // min(d_v, 1 << (max(16, bv).bit_length() - 1)))
 
 
-def _gpu_params(interpret):
+def _gpu_params(interpret, warps_key="num_warps"):
     if interpret:
         return None
     from jax.experimental.pallas import triton as pltriton
 
-    return pltriton.CompilerParams(num_warps=GPU_OPTIONS["num_warps"], num_stages=GPU_OPTIONS["num_stages"])
+    return pltriton.CompilerParams(num_warps=GPU_OPTIONS[warps_key], num_stages=GPU_OPTIONS["num_stages"])
+
+
+def chunk_scalars(p: Problem, m0):
+    """Gate-only chunk quantities (see above): ``m_in`` (BH, NC) each chunk's incoming
+    stabiliser, ``m_T`` (BH,) the final one, ``w_a`` (BH, NC) the incoming state's weight in
+    the chunk-end state and ``c`` (BH, NC, L) each key's (0 at padding and before the
+    chunk's last reset). ``m0``: (BH,)."""
+    gi, b, r, ok, g = (p.grow[:, :, j, :] for j in range(5))
+    b_end, r_end = b[..., -1], r[..., -1]
+    live = (r == r_end[..., None]) & (ok > 0)
+    m_loc = jnp.max(jnp.where(live, b_end[..., None] - b + g, NEG), axis=-1)
+    G = jnp.where(r_end == 0, b_end, NEG)  # a reset inside the chunk cuts the carry
+
+    def compose(e1, e2):  # x -> max(x + G, M), applied e1 then e2
+        return e1[0] + e2[0], jnp.maximum(e1[1] + e2[0], e2[1])
+
+    Gc, Mc = lax.associative_scan(compose, (G, m_loc), axis=1)
+    m_end = jnp.maximum(m0[:, None] + Gc, Mc)
+    m_in = jnp.concatenate([m0[:, None], m_end[:, :-1]], axis=1)
+    w_a = jnp.exp(jnp.where(r_end == 0, b_end + m_in, NEG) - m_end)
+    c = jnp.exp(jnp.where(live, b_end[..., None] - b + gi, NEG) - m_end[..., None])
+    return m_in, m_end[:, -1], w_a, c
+
+
+def _coefs(w_a, x_weight, n_weight):
+    """(BH, NC, L, COEF_COLS) state-walk coefficients."""
+    return jnp.stack([x_weight, jnp.broadcast_to(w_a[..., None], x_weight.shape), n_weight, jnp.zeros_like(x_weight)],
+                     axis=-1)
+
+
+def _gpu_walk_kernel(x_r, y_r, co_r, s0_r, n0_r, st_r, nst_r, sT_r, nT_r, *, L, NC, reverse, mm):
+    """S <- w_a S + (x * coef)^T y and n <- w_a n + (x * ncoef)^T 1 over the chunks (last to
+    first with ``reverse``), saving the state before each chunk's update."""
+
+    def body(j, carry):
+        S, n = carry
+        c = NC - 1 - j if reverse else j
+        st_r[c] = S.astype(st_r.dtype)
+        nst_r[c] = n
+        t = pl.ds(pl.multiple_of(c * L, L), L)
+        a = co_r[c, 0:1, 1:2]
+        x = x_r[t, :].astype(F32)
+        S = a * S + _dot_tn(x * co_r[c, :, 0:1], y_r[t, :], mm)
+        n = a * n + jnp.sum(x * co_r[c, :, 2:3], axis=0, keepdims=True)
+        return S, n
+
+    S, n = lax.fori_loop(0, NC, body, (s0_r[...], n0_r[...]))
+    sT_r[...], nT_r[...] = S, n
+
+
+def _gpu_walk(p: Problem, x, y, coefs, s0, n0, *, reverse, state_dtype, interpret):
+    """The state walk over all rows: returns (states (BH, NC, d_qk, d_v) before each chunk's
+    update in walk order, n states (BH, NC, 1, d_qk), final S (BH, d_qk, d_v), final n (BH, 1,
+    d_qk))."""
+    BH, NC, L = x.shape[0], p.n_chunks, p.L
+    Tp, dk, dv = NC * L, x.shape[2], y.shape[2]
+    bk, bv = min(dk, GPU_OPTIONS["state_block"]), min(dv, GPU_OPTIONS["state_block"])
+    kernel = functools.partial(_gpu_walk_kernel, L=L, NC=NC, reverse=reverse, mm=_mm_dtype(x.dtype))
+    return pl.pallas_call(
+        kernel, grid=(BH, dk // bk, dv // bv),
+        in_specs=[pl.BlockSpec((None, Tp, bk), lambda b, i, j: (b, 0, i)),
+                  pl.BlockSpec((None, Tp, bv), lambda b, i, j: (b, 0, j)),
+                  pl.BlockSpec((None, NC, L, COEF_COLS), lambda b, i, j: (b, 0, 0, 0)),
+                  pl.BlockSpec((None, bk, bv), lambda b, i, j: (b, i, j)),
+                  pl.BlockSpec((None, 1, bk), lambda b, i, j: (b, 0, i))],
+        # n's blocks are written by every d_v block, with the same values
+        out_specs=[pl.BlockSpec((None, NC, bk, bv), lambda b, i, j: (b, 0, i, j)),
+                   pl.BlockSpec((None, NC, 1, bk), lambda b, i, j: (b, 0, 0, i)),
+                   pl.BlockSpec((None, bk, bv), lambda b, i, j: (b, i, j)),
+                   pl.BlockSpec((None, 1, bk), lambda b, i, j: (b, 0, i))],
+        out_shape=[jax.ShapeDtypeStruct((BH, NC, dk, dv), state_dtype), jax.ShapeDtypeStruct((BH, NC, 1, dk), F32),
+                   jax.ShapeDtypeStruct((BH, dk, dv), F32), jax.ShapeDtypeStruct((BH, 1, dk), F32)],
+        compiler_params=_gpu_params(interpret, "state_warps"), interpret=interpret,
+    )(x, y, coefs, s0, n0)
+
+
+STAT_ROWS = 4  # per-step forward statistics kept for the backward: m_t, den_t, w_t, carry wins
+
+
+def _gpu_out_kernel(q_r, k_r, v_r, gc_r, gr_r, C_r, n_r, m_r, h_r, st_r, *, scale, eps, mm):
+    L = q_r.shape[0]
+    gc, gr = _gates_from_tiles(gc_r[...], gr_r[...])
+    x = _weights(gc, gr, m_r[...], L)
+    # C stays in the matmul dtype it was saved in (it is only a matmul operand here)
+    _, _, den, _, h = _outputs(q_r[...], k_r[...], v_r[...], C_r[...], n_r[...], x, scale=scale, eps=eps, mm=mm)
+    h_r[...] = h.astype(h_r.dtype)
+    st_r[0:1, :] = _col_to_row(x.m, L)
+    st_r[1:2, :] = _col_to_row(den, L)
+    st_r[2:3, :] = _col_to_row(x.w, L)
+    st_r[3:4, :] = _col_to_row((x.log_a >= x.intra).astype(F32), L)
+
+
+def _gpu_grad_kernel(q_r, k_r, v_r, dh_r, gc_r, gr_r, C_r, n_r, m_r, dC_r, dn_r, gm_r, dq_r, dk_r, dv_r, dg_r, *, nb,
+                     scale, eps, mm):
+    # Linear in the cotangents: the d_v block programs split dh and dC by columns; dn and
+    # gm go to block 0 only, and their dq, dk and gate partials are summed afterwards.
+    first = (pl.program_id(0) % nb == 0).astype(F32)
+    gc, gr = _gates_from_tiles(gc_r[...], gr_r[...])
+    dq, dk, dv, di, dlogf = bwd_chunk(
+        q_r[...], k_r[...], v_r[...], dh_r[...], gc, gr, C_r[...], n_r[...], m_r[...],
+        dC_r[...], dn_r[...] * first, gm_r[...] * first, scale=scale, eps=eps, mm=mm, carry=False)
+    dq_r[...], dk_r[...], dv_r[...] = dq.astype(dq_r.dtype), dk.astype(dk_r.dtype), dv.astype(dv_r.dtype)
+    dg_r[0:1, :], dg_r[1:2, :] = di, dlogf
+
+
+def _chunk_specs(p: Problem, nb: int):
+    """Grid (BH * nb, NC): program (b, c) runs chunk c of row b // nb on value columns block
+    b % nb. ``*_p`` arrays have a leading BH * nb axis (one slot per program)."""
+    L, dvb = p.L, p.d_v // nb
+    row = lambda *s: pl.BlockSpec((None, *s), lambda b, c: (b // nb, c) + (0,) * (len(s) - 1))  # noqa: E731
+    chunk = lambda *s: pl.BlockSpec((None, None, *s), lambda b, c: (b // nb, c) + (0,) * len(s))  # noqa: E731
+    return {"qk": row(L, p.d_qk), "v": pl.BlockSpec((None, L, dvb), lambda b, c: (b // nb, c, b % nb)),
+            "gc": chunk(L, GATE_ROWS), "gr": chunk(GATE_ROWS, L), "st": chunk(STAT_ROWS, L),
+            "C": pl.BlockSpec((None, None, p.d_qk, dvb), lambda b, c: (b // nb, c, 0, b % nb)),
+            "n": chunk(1, p.d_qk), "m": chunk(1, 1),
+            "qk_p": pl.BlockSpec((None, L, p.d_qk), lambda b, c: (b, c, 0)),
+            "dg_p": pl.BlockSpec((None, None, 2, L), lambda b, c: (b, c, 0, 0))}
 
 
 def _gpu_forward(p: Problem, state, out_dtype, *, scale, eps, save, interpret):
-    BH, nb = p.q.shape[0], value_blocks(p.d_qk, p.d_v)
-    sp = _gpu_specs(p, nb)
-    shapes = [jax.ShapeDtypeStruct((BH, p.n_chunks * p.L, p.d_v), out_dtype)] + _state_shapes(BH, p.d_qk, p.d_v)
-    shapes[2:4] = _state_shapes(BH * nb, p.d_qk, p.d_v)[1:]  # n, m: one copy per program
-    out_specs = [sp["v"], sp["C"], sp["n_p"], sp["m_p"]]
-    if save:
-        bounds = _state_shapes(BH, p.d_qk, p.d_v, (p.n_chunks,))
-        shapes += [bounds[0]] + _state_shapes(BH * nb, p.d_qk, p.d_v, (p.n_chunks,))[1:]
-        out_specs += [sp["Cb"], sp["nb_p"], sp["mb_p"]]
-    kernel = functools.partial(_gpu_fwd_kernel, L=p.L, NC=p.n_chunks, scale=scale, eps=eps, mm=_mm_dtype(p.q.dtype),
-                               save=save)
-    outs = list(pl.pallas_call(
-        kernel, grid=(BH * nb,),
+    BH, NC, L = p.q.shape[0], p.n_chunks, p.L
+    mm = _mm_dtype(p.q.dtype)
+    C0, n0, m0 = state
+    m_in, m_T, w_a, c = chunk_scalars(p, m0[:, 0, 0])
+    Cs, ns, C_T, n_T = _gpu_walk(p, p.k, p.v, _coefs(w_a, c, c), C0, n0, reverse=False, state_dtype=mm,
+                                 interpret=interpret)
+    nb = value_blocks(p.d_qk, p.d_v)
+    sp = _chunk_specs(p, nb)
+    m_in4 = m_in[:, :, None, None]
+    h, stats = pl.pallas_call(
+        functools.partial(_gpu_out_kernel, scale=scale, eps=eps, mm=mm), grid=(BH * nb, NC),
         in_specs=[sp["qk"], sp["qk"], sp["v"], sp["gc"], sp["gr"], sp["C"], sp["n"], sp["m"]],
-        out_specs=out_specs, out_shape=shapes, compiler_params=_gpu_params(interpret), interpret=interpret,
-    )(p.q, p.k, p.v, p.gcol, p.grow, *state))
-    # n and m are the same in every column block: keep block 0's (bounds keep all, the
-    # backward reads each program's own).
-    outs[2], outs[3] = outs[2][::nb], outs[3][::nb]
+        out_specs=[sp["v"], sp["st"]],  # stats: every d_v block writes the same values
+        out_shape=[jax.ShapeDtypeStruct((BH, NC * L, p.d_v), out_dtype),
+                   jax.ShapeDtypeStruct((BH, NC, STAT_ROWS, L), F32)],
+        compiler_params=_gpu_params(interpret), interpret=interpret,
+    )(p.q, p.k, p.v, p.gcol, p.grow, Cs, ns, m_in4)
+    outs = [h, C_T, n_T, m_T.reshape(BH, 1, 1)]
+    if save:
+        outs += [Cs, ns, m_in4, w_a, stats, h]
     return outs
 
 
 def _gpu_backward(p: Problem, dh, bounds, dstate, *, scale, eps, interpret):
-    BH, nb = p.q.shape[0], value_blocks(p.d_qk, p.d_v)
-    sp = _gpu_specs(p, nb)
-    dC, dn, gm = dstate
-    # The backward is linear in its cotangents (dh, dC, dn, gm): program j gets its own
-    # columns of dh and dC, block 0 also the whole dn and gm, the others zeros; the sum of the
-    # programs' dq, dk, gate, dn and dm partials is then the full gradient (each program's
-    # sums over columns see only its own, nonzero, columns).
-    first = (jnp.arange(BH * nb) % nb == 0).astype(F32)[:, None, None]
-    dn_p, gm_p = jnp.repeat(dn, nb, axis=0) * first, jnp.repeat(gm, nb, axis=0) * first
-    shapes = [jax.ShapeDtypeStruct((BH * nb, *p.q.shape[1:]), p.q.dtype)] * 2 + [jax.ShapeDtypeStruct(p.v.shape, p.v.dtype)]
-    shapes += [jax.ShapeDtypeStruct((BH * nb, p.n_chunks, GATE_ROWS, p.L), F32)]
-    shapes += [_state_shapes(BH, p.d_qk, p.d_v)[0]] + _state_shapes(BH * nb, p.d_qk, p.d_v)[1:]
-    kernel = functools.partial(_gpu_bwd_kernel, L=p.L, NC=p.n_chunks, scale=scale, eps=eps, mm=_mm_dtype(p.q.dtype))
-    dq, dk, dv, dg, dC0, dn0, gm0 = pl.pallas_call(
-        kernel, grid=(BH * nb,),
-        in_specs=[sp["qk"], sp["qk"], sp["v"], sp["v"], sp["gc"], sp["gr"], sp["Cb"], sp["nb_p"], sp["mb_p"],
-                  sp["C"], sp["n_p"], sp["m_p"]],
-        out_specs=[sp["qk_p"], sp["qk_p"], sp["v"], sp["gr_p"], sp["C"], sp["n_p"], sp["m_p"]],
-        out_shape=shapes, compiler_params=_gpu_params(interpret), interpret=interpret,
-    )(p.q, p.k, p.v, dh, p.gcol, p.grow, *bounds, dC, dn_p, gm_p)
+    BH, NC, L = p.q.shape[0], p.n_chunks, p.L
+    mm = _mm_dtype(p.q.dtype)
+    Cs, ns, m_in4, w_a, stats, h = bounds
+    dC_T, dn_T, gm_T = dstate
+    m, den, w, cw = (stats[:, :, j, :] for j in range(STAT_ROWS))
+    dhh = jnp.sum(dh.astype(F32) * h.astype(F32), axis=-1).reshape(BH, NC, L)
+    denom = jnp.maximum(jnp.abs(den), jnp.exp(-m)) + eps
+    dden = jnp.where(jnp.abs(den) > jnp.exp(-m), -dhh / denom * jnp.sign(den), 0.0)
+    dCs, dns, dC0, dn0 = _gpu_walk(p, p.q, dh, _coefs(w_a, scale * w / denom, scale * w * dden), dC_T, dn_T,
+                                   reverse=True, state_dtype=mm, interpret=interpret)
+    # The stabiliser's gradient entering each chunk's end: gm_in = A + B gm_end, chunk by
+    # chunk from the last (A: the chunk's own eps terms on steps whose m_t is the carried
+    # one, B: whether the last step's is).
+    A = jnp.sum(cw * (-eps * dhh / denom), axis=-1)
+    B = cw[..., -1]
+
+    def compose(later, here):  # here o later, for gm_in = A + B gm_end
+        return here[0] + here[1] * later[0], here[1] * later[1]
+
+    Ac, Bc = lax.associative_scan(compose, (A, B), axis=1, reverse=True)
+    gm_in = Ac + Bc * gm_T[:, :, 0]
+    gm_end = jnp.concatenate([gm_in[:, 1:], gm_T[:, :, 0]], axis=1)
+    nb = value_blocks(p.d_qk, p.d_v)
+    sp = _chunk_specs(p, nb)
+    dq, dk, dv, dg = pl.pallas_call(
+        functools.partial(_gpu_grad_kernel, nb=nb, scale=scale, eps=eps, mm=mm), grid=(BH * nb, NC),
+        in_specs=[sp["qk"], sp["qk"], sp["v"], sp["v"], sp["gc"], sp["gr"], sp["C"], sp["n"], sp["m"], sp["C"], sp["n"],
+                  sp["m"]],
+        out_specs=[sp["qk_p"], sp["qk_p"], sp["v"], sp["dg_p"]],
+        out_shape=[jax.ShapeDtypeStruct((BH * nb, NC * L, p.d_qk), F32)] * 2
+        + [jax.ShapeDtypeStruct(p.v.shape, p.v.dtype), jax.ShapeDtypeStruct((BH * nb, NC, 2, L), F32)],
+        compiler_params=_gpu_params(interpret), interpret=interpret,
+    )(p.q, p.k, p.v, dh, p.gcol, p.grow, Cs, ns, m_in4, dCs, dns, gm_end[:, :, None, None])
     total = lambda a: a.reshape(BH, nb, *a.shape[1:]).sum(axis=1)  # noqa: E731
-    return total(dq).astype(p.q.dtype), total(dk).astype(p.k.dtype), dv, total(dg), dC0, total(dn0), total(gm0)
+    return total(dq), total(dk), dv, total(dg), dC0, dn0, gm_in[:, :1, None]
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -572,7 +675,8 @@ def backward(platform, q, k, v, i, f, state, keep, final, bounds, dh, dfinal, *,
     run = _tpu_backward if platform == "tpu" else _gpu_backward
     dq, dk_, dv_, dg, dC, dn, dm = run(p, dh, bounds, dstate, scale=scale, eps=eps, interpret=_interp(platform, interpret))
     seq = lambda a, d: a[:, :T, :d].reshape(B, H, T, d)  # noqa: E731
-    dg = jnp.swapaxes(dg, 1, 2).reshape(B * H, GATE_ROWS, Tp)[:, :, :T].reshape(B, H, GATE_ROWS, T)
+    rows = dg.shape[2]
+    dg = jnp.swapaxes(dg, 1, 2).reshape(B * H, rows, Tp)[:, :, :T].reshape(B, H, rows, T)
     di, dlogf = dg[:, :, 0], dg[:, :, 1]
     dC0, dn0, gm0 = _state_out(dC, dn, dm, (B, H, dk, dv))
     C0, n0, _ = state

@@ -129,15 +129,17 @@ def test_pallas_mlstm_bf16_inputs(backend):
     assert max(grad_err.values()) <= 3e-2, grad_err
 
 
-@pytest.mark.parametrize("block_v", [16, 32])
-def test_pallas_gpu_mlstm_split_value_columns(monkeypatch, block_v):
-    """The GPU kernel split over value columns (4 and 2 programs per row: d_v 48 pads to 64),
-    with an incoming state, resets and an odd length, equals the reference."""
+@pytest.mark.parametrize("block_v,state_block", [(16, 16), (32, 64)])
+def test_pallas_gpu_mlstm_split_value_columns(monkeypatch, block_v, state_block):
+    """The GPU kernels split over value columns (4 and 2 per-chunk programs per row: d_v 48
+    pads to 64) and the state walk over (d_qk, d_v) tiles (8 tiles of 16 x 16, or one of 32 x 64), with
+    an incoming state, resets and an odd length, equal the reference."""
     from mnemax.kernels import pallas_mlstm
 
     monkeypatch.setitem(pallas_mlstm.GPU_OPTIONS, "block_v", block_v)
+    monkeypatch.setitem(pallas_mlstm.GPU_OPTIONS, "state_block", state_block)
     assert pallas_mlstm.value_blocks(16, 64) == 64 // block_v
-    case = _inputs(13, 2, 2, 37, 12, 48, with_state=True, reset_rate=0.1)
+    case = _inputs(13, 2, 2, 37, 24, 48, with_state=True, reset_rate=0.1)
     _, _, out_err, grad_err = _errors("pallas_gpu", case, 16)
     assert max(out_err.values()) <= 1e-4, out_err
     assert max(grad_err.values()) <= 1e-3, grad_err
