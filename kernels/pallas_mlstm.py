@@ -301,6 +301,12 @@ def _gates_from_tiles(gc, gr):
     return (Gates(*(gc[:, j : j + 1] for j in range(6))), Gates(*(gr[j : j + 1, :] for j in range(6))))
 
 
+def _gates_from_refs(gc_r, gr_r):
+    """Gates read from (L, 8) and (8, L) refs one column / row at a time (the Triton
+    lowering has no ``slice`` of a loaded value, only of a ref)."""
+    return (Gates(*(gc_r[:, j : j + 1] for j in range(6))), Gates(*(gr_r[j : j + 1, :] for j in range(6))))
+
+
 def _mm_dtype(dtype):
     return dtype if jnp.finfo(dtype).bits < 32 else F32
 
@@ -525,7 +531,7 @@ STAT_ROWS = 4  # per-step forward statistics kept for the backward: m_t, den_t, 
 
 def _gpu_out_kernel(q_r, k_r, v_r, gc_r, gr_r, C_r, n_r, m_r, h_r, st_r, *, scale, eps, mm):
     L = q_r.shape[0]
-    gc, gr = _gates_from_tiles(gc_r[...], gr_r[...])
+    gc, gr = _gates_from_refs(gc_r, gr_r)
     x = _weights(gc, gr, m_r[...], L)
     # C stays in the matmul dtype it was saved in (it is only a matmul operand here)
     _, _, den, _, h = _outputs(q_r[...], k_r[...], v_r[...], C_r[...], n_r[...], x, scale=scale, eps=eps, mm=mm)
@@ -541,7 +547,7 @@ def _gpu_grad_kernel(q_r, k_r, v_r, dh_r, gc_r, gr_r, C_r, n_r, m_r, dC_r, dn_r,
     # Linear in the cotangents: the d_v block programs split dh and dC by columns; dn and
     # gm go to block 0 only, and their dq, dk and gate partials are summed afterwards.
     first = (pl.program_id(0) % nb == 0).astype(F32)
-    gc, gr = _gates_from_tiles(gc_r[...], gr_r[...])
+    gc, gr = _gates_from_refs(gc_r, gr_r)
     dq, dk, dv, di, dlogf = bwd_chunk(
         q_r[...], k_r[...], v_r[...], dh_r[...], gc, gr, C_r[...], n_r[...], m_r[...],
         dC_r[...], dn_r[...] * first, gm_r[...] * first, scale=scale, eps=eps, mm=mm, carry=False)
