@@ -258,6 +258,54 @@ def mlstm_rows(peak: float, quick: bool, xla_chunks: str = "", pallas_configs: s
     return rows
 
 
+def mlstm_stage_rows(peak: float, quick: bool) -> list[dict]:
+    """The Pallas GPU mLSTM's stages timed one by one (forward: gate scalars, state walk,
+    per-chunk outputs; backward: adjoint walk, per-chunk gradients), so the table says
+    where its time goes. Each stage is jitted alone on inputs produced by the previous."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mnemax.kernels import pallas_mlstm as pm
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for b, h, t, dk, dv in ([(1, 2, 1024, 64, 128)] if quick else MLSTM_SHAPES):
+        mk = lambda *s, off=0.0: jnp.asarray(rng.standard_normal(s, np.float32) + off, jnp.bfloat16)  # noqa: E731
+        q, k, v, dh = mk(b, h, t, dk), mk(b, h, t, dk), mk(b, h, t, dv), mk(b, h, t, dv)
+        i, f = (jnp.asarray(rng.standard_normal((b, h, t)), jnp.float32) + o for o in (0.0, 3.0))
+        p = pm.make_problem("gpu", q, k, v, i, f, None, CHUNK)
+        arrays, static = tuple(p[:5]), tuple(p[5:])  # the ints stay static under jit
+        P = lambda arrs: pm.Problem(*arrs, *static)  # noqa: E731
+        BH = b * h
+        st0 = (jnp.zeros((BH, p.d_qk, p.d_v), jnp.float32), jnp.zeros((BH, 1, p.d_qk), jnp.float32),
+               jnp.zeros((BH, 1, 1), jnp.float32))
+        kw = dict(scale=dk**-0.5, eps=1e-6, interpret=False)
+        scal = jax.jit(lambda arrs: pm.chunk_scalars(P(arrs), st0[2][:, 0, 0]))
+        walk = jax.jit(lambda arrs, x, y, w_a, c: pm._gpu_walk(P(arrs), x, y, pm._coefs(w_a, c, c), st0[0], st0[1],
+                                                                reverse=False, state_dtype=x.dtype, interpret=False))
+        fwd = jax.jit(lambda arrs: pm._gpu_forward(P(arrs), st0, q.dtype, save=True, **kw))
+        bwd = jax.jit(lambda arrs, dh, bounds: pm._gpu_backward(P(arrs), dh, bounds, st0, **kw))
+        dh_p = pm._pad_axis(dh.reshape(BH, t, dv), 1, p.n_chunks * p.L)
+        shape = str((b, h, t, dk, dv))
+        try:
+            _, _, w_a, c = scal(arrays)
+            bounds = tuple(fwd(arrays)[4:])
+            # the adjoint walk has the state walk's shapes and work (q for k, dh for v)
+            stages = [("gate scalars (xla)", scal, (arrays,)), ("state walk", walk, (arrays, p.k, p.v, w_a, c)),
+                      ("forward total", fwd, (arrays,)), ("backward total", bwd, (arrays, dh_p, bounds))]
+            for name, fn, args in stages:
+                rows.append({"op": "mlstm stages", "shape": shape, "impl": f"pallas_gpu: {name}",
+                             "fwd_ms": _time(fn, *args) * 1e3})
+                print(rows[-1], flush=True)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            rows.append({"op": "mlstm stages", "shape": shape, "impl": "pallas_gpu", "error": f"{type(e).__name__}: {str(e)[:200]}"})
+    return rows
+
+
 def slstm_rows(peak: float, quick: bool) -> list[dict]:
     import jax
     import jax.numpy as jnp
@@ -288,7 +336,7 @@ def slstm_rows(peak: float, quick: bool) -> list[dict]:
     return rows
 
 
-SECTIONS = {"mlstm": mlstm_rows, "slstm": slstm_rows}
+SECTIONS = {"mlstm": mlstm_rows, "slstm": slstm_rows, "mlstm_stages": mlstm_stage_rows}
 
 
 def main():

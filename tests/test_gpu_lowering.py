@@ -1,0 +1,85 @@
+"""Every Pallas GPU kernel lowers for the GPU, forward and backward, on this CPU machine.
+
+Interpret mode (the other kernel tests) runs the kernel bodies as plain JAX, so it cannot
+catch a primitive the Triton lowering lacks (a ``slice`` of a loaded value failed the
+first GPU run of the chunk-parallel mLSTM, after every interpret-mode test had passed).
+Here each op's gradient is lowered for ``cuda`` with ``jax.jit(...).trace(...).lower(
+lowering_platforms=("cuda",))``, which runs JAX's Pallas lowering for every kernel: to
+Triton IR (the mLSTM and sLSTM kernels; the only GPU fact it needs, the compute
+capability, is given as Hopper's 9.0) or to Mosaic GPU (the scans). What this cannot show:
+the compilation to PTX (register and shared-memory limits) and the numbers, which the
+``gpu``-marked tests check on the accelerator."""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mnemax.kernels import linear_scan, mlstm, selective_scan, slstm
+
+reg = pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    """Lowering without a GPU: the Triton lowering asks the runtime only for the compute capability."""
+    monkeypatch.setattr(reg.gpu_info_lib, "get_gpu_info", lambda: types.SimpleNamespace(compute_capability=90))
+
+
+def _kernels(fn, *args) -> dict:
+    """The Pallas kernels in ``fn``'s gradient lowered for cuda (every input differentiated):
+    how many Triton and how many Mosaic GPU custom calls."""
+    grad = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) ** 2), argnums=tuple(range(len(args)))))
+    text = grad.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return {"triton": text.count("custom_call @__gpu$xla.gpu.triton"), "mosaic": text.count("custom_call @mosaic_gpu")}
+
+
+def _arr(rng, shape, dtype=jnp.float32, scale=1.0, offset=0.0):
+    return jnp.asarray(offset + scale * rng.standard_normal(shape), dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_mlstm_gpu_kernels_lower(hopper, dtype):
+    """Forward: state walk + per-chunk outputs; backward: adjoint walk + per-chunk gradients,
+    at a split of the value columns (d_v 256: 4 per-chunk programs) and resets."""
+    rng = np.random.default_rng(0)
+    B, H, T, dk, dv = 1, 2, 200, 64, 256
+    q, k = _arr(rng, (B, H, T, dk), dtype), _arr(rng, (B, H, T, dk), dtype)
+    v = _arr(rng, (B, H, T, dv), dtype)
+    i, f = _arr(rng, (B, H, T)), _arr(rng, (B, H, T), offset=2.0)
+    resets = jnp.asarray(rng.random((B, T)) < 0.05)
+    fn = lambda q, k, v, i, f: mlstm(q, k, v, i, f, resets=resets, backend="pallas_gpu", chunk_size=64,  # noqa: E731
+                                     interpret=False)[0]
+    assert _kernels(fn, q, k, v, i, f) == {"triton": 4, "mosaic": 0}
+
+
+def test_slstm_gpu_kernel_lowers(hopper):
+    rng = np.random.default_rng(1)
+    B, T, H, D = 2, 24, 2, 16
+    x = _arr(rng, (B, T, 4, H, D))
+    R = _arr(rng, (H, D, 4, D), scale=D**-0.5)
+    b = _arr(rng, (4, H, D))
+    fn = lambda x, R, b: slstm(x, R, b, backend="pallas_gpu", interpret=False)[0]  # noqa: E731
+    assert _kernels(fn, x, R, b) == {"triton": 2, "mosaic": 0}
+
+
+def test_selective_scan_gpu_kernel_lowers(hopper):
+    rng = np.random.default_rng(2)
+    Bt, T, Ch, N = 2, 100, 64, 16
+    x, dt, z = _arr(rng, (Bt, T, Ch)), _arr(rng, (Bt, T, Ch)), _arr(rng, (Bt, T, Ch))
+    A = -jnp.exp(_arr(rng, (Ch, N)))
+    Bm, Cm = _arr(rng, (Bt, T, N)), _arr(rng, (Bt, T, N))
+    D, bias = _arr(rng, (Ch,)), _arr(rng, (Ch,))
+    fn = lambda x, dt, A, Bm, Cm, D, z, bias: selective_scan(  # noqa: E731
+        x, dt, A, Bm, Cm, D=D, z=z, dt_bias=bias, dt_softplus=True, backend="pallas_gpu", interpret=False)
+    assert _kernels(fn, x, dt, A, Bm, Cm, D, z, bias) == {"triton": 0, "mosaic": 2}
+
+
+def test_linear_scan_gpu_kernel_lowers(hopper):
+    rng = np.random.default_rng(3)
+    a = jax.nn.sigmoid(_arr(rng, (2, 100, 64)))
+    b = _arr(rng, (2, 100, 64))
+    fn = lambda a, b: linear_scan(a, b, backend="pallas_gpu", interpret=False)  # noqa: E731
+    assert _kernels(fn, a, b) == {"triton": 0, "mosaic": 2}
