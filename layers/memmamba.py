@@ -88,6 +88,10 @@ Choices the paper leaves open (field: default -- why):
 * cross-layer (stack only): ``cross_layer_every`` p = 4, over the pools of all earlier
   layers (``cross_layer_pools`` = 0; n > 0 reads only the n layers just before), read
   unconditionally (the paper triggers it by depth only), pools concatenated as one set.
+  With ``pool_impl="chunked"`` each layer's pool scan also returns the pool as it was at
+  every chunk's start, and the cross-layer reads attend to those (all chunks at once)
+  instead of replaying the earlier layers' pools: the same values, without re-running
+  up to ``n_layers - 1`` pool scans per read (``CROSS_READ_FROM_HISTORY``).
 * ``read_init_scale`` = 0: the output projections of the reads (W_o, W'_o) start at zero,
   so an untrained MemMamba computes exactly its Mamba backbone and the reads grow in as
   they help (the first update of W_o opens the gradient to the rest of the read path);
@@ -272,18 +276,27 @@ def scan_reference(pools0, notes, resets, q, w_k, w_v, replace: str):
     return jnp.moveaxis(reads, 0, 1), pools
 
 
-def scan_chunked(pools0, notes, resets, q, w_k, w_v, replace: str, chunk: int):
-    """Chunk by chunk (see the module docstring); equals :func:`scan_reference` at chunk 1."""
-    batch, time = q.shape[:2]
+def _chunk_split(batch: int, time: int, chunk: int):
+    """(size, n_chunks, split): ``split`` maps (batch, time, ...) to (n_chunks, batch, size,
+    ...), zero-padding the last chunk."""
     size = min(chunk, time)
     n_chunks = -(-time // size)
     pad = n_chunks * size - time
-    cut = jnp.zeros((batch, time), bool) if resets is None else resets
 
-    def split(a):  # (batch, time, ...) -> (n_chunks, batch, size, ...), padded steps write nothing
+    def split(a):
         a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
         return jnp.moveaxis(a.reshape((batch, n_chunks, size) + a.shape[2:]), 1, 0)
 
+    return size, n_chunks, split
+
+
+def scan_chunked(pools0, notes, resets, q, w_k, w_v, replace: str, chunk: int, history: bool = False):
+    """Chunk by chunk (see the module docstring); equals :func:`scan_reference` at chunk 1.
+    Returns (reads, final pools) and, with ``history``, the pools at each chunk's start
+    (each a :class:`NotePool` with a leading (n_chunks,) axis)."""
+    batch, time = q.shape[:2]
+    size, n_chunks, split = _chunk_split(batch, time, chunk)  # padded steps write nothing
+    cut = jnp.zeros((batch, time), bool) if resets is None else resets
     xs = jax.tree.map(split, (q, cut, tuple(tuple(n) for n in notes)))
     steps = jnp.arange(size)
 
@@ -297,11 +310,33 @@ def scan_chunked(pools0, notes, resets, q, w_k, w_v, replace: str, chunk: int):
         for pool, (v, s, w) in zip(pools, notes_c):
             pool = _clear(pool, last >= 0)
             new.append(merge_notes(pool, v, s, w & (steps[None, :] >= last[:, None]), replace))
-        return tuple(new), read
+        return tuple(new), ((read, pools) if history else read)
 
-    pools, reads = lax.scan(body, tuple(pools0), xs)
-    reads = jnp.moveaxis(reads, 0, 1).reshape((batch, n_chunks * size) + reads.shape[3:])
-    return reads[:, :time], pools
+    pools, out = lax.scan(body, tuple(pools0), xs)
+    reads = out[0] if history else out
+    reads = jnp.moveaxis(reads, 0, 1).reshape((batch, n_chunks * size) + reads.shape[3:])[:, :time]
+    return (reads, pools, out[1]) if history else (reads, pools)
+
+
+def read_history(q, history: Sequence[NotePool], resets, w_k, w_v, chunk: int):
+    """The reads of :func:`scan_chunked` from pools recorded at each chunk's start
+    (``history``: NotePools with a leading (n_chunks,) axis, as ``scan_chunked(...,
+    history=True)`` returns them for the same time and chunk), all chunks at once."""
+    batch, time = q.shape[:2]
+    size, n_chunks, split = _chunk_split(batch, time, chunk)
+    for h in history:
+        if h.count.shape[0] != n_chunks:
+            raise ValueError(f"history must hold the pools of {n_chunks} chunks of {size} steps, got {h.count.shape[0]}")
+    cut = jnp.zeros((batch, time), bool) if resets is None else resets
+    q_c, cut_c = split(q), split(cut)
+    visible = jnp.cumsum(cut_c, axis=2) == 0  # no reset between the chunk start and the token
+
+    @jax.checkpoint
+    def one(q, visible, pools):
+        return attend(q, pools, visible, w_k, w_v)
+
+    reads = jax.vmap(one)(q_c, visible, tuple(history))
+    return jnp.moveaxis(reads, 0, 1).reshape((batch, n_chunks * size) + reads.shape[3:])[:, :time]
 
 
 class PoolAttention(nn.Module):
@@ -320,7 +355,12 @@ class PoolAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, n, pools0: Sequence[NotePool], notes: Sequence[Notes], resets=None):
+    def __call__(self, n, pools0: Sequence[NotePool], notes: Sequence[Notes], resets=None, history=None,
+                 return_history: bool = False):
+        """``history`` (chunked only): the pools at each chunk's start, read instead of
+        replaying ``pools0`` and ``notes`` (the final pools are then not computed: None).
+        ``return_history``: also return the pools at each chunk's start (None for the
+        reference path)."""
         d, W, H = self.features, self.pool_dim, self.num_heads
         D = W // H
         pdt = self.param_dtype
@@ -331,12 +371,18 @@ class PoolAttention(nn.Module):
         w_o = self.param("out", partitioned(out_init, ("heads", "head_dim", "embed")), (H, D, d), pdt)
         sdt = pools0[0].entries.dtype  # the pool arithmetic runs in the state dtype
         q = jnp.einsum("btd,dhk->bthk", n.astype(sdt), w_q.astype(sdt))
+        hist = None
         if self.pool_impl == "reference":
             reads, pools = scan_reference(pools0, notes, resets, q, w_k, w_v, self.replace)
+        elif history is not None:
+            reads, pools = read_history(q, history, resets, w_k, w_v, self.pool_chunk), None
         else:
-            reads, pools = scan_chunked(pools0, notes, resets, q, w_k, w_v, self.replace, self.pool_chunk)
+            reads, pools, *hist = scan_chunked(pools0, notes, resets, q, w_k, w_v, self.replace, self.pool_chunk,
+                                               history=return_history)
+            hist = hist[0] if hist else None
         out = jnp.einsum("bthk,hkd->btd", reads, w_o.astype(sdt))
-        return out.astype(compute_dtype(self.dtype, n)), pools
+        out = out.astype(compute_dtype(self.dtype, n))
+        return (out, pools, hist) if return_history else (out, pools)
 
 
 class Scorer(nn.Module):
@@ -403,12 +449,14 @@ class MemMambaBlock(MambaBlock):
         return MemMambaState(mamba, empty_pool(batch_size, self.pool_size, self.pool_dim, state_dtype(self.dtype)))
 
     def __call__(self, u, state: MemMambaState | None = None, resets=None):
-        y, state, _ = self.forward(u, state, resets)
+        y, state, *_ = self.forward(u, state, resets)
         return y, state
 
     @nn.compact
     def forward(self, u, state: MemMambaState | None = None, resets=None):
-        """Like ``__call__``, and also returns the layer's :class:`Notes` (for cross-layer reads)."""
+        """Like ``__call__``, and also returns the layer's :class:`Notes` and its pool at each
+        chunk's start (a one-tuple of NotePool with a leading chunk axis; None for the
+        reference path), for cross-layer reads."""
         self._check_pool_config()
         _, _, resets, state, _ = begin_call(self, u, self.features, state, resets)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -428,7 +476,8 @@ class MemMambaBlock(MambaBlock):
         # Cross-token attention to the pool, triggered by the retrieval score.
         n, _ = RMSNorm(eps=self.norm_eps, name="read_norm", **kw)(y)
         retrieval = Scorer(self.score_hidden, self.read_bias_init, name="read_score", **kw)(n)
-        read, pools = PoolAttention(**mixer_fields(self, PoolAttention), name="read")(n, (state.pool,), (notes,), resets)
+        read, pools, history = PoolAttention(**mixer_fields(self, PoolAttention), name="read")(
+            n, (state.pool,), (notes,), resets, return_history=True)
         if self.fusion == "gated":
             read = read * jax.nn.sigmoid(
                 nn.Dense(self.features, kernel_init=partitioned(fan_in_uniform(self.features), ("embed", "embed")),
@@ -436,24 +485,35 @@ class MemMambaBlock(MambaBlock):
             )
         g = gate(retrieval, self.read_threshold, self.read_gate, self.gate_temperature)
         out = y + (g[..., None].astype(read.dtype) * read).astype(y.dtype)
-        return out, MemMambaState(mamba_state, pools[0]), notes
+        return out, MemMambaState(mamba_state, pools[0]), notes, history
 
 
 class CrossLayerRead(PoolAttention):
     """Cross-layer attention: ``x + W_o MHA(RMSNorm(x), pools of earlier layers)``.
 
-    ``sources`` are (incoming pool, notes) of the earlier layers; their pools are
-    replayed with the same rule and chunking as in the layers themselves, so a token
-    reads each earlier pool as it was before that token (before its chunk)."""
+    ``sources`` are (incoming pool, notes[, pools at each chunk's start]) of the earlier
+    layers. A token reads each earlier pool as it was before that token (before its
+    chunk): from the recorded chunk-start pools when every source has them and
+    ``CROSS_READ_FROM_HISTORY`` is on, else by replaying the pools with the same rule and
+    chunking as in the layers themselves."""
 
     norm_eps: float = 1e-5
 
     @nn.compact
     def __call__(self, x, sources: Sequence[tuple[NotePool, Notes]], resets=None):
         n, _ = RMSNorm(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
-        pools0, notes = zip(*sources)
-        read, _ = PoolAttention(**mixer_fields(self, PoolAttention), name="read")(n, pools0, notes, resets)
+        pools0, notes = [s[0] for s in sources], [s[1] for s in sources]
+        hists = [s[2] if len(s) > 2 else None for s in sources]
+        history = None
+        if CROSS_READ_FROM_HISTORY and all(h is not None for h in hists):
+            history = tuple(p for h in hists for p in h)
+        read, _ = PoolAttention(**mixer_fields(self, PoolAttention), name="read")(n, pools0, notes, resets, history)
         return x + read.astype(x.dtype)
+
+
+# Cross-layer reads attend to the pools the earlier layers recorded at each chunk's start
+# (True) or replay those layers' pool scans (False; the same values, kept for tests).
+CROSS_READ_FROM_HISTORY = True
 
 
 def cross_layer_sources(layer: int, every: int, span: int) -> range:
@@ -484,14 +544,14 @@ def run_layers(
         block = make_block(l)
         state = None if states is None else states[l]
         pool0 = block.initial_state(x.shape[0]).pool if state is None else state.pool
-        x, state, notes = block.forward(x, state, resets)
-        sources.append((pool0, notes))
+        x, state, notes, history = block.forward(x, state, resets)
+        sources.append((pool0, notes, history))
         new_states.append(state)
         earlier = cross_layer_sources(l, every, span)
         if len(earlier):
             x = make_cross(l)(x, [sources[j] for j in earlier], resets)
         x = after_layer(x)
-    return x, tuple(new_states), tuple(notes for _, notes in sources)
+    return x, tuple(new_states), tuple(src[1] for src in sources)
 
 
 class MemMambaStack(MemMambaBlock):

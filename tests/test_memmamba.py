@@ -92,6 +92,49 @@ def test_chunked_equals_reference_at_chunk_1(replace="salience"):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6), g_c, g_r)
 
 
+def test_cross_layer_reads_from_recorded_pools_equal_the_replay(monkeypatch):
+    """Cross-layer reads from the pools each layer recorded at its chunks' starts (read for
+    all chunks at once) equal the replay of the earlier layers' pool scans: 3 layers, every
+    layer after the first reads all earlier pools, chunks of 4 over 14 tokens (the last
+    chunk padded), pools that overflow, a reset inside a chunk; outputs, final states and
+    the gradients of every parameter."""
+    from mnemax.layers import memmamba
+
+    tok = _tok((2, 14), seed=5)
+    resets = jnp.zeros((2, 14), bool).at[1, 6].set(True)
+    w = jnp.asarray(np.random.default_rng(6).standard_normal((2, 14, 64)), jnp.float32)
+    model = mnemax.create("memmamba-tiny", **{**TINY, "n_layers": 3}, cross_layer_every=1, pool_chunk=4)
+    v = model.init(jax.random.key(0), tok)
+
+    def loss(v):
+        out, state = model.apply(v, tok, None, resets)
+        return jnp.sum(out * w) + sum(jnp.sum(jnp.sin(s.pool.entries)) for s in state.blocks), (out, state)
+
+    results = []
+    for from_history in (True, False):
+        monkeypatch.setattr(memmamba, "CROSS_READ_FROM_HISTORY", from_history)
+        results.append(jax.jit(jax.value_and_grad(loss, has_aux=True))(v))
+    ((_, (out_h, st_h)), g_h), ((_, (out_r, st_r)), g_r) = results
+    assert all(int(s.pool.count.max()) > 3 for s in st_r.blocks)  # the pools overflowed
+    cross = jax.tree.leaves(nn.meta.unbox(g_r["params"])["cross_layer_2"])
+    assert all(float(jnp.abs(g).max()) > 0 for g in cross)  # the cross-layer read carries gradient
+    close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)  # noqa: E731
+    close(out_h, out_r)
+    jax.tree.map(close, st_h, st_r)
+    # the gradients go through a different order of float sums (all chunks at once vs a scan)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=5e-6), g_h, g_r)
+
+
+def test_read_history_checks_the_chunk_count():
+    from mnemax.layers.memmamba import empty_pool, read_history
+
+    hist = jax.tree.map(lambda a: jnp.stack([a] * 3), empty_pool(1, 3, 8))  # 3 chunks recorded
+    q = jnp.zeros((1, 14, 2, 4))
+    w = jnp.zeros((8, 2, 4))
+    with pytest.raises(ValueError, match="history must hold the pools of 4 chunks of 4 steps, got 3"):
+        read_history(q, (hist,), None, w, w, 4)
+
+
 # Hand-built: P = 3 slots, threshold 0.5, token t's note is the one-hot e_t.
 SAL = np.array([0.9, 0.2, 0.6, 0.7, 0.8, 0.65, 0.95], np.float32)
 EXPECT = {
