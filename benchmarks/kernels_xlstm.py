@@ -173,14 +173,18 @@ def _measure(row, fwd, fb, args, ref, flops, peak):
 def mlstm_variants(xla_chunks: str, pallas_configs: str) -> list[tuple]:
     """(row name, backend, pallas_mlstm.GPU_OPTIONS changes, chunk size): ``xla`` and
     ``pallas_gpu`` at chunk 64 and the defaults, then each extra xla chunk size and each
-    extra Pallas configuration ``block_v:num_warps[:chunk[:state_block[:state_warps]]]``."""
+    extra Pallas configuration ``block_v:num_warps[:chunk[:state_block[:state_warps]]][/bwd]``."""
     out = [("xla", "xla", {}, CHUNK), ("pallas_gpu", "pallas_gpu", {}, CHUNK)]
     for c in filter(None, xla_chunks.split(",")):
         out.append((f"xla(L={c})", "xla", {}, int(c)))
     for cfg in filter(None, pallas_configs.split(",")):
+        cfg, _, bwd = cfg.partition("/")
         bv, w, *rest = (int(x) for x in cfg.split(":"))
         L = rest[0] if rest else CHUNK
         opts, name = {"block_v": bv, "num_warps": w}, f"bv={bv},w={w},L={L}"
+        if bwd:  # the backward variant: fused or split (pallas_mlstm.GPU_OPTIONS["bwd"])
+            opts["bwd"] = bwd
+            name += f",bwd={bwd}"
         if len(rest) > 1:  # the state walk's tile and warps
             opts.update(state_block=rest[1], state_warps=rest[2] if len(rest) > 2 else 4)
             name += f",sb={rest[1]},sw={opts['state_warps']}"
@@ -353,8 +357,8 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--xla_chunks", default="", help="extra chunk sizes for the xla mLSTM rows, e.g. 128,256")
     p.add_argument("--pallas_configs", default="",
-                   help="extra Pallas GPU mLSTM settings block_v:num_warps[:chunk[:state_block[:state_warps]]], "
-                        "e.g. 64:4,128:8,64:8:128:32:4")
+                   help="extra Pallas GPU mLSTM settings block_v:num_warps[:chunk[:state_block[:state_warps]]][/fused|/split], "
+                        "e.g. 64:4,128:8,64:8:128:32:4,32:4/split")
     args = p.parse_args()
     env = environment()
     print(env, flush=True)

@@ -168,6 +168,12 @@ def mlstm(
     else:
         name, impl = dispatch.resolve(OP, backend)
     kw = {"interpret": dispatch.interpret_flag(interpret)} if name.startswith("pallas") else {}
+    if name == "pallas_gpu":
+        # the kernel options are read while tracing: make them part of the jit cache key, or a
+        # changed option would reuse a trace made with the old ones
+        from . import pallas_mlstm
+
+        kw["options"] = tuple(sorted(pallas_mlstm.GPU_OPTIONS.items()))
     h, new_state = _jitted(impl)(
         q, k, v, i.astype(cdt), f.astype(cdt), state, resets, chunk_size=chunk_size, eps=eps, scale=scale, **kw
     )
@@ -180,7 +186,8 @@ _JITTED: dict = {}
 def _jitted(impl):
     """``impl`` under ``jax.jit`` (inlined inside an outer jit; one compiled unit eagerly)."""
     if impl not in _JITTED:
-        static = ("chunk_size", "eps", "scale") + (("interpret",) if "interpret" in inspect.signature(impl).parameters else ())
+        params = inspect.signature(impl).parameters
+        static = ("chunk_size", "eps", "scale") + tuple(a for a in ("interpret", "options") if a in params)
         _JITTED[impl] = jax.jit(impl, static_argnames=static)
     return _JITTED[impl]
 
@@ -420,7 +427,8 @@ def _pallas(platform, q, k, v, i, f, state, resets, *, chunk_size, eps, scale, i
 
 
 @dispatch.register(OP, "pallas_gpu", default=False)  # opt-in until checked on a GPU
-def _pallas_gpu(q, k, v, i, f, state, resets, *, chunk_size, eps, scale, interpret=False):
+def _pallas_gpu(q, k, v, i, f, state, resets, *, chunk_size, eps, scale, interpret=False, options=()):
+    del options  # only a jit cache key: the kernels read pallas_mlstm.GPU_OPTIONS
     return _pallas("gpu", q, k, v, i, f, state, resets, chunk_size=chunk_size, eps=eps, scale=scale, interpret=interpret)
 
 

@@ -50,9 +50,12 @@ chunk bounds        (d_qk, d_v) per chunk        (d_qk, d_v / nb) per per-chunk 
 
 On GPU the columns of C are independent given q, k and the gates, so ``nb`` per-chunk
 programs (:func:`value_blocks`, ``GPU_OPTIONS["block_v"]``) share one chunk: each
-recomputes the (L, L) weights for its slice of value columns. The backward is linear in
-the cotangents, so each takes its columns of dh and dC (block 0 also dn and dm) and the
-programs' dq, dk and gate partials are summed.
+recomputes the (L, L) weights for its slice of value columns. The default ("fused")
+backward is linear in the cotangents, so each takes its columns of dh and dC (block 0
+also dn and dm) and the programs' dq, dk and gate partials are summed. The "split"
+backward (``GPU_OPTIONS["bwd"]``) instead gives each (row, key block, chunk) one program
+that loops over the value blocks for dq, dk and the gates, and each (row, value block,
+chunk) one for dv.
 
 ``L`` is ``chunk_size`` (rounded to a multiple of 8 on TPU, a power of two >= 16 on
 GPU, and never more than the padded length). TPU grid: (batch*heads "parallel",
@@ -434,7 +437,13 @@ def _tpu_backward(p: Problem, dh, bounds, dstate, *, scale, eps, interpret):
 # num_warps / num_stages of the per-chunk kernels; block_v: value columns per per-chunk
 # program (None: the largest power of two <= d_v with d_qk * block_v <= 8192); state_block:
 # the (d_qk, d_v) tile of one state-walk program (state_warps warps).
-GPU_OPTIONS = {"num_warps": 4, "num_stages": 1, "block_v": None, "state_block": 64, "state_warps": 4}
+# bwd: "fused" -- one program per (row, d_v block, chunk) for all gradients, partials of dq,
+# dk and the gates summed afterwards (measured, see benchmarks/RESULTS.md); "split" -- one
+# program per (row, d_qk block of block_k, chunk) for dq, dk and the gates, looping over the
+# value blocks (nothing recomputed per value block, no dq/dk partials), and one per (row,
+# d_v block, chunk) for dv (not yet timed on a GPU).
+GPU_OPTIONS = {"num_warps": 4, "num_stages": 1, "block_v": None, "state_block": 64, "state_warps": 4, "bwd": "fused",
+               "block_k": 64}
 COEF_COLS = 4  # state-walk coefficients per step: key/query weight, w_a (chunk), n weight, 0
 
 
@@ -555,6 +564,110 @@ def _gpu_grad_kernel(q_r, k_r, v_r, dh_r, gc_r, gr_r, C_r, n_r, m_r, dC_r, dn_r,
     dg_r[0:1, :], dg_r[1:2, :] = di, dlogf
 
 
+def _core(q_r, k_r, n_r, gc, gr, m_in, *, scale, eps, mm):
+    """A chunk's weights, scaled queries, masked scores and normaliser (see _outputs)."""
+    L = q_r.shape[0]
+    x = _weights(gc, gr, m_in, L)
+    qs = q_r[...].astype(F32) * scale
+    s = _dot_nt(qs, k_r[...], mm) * x.d
+    den = jnp.sum(s, axis=1, keepdims=True) + x.w * jnp.sum(qs * n_r[...], axis=1, keepdims=True)
+    return x, qs, s, den, jnp.maximum(jnp.abs(den), jnp.exp(-x.m)) + eps
+
+
+def _gpu_dqk_kernel(q_r, k_r, v_r, dh_r, gc_r, gr_r, C_r, n_r, m_r, dC_r, dn_r, gm_r, aux_r, dq_r, dk_r, dg_r, *,
+                    nk, bk, nv, bv, scale, eps, mm):
+    """dq, dk (columns kb*bk ...) and this block's share of the gate gradients for one chunk:
+    bwd_chunk's algebra with the sums over d_v done in a loop over value blocks and the
+    sums over d_qk split by key blocks (the d_qk-independent terms go to block 0)."""
+    L = q_r.shape[0]
+    kb = pl.program_id(0) % nk
+    first = (kb == 0).astype(F32)
+    cols = pl.ds(pl.multiple_of(kb * bk, bk), bk)
+    gc, gr = _gates_from_refs(gc_r, gr_r)
+    x, qs, s, den, denom = _core(q_r, k_r, n_r, gc, gr, m_r[...], scale=scale, eps=eps, mm=mm)
+    dhh = aux_r[:, 0:1]  # dh . h over all value columns
+    dden = jnp.where(jnp.abs(den) > jnp.exp(-x.m), -dhh / denom * jnp.sign(den), 0.0)
+    last = lax.broadcasted_iota(jnp.int32, (L, 1), 0) == L - 1
+    gm_row = first * (-eps * dhh / denom + jnp.where(last, gm_r[...], 0.0))
+
+    def over_values(j, acc):
+        G, CQ, Y, Ea = acc
+        vc = pl.ds(pl.multiple_of(j * bv, bv), bv)
+        v, dnum = v_r[:, vc], dh_r[:, vc].astype(F32) / denom
+        C, dC = C_r[cols, vc], dC_r[cols, vc]
+        return (G + _dot_nt(dnum, v, mm), CQ + _dot_nt(dnum, C, mm), Y + _dot_nt(v, dC, mm),
+                Ea + jnp.sum(jnp.sum(C.astype(F32) * dC.astype(F32), axis=1, keepdims=True), axis=0, keepdims=True))
+
+    zeros = (jnp.zeros((L, L), F32), jnp.zeros((L, bk), F32), jnp.zeros((L, bk), F32), jnp.zeros((1, 1), F32))
+    G, CQ, Y, Ea = lax.fori_loop(0, nv, over_values, zeros)
+    G = G + dden
+    P = s * G
+    dG = x.d * G
+    q_kb, k_kb = q_r[:, cols].astype(F32) * scale, k_r[:, cols]
+    n_kb, dn_kb = n_r[:, cols], dn_r[:, cols]
+    carry_q = x.w * (CQ + dden * n_kb)
+    dq_r[...] = ((_dot(dG, k_kb, mm) + carry_q) * scale).astype(dq_r.dtype)
+    R = jnp.sum(q_kb * carry_q, axis=1, keepdims=True)
+    Y = Y + dn_kb
+    dk_r[...] = (_dot_tn(dG, q_kb, mm) + x.c * Y).astype(dk_r.dtype)
+    E = x.c * jnp.sum(k_kb.astype(F32) * Y, axis=1, keepdims=True)
+    E_a = x.w_a * (Ea + jnp.sum(n_kb * dn_kb, axis=1, keepdims=True))
+
+    carry_wins = x.log_a >= x.intra
+    onehot = x.mask & (x.log_g == x.intra) & jnp.logical_not(carry_wins)
+    ties = jnp.maximum(jnp.sum(onehot.astype(F32), axis=1, keepdims=True), 1.0)
+    Gm = jnp.where(onehot, gm_row / ties, 0.0)
+    col_P = first * jnp.sum(P, axis=0, keepdims=True)
+    col_Gm = jnp.sum(Gm, axis=0, keepdims=True)
+    di = col_P + _col_to_row(E, L) + col_Gm * (1.0 - gr.fl)
+    db = (first * jnp.sum(P, axis=1, keepdims=True) + R + gm_row - _row_to_col(col_P + col_Gm, L) - E
+          + jnp.where(last, jnp.sum(E, axis=0, keepdims=True) + E_a, 0.0))
+    row = lax.broadcasted_iota(jnp.int32, (L, L), 0)
+    col = lax.broadcasted_iota(jnp.int32, (L, L), 1)
+    dg_r[0:1, :] = di
+    dg_r[1:2, :] = jnp.sum(jnp.where(row >= col, db, 0.0), axis=0, keepdims=True) + col_Gm * gr.fl
+
+
+def _gpu_dv_kernel(q_r, k_r, dh_r, gc_r, gr_r, n_r, m_r, dC_r, dv_r, *, scale, eps, mm):
+    """dv for one chunk's block of value columns: S^T dnum + c * (k dC)."""
+    gc, gr = _gates_from_refs(gc_r, gr_r)
+    x, _, s, _, denom = _core(q_r, k_r, n_r, gc, gr, m_r[...], scale=scale, eps=eps, mm=mm)
+    dnum = dh_r[...].astype(F32) / denom
+    dv_r[...] = (_dot_tn(s, dnum, mm) + x.c * _dot(k_r[...], dC_r[...], mm)).astype(dv_r.dtype)
+
+
+def _gpu_grads_split(p: Problem, dh, Cs, ns, m_in4, dCs, dns, gm_end, dhh, *, scale, eps, interpret):
+    """The "split" backward's per-chunk kernels (see GPU_OPTIONS): (dq, dk, dv, dg)."""
+    BH, NC, L = p.q.shape[0], p.n_chunks, p.L
+    mm = _mm_dtype(p.q.dtype)
+    bk = min(p.d_qk, GPU_OPTIONS["block_k"])
+    nk = p.d_qk // bk
+    nb = value_blocks(p.d_qk, p.d_v)
+    bv = p.d_v // nb
+    whole = lambda *sh: pl.BlockSpec((None, *sh), lambda b, c: (b // nk, c) + (0,) * (len(sh) - 1))  # noqa: E731
+    chunk = lambda *sh: pl.BlockSpec((None, None, *sh), lambda b, c: (b // nk, c) + (0,) * len(sh))  # noqa: E731
+    kcols = pl.BlockSpec((None, L, bk), lambda b, c: (b // nk, c, b % nk))
+    aux = jnp.pad(dhh[..., None], ((0, 0), (0, 0), (0, 0), (0, GATE_ROWS - 1)))  # (BH, NC, L, 8): dhh in column 0
+    dq, dk, dg = pl.pallas_call(
+        functools.partial(_gpu_dqk_kernel, nk=nk, bk=bk, nv=nb, bv=bv, scale=scale, eps=eps, mm=mm),
+        grid=(BH * nk, NC),
+        in_specs=[whole(L, p.d_qk), whole(L, p.d_qk), whole(L, p.d_v), whole(L, p.d_v), chunk(L, GATE_ROWS),
+                  chunk(GATE_ROWS, L), chunk(p.d_qk, p.d_v), chunk(1, p.d_qk), chunk(1, 1), chunk(p.d_qk, p.d_v),
+                  chunk(1, p.d_qk), chunk(1, 1), chunk(L, GATE_ROWS)],
+        out_specs=[kcols, kcols, pl.BlockSpec((None, None, 2, L), lambda b, c: (b, c, 0, 0))],
+        out_shape=[jax.ShapeDtypeStruct((BH, NC * L, p.d_qk), F32)] * 2 + [jax.ShapeDtypeStruct((BH * nk, NC, 2, L), F32)],
+        compiler_params=_gpu_params(interpret), interpret=interpret,
+    )(p.q, p.k, p.v, dh, p.gcol, p.grow, Cs, ns, m_in4, dCs, dns, gm_end, aux)
+    sp = _chunk_specs(p, nb)
+    dv = pl.pallas_call(
+        functools.partial(_gpu_dv_kernel, scale=scale, eps=eps, mm=mm), grid=(BH * nb, NC),
+        in_specs=[sp["qk"], sp["qk"], sp["v"], sp["gc"], sp["gr"], sp["n"], sp["m"], sp["C"]],
+        out_specs=sp["v"], out_shape=jax.ShapeDtypeStruct(p.v.shape, p.v.dtype),
+        compiler_params=_gpu_params(interpret), interpret=interpret,
+    )(p.q, p.k, dh, p.gcol, p.grow, ns, m_in4, dCs)
+    return dq, dk, dv, dg.reshape(BH, nk, NC, 2, L).sum(axis=1)
+
+
 def _chunk_specs(p: Problem, nb: int):
     """Grid (BH * nb, NC): program (b, c) runs chunk c of row b // nb on value columns block
     b % nb. ``*_p`` arrays have a leading BH * nb axis (one slot per program)."""
@@ -616,6 +729,12 @@ def _gpu_backward(p: Problem, dh, bounds, dstate, *, scale, eps, interpret):
     Ac, Bc = lax.associative_scan(compose, (A, B), axis=1, reverse=True)
     gm_in = Ac + Bc * gm_T[:, :, 0]
     gm_end = jnp.concatenate([gm_in[:, 1:], gm_T[:, :, 0]], axis=1)
+    if GPU_OPTIONS["bwd"] == "split":
+        dq, dk, dv, dg = _gpu_grads_split(p, dh, Cs, ns, m_in4, dCs, dns, gm_end[:, :, None, None], dhh, scale=scale,
+                                          eps=eps, interpret=interpret)
+        return dq, dk, dv, dg, dC0, dn0, gm_in[:, :1, None]
+    if GPU_OPTIONS["bwd"] != "fused":
+        raise ValueError(f"GPU_OPTIONS['bwd'] must be 'fused' or 'split', got {GPU_OPTIONS['bwd']!r}")
     nb = value_blocks(p.d_qk, p.d_v)
     sp = _chunk_specs(p, nb)
     dq, dk, dv, dg = pl.pallas_call(

@@ -40,10 +40,15 @@ def _arr(rng, shape, dtype=jnp.float32, scale=1.0, offset=0.0):
     return jnp.asarray(offset + scale * rng.standard_normal(shape), dtype)
 
 
+@pytest.mark.parametrize("bwd,kernels", [("fused", 4), ("split", 5)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_mlstm_gpu_kernels_lower(hopper, dtype):
-    """Forward: state walk + per-chunk outputs; backward: adjoint walk + per-chunk gradients,
-    at a split of the value columns (d_v 256: 4 per-chunk programs) and resets."""
+def test_mlstm_gpu_kernels_lower(hopper, monkeypatch, dtype, bwd, kernels):
+    """Forward: state walk + per-chunk outputs; backward: adjoint walk + per-chunk gradients
+    (fused: one kernel; split: dq/dk/gates per key block and dv per value block), at a
+    split of the value columns (d_v 256: 4 per-chunk programs) and resets."""
+    from mnemax.kernels import pallas_mlstm
+
+    monkeypatch.setitem(pallas_mlstm.GPU_OPTIONS, "bwd", bwd)
     rng = np.random.default_rng(0)
     B, H, T, dk, dv = 1, 2, 200, 64, 256
     q, k = _arr(rng, (B, H, T, dk), dtype), _arr(rng, (B, H, T, dk), dtype)
@@ -52,7 +57,7 @@ def test_mlstm_gpu_kernels_lower(hopper, dtype):
     resets = jnp.asarray(rng.random((B, T)) < 0.05)
     fn = lambda q, k, v, i, f: mlstm(q, k, v, i, f, resets=resets, backend="pallas_gpu", chunk_size=64,  # noqa: E731
                                      interpret=False)[0]
-    assert _kernels(fn, q, k, v, i, f) == {"triton": 4, "mosaic": 0}
+    assert _kernels(fn, q, k, v, i, f) == {"triton": kernels, "mosaic": 0}
 
 
 def test_slstm_gpu_kernel_lowers(hopper):

@@ -145,6 +145,41 @@ def test_pallas_gpu_mlstm_split_value_columns(monkeypatch, block_v, state_block)
     assert max(grad_err.values()) <= 1e-3, grad_err
 
 
+@pytest.mark.parametrize("case", ["odd", "extreme", "bf16"])
+def test_pallas_gpu_mlstm_split_backward(monkeypatch, case):
+    """The GPU "split" backward (dq, dk and the gates per key block, looping over value
+    blocks; dv per value block): 4 key blocks of 8 (d_qk 24 pads to 32) and 4 value blocks
+    of 16 (d_v 48 pads to 64), with an incoming state, resets, an odd length; gates up to
+    +-30 and bf16 inputs at the shapes of those tests (2 key blocks). Equals the reference
+    like the fused backward."""
+    from mnemax.kernels import pallas_mlstm
+
+    monkeypatch.setitem(pallas_mlstm.GPU_OPTIONS, "bwd", "split")
+    monkeypatch.setitem(pallas_mlstm.GPU_OPTIONS, "block_k", 8)
+    monkeypatch.setitem(pallas_mlstm.GPU_OPTIONS, "block_v", 16)
+    if case == "extreme":  # the extreme-gate test's inputs (2 key blocks): at d 24 / 48 every
+        # backend, xla included, is 5e-3 off the recurrent reference in dq and dk there
+        args = _inputs(7, 1, 2, 37, 8, 8, with_state=True, reset_rate=0.1, gate_scale="extreme")
+    elif case == "bf16":  # the bf16 test's inputs (2 key blocks); at d 24 / 48 bf16 rounding puts
+        # every backend, xla included, at the 3e-2 tolerance
+        args = _inputs(5, 1, 2, 40, 16, 16, with_state=True, reset_rate=0.1, dtype=jnp.bfloat16)
+    else:
+        args = _inputs(17, 2, 2, 37, 24, 48, with_state=True, reset_rate=0.1)
+    _, _, out_err, grad_err = _errors("pallas_gpu", args, 16)
+    tol = (2e-2, 3e-2) if case == "bf16" else (1e-4, 1e-3)
+    assert max(out_err.values()) <= tol[0], out_err
+    assert max(grad_err.values()) <= tol[1], grad_err
+
+
+def test_pallas_gpu_mlstm_unknown_backward_option(monkeypatch):
+    from mnemax.kernels import pallas_mlstm
+
+    monkeypatch.setitem(pallas_mlstm.GPU_OPTIONS, "bwd", "fast")
+    args = _inputs(1, 1, 1, 16, 8, 8, with_state=False, reset_rate=0.0)
+    with pytest.raises(ValueError, match="GPU_OPTIONS\\['bwd'\\] must be 'fused' or 'split', got 'fast'"):
+        _errors("pallas_gpu", args, 8)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, (1e-4, 1e-3)), (jnp.bfloat16, (2e-2, 3e-2))])
 @pytest.mark.parametrize("dims", [(11, 2, 4, 300, 64, 64), (12, 1, 2, 200, 256, 512)], ids=["head64", "qk256_v512"])
