@@ -171,7 +171,7 @@ def _measure(row, fwd, fb, args, ref, flops, peak):
 
 
 def mlstm_variants(xla_chunks: str, pallas_configs: str) -> list[tuple]:
-    """(row name, backend, pallas_mlstm.GPU_OPTIONS changes, chunk size): ``xla`` and
+    """(row name, backend, pallas_mlstm_gpu.GPU_OPTIONS changes, chunk size): ``xla`` and
     ``pallas_gpu`` at chunk 64 and the defaults, then each extra xla chunk size and each
     extra Pallas configuration ``block_v:num_warps[:chunk[:state_block[:state_warps]]][/bwd]``."""
     out = [("xla", "xla", {}, CHUNK), ("pallas_gpu", "pallas_gpu", {}, CHUNK)]
@@ -182,7 +182,7 @@ def mlstm_variants(xla_chunks: str, pallas_configs: str) -> list[tuple]:
         bv, w, *rest = (int(x) for x in cfg.split(":"))
         L = rest[0] if rest else CHUNK
         opts, name = {"block_v": bv, "num_warps": w}, f"bv={bv},w={w},L={L}"
-        if bwd:  # the backward variant: fused or split (pallas_mlstm.GPU_OPTIONS["bwd"])
+        if bwd:  # the backward variant: fused or split (pallas_mlstm_gpu.GPU_OPTIONS["bwd"])
             opts["bwd"] = bwd
             name += f",bwd={bwd}"
         if len(rest) > 1:  # the state walk's tile and warps
@@ -197,7 +197,7 @@ def mlstm_rows(peak: float, quick: bool, xla_chunks: str = "", pallas_configs: s
     import jax.numpy as jnp
     import numpy as np
 
-    from mnemax.kernels import pallas_mlstm
+    from mnemax.kernels import pallas_mlstm_gpu
     from mnemax.kernels.mlstm import mlstm
 
     variants = mlstm_variants(xla_chunks, pallas_configs)
@@ -237,14 +237,14 @@ def mlstm_rows(peak: float, quick: bool, xla_chunks: str = "", pallas_configs: s
 
             fwd = jax.jit(lambda q, k, v, i, f, be=backend, L=chunk: mlstm(q, k, v, i, f, backend=be, chunk_size=L)[0])
             fb = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
-            saved = dict(pallas_mlstm.GPU_OPTIONS)
-            pallas_mlstm.GPU_OPTIONS.update(opts)  # read while tracing, i.e. inside _measure's first calls
+            saved = dict(pallas_mlstm_gpu.GPU_OPTIONS)
+            pallas_mlstm_gpu.GPU_OPTIONS.update(opts)  # read while tracing, i.e. inside _measure's first calls
             try:
                 out = _attempt(row, lambda row=row, fwd=fwd, fb=fb, L=chunk: _measure(
                     row, fwd, fb, (q, k, v, i, f), ref, mlstm_flops(b, h, t, dk, dv, L)[1], peak))
             finally:
-                pallas_mlstm.GPU_OPTIONS.clear()
-                pallas_mlstm.GPU_OPTIONS.update(saved)
+                pallas_mlstm_gpu.GPU_OPTIONS.clear()
+                pallas_mlstm_gpu.GPU_OPTIONS.update(saved)
             ref = out if ref is None else ref
             here.append(row)
         times = {r["impl"]: r.get("fwdbwd_ms") for r in here if r.get("fwdbwd_ms")}
@@ -266,13 +266,12 @@ def mlstm_stage_rows(peak: float, quick: bool) -> list[dict]:
     """The Pallas GPU mLSTM's stages timed one by one (forward: gate scalars, state walk,
     per-chunk outputs; backward: adjoint walk, per-chunk gradients), so the table says
     where its time goes. Each stage is jitted alone on inputs produced by the previous."""
-    import functools
-
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from mnemax.kernels import pallas_mlstm as pm
+    from mnemax.kernels import pallas_mlstm_gpu as gpu
 
     rows = []
     rng = np.random.default_rng(0)
@@ -287,11 +286,11 @@ def mlstm_stage_rows(peak: float, quick: bool) -> list[dict]:
         st0 = (jnp.zeros((BH, p.d_qk, p.d_v), jnp.float32), jnp.zeros((BH, 1, p.d_qk), jnp.float32),
                jnp.zeros((BH, 1, 1), jnp.float32))
         kw = dict(scale=dk**-0.5, eps=1e-6, interpret=False)
-        scal = jax.jit(lambda arrs: pm.chunk_scalars(P(arrs), st0[2][:, 0, 0]))
-        walk = jax.jit(lambda arrs, x, y, w_a, c: pm._gpu_walk(P(arrs), x, y, pm._coefs(w_a, c, c), st0[0], st0[1],
+        scal = jax.jit(lambda arrs: gpu.chunk_scalars(P(arrs), st0[2][:, 0, 0]))
+        walk = jax.jit(lambda arrs, x, y, w_a, c: gpu._gpu_walk(P(arrs), x, y, gpu._coefs(w_a, c, c), st0[0], st0[1],
                                                                 reverse=False, state_dtype=x.dtype, interpret=False))
-        fwd = jax.jit(lambda arrs: pm._gpu_forward(P(arrs), st0, q.dtype, save=True, **kw))
-        bwd = jax.jit(lambda arrs, dh, bounds: pm._gpu_backward(P(arrs), dh, bounds, st0, **kw))
+        fwd = jax.jit(lambda arrs: gpu.forward(P(arrs), st0, q.dtype, save=True, **kw))
+        bwd = jax.jit(lambda arrs, dh, bounds: gpu.backward(P(arrs), dh, bounds, st0, **kw))
         dh_p = pm._pad_axis(dh.reshape(BH, t, dv), 1, p.n_chunks * p.L)
         shape = str((b, h, t, dk, dv))
         try:

@@ -36,7 +36,8 @@ Forms (``backend=``):
   the carried state's contribution. Memory is O(time * chunk_size) per head.
 
 * ``pallas_tpu`` / ``pallas_gpu`` -- the chunkwise form as Pallas kernels (Mosaic TPU;
-  Triton on GPU), forward and backward (:mod:`mnemax.kernels.pallas_mlstm`); float64
+  Triton on GPU), forward and backward (:mod:`mnemax.kernels.pallas_mlstm`, GPU in
+  :mod:`mnemax.kernels.pallas_mlstm_gpu`); float64
   inputs take the ``xla`` path. Opt-in (``backend=`` or ``MNEMAX_KERNEL_BACKEND``): not
   the platform default until they have been run on the hardware.
 
@@ -171,9 +172,9 @@ def mlstm(
     if name == "pallas_gpu":
         # the kernel options are read while tracing: make them part of the jit cache key, or a
         # changed option would reuse a trace made with the old ones
-        from . import pallas_mlstm
+        from . import pallas_mlstm_gpu
 
-        kw["options"] = tuple(sorted(pallas_mlstm.GPU_OPTIONS.items()))
+        kw["options"] = tuple(sorted(pallas_mlstm_gpu.GPU_OPTIONS.items()))
     h, new_state = _jitted(impl)(
         q, k, v, i.astype(cdt), f.astype(cdt), state, resets, chunk_size=chunk_size, eps=eps, scale=scale, **kw
     )
@@ -428,7 +429,7 @@ def _pallas(platform, q, k, v, i, f, state, resets, *, chunk_size, eps, scale, i
 
 @dispatch.register(OP, "pallas_gpu", default=False)  # opt-in until checked on a GPU
 def _pallas_gpu(q, k, v, i, f, state, resets, *, chunk_size, eps, scale, interpret=False, options=()):
-    del options  # only a jit cache key: the kernels read pallas_mlstm.GPU_OPTIONS
+    del options  # only a jit cache key: the kernels read pallas_mlstm_gpu.GPU_OPTIONS
     return _pallas("gpu", q, k, v, i, f, state, resets, chunk_size=chunk_size, eps=eps, scale=scale, interpret=interpret)
 
 

@@ -46,9 +46,9 @@ def test_mlstm_gpu_kernels_lower(hopper, monkeypatch, dtype, bwd, kernels):
     """Forward: state walk + per-chunk outputs; backward: adjoint walk + per-chunk gradients
     (fused: one kernel; split: dq/dk/gates per key block and dv per value block), at a
     split of the value columns (d_v 256: 4 per-chunk programs) and resets."""
-    from mnemax.kernels import pallas_mlstm
+    from mnemax.kernels import pallas_mlstm_gpu
 
-    monkeypatch.setitem(pallas_mlstm.GPU_OPTIONS, "bwd", bwd)
+    monkeypatch.setitem(pallas_mlstm_gpu.GPU_OPTIONS, "bwd", bwd)
     rng = np.random.default_rng(0)
     B, H, T, dk, dv = 1, 2, 200, 64, 256
     q, k = _arr(rng, (B, H, T, dk), dtype), _arr(rng, (B, H, T, dk), dtype)

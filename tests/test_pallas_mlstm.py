@@ -134,11 +134,11 @@ def test_pallas_gpu_mlstm_split_value_columns(monkeypatch, block_v, state_block)
     """The GPU kernels split over value columns (4 and 2 per-chunk programs per row: d_v 48
     pads to 64) and the state walk over (d_qk, d_v) tiles (8 tiles of 16 x 16, or one of 32 x 64), with
     an incoming state, resets and an odd length, equal the reference."""
-    from mnemax.kernels import pallas_mlstm
+    from mnemax.kernels import pallas_mlstm_gpu
 
-    monkeypatch.setitem(pallas_mlstm.GPU_OPTIONS, "block_v", block_v)
-    monkeypatch.setitem(pallas_mlstm.GPU_OPTIONS, "state_block", state_block)
-    assert pallas_mlstm.value_blocks(16, 64) == 64 // block_v
+    monkeypatch.setitem(pallas_mlstm_gpu.GPU_OPTIONS, "block_v", block_v)
+    monkeypatch.setitem(pallas_mlstm_gpu.GPU_OPTIONS, "state_block", state_block)
+    assert pallas_mlstm_gpu.value_blocks(16, 64) == 64 // block_v
     case = _inputs(13, 2, 2, 37, 24, 48, with_state=True, reset_rate=0.1)
     _, _, out_err, grad_err = _errors("pallas_gpu", case, 16)
     assert max(out_err.values()) <= 1e-4, out_err
@@ -152,11 +152,11 @@ def test_pallas_gpu_mlstm_split_backward(monkeypatch, case):
     of 16 (d_v 48 pads to 64), with an incoming state, resets, an odd length; gates up to
     +-30 and bf16 inputs at the shapes of those tests (2 key blocks). Equals the reference
     like the fused backward."""
-    from mnemax.kernels import pallas_mlstm
+    from mnemax.kernels import pallas_mlstm_gpu
 
-    monkeypatch.setitem(pallas_mlstm.GPU_OPTIONS, "bwd", "split")
-    monkeypatch.setitem(pallas_mlstm.GPU_OPTIONS, "block_k", 8)
-    monkeypatch.setitem(pallas_mlstm.GPU_OPTIONS, "block_v", 16)
+    monkeypatch.setitem(pallas_mlstm_gpu.GPU_OPTIONS, "bwd", "split")
+    monkeypatch.setitem(pallas_mlstm_gpu.GPU_OPTIONS, "block_k", 8)
+    monkeypatch.setitem(pallas_mlstm_gpu.GPU_OPTIONS, "block_v", 16)
     if case == "extreme":  # the extreme-gate test's inputs (2 key blocks): at d 24 / 48 every
         # backend, xla included, is 5e-3 off the recurrent reference in dq and dk there
         args = _inputs(7, 1, 2, 37, 8, 8, with_state=True, reset_rate=0.1, gate_scale="extreme")
@@ -172,9 +172,9 @@ def test_pallas_gpu_mlstm_split_backward(monkeypatch, case):
 
 
 def test_pallas_gpu_mlstm_unknown_backward_option(monkeypatch):
-    from mnemax.kernels import pallas_mlstm
+    from mnemax.kernels import pallas_mlstm_gpu
 
-    monkeypatch.setitem(pallas_mlstm.GPU_OPTIONS, "bwd", "fast")
+    monkeypatch.setitem(pallas_mlstm_gpu.GPU_OPTIONS, "bwd", "fast")
     args = _inputs(1, 1, 1, 16, 8, 8, with_state=False, reset_rate=0.0)
     with pytest.raises(ValueError, match="GPU_OPTIONS\\['bwd'\\] must be 'fused' or 'split', got 'fast'"):
         _errors("pallas_gpu", args, 8)

@@ -1,0 +1,367 @@
+"""Pallas GPU (Triton) kernels for ``mlstm``: the chunk-parallel forward and backward.
+
+The chunk math (gate packing, the per-chunk weights, outputs and adjoint) is shared with
+the TPU kernels in :mod:`mnemax.kernels.pallas_mlstm`, which also holds the entry points
+(``forward``/``backward`` call :func:`forward`/:func:`backward` here for ``platform="gpu"``).
+``GPU_OPTIONS`` are the kernels' tuning knobs; they are read while tracing (``mlstm`` puts
+them in its jit cache key).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from .pallas_mlstm import (
+    F32,
+    GATE_ROWS,
+    NEG,
+    Problem,
+    _col_to_row,
+    _dot,
+    _dot_nt,
+    _dot_tn,
+    _gates_from_refs,
+    _mm_dtype,
+    _outputs,
+    _row_to_col,
+    _scores,
+    _weights,
+    bwd_chunk,
+)
+
+
+# ----------------------------------------------------------------------------- GPU (Triton), chunk-parallel
+#
+# The GPU path splits the chunkwise form into what is sequential and what is not:
+#
+# 1. gate scalars (XLA, O(time)): each chunk's incoming stabiliser m_in follows the
+#    max-plus recurrence m_end = max(m_in + b_end [no reset in the chunk], m_loc), run as an
+#    associative scan over chunks; from it the chunk-end weights w_a and c_s (below);
+# 2. the state walk (Pallas, sequential over chunks, parallel over (row, d_qk block, d_v
+#    block)): C_end = w_a C_in + (c * K)^T V, n_end = w_a n_in + (c * K)^T 1, saving every
+#    chunk's incoming state (in the matmul dtype; float32 carry);
+# 3. the outputs (Pallas, one program per (row, d_v block, chunk), all in parallel): the
+#    intra-chunk matmuls plus the incoming state's term, and per-step stabiliser m_t,
+#    denominator sum den_t, carried-state weight w_t and arg-max flag, kept for the backward.
+#
+# The backward is the same in reverse: the adjoint walk dC_in = w_a dC_end + (e * Q)^T dH,
+# e_t = s w_t / denom_t (and dn with s w_t dden_t) saves each chunk's end-state gradient;
+# the stabiliser's gradient (an eps-sized term along each m_t's arg-max) is a scalar affine
+# recurrence over chunks (XLA associative scan); then one program per (row, d_v block,
+# chunk) recomputes its chunk and writes dq, dk, dv and the gate gradients, in parallel.
+
+# num_warps / num_stages of the per-chunk kernels; block_v: value columns per per-chunk
+# program (None: the largest power of two <= d_v with d_qk * block_v <= 8192); state_block:
+# the (d_qk, d_v) tile of one state-walk program (state_warps warps).
+# bwd: "fused" -- one program per (row, d_v block, chunk) for all gradients, partials of dq,
+# dk and the gates summed afterwards (measured, see benchmarks/RESULTS.md); "split" -- one
+# program per (row, d_qk block of block_k, chunk) for dq, dk and the gates, looping over the
+# value blocks (nothing recomputed per value block, no dq/dk partials), and one per (row,
+# d_v block, chunk) for dv (not yet timed on a GPU).
+GPU_OPTIONS = {"num_warps": 4, "num_stages": 1, "block_v": None, "state_block": 64, "state_warps": 4, "bwd": "fused",
+               "block_k": 64}
+COEF_COLS = 4  # state-walk coefficients per step: key/query weight, w_a (chunk), n weight, 0
+
+
+def value_blocks(d_qk: int, d_v: int) -> int:
+    """How many per-chunk programs split one row's (padded, power-of-two) ``d_v`` columns."""
+    bv = GPU_OPTIONS["block_v"] or max(16, 8192 // d_qk)
+    return max(1, d_v // min(d_v, 1 << (max(16, bv).bit_length() - 1)))
+
+
+def _gpu_params(interpret, warps_key="num_warps"):
+    if interpret:
+        return None
+    from jax.experimental.pallas import triton as pltriton
+
+    return pltriton.CompilerParams(num_warps=GPU_OPTIONS[warps_key], num_stages=GPU_OPTIONS["num_stages"])
+
+
+def chunk_scalars(p: Problem, m0):
+    """Gate-only chunk quantities (see above): ``m_in`` (BH, NC) each chunk's incoming
+    stabiliser, ``m_T`` (BH,) the final one, ``w_a`` (BH, NC) the incoming state's weight in
+    the chunk-end state and ``c`` (BH, NC, L) each key's (0 at padding and before the
+    chunk's last reset). ``m0``: (BH,)."""
+    gi, b, r, ok, g = (p.grow[:, :, j, :] for j in range(5))
+    b_end, r_end = b[..., -1], r[..., -1]
+    live = (r == r_end[..., None]) & (ok > 0)
+    m_loc = jnp.max(jnp.where(live, b_end[..., None] - b + g, NEG), axis=-1)
+    G = jnp.where(r_end == 0, b_end, NEG)  # a reset inside the chunk cuts the carry
+
+    def compose(e1, e2):  # x -> max(x + G, M), applied e1 then e2
+        return e1[0] + e2[0], jnp.maximum(e1[1] + e2[0], e2[1])
+
+    Gc, Mc = lax.associative_scan(compose, (G, m_loc), axis=1)
+    m_end = jnp.maximum(m0[:, None] + Gc, Mc)
+    m_in = jnp.concatenate([m0[:, None], m_end[:, :-1]], axis=1)
+    w_a = jnp.exp(jnp.where(r_end == 0, b_end + m_in, NEG) - m_end)
+    c = jnp.exp(jnp.where(live, b_end[..., None] - b + gi, NEG) - m_end[..., None])
+    return m_in, m_end[:, -1], w_a, c
+
+
+def _coefs(w_a, x_weight, n_weight):
+    """(BH, NC, L, COEF_COLS) state-walk coefficients."""
+    return jnp.stack([x_weight, jnp.broadcast_to(w_a[..., None], x_weight.shape), n_weight, jnp.zeros_like(x_weight)],
+                     axis=-1)
+
+
+def _gpu_walk_kernel(x_r, y_r, co_r, s0_r, n0_r, st_r, nst_r, sT_r, nT_r, *, L, NC, reverse, mm):
+    """S <- w_a S + (x * coef)^T y and n <- w_a n + (x * ncoef)^T 1 over the chunks (last to
+    first with ``reverse``), saving the state before each chunk's update."""
+
+    def body(j, carry):
+        S, n = carry
+        c = NC - 1 - j if reverse else j
+        st_r[c] = S.astype(st_r.dtype)
+        nst_r[c] = n
+        t = pl.ds(pl.multiple_of(c * L, L), L)
+        a = co_r[c, 0:1, 1:2]
+        x = x_r[t, :].astype(F32)
+        S = a * S + _dot_tn(x * co_r[c, :, 0:1], y_r[t, :], mm)
+        n = a * n + jnp.sum(x * co_r[c, :, 2:3], axis=0, keepdims=True)
+        return S, n
+
+    S, n = lax.fori_loop(0, NC, body, (s0_r[...], n0_r[...]))
+    sT_r[...], nT_r[...] = S, n
+
+
+def _gpu_walk(p: Problem, x, y, coefs, s0, n0, *, reverse, state_dtype, interpret):
+    """The state walk over all rows: returns (states (BH, NC, d_qk, d_v) before each chunk's
+    update in walk order, n states (BH, NC, 1, d_qk), final S (BH, d_qk, d_v), final n (BH, 1,
+    d_qk))."""
+    BH, NC, L = x.shape[0], p.n_chunks, p.L
+    Tp, dk, dv = NC * L, x.shape[2], y.shape[2]
+    bk, bv = min(dk, GPU_OPTIONS["state_block"]), min(dv, GPU_OPTIONS["state_block"])
+    kernel = functools.partial(_gpu_walk_kernel, L=L, NC=NC, reverse=reverse, mm=_mm_dtype(x.dtype))
+    return pl.pallas_call(
+        kernel, grid=(BH, dk // bk, dv // bv),
+        in_specs=[pl.BlockSpec((None, Tp, bk), lambda b, i, j: (b, 0, i)),
+                  pl.BlockSpec((None, Tp, bv), lambda b, i, j: (b, 0, j)),
+                  pl.BlockSpec((None, NC, L, COEF_COLS), lambda b, i, j: (b, 0, 0, 0)),
+                  pl.BlockSpec((None, bk, bv), lambda b, i, j: (b, i, j)),
+                  pl.BlockSpec((None, 1, bk), lambda b, i, j: (b, 0, i))],
+        # n's blocks are written by every d_v block, with the same values
+        out_specs=[pl.BlockSpec((None, NC, bk, bv), lambda b, i, j: (b, 0, i, j)),
+                   pl.BlockSpec((None, NC, 1, bk), lambda b, i, j: (b, 0, 0, i)),
+                   pl.BlockSpec((None, bk, bv), lambda b, i, j: (b, i, j)),
+                   pl.BlockSpec((None, 1, bk), lambda b, i, j: (b, 0, i))],
+        out_shape=[jax.ShapeDtypeStruct((BH, NC, dk, dv), state_dtype), jax.ShapeDtypeStruct((BH, NC, 1, dk), F32),
+                   jax.ShapeDtypeStruct((BH, dk, dv), F32), jax.ShapeDtypeStruct((BH, 1, dk), F32)],
+        compiler_params=_gpu_params(interpret, "state_warps"), interpret=interpret,
+    )(x, y, coefs, s0, n0)
+
+
+STAT_ROWS = 4  # per-step forward statistics kept for the backward: m_t, den_t, w_t, carry wins
+
+
+def _gpu_out_kernel(q_r, k_r, v_r, gc_r, gr_r, C_r, n_r, m_r, h_r, st_r, *, scale, eps, mm):
+    L = q_r.shape[0]
+    gc, gr = _gates_from_refs(gc_r, gr_r)
+    x = _weights(gc, gr, m_r[...], L)
+    # C stays in the matmul dtype it was saved in (it is only a matmul operand here)
+    _, _, den, _, h = _outputs(q_r[...], k_r[...], v_r[...], C_r[...], n_r[...], x, scale=scale, eps=eps, mm=mm)
+    h_r[...] = h.astype(h_r.dtype)
+    st_r[0:1, :] = _col_to_row(x.m, L)
+    st_r[1:2, :] = _col_to_row(den, L)
+    st_r[2:3, :] = _col_to_row(x.w, L)
+    st_r[3:4, :] = _col_to_row((x.log_a >= x.intra).astype(F32), L)
+
+
+def _gpu_grad_kernel(q_r, k_r, v_r, dh_r, gc_r, gr_r, C_r, n_r, m_r, dC_r, dn_r, gm_r, dq_r, dk_r, dv_r, dg_r, *, nb,
+                     scale, eps, mm):
+    # Linear in the cotangents: the d_v block programs split dh and dC by columns; dn and
+    # gm go to block 0 only, and their dq, dk and gate partials are summed afterwards.
+    first = (pl.program_id(0) % nb == 0).astype(F32)
+    gc, gr = _gates_from_refs(gc_r, gr_r)
+    dq, dk, dv, di, dlogf = bwd_chunk(
+        q_r[...], k_r[...], v_r[...], dh_r[...], gc, gr, C_r[...], n_r[...], m_r[...],
+        dC_r[...], dn_r[...] * first, gm_r[...] * first, scale=scale, eps=eps, mm=mm, carry=False)
+    dq_r[...], dk_r[...], dv_r[...] = dq.astype(dq_r.dtype), dk.astype(dk_r.dtype), dv.astype(dv_r.dtype)
+    dg_r[0:1, :], dg_r[1:2, :] = di, dlogf
+
+
+def _core(q_r, k_r, n_r, gc, gr, m_in, *, scale, eps, mm):
+    """A chunk's weights, scaled queries, masked scores and normaliser (see _scores)."""
+    x = _weights(gc, gr, m_in, q_r.shape[0])
+    return (x,) + _scores(q_r[...], k_r[...], n_r[...], x, scale=scale, eps=eps, mm=mm)
+
+
+def _gpu_dqk_kernel(q_r, k_r, v_r, dh_r, gc_r, gr_r, C_r, n_r, m_r, dC_r, dn_r, gm_r, aux_r, dq_r, dk_r, dg_r, *,
+                    nk, bk, nv, bv, scale, eps, mm):
+    """dq, dk (columns kb*bk ...) and this block's share of the gate gradients for one chunk:
+    bwd_chunk's algebra with the sums over d_v done in a loop over value blocks and the
+    sums over d_qk split by key blocks (the d_qk-independent terms go to block 0)."""
+    L = q_r.shape[0]
+    kb = pl.program_id(0) % nk
+    first = (kb == 0).astype(F32)
+    cols = pl.ds(pl.multiple_of(kb * bk, bk), bk)
+    gc, gr = _gates_from_refs(gc_r, gr_r)
+    x, qs, s, den, denom = _core(q_r, k_r, n_r, gc, gr, m_r[...], scale=scale, eps=eps, mm=mm)
+    dhh = aux_r[:, 0:1]  # dh . h over all value columns
+    dden = jnp.where(jnp.abs(den) > jnp.exp(-x.m), -dhh / denom * jnp.sign(den), 0.0)
+    last = lax.broadcasted_iota(jnp.int32, (L, 1), 0) == L - 1
+    gm_row = first * (-eps * dhh / denom + jnp.where(last, gm_r[...], 0.0))
+
+    def over_values(j, acc):
+        G, CQ, Y, Ea = acc
+        vc = pl.ds(pl.multiple_of(j * bv, bv), bv)
+        v, dnum = v_r[:, vc], dh_r[:, vc].astype(F32) / denom
+        C, dC = C_r[cols, vc], dC_r[cols, vc]
+        return (G + _dot_nt(dnum, v, mm), CQ + _dot_nt(dnum, C, mm), Y + _dot_nt(v, dC, mm),
+                Ea + jnp.sum(jnp.sum(C.astype(F32) * dC.astype(F32), axis=1, keepdims=True), axis=0, keepdims=True))
+
+    zeros = (jnp.zeros((L, L), F32), jnp.zeros((L, bk), F32), jnp.zeros((L, bk), F32), jnp.zeros((1, 1), F32))
+    G, CQ, Y, Ea = lax.fori_loop(0, nv, over_values, zeros)
+    G = G + dden
+    P = s * G
+    dG = x.d * G
+    q_kb, k_kb = q_r[:, cols].astype(F32) * scale, k_r[:, cols]
+    n_kb, dn_kb = n_r[:, cols], dn_r[:, cols]
+    carry_q = x.w * (CQ + dden * n_kb)
+    dq_r[...] = ((_dot(dG, k_kb, mm) + carry_q) * scale).astype(dq_r.dtype)
+    R = jnp.sum(q_kb * carry_q, axis=1, keepdims=True)
+    Y = Y + dn_kb
+    dk_r[...] = (_dot_tn(dG, q_kb, mm) + x.c * Y).astype(dk_r.dtype)
+    E = x.c * jnp.sum(k_kb.astype(F32) * Y, axis=1, keepdims=True)
+    E_a = x.w_a * (Ea + jnp.sum(n_kb * dn_kb, axis=1, keepdims=True))
+
+    carry_wins = x.log_a >= x.intra
+    onehot = x.mask & (x.log_g == x.intra) & jnp.logical_not(carry_wins)
+    ties = jnp.maximum(jnp.sum(onehot.astype(F32), axis=1, keepdims=True), 1.0)
+    Gm = jnp.where(onehot, gm_row / ties, 0.0)
+    col_P = first * jnp.sum(P, axis=0, keepdims=True)
+    col_Gm = jnp.sum(Gm, axis=0, keepdims=True)
+    di = col_P + _col_to_row(E, L) + col_Gm * (1.0 - gr.fl)
+    db = (first * jnp.sum(P, axis=1, keepdims=True) + R + gm_row - _row_to_col(col_P + col_Gm, L) - E
+          + jnp.where(last, jnp.sum(E, axis=0, keepdims=True) + E_a, 0.0))
+    row = lax.broadcasted_iota(jnp.int32, (L, L), 0)
+    col = lax.broadcasted_iota(jnp.int32, (L, L), 1)
+    dg_r[0:1, :] = di
+    dg_r[1:2, :] = jnp.sum(jnp.where(row >= col, db, 0.0), axis=0, keepdims=True) + col_Gm * gr.fl
+
+
+def _gpu_dv_kernel(q_r, k_r, dh_r, gc_r, gr_r, n_r, m_r, dC_r, dv_r, *, scale, eps, mm):
+    """dv for one chunk's block of value columns: S^T dnum + c * (k dC)."""
+    gc, gr = _gates_from_refs(gc_r, gr_r)
+    x, _, s, _, denom = _core(q_r, k_r, n_r, gc, gr, m_r[...], scale=scale, eps=eps, mm=mm)
+    dnum = dh_r[...].astype(F32) / denom
+    dv_r[...] = (_dot_tn(s, dnum, mm) + x.c * _dot(k_r[...], dC_r[...], mm)).astype(dv_r.dtype)
+
+
+def _gpu_grads_split(p: Problem, dh, Cs, ns, m_in4, dCs, dns, gm_end, dhh, *, scale, eps, interpret):
+    """The "split" backward's per-chunk kernels (see GPU_OPTIONS): (dq, dk, dv, dg)."""
+    BH, NC, L = p.q.shape[0], p.n_chunks, p.L
+    mm = _mm_dtype(p.q.dtype)
+    bk = min(p.d_qk, GPU_OPTIONS["block_k"])
+    nk = p.d_qk // bk
+    nb = value_blocks(p.d_qk, p.d_v)
+    bv = p.d_v // nb
+    whole = lambda *sh: pl.BlockSpec((None, *sh), lambda b, c: (b // nk, c) + (0,) * (len(sh) - 1))  # noqa: E731
+    chunk = lambda *sh: pl.BlockSpec((None, None, *sh), lambda b, c: (b // nk, c) + (0,) * len(sh))  # noqa: E731
+    kcols = pl.BlockSpec((None, L, bk), lambda b, c: (b // nk, c, b % nk))
+    aux = jnp.pad(dhh[..., None], ((0, 0), (0, 0), (0, 0), (0, GATE_ROWS - 1)))  # (BH, NC, L, 8): dhh in column 0
+    dq, dk, dg = pl.pallas_call(
+        functools.partial(_gpu_dqk_kernel, nk=nk, bk=bk, nv=nb, bv=bv, scale=scale, eps=eps, mm=mm),
+        grid=(BH * nk, NC),
+        in_specs=[whole(L, p.d_qk), whole(L, p.d_qk), whole(L, p.d_v), whole(L, p.d_v), chunk(L, GATE_ROWS),
+                  chunk(GATE_ROWS, L), chunk(p.d_qk, p.d_v), chunk(1, p.d_qk), chunk(1, 1), chunk(p.d_qk, p.d_v),
+                  chunk(1, p.d_qk), chunk(1, 1), chunk(L, GATE_ROWS)],
+        out_specs=[kcols, kcols, pl.BlockSpec((None, None, 2, L), lambda b, c: (b, c, 0, 0))],
+        out_shape=[jax.ShapeDtypeStruct((BH, NC * L, p.d_qk), F32)] * 2 + [jax.ShapeDtypeStruct((BH * nk, NC, 2, L), F32)],
+        compiler_params=_gpu_params(interpret), interpret=interpret,
+    )(p.q, p.k, p.v, dh, p.gcol, p.grow, Cs, ns, m_in4, dCs, dns, gm_end, aux)
+    sp = _chunk_specs(p, nb)
+    dv = pl.pallas_call(
+        functools.partial(_gpu_dv_kernel, scale=scale, eps=eps, mm=mm), grid=(BH * nb, NC),
+        in_specs=[sp["qk"], sp["qk"], sp["v"], sp["gc"], sp["gr"], sp["n"], sp["m"], sp["C"]],
+        out_specs=sp["v"], out_shape=jax.ShapeDtypeStruct(p.v.shape, p.v.dtype),
+        compiler_params=_gpu_params(interpret), interpret=interpret,
+    )(p.q, p.k, dh, p.gcol, p.grow, ns, m_in4, dCs)
+    return dq, dk, dv, dg.reshape(BH, nk, NC, 2, L).sum(axis=1)
+
+
+def _chunk_specs(p: Problem, nb: int):
+    """Grid (BH * nb, NC): program (b, c) runs chunk c of row b // nb on value columns block
+    b % nb. ``*_p`` arrays have a leading BH * nb axis (one slot per program)."""
+    L, dvb = p.L, p.d_v // nb
+    row = lambda *s: pl.BlockSpec((None, *s), lambda b, c: (b // nb, c) + (0,) * (len(s) - 1))  # noqa: E731
+    chunk = lambda *s: pl.BlockSpec((None, None, *s), lambda b, c: (b // nb, c) + (0,) * len(s))  # noqa: E731
+    return {"qk": row(L, p.d_qk), "v": pl.BlockSpec((None, L, dvb), lambda b, c: (b // nb, c, b % nb)),
+            "gc": chunk(L, GATE_ROWS), "gr": chunk(GATE_ROWS, L), "st": chunk(STAT_ROWS, L),
+            "C": pl.BlockSpec((None, None, p.d_qk, dvb), lambda b, c: (b // nb, c, 0, b % nb)),
+            "n": chunk(1, p.d_qk), "m": chunk(1, 1),
+            "qk_p": pl.BlockSpec((None, L, p.d_qk), lambda b, c: (b, c, 0)),
+            "dg_p": pl.BlockSpec((None, None, 2, L), lambda b, c: (b, c, 0, 0))}
+
+
+def forward(p: Problem, state, out_dtype, *, scale, eps, save, interpret):
+    BH, NC, L = p.q.shape[0], p.n_chunks, p.L
+    mm = _mm_dtype(p.q.dtype)
+    C0, n0, m0 = state
+    m_in, m_T, w_a, c = chunk_scalars(p, m0[:, 0, 0])
+    Cs, ns, C_T, n_T = _gpu_walk(p, p.k, p.v, _coefs(w_a, c, c), C0, n0, reverse=False, state_dtype=mm,
+                                 interpret=interpret)
+    nb = value_blocks(p.d_qk, p.d_v)
+    sp = _chunk_specs(p, nb)
+    m_in4 = m_in[:, :, None, None]
+    h, stats = pl.pallas_call(
+        functools.partial(_gpu_out_kernel, scale=scale, eps=eps, mm=mm), grid=(BH * nb, NC),
+        in_specs=[sp["qk"], sp["qk"], sp["v"], sp["gc"], sp["gr"], sp["C"], sp["n"], sp["m"]],
+        out_specs=[sp["v"], sp["st"]],  # stats: every d_v block writes the same values
+        out_shape=[jax.ShapeDtypeStruct((BH, NC * L, p.d_v), out_dtype),
+                   jax.ShapeDtypeStruct((BH, NC, STAT_ROWS, L), F32)],
+        compiler_params=_gpu_params(interpret), interpret=interpret,
+    )(p.q, p.k, p.v, p.gcol, p.grow, Cs, ns, m_in4)
+    outs = [h, C_T, n_T, m_T.reshape(BH, 1, 1)]
+    if save:
+        outs += [Cs, ns, m_in4, w_a, stats, h]
+    return outs
+
+
+def backward(p: Problem, dh, bounds, dstate, *, scale, eps, interpret):
+    BH, NC, L = p.q.shape[0], p.n_chunks, p.L
+    mm = _mm_dtype(p.q.dtype)
+    Cs, ns, m_in4, w_a, stats, h = bounds
+    dC_T, dn_T, gm_T = dstate
+    m, den, w, cw = (stats[:, :, j, :] for j in range(STAT_ROWS))
+    dhh = jnp.sum(dh.astype(F32) * h.astype(F32), axis=-1).reshape(BH, NC, L)
+    denom = jnp.maximum(jnp.abs(den), jnp.exp(-m)) + eps
+    dden = jnp.where(jnp.abs(den) > jnp.exp(-m), -dhh / denom * jnp.sign(den), 0.0)
+    dCs, dns, dC0, dn0 = _gpu_walk(p, p.q, dh, _coefs(w_a, scale * w / denom, scale * w * dden), dC_T, dn_T,
+                                   reverse=True, state_dtype=mm, interpret=interpret)
+    # The stabiliser's gradient entering each chunk's end: gm_in = A + B gm_end, chunk by
+    # chunk from the last (A: the chunk's own eps terms on steps whose m_t is the carried
+    # one, B: whether the last step's is).
+    A = jnp.sum(cw * (-eps * dhh / denom), axis=-1)
+    B = cw[..., -1]
+
+    def compose(later, here):  # here o later, for gm_in = A + B gm_end
+        return here[0] + here[1] * later[0], here[1] * later[1]
+
+    Ac, Bc = lax.associative_scan(compose, (A, B), axis=1, reverse=True)
+    gm_in = Ac + Bc * gm_T[:, :, 0]
+    gm_end = jnp.concatenate([gm_in[:, 1:], gm_T[:, :, 0]], axis=1)
+    if GPU_OPTIONS["bwd"] == "split":
+        dq, dk, dv, dg = _gpu_grads_split(p, dh, Cs, ns, m_in4, dCs, dns, gm_end[:, :, None, None], dhh, scale=scale,
+                                          eps=eps, interpret=interpret)
+        return dq, dk, dv, dg, dC0, dn0, gm_in[:, :1, None]
+    if GPU_OPTIONS["bwd"] != "fused":
+        raise ValueError(f"GPU_OPTIONS['bwd'] must be 'fused' or 'split', got {GPU_OPTIONS['bwd']!r}")
+    nb = value_blocks(p.d_qk, p.d_v)
+    sp = _chunk_specs(p, nb)
+    dq, dk, dv, dg = pl.pallas_call(
+        functools.partial(_gpu_grad_kernel, nb=nb, scale=scale, eps=eps, mm=mm), grid=(BH * nb, NC),
+        in_specs=[sp["qk"], sp["qk"], sp["v"], sp["v"], sp["gc"], sp["gr"], sp["C"], sp["n"], sp["m"], sp["C"], sp["n"],
+                  sp["m"]],
+        out_specs=[sp["qk_p"], sp["qk_p"], sp["v"], sp["dg_p"]],
+        out_shape=[jax.ShapeDtypeStruct((BH * nb, NC * L, p.d_qk), F32)] * 2
+        + [jax.ShapeDtypeStruct(p.v.shape, p.v.dtype), jax.ShapeDtypeStruct((BH * nb, NC, 2, L), F32)],
+        compiler_params=_gpu_params(interpret), interpret=interpret,
+    )(p.q, p.k, p.v, dh, p.gcol, p.grow, Cs, ns, m_in4, dCs, dns, gm_end[:, :, None, None])
+    total = lambda a: a.reshape(BH, nb, *a.shape[1:]).sum(axis=1)  # noqa: E731
+    return total(dq), total(dk), dv, total(dg), dC0, dn0, gm_in[:, :1, None]
