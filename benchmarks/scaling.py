@@ -18,7 +18,7 @@ Each run (and each restore) is its own process, so the peak memory is that run's
 ``--baseline FILE`` reuses the one-device runs saved in an earlier ``--out`` (to split a
 long comparison over several commands), ``--no-restore`` skips the restores.
 
-``--tiny`` shrinks every model to d_model 64, 2 layers (vocabulary of the task) and
+``--tiny`` shrinks every model to d_model 64, 2 layers (xLSTM: 4) (vocabulary of the task) and
 simulates 8 CPU devices: a check of the whole path, not a speed measurement.
 """
 
@@ -66,10 +66,11 @@ def make_config(model: str, mesh: dict, args, data_dir: str, steps: int):
 
     c = base_config()
     c.model.preset = model
-    tiny = {**TINY, **({"slstm_at": (1,)} if model.startswith("xlstm") else {})} if args.tiny else {}
-    # Identical blocks (Mamba) run under nn.scan: one compiled block, fast compiles. xLSTM
-    # stacks mix sLSTM and mLSTM blocks, so they stay unrolled.
-    scan = args.scan_layers and not model.startswith("xlstm")
+    # tiny xLSTM: (mLSTM, sLSTM) twice, so the scanned path runs two groups
+    tiny = {**TINY, **({"n_layers": 4, "slstm_at": (1, 3)} if model.startswith("xlstm") else {})} if args.tiny else {}
+    # The blocks run under nn.scan: one compiled block (Mamba) or one compiled group of
+    # blocks (xLSTM: 7 mLSTM blocks and an sLSTM block, repeated), fast compiles.
+    scan = args.scan_layers
     extra = dict(kv.split("=", 1) for kv in args.override)
     extra = {k: int(v) if v.isdigit() else v for k, v in extra.items()}
     c.model.overrides = {"dtype": "bfloat16", "remat": args.remat, "scan_layers": scan, **extra, **tiny}
@@ -89,7 +90,7 @@ def make_config(model: str, mesh: dict, args, data_dir: str, steps: int):
     c.checkpoint.use_async = False
     c.log.every_steps = 1
     c.log.progress_bar = False
-    c.log.console = False
+    c.log.console = True  # a step line per step: a run cut by a time limit still shows how far it got
     c.log.tensorboard = False
     c.release.write = False
     n = mesh["data"] * mesh["fsdp"] * mesh["tensor"]
@@ -177,7 +178,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--scan_layers", action=argparse.BooleanOptionalAction, default=True,
-                    help="nn.scan over identical blocks (ignored for xLSTM's mixed stacks)")
+                    help="nn.scan over the layers (xLSTM: over its repeating groups of mLSTM and sLSTM blocks)")
     ap.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
                     help="model overrides for every run, e.g. chunk_size=128 (integers or strings)")
     ap.add_argument("--restore", action=argparse.BooleanOptionalAction, default=True,

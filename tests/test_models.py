@@ -148,30 +148,48 @@ def test_logit_soft_cap_and_final_norm_variants():
         assert len(v["params"].get("final_norm", {})) == n_params, kind
 
 
-@pytest.mark.parametrize("preset", ["transformer-tiny", "mamba-tiny"])
-def test_scan_layers_equals_the_unrolled_stack(preset):
-    """scan_layers stacks the same parameters on a "layers" axis and computes the same
-    outputs and states, also streamed from a state and with resets."""
+@pytest.mark.parametrize("preset,layers,extra,period", [
+    ("transformer-tiny", 3, {}, 1),
+    ("mamba-tiny", 3, {}, 1),
+    # an sLSTM block every 2nd layer: groups of (mLSTM, sLSTM) blocks, scanned twice
+    ("xlstm-tiny", 4, {"slstm_at": (1, 3)}, 2),
+])
+def test_scan_layers_equals_the_unrolled_stack(preset, layers, extra, period):
+    """scan_layers stacks the same parameters on a "layers" axis (per block of a repeating
+    group) and computes the same outputs and states, also streamed from a state and with
+    resets."""
     tok = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 10)), jnp.int32)
     resets = jnp.zeros((2, 10), bool).at[1, 4].set(True)
-    plain = mnemax.create(preset, n_layers=3)
-    scanned = mnemax.create(preset, n_layers=3, scan_layers=True)
+    plain = mnemax.create(preset, n_layers=layers, **extra)
+    scanned = mnemax.create(preset, n_layers=layers, scan_layers=True, **extra)
     v = plain.init(jax.random.key(0), tok)
     p = nn.meta.unbox(v["params"])
-    blocks = [p.pop(f"block_{i}") for i in range(3)]
-    p["blocks"] = {"block": jax.tree.map(lambda *l: jnp.stack(l), *blocks)}
+    blocks = [p.pop(f"block_{i}") for i in range(layers)]
+    stack = lambda j: jax.tree.map(lambda *l: jnp.stack(l), *blocks[j::period])  # noqa: E731
+    p["blocks"] = {"block": stack(0)} if period == 1 else {f"block_{j}": stack(j) for j in range(period)}
     sv = {"params": p}
     # the scanned model's own init has the same structure
     own = jax.eval_shape(scanned.init, jax.random.key(0), tok)
     assert jax.tree.structure(nn.meta.unbox(own)) == jax.tree.structure(sv)
+    if preset == "xlstm-tiny":  # the sLSTM forget-gate bias init depends on the layer's depth
+        got = nn.meta.unbox(scanned.init(jax.random.key(0), tok)["params"])["blocks"]["block_1"]["slstm"]["bias"]
+        np.testing.assert_allclose(np.asarray(got), np.asarray(p["blocks"]["block_1"]["slstm"]["bias"]), rtol=1e-6)
+        assert not np.allclose(got[0], got[1])
     y0, s0 = plain.apply(v, tok[:, :6], None, resets[:, :6])
     y1, s1 = plain.apply(v, tok[:, 6:], s0, resets[:, 6:])
     z0, t0 = scanned.apply(sv, tok[:, :6], None, resets[:, :6])
     z1, t1 = scanned.apply(sv, tok[:, 6:], t0, resets[:, 6:])
     np.testing.assert_allclose(np.asarray(z0), np.asarray(y0), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(z1), np.asarray(y1), rtol=1e-5, atol=1e-5)
-    for i in range(3):
-        for a, b in zip(jax.tree.leaves(jax.tree.map(lambda l: l[i], t1.blocks)), jax.tree.leaves(s1.blocks[i])):
+    for i in range(layers):
+        layer = t1.blocks if period == 1 else t1.blocks[i % period]
+        for a, b in zip(jax.tree.leaves(jax.tree.map(lambda l: l[i // period], layer)), jax.tree.leaves(s1.blocks[i])):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
     init_state = scanned.initial_state(2)
     assert jax.tree.structure(init_state) == jax.tree.structure(t0)
+
+
+def test_scan_layers_rejects_a_stack_without_a_repeating_group():
+    model = mnemax.create("xlstm-tiny", n_layers=3, slstm_at=(1,), scan_layers=True)
+    with pytest.raises(ValueError, match="period dividing n_layers=3"):
+        model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))

@@ -72,7 +72,10 @@ class ModelConfig:
       dtype, param_dtype: compute and storage dtypes (names, e.g. "bfloat16").
       remat: rematerialise each block in the backward pass.
       scan_layers: run the blocks with ``nn.scan`` (one traced and compiled block for all
-        layers, parameters stacked on a leading "layers" axis); needs identical blocks.
+        layers, parameters stacked on a leading "layers" axis); needs identical blocks,
+        or blocks repeating with a period P dividing n_layers (xLSTM with an sLSTM block
+        every P-th): then each scan step runs one group of P blocks, parameters
+        ``blocks/block_j`` (j < P) stacked over the n_layers / P groups.
       block: the family's keyword arguments.
       preset: the preset this config came from, if any.
     """

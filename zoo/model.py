@@ -15,7 +15,9 @@ Shapes:
     ``pool="mean"`` each step sees the running mean of the features so far), or
     per-step regression outputs ("regress").
   state: ModelState(blocks=tuple of each block's state (with scan_layers: one state
-    pytree stacked on a leading layer axis), pool=PoolState or ()).
+    pytree stacked on a leading layer axis, or for a repeating group of P different
+    blocks a tuple of P such pytrees stacked over the n_layers / P groups, entry j
+    of group g being layer g * P + j), pool=PoolState or ()).
 
 Per-layer outputs: every call sows the residual stream after the embedding and after
 each block into the "intermediates" collection as ``layer_outputs`` (a tuple of
@@ -27,7 +29,7 @@ n_layers + 1 arrays (batch, time, d_model)); read them with
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -62,8 +64,11 @@ class SequenceModel(nn.Module):
     def initial_state(self, batch_size: int) -> ModelState:
         cfg = self.config
         if cfg.scan_layers:
-            one = self._uniform_block().initial_state(batch_size)
-            blocks = jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (cfg.n_layers,) + leaf.shape), one)
+            protos = self._scan_group()
+            groups = cfg.n_layers // len(protos)
+            stack = lambda one: jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (groups,) + leaf.shape), one)  # noqa: E731
+            blocks = [stack(b.initial_state(batch_size)) for b in protos]
+            blocks = blocks[0] if len(protos) == 1 else tuple(blocks)
         else:
             blocks = tuple(b.initial_state(batch_size) for b in self._blocks(parent=None))
         pool: PoolState | tuple = ()
@@ -72,17 +77,24 @@ class SequenceModel(nn.Module):
             pool = PoolState(jnp.zeros((batch_size, cfg.d_model), sdt), jnp.zeros((batch_size,), sdt))
         return ModelState(blocks=blocks, pool=pool)
 
-    def _uniform_block(self):
-        """The block every layer uses (scan_layers needs them identical)."""
+    def _scan_group(self) -> list:
+        """The blocks of one scanned group: the shortest period ``P`` (dividing n_layers)
+        with block ``i + P`` identical to block ``i`` for every ``i`` -- one block when all
+        are identical, e.g. the first 8 for an xLSTM stack with an sLSTM block every 8th."""
         blocks = self._blocks(parent=None)
-        first = _fields(blocks[0])
-        for i, b in enumerate(blocks[1:], 1):
-            if type(b) is not type(blocks[0]) or _fields(b) != first:
-                raise ValueError(
-                    f"scan_layers=True needs identical blocks, but block {i} of family {self.config.family!r} differs "
-                    "from block 0; set scan_layers=False"
-                )
-        return blocks[0]
+        # block_index (the sLSTM forget-bias init's depth) is set per layer inside the scan
+        key = [(type(b), {k: v for k, v in _fields(b).items() if k != "block_index"}) for b in blocks]
+        n = len(blocks)
+        for period in range(1, n + 1):
+            if n % period == 0 and all(key[i] == key[i % period] for i in range(n)):
+                break
+        if period == n and n > 1:
+            kinds = [type(b).__name__ for b in blocks]
+            raise ValueError(
+                f"scan_layers=True needs the blocks of family {self.config.family!r} to repeat with a period dividing "
+                f"n_layers={n} (got the pattern {kinds}); set scan_layers=False"
+            )
+        return blocks[:period]
 
     def _check_inputs(self, inputs):
         cfg = self.config
@@ -166,20 +178,20 @@ class SequenceModel(nn.Module):
         ``layer_outputs`` entry. Returns (x, tuple of the blocks' new states)."""
         cfg = self.config
         if cfg.scan_layers:
-            proto = self._uniform_block()
+            protos = self._scan_group()
             stacked = self.initial_state(x.shape[0]).blocks if block_states is None else block_states
             scanned = nn.scan(
                 _ScanStep,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(0, nn.broadcast),
-                length=cfg.n_layers,
+                in_axes=(0, nn.broadcast, 0),
+                length=cfg.n_layers // len(protos),
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             x, new = scanned(
-                block_cls=type(proto), block_fields=FrozenDict(_fields(proto)), remat=cfg.remat,
-                residual_dtype=jnp.dtype(residual_dt).name, name="blocks",
-            )(x, stacked, resets)
+                block_cls=tuple(type(b) for b in protos), block_fields=tuple(FrozenDict(_fields(b)) for b in protos),
+                remat=cfg.remat, residual_dtype=jnp.dtype(residual_dt).name, name="blocks",
+            )(x, stacked if len(protos) > 1 else (stacked,), resets, jnp.arange(cfg.n_layers // len(protos)))
             # nn.scan returns NamedTuple states as plain tuples: restore the structure
             return x, jax.tree.unflatten(jax.tree.structure(stacked), jax.tree.leaves(new))
         family = get_family(cfg.family)
@@ -196,18 +208,30 @@ class SequenceModel(nn.Module):
 
 
 class _ScanStep(nn.Module):
-    """One layer inside ``nn.scan``: carry the residual stream, scan over the stacked states."""
+    """One group of layers inside ``nn.scan`` (one layer when all blocks are identical):
+    carry the residual stream, scan over the stacked states (a tuple, one per block of
+    the group). The parameters are ``block`` for a one-block group, else ``block_0`` ...
+    A block's ``block_index`` field (it only shapes an init) becomes its layer's index,
+    ``group * P + j``, traced from the scanned ``group``."""
 
-    block_cls: Any
-    block_fields: Any
+    block_cls: tuple
+    block_fields: tuple
     remat: bool = False
     residual_dtype: str = "float32"
 
     @nn.compact
-    def __call__(self, x, state, resets):
-        cls = nn.remat(self.block_cls) if self.remat else self.block_cls
-        y, s = cls(**dict(self.block_fields), name="block")(x, state, resets)
-        return constrain_rows(y.astype(self.residual_dtype)), s
+    def __call__(self, x, states, resets, group):
+        new = []
+        one = len(self.block_cls) == 1
+        for j, (block_cls, fields) in enumerate(zip(self.block_cls, self.block_fields)):
+            cls = nn.remat(block_cls) if self.remat else block_cls
+            fields = dict(fields)
+            if "block_index" in fields:
+                fields["block_index"] = group * len(self.block_cls) + j
+            y, s = cls(**fields, name="block" if one else f"block_{j}")(x, states[j], resets)
+            x = constrain_rows(y.astype(self.residual_dtype))
+            new.append(s)
+        return x, new[0] if one else tuple(new)
 
 
 def _fields(module: nn.Module) -> dict:
