@@ -32,7 +32,7 @@ import subprocess
 import sys
 import traceback
 
-COLUMNS = ["op", "shape", "impl", "fwd_ms", "fwdbwd_ms", "fwdbwd_TFLOPs", "x_peak", "rel_err", "vs_xla", "vs_mlstm_kernels",
+COLUMNS = ["op", "shape", "impl", "fwd_ms", "fwdbwd_ms", "fwdbwd_TFLOPs", "x_peak", "rel_err", "grad_rel_err", "vs_xla", "vs_mlstm_kernels",
            "vs_cudnn", "note", "error"]
 MLSTM_SHAPES = [(8, 8, 8192, 256, 512), (1, 8, 65536, 256, 512)]  # (batch, heads, time, d_qk, d_v)
 SLSTM_SHAPE = (16, 2048, 4, 256)  # batch, time, heads, head_dim (d = 1024)
@@ -156,18 +156,24 @@ def _attempt(row, fn):
 
 
 def _measure(row, fwd, fb, args, ref, flops, peak):
-    """Fills ``row`` with the error against ``ref`` (None: this is the reference), the
-    forward and forward+backward times and the achieved rate; returns the output."""
+    """Fills ``row`` with the errors against ``ref`` (None: this is the reference): the
+    output's (``rel_err``) and the largest over the inputs' gradients (``grad_rel_err``),
+    relative in the 2-norm; then the forward and forward+backward times and the achieved
+    rate. Returns (output, gradients) in float32, the next rows' ``ref``."""
     import jax.numpy as jnp
 
     out = fwd(*args).astype(jnp.float32)
-    ref = out if ref is None else ref
-    row["rel_err"] = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+    grads = [g.astype(jnp.float32) for g in fb(*args)]
+    ref_out, ref_grads = (out, grads) if ref is None else ref
+    rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))  # noqa: E731
+    row["rel_err"] = rel(out, ref_out)
+    row["grad_rel_err"] = max(rel(a, b) for a, b in zip(grads, ref_grads))
+    ref = (out, grads)
     row["fwd_ms"] = _time(fwd, *args) * 1e3
     row["fwdbwd_ms"] = _time(fb, *args) * 1e3
     row["fwdbwd_TFLOPs"] = flops / row["fwdbwd_ms"] / 1e9
     row["x_peak"] = row["fwdbwd_TFLOPs"] * 1e12 / peak
-    return out
+    return ref
 
 
 def mlstm_variants(xla_chunks: str, pallas_configs: str) -> list[tuple]:
@@ -178,18 +184,30 @@ def mlstm_variants(xla_chunks: str, pallas_configs: str) -> list[tuple]:
     for c in filter(None, xla_chunks.split(",")):
         out.append((f"xla(L={c})", "xla", {}, int(c)))
     for cfg in filter(None, pallas_configs.split(",")):
-        cfg, _, bwd = cfg.partition("/")
-        bv, w, *rest = (int(x) for x in cfg.split(":"))
-        L = rest[0] if rest else CHUNK
-        opts, name = {"block_v": bv, "num_warps": w}, f"bv={bv},w={w},L={L}"
-        if bwd:  # the backward variant: fused or split (pallas_mlstm_gpu.GPU_OPTIONS["bwd"])
-            opts["bwd"] = bwd
-            name += f",bwd={bwd}"
-        if len(rest) > 1:  # the state walk's tile and warps
-            opts.update(state_block=rest[1], state_warps=rest[2] if len(rest) > 2 else 4)
-            name += f",sb={rest[1]},sw={opts['state_warps']}"
-        out.append((f"pallas_gpu({name})", "pallas_gpu", opts, L))
+        out.append(pallas_variant(cfg))
     return out
+
+
+def pallas_variant(cfg: str) -> tuple:
+    """``block_v:num_warps[:chunk[:state_block[:state_warps]]][/bwd][+option=value...]`` ->
+    (row name, "pallas_gpu", GPU_OPTIONS changes, chunk size); the ``+`` options are any
+    other GPU_OPTIONS (e.g. ``+fwd=loop+dv=fused+block_k=256``)."""
+    cfg, *extra = cfg.split("+")
+    cfg, _, bwd = cfg.partition("/")
+    bv, w, *rest = (int(x) for x in cfg.split(":"))
+    L = rest[0] if rest else CHUNK
+    opts, name = {"block_v": bv, "num_warps": w}, f"bv={bv},w={w},L={L}"
+    if bwd:  # the backward variant: fused or split (pallas_mlstm_gpu.GPU_OPTIONS["bwd"])
+        opts["bwd"] = bwd
+        name += f",bwd={bwd}"
+    if len(rest) > 1:  # the state walk's tile and warps
+        opts.update(state_block=rest[1], state_warps=rest[2] if len(rest) > 2 else 4)
+        name += f",sb={rest[1]},sw={opts['state_warps']}"
+    for kv in extra:
+        k, _, v = kv.partition("=")
+        opts[k] = int(v) if v.isdigit() else v
+        name += f",{k}={v}"
+    return (f"pallas_gpu({name})", "pallas_gpu", opts, L)
 
 
 def mlstm_rows(peak: float, quick: bool, xla_chunks: str = "", pallas_configs: str = "") -> list[dict]:
@@ -262,10 +280,12 @@ def mlstm_rows(peak: float, quick: bool, xla_chunks: str = "", pallas_configs: s
     return rows
 
 
-def mlstm_stage_rows(peak: float, quick: bool) -> list[dict]:
+def mlstm_stage_rows(peak: float, quick: bool, pallas_configs: str = "") -> list[dict]:
     """The Pallas GPU mLSTM's stages timed one by one (forward: gate scalars, state walk,
-    per-chunk outputs; backward: adjoint walk, per-chunk gradients), so the table says
-    where its time goes. Each stage is jitted alone on inputs produced by the previous."""
+    forward total; backward: the adjoint part (adjoint walk and stabiliser scans), the
+    dq/dk/gates kernel, the dv kernel, backward total), for the default GPU_OPTIONS and
+    each of ``pallas_configs`` (see pallas_variant), so the table says where the time goes.
+    Each stage is jitted alone on inputs produced by the previous."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -274,38 +294,66 @@ def mlstm_stage_rows(peak: float, quick: bool) -> list[dict]:
     from mnemax.kernels import pallas_mlstm_gpu as gpu
 
     rows = []
+    configs = [("pallas_gpu", {}, CHUNK)] + [(n, o, L) for n, _, o, L in map(pallas_variant, filter(None, pallas_configs.split(",")))]
     rng = np.random.default_rng(0)
     for b, h, t, dk, dv in ([(1, 2, 1024, 64, 128)] if quick else MLSTM_SHAPES):
         mk = lambda *s, off=0.0: jnp.asarray(rng.standard_normal(s, np.float32) + off, jnp.bfloat16)  # noqa: E731
         q, k, v, dh = mk(b, h, t, dk), mk(b, h, t, dk), mk(b, h, t, dv), mk(b, h, t, dv)
         i, f = (jnp.asarray(rng.standard_normal((b, h, t)), jnp.float32) + o for o in (0.0, 3.0))
-        p = pm.make_problem("gpu", q, k, v, i, f, None, CHUNK)
-        arrays, static = tuple(p[:5]), tuple(p[5:])  # the ints stay static under jit
-        P = lambda arrs: pm.Problem(*arrs, *static)  # noqa: E731
-        BH = b * h
-        st0 = (jnp.zeros((BH, p.d_qk, p.d_v), jnp.float32), jnp.zeros((BH, 1, p.d_qk), jnp.float32),
-               jnp.zeros((BH, 1, 1), jnp.float32))
-        kw = dict(scale=dk**-0.5, eps=1e-6, interpret=False)
-        scal = jax.jit(lambda arrs: gpu.chunk_scalars(P(arrs), st0[2][:, 0, 0]))
-        walk = jax.jit(lambda arrs, x, y, w_a, c: gpu._gpu_walk(P(arrs), x, y, gpu._coefs(w_a, c, c), st0[0], st0[1],
-                                                                reverse=False, state_dtype=x.dtype, interpret=False))
-        fwd = jax.jit(lambda arrs: gpu.forward(P(arrs), st0, q.dtype, save=True, **kw))
-        bwd = jax.jit(lambda arrs, dh, bounds: gpu.backward(P(arrs), dh, bounds, st0, **kw))
-        dh_p = pm._pad_axis(dh.reshape(BH, t, dv), 1, p.n_chunks * p.L)
         shape = str((b, h, t, dk, dv))
-        try:
-            _, _, w_a, c = scal(arrays)
-            bounds = tuple(fwd(arrays)[4:])
-            # the adjoint walk has the state walk's shapes and work (q for k, dh for v)
-            stages = [("gate scalars (xla)", scal, (arrays,)), ("state walk", walk, (arrays, p.k, p.v, w_a, c)),
-                      ("forward total", fwd, (arrays,)), ("backward total", bwd, (arrays, dh_p, bounds))]
-            for name, fn, args in stages:
-                rows.append({"op": "mlstm stages", "shape": shape, "impl": f"pallas_gpu: {name}",
-                             "fwd_ms": _time(fn, *args) * 1e3})
-                print(rows[-1], flush=True)
-        except Exception as e:  # noqa: BLE001
-            traceback.print_exc()
-            rows.append({"op": "mlstm stages", "shape": shape, "impl": "pallas_gpu", "error": f"{type(e).__name__}: {str(e)[:200]}"})
+        for name, opts, L in configs:
+            saved = dict(gpu.GPU_OPTIONS)
+            gpu.GPU_OPTIONS.update(opts)
+            try:
+                rows += _stages(jax, jnp, pm, gpu, q, k, v, i, f, dh, L, shape, name)
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                rows.append({"op": "mlstm stages", "shape": shape, "impl": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+            finally:
+                gpu.GPU_OPTIONS.clear()
+                gpu.GPU_OPTIONS.update(saved)
+    return rows
+
+
+def _stages(jax, jnp, pm, gpu, q, k, v, i, f, dh, L, shape, name):
+    """The stage rows of one configuration (GPU_OPTIONS already set; fresh jits, so the
+    options are traced in)."""
+    b, h, t, dk = q.shape
+    dv = v.shape[-1]
+    p = pm.make_problem("gpu", q, k, v, i, f, None, L)
+    arrays, static = tuple(p[:5]), tuple(p[5:])  # the ints stay static under jit
+    P = lambda arrs: pm.Problem(*arrs, *static)  # noqa: E731
+    BH = b * h
+    st0 = (jnp.zeros((BH, p.d_qk, p.d_v), jnp.float32), jnp.zeros((BH, 1, p.d_qk), jnp.float32),
+           jnp.zeros((BH, 1, 1), jnp.float32))
+    interpret = jax.default_backend() == "cpu"  # a dry run of the script on CPU (--quick)
+    kw = dict(scale=dk**-0.5, eps=1e-6, interpret=interpret)
+    scal = jax.jit(lambda arrs: gpu.chunk_scalars(P(arrs), st0[2][:, 0, 0]))
+    walk = jax.jit(lambda arrs, x, y, w_a, c: gpu._gpu_walk(P(arrs), x, y, gpu._coefs(w_a, c, c), st0[0], st0[1],
+                                                            reverse=False, state_dtype=x.dtype, interpret=interpret))
+    fwd = jax.jit(lambda arrs: gpu.forward(P(arrs), st0, q.dtype, save=True, **kw))
+    bwd = jax.jit(lambda arrs, dh, bounds: gpu.backward(P(arrs), dh, bounds, st0, **kw))
+    adj = jax.jit(lambda arrs, dh, bounds: gpu.adjoint(P(arrs), dh, bounds, st0, **kw))
+    dqk = jax.jit(lambda arrs, dh, Cs, ns, m4, dCs, dns, gme, dhh: gpu.gpu_dqk(P(arrs), dh, Cs, ns, m4, dCs, dns, gme, dhh,
+                                                                               **kw))
+    dvk = jax.jit(lambda arrs, dh, ns, m4, dCs: gpu.gpu_dv(P(arrs), dh, ns, m4, dCs, **kw))
+    dh_p = pm._pad_axis(dh.reshape(BH, t, dv), 1, p.n_chunks * p.L)
+    _, _, w_a, c = scal(arrays)
+    bounds = tuple(fwd(arrays)[4:])
+    stages = [("gate scalars (xla)", scal, (arrays,)), ("state walk", walk, (arrays, p.k, p.v, w_a, c)),
+              ("forward total", fwd, (arrays,)), ("backward total", bwd, (arrays, dh_p, bounds))]
+    if gpu.GPU_OPTIONS["bwd"] == "split":
+        dCs, dns, _, _, _, gm_end, dhh = adj(arrays, dh_p, bounds)
+        Cs, ns, m4 = bounds[:3]
+        stages += [("bwd: adjoint walk + scans", adj, (arrays, dh_p, bounds)),
+                   ("bwd: dq/dk/gates kernel" + (" (+dv)" if gpu.GPU_OPTIONS["dv"] == "fused" else ""), dqk,
+                    (arrays, dh_p, Cs, ns, m4, dCs, dns, gm_end, dhh))]
+        if gpu.GPU_OPTIONS["dv"] != "fused":
+            stages.append(("bwd: dv kernel", dvk, (arrays, dh_p, ns, m4, dCs)))
+    rows = []
+    for stage, fn, args in stages:
+        rows.append({"op": "mlstm stages", "shape": shape, "impl": f"{name}: {stage}", "fwd_ms": _time(fn, *args) * 1e3})
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -358,14 +406,20 @@ def main():
     p.add_argument("--pallas_configs", default="",
                    help="extra Pallas GPU mLSTM settings block_v:num_warps[:chunk[:state_block[:state_warps]]][/fused|/split], "
                         "e.g. 64:4,128:8,64:8:128:32:4,32:4/split")
+    p.add_argument("--stage_configs", default="", help="Pallas settings (as --pallas_configs) whose stages "
+                   "--ops mlstm_stages times besides the defaults")
+    p.add_argument("--shapes", default="", help="which mLSTM shapes (indices into MLSTM_SHAPES, e.g. 0): default all")
     args = p.parse_args()
+    if args.shapes:
+        MLSTM_SHAPES[:] = [MLSTM_SHAPES[int(j)] for j in args.shapes.split(",")]
     env = environment()
     print(env, flush=True)
     peak = matmul_rate()
     print(f"bf16 matmul: {peak / 1e12:.1f} TFLOP/s", flush=True)
     rows = []
     for op in args.ops.split(","):
-        extra = {"xla_chunks": args.xla_chunks, "pallas_configs": args.pallas_configs} if op == "mlstm" else {}
+        extra = ({"xla_chunks": args.xla_chunks, "pallas_configs": args.pallas_configs} if op == "mlstm"
+                 else {"pallas_configs": args.stage_configs} if op == "mlstm_stages" else {})
         rows += SECTIONS[op](peak, args.quick, **extra)
         save({"env": env, "matmul_flops": peak, "rows": rows}, "kernels_xlstm.json")
         print(table(rows, COLUMNS), flush=True)

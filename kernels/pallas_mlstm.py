@@ -50,12 +50,14 @@ chunk bounds        (d_qk, d_v) per chunk        (d_qk, d_v / nb) per per-chunk 
 
 On GPU the columns of C are independent given q, k and the gates, so ``nb`` per-chunk
 programs (:func:`value_blocks`, ``GPU_OPTIONS["block_v"]``) share one chunk: each
-recomputes the (L, L) weights for its slice of value columns. The default ("fused")
-backward is linear in the cotangents, so each takes its columns of dh and dC (block 0
-also dn and dm) and the programs' dq, dk and gate partials are summed. The "split"
-backward (``GPU_OPTIONS["bwd"]``) instead gives each (row, key block, chunk) one program
-that loops over the value blocks for dq, dk and the gates, and each (row, value block,
-chunk) one for dv.
+recomputes the (L, L) weights for its slice of value columns (``GPU_OPTIONS["fwd"] =
+"loop"``: one program per chunk loops over the slices instead). The default ("split")
+backward gives each (row, key block, chunk) one program that loops over the value
+blocks for dq, dk and the gates, and dv its own kernel (or the same loop, ``"dv"``).
+The "fused" backward (``GPU_OPTIONS["bwd"]``) is linear in the cotangents, so each
+value-block program takes its columns of dh and dC (block 0 also dn and dm) and the
+programs' dq, dk and gate partials are summed (3.4x slower at d_qk 256 / d_v 512 on an
+H200: benchmarks/RESULTS.md).
 
 ``L`` is ``chunk_size`` (rounded to a multiple of 8 on TPU, a power of two >= 16 on
 GPU, and never more than the padded length). TPU grid: (batch*heads "parallel",

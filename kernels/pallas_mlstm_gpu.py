@@ -56,21 +56,25 @@ from .pallas_mlstm import (
 # chunk) recomputes its chunk and writes dq, dk, dv and the gate gradients, in parallel.
 
 # num_warps / num_stages of the per-chunk kernels; block_v: value columns per per-chunk
-# program (None: the largest power of two <= d_v with d_qk * block_v <= 8192); state_block:
+# program (None: the largest power of two <= d_v with d_qk * block_v <= 16384); state_block:
 # the (d_qk, d_v) tile of one state-walk program (state_warps warps).
+# fwd: "grid" -- one output program per (row, d_v block, chunk), each recomputing the
+# chunk's scores; "loop" -- one per (row, chunk), scores once, a loop over the d_v blocks.
 # bwd: "fused" -- one program per (row, d_v block, chunk) for all gradients, partials of dq,
-# dk and the gates summed afterwards (measured, see benchmarks/RESULTS.md); "split" -- one
-# program per (row, d_qk block of block_k, chunk) for dq, dk and the gates, looping over the
-# value blocks (nothing recomputed per value block, no dq/dk partials), and one per (row,
-# d_v block, chunk) for dv (not yet timed on a GPU).
-GPU_OPTIONS = {"num_warps": 4, "num_stages": 1, "block_v": None, "state_block": 64, "state_warps": 4, "bwd": "fused",
-               "block_k": 64}
+# dk and the gates summed afterwards; "split" -- one program per (row, d_qk block of
+# block_k, chunk) for dq, dk and the gates, looping over the value blocks (nothing
+# recomputed per value block, no dq/dk partials), and dv by ``dv``: "grid" -- one program
+# per (row, d_v block, chunk); "loop" -- one per (row, chunk) looping over the d_v blocks;
+# "fused" -- inside the dq/dk program's value loop (needs block_k >= d_qk: one key block).
+# Defaults: the fastest measured on an H200 at d_qk 256 / d_v 512 (benchmarks/RESULTS.md).
+GPU_OPTIONS = {"num_warps": 4, "num_stages": 1, "block_v": None, "state_block": 64, "state_warps": 4, "bwd": "split",
+               "block_k": 64, "fwd": "grid", "dv": "grid"}
 COEF_COLS = 4  # state-walk coefficients per step: key/query weight, w_a (chunk), n weight, 0
 
 
 def value_blocks(d_qk: int, d_v: int) -> int:
     """How many per-chunk programs split one row's (padded, power-of-two) ``d_v`` columns."""
-    bv = GPU_OPTIONS["block_v"] or max(16, 8192 // d_qk)
+    bv = GPU_OPTIONS["block_v"] or max(16, 16384 // d_qk)
     return max(1, d_v // min(d_v, 1 << (max(16, bv).bit_length() - 1)))
 
 
@@ -172,6 +176,28 @@ def _gpu_out_kernel(q_r, k_r, v_r, gc_r, gr_r, C_r, n_r, m_r, h_r, st_r, *, scal
     st_r[3:4, :] = _col_to_row((x.log_a >= x.intra).astype(F32), L)
 
 
+def _gpu_out_loop_kernel(q_r, k_r, v_r, gc_r, gr_r, C_r, n_r, m_r, h_r, st_r, *, nv, bv, scale, eps, mm):
+    """One chunk's outputs for all value columns: the scores once, then a loop over the
+    ``nv`` blocks of ``bv`` value columns."""
+    L = q_r.shape[0]
+    gc, gr = _gates_from_refs(gc_r, gr_r)
+    x = _weights(gc, gr, m_r[...], L)
+    qs, s, den, denom = _scores(q_r[...], k_r[...], n_r[...], x, scale=scale, eps=eps, mm=mm)
+    s_mm, qs_mm = s.astype(mm), qs.astype(mm)
+
+    def block(j, carry):
+        vc = pl.ds(pl.multiple_of(j * bv, bv), bv)
+        num = _dot(s_mm, v_r[:, vc], mm) + x.w * _dot(qs_mm, C_r[:, vc], mm)
+        h_r[:, vc] = (num / denom).astype(h_r.dtype)
+        return carry
+
+    lax.fori_loop(0, nv, block, 0)
+    st_r[0:1, :] = _col_to_row(x.m, L)
+    st_r[1:2, :] = _col_to_row(den, L)
+    st_r[2:3, :] = _col_to_row(x.w, L)
+    st_r[3:4, :] = _col_to_row((x.log_a >= x.intra).astype(F32), L)
+
+
 def _gpu_grad_kernel(q_r, k_r, v_r, dh_r, gc_r, gr_r, C_r, n_r, m_r, dC_r, dn_r, gm_r, dq_r, dk_r, dv_r, dg_r, *, nb,
                      scale, eps, mm):
     # Linear in the cotangents: the d_v block programs split dh and dC by columns; dn and
@@ -191,11 +217,12 @@ def _core(q_r, k_r, n_r, gc, gr, m_in, *, scale, eps, mm):
     return (x,) + _scores(q_r[...], k_r[...], n_r[...], x, scale=scale, eps=eps, mm=mm)
 
 
-def _gpu_dqk_kernel(q_r, k_r, v_r, dh_r, gc_r, gr_r, C_r, n_r, m_r, dC_r, dn_r, gm_r, aux_r, dq_r, dk_r, dg_r, *,
+def _gpu_dqk_kernel(q_r, k_r, v_r, dh_r, gc_r, gr_r, C_r, n_r, m_r, dC_r, dn_r, gm_r, aux_r, dq_r, dk_r, dg_r, *dv_r,
                     nk, bk, nv, bv, scale, eps, mm):
     """dq, dk (columns kb*bk ...) and this block's share of the gate gradients for one chunk:
     bwd_chunk's algebra with the sums over d_v done in a loop over value blocks and the
-    sums over d_qk split by key blocks (the d_qk-independent terms go to block 0)."""
+    sums over d_qk split by key blocks (the d_qk-independent terms go to block 0). With
+    ``dv_r`` (one key block: nk == 1) the loop also writes dv."""
     L = q_r.shape[0]
     kb = pl.program_id(0) % nk
     first = (kb == 0).astype(F32)
@@ -207,11 +234,15 @@ def _gpu_dqk_kernel(q_r, k_r, v_r, dh_r, gc_r, gr_r, C_r, n_r, m_r, dC_r, dn_r, 
     last = lax.broadcasted_iota(jnp.int32, (L, 1), 0) == L - 1
     gm_row = first * (-eps * dhh / denom + jnp.where(last, gm_r[...], 0.0))
 
+    q_kb, k_kb = q_r[:, cols].astype(F32) * scale, k_r[:, cols]
+
     def over_values(j, acc):
         G, CQ, Y, Ea = acc
         vc = pl.ds(pl.multiple_of(j * bv, bv), bv)
         v, dnum = v_r[:, vc], dh_r[:, vc].astype(F32) / denom
         C, dC = C_r[cols, vc], dC_r[cols, vc]
+        if dv_r:  # nk == 1: k_kb and dC span all of d_qk
+            dv_r[0][:, vc] = (_dot_tn(s, dnum, mm) + x.c * _dot(k_kb, dC, mm)).astype(dv_r[0].dtype)
         return (G + _dot_nt(dnum, v, mm), CQ + _dot_nt(dnum, C, mm), Y + _dot_nt(v, dC, mm),
                 Ea + jnp.sum(jnp.sum(C.astype(F32) * dC.astype(F32), axis=1, keepdims=True), axis=0, keepdims=True))
 
@@ -220,7 +251,6 @@ def _gpu_dqk_kernel(q_r, k_r, v_r, dh_r, gc_r, gr_r, C_r, n_r, m_r, dC_r, dn_r, 
     G = G + dden
     P = s * G
     dG = x.d * G
-    q_kb, k_kb = q_r[:, cols].astype(F32) * scale, k_r[:, cols]
     n_kb, dn_kb = n_r[:, cols], dn_r[:, cols]
     carry_q = x.w * (CQ + dden * n_kb)
     dq_r[...] = ((_dot(dG, k_kb, mm) + carry_q) * scale).astype(dq_r.dtype)
@@ -253,35 +283,82 @@ def _gpu_dv_kernel(q_r, k_r, dh_r, gc_r, gr_r, n_r, m_r, dC_r, dv_r, *, scale, e
     dv_r[...] = (_dot_tn(s, dnum, mm) + x.c * _dot(k_r[...], dC_r[...], mm)).astype(dv_r.dtype)
 
 
-def _gpu_grads_split(p: Problem, dh, Cs, ns, m_in4, dCs, dns, gm_end, dhh, *, scale, eps, interpret):
-    """The "split" backward's per-chunk kernels (see GPU_OPTIONS): (dq, dk, dv, dg)."""
-    BH, NC, L = p.q.shape[0], p.n_chunks, p.L
-    mm = _mm_dtype(p.q.dtype)
+def _gpu_dv_loop_kernel(q_r, k_r, dh_r, gc_r, gr_r, n_r, m_r, dC_r, dv_r, *, nv, bv, scale, eps, mm):
+    """dv for one chunk, all value columns: the scores once, a loop over the value blocks."""
+    gc, gr = _gates_from_refs(gc_r, gr_r)
+    x, _, s, _, denom = _core(q_r, k_r, n_r, gc, gr, m_r[...], scale=scale, eps=eps, mm=mm)
+    s_mm, k_mm = s.astype(mm), k_r[...].astype(mm)
+
+    def block(j, carry):
+        vc = pl.ds(pl.multiple_of(j * bv, bv), bv)
+        dnum = dh_r[:, vc].astype(F32) / denom
+        dv_r[:, vc] = (_dot_tn(s_mm, dnum, mm) + x.c * _dot(k_mm, dC_r[:, vc], mm)).astype(dv_r.dtype)
+        return carry
+
+    lax.fori_loop(0, nv, block, 0)
+
+
+def _split_layout(p: Problem):
+    """(nk, bk, nb, bv): key blocks and value blocks of the split backward."""
     bk = min(p.d_qk, GPU_OPTIONS["block_k"])
-    nk = p.d_qk // bk
     nb = value_blocks(p.d_qk, p.d_v)
-    bv = p.d_v // nb
+    return p.d_qk // bk, bk, nb, p.d_v // nb
+
+
+def gpu_dqk(p: Problem, dh, Cs, ns, m_in4, dCs, dns, gm_end, dhh, *, scale, eps, interpret):
+    """The split backward's dq/dk/gates kernel: (dq, dk, dg) or, with ``GPU_OPTIONS["dv"]
+    == "fused"``, (dq, dk, dg, dv)."""
+    BH, NC, L = p.q.shape[0], p.n_chunks, p.L
+    nk, bk, nb, bv = _split_layout(p)
+    with_dv = GPU_OPTIONS["dv"] == "fused"
+    if with_dv and nk != 1:
+        raise ValueError(f"GPU_OPTIONS['dv'] = 'fused' needs one key block (block_k >= d_qk = {p.d_qk}), "
+                         f"got block_k {GPU_OPTIONS['block_k']}")
     whole = lambda *sh: pl.BlockSpec((None, *sh), lambda b, c: (b // nk, c) + (0,) * (len(sh) - 1))  # noqa: E731
     chunk = lambda *sh: pl.BlockSpec((None, None, *sh), lambda b, c: (b // nk, c) + (0,) * len(sh))  # noqa: E731
     kcols = pl.BlockSpec((None, L, bk), lambda b, c: (b // nk, c, b % nk))
     aux = jnp.pad(dhh[..., None], ((0, 0), (0, 0), (0, 0), (0, GATE_ROWS - 1)))  # (BH, NC, L, 8): dhh in column 0
-    dq, dk, dg = pl.pallas_call(
-        functools.partial(_gpu_dqk_kernel, nk=nk, bk=bk, nv=nb, bv=bv, scale=scale, eps=eps, mm=mm),
+    out_specs = [kcols, kcols, pl.BlockSpec((None, None, 2, L), lambda b, c: (b, c, 0, 0))]
+    out_shape = [jax.ShapeDtypeStruct((BH, NC * L, p.d_qk), F32)] * 2 + [jax.ShapeDtypeStruct((BH * nk, NC, 2, L), F32)]
+    if with_dv:
+        out_specs.append(whole(L, p.d_v))
+        out_shape.append(jax.ShapeDtypeStruct(p.v.shape, p.v.dtype))
+    return pl.pallas_call(
+        functools.partial(_gpu_dqk_kernel, nk=nk, bk=bk, nv=nb, bv=bv, scale=scale, eps=eps, mm=_mm_dtype(p.q.dtype)),
         grid=(BH * nk, NC),
         in_specs=[whole(L, p.d_qk), whole(L, p.d_qk), whole(L, p.d_v), whole(L, p.d_v), chunk(L, GATE_ROWS),
                   chunk(GATE_ROWS, L), chunk(p.d_qk, p.d_v), chunk(1, p.d_qk), chunk(1, 1), chunk(p.d_qk, p.d_v),
                   chunk(1, p.d_qk), chunk(1, 1), chunk(L, GATE_ROWS)],
-        out_specs=[kcols, kcols, pl.BlockSpec((None, None, 2, L), lambda b, c: (b, c, 0, 0))],
-        out_shape=[jax.ShapeDtypeStruct((BH, NC * L, p.d_qk), F32)] * 2 + [jax.ShapeDtypeStruct((BH * nk, NC, 2, L), F32)],
-        compiler_params=_gpu_params(interpret), interpret=interpret,
+        out_specs=out_specs, out_shape=out_shape, compiler_params=_gpu_params(interpret), interpret=interpret,
     )(p.q, p.k, p.v, dh, p.gcol, p.grow, Cs, ns, m_in4, dCs, dns, gm_end, aux)
-    sp = _chunk_specs(p, nb)
-    dv = pl.pallas_call(
-        functools.partial(_gpu_dv_kernel, scale=scale, eps=eps, mm=mm), grid=(BH * nb, NC),
+
+
+def gpu_dv(p: Problem, dh, ns, m_in4, dCs, *, scale, eps, interpret):
+    """The split backward's dv kernel ("grid" or "loop", see GPU_OPTIONS)."""
+    BH, NC = p.q.shape[0], p.n_chunks
+    mm = _mm_dtype(p.q.dtype)
+    _, _, nb, bv = _split_layout(p)
+    loop = GPU_OPTIONS["dv"] == "loop"
+    sp = _chunk_specs(p, 1 if loop else nb)
+    kernel = (functools.partial(_gpu_dv_loop_kernel, nv=nb, bv=bv, scale=scale, eps=eps, mm=mm) if loop
+              else functools.partial(_gpu_dv_kernel, scale=scale, eps=eps, mm=mm))
+    return pl.pallas_call(
+        kernel, grid=(BH * (1 if loop else nb), NC),
         in_specs=[sp["qk"], sp["qk"], sp["v"], sp["gc"], sp["gr"], sp["n"], sp["m"], sp["C"]],
         out_specs=sp["v"], out_shape=jax.ShapeDtypeStruct(p.v.shape, p.v.dtype),
         compiler_params=_gpu_params(interpret), interpret=interpret,
     )(p.q, p.k, dh, p.gcol, p.grow, ns, m_in4, dCs)
+
+
+def _gpu_grads_split(p: Problem, dh, Cs, ns, m_in4, dCs, dns, gm_end, dhh, *, scale, eps, interpret):
+    """The "split" backward's per-chunk kernels (see GPU_OPTIONS): (dq, dk, dv, dg)."""
+    if GPU_OPTIONS["dv"] not in ("grid", "loop", "fused"):
+        raise ValueError(f"GPU_OPTIONS['dv'] must be 'grid', 'loop' or 'fused', got {GPU_OPTIONS['dv']!r}")
+    BH, NC, L = p.q.shape[0], p.n_chunks, p.L
+    nk = _split_layout(p)[0]
+    out = gpu_dqk(p, dh, Cs, ns, m_in4, dCs, dns, gm_end, dhh, scale=scale, eps=eps, interpret=interpret)
+    dq, dk, dg = out[:3]
+    dv = out[3] if len(out) > 3 else gpu_dv(p, dh, ns, m_in4, dCs, scale=scale, eps=eps, interpret=interpret)
     return dq, dk, dv, dg.reshape(BH, nk, NC, 2, L).sum(axis=1)
 
 
@@ -307,10 +384,15 @@ def forward(p: Problem, state, out_dtype, *, scale, eps, save, interpret):
     Cs, ns, C_T, n_T = _gpu_walk(p, p.k, p.v, _coefs(w_a, c, c), C0, n0, reverse=False, state_dtype=mm,
                                  interpret=interpret)
     nb = value_blocks(p.d_qk, p.d_v)
-    sp = _chunk_specs(p, nb)
     m_in4 = m_in[:, :, None, None]
+    if GPU_OPTIONS["fwd"] not in ("grid", "loop"):
+        raise ValueError(f"GPU_OPTIONS['fwd'] must be 'grid' or 'loop', got {GPU_OPTIONS['fwd']!r}")
+    loop = GPU_OPTIONS["fwd"] == "loop"
+    sp = _chunk_specs(p, 1 if loop else nb)
+    kernel = (functools.partial(_gpu_out_loop_kernel, nv=nb, bv=p.d_v // nb, scale=scale, eps=eps, mm=mm) if loop
+              else functools.partial(_gpu_out_kernel, scale=scale, eps=eps, mm=mm))
     h, stats = pl.pallas_call(
-        functools.partial(_gpu_out_kernel, scale=scale, eps=eps, mm=mm), grid=(BH * nb, NC),
+        kernel, grid=(BH * (1 if loop else nb), NC),
         in_specs=[sp["qk"], sp["qk"], sp["v"], sp["gc"], sp["gr"], sp["C"], sp["n"], sp["m"]],
         out_specs=[sp["v"], sp["st"]],  # stats: every d_v block writes the same values
         out_shape=[jax.ShapeDtypeStruct((BH, NC * L, p.d_v), out_dtype),
@@ -324,6 +406,34 @@ def forward(p: Problem, state, out_dtype, *, scale, eps, save, interpret):
 
 
 def backward(p: Problem, dh, bounds, dstate, *, scale, eps, interpret):
+    Cs, ns, m_in4 = bounds[:3]
+    dCs, dns, dC0, dn0, gm_in, gm_end, dhh = adjoint(p, dh, bounds, dstate, scale=scale, eps=eps, interpret=interpret)
+    if GPU_OPTIONS["bwd"] == "split":
+        dq, dk, dv, dg = _gpu_grads_split(p, dh, Cs, ns, m_in4, dCs, dns, gm_end, dhh, scale=scale,
+                                          eps=eps, interpret=interpret)
+        return dq, dk, dv, dg, dC0, dn0, gm_in[:, :1, None]
+    if GPU_OPTIONS["bwd"] != "fused":
+        raise ValueError(f"GPU_OPTIONS['bwd'] must be 'fused' or 'split', got {GPU_OPTIONS['bwd']!r}")
+    BH, NC = p.q.shape[0], p.n_chunks
+    nb = value_blocks(p.d_qk, p.d_v)
+    sp = _chunk_specs(p, nb)
+    dq, dk, dv, dg = pl.pallas_call(
+        functools.partial(_gpu_grad_kernel, nb=nb, scale=scale, eps=eps, mm=_mm_dtype(p.q.dtype)), grid=(BH * nb, NC),
+        in_specs=[sp["qk"], sp["qk"], sp["v"], sp["v"], sp["gc"], sp["gr"], sp["C"], sp["n"], sp["m"], sp["C"], sp["n"],
+                  sp["m"]],
+        out_specs=[sp["qk_p"], sp["qk_p"], sp["v"], sp["dg_p"]],
+        out_shape=[jax.ShapeDtypeStruct((BH * nb, NC * p.L, p.d_qk), F32)] * 2
+        + [jax.ShapeDtypeStruct(p.v.shape, p.v.dtype), jax.ShapeDtypeStruct((BH * nb, NC, 2, p.L), F32)],
+        compiler_params=_gpu_params(interpret), interpret=interpret,
+    )(p.q, p.k, p.v, dh, p.gcol, p.grow, Cs, ns, m_in4, dCs, dns, gm_end)
+    total = lambda a: a.reshape(BH, nb, *a.shape[1:]).sum(axis=1)  # noqa: E731
+    return total(dq), total(dk), dv, total(dg), dC0, dn0, gm_in[:, :1, None]
+
+
+def adjoint(p: Problem, dh, bounds, dstate, *, scale, eps, interpret):
+    """The backward's sequential part: the adjoint walk (each chunk's end-state gradient
+    dCs, dns; the initial state's dC0, dn0) and the stabiliser gradients gm_in / gm_end
+    (BH, NC) by an associative scan; also dhh = dh . h (BH, NC, L)."""
     BH, NC, L = p.q.shape[0], p.n_chunks, p.L
     mm = _mm_dtype(p.q.dtype)
     Cs, ns, m_in4, w_a, stats, h = bounds
@@ -346,22 +456,4 @@ def backward(p: Problem, dh, bounds, dstate, *, scale, eps, interpret):
     Ac, Bc = lax.associative_scan(compose, (A, B), axis=1, reverse=True)
     gm_in = Ac + Bc * gm_T[:, :, 0]
     gm_end = jnp.concatenate([gm_in[:, 1:], gm_T[:, :, 0]], axis=1)
-    if GPU_OPTIONS["bwd"] == "split":
-        dq, dk, dv, dg = _gpu_grads_split(p, dh, Cs, ns, m_in4, dCs, dns, gm_end[:, :, None, None], dhh, scale=scale,
-                                          eps=eps, interpret=interpret)
-        return dq, dk, dv, dg, dC0, dn0, gm_in[:, :1, None]
-    if GPU_OPTIONS["bwd"] != "fused":
-        raise ValueError(f"GPU_OPTIONS['bwd'] must be 'fused' or 'split', got {GPU_OPTIONS['bwd']!r}")
-    nb = value_blocks(p.d_qk, p.d_v)
-    sp = _chunk_specs(p, nb)
-    dq, dk, dv, dg = pl.pallas_call(
-        functools.partial(_gpu_grad_kernel, nb=nb, scale=scale, eps=eps, mm=mm), grid=(BH * nb, NC),
-        in_specs=[sp["qk"], sp["qk"], sp["v"], sp["v"], sp["gc"], sp["gr"], sp["C"], sp["n"], sp["m"], sp["C"], sp["n"],
-                  sp["m"]],
-        out_specs=[sp["qk_p"], sp["qk_p"], sp["v"], sp["dg_p"]],
-        out_shape=[jax.ShapeDtypeStruct((BH * nb, NC * L, p.d_qk), F32)] * 2
-        + [jax.ShapeDtypeStruct(p.v.shape, p.v.dtype), jax.ShapeDtypeStruct((BH * nb, NC, 2, L), F32)],
-        compiler_params=_gpu_params(interpret), interpret=interpret,
-    )(p.q, p.k, p.v, dh, p.gcol, p.grow, Cs, ns, m_in4, dCs, dns, gm_end[:, :, None, None])
-    total = lambda a: a.reshape(BH, nb, *a.shape[1:]).sum(axis=1)  # noqa: E731
-    return total(dq), total(dk), dv, total(dg), dC0, dn0, gm_in[:, :1, None]
+    return dCs, dns, dC0, dn0, gm_in, gm_end[:, :, None, None], dhh

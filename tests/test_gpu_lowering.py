@@ -40,15 +40,20 @@ def _arr(rng, shape, dtype=jnp.float32, scale=1.0, offset=0.0):
     return jnp.asarray(offset + scale * rng.standard_normal(shape), dtype)
 
 
-@pytest.mark.parametrize("bwd,kernels", [("fused", 4), ("split", 5)])
+@pytest.mark.parametrize("options,kernels", [
+    ({"bwd": "fused"}, 4), ({"bwd": "split"}, 5), ({"bwd": "split", "fwd": "loop", "dv": "loop"}, 5),
+    ({"bwd": "split", "dv": "fused", "block_k": 64}, 4),
+], ids=["fused", "split", "loops", "dv_fused"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_mlstm_gpu_kernels_lower(hopper, monkeypatch, dtype, bwd, kernels):
+def test_mlstm_gpu_kernels_lower(hopper, monkeypatch, dtype, options, kernels):
     """Forward: state walk + per-chunk outputs; backward: adjoint walk + per-chunk gradients
-    (fused: one kernel; split: dq/dk/gates per key block and dv per value block), at a
-    split of the value columns (d_v 256: 4 per-chunk programs) and resets."""
+    (fused: one kernel; split: dq/dk/gates per key block and dv per value block, or dv in
+    the dq/dk kernel), at a split of the value columns (d_v 256: 4 value blocks) and resets."""
     from mnemax.kernels import pallas_mlstm_gpu
 
-    monkeypatch.setitem(pallas_mlstm_gpu.GPU_OPTIONS, "bwd", bwd)
+    monkeypatch.setitem(pallas_mlstm_gpu.GPU_OPTIONS, "block_v", 64)
+    for key, value in options.items():
+        monkeypatch.setitem(pallas_mlstm_gpu.GPU_OPTIONS, key, value)
     rng = np.random.default_rng(0)
     B, H, T, dk, dv = 1, 2, 200, 64, 256
     q, k = _arr(rng, (B, H, T, dk), dtype), _arr(rng, (B, H, T, dk), dtype)

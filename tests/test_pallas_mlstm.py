@@ -171,12 +171,38 @@ def test_pallas_gpu_mlstm_split_backward(monkeypatch, case):
     assert max(grad_err.values()) <= tol[1], grad_err
 
 
-def test_pallas_gpu_mlstm_unknown_backward_option(monkeypatch):
+@pytest.mark.parametrize("options", [
+    {"bwd": "fused"},  # one gradient program per (row, value block, chunk), partials summed
+    {"fwd": "loop", "dv": "loop"},  # one program per (row, chunk) looping over the value blocks
+    {"dv": "fused", "block_k": 32},  # dv inside the dq/dk program (one key block: d_qk 24 pads to 32)
+])
+def test_pallas_gpu_mlstm_kernel_variants(monkeypatch, options):
+    """Each GPU kernel layout (GPU_OPTIONS) at 4 value blocks of 16 (d_v 48 pads to 64), with
+    an incoming state, resets and an odd length, equals the reference."""
     from mnemax.kernels import pallas_mlstm_gpu
 
-    monkeypatch.setitem(pallas_mlstm_gpu.GPU_OPTIONS, "bwd", "fast")
-    args = _inputs(1, 1, 1, 16, 8, 8, with_state=False, reset_rate=0.0)
-    with pytest.raises(ValueError, match="GPU_OPTIONS\\['bwd'\\] must be 'fused' or 'split', got 'fast'"):
+    monkeypatch.setitem(pallas_mlstm_gpu.GPU_OPTIONS, "block_v", 16)
+    for key, value in options.items():
+        monkeypatch.setitem(pallas_mlstm_gpu.GPU_OPTIONS, key, value)
+    case = _inputs(19, 2, 2, 37, 24, 48, with_state=True, reset_rate=0.1)
+    _, _, out_err, grad_err = _errors("pallas_gpu", case, 16)
+    assert max(out_err.values()) <= 1e-4, out_err
+    assert max(grad_err.values()) <= 1e-3, grad_err
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"bwd": "fast"}, "GPU_OPTIONS\\['bwd'\\] must be 'fused' or 'split', got 'fast'"),
+    ({"fwd": "fast"}, "GPU_OPTIONS\\['fwd'\\] must be 'grid' or 'loop', got 'fast'"),
+    ({"dv": "fast"}, "GPU_OPTIONS\\['dv'\\] must be 'grid', 'loop' or 'fused', got 'fast'"),
+    ({"dv": "fused", "block_k": 8}, "needs one key block \\(block_k >= d_qk = 16\\), got block_k 8"),
+])
+def test_pallas_gpu_mlstm_unknown_kernel_option(monkeypatch, options, message):
+    from mnemax.kernels import pallas_mlstm_gpu
+
+    for key, value in options.items():
+        monkeypatch.setitem(pallas_mlstm_gpu.GPU_OPTIONS, key, value)
+    args = _inputs(1, 1, 1, 16, 16, 8, with_state=False, reset_rate=0.0)
+    with pytest.raises(ValueError, match=message):
         _errors("pallas_gpu", args, 8)
 
 
