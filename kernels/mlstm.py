@@ -269,6 +269,9 @@ def _parallel(q, k, v, i, f, state, resets, *, chunk_size, eps, scale):
     s = jnp.einsum("bhtd,bhsd->bhts", qs, k) * d
     num = jnp.einsum("bhts,bhsv->bhtv", s, v) + w[..., None] * jnp.einsum("bhtd,bhdv->bhtv", qs, state.C)
     den = jnp.sum(s, axis=-1) + w * jnp.einsum("bhtd,bhd->bht", qs, state.n)
+    # XLA:CPU (jax 0.11.2) miscompiles the division fused onto the einsums above for
+    # several heads at T >= 1024 (outputs ~1e30, each head alone is right): keep num whole.
+    num = lax.optimization_barrier(num)
     h = _normalise(num, den, m, eps)
     d_last, w_last = d[..., -1, :], w[..., -1]
     C = w_last[..., None, None] * state.C + jnp.einsum("bhs,bhsd,bhsv->bhdv", d_last, k, v)
@@ -282,6 +285,44 @@ def _parallel(q, k, v, i, f, state, resets, *, chunk_size, eps, scale):
 def _chunk(x, n_chunks, length):
     """(B, H, T, ...) -> (B, H, NC, L, ...)."""
     return x.reshape(x.shape[:2] + (n_chunks, length) + x.shape[3:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def _einsum_mm(spec, a, b, mm):
+    """``einsum(spec, a, b)`` on operands rounded to ``mm``, accumulated in float32 (float64 for float64).
+
+    The cotangents of ``a`` and ``b`` are computed the same way (``mm`` operands, float32
+    accumulation) and returned in a's and b's own dtypes. (Autodiff through ``a.astype(mm)``
+    would instead round each cotangent to ``mm`` before the cotangents of a value used
+    several times are summed: with bf16 inputs that made the chunkwise form's gradients of
+    q, k and the gates 7% off the float32 ones at d_qk 256 / d_v 512.) ``spec`` is "X,Y->Z"
+    with every index of X in Y or Z and every index of Y in X or Z.
+    """
+    return jnp.einsum(spec, a.astype(mm), b.astype(mm), preferred_element_type=_acc(mm))
+
+
+def _acc(mm):
+    return jnp.promote_types(mm, jnp.float32)
+
+
+def _einsum_mm_fwd(spec, a, b, mm):
+    a_mm, b_mm = a.astype(mm), b.astype(mm)
+    out = jnp.einsum(spec, a_mm, b_mm, preferred_element_type=_acc(mm))
+    # zero-size arrays carry a's and b's dtypes to the backward
+    return out, (a_mm, b_mm, jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))
+
+
+def _einsum_mm_bwd(spec, mm, res, g):
+    a_mm, b_mm, a_dt, b_dt = res
+    ins, z = spec.split("->")
+    x, y = ins.split(",")
+    g = g.astype(mm)
+    da = jnp.einsum(f"{z},{y}->{x}", g, b_mm, preferred_element_type=_acc(mm))
+    db = jnp.einsum(f"{x},{z}->{y}", a_mm, g, preferred_element_type=_acc(mm))
+    return da.astype(a_dt.dtype), db.astype(b_dt.dtype)
+
+
+_einsum_mm.defvjp(_einsum_mm_fwd, _einsum_mm_bwd)
 
 
 @dispatch.register(OP, "xla")
@@ -306,9 +347,11 @@ def _chunkwise(q, k, v, i, f, state, resets, *, chunk_size, eps, scale):
         q, k, v = (jnp.pad(a, pad4) for a in (q, k, v))
         i, logf = (jnp.pad(a, pad4[:3]) for a in (i, logf))
         resets = jnp.pad(resets, ((0, 0), (0, pad)))
-    qc = _chunk((q * scale).astype(mm), n_chunks, length)
-    kc = _chunk(k.astype(mm), n_chunks, length)
-    vc = _chunk(v.astype(mm), n_chunks, length)
+    # q, k, v in cdt: _einsum_mm rounds them to mm per product and keeps their summed
+    # cotangents in cdt
+    qc = _chunk(q.astype(cdt) * scale, n_chunks, length)
+    kc = _chunk(k.astype(cdt), n_chunks, length)
+    vc = _chunk(v.astype(cdt), n_chunks, length)
     ic, logfc = _chunk(i, n_chunks, length), _chunk(logf, n_chunks, length)
 
     seg = jnp.cumsum(resets.astype(jnp.int32), axis=1).reshape(batch, 1, n_chunks, length)
@@ -328,9 +371,10 @@ def _chunkwise(q, k, v, i, f, state, resets, *, chunk_size, eps, scale):
 
     # Chunk summaries relative to the chunk's last step (padding leaves them unchanged).
     m_loc = intra_max[..., -1]  # (B, H, NC)
-    w_loc = jnp.exp(log_d[..., -1, :] - m_loc[..., None]).astype(mm)  # (B, H, NC, L)
-    kv_loc = jnp.einsum("bhcs,bhcsd,bhcsv->bhcdv", w_loc, kc, vc, preferred_element_type=cdt)
-    k_loc = jnp.einsum("bhcs,bhcsd->bhcd", w_loc, kc, preferred_element_type=cdt)
+    w_loc = jnp.exp(log_d[..., -1, :] - m_loc[..., None])  # (B, H, NC, L)
+    kw = w_loc[..., None] * kc
+    kv_loc = _einsum_mm("bhcsd,bhcsv->bhcdv", kw, vc, mm).astype(cdt)
+    k_loc = jnp.sum(kw, axis=-2)
     g_total = b[..., -1]  # (B, H, NC)
     carried_end = jnp.broadcast_to(carried[..., -1], g_total.shape)
 
@@ -365,10 +409,10 @@ def _chunkwise(q, k, v, i, f, state, resets, *, chunk_size, eps, scale):
     m = jnp.maximum(log_a, intra_max)
     d = jnp.exp(log_d - m[..., None])
     w = jnp.exp(log_a - m)
-    s = jnp.einsum("bhctd,bhcsd->bhcts", qc, kc, preferred_element_type=cdt) * d
-    num = jnp.einsum("bhcts,bhcsv->bhctv", s.astype(mm), vc, preferred_element_type=cdt)
-    num = num + w[..., None] * jnp.einsum("bhctd,bhcdv->bhctv", qc, c_in.astype(mm), preferred_element_type=cdt)
-    den = jnp.sum(s, axis=-1) + w * jnp.einsum("bhctd,bhcd->bhct", qc, n_in.astype(mm), preferred_element_type=cdt)
+    s = _einsum_mm("bhctd,bhcsd->bhcts", qc, kc, mm).astype(cdt) * d
+    num = _einsum_mm("bhcts,bhcsv->bhctv", s, vc, mm).astype(cdt)
+    num = num + w[..., None] * _einsum_mm("bhctd,bhcdv->bhctv", qc, c_in, mm).astype(cdt)
+    den = jnp.sum(s, axis=-1) + w * jnp.einsum("bhctd,bhcd->bhct", qc, n_in)
     h = _normalise(num, den, m, eps).reshape(batch, heads, n_chunks * length, d_v)[:, :, :time]
     return h, final
 
