@@ -167,7 +167,9 @@ def _measure(row, fwd, fb, args, ref, flops, peak):
     ref_out, ref_grads = (out, grads) if ref is None else ref
     rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))  # noqa: E731
     row["rel_err"] = rel(out, ref_out)
-    row["grad_rel_err"] = max(rel(a, b) for a, b in zip(grads, ref_grads))
+    errs = [rel(a, b) for a, b in zip(grads, ref_grads)]
+    row["grad_rel_err"] = max(errs)
+    row["grad_errs"] = " ".join(f"{e:.2g}" for e in errs)  # per input, in argument order
     ref = (out, grads)
     row["fwd_ms"] = _time(fwd, *args) * 1e3
     row["fwdbwd_ms"] = _time(fb, *args) * 1e3
@@ -357,6 +359,60 @@ def _stages(jax, jnp, pm, gpu, q, k, v, i, f, dh, L, shape, name):
     return rows
 
 
+def mlstm_check_rows(peak: float, quick: bool, pallas_configs: str = "") -> list[dict]:
+    """Accuracy at d_qk 256 / d_v 512 on a shorter sequence, where a float32 reference is
+    cheap: bf16 inputs, the reference is the quadratic ``parallel`` form in float32 on the
+    same (rounded) inputs at "highest" matmul precision; for ``xla`` (bf16), the Pallas GPU
+    defaults and each of ``pallas_configs``: the output's and each input's gradient's
+    relative 2-norm error."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mnemax.kernels import pallas_mlstm_gpu
+    from mnemax.kernels.mlstm import mlstm
+
+    b, h, t, dk, dv = (1, 2, 256, 64, 128) if quick else (2, 4, 2048, 256, 512)
+    rng = np.random.default_rng(2)
+    mk = lambda *s, off=0.0: jnp.asarray(rng.standard_normal(s, np.float32) + off, jnp.bfloat16)  # noqa: E731
+    args = (mk(b, h, t, dk), mk(b, h, t, dk), mk(b, h, t, dv), mk(b, h, t), mk(b, h, t, off=3.0))
+    dh = jnp.asarray(rng.standard_normal((b, h, t, dv), np.float32))
+
+    def value_and_grads(backend, xs, L=CHUNK):
+        def loss(*a):
+            return jnp.sum(mlstm(*a, backend=backend, chunk_size=L)[0].astype(jnp.float32) * dh)
+
+        out = jax.jit(lambda *a: mlstm(*a, backend=backend, chunk_size=L)[0])(*xs).astype(jnp.float32)
+        return out, [g.astype(jnp.float32) for g in jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(*xs)]
+
+    with jax.default_matmul_precision("highest"):
+        ref_out, ref_grads = value_and_grads("parallel", tuple(a.astype(jnp.float32) for a in args))
+    rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))  # noqa: E731
+    shape = str((b, h, t, dk, dv))
+    variants = [("xla", "xla", {}, CHUNK), ("pallas_gpu", "pallas_gpu", {}, CHUNK)]
+    variants += [pallas_variant(c) for c in filter(None, pallas_configs.split(","))]
+    rows = []
+    for name, backend, opts, L in variants:
+        row = {"op": "mlstm accuracy (vs fp32 parallel)", "shape": shape, "impl": name}
+        saved = dict(pallas_mlstm_gpu.GPU_OPTIONS)
+        pallas_mlstm_gpu.GPU_OPTIONS.update(opts)
+        try:
+            out, grads = value_and_grads(backend, args, L)
+            row["rel_err"] = rel(out, ref_out)
+            for gname, g, r in zip(("dq", "dk", "dv", "di", "df"), grads, ref_grads):
+                row[f"{gname}_err"] = rel(g, r)
+            row["grad_rel_err"] = max(row[f"{g}_err"] for g in ("dq", "dk", "dv", "di", "df"))
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        finally:
+            pallas_mlstm_gpu.GPU_OPTIONS.clear()
+            pallas_mlstm_gpu.GPU_OPTIONS.update(saved)
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
 def slstm_rows(peak: float, quick: bool) -> list[dict]:
     import jax
     import jax.numpy as jnp
@@ -387,7 +443,7 @@ def slstm_rows(peak: float, quick: bool) -> list[dict]:
     return rows
 
 
-SECTIONS = {"mlstm": mlstm_rows, "slstm": slstm_rows, "mlstm_stages": mlstm_stage_rows}
+SECTIONS = {"mlstm": mlstm_rows, "slstm": slstm_rows, "mlstm_stages": mlstm_stage_rows, "mlstm_check": mlstm_check_rows}
 
 
 def main():
@@ -419,7 +475,7 @@ def main():
     rows = []
     for op in args.ops.split(","):
         extra = ({"xla_chunks": args.xla_chunks, "pallas_configs": args.pallas_configs} if op == "mlstm"
-                 else {"pallas_configs": args.stage_configs} if op == "mlstm_stages" else {})
+                 else {"pallas_configs": args.stage_configs} if op in ("mlstm_stages", "mlstm_check") else {})
         rows += SECTIONS[op](peak, args.quick, **extra)
         save({"env": env, "matmul_flops": peak, "rows": rows}, "kernels_xlstm.json")
         print(table(rows, COLUMNS), flush=True)

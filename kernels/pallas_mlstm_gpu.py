@@ -65,10 +65,12 @@ from .pallas_mlstm import (
 # block_k, chunk) for dq, dk and the gates, looping over the value blocks (nothing
 # recomputed per value block, no dq/dk partials), and dv by ``dv``: "grid" -- one program
 # per (row, d_v block, chunk); "loop" -- one per (row, chunk) looping over the d_v blocks;
-# "fused" -- inside the dq/dk program's value loop (needs block_k >= d_qk: one key block).
+# "fused" -- inside the dq/dk program's value loop (needs block_k >= d_qk: one key block);
+# "auto" -- "fused" where there is one key block, else "loop". fwd_warps: the forward
+# output kernel's warps (None: num_warps).
 # Defaults: the fastest measured on an H200 at d_qk 256 / d_v 512 (benchmarks/RESULTS.md).
-GPU_OPTIONS = {"num_warps": 4, "num_stages": 1, "block_v": None, "state_block": 64, "state_warps": 4, "bwd": "split",
-               "block_k": 64, "fwd": "grid", "dv": "grid"}
+GPU_OPTIONS = {"num_warps": 8, "fwd_warps": 4, "num_stages": 1, "block_v": None, "state_block": 64, "state_warps": 4,
+               "bwd": "split", "block_k": 256, "fwd": "loop", "dv": "auto"}
 COEF_COLS = 4  # state-walk coefficients per step: key/query weight, w_a (chunk), n weight, 0
 
 
@@ -83,7 +85,8 @@ def _gpu_params(interpret, warps_key="num_warps"):
         return None
     from jax.experimental.pallas import triton as pltriton
 
-    return pltriton.CompilerParams(num_warps=GPU_OPTIONS[warps_key], num_stages=GPU_OPTIONS["num_stages"])
+    warps = GPU_OPTIONS.get(warps_key) or GPU_OPTIONS["num_warps"]
+    return pltriton.CompilerParams(num_warps=warps, num_stages=GPU_OPTIONS["num_stages"])
 
 
 def chunk_scalars(p: Problem, m0):
@@ -305,12 +308,21 @@ def _split_layout(p: Problem):
     return p.d_qk // bk, bk, nb, p.d_v // nb
 
 
+def _dv_mode(p: Problem) -> str:
+    mode = GPU_OPTIONS["dv"]
+    if mode not in ("grid", "loop", "fused", "auto"):
+        raise ValueError(f"GPU_OPTIONS['dv'] must be 'grid', 'loop', 'fused' or 'auto', got {mode!r}")
+    if mode == "auto":
+        return "fused" if _split_layout(p)[0] == 1 else "loop"
+    return mode
+
+
 def gpu_dqk(p: Problem, dh, Cs, ns, m_in4, dCs, dns, gm_end, dhh, *, scale, eps, interpret):
     """The split backward's dq/dk/gates kernel: (dq, dk, dg) or, with ``GPU_OPTIONS["dv"]
     == "fused"``, (dq, dk, dg, dv)."""
     BH, NC, L = p.q.shape[0], p.n_chunks, p.L
     nk, bk, nb, bv = _split_layout(p)
-    with_dv = GPU_OPTIONS["dv"] == "fused"
+    with_dv = _dv_mode(p) == "fused"
     if with_dv and nk != 1:
         raise ValueError(f"GPU_OPTIONS['dv'] = 'fused' needs one key block (block_k >= d_qk = {p.d_qk}), "
                          f"got block_k {GPU_OPTIONS['block_k']}")
@@ -338,7 +350,7 @@ def gpu_dv(p: Problem, dh, ns, m_in4, dCs, *, scale, eps, interpret):
     BH, NC = p.q.shape[0], p.n_chunks
     mm = _mm_dtype(p.q.dtype)
     _, _, nb, bv = _split_layout(p)
-    loop = GPU_OPTIONS["dv"] == "loop"
+    loop = _dv_mode(p) == "loop"
     sp = _chunk_specs(p, 1 if loop else nb)
     kernel = (functools.partial(_gpu_dv_loop_kernel, nv=nb, bv=bv, scale=scale, eps=eps, mm=mm) if loop
               else functools.partial(_gpu_dv_kernel, scale=scale, eps=eps, mm=mm))
@@ -352,8 +364,6 @@ def gpu_dv(p: Problem, dh, ns, m_in4, dCs, *, scale, eps, interpret):
 
 def _gpu_grads_split(p: Problem, dh, Cs, ns, m_in4, dCs, dns, gm_end, dhh, *, scale, eps, interpret):
     """The "split" backward's per-chunk kernels (see GPU_OPTIONS): (dq, dk, dv, dg)."""
-    if GPU_OPTIONS["dv"] not in ("grid", "loop", "fused"):
-        raise ValueError(f"GPU_OPTIONS['dv'] must be 'grid', 'loop' or 'fused', got {GPU_OPTIONS['dv']!r}")
     BH, NC, L = p.q.shape[0], p.n_chunks, p.L
     nk = _split_layout(p)[0]
     out = gpu_dqk(p, dh, Cs, ns, m_in4, dCs, dns, gm_end, dhh, scale=scale, eps=eps, interpret=interpret)
@@ -397,7 +407,7 @@ def forward(p: Problem, state, out_dtype, *, scale, eps, save, interpret):
         out_specs=[sp["v"], sp["st"]],  # stats: every d_v block writes the same values
         out_shape=[jax.ShapeDtypeStruct((BH, NC * L, p.d_v), out_dtype),
                    jax.ShapeDtypeStruct((BH, NC, STAT_ROWS, L), F32)],
-        compiler_params=_gpu_params(interpret), interpret=interpret,
+        compiler_params=_gpu_params(interpret, "fwd_warps"), interpret=interpret,
     )(p.q, p.k, p.v, p.gcol, p.grow, Cs, ns, m_in4)
     outs = [h, C_T, n_T, m_T.reshape(BH, 1, 1)]
     if save:

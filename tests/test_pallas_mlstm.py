@@ -172,9 +172,11 @@ def test_pallas_gpu_mlstm_split_backward(monkeypatch, case):
 
 
 @pytest.mark.parametrize("options", [
-    {"bwd": "fused"},  # one gradient program per (row, value block, chunk), partials summed
-    {"fwd": "loop", "dv": "loop"},  # one program per (row, chunk) looping over the value blocks
-    {"dv": "fused", "block_k": 32},  # dv inside the dq/dk program (one key block: d_qk 24 pads to 32)
+    {"bwd": "fused", "fwd": "grid"},  # one program per (row, value block, chunk); gradient partials summed
+    {"fwd": "grid", "dv": "grid", "block_k": 8},  # outputs and dv per (row, value block, chunk); 4 key blocks
+    {"dv": "loop"},  # dv: one program per (row, chunk) looping over the value blocks
+    {"dv": "auto", "block_k": 8},  # 4 key blocks: dv in its own loop kernel
+    {},  # the defaults: loop forward, dv inside the dq/dk program (one key block: d_qk 24 pads to 32)
 ])
 def test_pallas_gpu_mlstm_kernel_variants(monkeypatch, options):
     """Each GPU kernel layout (GPU_OPTIONS) at 4 value blocks of 16 (d_v 48 pads to 64), with
@@ -193,7 +195,7 @@ def test_pallas_gpu_mlstm_kernel_variants(monkeypatch, options):
 @pytest.mark.parametrize("options,message", [
     ({"bwd": "fast"}, "GPU_OPTIONS\\['bwd'\\] must be 'fused' or 'split', got 'fast'"),
     ({"fwd": "fast"}, "GPU_OPTIONS\\['fwd'\\] must be 'grid' or 'loop', got 'fast'"),
-    ({"dv": "fast"}, "GPU_OPTIONS\\['dv'\\] must be 'grid', 'loop' or 'fused', got 'fast'"),
+    ({"dv": "fast"}, "GPU_OPTIONS\\['dv'\\] must be 'grid', 'loop', 'fused' or 'auto', got 'fast'"),
     ({"dv": "fused", "block_k": 8}, "needs one key block \\(block_k >= d_qk = 16\\), got block_k 8"),
 ])
 def test_pallas_gpu_mlstm_unknown_kernel_option(monkeypatch, options, message):
