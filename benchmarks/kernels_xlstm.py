@@ -347,10 +347,11 @@ def _stages(jax, jnp, pm, gpu, q, k, v, i, f, dh, L, shape, name):
     if gpu.GPU_OPTIONS["bwd"] == "split":
         dCs, dns, _, _, _, gm_end, dhh = adj(arrays, dh_p, bounds)
         Cs, ns, m4 = bounds[:3]
+        dv_fused = gpu._dv_mode(p) == "fused"  # "auto" resolved as the backward resolves it
         stages += [("bwd: adjoint walk + scans", adj, (arrays, dh_p, bounds)),
-                   ("bwd: dq/dk/gates kernel" + (" (+dv)" if gpu.GPU_OPTIONS["dv"] == "fused" else ""), dqk,
+                   ("bwd: dq/dk/gates kernel" + (" (+dv)" if dv_fused else ""), dqk,
                     (arrays, dh_p, Cs, ns, m4, dCs, dns, gm_end, dhh))]
-        if gpu.GPU_OPTIONS["dv"] != "fused":
+        if not dv_fused:
             stages.append(("bwd: dv kernel", dvk, (arrays, dh_p, ns, m4, dCs)))
     rows = []
     for stage, fn, args in stages:

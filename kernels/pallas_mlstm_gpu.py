@@ -69,7 +69,7 @@ from .pallas_mlstm import (
 # "auto" -- "fused" where there is one key block, else "loop". fwd_warps: the forward
 # output kernel's warps (None: num_warps).
 # Defaults: the fastest measured on an H200 at d_qk 256 / d_v 512 (benchmarks/RESULTS.md).
-GPU_OPTIONS = {"num_warps": 8, "fwd_warps": 4, "num_stages": 1, "block_v": None, "state_block": 64, "state_warps": 4,
+GPU_OPTIONS = {"num_warps": 8, "fwd_warps": 4, "num_stages": 1, "block_v": None, "state_block": 128, "state_warps": 8,
                "bwd": "split", "block_k": 256, "fwd": "loop", "dv": "auto"}
 COEF_COLS = 4  # state-walk coefficients per step: key/query weight, w_a (chunk), n weight, 0
 
