@@ -17,8 +17,12 @@ feature (log-uniform init in [dt_min, dt_max]). Inits of A (``a_init``):
 * ``"inv"``  (S4D-Inv):  A_n = -1/2 + i (P/pi) (P/(2n+1) - 1),  P = N/2 modes
 * ``"real"`` (S4D-Real): A_n = -(n+1), real modes (N of them)
 
-The recurrence runs on :func:`mnemax.kernels.linear_scan` (any backend). Then an
-activation and a linear output mixing (H -> H), as in the LSSL::
+Two views, as in the LSSL: ``mode="conv"`` trains through a causal FFT convolution with
+the kernel ``K_l = 2 Re(sum_n C_n Bbar_n Abar_n^l)`` (a Vandermonde product, (H, time):
+nothing of shape (batch, time, H, N) exists), the final state and an incoming state's
+contribution by Vandermonde products too; ``mode="recurrent"`` runs the recurrence on
+:func:`mnemax.kernels.linear_scan` (any backend); ``mode="auto"`` (default) is conv unless
+``resets`` are given. Then an activation and a linear output mixing (H -> H)::
 
     y, state = DiagonalSSM(features=H, state_size=N)(u, state, resets)
     u, y: (batch, time, H);  state: DiagonalSSMState(x=(batch, H, N)) float32
@@ -39,7 +43,7 @@ import jax.numpy as jnp
 from mnemax.kernels import linear_scan
 
 from .base import Dtype, compute_dtype, partitioned, state_dtype
-from .lssl import ACTIVATIONS, check_call, log_uniform_dt
+from .lssl import ACTIVATIONS, MODES, causal_fft_conv, check_call, log_uniform_dt
 
 INITS = ("lin", "inv", "real")
 
@@ -73,7 +77,8 @@ class DiagonalSSM(nn.Module):
       a_init: ``"lin"``, ``"inv"`` or ``"real"`` (the init of A).
       dt_min, dt_max: range of the log-uniform dt init.
       activation: ``"gelu"`` or ``"none"`` before the output mixing.
-      backend: the ``linear_scan`` backend (None: by platform).
+      mode: ``"auto"`` (conv unless ``resets`` are given), ``"conv"`` or ``"recurrent"``.
+      backend: the ``linear_scan`` backend of the recurrent view (None: by platform).
     """
 
     features: int
@@ -82,6 +87,7 @@ class DiagonalSSM(nn.Module):
     dt_min: float = 1e-3
     dt_max: float = 1e-1
     activation: str = "gelu"
+    mode: str = "auto"
     backend: str | None = None
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
@@ -95,6 +101,8 @@ class DiagonalSSM(nn.Module):
             raise ValueError(f"a_init must be one of {INITS}, got {self.a_init!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.state_size < 1 or (self._complex and self.state_size % 2):
             raise ValueError(f"state_size must be a positive even number for complex inits, got {self.state_size}")
 
@@ -134,8 +142,12 @@ class DiagonalSSM(nn.Module):
             h0 = state.x.astype(rdt)
             if self._complex:
                 h0 = h0[..., :modes] + 1j * h0[..., modes:]
-        xs = linear_scan(Abar[None, None], Bbar * u[..., None], h0=h0, resets=resets, backend=self.backend)
-        y = jnp.einsum("bthn,hn->bth", xs, C)
+        if self.mode == "recurrent" or resets is not None:
+            xs = linear_scan(Abar[None, None], Bbar * u[..., None], h0=h0, resets=resets, backend=self.backend)
+            y = jnp.einsum("bthn,hn->bth", xs, C)
+            last = xs[:, -1]
+        else:
+            y, last = self._convolutional(u, h0, dtA, Bbar, C)
         y = 2.0 * y.real if self._complex else y
         y = y + u * D.astype(rdt)
         if self.activation == "gelu":
@@ -146,7 +158,24 @@ class DiagonalSSM(nn.Module):
             bias_init=partitioned(nn.initializers.zeros, ("embed",)),
             name="output_linear",
         )(y.astype(cdt))
-        last = xs[:, -1]
         if self._complex:
             last = jnp.concatenate([last.real, last.imag], axis=-1)
         return y, DiagonalSSMState(last.astype(sdt))
+
+    @staticmethod
+    def _convolutional(u, h0, dtA, Bbar, C):
+        """The conv view: (Re of y before 2 Re / D (batch, time, H), final state (batch, H, modes)).
+        ``V[h, n, l] = Abar_n^l = exp(l dt A_n)``, so ``K = sum_n C_n Bbar_n V[., n, l]``,
+        ``x_{T-1} = sum_s Abar^(T-1-s) Bbar u_s (+ Abar^T h0)`` and an incoming state adds
+        ``sum_n C_n Abar_n^(t+1) h0_n`` to step t."""
+        time = u.shape[1]
+        V = jnp.exp(dtA[..., None] * jnp.arange(time, dtype=u.dtype))  # (H, modes, time)
+        K = jnp.einsum("hn,hnl->hl", C * Bbar, V)
+        # u is real, so Re(K * u) = Re(K) * u: only the real part reaches the output (2 Re(.))
+        y = causal_fft_conv(u, K.real[:, None])[..., 0]
+        last = jnp.einsum("hnl,blh->bhn", V[..., ::-1] * Bbar[..., None], u.astype(V.dtype))
+        if h0 is not None:
+            AV = V * jnp.exp(dtA)[..., None]  # Abar^(t+1)
+            y = y + jnp.einsum("hnl,bhn->blh", C[..., None] * AV, h0).real
+            last = last + AV[..., -1] * h0
+        return y, last

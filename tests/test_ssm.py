@@ -1,7 +1,9 @@
 """LSSL family: HiPPO matrices and discretisations equal their closed forms (float64); the
 LSSL's convolutional and recurrent views agree; HiPPO memories read back a signal's
-history; the diagonal SSM equals a Python loop; LSSL and S4D pass the contract."""
+history; the diagonal SSM equals a Python loop and its two views agree; LSSL and S4D pass
+the contract."""
 
+import functools
 import math
 
 import jax
@@ -14,6 +16,7 @@ import mnemax
 from mnemax.layers.ssm import (
     LSSL,
     DiagonalSSM,
+    DiagonalSSMState,
     LSSLState,
     causal_fft_conv,
     discretize,
@@ -265,6 +268,41 @@ def test_diagonal_ssm_equals_python_loop(a_init):
             np.testing.assert_allclose(got_state, want_state, rtol=1e-12, atol=1e-14)
         want = z @ p["output_linear"]["kernel"] + p["output_linear"]["bias"]
         np.testing.assert_allclose(np.asarray(y[0]), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("a_init", ["lin", "real"])
+def test_diagonal_ssm_conv_view_equals_recurrent_view(a_init):
+    """The FFT-convolution view (Vandermonde kernel, final state and incoming state by
+    Vandermonde products) equals the linear_scan view, float64: outputs, final state and
+    the gradients of every parameter and of u and the state, from a fresh and a given
+    state; with resets ``auto`` runs the recurrence."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(3)
+        kw = dict(features=3, state_size=6, a_init=a_init, dt_min=0.01, dt_max=0.5, dtype=jnp.float64,
+                  param_dtype=jnp.float64)
+        conv, rec = DiagonalSSM(mode="conv", **kw), DiagonalSSM(mode="recurrent", **kw)
+        u = jnp.asarray(rng.standard_normal((2, 37, 3)))
+        v = jax.jit(conv.init)(jax.random.key(0), u)
+        x0 = DiagonalSSMState(jnp.asarray(rng.standard_normal((2, 3, 6))))
+        w = jnp.asarray(rng.standard_normal((2, 37, 3)))
+
+        def loss(layer, v, u, state):
+            y, s = layer.apply(v, u, state)
+            return jnp.sum(y * w) + jnp.sum(jnp.sin(s.x))
+
+        for state in (None, x0):
+            (yc, sc), (yr, sr) = jax.jit(conv.apply)(v, u, state), jax.jit(rec.apply)(v, u, state)
+            np.testing.assert_allclose(np.asarray(yc), np.asarray(yr), rtol=1e-9, atol=1e-10)
+            np.testing.assert_allclose(np.asarray(sc.x), np.asarray(sr.x), rtol=1e-9, atol=1e-10)
+            argnums = (0, 1) if state is None else (0, 1, 2)
+            gc = jax.grad(functools.partial(loss, conv), argnums)(v, u, state)
+            gr = jax.grad(functools.partial(loss, rec), argnums)(v, u, state)
+            for a, b in zip(jax.tree.leaves(gc), jax.tree.leaves(gr)):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-8, atol=1e-9)
+        resets = jnp.zeros((2, 37), bool).at[0, 9].set(True)
+        auto = DiagonalSSM(**kw)
+        np.testing.assert_allclose(np.asarray(jax.jit(auto.apply)(v, u, x0, resets)[0]),
+                                   np.asarray(jax.jit(rec.apply)(v, u, x0, resets)[0]), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("cls", [LSSL, DiagonalSSM])
