@@ -26,6 +26,7 @@ to the bf16 tensor-core rate measured in the same run, and speedups. JSON to $OU
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -143,6 +144,21 @@ def _time(fn, *args):
     return bench(fn, *args, calls=3, repeats=5, warmup=1)
 
 
+@contextlib.contextmanager
+def gpu_options(opts: dict):
+    """``pallas_mlstm_gpu.GPU_OPTIONS`` updated by ``opts`` inside the block, restored after
+    (the kernels read them while tracing: the jitted functions must first run inside)."""
+    from mnemax.kernels import pallas_mlstm_gpu
+
+    saved = dict(pallas_mlstm_gpu.GPU_OPTIONS)
+    pallas_mlstm_gpu.GPU_OPTIONS.update(opts)
+    try:
+        yield
+    finally:
+        pallas_mlstm_gpu.GPU_OPTIONS.clear()
+        pallas_mlstm_gpu.GPU_OPTIONS.update(saved)
+
+
 def _attempt(row, fn):
     """``fn()``; an exception becomes the row's ``error`` (the benchmark goes on). Prints the row."""
     try:
@@ -155,6 +171,13 @@ def _attempt(row, fn):
         print(row, flush=True)
 
 
+def _rel(a, b) -> float:
+    """Relative error of ``a`` against ``b`` in the 2-norm."""
+    import jax.numpy as jnp
+
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
 def _measure(row, fwd, fb, args, ref, flops, peak):
     """Fills ``row`` with the errors against ``ref`` (None: this is the reference): the
     output's (``rel_err``) and the largest over the inputs' gradients (``grad_rel_err``),
@@ -165,9 +188,8 @@ def _measure(row, fwd, fb, args, ref, flops, peak):
     out = fwd(*args).astype(jnp.float32)
     grads = [g.astype(jnp.float32) for g in fb(*args)]
     ref_out, ref_grads = (out, grads) if ref is None else ref
-    rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))  # noqa: E731
-    row["rel_err"] = rel(out, ref_out)
-    errs = [rel(a, b) for a, b in zip(grads, ref_grads)]
+    row["rel_err"] = _rel(out, ref_out)
+    errs = [_rel(a, b) for a, b in zip(grads, ref_grads)]
     row["grad_rel_err"] = max(errs)
     row["grad_errs"] = " ".join(f"{e:.2g}" for e in errs)  # per input, in argument order
     ref = (out, grads)
@@ -217,7 +239,6 @@ def mlstm_rows(peak: float, quick: bool, xla_chunks: str = "", pallas_configs: s
     import jax.numpy as jnp
     import numpy as np
 
-    from mnemax.kernels import pallas_mlstm_gpu
     from mnemax.kernels.mlstm import mlstm
 
     variants = mlstm_variants(xla_chunks, pallas_configs)
@@ -257,14 +278,9 @@ def mlstm_rows(peak: float, quick: bool, xla_chunks: str = "", pallas_configs: s
 
             fwd = jax.jit(lambda q, k, v, i, f, be=backend, L=chunk: mlstm(q, k, v, i, f, backend=be, chunk_size=L)[0])
             fb = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
-            saved = dict(pallas_mlstm_gpu.GPU_OPTIONS)
-            pallas_mlstm_gpu.GPU_OPTIONS.update(opts)  # read while tracing, i.e. inside _measure's first calls
-            try:
+            with gpu_options(opts):  # read while tracing, i.e. inside _measure's first calls
                 out = _attempt(row, lambda row=row, fwd=fwd, fb=fb, L=chunk: _measure(
                     row, fwd, fb, (q, k, v, i, f), ref, mlstm_flops(b, h, t, dk, dv, L)[1], peak))
-            finally:
-                pallas_mlstm_gpu.GPU_OPTIONS.clear()
-                pallas_mlstm_gpu.GPU_OPTIONS.update(saved)
             ref = out if ref is None else ref
             here.append(row)
         times = {r["impl"]: r.get("fwdbwd_ms") for r in here if r.get("fwdbwd_ms")}
@@ -304,16 +320,12 @@ def mlstm_stage_rows(peak: float, quick: bool, pallas_configs: str = "") -> list
         i, f = (jnp.asarray(rng.standard_normal((b, h, t)), jnp.float32) + o for o in (0.0, 3.0))
         shape = str((b, h, t, dk, dv))
         for name, opts, L in configs:
-            saved = dict(gpu.GPU_OPTIONS)
-            gpu.GPU_OPTIONS.update(opts)
             try:
-                rows += _stages(jax, jnp, pm, gpu, q, k, v, i, f, dh, L, shape, name)
+                with gpu_options(opts):
+                    rows += _stages(jax, jnp, pm, gpu, q, k, v, i, f, dh, L, shape, name)
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc()
                 rows.append({"op": "mlstm stages", "shape": shape, "impl": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
-            finally:
-                gpu.GPU_OPTIONS.clear()
-                gpu.GPU_OPTIONS.update(saved)
     return rows
 
 
@@ -370,7 +382,6 @@ def mlstm_check_rows(peak: float, quick: bool, pallas_configs: str = "") -> list
     import jax.numpy as jnp
     import numpy as np
 
-    from mnemax.kernels import pallas_mlstm_gpu
     from mnemax.kernels.mlstm import mlstm
 
     b, h, t, dk, dv = (1, 2, 256, 64, 128) if quick else (2, 4, 2048, 256, 512)
@@ -388,28 +399,22 @@ def mlstm_check_rows(peak: float, quick: bool, pallas_configs: str = "") -> list
 
     with jax.default_matmul_precision("highest"):
         ref_out, ref_grads = value_and_grads("parallel", tuple(a.astype(jnp.float32) for a in args))
-    rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))  # noqa: E731
     shape = str((b, h, t, dk, dv))
     variants = [("xla", "xla", {}, CHUNK), ("pallas_gpu", "pallas_gpu", {}, CHUNK)]
     variants += [pallas_variant(c) for c in filter(None, pallas_configs.split(","))]
     rows = []
     for name, backend, opts, L in variants:
         row = {"op": "mlstm accuracy (vs fp32 parallel)", "shape": shape, "impl": name}
-        saved = dict(pallas_mlstm_gpu.GPU_OPTIONS)
-        pallas_mlstm_gpu.GPU_OPTIONS.update(opts)
-        try:
-            out, grads = value_and_grads(backend, args, L)
-            row["rel_err"] = rel(out, ref_out)
+
+        def check(row=row, backend=backend, opts=opts, L=L):
+            with gpu_options(opts):
+                out, grads = value_and_grads(backend, args, L)
+            row["rel_err"] = _rel(out, ref_out)
             for gname, g, r in zip(("dq", "dk", "dv", "di", "df"), grads, ref_grads):
-                row[f"{gname}_err"] = rel(g, r)
+                row[f"{gname}_err"] = _rel(g, r)
             row["grad_rel_err"] = max(row[f"{g}_err"] for g in ("dq", "dk", "dv", "di", "df"))
-        except Exception as e:  # noqa: BLE001
-            traceback.print_exc()
-            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-        finally:
-            pallas_mlstm_gpu.GPU_OPTIONS.clear()
-            pallas_mlstm_gpu.GPU_OPTIONS.update(saved)
-        print(row, flush=True)
+
+        _attempt(row, check)
         rows.append(row)
     return rows
 

@@ -68,12 +68,11 @@ def make_config(model: str, mesh: dict, args, data_dir: str, steps: int):
     c.model.preset = model
     # tiny xLSTM: (mLSTM, sLSTM) twice, so the scanned path runs two groups
     tiny = {**TINY, **({"n_layers": 4, "slstm_at": (1, 3)} if model.startswith("xlstm") else {})} if args.tiny else {}
-    # The blocks run under nn.scan: one compiled block (Mamba) or one compiled group of
-    # blocks (xLSTM: 7 mLSTM blocks and an sLSTM block, repeated), fast compiles.
-    scan = args.scan_layers
     extra = dict(kv.split("=", 1) for kv in args.override)
     extra = {k: int(v) if v.isdigit() else v for k, v in extra.items()}
-    c.model.overrides = {"dtype": "bfloat16", "remat": args.remat, "scan_layers": scan, **extra, **tiny}
+    # The blocks run under nn.scan: one compiled block (Mamba) or one compiled group of
+    # blocks (xLSTM: 7 mLSTM blocks and an sLSTM block, repeated), fast compiles.
+    c.model.overrides = {"dtype": "bfloat16", "remat": args.remat, "scan_layers": args.scan_layers, **extra, **tiny}
     c.task.name = "mqar"
     c.task.params.seq_len = args.seq
     c.task.params.num_pairs = max(4, min(args.seq // 32, 64))  # 256-token vocabulary: at most 127 distinct keys

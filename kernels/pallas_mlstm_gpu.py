@@ -27,7 +27,6 @@ from .pallas_mlstm import (
     _dot_tn,
     _gates_from_refs,
     _mm_dtype,
-    _outputs,
     _row_to_col,
     _scores,
     _weights,
@@ -45,15 +44,16 @@ from .pallas_mlstm import (
 # 2. the state walk (Pallas, sequential over chunks, parallel over (row, d_qk block, d_v
 #    block)): C_end = w_a C_in + (c * K)^T V, n_end = w_a n_in + (c * K)^T 1, saving every
 #    chunk's incoming state (in the matmul dtype; float32 carry);
-# 3. the outputs (Pallas, one program per (row, d_v block, chunk), all in parallel): the
-#    intra-chunk matmuls plus the incoming state's term, and per-step stabiliser m_t,
-#    denominator sum den_t, carried-state weight w_t and arg-max flag, kept for the backward.
+# 3. the outputs (Pallas, one program per (row, chunk) -- or per (row, d_v block, chunk),
+#    see ``fwd`` -- all in parallel): the intra-chunk matmuls plus the incoming state's
+#    term, and per-step stabiliser m_t, denominator sum den_t, carried-state weight w_t and
+#    arg-max flag, kept for the backward.
 #
 # The backward is the same in reverse: the adjoint walk dC_in = w_a dC_end + (e * Q)^T dH,
 # e_t = s w_t / denom_t (and dn with s w_t dden_t) saves each chunk's end-state gradient;
 # the stabiliser's gradient (an eps-sized term along each m_t's arg-max) is a scalar affine
-# recurrence over chunks (XLA associative scan); then one program per (row, d_v block,
-# chunk) recomputes its chunk and writes dq, dk, dv and the gate gradients, in parallel.
+# recurrence over chunks (XLA associative scan); then per-chunk programs recompute their
+# chunk and write dq, dk, dv and the gate gradients, in parallel (``bwd``, ``dv``).
 
 # num_warps / num_stages of the per-chunk kernels; block_v: value columns per per-chunk
 # program (None: the largest power of two <= d_v with d_qk * block_v <= 16384); state_block:
@@ -166,26 +166,12 @@ def _gpu_walk(p: Problem, x, y, coefs, s0, n0, *, reverse, state_dtype, interpre
 STAT_ROWS = 4  # per-step forward statistics kept for the backward: m_t, den_t, w_t, carry wins
 
 
-def _gpu_out_kernel(q_r, k_r, v_r, gc_r, gr_r, C_r, n_r, m_r, h_r, st_r, *, scale, eps, mm):
+def _gpu_out_kernel(q_r, k_r, v_r, gc_r, gr_r, C_r, n_r, m_r, h_r, st_r, *, nv, bv, scale, eps, mm):
+    """One chunk's outputs for the program's value columns: the scores once, then a loop
+    over their ``nv`` blocks of ``bv`` columns (``nv`` = 1 for the "grid" layout)."""
     L = q_r.shape[0]
     gc, gr = _gates_from_refs(gc_r, gr_r)
-    x = _weights(gc, gr, m_r[...], L)
-    # C stays in the matmul dtype it was saved in (it is only a matmul operand here)
-    _, _, den, _, h = _outputs(q_r[...], k_r[...], v_r[...], C_r[...], n_r[...], x, scale=scale, eps=eps, mm=mm)
-    h_r[...] = h.astype(h_r.dtype)
-    st_r[0:1, :] = _col_to_row(x.m, L)
-    st_r[1:2, :] = _col_to_row(den, L)
-    st_r[2:3, :] = _col_to_row(x.w, L)
-    st_r[3:4, :] = _col_to_row((x.log_a >= x.intra).astype(F32), L)
-
-
-def _gpu_out_loop_kernel(q_r, k_r, v_r, gc_r, gr_r, C_r, n_r, m_r, h_r, st_r, *, nv, bv, scale, eps, mm):
-    """One chunk's outputs for all value columns: the scores once, then a loop over the
-    ``nv`` blocks of ``bv`` value columns."""
-    L = q_r.shape[0]
-    gc, gr = _gates_from_refs(gc_r, gr_r)
-    x = _weights(gc, gr, m_r[...], L)
-    qs, s, den, denom = _scores(q_r[...], k_r[...], n_r[...], x, scale=scale, eps=eps, mm=mm)
+    x, qs, s, den, denom = _core(q_r, k_r, n_r, gc, gr, m_r[...], scale=scale, eps=eps, mm=mm)
     s_mm, qs_mm = s.astype(mm), qs.astype(mm)
 
     def block(j, carry):
@@ -278,16 +264,9 @@ def _gpu_dqk_kernel(q_r, k_r, v_r, dh_r, gc_r, gr_r, C_r, n_r, m_r, dC_r, dn_r, 
     dg_r[1:2, :] = jnp.sum(jnp.where(row >= col, db, 0.0), axis=0, keepdims=True) + col_Gm * gr.fl
 
 
-def _gpu_dv_kernel(q_r, k_r, dh_r, gc_r, gr_r, n_r, m_r, dC_r, dv_r, *, scale, eps, mm):
-    """dv for one chunk's block of value columns: S^T dnum + c * (k dC)."""
-    gc, gr = _gates_from_refs(gc_r, gr_r)
-    x, _, s, _, denom = _core(q_r, k_r, n_r, gc, gr, m_r[...], scale=scale, eps=eps, mm=mm)
-    dnum = dh_r[...].astype(F32) / denom
-    dv_r[...] = (_dot_tn(s, dnum, mm) + x.c * _dot(k_r[...], dC_r[...], mm)).astype(dv_r.dtype)
-
-
-def _gpu_dv_loop_kernel(q_r, k_r, dh_r, gc_r, gr_r, n_r, m_r, dC_r, dv_r, *, nv, bv, scale, eps, mm):
-    """dv for one chunk, all value columns: the scores once, a loop over the value blocks."""
+def _gpu_dv_kernel(q_r, k_r, dh_r, gc_r, gr_r, n_r, m_r, dC_r, dv_r, *, nv, bv, scale, eps, mm):
+    """dv = S^T dnum + c * (k dC) for the program's value columns of one chunk: the scores
+    once, a loop over their ``nv`` blocks of ``bv`` columns (``nv`` = 1 for "grid")."""
     gc, gr = _gates_from_refs(gc_r, gr_r)
     x, _, s, _, denom = _core(q_r, k_r, n_r, gc, gr, m_r[...], scale=scale, eps=eps, mm=mm)
     s_mm, k_mm = s.astype(mm), k_r[...].astype(mm)
@@ -350,12 +329,11 @@ def gpu_dv(p: Problem, dh, ns, m_in4, dCs, *, scale, eps, interpret):
     BH, NC = p.q.shape[0], p.n_chunks
     mm = _mm_dtype(p.q.dtype)
     _, _, nb, bv = _split_layout(p)
-    loop = _dv_mode(p) == "loop"
-    sp = _chunk_specs(p, 1 if loop else nb)
-    kernel = (functools.partial(_gpu_dv_loop_kernel, nv=nb, bv=bv, scale=scale, eps=eps, mm=mm) if loop
-              else functools.partial(_gpu_dv_kernel, scale=scale, eps=eps, mm=mm))
+    programs = 1 if _dv_mode(p) == "loop" else nb  # per (row, chunk)
+    sp = _chunk_specs(p, programs)
     return pl.pallas_call(
-        kernel, grid=(BH * (1 if loop else nb), NC),
+        functools.partial(_gpu_dv_kernel, nv=nb // programs, bv=bv, scale=scale, eps=eps, mm=mm),
+        grid=(BH * programs, NC),
         in_specs=[sp["qk"], sp["qk"], sp["v"], sp["gc"], sp["gr"], sp["n"], sp["m"], sp["C"]],
         out_specs=sp["v"], out_shape=jax.ShapeDtypeStruct(p.v.shape, p.v.dtype),
         compiler_params=_gpu_params(interpret), interpret=interpret,
@@ -397,12 +375,11 @@ def forward(p: Problem, state, out_dtype, *, scale, eps, save, interpret):
     m_in4 = m_in[:, :, None, None]
     if GPU_OPTIONS["fwd"] not in ("grid", "loop"):
         raise ValueError(f"GPU_OPTIONS['fwd'] must be 'grid' or 'loop', got {GPU_OPTIONS['fwd']!r}")
-    loop = GPU_OPTIONS["fwd"] == "loop"
-    sp = _chunk_specs(p, 1 if loop else nb)
-    kernel = (functools.partial(_gpu_out_loop_kernel, nv=nb, bv=p.d_v // nb, scale=scale, eps=eps, mm=mm) if loop
-              else functools.partial(_gpu_out_kernel, scale=scale, eps=eps, mm=mm))
+    programs = 1 if GPU_OPTIONS["fwd"] == "loop" else nb  # per (row, chunk)
+    sp = _chunk_specs(p, programs)
     h, stats = pl.pallas_call(
-        kernel, grid=(BH * (1 if loop else nb), NC),
+        functools.partial(_gpu_out_kernel, nv=nb // programs, bv=p.d_v // nb, scale=scale, eps=eps, mm=mm),
+        grid=(BH * programs, NC),
         in_specs=[sp["qk"], sp["qk"], sp["v"], sp["gc"], sp["gr"], sp["C"], sp["n"], sp["m"]],
         out_specs=[sp["v"], sp["st"]],  # stats: every d_v block writes the same values
         out_shape=[jax.ShapeDtypeStruct((BH, NC * L, p.d_v), out_dtype),
