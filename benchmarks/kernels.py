@@ -179,6 +179,15 @@ def _log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def _ss_grads(backend, gy):
+    """Jitted: (x, dt, A, B, C, D, z, dt_bias) -> their gradients under the cotangent ``gy``."""
+    def f(*a):
+        _, vjp = jax.vjp(lambda *q: selective_scan(q[0], q[1], q[2], q[3], q[4], D=q[5], z=q[6], dt_bias=q[7],
+                                                   dt_softplus=True, backend=backend), *a)
+        return vjp(gy)
+    return jax.jit(f)
+
+
 def selective_scan_rows(bw: float, quick: bool) -> list[dict]:
     rows = []
     shapes = [((8, 2048, 1536, 16), jnp.float32), ((8, 2048, 1536, 16), jnp.bfloat16), ((8, 2048, 4096, 16), jnp.bfloat16),
@@ -209,11 +218,7 @@ def selective_scan_rows(bw: float, quick: bool) -> list[dict]:
                 x, dt, A, Bm, Cm, D=D, z=z, dt_bias=bias, dt_softplus=True, backend=backend))
 
         def run_bwd(backend):
-            def f(*a):
-                y, vjp = jax.vjp(lambda *q: selective_scan(q[0], q[1], q[2], q[3], q[4], D=q[5], z=q[6], dt_bias=q[7],
-                                                           dt_softplus=True, backend=backend), *a)
-                return vjp(gy)
-            return jax.jit(f)
+            return _ss_grads(backend, gy)
 
         _log(f"selective_scan {(b, t, c, n)} {jnp.dtype(dtype).name}: xla reference output")
         ref = run("xla")(*args).astype(jnp.float32)
@@ -222,7 +227,7 @@ def selective_scan_rows(bw: float, quick: bool) -> list[dict]:
             try:
                 f = run(name)
                 t0 = time.time()
-                f.lower(*args).compile()
+                f = f.lower(*args).compile()
                 _log(f"  {name} forward compiled in {time.time() - t0:.1f}s")
                 err = rel_err(f(*args).astype(jnp.float32), ref)
                 tf = bench(f, *args, calls=3, repeats=5)
@@ -231,11 +236,11 @@ def selective_scan_rows(bw: float, quick: bool) -> list[dict]:
                 try:
                     fb = run_bwd(name)
                     t0 = time.time()
-                    fb.lower(*args).compile()
+                    compiled = fb.lower(*args).compile()
                     _log(f"  {name} fwd+bwd compiled in {time.time() - t0:.1f}s")
-                    tb = bench(fb, *args, calls=2, repeats=3)
+                    tb = bench(compiled, *args, calls=2, repeats=3)
                     _log(f"  {name} fwd+bwd {tb * 1e3:.3f} ms")
-                    mem = fb.lower(*args).compile().memory_analysis()
+                    mem = compiled.memory_analysis()
                     temp = getattr(mem, "temp_size_in_bytes", None)
                 except Exception as e:  # noqa: BLE001
                     traceback.print_exc()
@@ -311,6 +316,61 @@ def selective_scan_sweep(bw: float, quick: bool) -> list[dict]:
     return rows
 
 
+def selective_scan_bwd_sweep(bw: float, quick: bool) -> list[dict]:
+    """Backward variants of the GPU selective-scan kernel at (8, 2048, 1536, 16) float32:
+    how dB and dC (sums over each block's 128 lanes) are reduced. Forward+backward time and
+    the largest relative error of any gradient against the xla backend's."""
+    from mnemax.kernels import pallas_selective_scan as pss
+
+    b, t, c, n = (2, 256, 256, 16) if quick else (8, 2048, 1536, 16)
+    f32 = np.float32
+    x = jnp.asarray(RNG.standard_normal((b, t, c), f32))
+    dt = jnp.asarray(RNG.standard_normal((b, t, c), f32) * 0.5 - 2.0)
+    z = jnp.asarray(RNG.standard_normal((b, t, c), f32))
+    A = -jnp.asarray(np.tile(np.arange(1, n + 1, dtype=f32), (c, 1)))
+    Bm, Cm = jnp.asarray(RNG.standard_normal((b, t, n), f32)), jnp.asarray(RNG.standard_normal((b, t, n), f32))
+    D = jnp.ones((c,), jnp.float32)
+    bias = jnp.asarray(RNG.uniform(-4, -2, (c,)).astype(f32))
+    gy = jnp.asarray(RNG.standard_normal((b, t, c), f32))
+    args = (x, dt, A, Bm, Cm, D, z, bias)
+
+    def grads(backend):
+        return _ss_grads(backend, gy)
+
+    ref = grads("xla")(*args)
+    names = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")
+    big, small = b * t * c * 4, b * t * n * 4
+    fb_bytes = 11 * big + 6 * small
+    rows = []
+    variants = [{"red_rows": 0}, {"red_rows": 0, "bwd_unroll": 1}, {"red_rows": 2}, {"red_rows": 4},
+                {"red_rows": 4, "bwd_stages": 1}]
+    for opts in variants:
+        name = "pallas " + ",".join(f"{k}={v}" for k, v in opts.items())
+        saved = dict(pss.GPU_OPTIONS)
+        try:
+            pss.GPU_OPTIONS.update(opts)
+            f = grads("pallas_gpu")
+            t0 = time.time()
+            f = f.lower(*args).compile()
+            comp = time.time() - t0
+            out = f(*args)
+            errs = {k: rel_err(o, r) for k, o, r in zip(names, out, ref)}
+            tb = bench(f, *args, calls=2, repeats=5)
+            worst = max(errs, key=errs.get)
+            _log(f"  bwd sweep {name}: {tb * 1e3:.3f} ms (compile {comp:.0f}s, worst grad err {errs[worst]:.1e} in {worst})")
+            row = {"op": "selective_scan bwd sweep", "shape": str((b, t, c, n)), "dtype": "float32", "backend": name,
+                   "fwdbwd_ms": tb * 1e3, "fwdbwd_x_floor": tb / (fb_bytes / bw), "floor_ms": fb_bytes / bw * 1e3,
+                   "rel_err": errs[worst], "compile_s": comp, "grad_errs": errs}
+            rows.append(row)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            rows.append({"op": "selective_scan bwd sweep", "backend": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+        finally:
+            pss.GPU_OPTIONS.clear()
+            pss.GPU_OPTIONS.update(saved)
+    return rows
+
+
 def linear_scan_sweep(bw: float, quick: bool) -> list[dict]:
     """bf16 (8, 4096, 4096) forward: chunk, pipeline depth and packing variants."""
     from mnemax.kernels import pallas_linear_scan as pls
@@ -338,7 +398,7 @@ def linear_scan_sweep(bw: float, quick: bool) -> list[dict]:
 
 
 SECTIONS = {"linear_scan": linear_scan_rows, "linear_scan_sweep": linear_scan_sweep, "selective_scan": selective_scan_rows,
-            "selective_scan_sweep": selective_scan_sweep}
+            "selective_scan_sweep": selective_scan_sweep, "selective_scan_bwd_sweep": selective_scan_bwd_sweep}
 
 
 def main():

@@ -65,7 +65,7 @@ class Problem:
     """The kernels' view of one call: padded, packed inputs and the static sizes."""
 
     def __init__(self, x, dt, A, B, C, D, z, dt_bias, h0, resets, chunk, softplus, state_multiple=1, bc_multiple=8,
-                 unroll=True, bwd_unroll=None):
+                 unroll=True, bwd_unroll=None, red_rows=0):
         batch, time, chans = x.shape
         self.n_real = A.shape[1]
         n = self.n_real + (-self.n_real) % state_multiple
@@ -76,6 +76,12 @@ class Problem:
         self.batch, self.time, self.chans, self.n = batch, time, chans, n
         self.chunk, self.softplus, self.gated, self.unroll = chunk, softplus, z is not None, unroll
         self.bwd_unroll = unroll if bwd_unroll is None else bwd_unroll
+        if red_rows and chunk % red_rows:
+            raise ValueError(f"red_rows: {red_rows} does not divide the chunk ({chunk}); expected a divisor of it")
+        # the backward's batched lane sums: red_rows steps x (B, C) x state rows per flush, padded
+        # to the 64-row tiles of the layout that reduces them
+        self.red_rows = red_rows
+        self.rows_pad = -(-red_rows * 2 * n // 64) * 64 if red_rows else 0
         self.time_p = time + (-time) % chunk
         self.chans_p = chans + (-chans) % LANES
         self.n_chunks, self.n_blocks = self.time_p // chunk, self.chans_p // LANES
@@ -142,14 +148,21 @@ def _fwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, a2, dvec, bias, y_t, h, hbuf=Non
     return lax.fori_loop(0, p.chunk, row, h, unroll=p.unroll)
 
 
-def _bwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, gy_t, a2, dvec, bias, hbuf, dx_t, ddt_t, dz_t, dbc_t, carry):
-    """Adjoint over one chunk's rows (last to first). carry = (g_h tuple, dA tuple, dD, dbias)."""
+def _bwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, gy_t, a2, dvec, bias, hbuf, dx_t, ddt_t, dz_t, dbc_t, carry,
+              pbuf=None, lane_sums=None):
+    """Adjoint over one chunk's rows (last to first). carry = (g_h tuple, dA tuple, dD, dbias).
+
+    dB and dC are sums over the block's 128 lanes. Without ``pbuf`` each is reduced on its
+    own (``dbc_t``: (chunk, bc_width)). With ``pbuf`` ((rows_pad, 128) scratch) the lane
+    products of ``p.red_rows`` steps are written to it, one row per (step, state, B or C),
+    and ``lane_sums(pbuf)`` reduces them all at once into ``dbc_t``: (chunk // red_rows,
+    rows_pad), row ``q`` holding steps ``q * red_rows + s`` at ``s * 2 state + [0, 2 state)``
+    (dB first, then dC)."""
     n = p.n
     ln2 = 1.0 / LOG2E
 
-    def row(i, carry):
+    def row(r, slot, carry):
         gh, dA, dD, dbias = carry
-        r = p.chunk - 1 - i
         u = dt_t[r].astype(jnp.float32) + bias
         valid = bc_t[r, 2 * n + 1]
         delta = (_softplus(u) if p.softplus else u) * valid
@@ -174,8 +187,12 @@ def _bwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, gy_t, a2, dvec, bias, hbuf, dx_t
         new_gh, new_dA = [], []
         for k in range(n):
             g = gh[k] + bc_t[r, n + k] * gy
-            dbc_t[r, n + k] = jnp.sum(hk[k] * gy)
-            dbc_t[r, k] = jnp.sum(g * delta * xv)
+            if pbuf is None:
+                dbc_t[r, n + k] = jnp.sum(hk[k] * gy)
+                dbc_t[r, k] = jnp.sum(g * delta * xv)
+            else:
+                pbuf[slot * 2 * n + n + k] = hk[k] * gy
+                pbuf[slot * 2 * n + k] = g * delta * xv
             dx = dx + g * delta * bc_t[r, k]
             dh_decay = g * decay[k] * keep * hprev[k]  # d/d(delta A) of the decay term
             ddelta = ddelta + dh_decay * a2[k] * ln2 + g * bc_t[r, k] * xv
@@ -186,14 +203,29 @@ def _bwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, gy_t, a2, dvec, bias, hbuf, dx_t
         ddt_t[r] = du.astype(ddt_t.dtype)
         return tuple(new_gh), tuple(new_dA), dD, dbias + du
 
-    return lax.fori_loop(0, p.chunk, row, carry, unroll=p.bwd_unroll)
+    if pbuf is None:
+        return lax.fori_loop(0, p.chunk, lambda i, c: row(p.chunk - 1 - i, None, c), carry, unroll=p.bwd_unroll)
+    f, groups = p.red_rows, p.chunk // p.red_rows
+
+    def group(gi, carry):
+        q = groups - 1 - gi
+
+        def step(j, carry):
+            slot = f - 1 - j
+            return row(q * f + slot, slot, carry)
+
+        carry = lax.fori_loop(0, f, step, carry, unroll=min(p.bwd_unroll, f))
+        dbc_t[q] = lane_sums(pbuf)
+        return carry
+
+    return lax.fori_loop(0, groups, group, carry)
 
 
 # ----------------------------------------------------------------------------- GPU
 
 
 GPU_OPTIONS = {"chunk": 8, "stages": 3, "bwd_stages": 2, "unroll": 4, "bwd_unroll": 2, "approx_math": True,
-               "no_auto_barriers": True}
+               "no_auto_barriers": True, "red_rows": 4}
 
 
 def _gpu_params(opts):
@@ -280,35 +312,60 @@ def _gpu_forward(p: Problem, out_dtype, *, save_bounds: bool, stages: int, inter
 
 
 def _gpu_backward(p: Problem, gy, bounds, gh_last, dtypes, *, stages: int, interpret: bool, opts=None):
+    """Returns dx, ddt_raw, dz (or None), dbc partials (batch, blocks, time_p, bc_width; with
+    ``p.red_rows``: (batch, blocks, time_p // red_rows, rows_pad)), dA partials (batch,
+    state, chans_p), dD/dbias partials (batch, 2, chans_p), dh0."""
     opts = {**GPU_OPTIONS, **(opts or {})}
-    """Returns dx, ddt_raw, dz (or None), dbc partials (batch, blocks, time_p, bc_width),
-    dA partials (batch, state, chans_p), dD/dbias partials (batch, 2, chans_p), dh0."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     batch, chunk, n, nc, nb = p.batch, p.chunk, p.n, p.n_chunks, p.n_blocks
+    rr = p.red_rows
+    # dB/dC partial sums per lane block: one row per step, or one row per red_rows steps
+    dbc_tile = (chunk // rr, p.rows_pad) if rr else (chunk, p.bc_width)
+    pbuf_shape = [plgpu.SMEM((p.rows_pad, LANES), jnp.float32)] if rr else []
+
+    def lane_sums(pbuf):
+        if interpret:
+            return jnp.sum(pbuf[...], axis=1)
+        plgpu.commit_smem()  # every thread's lane products are in
+        v = plgpu.load(pbuf, layout=plgpu.Layout.WGMMA, optimized=False)  # a row over 4 threads of a quad
+        sums = jnp.sum(v, axis=1)
+        plgpu.commit_smem()  # every thread has read them before the next group overwrites them
+        return sums
+
     seq_shape = (batch, p.time_p, p.chans_p)
     shapes = [jax.ShapeDtypeStruct(seq_shape, dtypes["x"]), jax.ShapeDtypeStruct(seq_shape, dtypes["dt"])]
     if p.gated:
         shapes.append(jax.ShapeDtypeStruct(seq_shape, dtypes["z"]))
     shapes += [
-        jax.ShapeDtypeStruct((batch, nb, p.time_p, p.bc_width), jnp.float32),
+        jax.ShapeDtypeStruct((batch, nb, nc * dbc_tile[0], dbc_tile[1]), jnp.float32),
         jax.ShapeDtypeStruct((batch, n, p.chans_p), jnp.float32),  # dA
         jax.ShapeDtypeStruct((batch, 2, p.chans_p), jnp.float32),  # dD, dbias
         jax.ShapeDtypeStruct((batch, n, p.chans_p), jnp.float32),  # dh0
     ]
     ins = [p.x, p.dt] + ([p.z] if p.gated else []) + [p.bc, gy, p.a2, p.params, bounds, gh_last]
 
-    def body(tiles, hbuf, carry, first):
+    def core(seq_tiles, a2, dvec, bias, hbuf, carry, pbuf):
+        """One chunk: recompute its states from the boundary, then the adjoint rows."""
+        if p.gated:
+            x_t, dt_t, z_t, bc_t, gy_t, bnd_t, dx_t, ddt_t, dz_t, dbc_t = seq_tiles
+        else:
+            (x_t, dt_t, bc_t, gy_t, bnd_t, dx_t, ddt_t, dbc_t), z_t, dz_t = seq_tiles, None, None
+        _fwd_rows(p, x_t, dt_t, z_t, bc_t, a2, dvec, bias, None, tuple(bnd_t[i] for i in range(n)), hbuf=hbuf)
+        return _bwd_rows(p, x_t, dt_t, z_t, bc_t, gy_t, a2, dvec, bias, hbuf, dx_t, ddt_t, dz_t, dbc_t, carry,
+                         pbuf=pbuf, lane_sums=lane_sums)
+
+    def body(tiles, hbuf, carry, first, pbuf=None):
+        """Interpret mode: the per-block constants and per-block results are pipeline tiles."""
         if p.gated:
             x_t, dt_t, z_t, bc_t, gy_t, a_t, pr_t, bnd_t, ghl_t, dx_t, ddt_t, dz_t, dbc_t, da_t, dp_t, dh0_t = tiles
+            seq_tiles = (x_t, dt_t, z_t, bc_t, gy_t, bnd_t, dx_t, ddt_t, dz_t, dbc_t)
         else:
-            (x_t, dt_t, bc_t, gy_t, a_t, pr_t, bnd_t, ghl_t, dx_t, ddt_t, dbc_t, da_t, dp_t, dh0_t), z_t, dz_t = tiles, None, None
+            x_t, dt_t, bc_t, gy_t, a_t, pr_t, bnd_t, ghl_t, dx_t, ddt_t, dbc_t, da_t, dp_t, dh0_t = tiles
+            seq_tiles = (x_t, dt_t, bc_t, gy_t, bnd_t, dx_t, ddt_t, dbc_t)
         gh0, dA0, dD0, db0 = carry
         carry = (tuple(g + first * ghl_t[i] for i, g in enumerate(gh0)), dA0, dD0, db0)
-        a2 = [a_t[i] for i in range(n)]
-        dvec, bias = pr_t[0], pr_t[1]
-        _fwd_rows(p, x_t, dt_t, z_t, bc_t, a2, dvec, bias, None, tuple(bnd_t[i] for i in range(n)), hbuf=hbuf)
-        gh, dA, dD, dbias = _bwd_rows(p, x_t, dt_t, z_t, bc_t, gy_t, a2, dvec, bias, hbuf, dx_t, ddt_t, dz_t, dbc_t, carry)
+        gh, dA, dD, dbias = core(seq_tiles, [a_t[i] for i in range(n)], pr_t[0], pr_t[1], hbuf, carry, pbuf)
         for i in range(n):
             da_t[i] = dA[i]
             dh0_t[i] = gh[i]
@@ -316,26 +373,25 @@ def _gpu_backward(p: Problem, gy, bounds, gh_last, dtypes, *, stages: int, inter
         dp_t[1] = dbias
         return gh, dA, dD, dbias
 
-    def zeros():
-        z = jnp.zeros((LANES,), jnp.float32)
-        return tuple(z for _ in range(n)), tuple(z for _ in range(n)), z, z
-
     if interpret:
         seq = pl.BlockSpec((None, chunk, LANES), lambda b, c, t: (b, nc - 1 - t, c))
         bcs = pl.BlockSpec((None, chunk, p.bc_width), lambda b, c, t: (b, nc - 1 - t, 0))
-        dbcs = pl.BlockSpec((None, None, chunk, p.bc_width), lambda b, c, t: (b, c, nc - 1 - t, 0))
+        dbcs = pl.BlockSpec((None, None, *dbc_tile), lambda b, c, t: (b, c, nc - 1 - t, 0))
         st = pl.BlockSpec((None, n, LANES), lambda b, c, t: (b, 0, c))
         two = pl.BlockSpec((None, 2, LANES), lambda b, c, t: (b, 0, c))
         par = [pl.BlockSpec((n, LANES), lambda b, c, t: (0, c)), pl.BlockSpec((2, LANES), lambda b, c, t: (0, c))]
         bnd = pl.BlockSpec((None, None, n, LANES), lambda b, c, t: (b, nc - 1 - t, 0, c))
 
         def kernel(*refs):
-            *tiles, hbuf, cst = refs
+            if rr:
+                *tiles, hbuf, cst, pbuf = refs
+            else:
+                (*tiles, hbuf, cst), pbuf = refs, None
             is_first = pl.program_id(2) == 0
             z = jnp.zeros((LANES,), jnp.float32)
             rd = lambda i: jnp.where(is_first, z, cst[i])  # noqa: E731 - scratch starts uninitialised
             carry = (tuple(rd(i) for i in range(n)), tuple(rd(n + i) for i in range(n)), rd(2 * n), rd(2 * n + 1))
-            gh, dA, dD, dbias = body(tiles, hbuf, carry, is_first.astype(jnp.float32))
+            gh, dA, dD, dbias = body(tiles, hbuf, carry, is_first.astype(jnp.float32), pbuf)
             for i, v in enumerate(list(gh) + list(dA) + [dD, dbias]):
                 cst[i] = v
 
@@ -343,40 +399,54 @@ def _gpu_backward(p: Problem, gy, bounds, gh_last, dtypes, *, stages: int, inter
             kernel, grid=(batch, nb, nc),
             in_specs=[seq, seq] + ([seq] if p.gated else []) + [bcs, seq] + par + [bnd, st],
             out_specs=[seq, seq] + ([seq] if p.gated else []) + [dbcs, st, two, st], out_shape=shapes,
-            scratch_shapes=[plgpu.SMEM((chunk, n, LANES), jnp.float32), plgpu.SMEM((2 * n + 2, LANES), jnp.float32)],
+            scratch_shapes=[plgpu.SMEM((chunk, n, LANES), jnp.float32), plgpu.SMEM((2 * n + 2, LANES), jnp.float32)] + pbuf_shape,
             interpret=True,
         )(*ins)
 
     @functools.partial(
         plgpu.kernel, out_type=tuple(shapes), grid=(batch, nb), grid_names=("batch", "block"),
-        scratch_types=[plgpu.SMEM((chunk, n, LANES), jnp.float32)], compiler_params=_gpu_params(opts),
+        scratch_types=[plgpu.SMEM((chunk, n, LANES), jnp.float32)] + pbuf_shape, compiler_params=_gpu_params(opts),
     )
     def kernel(*refs):
+        # The per-block constants (A, D, dt_bias, the final state's cotangent) are read from
+        # HBM into registers once, and the per-block results (dA, dD, dt_bias, dh0) written
+        # once at the end, so the pipeline's double-buffered tiles hold only the sequence.
         bi, ci = lax.axis_index("batch"), lax.axis_index("block")
         seq = pl.BlockSpec((chunk, LANES), lambda t: (nc - 1 - t, ci))
         bcs = pl.BlockSpec((chunk, p.bc_width), lambda t: (nc - 1 - t, 0))
-        dbcs = pl.BlockSpec((chunk, p.bc_width), lambda t: (nc - 1 - t, 0))
-        st = pl.BlockSpec((n, LANES), lambda t: (0, ci))
-        two = pl.BlockSpec((2, LANES), lambda t: (0, ci))
+        dbcs = pl.BlockSpec(dbc_tile, lambda t: (nc - 1 - t, 0))
         bnd = pl.BlockSpec((None, n, LANES), lambda t: (nc - 1 - t, 0, ci))
         n_in = len(ins)
-        gin, gout, hbuf = refs[:n_in], refs[n_in:-1], refs[-1]
+        n_scratch = 1 + bool(rr)
+        gin, gout = refs[:n_in], refs[n_in:-n_scratch]
+        hbuf, pbuf = refs[-n_scratch], (refs[-1] if rr else None)
         k = 3 + p.gated  # x, dt, (z), bc are per batch; then gy per batch; then a2, params shared; bounds per batch
-        per_batch_in = [g.at[bi] for g in gin[:k]] + [gin[k].at[bi], gin[k + 1], gin[k + 2], gin[k + 3].at[bi], gin[k + 4].at[bi]]
+        a_ref, pr_ref, ghl_ref = gin[k + 1], gin[k + 2], gin[k + 4].at[bi]
+        lanes = pl.ds(ci * LANES, LANES)
+        a2 = [a_ref[i, lanes] for i in range(n)]
+        dvec, bias = pr_ref[0, lanes], pr_ref[1, lanes]
+        zero = jnp.zeros((LANES,), jnp.float32)
+        init = (tuple(ghl_ref[i, lanes] for i in range(n)), tuple(zero for _ in range(n)), zero, zero)
+        per_batch_in = [g.at[bi] for g in gin[:k]] + [gin[k].at[bi], gin[k + 3].at[bi]]
         nseq_out = 2 + p.gated
-        per_batch_out = [g.at[bi] for g in gout[:nseq_out]] + [gout[nseq_out].at[bi, ci]] + [g.at[bi] for g in gout[nseq_out + 1 :]]
+        per_batch_out = [g.at[bi] for g in gout[:nseq_out]] + [gout[nseq_out].at[bi, ci]]
 
         def step(idx, *tiles_and_carry):
-            *tiles, carry = tiles_and_carry
-            first = jnp.where(idx[0] == 0, 1.0, 0.0).astype(jnp.float32)
-            return body(tiles, hbuf, carry, first)
+            *tiles, carry = tiles_and_carry  # x, dt, (z), bc, gy, bounds, dx, ddt, (dz), dbc
+            return core(tuple(tiles), a2, dvec, bias, hbuf, carry, pbuf)
 
-        plgpu.emit_pipeline(
+        gh, dA, dD, dbias = plgpu.emit_pipeline(
             step, grid=(nc,),
-            in_specs=[seq, seq] + ([seq] if p.gated else []) + [bcs, seq, st, two, bnd, st],
-            out_specs=[seq, seq] + ([seq] if p.gated else []) + [dbcs, st, two, st],
-            max_concurrent_steps=stages, init_carry=zeros(),
+            in_specs=[seq, seq] + ([seq] if p.gated else []) + [bcs, seq, bnd],
+            out_specs=[seq, seq] + ([seq] if p.gated else []) + [dbcs],
+            max_concurrent_steps=stages, init_carry=init,
         )(*per_batch_in, *per_batch_out)
+        da_ref, dp_ref, dh0_ref = (g.at[bi] for g in gout[nseq_out + 1:])
+        for i in range(n):
+            da_ref[i, lanes] = dA[i]
+            dh0_ref[i, lanes] = gh[i]
+        dp_ref[0, lanes] = dD
+        dp_ref[1, lanes] = dbias
 
     return kernel(*ins)
 
@@ -388,8 +458,12 @@ def make_problem(platform, x, dt, A, B, C, D, z, dt_bias, h0, resets, softplus, 
     if platform == "tpu":
         return Problem(x, dt, A, B, C, D, z, dt_bias, h0, resets, chunk or 16, softplus, state_multiple=8, bc_multiple=LANES)
     opts = {**GPU_OPTIONS, **(opts or {})}
-    return Problem(x, dt, A, B, C, D, z, dt_bias, h0, resets, chunk or opts["chunk"], softplus, unroll=opts["unroll"],
-                   bwd_unroll=opts["bwd_unroll"])
+    chunk = chunk or opts["chunk"]
+    red_rows = min(opts["red_rows"], chunk)
+    while red_rows and chunk % red_rows:  # the largest divisor of the chunk up to the option
+        red_rows -= 1
+    return Problem(x, dt, A, B, C, D, z, dt_bias, h0, resets, chunk, softplus, unroll=opts["unroll"],
+                   bwd_unroll=opts["bwd_unroll"], red_rows=red_rows)
 
 
 def forward(platform, p: Problem, out_dtype, *, save_bounds=False, stages=None, interpret=False, opts=None):
@@ -424,7 +498,10 @@ def backward(platform, p: Problem, gy, gh_last, bounds, dtypes, *, stages=None, 
     else:
         (dx, ddt, dbc, dA, dp, dh0), dz = outs, None
     T, Cn, n = p.time, p.chans, p.n_real
-    dbc = jnp.sum(dbc, axis=1)[:, :T]
+    dbc = jnp.sum(dbc, axis=1)
+    if platform != "tpu" and p.red_rows:  # (batch, time_p // red_rows, rows_pad) -> (batch, time_p, 2 state)
+        dbc = dbc[..., : p.red_rows * 2 * p.n].reshape(p.batch, p.time_p, 2 * p.n)
+    dbc = dbc[:, :T]
     return {
         "x": dx[:, :T, :Cn], "dt": ddt[:, :T, :Cn], "z": None if dz is None else dz[:, :T, :Cn],
         "B": dbc[..., :n], "C": dbc[..., p.n : p.n + n],
