@@ -127,17 +127,39 @@ def test_pallas_gpu_red_rows_must_divide_the_chunk():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_pallas_gpu_selective_scan_on_the_gpu(dtype):
+def test_pallas_gpu_selective_scan_on_the_gpu():
     # The real Mosaic GPU lowering with the default options (run with -m gpu on the
-    # accelerator): outputs, final state and every gradient equal the reference, at odd
-    # lengths and channels, resets and h0.
-    args, resets, w, wh = _case(2, 203, 300, 16, True, True, dtype, seed=3)
-    rtol, atol = TOL[dtype]
+    # accelerator), float32: outputs, final state and every gradient equal the reference, at
+    # odd lengths and channels, resets and h0.
+    args, resets, w, wh = _case(2, 203, 300, 16, True, True, jnp.float32, seed=3)
+    rtol, atol = TOL[jnp.float32]
     y, h, g = _run("pallas_gpu", args, resets, w, wh, interpret=False)
     y_ref, h_ref, g_ref = _run("reference", args, resets, w, wh)
-    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=rtol, atol=atol)
     np.testing.assert_allclose(np.asarray(h), np.asarray(h_ref), rtol=rtol, atol=atol)
     for k in g_ref:
-        np.testing.assert_allclose(np.asarray(g[k], np.float32), np.asarray(g_ref[k], np.float32), rtol=rtol, atol=atol,
-                                   err_msg=f"gradient of {k}")
+        np.testing.assert_allclose(np.asarray(g[k]), np.asarray(g_ref[k]), rtol=rtol, atol=atol, err_msg=f"gradient of {k}")
+
+
+def _rel(u, v) -> float:
+    u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
+    return float(np.linalg.norm(u - v) / np.linalg.norm(v))
+
+
+@pytest.mark.gpu
+def test_pallas_gpu_selective_scan_bf16_on_the_gpu():
+    # bf16 inputs on the real lowering. An elementwise 3e-3 match against the bf16 reference
+    # is below one bf16 ulp (2^-8): on the first GPU run 14 of 121,800 dx elements were 2 ulps
+    # from it, and the bf16 reference itself is as far from the float32 truth at those same
+    # elements (it rounds inside). So both are measured against the float32 reference on the
+    # same (bf16-valued) inputs: the kernel must be no less accurate than the bf16 reference
+    # (relative norm error within 10% of it), and within 5e-3 of the truth.
+    args, resets, w, wh = _case(2, 203, 300, 16, True, True, jnp.bfloat16, seed=3)
+    up = {k: (None if v is None else v.astype(jnp.float32)) for k, v in args.items()}
+    y, h, g = _run("pallas_gpu", args, resets, w, wh, interpret=False)
+    y_bf, h_bf, g_bf = _run("reference", args, resets, w, wh)
+    y_32, h_32, g_32 = _run("reference", up, resets, w, wh)
+    pairs = [("y", y, y_bf, y_32), ("h", h, h_bf, h_32)] + [(k, g[k], g_bf[k], g_32[k]) for k in g_32]
+    for name, ours, ref_bf, truth in pairs:
+        err, ref_err = _rel(ours, truth), _rel(ref_bf, truth)
+        assert err <= 1.1 * ref_err + 1e-4 and err <= 5e-3, (name, err, ref_err)
