@@ -342,8 +342,11 @@ def selective_scan_bwd_sweep(bw: float, quick: bool) -> list[dict]:
     big, small = b * t * c * 4, b * t * n * 4
     fb_bytes = 11 * big + 6 * small
     rows = []
-    variants = [{"red_rows": 0}, {"red_rows": 0, "bwd_unroll": 1}, {"red_rows": 2}, {"red_rows": 4},
-                {"red_rows": 4, "bwd_stages": 1}]
+    variants = [{"red_rows": 0}, {"red_rows": 4, "red_layout": "wgmma"}, {"red_rows": 4, "red_layout": "row4"},
+                {"red_rows": 4, "red_layout": "row8"}, {"red_rows": 2, "red_layout": "row4"}]
+    if os.environ.get("SS_BWD_VARIANTS"):  # e.g. 'red_rows=4+red_layout=row4,red_rows=2'
+        variants = [{k: (int(v) if v.isdigit() else v) for k, _, v in (kv.partition("=") for kv in c.split("+"))}
+                    for c in os.environ["SS_BWD_VARIANTS"].split(",")]
     for opts in variants:
         name = "pallas " + ",".join(f"{k}={v}" for k, v in opts.items())
         saved = dict(pss.GPU_OPTIONS)

@@ -65,7 +65,7 @@ class Problem:
     """The kernels' view of one call: padded, packed inputs and the static sizes."""
 
     def __init__(self, x, dt, A, B, C, D, z, dt_bias, h0, resets, chunk, softplus, state_multiple=1, bc_multiple=8,
-                 unroll=True, bwd_unroll=None, red_rows=0):
+                 unroll=True, bwd_unroll=None, red_rows=0, red_multiple=64):
         batch, time, chans = x.shape
         self.n_real = A.shape[1]
         n = self.n_real + (-self.n_real) % state_multiple
@@ -79,9 +79,9 @@ class Problem:
         if red_rows and chunk % red_rows:
             raise ValueError(f"red_rows: {red_rows} does not divide the chunk ({chunk}); expected a divisor of it")
         # the backward's batched lane sums: red_rows steps x (B, C) x state rows per flush, padded
-        # to the 64-row tiles of the layout that reduces them
+        # to the row tiles of the register layout that reduces them
         self.red_rows = red_rows
-        self.rows_pad = -(-red_rows * 2 * n // 64) * 64 if red_rows else 0
+        self.rows_pad = -(-red_rows * 2 * n // red_multiple) * red_multiple if red_rows else 0
         self.time_p = time + (-time) % chunk
         self.chans_p = chans + (-chans) % LANES
         self.n_chunks, self.n_blocks = self.time_p // chunk, self.chans_p // LANES
@@ -225,7 +225,28 @@ def _bwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, gy_t, a2, dvec, bias, hbuf, dx_t
 
 
 GPU_OPTIONS = {"chunk": 8, "stages": 3, "bwd_stages": 2, "unroll": 4, "bwd_unroll": 2, "approx_math": True,
-               "no_auto_barriers": True, "red_rows": 4}
+               "no_auto_barriers": True, "red_rows": 4, "red_layout": "row4"}
+
+# Register layouts for the backward's batched lane sums of a (rows, 128) float32 scratch, and
+# the row multiple each needs. "wgmma": a quad of lanes holds a row's 8-column groups (in-thread
+# sums, 2 shuffles; its loads hit 8-way bank conflicts: 8 rows 512 bytes apart per load).
+# "row4": each warp reads whole rows, 4 columns per lane (conflict-free 16-byte loads, 5
+# shuffles per row). "row8": 2 rows per warp load, 8 columns per lane (4 shuffles).
+RED_LAYOUTS = {"wgmma": 64, "row4": 4, "row8": 8}
+
+
+def _red_layout(name):
+    from jax.experimental.mosaic.gpu import fragmented_array as mfa
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if name == "wgmma":
+        return plgpu.Layout.WGMMA
+    if name == "row4":
+        return plgpu.Layout.TILED(mfa.Tiling(((4, 128), (4,))), warp_dims=(-3,), lane_dims=(-2,), vector_dim=-1)
+    if name == "row8":
+        return plgpu.Layout.TILED(mfa.Tiling(((8, 128), (2, 128), (8,))), warp_dims=(-5,), lane_dims=(-3, -2),
+                                  vector_dim=-1)
+    raise ValueError(f"red_layout: got {name!r}, expected one of {sorted(RED_LAYOUTS)}")
 
 
 def _gpu_params(opts):
@@ -328,7 +349,7 @@ def _gpu_backward(p: Problem, gy, bounds, gh_last, dtypes, *, stages: int, inter
         if interpret:
             return jnp.sum(pbuf[...], axis=1)
         plgpu.commit_smem()  # every thread's lane products are in
-        v = plgpu.load(pbuf, layout=plgpu.Layout.WGMMA, optimized=False)  # a row over 4 threads of a quad
+        v = plgpu.load(pbuf, layout=_red_layout(opts["red_layout"]), optimized=False)
         sums = jnp.sum(v, axis=1)
         plgpu.commit_smem()  # every thread has read them before the next group overwrites them
         return sums
@@ -462,8 +483,10 @@ def make_problem(platform, x, dt, A, B, C, D, z, dt_bias, h0, resets, softplus, 
     red_rows = min(opts["red_rows"], chunk)
     while red_rows and chunk % red_rows:  # the largest divisor of the chunk up to the option
         red_rows -= 1
+    if opts["red_layout"] not in RED_LAYOUTS:
+        raise ValueError(f"red_layout: got {opts['red_layout']!r}, expected one of {sorted(RED_LAYOUTS)}")
     return Problem(x, dt, A, B, C, D, z, dt_bias, h0, resets, chunk, softplus, unroll=opts["unroll"],
-                   bwd_unroll=opts["bwd_unroll"], red_rows=red_rows)
+                   bwd_unroll=opts["bwd_unroll"], red_rows=red_rows, red_multiple=RED_LAYOUTS[opts["red_layout"]])
 
 
 def forward(platform, p: Problem, out_dtype, *, save_bounds=False, stages=None, interpret=False, opts=None):

@@ -75,7 +75,12 @@ def test_slstm_gpu_kernel_lowers(hopper):
     assert _kernels(fn, x, R, b) == {"triton": 2, "mosaic": 0}
 
 
-def test_selective_scan_gpu_kernel_lowers(hopper):
+@pytest.mark.parametrize("layout", ["wgmma", "row4", "row8"])
+def test_selective_scan_gpu_kernel_lowers(hopper, monkeypatch, layout):
+    # every register layout of the backward's batched lane sums lowers
+    from mnemax.kernels import pallas_selective_scan as pss
+
+    monkeypatch.setitem(pss.GPU_OPTIONS, "red_layout", layout)
     rng = np.random.default_rng(2)
     Bt, T, Ch, N = 2, 100, 64, 16
     x, dt, z = _arr(rng, (Bt, T, Ch)), _arr(rng, (Bt, T, Ch)), _arr(rng, (Bt, T, Ch))

@@ -99,15 +99,19 @@ def test_pallas_kernel_runs_per_shard_under_a_mesh(axes):
         np.testing.assert_allclose(np.asarray(g[k]), np.asarray(ref[2][k]), rtol=rtol, atol=atol, err_msg=f"gradient of {k}")
 
 
-@pytest.mark.parametrize("red_rows,chunk", [(0, 8), (2, 8), (8, 8), (4, 6)], ids=["per_step", "2_rows", "8_rows", "chunk_6"])
-def test_pallas_gpu_backward_lane_sum_variants(monkeypatch, red_rows, chunk):
+@pytest.mark.parametrize("red_rows,chunk,layout", [(0, 8, "wgmma"), (2, 8, "wgmma"), (8, 8, "wgmma"), (4, 6, "wgmma"),
+                                                   (4, 8, "row4"), (3, 6, "row8")],
+                         ids=["per_step", "2_rows", "8_rows", "chunk_6", "row4", "row8"])
+def test_pallas_gpu_backward_lane_sum_variants(monkeypatch, red_rows, chunk, layout):
     # dB and dC are sums over the block's lanes: reduced one at a time (red_rows 0) or written
-    # for red_rows steps to a scratch and reduced together (4 is the default; with a chunk of 6
-    # the kernel takes the largest divisor, 3). Every layout equals the reference's gradients.
+    # for red_rows steps to a scratch and reduced together (with a chunk of 6 and red_rows 4
+    # the kernel takes the largest divisor, 3); the scratch's rows are padded to the reducing
+    # layout's row tile (64, 4 or 8). Every variant equals the reference's gradients.
     from mnemax.kernels import pallas_selective_scan as pss
 
     monkeypatch.setitem(pss.GPU_OPTIONS, "red_rows", red_rows)
     monkeypatch.setitem(pss.GPU_OPTIONS, "chunk", chunk)
+    monkeypatch.setitem(pss.GPU_OPTIONS, "red_layout", layout)
     args, resets, w, wh = _case(2, 23, 130, 16, True, True, jnp.float32, seed=11)
     rtol, atol = TOL[jnp.float32]
     y, h, g = _run("pallas_gpu", args, resets, w, wh)
@@ -124,6 +128,9 @@ def test_pallas_gpu_red_rows_must_divide_the_chunk():
     a = args
     with pytest.raises(ValueError, match="red_rows"):
         pss.Problem(a["x"], a["dt"], a["A"], a["B"], a["C"], None, None, None, None, None, 8, True, red_rows=3)
+    with pytest.raises(ValueError, match="red_layout"):
+        pss.make_problem("gpu", a["x"], a["dt"], a["A"], a["B"], a["C"], None, None, None, None, None, True,
+                         opts={"red_layout": "columns"})
 
 
 @pytest.mark.gpu
