@@ -68,8 +68,9 @@ from .pallas_mlstm import (
 # "fused" -- inside the dq/dk program's value loop (needs block_k >= d_qk: one key block);
 # "auto" -- "fused" where there is one key block, else "loop". fwd_warps: the forward
 # output kernel's warps (None: num_warps).
-# Defaults: the fastest measured on an H200 at d_qk 256 / d_v 512 (benchmarks/RESULTS.md).
-GPU_OPTIONS = {"num_warps": 8, "fwd_warps": 4, "num_stages": 1, "block_v": None, "state_block": 128, "state_warps": 8,
+# Defaults: the fastest measured on an H200 at d_qk 256 / d_v 512 (benchmarks/RESULTS.md);
+# num_stages 2 (Triton software pipelining of the per-chunk loops): 4-5% faster on an H100.
+GPU_OPTIONS = {"num_warps": 8, "fwd_warps": 4, "num_stages": 2, "block_v": None, "state_block": 128, "state_warps": 8,
                "bwd": "split", "block_k": 256, "fwd": "loop", "dv": "auto"}
 COEF_COLS = 4  # state-walk coefficients per step: key/query weight, w_a (chunk), n weight, 0
 
