@@ -217,9 +217,6 @@ def selective_scan_rows(bw: float, quick: bool) -> list[dict]:
             return jax.jit(lambda x, dt, A, Bm, Cm, D, z, bias: selective_scan(
                 x, dt, A, Bm, Cm, D=D, z=z, dt_bias=bias, dt_softplus=True, backend=backend))
 
-        def run_bwd(backend):
-            return _ss_grads(backend, gy)
-
         _log(f"selective_scan {(b, t, c, n)} {jnp.dtype(dtype).name}: xla reference output")
         ref = run("xla")(*args).astype(jnp.float32)
         times = {}
@@ -234,7 +231,7 @@ def selective_scan_rows(bw: float, quick: bool) -> list[dict]:
                 _log(f"  {name} forward {tf * 1e3:.3f} ms, rel err {err:.2e}")
                 tb = None
                 try:
-                    fb = run_bwd(name)
+                    fb = _ss_grads(name, gy)
                     t0 = time.time()
                     compiled = fb.lower(*args).compile()  # for the memory stats
                     _log(f"  {name} fwd+bwd compiled in {time.time() - t0:.1f}s")
@@ -334,10 +331,7 @@ def selective_scan_bwd_sweep(bw: float, quick: bool) -> list[dict]:
     gy = jnp.asarray(RNG.standard_normal((b, t, c), f32))
     args = (x, dt, A, Bm, Cm, D, z, bias)
 
-    def grads(backend):
-        return _ss_grads(backend, gy)
-
-    ref = grads("xla")(*args)
+    ref = _ss_grads("xla", gy)(*args)
     names = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")
     big, small = b * t * c * 4, b * t * n * 4
     fb_bytes = 11 * big + 6 * small
@@ -352,7 +346,7 @@ def selective_scan_bwd_sweep(bw: float, quick: bool) -> list[dict]:
         saved = dict(pss.GPU_OPTIONS)
         try:
             pss.GPU_OPTIONS.update(opts)
-            f = grads("pallas_gpu")
+            f = _ss_grads("pallas_gpu", gy)
             t0 = time.time()
             out = jax.block_until_ready(f(*args))
             comp = time.time() - t0  # compile and one call

@@ -238,17 +238,15 @@ RED_LAYOUTS = {"wgmma": 64, "row4": 4, "row8": 8}
 
 
 def _red_layout(name):
+    """The register layout ``name`` (a key of RED_LAYOUTS; make_problem has checked it)."""
     from jax.experimental.mosaic.gpu import fragmented_array as mfa
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
+    tiled = {"row4": (((4, 128), (4,)), (-3,), (-2,)), "row8": (((8, 128), (2, 128), (8,)), (-5,), (-3, -2))}
     if name == "wgmma":
         return plgpu.Layout.WGMMA
-    if name == "row4":
-        return plgpu.Layout.TILED(mfa.Tiling(((4, 128), (4,))), warp_dims=(-3,), lane_dims=(-2,), vector_dim=-1)
-    if name == "row8":
-        return plgpu.Layout.TILED(mfa.Tiling(((8, 128), (2, 128), (8,))), warp_dims=(-5,), lane_dims=(-3, -2),
-                                  vector_dim=-1)
-    raise ValueError(f"red_layout: got {name!r}, expected one of {sorted(RED_LAYOUTS)}")
+    tiles, warps, lanes = tiled[name]
+    return plgpu.Layout.TILED(mfa.Tiling(tiles), warp_dims=warps, lane_dims=lanes, vector_dim=-1)
 
 
 def _gpu_params(opts):

@@ -124,8 +124,7 @@ def test_pallas_gpu_backward_lane_sum_variants(monkeypatch, red_rows, chunk, lay
 def test_pallas_gpu_red_rows_must_divide_the_chunk():
     from mnemax.kernels import pallas_selective_scan as pss
 
-    args, resets, _, _ = _case(1, 8, 4, 4, False, False, jnp.float32, seed=0)
-    a = args
+    a, _, _, _ = _case(1, 8, 4, 4, False, False, jnp.float32, seed=0)
     with pytest.raises(ValueError, match="red_rows"):
         pss.Problem(a["x"], a["dt"], a["A"], a["B"], a["C"], None, None, None, None, None, 8, True, red_rows=3)
     with pytest.raises(ValueError, match="red_layout"):
