@@ -1,6 +1,6 @@
 """xLSTM kernel benchmarks on the accelerator (issue 9): mLSTM and sLSTM, every backend.
 
-    python benchmarks/kernels_xlstm.py [--ops mlstm,slstm] [--quick]
+    python benchmarks/kernels_xlstm.py [--ops mlstm,slstm] [--quick] [--slstm_configs num_warps=8,...]
 
 mLSTM, forward and forward+backward, bf16 inputs, 65,536 tokens per call, 8 heads,
 d_qk 256, d_v 512, at context 8k (batch 8) and 64k (batch 1), against
@@ -419,11 +419,28 @@ def mlstm_check_rows(peak: float, quick: bool, pallas_configs: str = "") -> list
     return rows
 
 
-def slstm_rows(peak: float, quick: bool) -> list[dict]:
+def slstm_variants(configs: str) -> list[tuple]:
+    """(row name, backend, pallas_slstm_gpu.GPU_OPTIONS changes, float32 dots?): the xla
+    backend at float32 dot precision (the accuracy reference) and at JAX's default (the
+    timing baseline), the Pallas defaults, then each ``key=value+key=value`` config."""
+    out = [("xla (f32 dots)", "xla", {}, True), ("xla", "xla", {}, False), ("pallas_gpu", "pallas_gpu", {}, False)]
+    for cfg in filter(None, configs.split(",")):
+        opts = {}
+        for kv in cfg.split("+"):
+            k, _, v = kv.partition("=")
+            opts[k] = v if k == "precision" else int(v)
+        out.append((f"pallas_gpu {cfg}", "pallas_gpu", opts, False))
+    return out
+
+
+def slstm_rows(peak: float, quick: bool, pallas_configs: str = "") -> list[dict]:
+    import contextlib
+
     import jax
     import jax.numpy as jnp
     import numpy as np
 
+    from mnemax.kernels import pallas_slstm_gpu
     from mnemax.kernels.slstm import slstm
 
     b, t, h, d = (2, 64, 2, 32) if quick else SLSTM_SHAPE
@@ -434,15 +451,23 @@ def slstm_rows(peak: float, quick: bool) -> list[dict]:
     gy = jnp.asarray(rng.standard_normal((b, t, h, d), np.float32))
     flops = 3 * b * t * 2 * 4 * d * d * h
     rows, ref = [], None
-    for backend in ("xla", "pallas_gpu"):
-        row = {"op": "slstm", "shape": str((b, t, h * d, h)), "impl": backend}
-        fwd = jax.jit(lambda x, R, bias, be=backend: slstm(x, R, bias, backend=be)[0])
-        fb = jax.jit(jax.grad(lambda x, R, bias, be=backend: jnp.sum(slstm(x, R, bias, backend=be)[0].astype(jnp.float32) * gy),
-                              argnums=(0, 1, 2)))
-        out = _attempt(row, lambda row=row, fwd=fwd, fb=fb: _measure(row, fwd, fb, (x, R, bias), ref, flops, peak))
+    for name, backend, opts, exact in slstm_variants(pallas_configs):
+        row = {"op": "slstm", "shape": str((b, t, h * d, h)), "impl": name}
+        saved = dict(pallas_slstm_gpu.GPU_OPTIONS)
+        pallas_slstm_gpu.GPU_OPTIONS.update(opts)
+        try:
+            fwd = jax.jit(lambda x, R, bias, be=backend: slstm(x, R, bias, backend=be)[0])
+            fb = jax.jit(jax.grad(lambda x, R, bias, be=backend: jnp.sum(slstm(x, R, bias, backend=be)[0].astype(jnp.float32) * gy),
+                                  argnums=(0, 1, 2)))
+            ctx = jax.default_matmul_precision("highest") if exact else contextlib.nullcontext()
+            with ctx:
+                out = _attempt(row, lambda row=row, fwd=fwd, fb=fb: _measure(row, fwd, fb, (x, R, bias), ref, flops, peak))
+        finally:
+            pallas_slstm_gpu.GPU_OPTIONS.clear()
+            pallas_slstm_gpu.GPU_OPTIONS.update(saved)
         ref = out if ref is None else ref
         rows.append(row)
-    base = rows[0].get("fwdbwd_ms")
+    base = rows[1].get("fwdbwd_ms")  # the xla backend at default precision
     for r in rows:
         if base and r.get("fwdbwd_ms"):
             r["vs_xla"] = base / r["fwdbwd_ms"]
@@ -470,6 +495,8 @@ def main():
                         "e.g. 64:4,128:8,64:8:128:32:4,32:4/split")
     p.add_argument("--stage_configs", default="", help="Pallas settings (as --pallas_configs) whose stages "
                    "--ops mlstm_stages times besides the defaults")
+    p.add_argument("--slstm_configs", default="", help="extra Pallas GPU sLSTM settings (GPU_OPTIONS of "
+                   "pallas_slstm_gpu), e.g. num_warps=8,splits=8+num_warps=8,precision=tf32")
     p.add_argument("--shapes", default="", help="which mLSTM shapes (indices into MLSTM_SHAPES, e.g. 0): default all")
     args = p.parse_args()
     if args.shapes:
@@ -481,7 +508,8 @@ def main():
     rows = []
     for op in args.ops.split(","):
         extra = ({"xla_chunks": args.xla_chunks, "pallas_configs": args.pallas_configs} if op == "mlstm"
-                 else {"pallas_configs": args.stage_configs} if op in ("mlstm_stages", "mlstm_check") else {})
+                 else {"pallas_configs": args.stage_configs} if op in ("mlstm_stages", "mlstm_check")
+                 else {"pallas_configs": args.slstm_configs})
         rows += SECTIONS[op](peak, args.quick, **extra)
         save({"env": env, "matmul_flops": peak, "rows": rows}, "kernels_xlstm.json")
         print(table(rows, COLUMNS), flush=True)

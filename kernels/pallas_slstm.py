@@ -62,7 +62,16 @@ def step_fwd(x4, R, b, st, keep, valid):
 def _step(x4, R, b, st, keep):
     """The forward step's intermediates (a dict)."""
     h0, c0, n0, m0 = (s * keep for s in st)
-    i, f, z, o = _gates(x4, R, b, h0)
+    p = pointwise(_gates(x4, R, b, h0), c0, n0, m0)
+    p["h0"] = h0
+    return p
+
+
+def pointwise(raw, c0, n0, m0):
+    """The step's elementwise part from the gate pre-activations ``raw = (i~, f~, z~, o~)``
+    and the incoming (c, n, m) (resets already applied): a dict of its intermediates,
+    ``h1 c1 n1 m1`` being the new state. Shared with the split GPU kernels."""
+    i, f, z, o = raw
     fresh = n0 == 0.0
     a = _log_sigmoid(f) + m0
     m1 = jnp.where(fresh, i, jnp.maximum(a, i))
@@ -71,19 +80,15 @@ def _step(x4, R, b, st, keep):
     tz, so = jnp.tanh(z), _sigmoid(o)
     c1 = fa * c0 + ia * tz
     n1 = fa * n0 + ia
-    return dict(h0=h0, c0=c0, n0=n0, i=i, f=f, fresh=fresh, a=a, m1=m1, ia=ia, fa=fa, tz=tz, so=so, c1=c1, n1=n1,
+    return dict(c0=c0, n0=n0, i=i, f=f, fresh=fresh, a=a, m1=m1, ia=ia, fa=fa, tz=tz, so=so, c1=c1, n1=n1,
                 h1=so * c1 / n1)
 
 
-def step_bwd(x4, R, b, st, keep, valid, dh_out, g):
-    """Adjoint of :func:`step_fwd`. g: gradient of the new state (h, c, n, m); dh_out:
-    gradient of the step's output h. Returns (dx per gate, dR per gate, db per gate,
-    gradient of the incoming state)."""
-    p = _step(x4, R, b, st, keep)
-    h0, c0, n0, i, f, fresh, a, ia, fa, tz, so, c1, n1 = (
-        p[k] for k in ("h0", "c0", "n0", "i", "f", "fresh", "a", "ia", "fa", "tz", "so", "c1", "n1"))
-    dh1, dc1, dn1, dm1 = g
-    dh1 = dh1 + dh_out
+def adjoint(p, dh1, dc1, dn1, dm1):
+    """The adjoint of :func:`pointwise`: from the gradients of the new (h, c, n, m) to those
+    of the gate pre-activations (a list of 4) and of the incoming (c, n, m)."""
+    c0, n0, i, f, fresh, a, ia, fa, tz, so, c1, n1 = (
+        p[k] for k in ("c0", "n0", "i", "f", "fresh", "a", "ia", "fa", "tz", "so", "c1", "n1"))
     do = dh1 * (c1 / n1) * so * (1.0 - so)
     dc1 = dc1 + dh1 * so / n1
     dn1 = dn1 - dh1 * so * c1 / (n1 * n1)
@@ -95,11 +100,22 @@ def step_bwd(x4, R, b, st, keep, valid, dh_out, g):
     da = dfa + share_a * dm1
     di = dia + (1.0 - share_a) * dm1
     df = da * _sigmoid(-f)
-    draw = [di * valid, df * valid, dz * valid, do * valid]
+    return [di, df, dz, do], (dc1 * fa, dn1 * fa, da)
+
+
+def step_bwd(x4, R, b, st, keep, valid, dh_out, g):
+    """Adjoint of :func:`step_fwd`. g: gradient of the new state (h, c, n, m); dh_out:
+    gradient of the step's output h. Returns (dx per gate, dR per gate, db per gate,
+    gradient of the incoming state)."""
+    p = _step(x4, R, b, st, keep)
+    h0 = p["h0"]
+    dh1 = g[0] + dh_out
+    draw, (dc0, dn0, dm0) = adjoint(p, dh1, g[1], g[2], g[3])
+    draw = [d * valid for d in draw]
     dh0 = sum(_dot(draw[k], R[k], ((1,), (1,))) for k in range(4))
     dR = [_dot(h0, draw[k], ((0,), (0,))) for k in range(4)]
     db = [jnp.sum(draw[k], axis=0, keepdims=True) for k in range(4)]
-    d_in = (dh0, dc1 * fa, dn1 * fa, da)
+    d_in = (dh0, dc0, dn0, dm0)
     d_in = tuple(jnp.where(valid > 0, keep * dn, gn) for dn, gn in zip(d_in, (dh1, g[1], g[2], g[3])))
     return draw, dR, db, d_in
 

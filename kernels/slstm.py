@@ -162,29 +162,40 @@ def _fused(x, R, b, state, resets):
 # ----------------------------------------------------------------------------- pallas
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _pallas_slstm(x, R, b, state, keep, platform, interpret):
+def _forward(platform, x, R, b, state, keep, save, interpret):
+    if platform == "gpu":
+        from . import pallas_slstm_gpu as pg
+
+        return pg.forward(x, R, b, state, keep, save=save, interpret=interpret)
     from . import pallas_slstm as ps
 
-    h, final, _ = ps.forward(platform, x, R, b, state, keep, save=False, interpret=interpret)
+    return ps.forward(platform, x, R, b, state, keep, save=save, interpret=interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _pallas_slstm(x, R, b, state, keep, platform, interpret):
+    h, final, _ = _forward(platform, x, R, b, state, keep, False, interpret)
     return h, SLSTMState(*final)
 
 
 def _pallas_fwd(x, R, b, state, keep, platform, interpret):
-    from . import pallas_slstm as ps
-
-    h, final, saved = ps.forward(platform, x, R, b, state, keep, save=True, interpret=interpret)
+    h, final, saved = _forward(platform, x, R, b, state, keep, True, interpret)
     return (h, SLSTMState(*final)), (saved, keep)
 
 
 def _pallas_bwd(platform, interpret, res, cts):
-    from . import pallas_slstm as ps
-
     saved, keep = res
     dh, dfinal = cts
     B, T, H, D = dh.shape
-    dx, dR, db, d0 = ps.backward(platform, (B, T, 4, H, D), saved, dh, tuple(dfinal), interpret=interpret)
-    xdt = saved[0][0].dtype
+    if platform == "gpu":
+        from . import pallas_slstm_gpu as pg
+
+        dx, dR, db, d0 = pg.backward((B, T, 4, H, D), saved, dh, tuple(dfinal), interpret=interpret)
+    else:
+        from . import pallas_slstm as ps
+
+        dx, dR, db, d0 = ps.backward(platform, (B, T, 4, H, D), saved, dh, tuple(dfinal), interpret=interpret)
+    xdt = dh.dtype  # the compute dtype (float32): x was cast to it before the kernel
     return (dx.astype(xdt), dR.astype(xdt), db.astype(xdt), SLSTMState(*(a.astype(xdt) for a in d0)),
             None if keep is None else jnp.zeros_like(keep))
 

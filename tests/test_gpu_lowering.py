@@ -65,9 +65,14 @@ def test_mlstm_gpu_kernels_lower(hopper, monkeypatch, dtype, options, kernels):
     assert _kernels(fn, q, k, v, i, f) == {"triton": kernels, "mosaic": 0}
 
 
-def test_slstm_gpu_kernel_lowers(hopper):
+@pytest.mark.parametrize("splits", [None, 4])
+def test_slstm_gpu_kernel_lowers(hopper, monkeypatch, splits):
+    # one program per head (D 16) and a head split over 4 programs that sync every step
+    from mnemax.kernels import pallas_slstm_gpu as pg
+
+    monkeypatch.setitem(pg.GPU_OPTIONS, "splits", splits)
     rng = np.random.default_rng(1)
-    B, T, H, D = 2, 24, 2, 16
+    B, T, H, D = 2, 24, 2, 16 if splits is None else 64
     x = _arr(rng, (B, T, 4, H, D))
     R = _arr(rng, (H, D, 4, D), scale=D**-0.5)
     b = _arr(rng, (4, H, D))

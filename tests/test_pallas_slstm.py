@@ -99,11 +99,53 @@ def test_pallas_slstm_state_round_trip(backend):
         assert rel_err(got, want) <= 1e-4
 
 
+@pytest.mark.parametrize("options,shape", [
+    ({"splits": 4}, (3, 17, 2, 40)),  # head 40 -> 64 units in 4 programs of 16, one launch
+    ({"splits": 2, "batch_block": 16, "max_programs": 4}, (18, 9, 3, 24)),  # 2 batch blocks, 6 groups, 3 launches
+])
+def test_pallas_gpu_slstm_split_heads(monkeypatch, options, shape):
+    """The GPU kernels with each head's recurrent matrices split over several programs
+    (emulated one after the other in interpret mode, through the same exchange buffers and
+    flags) equal the reference, and so do launches cut into groups of (head, batch block)."""
+    from mnemax.kernels import pallas_slstm_gpu as pg
+
+    for key, value in options.items():
+        monkeypatch.setitem(pg.GPU_OPTIONS, key, value)
+    plan = pg.Plan(shape[0], shape[2], shape[3], {}, interpret=True)
+    assert plan.splits == options["splits"] and plan.groups >= plan.per_launch
+    _check("pallas_gpu", _inputs(sum(shape), *shape, with_state=True, reset_rate=0.1))
+
+
+def test_pallas_gpu_slstm_bad_options(monkeypatch):
+    from mnemax.kernels import pallas_slstm_gpu as pg
+
+    with pytest.raises(ValueError, match="splits: got 3"):
+        pg.Plan(2, 1, 64, {"splits": 3}, interpret=True)
+    with pytest.raises(ValueError, match="splits: got 8"):  # 64 / 8 = 8 units < 16
+        pg.Plan(2, 1, 64, {"splits": 8}, interpret=True)
+    with pytest.raises(ValueError, match="batch_block: got 24"):
+        pg.Plan(2, 1, 64, {"batch_block": 24}, interpret=True)
+    with pytest.raises(ValueError, match="precision: got 'fp8'"):
+        pg.Plan(2, 1, 64, {"precision": "fp8"}, interpret=True)
+    with pytest.raises(ValueError, match="max_programs: got 2"):
+        pg.Plan(2, 1, 64, {"splits": 4, "max_programs": 2}, interpret=True)
+
+
 @pytest.mark.gpu
-def test_pallas_gpu_slstm_compiled_matches_reference():
-    """The compiled GPU kernel (not interpret mode) at a model-sized head."""
+@pytest.mark.parametrize("shape,options", [
+    ((4, 200, 4, 64), {}),  # one program per head
+    ((4, 200, 4, 64), {"splits": 4}),
+    ((16, 160, 4, 256), {}),  # the benchmark's heads: 16 programs per head exchange h every step
+    ((40, 64, 2, 128), {"max_programs": 8}),  # 2 batch blocks x 2 heads x 4 splits, 2 launches
+])
+def test_pallas_gpu_slstm_compiled_matches_reference(monkeypatch, shape, options):
+    """The compiled GPU kernels (not interpret mode), TF32x3 recurrent products."""
+    from mnemax.kernels import pallas_slstm_gpu as pg
+
     assert jax.default_backend() == "gpu"
-    _check("pallas_gpu", _inputs(12, 4, 200, 4, 64, with_state=True, reset_rate=0.01), interpret=False)
+    for key, value in options.items():
+        monkeypatch.setitem(pg.GPU_OPTIONS, key, value)
+    _check("pallas_gpu", _inputs(12, *shape, with_state=True, reset_rate=0.01), interpret=False)
 
 
 def test_pallas_slstm_runs_per_shard_under_a_mesh():

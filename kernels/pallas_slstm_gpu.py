@@ -1,0 +1,306 @@
+"""The GPU sLSTM kernels (Pallas, Triton lowering): one launch for the whole sequence,
+forward and backward, with each head's recurrent matrices split over ``splits``
+programs that stay resident on chip for all the steps.
+
+Why split: at d 1024 with 4 heads, one head's four ``256 x 256`` recurrent matrices are
+1 MB in float32, far more than one SM holds. So program ``s`` of a (head, batch block)
+group keeps only the columns ``[s U, (s+1) U)`` of every gate's matrix (``U = D /
+splits``, 64 KB by default: in registers) and computes those units' gates, cell and
+output. Each step, every program needs all of ``h_{t-1}``: the programs of a group write
+their slice of ``h_t`` to global memory, raise their flag to ``t + 1`` (an atomic max
+after a CTA barrier; acquire/release at GPU scope) and spin until every flag of the group
+has reached it, then read the full row. Per step that is one
+``(Bb, D) x (D, 4 U)`` product on the tensor cores (TF32x3 by default: float32 accuracy)
+plus the elementwise step, and one exchange through L2 (each row is read once, after its flag, so L1 holds no stale copy).
+
+The backward walks the steps last to first with the transposed split: program ``s``
+keeps the rows ``[s U, (s+1) U)`` of every gate's matrix, computes its units' gate
+gradients from the saved gate pre-activations and states (no recomputed matmul), writes
+them to the ``dx`` output (which is the exchange buffer), syncs, and reads all of them to
+form its slice of the recurrent gradient ``dh_{t-1} = sum_g dgate_g R_g^T``. ``dR`` and
+``db`` are then large matmuls / sums over (batch, time) done by XLA.
+
+All programs of a launch must be resident at once (they wait on each other), so a launch
+has at most ``max_programs`` programs (default: the GPU's SM count) and larger problems
+are cut into several launches over (head, batch block) groups.
+
+Interpret mode (CPU) cannot run programs concurrently, so there each program emulates its
+group's ``splits`` programs one after the other inside every step, through the same
+exchange buffers, slices and flags: it checks the split data flow, not the concurrency
+(the ``gpu``-marked tests run the real thing).
+
+Options (``GPU_OPTIONS``, read at trace time): ``splits`` (None: the largest slice within
+``R_SLICE_BYTES``), ``batch_block`` (None: the batch rounded up to a power of two in
+[16, 64]), ``num_warps``, ``precision`` (``tf32x3``, ``tf32``, ``ieee``; interpret mode
+uses float32), ``max_programs``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from . import pallas_slstm as ps
+
+F32 = jnp.float32
+R_SLICE_BYTES = 64 * 1024  # one program's slice of the four recurrent matrices, float32
+GPU_OPTIONS = {"splits": None, "batch_block": None, "num_warps": 4, "precision": "tf32x3", "max_programs": None}
+PRECISIONS = ("tf32x3", "tf32", "ieee")
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _sm_count() -> int:
+    try:
+        return int(jax.devices("gpu")[0].core_count)
+    except Exception:  # no GPU runtime (lowering on a CPU machine): the H100's 132
+        return 132
+
+
+class Plan:
+    """Static sizes of one call: padded head dim ``d``, ``splits`` x ``u`` units, batch
+    block ``bb``, ``nb`` blocks, ``groups`` = heads x nb, ``per_launch`` groups per launch."""
+
+    def __init__(self, batch, heads, head_dim, options, interpret):
+        o = {**GPU_OPTIONS, **options}
+        self.d = d = max(16, _pow2(head_dim))
+        splits = o["splits"]
+        if splits is None:
+            u = min(d, max(16, R_SLICE_BYTES // (16 * d)))
+            splits = d // u
+        if splits < 1 or splits & (splits - 1) or d // splits < 16 or d % splits:
+            raise ValueError(f"splits: got {splits}; expected a power of two leaving >= 16 units per program "
+                             f"(head dim padded to {d})")
+        self.splits, self.u = splits, d // splits
+        bb = o["batch_block"] or min(64, max(16, _pow2(batch)))
+        if bb < 16 or bb & (bb - 1):
+            raise ValueError(f"batch_block: got {bb}; expected a power of two >= 16")
+        self.bb, self.nb = bb, -(-batch // bb)
+        self.bp, self.groups = self.nb * bb, heads * self.nb
+        if o["precision"] not in PRECISIONS:
+            raise ValueError(f"precision: got {o['precision']!r}; expected one of {PRECISIONS}")
+        self.precision = lax.Precision.HIGHEST if interpret else {
+            "tf32x3": lax.DotAlgorithmPreset.TF32_TF32_F32_X3, "tf32": lax.DotAlgorithmPreset.TF32_TF32_F32,
+            "ieee": lax.Precision.HIGHEST}[o["precision"]]
+        max_programs = o["max_programs"] or (None if interpret else _sm_count())
+        if max_programs is not None and max_programs < splits:
+            raise ValueError(f"max_programs: got {max_programs}; expected >= splits ({splits})")
+        # interpret mode cuts launches only when told to (to test the cutting)
+        self.per_launch = self.groups if max_programs is None else max(1, max_programs // splits)
+        self.num_warps, self.interpret = int(o["num_warps"]), bool(interpret)
+
+
+def _dot(a, b, precision, dims=((1,), (0,))):
+    return lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=F32)
+
+
+def _written(ref, ok):
+    """A load of data other programs wrote, masked off while it is not written yet (``ok``
+    False): a row is read only after its flag, so L1 never holds a stale copy of it."""
+    from jax.experimental.pallas import triton as plt
+
+    return plt.load(ref, mask=jnp.broadcast_to(ok, ref.shape), other=0.0)
+
+
+def _sync(flags, g, mine, splits, value, interpret):
+    """Raise this program's flags to ``value`` and wait until the group's all are."""
+    from jax.experimental.pallas import triton as plt
+
+    barrier = (lambda: None) if interpret else plt.debug_barrier  # no CPU rule; one thread there anyway
+    barrier()  # every thread's stores precede the release below
+    # float flags (exact to 2^24 steps): the Triton lowering of integer atomics on a vector
+    # of addresses picks the float instruction, and float atomics are correct either way
+    value = jnp.asarray(value, F32)
+    for s in mine:
+        plt.atomic_max(flags, (g, jnp.asarray(s, jnp.int32)), value)
+
+    def waiting(_):
+        seen = plt.atomic_add(flags, (g, pl.ds(0, splits)), jnp.zeros((splits,), F32))  # acquire
+        return jnp.min(seen) < value
+
+    lax.while_loop(waiting, lambda c: c, jnp.int32(0))
+    barrier()
+
+
+def _mine(plan):
+    return list(range(plan.splits)) if plan.interpret else [pl.program_id(1)]
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _fwd_kernel(x_r, R_r, s0_r, k_r, f0_r, hs_r, sT_r, f_r, *saved, plan, T, g0):
+    del f0_r  # aliased to f_r
+    g = pl.program_id(0)
+    head = (g0 + g) // plan.nb
+    u, prec = plan.u, plan.precision
+    mine = _mine(plan)
+    cols = [pl.ds(s * u, u) for s in mine]
+    Rk = [[R_r[head, k, :, c] for k in range(4)] for c in cols]  # (d, u) column slices, kept across steps
+    h_init = s0_r[g, 0]
+    init = tuple(tuple(s0_r[g, k, :, c] for k in range(4)) for c in cols)
+
+    def step(t, carry):
+        keep = k_r[g, t]  # (bb, 1)
+        hprev = jnp.where(t == 0, h_init, _written(hs_r.at[g, jnp.maximum(t - 1, 0)], t > 0)) * keep
+        out = []
+        for i, c in enumerate(cols):
+            _, c0, n0, m0 = (v * keep for v in carry[i])
+            raw = [x_r[g, t, k, :, c] + _dot(hprev, Rk[i][k], prec) for k in range(4)]
+            p = ps.pointwise(raw, c0, n0, m0)
+            hs_r[g, t, :, c] = p["h1"]
+            if saved:
+                raw_r, cnm_r = saved
+                for k in range(4):
+                    raw_r[g, t, k, :, c] = raw[k]
+                for k, name in enumerate(("c1", "n1", "m1")):
+                    cnm_r[g, t, k, :, c] = p[name]
+            out.append((p["h1"], p["c1"], p["n1"], p["m1"]))
+        _sync(f_r, g, mine, plan.splits, t + 1, plan.interpret)
+        return tuple(out)
+
+    final = lax.fori_loop(0, T, step, init)
+    for i, c in enumerate(cols):
+        for k in range(4):
+            sT_r[g, k, :, c] = final[i][k]
+
+
+def _bwd_kernel(raw_r, cnm_r, s0_r, k_r, dh_r, gT_r, R_r, f0_r, dx_r, d0_r, f_r, *, plan, T, g0):
+    del f0_r
+    g = pl.program_id(0)
+    head = (g0 + g) // plan.nb
+    u, prec = plan.u, plan.precision
+    mine = _mine(plan)
+    rows = [pl.ds(s * u, u) for s in mine]
+    Rt = [[R_r[head, k, r, :] for k in range(4)] for r in rows]  # (u, d) row slices
+
+    def recurrent(i, t, ok):  # this slice of sum_g dgate_g(t) R_g^T, from every program's dgates
+        t = jnp.asarray(t, jnp.int32)  # (interpret mode's load rule wants array indices)
+        dn = [_written(dx_r.at[g, t, jnp.int32(k)], ok) for k in range(4)]
+        return sum(_dot(dn[k], Rt[i][k], prec, ((1,), (1,))) for k in range(4))
+
+    init = tuple(tuple(gT_r[g, k, :, r] for k in (1, 2, 3)) for r in rows)
+
+    def step(j, carry):
+        t = T - 1 - j
+        tn, tp = jnp.minimum(t + 1, T - 1), jnp.maximum(t - 1, 0)
+        keep, keep_n = k_r[g, t], k_r[g, tn]
+        out = []
+        for i, r in enumerate(rows):
+            dh1 = jnp.where(t == T - 1, gT_r[g, 0, :, r], keep_n * recurrent(i, tn, t < T - 1)) + dh_r[g, t, :, r]
+            c0, n0, m0 = (jnp.where(t == 0, s0_r[g, k + 1, :, r], cnm_r[g, tp, k, :, r]) * keep for k in range(3))
+            p = ps.pointwise([raw_r[g, t, k, :, r] for k in range(4)], c0, n0, m0)
+            draw, d_in = ps.adjoint(p, dh1, *carry[i])
+            for k in range(4):
+                dx_r[g, t, k, :, r] = draw[k]
+            out.append(tuple(v * keep for v in d_in))
+        _sync(f_r, g, mine, plan.splits, j + 1, plan.interpret)
+        return tuple(out)
+
+    final = lax.fori_loop(0, T, step, init)
+    keep0 = k_r[g, 0]
+    for i, r in enumerate(rows):
+        d0_r[g, 0, :, r] = keep0 * recurrent(i, 0, True)
+        for k in range(3):
+            d0_r[g, k + 1, :, r] = final[i][k]
+
+
+def _launch(plan, kernel, ins, out_shapes, n_flags_in):
+    """Run ``kernel`` over every group, ``plan.per_launch`` groups per launch. ``ins``:
+    per-group arrays (leading axis = groups) and shared ones (wrapped in a tuple)."""
+    from jax.experimental.pallas import triton as plt
+
+    outs = []
+    for g0 in range(0, plan.groups, plan.per_launch):
+        n = min(plan.per_launch, plan.groups - g0)
+        args = [a[0] if isinstance(a, tuple) else a[g0:g0 + n] for a in ins]
+        flags = jnp.zeros((n, plan.splits), F32)
+        shapes = [jax.ShapeDtypeStruct((n, *s[1:]), d) for s, d in out_shapes]
+        shapes.insert(n_flags_in, jax.ShapeDtypeStruct(flags.shape, F32))
+        kw = {} if plan.interpret else {"compiler_params": plt.CompilerParams(num_warps=plan.num_warps, num_stages=1)}
+        res = pl.pallas_call(
+            functools.partial(kernel, g0=g0), grid=(n, 1 if plan.interpret else plan.splits), out_shape=shapes,
+            input_output_aliases={len(args): n_flags_in}, interpret=plan.interpret, **kw,
+        )(*args, flags)
+        outs.append([o for k, o in enumerate(res) if k != n_flags_in])
+    return [jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0] for parts in zip(*outs)]
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def _pad(x, axis, size):
+    return ps._pad(x, axis, size)
+
+
+def _groups(a, plan, batch_axis, head_axis):
+    """(..., batch, ..., heads, ...) -> (heads x batch blocks, ...) with the batch block
+    in place of the batch axis (padded) and the head axis dropped."""
+    a = _pad(a, batch_axis, plan.bp)
+    a = jnp.moveaxis(a, (head_axis, batch_axis), (0, 1))
+    H = a.shape[0]
+    a = a.reshape(H, plan.nb, plan.bb, *a.shape[2:])
+    return a.reshape(H * plan.nb, plan.bb, *a.shape[3:])
+
+
+def _ungroup(a, plan, heads, bb_axis):
+    """(groups, ..., bb at ``bb_axis``, ...) -> (heads, batch padded, ...)."""
+    a = jnp.moveaxis(a, bb_axis, 1)
+    return a.reshape(heads, plan.bp, *a.shape[2:])
+
+
+def _state_out(a, plan, heads, B, D):
+    """(groups, 4, bb, d) -> 4 arrays (B, H, D)."""
+    a = _ungroup(a, plan, heads, 2)  # (H, bp, 4, d)
+    return tuple(jnp.transpose(a[:, :B, k, :D], (1, 0, 2)) for k in range(4))
+
+
+def forward(x, R, b, state, keep, *, save, interpret, options=None):
+    """h (B, T, H, D), the final state and, with ``save``, what the backward needs."""
+    B, T, _, H, D = x.shape
+    plan = Plan(B, H, D, options or {}, interpret)
+    d = plan.d
+    pre = _pad((x + b[None, None]).astype(F32), 4, d)  # (B, T, 4, H, d)
+    xg = jnp.moveaxis(_groups(pre, plan, 0, 3), 1, 3)  # (G, T, 4, bb, d)
+    Rs = _pad(_pad(jnp.transpose(R.astype(F32), (0, 2, 1, 3)), 2, d), 3, d)  # (H, 4, d_in, d_out)
+    s0 = jnp.moveaxis(_groups(_pad(jnp.stack(state).astype(F32), 3, d), plan, 1, 2), 1, 2)  # (G, 4, bb, d)
+    kp = jnp.ones((B, T), F32) if keep is None else keep.astype(F32)
+    kb = jnp.transpose(_pad(kp, 0, plan.bp).reshape(plan.nb, plan.bb, T), (0, 2, 1))[..., None]
+    kg = jnp.tile(kb, (H, 1, 1, 1))  # (G, T, bb, 1), groups head-major
+    G, bb = plan.groups, plan.bb
+    out_shapes = [((G, T, bb, d), F32), ((G, 4, bb, d), F32)]
+    if save:
+        out_shapes += [((G, T, 4, bb, d), F32), ((G, T, 3, bb, d), F32)]
+    kernel = functools.partial(_fwd_kernel, plan=plan, T=T)
+    hs, sT, *rest = _launch(plan, kernel, [xg, (Rs,), s0, kg], out_shapes, 2)
+    h = jnp.transpose(_ungroup(hs, plan, H, 2), (1, 2, 0, 3))[:B, :, :, :D]  # (B, T, H, D)
+    final = _state_out(sT, plan, H, B, D)
+    saved = (Rs, s0, kg, hs, *rest) if save else None
+    return h, final, saved
+
+
+def backward(shape, saved, dh, dfinal, *, interpret, options=None):
+    """Gradients (dx, dR, db, dstate0) in the op's layouts."""
+    B, T, _, H, D = shape
+    plan = Plan(B, H, D, options or {}, interpret)
+    Rs, s0, kg, hs, raw, cnm = saved
+    d = plan.d
+    dhg = jnp.moveaxis(_groups(_pad(dh.astype(F32), 3, d), plan, 0, 2), 1, 2)  # (G, T, bb, d)
+    gT = jnp.moveaxis(_groups(_pad(jnp.stack([a.astype(F32) for a in dfinal]), 3, d), plan, 1, 2), 1, 2)
+    G, bb = plan.groups, plan.bb
+    kernel = functools.partial(_bwd_kernel, plan=plan, T=T)
+    dx, d0 = _launch(plan, kernel, [raw, cnm, s0, kg, dhg, gT, (Rs,)], [((G, T, 4, bb, d), F32), ((G, 4, bb, d), F32)], 2)
+    # dR and db: sums over (batch, time) of the step's input state times its gate gradients
+    hprev = jnp.concatenate([s0[:, None, 0], hs[:, :-1]], axis=1) * kg  # (G, T, bb, d)
+    hp = hprev.reshape(H, plan.nb, T, bb, d)
+    dxh = dx.reshape(H, plan.nb, T, 4, bb, d)
+    dR = jnp.einsum("hjtbi,hjtkbo->hiko", hp, dxh, precision=lax.Precision.HIGHEST)[:, :D, :, :D]
+    db = jnp.transpose(jnp.sum(dxh, axis=(1, 2, 4)), (1, 0, 2))[:, :, :D]  # (4, H, D)
+    dxo = jnp.transpose(_ungroup(dx, plan, H, 3), (1, 2, 3, 0, 4))[:B, :, :, :, :D]  # (B, T, 4, H, D)
+    return dxo, dR, db, _state_out(d0, plan, H, B, D)
