@@ -32,7 +32,10 @@ exchange buffers, slices and flags: it checks the split data flow, not the concu
 Options (``GPU_OPTIONS``, read at trace time): ``splits`` (None: the largest slice within
 ``R_SLICE_BYTES``), ``batch_block`` (None: the batch rounded up to a power of two in
 [16, 64]), ``num_warps``, ``precision`` (``tf32x3``, ``tf32``, ``ieee``; interpret mode
-uses float32), ``max_programs``.
+uses float32), ``max_programs``, ``volatile`` (the exchange loads as volatile loads),
+``spin`` (``volatile``: wait on volatile reads of the flags then one acquire fence;
+``atomic``: every read an acquire RMW), ``r_resident`` (False: reload the R slice from
+L1/L2 every step instead of keeping it in registers).
 """
 
 from __future__ import annotations
@@ -48,7 +51,9 @@ from . import pallas_slstm as ps
 
 F32 = jnp.float32
 R_SLICE_BYTES = 64 * 1024  # one program's slice of the four recurrent matrices, float32
-GPU_OPTIONS = {"splits": None, "batch_block": None, "num_warps": 4, "precision": "tf32x3", "max_programs": None}
+GPU_OPTIONS = {"splits": None, "batch_block": None, "num_warps": 4, "precision": "tf32x3", "max_programs": None,
+               "volatile": False, "spin": "volatile", "r_resident": True}
+SPINS = ("volatile", "atomic")
 PRECISIONS = ("tf32x3", "tf32", "ieee")
 
 
@@ -94,38 +99,55 @@ class Plan:
         # interpret mode cuts launches only when told to (to test the cutting)
         self.per_launch = self.groups if max_programs is None else max(1, max_programs // splits)
         self.num_warps, self.interpret = int(o["num_warps"]), bool(interpret)
+        self.volatile = bool(o["volatile"]) and not interpret
+        if o["spin"] not in SPINS:
+            raise ValueError(f"spin: got {o['spin']!r}; expected one of {SPINS}")
+        self.spin, self.r_resident = o["spin"], bool(o["r_resident"])
 
 
 def _dot(a, b, precision, dims=((1,), (0,))):
     return lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=F32)
 
 
-def _written(ref, ok):
+def _written(ref, ok, volatile=False):
     """A load of data other programs wrote, masked off while it is not written yet (``ok``
     False): a row is read only after its flag, so L1 never holds a stale copy of it."""
     from jax.experimental.pallas import triton as plt
 
-    return plt.load(ref, mask=jnp.broadcast_to(ok, ref.shape), other=0.0)
+    return plt.load(ref, mask=jnp.broadcast_to(ok, ref.shape), other=0.0, volatile=volatile)
 
 
-def _sync(flags, g, mine, splits, value, interpret):
-    """Raise this program's flags to ``value`` and wait until the group's all are."""
+def _sync(flags, g, mine, value, plan):
+    """Raise this program's flags to ``value`` and wait until the group's all are. Returns
+    a true scalar that the loads of the exchanged data take into their masks, so that
+    they cannot be issued before the wait (a data dependency, besides the barrier)."""
     from jax.experimental.pallas import triton as plt
 
-    barrier = (lambda: None) if interpret else plt.debug_barrier  # no CPU rule; one thread there anyway
+    barrier = (lambda: None) if plan.interpret else plt.debug_barrier  # no CPU rule; one thread there anyway
     barrier()  # every thread's stores precede the release below
     # float flags (exact to 2^24 steps): the Triton lowering of integer atomics on a vector
     # of addresses picks the float instruction, and float atomics are correct either way
     value = jnp.asarray(value, F32)
     for s in mine:
-        plt.atomic_max(flags, (g, jnp.asarray(s, jnp.int32)), value)
+        plt.atomic_max(flags, (g, jnp.asarray(s, jnp.int32)), value)  # release (acq_rel, GPU scope)
+    flag_row = (g, pl.ds(0, plan.splits))
+    if plan.spin == "atomic" or plan.interpret:  # every read an acquire RMW of the flags
 
-    def waiting(_):
-        seen = plt.atomic_add(flags, (g, pl.ds(0, splits)), jnp.zeros((splits,), F32))  # acquire
-        return jnp.min(seen) < value
+        def seen():
+            return jnp.min(plt.atomic_add(flags, flag_row, jnp.zeros((plan.splits,), F32)))
+    else:  # volatile reads, then one acquire fence: no RMW traffic while waiting
 
-    lax.while_loop(waiting, lambda c: c, jnp.int32(0))
+        def seen():
+            return jnp.min(plt.load(flags.at[flag_row], volatile=True))
+
+    last = lax.while_loop(lambda m: m < value, lambda m: seen(), seen())
+    if plan.spin == "volatile" and not plan.interpret:
+        fenced = plt.elementwise_inline_asm("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", args=[jnp.full((1,), last)],
+                                            constraints="=r,r", pack=1,
+                                            result_shape_dtypes=[jax.ShapeDtypeStruct((1,), F32)])[0]
+        last = jnp.min(fenced)
     barrier()
+    return last >= value
 
 
 def _mine(plan):
@@ -142,17 +164,23 @@ def _fwd_kernel(x_r, R_r, s0_r, k_r, f0_r, hs_r, sT_r, f_r, *saved, plan, T, g0)
     u, prec = plan.u, plan.precision
     mine = _mine(plan)
     cols = [pl.ds(s * u, u) for s in mine]
-    Rk = [[R_r[head, k, :, c] for k in range(4)] for c in cols]  # (d, u) column slices, kept across steps
+    def r_cols():  # (d, u) column slices of the four matrices
+        return [[R_r[head, k, :, c] for k in range(4)] for c in cols]
+
+    Rk = r_cols() if plan.r_resident else None  # kept across steps (registers)
     h_init = s0_r[g, 0]
     init = tuple(tuple(s0_r[g, k, :, c] for k in range(4)) for c in cols)
 
     def step(t, carry):
+        ready, carry = carry
+        R = Rk if plan.r_resident else r_cols()
         keep = k_r[g, t]  # (bb, 1)
-        hprev = jnp.where(t == 0, h_init, _written(hs_r.at[g, jnp.maximum(t - 1, 0)], t > 0)) * keep
+        prev = _written(hs_r.at[g, jnp.maximum(t - 1, 0)], (t > 0) & ready, plan.volatile)
+        hprev = jnp.where(t == 0, h_init, prev) * keep
         out = []
         for i, c in enumerate(cols):
             _, c0, n0, m0 = (v * keep for v in carry[i])
-            raw = [x_r[g, t, k, :, c] + _dot(hprev, Rk[i][k], prec) for k in range(4)]
+            raw = [x_r[g, t, k, :, c] + _dot(hprev, R[i][k], prec) for k in range(4)]
             p = ps.pointwise(raw, c0, n0, m0)
             hs_r[g, t, :, c] = p["h1"]
             if saved:
@@ -162,10 +190,9 @@ def _fwd_kernel(x_r, R_r, s0_r, k_r, f0_r, hs_r, sT_r, f_r, *saved, plan, T, g0)
                 for k, name in enumerate(("c1", "n1", "m1")):
                     cnm_r[g, t, k, :, c] = p[name]
             out.append((p["h1"], p["c1"], p["n1"], p["m1"]))
-        _sync(f_r, g, mine, plan.splits, t + 1, plan.interpret)
-        return tuple(out)
+        return _sync(f_r, g, mine, t + 1, plan), tuple(out)
 
-    final = lax.fori_loop(0, T, step, init)
+    _, final = lax.fori_loop(0, T, step, (jnp.bool_(True), init))
     for i, c in enumerate(cols):
         for k in range(4):
             sT_r[g, k, :, c] = final[i][k]
@@ -178,35 +205,41 @@ def _bwd_kernel(raw_r, cnm_r, s0_r, k_r, dh_r, gT_r, R_r, f0_r, dx_r, d0_r, f_r,
     u, prec = plan.u, plan.precision
     mine = _mine(plan)
     rows = [pl.ds(s * u, u) for s in mine]
-    Rt = [[R_r[head, k, r, :] for k in range(4)] for r in rows]  # (u, d) row slices
+    def r_rows():  # (u, d) row slices of the four matrices
+        return [[R_r[head, k, r, :] for k in range(4)] for r in rows]
 
-    def recurrent(i, t, ok):  # this slice of sum_g dgate_g(t) R_g^T, from every program's dgates
+    Rt = r_rows() if plan.r_resident else None
+
+    def recurrent(R, i, t, ok):  # this slice of sum_g dgate_g(t) R_g^T, from every program's dgates
         t = jnp.asarray(t, jnp.int32)  # (interpret mode's load rule wants array indices)
-        dn = [_written(dx_r.at[g, t, jnp.int32(k)], ok) for k in range(4)]
-        return sum(_dot(dn[k], Rt[i][k], prec, ((1,), (1,))) for k in range(4))
+        dn = [_written(dx_r.at[g, t, jnp.int32(k)], ok, plan.volatile) for k in range(4)]
+        return sum(_dot(dn[k], R[i][k], prec, ((1,), (1,))) for k in range(4))
 
     init = tuple(tuple(gT_r[g, k, :, r] for k in (1, 2, 3)) for r in rows)
 
     def step(j, carry):
+        ready, carry = carry
+        R = Rt if plan.r_resident else r_rows()
         t = T - 1 - j
         tn, tp = jnp.minimum(t + 1, T - 1), jnp.maximum(t - 1, 0)
         keep, keep_n = k_r[g, t], k_r[g, tn]
         out = []
         for i, r in enumerate(rows):
-            dh1 = jnp.where(t == T - 1, gT_r[g, 0, :, r], keep_n * recurrent(i, tn, t < T - 1)) + dh_r[g, t, :, r]
+            dh_rec = recurrent(R, i, tn, (t < T - 1) & ready)
+            dh1 = jnp.where(t == T - 1, gT_r[g, 0, :, r], keep_n * dh_rec) + dh_r[g, t, :, r]
             c0, n0, m0 = (jnp.where(t == 0, s0_r[g, k + 1, :, r], cnm_r[g, tp, k, :, r]) * keep for k in range(3))
             p = ps.pointwise([raw_r[g, t, k, :, r] for k in range(4)], c0, n0, m0)
             draw, d_in = ps.adjoint(p, dh1, *carry[i])
             for k in range(4):
                 dx_r[g, t, k, :, r] = draw[k]
             out.append(tuple(v * keep for v in d_in))
-        _sync(f_r, g, mine, plan.splits, j + 1, plan.interpret)
-        return tuple(out)
+        return _sync(f_r, g, mine, j + 1, plan), tuple(out)
 
-    final = lax.fori_loop(0, T, step, init)
+    ready, final = lax.fori_loop(0, T, step, (jnp.bool_(True), init))
     keep0 = k_r[g, 0]
+    R = Rt if plan.r_resident else r_rows()
     for i, r in enumerate(rows):
-        d0_r[g, 0, :, r] = keep0 * recurrent(i, 0, True)
+        d0_r[g, 0, :, r] = keep0 * recurrent(R, i, 0, ready)
         for k in range(3):
             d0_r[g, k + 1, :, r] = final[i][k]
 

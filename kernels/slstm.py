@@ -88,9 +88,14 @@ def slstm(x, R, b=None, *, state: SLSTMState | tuple | None = None, resets=None,
     b = jnp.zeros((4, heads, head_dim), cdt) if b is None else b.astype(cdt)
     name, impl = dispatch.resolve(OP, backend)
     if impl not in _JITTED:  # one compiled unit when called eagerly; inlined under jit
-        static = ("interpret",) if "interpret" in inspect.signature(impl).parameters else ()
+        params = inspect.signature(impl).parameters
+        static = tuple(k for k in ("interpret", "options") if k in params)
         _JITTED[impl] = jax.jit(impl, static_argnames=static)
     kw = {"interpret": dispatch.interpret_flag(interpret)} if name.startswith("pallas") else {}
+    if name == "pallas_gpu":  # a jit cache key: the kernels read pallas_slstm_gpu.GPU_OPTIONS while tracing
+        from . import pallas_slstm_gpu
+
+        kw["options"] = tuple(sorted(pallas_slstm_gpu.GPU_OPTIONS.items()))
     h, new_state = _JITTED[impl](x.astype(cdt), R.astype(cdt), b, state, resets, **kw)
     return h.astype(x.dtype), new_state
 
@@ -223,7 +228,8 @@ def _pallas(platform, x, R, b, state, resets, interpret=False):
 
 
 @dispatch.register(OP, "pallas_gpu", default=False)  # opt-in until checked on a GPU
-def _pallas_gpu(x, R, b, state, resets, interpret=False):
+def _pallas_gpu(x, R, b, state, resets, interpret=False, options=()):
+    del options  # only a jit cache key
     return _pallas("gpu", x, R, b, state, resets, interpret)
 
 

@@ -65,14 +65,16 @@ def test_mlstm_gpu_kernels_lower(hopper, monkeypatch, dtype, options, kernels):
     assert _kernels(fn, q, k, v, i, f) == {"triton": kernels, "mosaic": 0}
 
 
-@pytest.mark.parametrize("splits", [None, 4])
-def test_slstm_gpu_kernel_lowers(hopper, monkeypatch, splits):
+@pytest.mark.parametrize("options", [{}, {"splits": 4}, {"splits": 4, "spin": "atomic", "r_resident": False}],
+                         ids=["one_program", "split", "split_atomic_reload"])
+def test_slstm_gpu_kernel_lowers(hopper, monkeypatch, options):
     # one program per head (D 16) and a head split over 4 programs that sync every step
     from mnemax.kernels import pallas_slstm_gpu as pg
 
-    monkeypatch.setitem(pg.GPU_OPTIONS, "splits", splits)
+    for key, value in options.items():
+        monkeypatch.setitem(pg.GPU_OPTIONS, key, value)
     rng = np.random.default_rng(1)
-    B, T, H, D = 2, 24, 2, 16 if splits is None else 64
+    B, T, H, D = 2, 24, 2, 64 if options else 16
     x = _arr(rng, (B, T, 4, H, D))
     R = _arr(rng, (H, D, 4, D), scale=D**-0.5)
     b = _arr(rng, (4, H, D))
