@@ -428,7 +428,7 @@ def slstm_variants(configs: str) -> list[tuple]:
         opts = {}
         for kv in cfg.split("+"):
             k, _, v = kv.partition("=")
-            opts[k] = v if k == "precision" else int(v)
+            opts[k] = int(v) if v.lstrip("-").isdigit() else v
         out.append((f"pallas_gpu {cfg}", "pallas_gpu", opts, False))
     return out
 
