@@ -7,11 +7,12 @@ Why split: at d 1024 with 4 heads, one head's four ``256 x 256`` recurrent matri
 group keeps only the columns ``[s U, (s+1) U)`` of every gate's matrix (``U = D /
 splits``, 64 KB by default: in registers) and computes those units' gates, cell and
 output. Each step, every program needs all of ``h_{t-1}``: the programs of a group write
-their slice of ``h_t`` to global memory, raise their flag to ``t + 1`` (an atomic max
-after a CTA barrier; acquire/release at GPU scope) and spin until every flag of the group
-has reached it, then read the full row. Per step that is one
-``(Bb, D) x (D, 4 U)`` product on the tensor cores (TF32x3 by default: float32 accuracy)
-plus the elementwise step, and one exchange through L2 (each row is read once, after its flag, so L1 holds no stale copy).
+their slice of ``h_t`` to global memory, add one to the group's step counter (an atomic
+after a CTA barrier; acquire/release at GPU scope) and spin until it shows that every
+program of the group has, then read the full row. Per step that is one ``(Bb, D) x (D, 4
+U)`` product on the tensor cores (TF32x3 by default: float32 accuracy) plus the
+elementwise step, and one exchange through L2 (each row is read once, after the wait, so
+L1 holds no stale copy).
 
 The backward walks the steps last to first with the transposed split: program ``s``
 keeps the rows ``[s U, (s+1) U)`` of every gate's matrix, computes its units' gate
@@ -26,16 +27,15 @@ are cut into several launches over (head, batch block) groups.
 
 Interpret mode (CPU) cannot run programs concurrently, so there each program emulates its
 group's ``splits`` programs one after the other inside every step, through the same
-exchange buffers, slices and flags: it checks the split data flow, not the concurrency
+exchange buffers, slices and counters: it checks the split data flow, not the concurrency
 (the ``gpu``-marked tests run the real thing).
 
 Options (``GPU_OPTIONS``, read at trace time): ``splits`` (None: the largest slice within
 ``R_SLICE_BYTES``), ``batch_block`` (None: the batch rounded up to a power of two in
 [16, 64]), ``num_warps``, ``precision`` (``tf32x3``, ``tf32``, ``ieee``; interpret mode
-uses float32), ``max_programs``, ``volatile`` (the exchange loads as volatile loads),
-``spin`` (``volatile``: wait on volatile reads of the flags then one acquire fence;
-``atomic``: every read an acquire RMW), ``r_resident`` (False: reload the R slice from
-L1/L2 every step instead of keeping it in registers).
+uses float32), ``max_programs``, ``spin`` (``counter`` or ``flags``: see :func:`_sync`),
+``r_resident`` (False: reload the R slice from L1/L2 every step instead of keeping it in
+registers).
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ from . import pallas_slstm as ps
 F32 = jnp.float32
 R_SLICE_BYTES = 64 * 1024  # one program's slice of the four recurrent matrices, float32
 GPU_OPTIONS = {"splits": None, "batch_block": None, "num_warps": 4, "precision": "tf32x3", "max_programs": None,
-               "volatile": False, "spin": "volatile", "r_resident": True}
-SPINS = ("volatile", "atomic")
+               "spin": "counter", "r_resident": True}
+SPINS = ("counter", "flags")
 PRECISIONS = ("tf32x3", "tf32", "ieee")
 
 
@@ -99,7 +99,6 @@ class Plan:
         # interpret mode cuts launches only when told to (to test the cutting)
         self.per_launch = self.groups if max_programs is None else max(1, max_programs // splits)
         self.num_warps, self.interpret = int(o["num_warps"]), bool(interpret)
-        self.volatile = bool(o["volatile"]) and not interpret
         if o["spin"] not in SPINS:
             raise ValueError(f"spin: got {o['spin']!r}; expected one of {SPINS}")
         self.spin, self.r_resident = o["spin"], bool(o["r_resident"])
@@ -109,45 +108,51 @@ def _dot(a, b, precision, dims=((1,), (0,))):
     return lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=F32)
 
 
-def _written(ref, ok, volatile=False):
+def _written(ref, ok):
     """A load of data other programs wrote, masked off while it is not written yet (``ok``
     False): a row is read only after its flag, so L1 never holds a stale copy of it."""
     from jax.experimental.pallas import triton as plt
 
-    return plt.load(ref, mask=jnp.broadcast_to(ok, ref.shape), other=0.0, volatile=volatile)
+    return plt.load(ref, mask=jnp.broadcast_to(ok, ref.shape), other=0.0)
 
 
-def _sync(flags, g, mine, value, plan):
-    """Raise this program's flags to ``value`` and wait until the group's all are. Returns
-    a true scalar that the loads of the exchanged data take into their masks, so that
-    they cannot be issued before the wait (a data dependency, besides the barrier)."""
+def _sync(flags, g, mine, step, plan):
+    """Tell the group this program finished ``step`` (1-based) and wait until all its
+    programs have. Returns a true scalar that the loads of the exchanged data take into
+    their masks, so that they cannot be issued before the wait (a data dependency,
+    besides the barrier).
+
+    ``spin="counter"``: one int32 counter per group, a scalar atomic add per program
+    (Triton runs a scalar atomic on one thread) and polls by scalar atomic reads, so a
+    group of ``splits`` programs makes ``splits`` atomics per poll. ``spin="flags"``: a
+    float flag per program (atomic max) and polls reading the group's flags as a vector of
+    acquire RMWs: every thread holding a copy of an element issues one, which contends."""
     from jax.experimental.pallas import triton as plt
 
     barrier = (lambda: None) if plan.interpret else plt.debug_barrier  # no CPU rule; one thread there anyway
     barrier()  # every thread's stores precede the release below
-    # float flags (exact to 2^24 steps): the Triton lowering of integer atomics on a vector
-    # of addresses picks the float instruction, and float atomics are correct either way
-    value = jnp.asarray(value, F32)
-    for s in mine:
-        plt.atomic_max(flags, (g, jnp.asarray(s, jnp.int32)), value)  # release (acq_rel, GPU scope)
-    flag_row = (g, pl.ds(0, plan.splits))
-    if plan.spin == "atomic" or plan.interpret:  # every read an acquire RMW of the flags
+    if plan.spin == "counter":
+        zero = g * 0  # traced: a constant inside the wait loop has no interpret-mode rule
+        target = jnp.asarray(step, jnp.int32) * plan.splits
+        plt.atomic_add(flags, (g, zero), zero + len(mine))  # acq_rel, GPU scope
 
         def seen():
-            return jnp.min(plt.atomic_add(flags, flag_row, jnp.zeros((plan.splits,), F32)))
-    else:  # volatile reads, then one acquire fence: no RMW traffic while waiting
+            return plt.atomic_add(flags, (g, zero), zero)
+    else:
+        # float flags (exact to 2^24 steps): the Triton lowering of integer atomics on a
+        # vector of addresses picks the float instruction
+        target = jnp.asarray(step, F32)
+        for s in mine:
+            plt.atomic_max(flags, (g, jnp.asarray(s, jnp.int32)), target)
+
+        zeros = jnp.broadcast_to(g * 0, (plan.splits,)).astype(F32)  # traced (see above)
 
         def seen():
-            return jnp.min(plt.load(flags.at[flag_row], volatile=True))
+            return jnp.min(plt.atomic_add(flags, (g, pl.ds(0, plan.splits)), zeros))
 
-    last = lax.while_loop(lambda m: m < value, lambda m: seen(), seen())
-    if plan.spin == "volatile" and not plan.interpret:
-        fenced = plt.elementwise_inline_asm("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", args=[jnp.full((1,), last)],
-                                            constraints="=r,r", pack=1,
-                                            result_shape_dtypes=[jax.ShapeDtypeStruct((1,), F32)])[0]
-        last = jnp.min(fenced)
+    last = lax.while_loop(lambda m: m < target, lambda m: seen(), seen())
     barrier()
-    return last >= value
+    return last >= target
 
 
 def _mine(plan):
@@ -175,7 +180,7 @@ def _fwd_kernel(x_r, R_r, s0_r, k_r, f0_r, hs_r, sT_r, f_r, *saved, plan, T, g0)
         ready, carry = carry
         R = Rk if plan.r_resident else r_cols()
         keep = k_r[g, t]  # (bb, 1)
-        prev = _written(hs_r.at[g, jnp.maximum(t - 1, 0)], (t > 0) & ready, plan.volatile)
+        prev = _written(hs_r.at[g, jnp.maximum(t - 1, 0)], (t > 0) & ready)
         hprev = jnp.where(t == 0, h_init, prev) * keep
         out = []
         for i, c in enumerate(cols):
@@ -212,7 +217,7 @@ def _bwd_kernel(raw_r, cnm_r, s0_r, k_r, dh_r, gT_r, R_r, f0_r, dx_r, d0_r, f_r,
 
     def recurrent(R, i, t, ok):  # this slice of sum_g dgate_g(t) R_g^T, from every program's dgates
         t = jnp.asarray(t, jnp.int32)  # (interpret mode's load rule wants array indices)
-        dn = [_written(dx_r.at[g, t, jnp.int32(k)], ok, plan.volatile) for k in range(4)]
+        dn = [_written(dx_r.at[g, t, jnp.int32(k)], ok) for k in range(4)]
         return sum(_dot(dn[k], R[i][k], prec, ((1,), (1,))) for k in range(4))
 
     init = tuple(tuple(gT_r[g, k, :, r] for k in (1, 2, 3)) for r in rows)
@@ -253,9 +258,9 @@ def _launch(plan, kernel, ins, out_shapes, n_flags_in):
     for g0 in range(0, plan.groups, plan.per_launch):
         n = min(plan.per_launch, plan.groups - g0)
         args = [a[0] if isinstance(a, tuple) else a[g0:g0 + n] for a in ins]
-        flags = jnp.zeros((n, plan.splits), F32)
+        flags = jnp.zeros((n, 1), jnp.int32) if plan.spin == "counter" else jnp.zeros((n, plan.splits), F32)
         shapes = [jax.ShapeDtypeStruct((n, *s[1:]), d) for s, d in out_shapes]
-        shapes.insert(n_flags_in, jax.ShapeDtypeStruct(flags.shape, F32))
+        shapes.insert(n_flags_in, jax.ShapeDtypeStruct(flags.shape, flags.dtype))
         kw = {} if plan.interpret else {"compiler_params": plt.CompilerParams(num_warps=plan.num_warps, num_stages=1)}
         res = pl.pallas_call(
             functools.partial(kernel, g0=g0), grid=(n, 1 if plan.interpret else plan.splits), out_shape=shapes,

@@ -25,14 +25,14 @@ def rel_err(got, want):
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
-def _inputs(seed, batch, time, heads, head_dim, *, with_state, reset_rate, extreme=False):
+def _inputs(seed, batch, time, heads, head_dim, *, with_state, reset_rate, extreme=False, r_scale=0.3):
     rng = np.random.default_rng(seed)
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
     if extreme:  # pre-activations spread over [-30, 30]
         x = rng.uniform(-30.0, 30.0, (batch, time, 4, heads, head_dim))
     else:
         x = rng.standard_normal((batch, time, 4, heads, head_dim))
-    R = 0.3 * rng.standard_normal((heads, head_dim, 4, head_dim))
+    R = r_scale * rng.standard_normal((heads, head_dim, 4, head_dim))
     b = rng.standard_normal((4, heads, head_dim))
     state = None
     if with_state:
@@ -135,17 +135,22 @@ def test_pallas_gpu_slstm_bad_options(monkeypatch):
 @pytest.mark.parametrize("shape,options", [
     ((4, 200, 4, 64), {}),  # one program per head
     ((4, 200, 4, 64), {"splits": 4}),
+    ((4, 200, 4, 64), {"splits": 4, "spin": "flags", "r_resident": False}),
     ((16, 160, 4, 256), {}),  # the benchmark's heads: 16 programs per head exchange h every step
     ((40, 64, 2, 128), {"max_programs": 8}),  # 2 batch blocks x 2 heads x 4 splits, 2 launches
 ])
 def test_pallas_gpu_slstm_compiled_matches_reference(monkeypatch, shape, options):
-    """The compiled GPU kernels (not interpret mode), TF32x3 recurrent products."""
+    """The compiled GPU kernels (not interpret mode), TF32x3 recurrent products. R's
+    entries are 1 / sqrt(head_dim) at head 256: at 0.3 that recurrence is chaotic, and
+    the float32 ``xla`` backend and a 1e-7 change of x both leave the reference's path
+    after ~56 steps."""
     from mnemax.kernels import pallas_slstm_gpu as pg
 
     assert jax.default_backend() == "gpu"
     for key, value in options.items():
         monkeypatch.setitem(pg.GPU_OPTIONS, key, value)
-    _check("pallas_gpu", _inputs(12, *shape, with_state=True, reset_rate=0.01), interpret=False)
+    r_scale = min(0.3, shape[3] ** -0.5)
+    _check("pallas_gpu", _inputs(12, *shape, with_state=True, reset_rate=0.01, r_scale=r_scale), interpret=False)
 
 
 def test_pallas_slstm_runs_per_shard_under_a_mesh():
