@@ -1,6 +1,6 @@
 """xLSTM kernel benchmarks on the accelerator (issue 9): mLSTM and sLSTM, every backend.
 
-    python benchmarks/kernels_xlstm.py [--ops mlstm,slstm] [--quick] [--slstm_configs num_warps=8,...]
+    python benchmarks/kernels_xlstm.py [--ops mlstm,slstm] [--quick] [--slstm_configs bwd_warps=1,...]
 
 mLSTM, forward and forward+backward, bf16 inputs, 65,536 tokens per call, 8 heads,
 d_qk 256, d_v 512, at context 8k (batch 8) and 64k (batch 1), against
@@ -496,7 +496,7 @@ def main():
     p.add_argument("--stage_configs", default="", help="Pallas settings (as --pallas_configs) whose stages "
                    "--ops mlstm_stages times besides the defaults")
     p.add_argument("--slstm_configs", default="", help="extra Pallas GPU sLSTM settings (GPU_OPTIONS of "
-                   "pallas_slstm_gpu), e.g. num_warps=8,splits=8+num_warps=8,precision=tf32")
+                   "pallas_slstm_gpu), e.g. bwd_warps=1,splits=8+fwd_warps=8,precision=tf32x3")
     p.add_argument("--shapes", default="", help="which mLSTM shapes (indices into MLSTM_SHAPES, e.g. 0): default all")
     args = p.parse_args()
     if args.shapes:

@@ -10,7 +10,7 @@ output. Each step, every program needs all of ``h_{t-1}``: the programs of a gro
 their slice of ``h_t`` to global memory, add one to the group's step counter (an atomic
 after a CTA barrier; acquire/release at GPU scope) and spin until it shows that every
 program of the group has, then read the full row. Per step that is one ``(Bb, D) x (D, 4
-U)`` product on the tensor cores (TF32x3 by default: float32 accuracy) plus the
+U)`` product on the tensor cores (TF32, or TF32x3 for float32 accuracy) plus the
 elementwise step, and one exchange through L2 (each row is read once, after the wait, so
 L1 holds no stale copy).
 
@@ -32,8 +32,9 @@ exchange buffers, slices and counters: it checks the split data flow, not the co
 
 Options (``GPU_OPTIONS``, read at trace time): ``splits`` (None: the largest slice within
 ``R_SLICE_BYTES``), ``batch_block`` (None: the batch rounded up to a power of two in
-[16, 64]), ``num_warps``, ``precision`` (``tf32x3``, ``tf32``, ``ieee``; interpret mode
-uses float32), ``max_programs``, ``spin`` (``counter`` or ``flags``: see :func:`_sync`),
+[16, 64]), ``fwd_warps`` / ``bwd_warps``, ``precision`` (``tf32x3``, ``tf32``,
+``ieee``; None: TF32, or TF32x3 when ``jax.default_matmul_precision`` asks for float32,
+as XLA's dots would; interpret mode uses float32), ``max_programs``, ``spin`` (``counter`` or ``flags``: see :func:`_sync`),
 ``r_resident`` (False: reload the R slice from L1/L2 every step instead of keeping it in
 registers).
 """
@@ -51,7 +52,7 @@ from . import pallas_slstm as ps
 
 F32 = jnp.float32
 R_SLICE_BYTES = 64 * 1024  # one program's slice of the four recurrent matrices, float32
-GPU_OPTIONS = {"splits": None, "batch_block": None, "num_warps": 4, "precision": "tf32x3", "max_programs": None,
+GPU_OPTIONS = {"splits": None, "batch_block": None, "fwd_warps": 4, "bwd_warps": 2, "precision": None, "max_programs": None,
                "spin": "counter", "r_resident": True}
 SPINS = ("counter", "flags")
 PRECISIONS = ("tf32x3", "tf32", "ieee")
@@ -88,20 +89,29 @@ class Plan:
             raise ValueError(f"batch_block: got {bb}; expected a power of two >= 16")
         self.bb, self.nb = bb, -(-batch // bb)
         self.bp, self.groups = self.nb * bb, heads * self.nb
-        if o["precision"] not in PRECISIONS:
-            raise ValueError(f"precision: got {o['precision']!r}; expected one of {PRECISIONS}")
+        precision = o["precision"] or _default_precision()
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision: got {precision!r}; expected one of {PRECISIONS}")
         self.precision = lax.Precision.HIGHEST if interpret else {
             "tf32x3": lax.DotAlgorithmPreset.TF32_TF32_F32_X3, "tf32": lax.DotAlgorithmPreset.TF32_TF32_F32,
-            "ieee": lax.Precision.HIGHEST}[o["precision"]]
+            "ieee": lax.Precision.HIGHEST}[precision]
         max_programs = o["max_programs"] or (None if interpret else _sm_count())
         if max_programs is not None and max_programs < splits:
             raise ValueError(f"max_programs: got {max_programs}; expected >= splits ({splits})")
         # interpret mode cuts launches only when told to (to test the cutting)
         self.per_launch = self.groups if max_programs is None else max(1, max_programs // splits)
-        self.num_warps, self.interpret = int(o["num_warps"]), bool(interpret)
+        self.warps = {"fwd": int(o["fwd_warps"]), "bwd": int(o["bwd_warps"])}
+        self.interpret = bool(interpret)
         if o["spin"] not in SPINS:
             raise ValueError(f"spin: got {o['spin']!r}; expected one of {SPINS}")
         self.spin, self.r_resident = o["spin"], bool(o["r_resident"])
+
+
+def _default_precision() -> str:
+    """The recurrent products' precision when not set: as JAX's default matmul precision
+    would make XLA's (TF32 on the tensor cores unless float32 is asked for)."""
+    want = str(jax.config.jax_default_matmul_precision or "default").lower()
+    return "tf32x3" if want in ("float32", "highest", "f32_f32_f32") else "tf32"
 
 
 def _dot(a, b, precision, dims=((1,), (0,))):
@@ -210,15 +220,15 @@ def _bwd_kernel(raw_r, cnm_r, s0_r, k_r, dh_r, gT_r, R_r, f0_r, dx_r, d0_r, f_r,
     u, prec = plan.u, plan.precision
     mine = _mine(plan)
     rows = [pl.ds(s * u, u) for s in mine]
-    def r_rows():  # (u, d) row slices of the four matrices
-        return [[R_r[head, k, r, :] for k in range(4)] for r in rows]
+    def r_rows():  # (d_out, u) slices of the transposed matrices: rows [s u, (s+1) u) of R
+        return [[R_r[head, k, :, r] for k in range(4)] for r in rows]
 
     Rt = r_rows() if plan.r_resident else None
 
     def recurrent(R, i, t, ok):  # this slice of sum_g dgate_g(t) R_g^T, from every program's dgates
         t = jnp.asarray(t, jnp.int32)  # (interpret mode's load rule wants array indices)
         dn = [_written(dx_r.at[g, t, jnp.int32(k)], ok) for k in range(4)]
-        return sum(_dot(dn[k], R[i][k], prec, ((1,), (1,))) for k in range(4))
+        return sum(_dot(dn[k], R[i][k], prec) for k in range(4))
 
     init = tuple(tuple(gT_r[g, k, :, r] for k in (1, 2, 3)) for r in rows)
 
@@ -249,7 +259,7 @@ def _bwd_kernel(raw_r, cnm_r, s0_r, k_r, dh_r, gT_r, R_r, f0_r, dx_r, d0_r, f_r,
             d0_r[g, k + 1, :, r] = final[i][k]
 
 
-def _launch(plan, kernel, ins, out_shapes, n_flags_in):
+def _launch(plan, kernel, ins, out_shapes, n_flags_in, warps):
     """Run ``kernel`` over every group, ``plan.per_launch`` groups per launch. ``ins``:
     per-group arrays (leading axis = groups) and shared ones (wrapped in a tuple)."""
     from jax.experimental.pallas import triton as plt
@@ -261,7 +271,7 @@ def _launch(plan, kernel, ins, out_shapes, n_flags_in):
         flags = jnp.zeros((n, 1), jnp.int32) if plan.spin == "counter" else jnp.zeros((n, plan.splits), F32)
         shapes = [jax.ShapeDtypeStruct((n, *s[1:]), d) for s, d in out_shapes]
         shapes.insert(n_flags_in, jax.ShapeDtypeStruct(flags.shape, flags.dtype))
-        kw = {} if plan.interpret else {"compiler_params": plt.CompilerParams(num_warps=plan.num_warps, num_stages=1)}
+        kw = {} if plan.interpret else {"compiler_params": plt.CompilerParams(num_warps=warps, num_stages=1)}
         res = pl.pallas_call(
             functools.partial(kernel, g0=g0), grid=(n, 1 if plan.interpret else plan.splits), out_shape=shapes,
             input_output_aliases={len(args): n_flags_in}, interpret=plan.interpret, **kw,
@@ -316,7 +326,7 @@ def forward(x, R, b, state, keep, *, save, interpret, options=None):
     if save:
         out_shapes += [((G, T, 4, bb, d), F32), ((G, T, 3, bb, d), F32)]
     kernel = functools.partial(_fwd_kernel, plan=plan, T=T)
-    hs, sT, *rest = _launch(plan, kernel, [xg, (Rs,), s0, kg], out_shapes, 2)
+    hs, sT, *rest = _launch(plan, kernel, [xg, (Rs,), s0, kg], out_shapes, 2, plan.warps["fwd"])
     h = jnp.transpose(_ungroup(hs, plan, H, 2), (1, 2, 0, 3))[:B, :, :, :D]  # (B, T, H, D)
     final = _state_out(sT, plan, H, B, D)
     saved = (Rs, s0, kg, hs, *rest) if save else None
@@ -333,7 +343,9 @@ def backward(shape, saved, dh, dfinal, *, interpret, options=None):
     gT = jnp.moveaxis(_groups(_pad(jnp.stack([a.astype(F32) for a in dfinal]), 3, d), plan, 1, 2), 1, 2)
     G, bb = plan.groups, plan.bb
     kernel = functools.partial(_bwd_kernel, plan=plan, T=T)
-    dx, d0 = _launch(plan, kernel, [raw, cnm, s0, kg, dhg, gT, (Rs,)], [((G, T, 4, bb, d), F32), ((G, 4, bb, d), F32)], 2)
+    RsT = jnp.swapaxes(Rs, 2, 3)  # (H, 4, d_out, d_in): the backward's slices need no transpose on chip
+    dx, d0 = _launch(plan, kernel, [raw, cnm, s0, kg, dhg, gT, (RsT,)], [((G, T, 4, bb, d), F32), ((G, 4, bb, d), F32)],
+                     2, plan.warps["bwd"])
     # dR and db: sums over (batch, time) of the step's input state times its gate gradients
     hprev = jnp.concatenate([s0[:, None, 0], hs[:, :-1]], axis=1) * kg  # (G, T, bb, d)
     hp = hprev.reshape(H, plan.nb, T, bb, d)

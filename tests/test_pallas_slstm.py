@@ -140,17 +140,32 @@ def test_pallas_gpu_slstm_bad_options(monkeypatch):
     ((40, 64, 2, 128), {"max_programs": 8}),  # 2 batch blocks x 2 heads x 4 splits, 2 launches
 ])
 def test_pallas_gpu_slstm_compiled_matches_reference(monkeypatch, shape, options):
-    """The compiled GPU kernels (not interpret mode), TF32x3 recurrent products. R's
-    entries are 1 / sqrt(head_dim) at head 256: at 0.3 that recurrence is chaotic, and
-    the float32 ``xla`` backend and a 1e-7 change of x both leave the reference's path
-    after ~56 steps."""
+    """The compiled GPU kernels (not interpret mode) with TF32x3 recurrent products
+    (float32 accuracy). R's entries are 1 / sqrt(head_dim) at head 256: at 0.3 that
+    recurrence is chaotic, and the float32 ``xla`` backend and a 1e-7 change of x both
+    leave the reference's path after ~56 steps."""
     from mnemax.kernels import pallas_slstm_gpu as pg
 
     assert jax.default_backend() == "gpu"
-    for key, value in options.items():
+    for key, value in {"precision": "tf32x3", **options}.items():
         monkeypatch.setitem(pg.GPU_OPTIONS, key, value)
     r_scale = min(0.3, shape[3] ** -0.5)
     _check("pallas_gpu", _inputs(12, *shape, with_state=True, reset_rate=0.01, r_scale=r_scale), interpret=False)
+
+
+@pytest.mark.gpu
+def test_pallas_gpu_slstm_default_precision_as_accurate_as_xla():
+    """At JAX's default matmul precision both GPU backends use TF32 products; the Pallas
+    kernels' errors against the float32 reference stay within 2x the xla backend's."""
+    assert jax.default_backend() == "gpu"
+    case = _inputs(5, 16, 160, 4, 256, with_state=True, reset_rate=0.01, r_scale=256 ** -0.5)
+    with jax.default_matmul_precision("highest"):
+        ref = jax.tree.leaves(_value_and_grads("reference", *case))
+    errs = {}
+    for backend in ("xla", "pallas_gpu"):
+        got = jax.tree.leaves(_value_and_grads(backend, *case, interpret=False))
+        errs[backend] = np.array([rel_err(a, b) for a, b in zip(got, ref)])
+    assert np.all(errs["pallas_gpu"] <= np.maximum(2 * errs["xla"], 1e-4)), errs
 
 
 def test_pallas_slstm_runs_per_shard_under_a_mesh():
