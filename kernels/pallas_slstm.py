@@ -1,7 +1,9 @@
-"""Fused Pallas kernels for ``slstm`` (the sLSTM recurrence) on TPU and GPU, forward
-and backward: one launch walks the whole sequence, the head's recurrent matrices
-``R_g`` (4 of ``head_dim x head_dim``) stay on chip across time and the state
-``(h, c, n, m)`` is carried on chip (VMEM scratch on TPU, loop-carried values on GPU).
+"""Fused Pallas kernels for ``slstm`` (the sLSTM recurrence) on TPU, forward and
+backward, and the per-step math the GPU kernels share: one launch walks the whole
+sequence, the head's recurrent matrices ``R_g`` (4 of ``head_dim x head_dim``) stay in
+VMEM across time and the state ``(h, c, n, m)`` is carried in a VMEM scratch. (The GPU
+kernels, which split a head's matrices over several programs, are in
+:mod:`mnemax.kernels.pallas_slstm_gpu`.)
 
 Each step, per head and batch block (the equations of :mod:`mnemax.kernels.slstm`)::
 
@@ -16,11 +18,9 @@ adjoint, accumulating ``dR`` and ``db`` on chip (per batch block; XLA sums the b
 The derivative of ``max`` splits ties evenly, as ``jnp.maximum``'s does. Time is padded
 to whole chunks with steps flagged invalid: the state passes through them unchanged.
 
-Block sizes: TPU grid (heads "parallel", batch blocks "parallel", time chunks
+Block sizes: grid (heads "parallel", batch blocks "parallel", time chunks
 "arbitrary"); blocks (Lt, 4, Bb, D) of x, (4, D, D) of R, (4, Bb, D) state scratch;
-``Bb`` = the batch rounded up to 8 (at most 128), ``Lt`` = 16 steps. GPU (Triton): one
-program per (head, batch block of 16), the whole sequence per program, ``D`` padded to
-a power of two >= 16 (zero-padded units stay zero and feed nothing).
+``Bb`` = the batch rounded up to 8 (at most 128), ``Lt`` = 16 steps.
 """
 
 from __future__ import annotations
@@ -131,24 +131,20 @@ def _pad(x, axis, size):
     return jnp.pad(x, widths)
 
 
-def sizes(platform, batch, time, head_dim):
-    """(batch block, padded batch, time block, padded time, padded head_dim)."""
-    if platform == "tpu":
-        bp = -(-batch // 8) * 8
-        bb = bp if bp <= 128 else 128
-        bp = -(-bp // bb) * bb
-        lt = TIME_BLOCK
-        return bb, bp, lt, -(-time // lt) * lt, head_dim
-    bb = 16
-    d = 1 << max(4, (head_dim - 1).bit_length())
-    return bb, -(-batch // bb) * bb, time, time, d
+def sizes(batch, time, head_dim):
+    """(batch block, padded batch, time block, padded time, head_dim)."""
+    bp = -(-batch // 8) * 8
+    bb = bp if bp <= 128 else 128
+    bp = -(-bp // bb) * bb
+    lt = TIME_BLOCK
+    return bb, bp, lt, -(-time // lt) * lt, head_dim
 
 
-def pack(platform, x, R, b, state, keep):
+def pack(x, R, b, state, keep):
     """Kernel layouts: x (H, Tp, 4, Bp, D), R (H, 4, D, D), b (H, 4, 1, D),
     state (H, 4, Bp, D), kv (Tp, Bp, 2)."""
     B, T, _, H, D = x.shape
-    bb, bp, lt, tp, dp = sizes(platform, B, T, D)
+    bb, bp, lt, tp, dp = sizes(B, T, D)
     xs = _pad(_pad(_pad(jnp.transpose(x, (3, 1, 2, 0, 4)), 1, tp), 3, bp), 4, dp)
     Rs = _pad(_pad(jnp.transpose(R, (0, 2, 1, 3)), 2, dp), 3, dp)
     bs = _pad(jnp.transpose(b, (1, 0, 2))[:, :, None, :], 3, dp)
@@ -221,113 +217,71 @@ def _tpu_bwd_kernel(x_r, R_r, b_r, kv_r, prev_r, dh_r, gT_r, dx_r, dR_r, db_r, d
         d0_r[k], dR_r[k], db_r[k] = g[k], dR[k], db[k]
 
 
-def _gpu_fwd_kernel(x_r, R_r, b_r, s0_r, kv_r, hs_r, sT_r, *states, T, save):
-    R = [R_r[k] for k in range(4)]
-    b = [b_r[k] for k in range(4)]
-    st = _fwd_steps(x_r, R, b, kv_r, tuple(s0_r[k] for k in range(4)), T, hs_r, states[0] if save else None)
-    for k in range(4):
-        sT_r[k] = st[k]
+def _specs(H, nb, bb, lt, tp, D, reverse):
+    """BlockSpecs over grid (head, batch block, time block)."""
+    nt = tp // lt
 
+    def tb(t):
+        return nt - 1 - t if reverse else t
 
-def _gpu_bwd_kernel(x_r, R_r, b_r, kv_r, prev_r, dh_r, gT_r, dx_r, dR_r, db_r, d0_r, *, T):
-    R = [R_r[k] for k in range(4)]
-    b = [b_r[k] for k in range(4)]
-    zeros = lambda s: tuple(jnp.zeros(s, F32) for _ in range(4))  # noqa: E731
-    carry = (tuple(gT_r[k] for k in range(4)), zeros(R[0].shape), zeros(b[0].shape))
-    g, dR, db = _bwd_steps(x_r, R, b, kv_r, prev_r, dh_r, dx_r, T, carry)
-    for k in range(4):
-        d0_r[k], dR_r[k], db_r[k] = g[k], dR[k], db[k]
-
-
-def _specs(platform, H, nb, bb, lt, tp, D, reverse):
-    """BlockSpecs over grid (head, batch block[, time block])."""
-    if platform == "tpu":
-        nt = tp // lt
-
-        def tb(t):
-            return nt - 1 - t if reverse else t
-
-        return {
-            "x": pl.BlockSpec((None, lt, 4, bb, D), lambda h, j, t: (h, tb(t), 0, j, 0)),
-            "R": pl.BlockSpec((None, 4, D, D), lambda h, j, t: (h, 0, 0, 0)),
-            "b": pl.BlockSpec((None, 4, 1, D), lambda h, j, t: (h, 0, 0, 0)),
-            "s": pl.BlockSpec((None, 4, bb, D), lambda h, j, t: (h, 0, j, 0)),
-            "kv": pl.BlockSpec((lt, bb, 2), lambda h, j, t: (tb(t), j, 0)),
-            "hs": pl.BlockSpec((None, lt, bb, D), lambda h, j, t: (h, tb(t), j, 0)),
-            "dR": pl.BlockSpec((None, None, 4, D, D), lambda h, j, t: (h, j, 0, 0, 0)),
-            "db": pl.BlockSpec((None, None, 4, 1, D), lambda h, j, t: (h, j, 0, 0, 0)),
-        }
     return {
-        "x": pl.BlockSpec((None, tp, 4, bb, D), lambda h, j: (h, 0, 0, j, 0)),
-        "R": pl.BlockSpec((None, 4, D, D), lambda h, j: (h, 0, 0, 0)),
-        "b": pl.BlockSpec((None, 4, 1, D), lambda h, j: (h, 0, 0, 0)),
-        "s": pl.BlockSpec((None, 4, bb, D), lambda h, j: (h, 0, j, 0)),
-        "kv": pl.BlockSpec((tp, bb, 2), lambda h, j: (0, j, 0)),
-        "hs": pl.BlockSpec((None, tp, bb, D), lambda h, j: (h, 0, j, 0)),
-        "dR": pl.BlockSpec((None, None, 4, D, D), lambda h, j: (h, j, 0, 0, 0)),
-        "db": pl.BlockSpec((None, None, 4, 1, D), lambda h, j: (h, j, 0, 0, 0)),
+        "x": pl.BlockSpec((None, lt, 4, bb, D), lambda h, j, t: (h, tb(t), 0, j, 0)),
+        "R": pl.BlockSpec((None, 4, D, D), lambda h, j, t: (h, 0, 0, 0)),
+        "b": pl.BlockSpec((None, 4, 1, D), lambda h, j, t: (h, 0, 0, 0)),
+        "s": pl.BlockSpec((None, 4, bb, D), lambda h, j, t: (h, 0, j, 0)),
+        "kv": pl.BlockSpec((lt, bb, 2), lambda h, j, t: (tb(t), j, 0)),
+        "hs": pl.BlockSpec((None, lt, bb, D), lambda h, j, t: (h, tb(t), j, 0)),
+        "dR": pl.BlockSpec((None, None, 4, D, D), lambda h, j, t: (h, j, 0, 0, 0)),
+        "db": pl.BlockSpec((None, None, 4, 1, D), lambda h, j, t: (h, j, 0, 0, 0)),
     }
 
 
-def _call(platform, kernel, grid, in_specs, out_specs, out_shape, scratch, interpret):
-    kw = {}
-    if platform == "tpu":
-        from jax.experimental.pallas import tpu as pltpu
+def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, interpret):
+    from jax.experimental.pallas import tpu as pltpu
 
-        kw["compiler_params"] = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
-        kw["scratch_shapes"] = [pltpu.VMEM(s, F32) for s in scratch]
-        if interpret:
-            interpret = pltpu.InterpretParams()
-    elif not interpret:
-        from jax.experimental.pallas import triton as pltriton
-
-        kw["compiler_params"] = pltriton.CompilerParams(num_warps=4, num_stages=1)
-    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-                          interpret=interpret, **kw)
+    return pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        interpret=pltpu.InterpretParams() if interpret else False,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        scratch_shapes=[pltpu.VMEM(s, F32) for s in scratch])
 
 
-def forward(platform, x, R, b, state, keep, *, save, interpret):
+def forward(x, R, b, state, keep, *, save, interpret):
     """h (B, T, H, D), final state tuple and, with ``save``, (packed inputs, all states)."""
     B, T, _, H, D = x.shape
-    xs, Rs, bs, s0, kv, (bb, lt) = pack(platform, x, R, b, state, keep)
+    xs, Rs, bs, s0, kv, (bb, lt) = pack(x, R, b, state, keep)
     tp, bp, dp = xs.shape[1], xs.shape[3], xs.shape[4]
     nb = bp // bb
-    sp = _specs(platform, H, nb, bb, lt, tp, dp, False)
+    sp = _specs(H, nb, bb, lt, tp, dp, False)
     shapes = [jax.ShapeDtypeStruct((H, tp, bp, dp), x.dtype), jax.ShapeDtypeStruct((H, 4, bp, dp), F32)]
     out_specs = [sp["hs"], sp["s"]]
     if save:
         shapes.append(jax.ShapeDtypeStruct((H, tp, 4, bp, dp), F32))
         out_specs.append(sp["x"])
-    if platform == "tpu":
-        grid, kernel = (H, nb, tp // lt), functools.partial(_tpu_fwd_kernel, lt=lt, save=save)
-    else:
-        grid, kernel = (H, nb), functools.partial(_gpu_fwd_kernel, T=tp, save=save)
-    outs = _call(platform, kernel, grid, [sp["x"], sp["R"], sp["b"], sp["s"], sp["kv"]], out_specs, shapes,
+    grid, kernel = (H, nb, tp // lt), functools.partial(_tpu_fwd_kernel, lt=lt, save=save)
+    outs = _call(kernel, grid, [sp["x"], sp["R"], sp["b"], sp["s"], sp["kv"]], out_specs, shapes,
                  [(4, bb, dp)], interpret)(xs.astype(F32), Rs.astype(F32), bs.astype(F32), s0, kv)
     h = jnp.transpose(outs[0][:, :T, :B, :D], (2, 1, 0, 3))
     final = tuple(jnp.transpose(outs[1][:, k, :B, :D], (1, 0, 2)) for k in range(4))
     return h, final, ((xs, Rs, bs, s0, kv), outs[2]) if save else None
 
 
-def backward(platform, shape, saved, dh, dfinal, *, interpret):
+def backward(shape, saved, dh, dfinal, *, interpret):
     """Gradients (dx, dR, db, dstate0) in the op's layouts."""
     B, T, _, H, D = shape
     (xs, Rs, bs, s0, kv), states = saved
-    bb, _, lt, _, _ = sizes(platform, B, T, D)
+    bb, _, lt, _, _ = sizes(B, T, D)
     tp, bp, dp = xs.shape[1], xs.shape[3], xs.shape[4]
     nb = bp // bb
     prev = jnp.concatenate([s0[:, None], states[:, :-1]], axis=1)  # the state entering each step
     dhs = _pad(_pad(_pad(jnp.transpose(dh.astype(F32), (2, 1, 0, 3)), 1, tp), 2, bp), 3, dp)
     gT = _pad(_pad(jnp.transpose(jnp.stack([a.astype(F32) for a in dfinal]), (2, 0, 1, 3)), 2, bp), 3, dp)
-    sp = _specs(platform, H, nb, bb, lt, tp, dp, True)
+    sp = _specs(H, nb, bb, lt, tp, dp, True)
     shapes = [jax.ShapeDtypeStruct(xs.shape, F32), jax.ShapeDtypeStruct((H, nb, 4, dp, dp), F32),
               jax.ShapeDtypeStruct((H, nb, 4, 1, dp), F32), jax.ShapeDtypeStruct((H, 4, bp, dp), F32)]
-    if platform == "tpu":
-        grid, kernel = (H, nb, tp // lt), functools.partial(_tpu_bwd_kernel, lt=lt)
-    else:
-        grid, kernel = (H, nb), functools.partial(_gpu_bwd_kernel, T=tp)
+    grid, kernel = (H, nb, tp // lt), functools.partial(_tpu_bwd_kernel, lt=lt)
     dx, dR, db, d0 = _call(
-        platform, kernel, grid, [sp["x"], sp["R"], sp["b"], sp["kv"], sp["x"], sp["hs"], sp["s"]],
+        kernel, grid, [sp["x"], sp["R"], sp["b"], sp["kv"], sp["x"], sp["hs"], sp["s"]],
         [sp["x"], sp["dR"], sp["db"], sp["s"]], shapes, [(4, bb, dp), (4, dp, dp), (4, 1, dp)], interpret,
     )(xs.astype(F32), Rs.astype(F32), bs.astype(F32), kv, prev, dhs, gT)
     dx = jnp.transpose(dx[:, :T, :, :B, :D], (3, 1, 2, 0, 4))
