@@ -1,6 +1,6 @@
 """xLSTM kernel benchmarks on the accelerator (issue 9): mLSTM and sLSTM, every backend.
 
-    python benchmarks/kernels_xlstm.py [--ops mlstm,slstm] [--quick] [--slstm_configs bwd_warps=1,...]
+    python benchmarks/kernels_xlstm.py [--ops mlstm,slstm,slstm_stages] [--quick] [--slstm_configs bwd_warps=1,...]
 
 mLSTM, forward and forward+backward, bf16 inputs, 65,536 tokens per call, 8 heads,
 d_qk 256, d_v 512, at context 8k (batch 8) and 64k (batch 1), against
@@ -33,7 +33,7 @@ import subprocess
 import sys
 import traceback
 
-COLUMNS = ["op", "shape", "impl", "fwd_ms", "fwdbwd_ms", "fwdbwd_TFLOPs", "x_peak", "rel_err", "grad_rel_err", "vs_xla", "vs_mlstm_kernels",
+COLUMNS = ["op", "shape", "impl", "fwd_ms", "fwd_save_ms", "bwd_ms", "bwd_dx_ms", "fwdbwd_ms", "fwdbwd_TFLOPs", "x_peak", "rel_err", "grad_rel_err", "vs_xla", "vs_mlstm_kernels",
            "vs_cudnn", "note", "error"]
 MLSTM_SHAPES = [(8, 8, 8192, 256, 512), (1, 8, 65536, 256, 512)]  # (batch, heads, time, d_qk, d_v)
 SLSTM_SHAPE = (16, 2048, 4, 256)  # batch, time, heads, head_dim (d = 1024)
@@ -474,7 +474,53 @@ def slstm_rows(peak: float, quick: bool, pallas_configs: str = "") -> list[dict]
     return rows
 
 
-SECTIONS = {"mlstm": mlstm_rows, "slstm": slstm_rows, "mlstm_stages": mlstm_stage_rows, "mlstm_check": mlstm_check_rows}
+def slstm_stage_rows(peak: float, quick: bool, pallas_configs: str = "") -> list[dict]:
+    """The Pallas GPU sLSTM kernels' stages at SLSTM_SHAPE, float32 inputs: forward without
+    and with saving the backward's inputs, the backward (kernel plus XLA's dR / db), and the
+    backward's gate gradients alone; for the defaults and each ``key=value+...`` config."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mnemax.kernels import pallas_slstm_gpu as pg
+    from mnemax.kernels.slstm import initial_state
+
+    B, T, H, D = (2, 64, 2, 32) if quick else SLSTM_SHAPE
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((B, T, 4, H, D), np.float32))
+    R = jnp.asarray(rng.standard_normal((H, D, 4, D), np.float32) / np.sqrt(D))
+    b = jnp.zeros((4, H, D), jnp.float32)
+    st = tuple(initial_state(B, H, D))
+    dh = jnp.asarray(rng.standard_normal((B, T, H, D), np.float32))
+    dfin = tuple(jnp.zeros((B, H, D)) for _ in range(4))
+    interpret = jax.default_backend() != "gpu"
+    rows = []
+    for name, _, opts, _ in [v for v in slstm_variants(pallas_configs) if v[1] == "pallas_gpu"]:
+        row = {"op": "slstm_stages", "shape": str((B, T, H * D, H)), "impl": name}
+        saved_opts = dict(pg.GPU_OPTIONS)
+        pg.GPU_OPTIONS.update(opts)
+
+        def run(row=row):
+            f0 = jax.jit(lambda x, R, b, st: pg.forward(x, R, b, st, None, save=False, interpret=interpret)[0])
+            row["fwd_ms"] = _time(f0, x, R, b, st) * 1e3
+            f1 = jax.jit(lambda x, R, b, st: pg.forward(x, R, b, st, None, save=True, interpret=interpret)[2])
+            saved = f1(x, R, b, st)
+            row["fwd_save_ms"] = _time(f1, x, R, b, st) * 1e3
+            fb = jax.jit(lambda s, dh, df: pg.backward((B, T, 4, H, D), s, dh, df, interpret=interpret))
+            row["bwd_ms"] = _time(fb, saved, dh, dfin) * 1e3
+            fk = jax.jit(lambda s, dh, df: pg.backward((B, T, 4, H, D), s, dh, df, interpret=interpret)[0])
+            row["bwd_dx_ms"] = _time(fk, saved, dh, dfin) * 1e3
+
+        try:
+            _attempt(row, run)
+        finally:
+            pg.GPU_OPTIONS.clear()
+            pg.GPU_OPTIONS.update(saved_opts)
+        rows.append(row)
+    return rows
+
+
+SECTIONS = {"mlstm": mlstm_rows, "slstm": slstm_rows, "slstm_stages": slstm_stage_rows, "mlstm_stages": mlstm_stage_rows, "mlstm_check": mlstm_check_rows}
 
 
 def main():
@@ -509,7 +555,7 @@ def main():
     for op in args.ops.split(","):
         extra = ({"xla_chunks": args.xla_chunks, "pallas_configs": args.pallas_configs} if op == "mlstm"
                  else {"pallas_configs": args.stage_configs} if op in ("mlstm_stages", "mlstm_check")
-                 else {"pallas_configs": args.slstm_configs})
+                 else {"pallas_configs": args.slstm_configs})  # slstm, slstm_stages
         rows += SECTIONS[op](peak, args.quick, **extra)
         save({"env": env, "matmul_flops": peak, "rows": rows}, "kernels_xlstm.json")
         print(table(rows, COLUMNS), flush=True)
