@@ -7,12 +7,14 @@ Why split: at d 1024 with 4 heads, one head's four ``256 x 256`` recurrent matri
 group keeps only the columns ``[s U, (s+1) U)`` of every gate's matrix (``U = D /
 splits``, 64 KB by default: in registers) and computes those units' gates, cell and
 output. Each step, every program needs all of ``h_{t-1}``: the programs of a group write
-their slice of ``h_t`` to global memory, add one to the group's step counter (an atomic
-after a CTA barrier; acquire/release at GPU scope) and spin until it shows that every
-program of the group has, then read the full row. Per step that is one ``(Bb, D) x (D, 4
-U)`` product on the tensor cores (TF32, or TF32x3 for float32 accuracy) plus the
-elementwise step, and one exchange through L2 (each row is read once, after the wait, so
-L1 holds no stale copy).
+their slice of ``h_t`` to global memory and read the full row back. The row buffer
+starts filled with a NaN bit pattern no float op produces and each word is written once,
+so a reader re-reads the row (volatile loads, past L1) until no word holds that pattern:
+the data carries its own readiness, with no flag, fence or atomic (as in NCCL's LL
+protocol; ``spin="data"``). The alternatives wait on a per-group step counter or on
+per-program flags (atomics, acquire/release at GPU scope) and then read the row once.
+Per step that is one ``(Bb, D) x (D, 4 U)`` product on the tensor cores (TF32, or TF32x3
+for float32 accuracy), the elementwise step, and one exchange through L2.
 
 The backward walks the steps last to first with the transposed split: program ``s``
 keeps the rows ``[s U, (s+1) U)`` of every gate's matrix, computes its units' gate
@@ -27,14 +29,14 @@ are cut into several launches over (head, batch block) groups.
 
 Interpret mode (CPU) cannot run programs concurrently, so there each program emulates its
 group's ``splits`` programs one after the other inside every step, through the same
-exchange buffers, slices and counters: it checks the split data flow, not the concurrency
+exchange buffers and slices: it checks the split data flow, not the concurrency
 (the ``gpu``-marked tests run the real thing).
 
 Options (``GPU_OPTIONS``, read at trace time): ``splits`` (None: the largest slice within
 ``R_SLICE_BYTES``), ``batch_block`` (None: the batch rounded up to a power of two in
 [16, 64]), ``fwd_warps`` / ``bwd_warps``, ``precision`` (``tf32x3``, ``tf32``,
 ``ieee``; None: TF32, or TF32x3 when ``jax.default_matmul_precision`` asks for float32,
-as XLA's dots would; interpret mode uses float32), ``max_programs``, ``spin`` (``counter`` or ``flags``: see :func:`_sync`),
+as XLA's dots would; interpret mode uses float32), ``max_programs``, ``spin`` (``data``, ``counter`` or ``flags``: see :func:`_received` and :func:`_sync`),
 ``r_resident`` (False: reload the R slice from L1/L2 every step instead of keeping it in
 registers).
 """
@@ -53,8 +55,8 @@ from . import pallas_slstm as ps
 F32 = jnp.float32
 R_SLICE_BYTES = 64 * 1024  # one program's slice of the four recurrent matrices, float32
 GPU_OPTIONS = {"splits": None, "batch_block": None, "fwd_warps": 4, "bwd_warps": 2, "precision": None, "max_programs": None,
-               "spin": "counter", "r_resident": True}
-SPINS = ("counter", "flags")
+               "spin": "data", "r_resident": True}
+SPINS = ("data", "counter", "flags")
 PRECISIONS = ("tf32x3", "tf32", "ieee")
 
 
@@ -118,12 +120,35 @@ def _dot(a, b, precision, dims=((1,), (0,))):
     return lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=F32)
 
 
-def _written(ref, ok):
-    """A load of data other programs wrote, masked off while it is not written yet (``ok``
-    False): a row is read only after its flag, so L1 never holds a stale copy of it."""
+EMPTY = -1  # the bits of an exchange word not written yet (a NaN no float op produces)
+
+
+def _bits(v):
+    """float32 -> the int32 word stored in an exchange buffer, never ``EMPTY``."""
+    b = lax.bitcast_convert_type(v, jnp.int32)
+    return jnp.where(b == EMPTY, jnp.int32(0x7FC00000), b)  # that NaN -> the canonical quiet NaN
+
+
+def _received(ref, ok, plan):
+    """The exchange row ``ref`` (int32 words) as float32, once other programs wrote it.
+    ``ok`` False masks the load off (no row yet: zeros).
+
+    ``spin="data"``: the buffer starts filled with ``EMPTY`` and every word is written
+    once, so a word that is not ``EMPTY`` is final: re-read the row (volatile loads, which
+    bypass L1) until it holds no ``EMPTY`` word. No flag, fence or atomic; each word
+    carries its own readiness (as in NCCL's LL protocol). Otherwise the row was waited
+    for by :func:`_sync`, is read once, and L1 never holds a stale copy."""
     from jax.experimental.pallas import triton as plt
 
-    return plt.load(ref, mask=jnp.broadcast_to(ok, ref.shape), other=0.0)
+    mask = jnp.broadcast_to(ok, ref.shape)
+    if plan.spin != "data" or plan.interpret:
+        row = plt.load(ref, mask=mask, other=0)
+    else:
+        def load():
+            return plt.load(ref, mask=mask, other=0, volatile=True)
+
+        row = lax.while_loop(lambda r: jnp.max(jnp.where(r == EMPTY, 1, 0)) > 0, lambda r: load(), load())
+    return lax.bitcast_convert_type(row, F32)
 
 
 def _sync(flags, g, mine, step, plan):
@@ -132,6 +157,7 @@ def _sync(flags, g, mine, step, plan):
     their masks, so that they cannot be issued before the wait (a data dependency,
     besides the barrier).
 
+    ``spin="data"``: nothing to do (the data carries its readiness, :func:`_received`).
     ``spin="counter"``: one int32 counter per group, a scalar atomic add per program
     (Triton runs a scalar atomic on one thread) and polls by scalar atomic reads, so a
     group of ``splits`` programs makes ``splits`` atomics per poll. ``spin="flags"``: a
@@ -139,6 +165,8 @@ def _sync(flags, g, mine, step, plan):
     acquire RMWs: every thread holding a copy of an element issues one, which contends."""
     from jax.experimental.pallas import triton as plt
 
+    if plan.spin == "data":  # the readers wait on the data itself (see _received)
+        return g >= 0
     barrier = (lambda: None) if plan.interpret else plt.debug_barrier  # no CPU rule; one thread there anyway
     barrier()  # every thread's stores precede the release below
     if plan.spin == "counter":
@@ -172,8 +200,8 @@ def _mine(plan):
 # ----------------------------------------------------------------------------- kernels
 
 
-def _fwd_kernel(x_r, R_r, s0_r, k_r, f0_r, hs_r, sT_r, f_r, *saved, plan, T, g0):
-    del f0_r  # aliased to f_r
+def _fwd_kernel(x_r, R_r, s0_r, k_r, hs0_r, f0_r, hs_r, sT_r, f_r, *saved, plan, T, g0):
+    del hs0_r, f0_r  # aliased to hs_r, f_r
     g = pl.program_id(0)
     head = (g0 + g) // plan.nb
     u, prec = plan.u, plan.precision
@@ -190,14 +218,14 @@ def _fwd_kernel(x_r, R_r, s0_r, k_r, f0_r, hs_r, sT_r, f_r, *saved, plan, T, g0)
         ready, carry = carry
         R = Rk if plan.r_resident else r_cols()
         keep = k_r[g, t]  # (bb, 1)
-        prev = _written(hs_r.at[g, jnp.maximum(t - 1, 0)], (t > 0) & ready)
+        prev = _received(hs_r.at[g, jnp.maximum(t - 1, 0)], (t > 0) & ready, plan)
         hprev = jnp.where(t == 0, h_init, prev) * keep
         out = []
         for i, c in enumerate(cols):
             _, c0, n0, m0 = (v * keep for v in carry[i])
             raw = [x_r[g, t, k, :, c] + _dot(hprev, R[i][k], prec) for k in range(4)]
             p = ps.pointwise(raw, c0, n0, m0)
-            hs_r[g, t, :, c] = p["h1"]
+            hs_r[g, t, :, c] = _bits(p["h1"])
             if saved:
                 raw_r, cnm_r = saved
                 for k in range(4):
@@ -213,8 +241,8 @@ def _fwd_kernel(x_r, R_r, s0_r, k_r, f0_r, hs_r, sT_r, f_r, *saved, plan, T, g0)
             sT_r[g, k, :, c] = final[i][k]
 
 
-def _bwd_kernel(raw_r, cnm_r, s0_r, k_r, dh_r, gT_r, R_r, f0_r, dx_r, d0_r, f_r, *, plan, T, g0):
-    del f0_r
+def _bwd_kernel(raw_r, cnm_r, s0_r, k_r, dh_r, gT_r, R_r, dx0_r, f0_r, dx_r, d0_r, f_r, *, plan, T, g0):
+    del dx0_r, f0_r  # aliased to dx_r, f_r
     g = pl.program_id(0)
     head = (g0 + g) // plan.nb
     u, prec = plan.u, plan.precision
@@ -227,7 +255,7 @@ def _bwd_kernel(raw_r, cnm_r, s0_r, k_r, dh_r, gT_r, R_r, f0_r, dx_r, d0_r, f_r,
 
     def recurrent(R, i, t, ok):  # this slice of sum_g dgate_g(t) R_g^T, from every program's dgates
         t = jnp.asarray(t, jnp.int32)  # (interpret mode's load rule wants array indices)
-        dn = [_written(dx_r.at[g, t, jnp.int32(k)], ok) for k in range(4)]
+        dn = [_received(dx_r.at[g, t, jnp.int32(k)], ok, plan) for k in range(4)]
         return sum(_dot(dn[k], R[i][k], prec) for k in range(4))
 
     init = tuple(tuple(gT_r[g, k, :, r] for k in (1, 2, 3)) for r in rows)
@@ -246,7 +274,7 @@ def _bwd_kernel(raw_r, cnm_r, s0_r, k_r, dh_r, gT_r, R_r, f0_r, dx_r, d0_r, f_r,
             p = ps.pointwise([raw_r[g, t, k, :, r] for k in range(4)], c0, n0, m0)
             draw, d_in = ps.adjoint(p, dh1, *carry[i])
             for k in range(4):
-                dx_r[g, t, k, :, r] = draw[k]
+                dx_r[g, t, k, :, r] = _bits(draw[k])
             out.append(tuple(v * keep for v in d_in))
         return _sync(f_r, g, mine, j + 1, plan), tuple(out)
 
@@ -259,24 +287,27 @@ def _bwd_kernel(raw_r, cnm_r, s0_r, k_r, dh_r, gT_r, R_r, f0_r, dx_r, d0_r, f_r,
             d0_r[g, k + 1, :, r] = final[i][k]
 
 
-def _launch(plan, kernel, ins, out_shapes, n_flags_in, warps):
+def _launch(plan, kernel, ins, out_shapes, warps):
     """Run ``kernel`` over every group, ``plan.per_launch`` groups per launch. ``ins``:
-    per-group arrays (leading axis = groups) and shared ones (wrapped in a tuple)."""
+    per-group arrays (leading axis = groups) and shared ones (wrapped in a tuple). Output 0
+    is the exchange buffer (int32 words, filled with ``EMPTY`` first) and output 2 the
+    group counters / flags (zeros); both come in as the last two inputs, aliased."""
     from jax.experimental.pallas import triton as plt
 
     outs = []
     for g0 in range(0, plan.groups, plan.per_launch):
         n = min(plan.per_launch, plan.groups - g0)
         args = [a[0] if isinstance(a, tuple) else a[g0:g0 + n] for a in ins]
-        flags = jnp.zeros((n, 1), jnp.int32) if plan.spin == "counter" else jnp.zeros((n, plan.splits), F32)
+        flags = jnp.zeros((n, 1), jnp.int32) if plan.spin != "flags" else jnp.zeros((n, plan.splits), F32)
         shapes = [jax.ShapeDtypeStruct((n, *s[1:]), d) for s, d in out_shapes]
-        shapes.insert(n_flags_in, jax.ShapeDtypeStruct(flags.shape, flags.dtype))
+        shapes.insert(2, jax.ShapeDtypeStruct(flags.shape, flags.dtype))
+        empty = jnp.full(shapes[0].shape, EMPTY, jnp.int32)
         kw = {} if plan.interpret else {"compiler_params": plt.CompilerParams(num_warps=warps, num_stages=1)}
         res = pl.pallas_call(
             functools.partial(kernel, g0=g0), grid=(n, 1 if plan.interpret else plan.splits), out_shape=shapes,
-            input_output_aliases={len(args): n_flags_in}, interpret=plan.interpret, **kw,
-        )(*args, flags)
-        outs.append([o for k, o in enumerate(res) if k != n_flags_in])
+            input_output_aliases={len(args): 0, len(args) + 1: 2}, interpret=plan.interpret, **kw,
+        )(*args, empty, flags)
+        outs.append([o for k, o in enumerate(res) if k != 2])
     return [jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0] for parts in zip(*outs)]
 
 
@@ -322,11 +353,12 @@ def forward(x, R, b, state, keep, *, save, interpret, options=None):
     kb = jnp.transpose(_pad(kp, 0, plan.bp).reshape(plan.nb, plan.bb, T), (0, 2, 1))[..., None]
     kg = jnp.tile(kb, (H, 1, 1, 1))  # (G, T, bb, 1), groups head-major
     G, bb = plan.groups, plan.bb
-    out_shapes = [((G, T, bb, d), F32), ((G, 4, bb, d), F32)]
+    out_shapes = [((G, T, bb, d), jnp.int32), ((G, 4, bb, d), F32)]
     if save:
         out_shapes += [((G, T, 4, bb, d), F32), ((G, T, 3, bb, d), F32)]
     kernel = functools.partial(_fwd_kernel, plan=plan, T=T)
-    hs, sT, *rest = _launch(plan, kernel, [xg, (Rs,), s0, kg], out_shapes, 2, plan.warps["fwd"])
+    hs, sT, *rest = _launch(plan, kernel, [xg, (Rs,), s0, kg], out_shapes, plan.warps["fwd"])
+    hs = lax.bitcast_convert_type(hs, F32)
     h = jnp.transpose(_ungroup(hs, plan, H, 2), (1, 2, 0, 3))[:B, :, :, :D]  # (B, T, H, D)
     final = _state_out(sT, plan, H, B, D)
     saved = (Rs, s0, kg, hs, *rest) if save else None
@@ -344,8 +376,9 @@ def backward(shape, saved, dh, dfinal, *, interpret, options=None):
     G, bb = plan.groups, plan.bb
     kernel = functools.partial(_bwd_kernel, plan=plan, T=T)
     RsT = jnp.swapaxes(Rs, 2, 3)  # (H, 4, d_out, d_in): the backward's slices need no transpose on chip
-    dx, d0 = _launch(plan, kernel, [raw, cnm, s0, kg, dhg, gT, (RsT,)], [((G, T, 4, bb, d), F32), ((G, 4, bb, d), F32)],
-                     2, plan.warps["bwd"])
+    dx, d0 = _launch(plan, kernel, [raw, cnm, s0, kg, dhg, gT, (RsT,)],
+                     [((G, T, 4, bb, d), jnp.int32), ((G, 4, bb, d), F32)], plan.warps["bwd"])
+    dx = lax.bitcast_convert_type(dx, F32)
     # dR and db: sums over (batch, time) of the step's input state times its gate gradients
     hprev = jnp.concatenate([s0[:, None, 0], hs[:, :-1]], axis=1) * kg  # (G, T, bb, d)
     hp = hprev.reshape(H, plan.nb, T, bb, d)
