@@ -7,12 +7,14 @@ Why split: at d 1024 with 4 heads, one head's four ``256 x 256`` recurrent matri
 group keeps only the columns ``[s U, (s+1) U)`` of every gate's matrix (``U = D /
 splits``, 64 KB by default: in registers) and computes those units' gates, cell and
 output. Each step, every program needs all of ``h_{t-1}``: the programs of a group write
-their slice of ``h_t`` to global memory and read the full row back. The row buffer
-starts filled with a NaN bit pattern no float op produces and each word is written once,
-so a reader re-reads the row (volatile loads, past L1) until no word holds that pattern:
-the data carries its own readiness, with no flag, fence or atomic (as in NCCL's LL
-protocol; ``spin="data"``). The alternatives wait on a per-group step counter or on
-per-program flags (atomics, acquire/release at GPU scope) and then read the row once.
+their slice of ``h_t`` to global memory, add one to the group's step counter (a scalar
+atomic after a CTA barrier, acquire/release at GPU scope), wait until the counter shows
+every program of the group has, and read the full row once (the default,
+``spin="counter"``). Alternatives: per-program flags polled as a vector (``"flags"``), or
+no flag at all (``"data"``): the row buffer starts filled with a NaN bit pattern no float
+op produces, each word is written once, and a reader re-reads the row with volatile loads
+until no word holds the pattern (as in NCCL's LL protocol). On an H100 ``data`` matched
+the counter forward and was 8x slower backward, where each step re-reads 64 KB.
 Per step that is one ``(Bb, D) x (D, 4 U)`` product on the tensor cores (TF32, or TF32x3
 for float32 accuracy), the elementwise step, and one exchange through L2.
 
@@ -38,7 +40,8 @@ Options (``GPU_OPTIONS``, read at trace time): ``splits`` (None: the largest sli
 ``ieee``; None: TF32, or TF32x3 when ``jax.default_matmul_precision`` asks for float32,
 as XLA's dots would; interpret mode uses float32), ``max_programs``, ``spin`` (``data``, ``counter`` or ``flags``: see :func:`_received` and :func:`_sync`),
 ``r_resident`` (False: reload the R slice from L1/L2 every step instead of keeping it in
-registers).
+registers), ``k_block`` (the recurrent products run as independent dots over blocks of
+this many inputs, summed: short accumulator chains the tensor cores can overlap).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from . import pallas_slstm as ps
 F32 = jnp.float32
 R_SLICE_BYTES = 64 * 1024  # one program's slice of the four recurrent matrices, float32
 GPU_OPTIONS = {"splits": None, "batch_block": None, "fwd_warps": 4, "bwd_warps": 2, "precision": None, "max_programs": None,
-               "spin": "data", "r_resident": True}
+               "spin": "counter", "r_resident": True, "k_block": 64}
 SPINS = ("data", "counter", "flags")
 PRECISIONS = ("tf32x3", "tf32", "ieee")
 
@@ -107,6 +110,10 @@ class Plan:
         if o["spin"] not in SPINS:
             raise ValueError(f"spin: got {o['spin']!r}; expected one of {SPINS}")
         self.spin, self.r_resident = o["spin"], bool(o["r_resident"])
+        kb = min(int(o["k_block"]), d)
+        if kb < 16 or kb & (kb - 1):
+            raise ValueError(f"k_block: got {o['k_block']}; expected a power of two >= 16")
+        self.k_block = kb
 
 
 def _default_precision() -> str:
@@ -207,23 +214,26 @@ def _fwd_kernel(x_r, R_r, s0_r, k_r, hs0_r, f0_r, hs_r, sT_r, f_r, *saved, plan,
     u, prec = plan.u, plan.precision
     mine = _mine(plan)
     cols = [pl.ds(s * u, u) for s in mine]
-    def r_cols():  # (d, u) column slices of the four matrices
-        return [[R_r[head, k, :, c] for k in range(4)] for c in cols]
+    kblocks = [pl.ds(j, plan.k_block) for j in range(0, plan.d, plan.k_block)]
+
+    def r_cols():  # (k_block, u) blocks of the column slices of the four matrices
+        return [[[R_r[head, k, kb, c] for kb in kblocks] for k in range(4)] for c in cols]
 
     Rk = r_cols() if plan.r_resident else None  # kept across steps (registers)
-    h_init = s0_r[g, 0]
+    h_init = [s0_r[g, 0, :, kb] for kb in kblocks]
     init = tuple(tuple(s0_r[g, k, :, c] for k in range(4)) for c in cols)
 
     def step(t, carry):
         ready, carry = carry
         R = Rk if plan.r_resident else r_cols()
         keep = k_r[g, t]  # (bb, 1)
-        prev = _received(hs_r.at[g, jnp.maximum(t - 1, 0)], (t > 0) & ready, plan)
-        hprev = jnp.where(t == 0, h_init, prev) * keep
+        # h_{t-1} in column blocks: one independent accumulator chain per (gate, block)
+        prev = [_received(hs_r.at[g, jnp.maximum(t - 1, 0), :, kb], (t > 0) & ready, plan) for kb in kblocks]
+        hprev = [jnp.where(t == 0, a, b) * keep for a, b in zip(h_init, prev)]
         out = []
         for i, c in enumerate(cols):
             _, c0, n0, m0 = (v * keep for v in carry[i])
-            raw = [x_r[g, t, k, :, c] + _dot(hprev, R[i][k], prec) for k in range(4)]
+            raw = [x_r[g, t, k, :, c] + sum(_dot(hb, rb, prec) for hb, rb in zip(hprev, R[i][k])) for k in range(4)]
             p = ps.pointwise(raw, c0, n0, m0)
             hs_r[g, t, :, c] = _bits(p["h1"])
             if saved:
@@ -248,15 +258,17 @@ def _bwd_kernel(raw_r, cnm_r, s0_r, k_r, dh_r, gT_r, R_r, dx0_r, f0_r, dx_r, d0_
     u, prec = plan.u, plan.precision
     mine = _mine(plan)
     rows = [pl.ds(s * u, u) for s in mine]
-    def r_rows():  # (d_out, u) slices of the transposed matrices: rows [s u, (s+1) u) of R
-        return [[R_r[head, k, :, r] for k in range(4)] for r in rows]
+    kblocks = [pl.ds(j, plan.k_block) for j in range(0, plan.d, plan.k_block)]
+
+    def r_rows():  # (k_block, u) blocks of the transposed matrices' columns [s u, (s+1) u)
+        return [[[R_r[head, k, kb, r] for kb in kblocks] for k in range(4)] for r in rows]
 
     Rt = r_rows() if plan.r_resident else None
 
     def recurrent(R, i, t, ok):  # this slice of sum_g dgate_g(t) R_g^T, from every program's dgates
         t = jnp.asarray(t, jnp.int32)  # (interpret mode's load rule wants array indices)
-        dn = [_received(dx_r.at[g, t, jnp.int32(k)], ok, plan) for k in range(4)]
-        return sum(_dot(dn[k], R[i][k], prec) for k in range(4))
+        return sum(_dot(_received(dx_r.at[g, t, jnp.int32(k), :, kb], ok, plan), R[i][k][j], prec)
+                   for k in range(4) for j, kb in enumerate(kblocks))
 
     init = tuple(tuple(gT_r[g, k, :, r] for k in (1, 2, 3)) for r in rows)
 

@@ -65,9 +65,9 @@ def test_mlstm_gpu_kernels_lower(hopper, monkeypatch, dtype, options, kernels):
     assert _kernels(fn, q, k, v, i, f) == {"triton": kernels, "mosaic": 0}
 
 
-@pytest.mark.parametrize("options", [{}, {"splits": 4}, {"splits": 4, "spin": "counter"},
+@pytest.mark.parametrize("options", [{}, {"splits": 4, "k_block": 16}, {"splits": 4, "spin": "data"},
                                      {"splits": 4, "spin": "flags", "r_resident": False}],
-                         ids=["one_program", "split", "split_counter", "split_flags_reload"])
+                         ids=["one_program", "split", "split_data", "split_flags_reload"])
 def test_slstm_gpu_kernel_lowers(hopper, monkeypatch, options):
     # one program per head (D 16) and a head split over 4 programs that sync every step
     from mnemax.kernels import pallas_slstm_gpu as pg

@@ -102,7 +102,8 @@ def test_pallas_slstm_state_round_trip(backend):
 @pytest.mark.parametrize("options,shape", [
     ({"splits": 4}, (3, 17, 2, 40)),  # head 40 -> 64 units in 4 programs of 16, one launch
     ({"splits": 2, "batch_block": 16, "max_programs": 4}, (18, 9, 3, 24)),  # 2 batch blocks, 6 groups, 3 launches
-    ({"splits": 2, "spin": "counter"}, (2, 11, 1, 32)),
+    ({"splits": 2, "spin": "data"}, (2, 11, 1, 32)),
+    ({"splits": 4, "k_block": 16}, (2, 13, 2, 64)),  # the recurrent products in 4 input blocks
 ])
 def test_pallas_gpu_slstm_split_heads(monkeypatch, options, shape):
     """The GPU kernels with each head's recurrent matrices split over several programs
@@ -138,7 +139,7 @@ def test_pallas_gpu_slstm_bad_options(monkeypatch):
     ((4, 200, 4, 64), {"splits": 4}),
     ((4, 200, 4, 64), {"splits": 4, "spin": "flags", "r_resident": False}),
     ((16, 160, 4, 256), {}),  # the benchmark's heads: 16 programs per head exchange h every step
-    ((16, 160, 4, 256), {"spin": "counter"}),
+    ((16, 160, 4, 256), {"spin": "data"}),
     ((40, 64, 2, 128), {"max_programs": 8}),  # 2 batch blocks x 2 heads x 4 splits, 2 launches
 ])
 def test_pallas_gpu_slstm_compiled_matches_reference(monkeypatch, shape, options):
