@@ -40,8 +40,7 @@ Options (``GPU_OPTIONS``, read at trace time): ``splits`` (None: the largest sli
 ``ieee``; None: TF32, or TF32x3 when ``jax.default_matmul_precision`` asks for float32,
 as XLA's dots would; interpret mode uses float32), ``max_programs``, ``spin`` (``data``, ``counter`` or ``flags``: see :func:`_received` and :func:`_sync`),
 ``r_resident`` (False: reload the R slice from L1/L2 every step instead of keeping it in
-registers), ``k_block`` (the recurrent products run as independent dots over blocks of
-this many inputs, summed: short accumulator chains the tensor cores can overlap).
+registers).
 """
 
 from __future__ import annotations
@@ -58,7 +57,7 @@ from . import pallas_slstm as ps
 F32 = jnp.float32
 R_SLICE_BYTES = 64 * 1024  # one program's slice of the four recurrent matrices, float32
 GPU_OPTIONS = {"splits": None, "batch_block": None, "fwd_warps": 4, "bwd_warps": 2, "precision": None, "max_programs": None,
-               "spin": "counter", "r_resident": True, "k_block": 64}
+               "spin": "counter", "r_resident": True}
 SPINS = ("data", "counter", "flags")
 PRECISIONS = ("tf32x3", "tf32", "ieee")
 
@@ -110,10 +109,6 @@ class Plan:
         if o["spin"] not in SPINS:
             raise ValueError(f"spin: got {o['spin']!r}; expected one of {SPINS}")
         self.spin, self.r_resident = o["spin"], bool(o["r_resident"])
-        kb = min(int(o["k_block"]), d)
-        if kb < 16 or kb & (kb - 1):
-            raise ValueError(f"k_block: got {o['k_block']}; expected a power of two >= 16")
-        self.k_block = kb
 
 
 def _default_precision() -> str:
@@ -214,26 +209,24 @@ def _fwd_kernel(x_r, R_r, s0_r, k_r, hs0_r, f0_r, hs_r, sT_r, f_r, *saved, plan,
     u, prec = plan.u, plan.precision
     mine = _mine(plan)
     cols = [pl.ds(s * u, u) for s in mine]
-    kblocks = [pl.ds(j, plan.k_block) for j in range(0, plan.d, plan.k_block)]
 
-    def r_cols():  # (k_block, u) blocks of the column slices of the four matrices
-        return [[[R_r[head, k, kb, c] for kb in kblocks] for k in range(4)] for c in cols]
+    def r_cols():  # (d, u) column slices of the four matrices
+        return [[R_r[head, k, :, c] for k in range(4)] for c in cols]
 
     Rk = r_cols() if plan.r_resident else None  # kept across steps (registers)
-    h_init = [s0_r[g, 0, :, kb] for kb in kblocks]
+    h_init = s0_r[g, 0]
     init = tuple(tuple(s0_r[g, k, :, c] for k in range(4)) for c in cols)
 
     def step(t, carry):
         ready, carry = carry
         R = Rk if plan.r_resident else r_cols()
         keep = k_r[g, t]  # (bb, 1)
-        # h_{t-1} in column blocks: one independent accumulator chain per (gate, block)
-        prev = [_received(hs_r.at[g, jnp.maximum(t - 1, 0), :, kb], (t > 0) & ready, plan) for kb in kblocks]
-        hprev = [jnp.where(t == 0, a, b) * keep for a, b in zip(h_init, prev)]
+        prev = _received(hs_r.at[g, jnp.maximum(t - 1, 0)], (t > 0) & ready, plan)
+        hprev = jnp.where(t == 0, h_init, prev) * keep
         out = []
         for i, c in enumerate(cols):
             _, c0, n0, m0 = (v * keep for v in carry[i])
-            raw = [x_r[g, t, k, :, c] + sum(_dot(hb, rb, prec) for hb, rb in zip(hprev, R[i][k])) for k in range(4)]
+            raw = [x_r[g, t, k, :, c] + _dot(hprev, R[i][k], prec) for k in range(4)]
             p = ps.pointwise(raw, c0, n0, m0)
             hs_r[g, t, :, c] = _bits(p["h1"])
             if saved:
@@ -258,17 +251,16 @@ def _bwd_kernel(raw_r, cnm_r, s0_r, k_r, dh_r, gT_r, R_r, dx0_r, f0_r, dx_r, d0_
     u, prec = plan.u, plan.precision
     mine = _mine(plan)
     rows = [pl.ds(s * u, u) for s in mine]
-    kblocks = [pl.ds(j, plan.k_block) for j in range(0, plan.d, plan.k_block)]
 
-    def r_rows():  # (k_block, u) blocks of the transposed matrices' columns [s u, (s+1) u)
-        return [[[R_r[head, k, kb, r] for kb in kblocks] for k in range(4)] for r in rows]
+    def r_rows():  # (d_out, u) slices of the transposed matrices: rows [s u, (s+1) u) of R
+        return [[R_r[head, k, :, r] for k in range(4)] for r in rows]
 
     Rt = r_rows() if plan.r_resident else None
 
     def recurrent(R, i, t, ok):  # this slice of sum_g dgate_g(t) R_g^T, from every program's dgates
         t = jnp.asarray(t, jnp.int32)  # (interpret mode's load rule wants array indices)
-        return sum(_dot(_received(dx_r.at[g, t, jnp.int32(k), :, kb], ok, plan), R[i][k][j], prec)
-                   for k in range(4) for j, kb in enumerate(kblocks))
+        dn = [_received(dx_r.at[g, t, jnp.int32(k)], ok, plan) for k in range(4)]
+        return sum(_dot(dn[k], R[i][k], prec) for k in range(4))
 
     init = tuple(tuple(gT_r[g, k, :, r] for k in (1, 2, 3)) for r in rows)
 

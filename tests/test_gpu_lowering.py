@@ -65,7 +65,7 @@ def test_mlstm_gpu_kernels_lower(hopper, monkeypatch, dtype, options, kernels):
     assert _kernels(fn, q, k, v, i, f) == {"triton": kernels, "mosaic": 0}
 
 
-@pytest.mark.parametrize("options", [{}, {"splits": 4, "k_block": 16}, {"splits": 4, "spin": "data"},
+@pytest.mark.parametrize("options", [{}, {"splits": 4}, {"splits": 4, "spin": "data"},
                                      {"splits": 4, "spin": "flags", "r_resident": False}],
                          ids=["one_program", "split", "split_data", "split_flags_reload"])
 def test_slstm_gpu_kernel_lowers(hopper, monkeypatch, options):
