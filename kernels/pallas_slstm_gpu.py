@@ -40,7 +40,7 @@ Options (``GPU_OPTIONS``, read at trace time): ``splits`` (None: the largest sli
 ``ieee``; None: TF32, or TF32x3 when ``jax.default_matmul_precision`` asks for float32,
 as XLA's dots would; interpret mode uses float32), ``max_programs``, ``spin`` (``data``, ``counter`` or ``flags``: see :func:`_received` and :func:`_sync`),
 ``r_resident`` (False: reload the R slice from L1/L2 every step instead of keeping it in
-registers).
+registers), ``bwd_exchange`` (``gates`` or ``partials``: see :func:`_bwd_kernel`).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from . import pallas_slstm as ps
 F32 = jnp.float32
 R_SLICE_BYTES = 64 * 1024  # one program's slice of the four recurrent matrices, float32
 GPU_OPTIONS = {"splits": None, "batch_block": None, "fwd_warps": 4, "bwd_warps": 2, "precision": None, "max_programs": None,
-               "spin": "counter", "r_resident": True}
+               "spin": "counter", "r_resident": True, "bwd_exchange": "gates"}
 SPINS = ("data", "counter", "flags")
 PRECISIONS = ("tf32x3", "tf32", "ieee")
 
@@ -109,6 +109,11 @@ class Plan:
         if o["spin"] not in SPINS:
             raise ValueError(f"spin: got {o['spin']!r}; expected one of {SPINS}")
         self.spin, self.r_resident = o["spin"], bool(o["r_resident"])
+        if o["bwd_exchange"] not in ("gates", "partials"):
+            raise ValueError(f"bwd_exchange: got {o['bwd_exchange']!r}; expected 'gates' or 'partials'")
+        if o["bwd_exchange"] == "partials" and self.spin == "data":
+            raise ValueError("bwd_exchange: 'partials' reuses its ring slots, so it needs spin 'counter' or 'flags', not 'data'")
+        self.bwd_exchange = o["bwd_exchange"]
 
 
 def _default_precision() -> str:
@@ -244,20 +249,32 @@ def _fwd_kernel(x_r, R_r, s0_r, k_r, hs0_r, f0_r, hs_r, sT_r, f_r, *saved, plan,
             sT_r[g, k, :, c] = final[i][k]
 
 
-def _bwd_kernel(raw_r, cnm_r, s0_r, k_r, dh_r, gT_r, R_r, dx0_r, f0_r, dx_r, d0_r, f_r, *, plan, T, g0):
+def _bwd_kernel(raw_r, cnm_r, s0_r, k_r, dh_r, gT_r, R_r, dx0_r, f0_r, dx_r, d0_r, f_r, *ring, plan, T, g0):
+    """``bwd_exchange="gates"``: each program reads every program's gate gradients (4 x bb x d
+    words per step) and multiplies them by its (d, u) slice of R^T. ``"partials"``: each
+    program multiplies its own gate gradients by its (u, d) rows of R^T and writes the
+    (bb, d) partial sum to a two-slot ring; each then sums its u columns over the group's
+    partials (bb x d words per step, read with volatile loads since the slots are reused)."""
     del dx0_r, f0_r  # aliased to dx_r, f_r
     g = pl.program_id(0)
     head = (g0 + g) // plan.nb
     u, prec = plan.u, plan.precision
     mine = _mine(plan)
     rows = [pl.ds(s * u, u) for s in mine]
+    partials = bool(ring)
 
-    def r_rows():  # (d_out, u) slices of the transposed matrices: rows [s u, (s+1) u) of R
-        return [[R_r[head, k, :, r] for k in range(4)] for r in rows]
+    def r_slices():  # gates: (d_out, u) columns of R^T; partials: (u, d_in) rows of R^T
+        return [[R_r[head, k, r, :] if partials else R_r[head, k, :, r] for k in range(4)] for r in rows]
 
-    Rt = r_rows() if plan.r_resident else None
+    Rt = r_slices() if plan.r_resident else None
 
-    def recurrent(R, i, t, ok):  # this slice of sum_g dgate_g(t) R_g^T, from every program's dgates
+    def recurrent(R, i, t, ok, slot):  # this slice of sum_g dgate_g(t) R_g^T
+        if partials:
+            from jax.experimental.pallas import triton as plt
+
+            ref = ring[0].at[g, jnp.asarray(slot, jnp.int32), :, :, rows[i]]  # (splits, bb, u): every program's partial
+            part = plt.load(ref, mask=jnp.broadcast_to(ok, ref.shape), other=0.0, volatile=not plan.interpret)
+            return jnp.sum(part, axis=0)
         t = jnp.asarray(t, jnp.int32)  # (interpret mode's load rule wants array indices)
         dn = [_received(dx_r.at[g, t, jnp.int32(k)], ok, plan) for k in range(4)]
         return sum(_dot(dn[k], R[i][k], prec) for k in range(4))
@@ -266,13 +283,13 @@ def _bwd_kernel(raw_r, cnm_r, s0_r, k_r, dh_r, gT_r, R_r, dx0_r, f0_r, dx_r, d0_
 
     def step(j, carry):
         ready, carry = carry
-        R = Rt if plan.r_resident else r_rows()
+        R = Rt if plan.r_resident else r_slices()
         t = T - 1 - j
         tn, tp = jnp.minimum(t + 1, T - 1), jnp.maximum(t - 1, 0)
         keep, keep_n = k_r[g, t], k_r[g, tn]
-        out = []
+        out, draws = [], []
         for i, r in enumerate(rows):
-            dh_rec = recurrent(R, i, tn, (t < T - 1) & ready)
+            dh_rec = recurrent(R, i, tn, (t < T - 1) & ready, 1 - (j & 1))  # the other slot: step j - 1's
             dh1 = jnp.where(t == T - 1, gT_r[g, 0, :, r], keep_n * dh_rec) + dh_r[g, t, :, r]
             c0, n0, m0 = (jnp.where(t == 0, s0_r[g, k + 1, :, r], cnm_r[g, tp, k, :, r]) * keep for k in range(3))
             p = ps.pointwise([raw_r[g, t, k, :, r] for k in range(4)], c0, n0, m0)
@@ -280,13 +297,17 @@ def _bwd_kernel(raw_r, cnm_r, s0_r, k_r, dh_r, gT_r, R_r, dx0_r, f0_r, dx_r, d0_
             for k in range(4):
                 dx_r[g, t, k, :, r] = _bits(draw[k])
             out.append(tuple(v * keep for v in d_in))
+            draws.append(draw)
+        if partials:  # after every slice read the other slot (interpret mode runs them in turn)
+            for i, s in enumerate(mine):
+                ring[0][g, j & 1, s] = sum(_dot(draws[i][k], R[i][k], prec) for k in range(4))
         return _sync(f_r, g, mine, j + 1, plan), tuple(out)
 
     ready, final = lax.fori_loop(0, T, step, (jnp.bool_(True), init))
     keep0 = k_r[g, 0]
-    R = Rt if plan.r_resident else r_rows()
+    R = Rt if plan.r_resident else r_slices()
     for i, r in enumerate(rows):
-        d0_r[g, 0, :, r] = keep0 * recurrent(R, i, 0, ready)
+        d0_r[g, 0, :, r] = keep0 * recurrent(R, i, 0, ready, (T - 1) % 2)
         for k in range(3):
             d0_r[g, k + 1, :, r] = final[i][k]
 
@@ -380,8 +401,10 @@ def backward(shape, saved, dh, dfinal, *, interpret, options=None):
     G, bb = plan.groups, plan.bb
     kernel = functools.partial(_bwd_kernel, plan=plan, T=T)
     RsT = jnp.swapaxes(Rs, 2, 3)  # (H, 4, d_out, d_in): the backward's slices need no transpose on chip
-    dx, d0 = _launch(plan, kernel, [raw, cnm, s0, kg, dhg, gT, (RsT,)],
-                     [((G, T, 4, bb, d), jnp.int32), ((G, 4, bb, d), F32)], plan.warps["bwd"])
+    out_shapes = [((G, T, 4, bb, d), jnp.int32), ((G, 4, bb, d), F32)]
+    if plan.bwd_exchange == "partials":
+        out_shapes.append(((G, 2, plan.splits, bb, d), F32))  # the ring of partial sums (scratch)
+    dx, d0, *_ = _launch(plan, kernel, [raw, cnm, s0, kg, dhg, gT, (RsT,)], out_shapes, plan.warps["bwd"])
     dx = lax.bitcast_convert_type(dx, F32)
     # dR and db: sums over (batch, time) of the step's input state times its gate gradients
     hprev = jnp.concatenate([s0[:, None, 0], hs[:, :-1]], axis=1) * kg  # (G, T, bb, d)
