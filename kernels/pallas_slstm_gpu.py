@@ -18,12 +18,14 @@ the counter forward and was 8x slower backward, where each step re-reads 64 KB.
 Per step that is one ``(Bb, D) x (D, 4 U)`` product on the tensor cores (TF32, or TF32x3
 for float32 accuracy), the elementwise step, and one exchange through L2.
 
-The backward walks the steps last to first with the transposed split: program ``s``
-keeps the rows ``[s U, (s+1) U)`` of every gate's matrix, computes its units' gate
-gradients from the saved gate pre-activations and states (no recomputed matmul), writes
-them to the ``dx`` output (which is the exchange buffer), syncs, and reads all of them to
-form its slice of the recurrent gradient ``dh_{t-1} = sum_g dgate_g R_g^T``. ``dR`` and
-``db`` are then large matmuls / sums over (batch, time) done by XLA.
+The backward walks the steps last to first. Program ``s`` computes its units' gate
+gradients from the saved gate pre-activations and states (no recomputed matmul) and
+multiplies them by its rows of ``R^T``: a partial sum of the recurrent gradient
+``dh_{t-1} = sum_g dgate_g R_g^T`` over its units, which it writes to a two-slot ring;
+after the wait each program sums its own columns over the group's partials (16 KB read per
+program and step at d 256; the ``gates`` alternative exchanges the gate gradients, 64 KB,
+and was 1.8x slower overall). ``dR`` and ``db`` are then large matmuls / sums over
+(batch, time) done by XLA.
 
 All programs of a launch must be resident at once (they wait on each other), so a launch
 has at most ``max_programs`` programs (default: the GPU's SM count) and larger problems
@@ -40,7 +42,8 @@ Options (``GPU_OPTIONS``, read at trace time): ``splits`` (None: the largest sli
 ``ieee``; None: TF32, or TF32x3 when ``jax.default_matmul_precision`` asks for float32,
 as XLA's dots would; interpret mode uses float32), ``max_programs``, ``spin`` (``data``, ``counter`` or ``flags``: see :func:`_received` and :func:`_sync`),
 ``r_resident`` (False: reload the R slice from L1/L2 every step instead of keeping it in
-registers), ``bwd_exchange`` (``gates`` or ``partials``: see :func:`_bwd_kernel`).
+registers), ``bwd_exchange`` (``partials``, the default, or ``gates``: see
+:func:`_bwd_kernel`; ``gates`` with ``spin="data"``).
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ from . import pallas_slstm as ps
 F32 = jnp.float32
 R_SLICE_BYTES = 64 * 1024  # one program's slice of the four recurrent matrices, float32
 GPU_OPTIONS = {"splits": None, "batch_block": None, "fwd_warps": 4, "bwd_warps": 2, "precision": None, "max_programs": None,
-               "spin": "counter", "r_resident": True, "bwd_exchange": "gates"}
+               "spin": "counter", "r_resident": True, "bwd_exchange": None}
 SPINS = ("data", "counter", "flags")
 PRECISIONS = ("tf32x3", "tf32", "ieee")
 
@@ -109,11 +112,12 @@ class Plan:
         if o["spin"] not in SPINS:
             raise ValueError(f"spin: got {o['spin']!r}; expected one of {SPINS}")
         self.spin, self.r_resident = o["spin"], bool(o["r_resident"])
-        if o["bwd_exchange"] not in ("gates", "partials"):
-            raise ValueError(f"bwd_exchange: got {o['bwd_exchange']!r}; expected 'gates' or 'partials'")
-        if o["bwd_exchange"] == "partials" and self.spin == "data":
+        exchange = o["bwd_exchange"] or ("gates" if self.spin == "data" else "partials")
+        if exchange not in ("gates", "partials"):
+            raise ValueError(f"bwd_exchange: got {exchange!r}; expected 'gates' or 'partials'")
+        if exchange == "partials" and self.spin == "data":
             raise ValueError("bwd_exchange: 'partials' reuses its ring slots, so it needs spin 'counter' or 'flags', not 'data'")
-        self.bwd_exchange = o["bwd_exchange"]
+        self.bwd_exchange = exchange
 
 
 def _default_precision() -> str:

@@ -21,8 +21,8 @@ added before the loop and resets folded into a multiplicative mask), and ``palla
 (Mosaic TPU: one fused kernel for the whole sequence with the recurrent matrices in VMEM,
 :mod:`mnemax.kernels.pallas_slstm`; opt-in until run on a TPU) / ``pallas_gpu`` (Triton:
 one launch for the whole sequence with each head's matrices split over several programs
-that exchange the state every step, :mod:`mnemax.kernels.pallas_slstm_gpu`; 2.4x the
-``xla`` backend's forward+backward speed on an H100 at d 1024, so opt-in by name). Both
+that exchange the state every step, :mod:`mnemax.kernels.pallas_slstm_gpu`; 4.1x the
+``xla`` backend's forward+backward speed on an H100 at d 1024; opt-in by name). Both
 forward and backward; float64 takes the ``xla`` path.
 
 Shapes::

@@ -67,8 +67,8 @@ def test_mlstm_gpu_kernels_lower(hopper, monkeypatch, dtype, options, kernels):
 
 @pytest.mark.parametrize("options", [{}, {"splits": 4}, {"splits": 4, "spin": "data"},
                                      {"splits": 4, "spin": "flags", "r_resident": False},
-                                     {"splits": 4, "bwd_exchange": "partials"}],
-                         ids=["one_program", "split", "split_data", "split_flags_reload", "split_partials"])
+                                     {"splits": 4, "bwd_exchange": "gates"}],
+                         ids=["one_program", "split", "split_data", "split_flags_reload", "split_gates"])
 def test_slstm_gpu_kernel_lowers(hopper, monkeypatch, options):
     # one program per head (D 16) and a head split over 4 programs that sync every step
     from mnemax.kernels import pallas_slstm_gpu as pg
