@@ -56,6 +56,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import pallas_slstm as ps
+from .pallas_slstm import _pad
 
 F32 = jnp.float32
 R_SLICE_BYTES = 64 * 1024  # one program's slice of the four recurrent matrices, float32
@@ -204,8 +205,12 @@ def _sync(flags, g, mine, step, plan):
     return last >= target
 
 
-def _mine(plan):
-    return list(range(plan.splits)) if plan.interpret else [pl.program_id(1)]
+def _program(plan, g0):
+    """This program's group (in the launch), head, slice indices and unit slices (all of
+    the group's slices when interpret mode emulates them in turn)."""
+    g = pl.program_id(0)
+    mine = list(range(plan.splits)) if plan.interpret else [pl.program_id(1)]
+    return g, (g0 + g) // plan.nb, mine, [pl.ds(s * plan.u, plan.u) for s in mine]
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -213,11 +218,8 @@ def _mine(plan):
 
 def _fwd_kernel(x_r, R_r, s0_r, k_r, hs0_r, f0_r, hs_r, sT_r, f_r, *saved, plan, T, g0):
     del hs0_r, f0_r  # aliased to hs_r, f_r
-    g = pl.program_id(0)
-    head = (g0 + g) // plan.nb
-    u, prec = plan.u, plan.precision
-    mine = _mine(plan)
-    cols = [pl.ds(s * u, u) for s in mine]
+    g, head, mine, cols = _program(plan, g0)
+    prec = plan.precision
 
     def r_cols():  # (d, u) column slices of the four matrices
         return [[R_r[head, k, :, c] for k in range(4)] for c in cols]
@@ -260,11 +262,8 @@ def _bwd_kernel(raw_r, cnm_r, s0_r, k_r, dh_r, gT_r, R_r, dx0_r, f0_r, dx_r, d0_
     (bb, d) partial sum to a two-slot ring; each then sums its u columns over the group's
     partials (bb x d words per step, read with volatile loads since the slots are reused)."""
     del dx0_r, f0_r  # aliased to dx_r, f_r
-    g = pl.program_id(0)
-    head = (g0 + g) // plan.nb
-    u, prec = plan.u, plan.precision
-    mine = _mine(plan)
-    rows = [pl.ds(s * u, u) for s in mine]
+    g, head, mine, rows = _program(plan, g0)
+    prec = plan.precision
     partials = bool(ring)
 
     def r_slices():  # gates: (d_out, u) columns of R^T; partials: (u, d_in) rows of R^T
@@ -343,10 +342,6 @@ def _launch(plan, kernel, ins, out_shapes, warps):
 # ----------------------------------------------------------------------------- layouts
 
 
-def _pad(x, axis, size):
-    return ps._pad(x, axis, size)
-
-
 def _groups(a, plan, batch_axis, head_axis):
     """(..., batch, ..., heads, ...) -> (heads x batch blocks, ...) with the batch block
     in place of the batch axis (padded) and the head axis dropped."""
@@ -363,21 +358,27 @@ def _ungroup(a, plan, heads, bb_axis):
     return a.reshape(heads, plan.bp, *a.shape[2:])
 
 
+def _state_in(states, plan):
+    """4 arrays (B, H, D) -> (groups, 4, bb, d), float32."""
+    a = _pad(jnp.stack([s.astype(F32) for s in states]), 3, plan.d)  # (4, B, H, d)
+    return jnp.moveaxis(_groups(a, plan, 1, 2), 1, 2)
+
+
 def _state_out(a, plan, heads, B, D):
     """(groups, 4, bb, d) -> 4 arrays (B, H, D)."""
     a = _ungroup(a, plan, heads, 2)  # (H, bp, 4, d)
     return tuple(jnp.transpose(a[:, :B, k, :D], (1, 0, 2)) for k in range(4))
 
 
-def forward(x, R, b, state, keep, *, save, interpret, options=None):
+def forward(x, R, b, state, keep, *, save, interpret):
     """h (B, T, H, D), the final state and, with ``save``, what the backward needs."""
     B, T, _, H, D = x.shape
-    plan = Plan(B, H, D, options or {}, interpret)
+    plan = Plan(B, H, D, {}, interpret)
     d = plan.d
     pre = _pad((x + b[None, None]).astype(F32), 4, d)  # (B, T, 4, H, d)
     xg = jnp.moveaxis(_groups(pre, plan, 0, 3), 1, 3)  # (G, T, 4, bb, d)
     Rs = _pad(_pad(jnp.transpose(R.astype(F32), (0, 2, 1, 3)), 2, d), 3, d)  # (H, 4, d_in, d_out)
-    s0 = jnp.moveaxis(_groups(_pad(jnp.stack(state).astype(F32), 3, d), plan, 1, 2), 1, 2)  # (G, 4, bb, d)
+    s0 = _state_in(state, plan)  # (G, 4, bb, d)
     kp = jnp.ones((B, T), F32) if keep is None else keep.astype(F32)
     kb = jnp.transpose(_pad(kp, 0, plan.bp).reshape(plan.nb, plan.bb, T), (0, 2, 1))[..., None]
     kg = jnp.tile(kb, (H, 1, 1, 1))  # (G, T, bb, 1), groups head-major
@@ -394,14 +395,14 @@ def forward(x, R, b, state, keep, *, save, interpret, options=None):
     return h, final, saved
 
 
-def backward(shape, saved, dh, dfinal, *, interpret, options=None):
+def backward(shape, saved, dh, dfinal, *, interpret):
     """Gradients (dx, dR, db, dstate0) in the op's layouts."""
     B, T, _, H, D = shape
-    plan = Plan(B, H, D, options or {}, interpret)
+    plan = Plan(B, H, D, {}, interpret)
     Rs, s0, kg, hs, raw, cnm = saved
     d = plan.d
     dhg = jnp.moveaxis(_groups(_pad(dh.astype(F32), 3, d), plan, 0, 2), 1, 2)  # (G, T, bb, d)
-    gT = jnp.moveaxis(_groups(_pad(jnp.stack([a.astype(F32) for a in dfinal]), 3, d), plan, 1, 2), 1, 2)
+    gT = _state_in(dfinal, plan)
     G, bb = plan.groups, plan.bb
     kernel = functools.partial(_bwd_kernel, plan=plan, T=T)
     RsT = jnp.swapaxes(Rs, 2, 3)  # (H, 4, d_out, d_in): the backward's slices need no transpose on chip
