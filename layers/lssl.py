@@ -42,7 +42,8 @@ output mixing (H * M -> H)::
     u, y: (batch, time, H);  state: LSSLState(x=(batch, H, N)) float32
 
 Views: ``mode="conv"`` (FFT convolution, for training), ``mode="recurrent"``
-(``lax.scan``, for stepping), ``mode="auto"`` (conv unless ``resets`` is given).
+(``lax.scan``, for stepping), ``mode="auto"`` (conv unless ``resets`` is given or the
+call is at most ``AUTO_RECURRENT_STEPS`` steps long, as generation's one-token steps are).
 With ``resets`` the layer always runs the recurrent view: a reset cuts the kernel at
 the episode boundary, which one FFT over the whole sequence cannot do. Both views
 return the state after the last step, so they can be mixed freely (the reference code
@@ -75,6 +76,11 @@ MEASURES = ("legs", "legt", "lagt")
 METHODS = ("zoh", "bilinear", "gbt", "forward_euler", "backward_euler")
 ACTIVATIONS = ("gelu", "none")
 MODES = ("auto", "conv", "recurrent")
+# Under mode="auto", calls of at most this many steps run the recurrent view: a generation
+# step is then one (H, N, N) mat-vec, where the conv view builds Krylov powers, runs two
+# FFTs and, from a state, a matrix power and a second Krylov sequence (lssl-125m generated
+# 4.6x slower than s4d-125m per token on an H100 that way; benchmarks/RESULTS.md).
+AUTO_RECURRENT_STEPS = 16
 
 
 # ----------------------------------------------------------------------------- HiPPO
@@ -270,7 +276,8 @@ class LSSL(nn.Module):
       dt_min, dt_max: range of the log-uniform dt init.
       learn: 0 A, B fixed; 1 trained, shared by all features; 2 trained, one per feature.
       activation: ``"gelu"`` or ``"none"`` before the output mixing.
-      mode: ``"auto"``, ``"conv"`` or ``"recurrent"``.
+      mode: ``"auto"`` (recurrent with ``resets`` or for calls of at most
+        ``AUTO_RECURRENT_STEPS`` steps, conv otherwise), ``"conv"`` or ``"recurrent"``.
     """
 
     features: int
@@ -327,7 +334,7 @@ class LSSL(nn.Module):
         Abar, Bbar, C, D = self._system(ssm_dt)
         u = u.astype(ssm_dt)
         x0 = None if state is None else state.x.astype(ssm_dt)
-        recurrent = self.mode == "recurrent" or (self.mode == "auto" and resets is not None)
+        recurrent = self.mode == "recurrent" or (self.mode == "auto" and (resets is not None or time <= AUTO_RECURRENT_STEPS))
         if recurrent or resets is not None:
             y, x_last = self._recurrent(u, x0, resets, Abar, Bbar, C)
         else:

@@ -165,6 +165,27 @@ def test_lssl_conv_view_equals_recurrent_view(measure, method, learn):
             assert err_y <= 1e-8 and err_s <= 1e-8, (err_y, err_s)
 
 
+def test_lssl_auto_mode_steps_short_calls_recurrently():
+    """mode="auto": calls of at most AUTO_RECURRENT_STEPS steps (generation) take the recurrent
+    view (no FFT in the traced call) and longer ones the conv view; both equal the conv view's
+    values from a given state (float64, rel. err <= 1e-8)."""
+    from mnemax.layers.lssl import AUTO_RECURRENT_STEPS
+
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(5)
+        kw = dict(features=3, state_size=8, channels=2, dt_min=0.01, dt_max=0.5, dtype=jnp.float64, param_dtype=jnp.float64)
+        auto, conv = LSSL(**kw), LSSL(mode="conv", **kw)
+        v = jax.jit(auto.init)(jax.random.key(0), jnp.zeros((2, 4, 3)))
+        x0 = LSSLState(jnp.asarray(rng.standard_normal((2, 3, 8))))
+        for steps, want_fft in ((1, False), (AUTO_RECURRENT_STEPS, False), (AUTO_RECURRENT_STEPS + 1, True)):
+            u = jnp.asarray(rng.standard_normal((2, steps, 3)))
+            jaxpr = str(jax.make_jaxpr(auto.apply)(v, u, x0))
+            assert ("fft" in jaxpr) == want_fft, steps
+            (ya, sa), (yc, sc) = jax.jit(auto.apply)(v, u, x0), jax.jit(conv.apply)(v, u, x0)
+            assert float(jnp.abs(ya - yc).max() / jnp.abs(yc).max()) <= 1e-8, steps
+            assert float(jnp.abs(sa.x - sc.x).max() / jnp.abs(sc.x).max()) <= 1e-8, steps
+
+
 def test_lssl_recurrent_view_equals_python_loop():
     with jax.enable_x64(True):
         rng = np.random.default_rng(3)
