@@ -271,8 +271,15 @@ def selective_scan_rows(bw: float, quick: bool) -> list[dict]:
     return rows
 
 
+def _variants(spec: str) -> list[dict]:
+    """'k=v+k=v,k=v' -> [{k: v, k: v}, {k: v}] (integer values as int)."""
+    return [{k: (int(v) if v.isdigit() else v) for k, _, v in (kv.partition("=") for kv in c.split("+"))}
+            for c in spec.split(",")]
+
+
 def selective_scan_sweep(bw: float, quick: bool) -> list[dict]:
-    """Forward variants of the GPU selective-scan kernel at (8, 2048, 1536, 16) float32."""
+    """Forward variants of the GPU selective-scan kernel at (8, 2048, 1536, 16): the built-in
+    list, or ``SS_FWD_VARIANTS`` ('k=v+k=v,...'); sequences in ``SS_SWEEP_DTYPE`` (float32)."""
     from mnemax.kernels import pallas_selective_scan as pss
 
     b, t, c, n = (2, 256, 256, 16) if quick else (8, 2048, 1536, 16)
@@ -284,12 +291,16 @@ def selective_scan_sweep(bw: float, quick: bool) -> list[dict]:
     Cm = jnp.asarray(RNG.standard_normal((b, t, n), np.float32))
     D = jnp.ones((c,), jnp.float32)
     bias = jnp.asarray(RNG.uniform(-4, -2, (c,)).astype(np.float32))
+    dtype = jnp.dtype(os.environ.get("SS_SWEEP_DTYPE", "float32"))  # the sequences' dtype
+    x, dt, z, Bm, Cm = (v.astype(dtype) for v in (x, dt, z, Bm, Cm))
     ref = jax.jit(lambda *a: selective_scan(*a[:5], D=a[5], z=a[6], dt_bias=a[7], dt_softplus=True, backend="xla"))(
-        x, dt, A, Bm, Cm, D, z, bias)
-    fwd_bytes = 4 * b * t * c * 4 + 2 * b * t * n * 4
+        x, dt, A, Bm, Cm, D, z, bias).astype(jnp.float32)
+    fwd_bytes = (4 * b * t * c + 2 * b * t * n) * dtype.itemsize
     rows = []
     variants = [{"unroll": 1}, {"unroll": 2}, {"unroll": 4}, {"unroll": 2, "approx_math": False},
                 {"unroll": 2, "no_auto_barriers": False}, {"unroll": 2, "chunk": 16}, {"unroll": 2, "stages": 3}]
+    if os.environ.get("SS_FWD_VARIANTS"):  # e.g. 'fwd_wgs=1,fwd_wgs=2+stages=4'
+        variants = _variants(os.environ["SS_FWD_VARIANTS"])
     for opts in variants:
         name = "pallas " + ",".join(f"{k}={v}" for k, v in opts.items())
         try:
@@ -301,10 +312,10 @@ def selective_scan_sweep(bw: float, quick: bool) -> list[dict]:
             t0 = time.time()
             f.lower(x, dt, A, Bm, Cm, D, z, bias).compile()
             comp = time.time() - t0
-            err = rel_err(f(x, dt, A, Bm, Cm, D, z, bias), ref)
+            err = rel_err(f(x, dt, A, Bm, Cm, D, z, bias).astype(jnp.float32), ref)
             tf = bench(f, x, dt, A, Bm, Cm, D, z, bias, calls=3, repeats=5)
             _log(f"  sweep {name}: {tf * 1e3:.3f} ms (compile {comp:.0f}s, err {err:.1e})")
-            row = _row("selective_scan sweep", (b, t, c, n), jnp.float32, name, tf, None, fwd_bytes, fwd_bytes, bw, err)
+            row = _row("selective_scan sweep", (b, t, c, n), dtype, name, tf, None, fwd_bytes, fwd_bytes, bw, err)
             row["compile_s"] = comp
             rows.append(row)
         except Exception as e:  # noqa: BLE001
@@ -339,8 +350,7 @@ def selective_scan_bwd_sweep(bw: float, quick: bool) -> list[dict]:
     variants = [{"red_rows": 0}, {"red_rows": 4, "red_layout": "wgmma"}, {"red_rows": 4, "red_layout": "row4"},
                 {"red_rows": 4, "red_layout": "row8"}, {"red_rows": 2, "red_layout": "row4"}]
     if os.environ.get("SS_BWD_VARIANTS"):  # e.g. 'red_rows=4+red_layout=row4,red_rows=2'
-        variants = [{k: (int(v) if v.isdigit() else v) for k, _, v in (kv.partition("=") for kv in c.split("+"))}
-                    for c in os.environ["SS_BWD_VARIANTS"].split(",")]
+        variants = _variants(os.environ["SS_BWD_VARIANTS"])
     for opts in variants:
         name = "pallas " + ",".join(f"{k}={v}" for k, v in opts.items())
         saved = dict(pss.GPU_OPTIONS)

@@ -121,6 +121,26 @@ def test_pallas_gpu_backward_lane_sum_variants(monkeypatch, red_rows, chunk, lay
         np.testing.assert_allclose(np.asarray(g[k]), np.asarray(g_ref[k]), rtol=rtol, atol=atol, err_msg=f"gradient of {k}")
 
 
+@pytest.mark.parametrize("wgs,shape", [(2, (2, 21, 130, 5)), (4, (1, 19, 9, 16))], ids=["2_wgs", "4_wgs"])
+def test_pallas_gpu_forward_split_over_warpgroups(monkeypatch, wgs, shape):
+    # fwd_wgs > 1: the forward's states split over warpgroups that share TMA-loaded tiles and
+    # sum their partial C.h rows through shared memory, run by Mosaic GPU's interpreter
+    # (threads, barriers and copies simulated). Outputs, final state and every gradient (the
+    # backward starts from this forward's chunk-boundary states) equal the reference, with
+    # resets and h0; the state 5 is zero-padded to 6 for 2 warpgroups.
+    from mnemax.kernels import pallas_selective_scan as pss
+
+    monkeypatch.setitem(pss.GPU_OPTIONS, "fwd_wgs", wgs)
+    args, resets, w, wh = _case(*shape, True, True, jnp.float32, seed=13)
+    rtol, atol = TOL[jnp.float32]
+    y, h, g = _run("pallas_gpu", args, resets, w, wh)
+    y_ref, h_ref, g_ref = _run("reference", args, resets, w, wh)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(np.asarray(h), np.asarray(h_ref), rtol=rtol, atol=atol)
+    for k in g_ref:
+        np.testing.assert_allclose(np.asarray(g[k]), np.asarray(g_ref[k]), rtol=rtol, atol=atol, err_msg=f"gradient of {k}")
+
+
 def test_pallas_gpu_red_rows_must_divide_the_chunk():
     from mnemax.kernels import pallas_selective_scan as pss
 
@@ -130,13 +150,21 @@ def test_pallas_gpu_red_rows_must_divide_the_chunk():
     with pytest.raises(ValueError, match="red_layout"):
         pss.make_problem("gpu", a["x"], a["dt"], a["A"], a["B"], a["C"], None, None, None, None, None, True,
                          opts={"red_layout": "columns"})
+    with pytest.raises(ValueError, match="fwd_wgs: got 3"):
+        pss.make_problem("gpu", a["x"], a["dt"], a["A"], a["B"], a["C"], None, None, None, None, None, True,
+                         opts={"fwd_wgs": 3})
 
 
 @pytest.mark.gpu
-def test_pallas_gpu_selective_scan_on_the_gpu():
+@pytest.mark.parametrize("wgs", [None, 1, 2, 4])
+def test_pallas_gpu_selective_scan_on_the_gpu(monkeypatch, wgs):
     # The real Mosaic GPU lowering with the default options (run with -m gpu on the
     # accelerator), float32: outputs, final state and every gradient equal the reference, at
-    # odd lengths and channels, resets and h0.
+    # odd lengths and channels, resets and h0; also with the forward on 1, 2 and 4 warpgroups.
+    from mnemax.kernels import pallas_selective_scan as pss
+
+    if wgs is not None:
+        monkeypatch.setitem(pss.GPU_OPTIONS, "fwd_wgs", wgs)
     args, resets, w, wh = _case(2, 203, 300, 16, True, True, jnp.float32, seed=3)
     rtol, atol = TOL[jnp.float32]
     y, h, g = _run("pallas_gpu", args, resets, w, wh, interpret=False)
