@@ -27,6 +27,7 @@ from .ssm import (
     MambaBlock,
     MambaMixer,
     MambaState,
+    cache_discretized,
 )
 from .transformer import TransformerBlock
 from .xlstm import MLSTMBlock, SLSTMBlock, XLSTMLargeBlock, XLSTMStack
@@ -77,6 +78,7 @@ __all__ = [
     "XLSTMLargeBlock",
     "XLSTMStack",
     "associate",
+    "cache_discretized",
     "check_resets",
     "check_sequence",
     "check_state",

@@ -81,6 +81,21 @@ MODES = ("auto", "conv", "recurrent")
 # FFTs and, from a state, a matrix power and a second Krylov sequence (lssl-125m generated
 # 4.6x slower than s4d-125m per token on an H100 that way; benchmarks/RESULTS.md).
 AUTO_RECURRENT_STEPS = 16
+# The variable collection that can hold each layer's discretised (Abar, Bbar): every call
+# otherwise rediscretises from the parameters (one N x N solve per feature), which is most
+# of a generation step. Filled by :func:`cache_discretized`; used whenever present.
+DISCRETIZED = "discretized"
+
+
+def cache_discretized(module: nn.Module, variables, *args, **kwargs):
+    """``variables`` plus the ``"discretized"`` collection: each LSSL layer's (Abar, Bbar)
+    computed once from ``variables["params"]`` (one call of ``module`` on ``args``, e.g. a
+    (batch, 1) input), so later calls (generation steps) skip the discretisation. Modules
+    without LSSL layers return ``variables`` unchanged. The cache belongs to those
+    parameters: rebuild it after they change (never train with it: the gradient would not
+    reach ``log_dt``, ``A`` or ``B``)."""
+    _, new = module.apply(variables, *args, mutable=[DISCRETIZED], **kwargs)
+    return {**variables, **new} if new.get(DISCRETIZED) else variables
 
 
 # ----------------------------------------------------------------------------- HiPPO
@@ -321,7 +336,13 @@ class LSSL(nn.Module):
         log_dt = self.param("log_dt", partitioned(log_uniform_dt(self.dt_min, self.dt_max), ("embed",)), (H,), self.param_dtype)
         C = self.param("C", partitioned(nn.initializers.normal(1.0), ("embed", None, "state")), (H, M, N), self.param_dtype)
         D = self.param("D", partitioned(nn.initializers.normal(1.0), ("embed", None)), (H, M), self.param_dtype)
-        Abar, Bbar = discretize(A.astype(cdt), B.astype(cdt), jnp.exp(log_dt.astype(cdt)), self.method, self.alpha)
+        if self.has_variable(DISCRETIZED, "Abar"):  # the cached system (see cache_discretized)
+            Abar, Bbar = (self.get_variable(DISCRETIZED, k).astype(cdt) for k in ("Abar", "Bbar"))
+        else:
+            Abar, Bbar = discretize(A.astype(cdt), B.astype(cdt), jnp.exp(log_dt.astype(cdt)), self.method, self.alpha)
+            if self.is_mutable_collection(DISCRETIZED) and not self.is_initializing():
+                self.put_variable(DISCRETIZED, "Abar", Abar)
+                self.put_variable(DISCRETIZED, "Bbar", Bbar)
         return Abar, Bbar, C.astype(cdt), D.astype(cdt)
 
     @nn.compact

@@ -22,6 +22,7 @@ from .base import check_sequence
 from .lssl import (
     LSSL,
     LSSLState,
+    cache_discretized,
     causal_fft_conv,
     discretize,
     hippo,
@@ -88,6 +89,7 @@ __all__ = [
     "MambaBlock",
     "MambaMixer",
     "MambaState",
+    "cache_discretized",
     "causal_fft_conv",
     "discretize",
     "hippo",

@@ -5,6 +5,7 @@ the contract."""
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -184,6 +185,39 @@ def test_lssl_auto_mode_steps_short_calls_recurrently():
             (ya, sa), (yc, sc) = jax.jit(auto.apply)(v, u, x0), jax.jit(conv.apply)(v, u, x0)
             assert float(jnp.abs(ya - yc).max() / jnp.abs(yc).max()) <= 1e-8, steps
             assert float(jnp.abs(sa.x - sc.x).max() / jnp.abs(sc.x).max()) <= 1e-8, steps
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_lssl_cached_discretisation_generates_the_same_tokens(scan_layers):
+    """cache_discretized: the lssl zoo model's (Abar, Bbar) computed once; prefill and 6
+    one-token steps from the cached variables equal the uncached ones (rel. 1e-6, float32)
+    and trace no linear solve; init stores no cache; a model without LSSL layers is
+    returned unchanged."""
+    import mnemax
+    from mnemax.layers import cache_discretized
+
+    model = mnemax.create("lssl-tiny", scan_layers=scan_layers)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 30)), jnp.int32)
+    v = jax.jit(model.init)(jax.random.key(0), tokens[:, :4])
+    assert set(v) == {"params"}
+    cached = cache_discretized(model, v, tokens[:, :1])
+    assert set(cached) == {"params", "discretized"}
+    step = lambda var, t, s: model.apply(var, t, s)  # noqa: E731
+    solves = lambda var: re.findall(r"=\s*lu\b", str(jax.make_jaxpr(step)(var, tokens[:, :1], None)))  # noqa: E731
+    assert solves(v) and not solves(cached)
+    outs = {}
+    for name, var in (("plain", v), ("cached", cached)):
+        f = jax.jit(step)
+        y, s = f(var, tokens[:, :24], None)
+        ys = [y]
+        for t in range(24, 30):
+            y, s = f(var, tokens[:, t : t + 1], s)
+            ys.append(y)
+        outs[name] = np.concatenate([np.asarray(y, np.float32) for y in ys], axis=1)
+    np.testing.assert_allclose(outs["cached"], outs["plain"], rtol=1e-6, atol=1e-6)
+    m = mnemax.create("mamba-tiny")
+    vm = jax.jit(m.init)(jax.random.key(0), tokens[:, :4])
+    assert cache_discretized(m, vm, tokens[:, :1]) is vm
 
 
 def test_lssl_recurrent_view_equals_python_loop():

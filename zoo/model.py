@@ -182,7 +182,7 @@ class SequenceModel(nn.Module):
             stacked = self.initial_state(x.shape[0]).blocks if block_states is None else block_states
             scanned = nn.scan(
                 _ScanStep,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "discretized": 0},  # per-layer caches (LSSL's cache_discretized)
                 split_rngs={"params": True},
                 in_axes=(0, nn.broadcast, 0),
                 length=cfg.n_layers // len(protos),
