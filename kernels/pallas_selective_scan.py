@@ -230,7 +230,9 @@ GPU_OPTIONS = {"chunk": 8, "stages": 3, "bwd_stages": 2, "unroll": 4, "bwd_unrol
 # 128 channels (``_gpu_forward``). S > 1: the states are split over S warpgroups (state / S
 # each) that share the chunk tiles a producer warpgroup loads by TMA and sum their partial
 # C.h rows through shared memory every chunk (``_gpu_forward_wg``): S times the warps per
-# SM to hide the exp2/FMA latency of a kernel that has only (batch x channel blocks) CTAs.
+# SM. On an H100 at (8, 2048, 1536, 16) it did not help (f32: 0.441 ms with 1, 0.464 with 2,
+# 0.458 with 4; benchmarks/RESULTS.md): the kernel is bound by a per-SM throughput (the SFU
+# exp2s and broadcast B/C loads), not by latency, so 1 stays the default.
 
 # Register layouts for the backward's batched lane sums of a (rows, 128) float32 scratch, and
 # the row multiple each needs. "wgmma": a quad of lanes holds a row's 8-column groups (in-thread
