@@ -50,6 +50,17 @@ def _run(backend, args, resets, w, wh, interpret=True):
     return y, h, dict(zip(keys, grads))
 
 
+def _check_against_reference(args, resets, w, wh):
+    """The GPU kernels (interpret mode) against the reference: outputs, state, every gradient (float32)."""
+    rtol, atol = TOL[jnp.float32]
+    y, h, g = _run("pallas_gpu", args, resets, w, wh)
+    y_ref, h_ref, g_ref = _run("reference", args, resets, w, wh)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(np.asarray(h), np.asarray(h_ref), rtol=rtol, atol=atol)
+    for k in g_ref:
+        np.testing.assert_allclose(np.asarray(g[k]), np.asarray(g_ref[k]), rtol=rtol, atol=atol, err_msg=f"gradient of {k}")
+
+
 @pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_tpu"])
 @pytest.mark.parametrize(
     "shape,gated,with_resets,dtype",
@@ -133,13 +144,7 @@ def test_pallas_gpu_forward_split_over_warpgroups(monkeypatch, wgs, shape):
 
     monkeypatch.setitem(pss.GPU_OPTIONS, "fwd_wgs", wgs)
     args, resets, w, wh = _case(*shape, True, True, jnp.float32, seed=13)
-    rtol, atol = TOL[jnp.float32]
-    y, h, g = _run("pallas_gpu", args, resets, w, wh)
-    y_ref, h_ref, g_ref = _run("reference", args, resets, w, wh)
-    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=rtol, atol=atol)
-    np.testing.assert_allclose(np.asarray(h), np.asarray(h_ref), rtol=rtol, atol=atol)
-    for k in g_ref:
-        np.testing.assert_allclose(np.asarray(g[k]), np.asarray(g_ref[k]), rtol=rtol, atol=atol, err_msg=f"gradient of {k}")
+    _check_against_reference(args, resets, w, wh)
 
 
 def test_exp2_on_the_fma_pipe_matches_exp2():
@@ -164,13 +169,7 @@ def test_pallas_gpu_decays_on_the_fma_pipe(monkeypatch, exp_fma):
 
     monkeypatch.setitem(pss.GPU_OPTIONS, "exp_fma", exp_fma)
     args, resets, w, wh = _case(2, 21, 130, 16, True, True, jnp.float32, seed=17)
-    rtol, atol = TOL[jnp.float32]
-    y, h, g = _run("pallas_gpu", args, resets, w, wh)
-    y_ref, h_ref, g_ref = _run("reference", args, resets, w, wh)
-    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=rtol, atol=atol)
-    np.testing.assert_allclose(np.asarray(h), np.asarray(h_ref), rtol=rtol, atol=atol)
-    for k in g_ref:
-        np.testing.assert_allclose(np.asarray(g[k]), np.asarray(g_ref[k]), rtol=rtol, atol=atol, err_msg=f"gradient of {k}")
+    _check_against_reference(args, resets, w, wh)
 
 
 def test_pallas_gpu_red_rows_must_divide_the_chunk():

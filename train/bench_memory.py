@@ -78,7 +78,8 @@ def cells(budget: str) -> list[Cell]:
     mqar_len = 256 if long else 64
     pk_len = 256 if long else 64
     return [
-        *[Cell("mqar", f"pairs={p}", {"seq_len": mqar_len, "num_pairs": p, "vocab_size": 128 if long else 64})
+        # MQAR draws keys from half the vocabulary: 256 holds the 64 pairs of the long budgets
+        *[Cell("mqar", f"pairs={p}", {"seq_len": mqar_len, "num_pairs": p, "vocab_size": 256 if long else 64})
           for p in ((8, 16, 32, 64) if long else (4, 8, 16))],
         Cell("passkey", f"len={pk_len}", {"seq_len": pk_len, "key_len": 4}, eval_lengths=(pk_len, 2 * pk_len, 4 * pk_len)),
         *[Cell("selective_copying", f"tokens={k}", {"seq_len": 128 if long else 48, "num_tokens": k, "data_vocab": 8})
