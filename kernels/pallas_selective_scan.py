@@ -65,7 +65,7 @@ class Problem:
     """The kernels' view of one call: padded, packed inputs and the static sizes."""
 
     def __init__(self, x, dt, A, B, C, D, z, dt_bias, h0, resets, chunk, softplus, state_multiple=1, bc_multiple=8,
-                 unroll=True, bwd_unroll=None, red_rows=0, red_multiple=64, exp_fma=0):
+                 unroll=True, bwd_unroll=None, red_rows=0, red_multiple=64):
         batch, time, chans = x.shape
         self.n_real = A.shape[1]
         n = self.n_real + (-self.n_real) % state_multiple
@@ -76,7 +76,6 @@ class Problem:
         self.batch, self.time, self.chans, self.n = batch, time, chans, n
         self.chunk, self.softplus, self.gated, self.unroll = chunk, softplus, z is not None, unroll
         self.bwd_unroll = unroll if bwd_unroll is None else bwd_unroll
-        self.exp_fma = exp_fma  # the first exp_fma states' decays take _exp2_fma (GPU_OPTIONS)
         if red_rows and chunk % red_rows:
             raise ValueError(f"red_rows: {red_rows} does not divide the chunk ({chunk}); expected a divisor of it")
         # the backward's batched lane sums: red_rows steps x (B, C) x state rows per flush, padded
@@ -120,44 +119,10 @@ def _sigmoid(v):
     return 1.0 / (1.0 + jnp.exp(-v))
 
 
-_ROUND = 12582912.0  # 1.5 * 2^23: x + _ROUND rounds x to an integer, held in the low mantissa bits
-# 2^f = exp(f ln 2) for f in [-1/2, 1/2]: Taylor to degree 6 (relative error < 2e-7)
-_EXP2_COEFFS = tuple(math.log(2.0) ** k / math.factorial(k) for k in range(6, -1, -1))
-
-
-def _exp2_fma(x, rnd):
-    """2^x without the SFU, for the kernels' decays: round x to j with the 1.5 * 2^23 trick
-    (no float-to-int conversion, which runs on the SFU too), 2^(x - j) by a degree-6
-    polynomial (FMAs), and j added to the exponent bits. x is clamped to [-126, 126]
-    (2^-126 stands for the decays below it). Relative error < 3e-7, like ``ex2.approx``.
-
-    ``rnd`` is ``_ROUND`` as a traced value (``_rounder``): with a literal constant XLA
-    (interpret mode) simplifies ``(x + c) - c`` to ``x`` and the rounding vanishes."""
-    x = jnp.minimum(jnp.maximum(x, -126.0), 126.0)
-    shifted = x + rnd
-    f = x - (shifted - rnd)
-    p = _EXP2_COEFFS[0]
-    for c in _EXP2_COEFFS[1:]:
-        p = p * f + c
-    j = lax.bitcast_convert_type(shifted, jnp.int32) - lax.bitcast_convert_type(rnd, jnp.int32)
-    return lax.bitcast_convert_type(lax.bitcast_convert_type(p, jnp.int32) + lax.shift_left(j, 23), jnp.float32)
-
-
-def _rounder(like):
-    """``_ROUND`` as a value computed from ``like`` (finite), for _exp2_fma."""
-    return like * 0.0 + _ROUND
-
-
-def _decay(p: "Problem", i: int, arg, rnd):
-    """exp2(arg) for state ``i``: on the FMA pipe for the first ``p.exp_fma`` states, the SFU otherwise."""
-    return _exp2_fma(arg, rnd) if i < p.exp_fma else jnp.exp2(arg)
-
-
 def _fwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, a2, dvec, bias, y_t, h, hbuf=None):
     """The forward recurrence over one chunk's rows. ``h``: tuple of ``state`` lane
     vectors. With ``hbuf`` (chunk, state, 128), stores every row's incoming state."""
     n = p.n
-    rnd = _rounder(bias) if p.exp_fma else None
 
     def row(r, h):
         u = dt_t[r].astype(jnp.float32) + bias
@@ -170,7 +135,7 @@ def _fwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, a2, dvec, bias, y_t, h, hbuf=Non
         for i in range(n):
             if hbuf is not None:
                 hbuf[r, i] = h[i]
-            hi = _decay(p, i, delta * a2[i], rnd) * (keep * h[i]) + dbx * bc_t[r, i]
+            hi = jnp.exp2(delta * a2[i]) * (keep * h[i]) + dbx * bc_t[r, i]
             y = y + bc_t[r, n + i] * hi
             new.append(hi)
         if z_t is not None:
@@ -195,7 +160,6 @@ def _bwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, gy_t, a2, dvec, bias, hbuf, dx_t
     (dB first, then dC)."""
     n = p.n
     ln2 = 1.0 / LOG2E
-    rnd = _rounder(bias) if p.exp_fma else None
 
     def row(r, slot, carry):
         gh, dA, dD, dbias = carry
@@ -207,7 +171,7 @@ def _bwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, gy_t, a2, dvec, bias, hbuf, dx_t
         gy = gy_t[r].astype(jnp.float32)
         # recompute this row's states and y' from the incoming states in hbuf
         hprev = [hbuf[r, k] for k in range(n)]
-        decay = [_decay(p, k, delta * a2[k], rnd) for k in range(n)]
+        decay = [jnp.exp2(delta * a2[k]) for k in range(n)]
         hk = [decay[k] * (keep * hprev[k]) + delta * xv * bc_t[r, k] for k in range(n)]
         if z_t is not None:
             zv = z_t[r].astype(jnp.float32)
@@ -261,10 +225,7 @@ def _bwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, gy_t, a2, dvec, bias, hbuf, dx_t
 
 
 GPU_OPTIONS = {"chunk": 8, "stages": 3, "bwd_stages": 2, "unroll": 4, "bwd_unroll": 2, "approx_math": True,
-               "no_auto_barriers": True, "red_rows": 4, "red_layout": "row4", "fwd_wgs": 1, "exp_fma": 0}
-# exp_fma: how many of the state's decays exp2(dt A_n) per step run as a polynomial on the FMA
-# pipe (_exp2_fma) instead of the SFU, which computes 16 per (step, channel) at 16 per clock
-# per SM.
+               "no_auto_barriers": True, "red_rows": 4, "red_layout": "row4", "fwd_wgs": 1}
 # fwd_wgs: compute warpgroups per CTA in the forward. 1: one warpgroup walks all states of its
 # 128 channels (``_gpu_forward``). S > 1: the states are split over S warpgroups (state / S
 # each) that share the chunk tiles a producer warpgroup loads by TMA and sum their partial
@@ -383,7 +344,6 @@ def _fwd_rows_part(p: Problem, x_t, dt_t, bc_t, a2, bias, h, states, ypart_t):
     (``h``, ``a2``: their lane vectors); each row's partial ``sum_states C h`` goes to
     ``ypart_t[r]`` (the D skip and the gate are applied once the partials are summed)."""
     n = p.n
-    rnd = _rounder(bias) if p.exp_fma else None
 
     def row(r, h):
         u = dt_t[r].astype(jnp.float32) + bias
@@ -392,7 +352,7 @@ def _fwd_rows_part(p: Problem, x_t, dt_t, bc_t, a2, bias, h, states, ypart_t):
         keep = bc_t[r, 2 * n]
         new, y = [], None
         for j, i in enumerate(states):
-            hi = _decay(p, i, delta * a2[j], rnd) * (keep * h[j]) + dbx * bc_t[r, i]
+            hi = jnp.exp2(delta * a2[j]) * (keep * h[j]) + dbx * bc_t[r, i]
             y = bc_t[r, n + i] * hi if y is None else y + bc_t[r, n + i] * hi
             new.append(hi)
         ypart_t[r] = y
@@ -670,11 +630,8 @@ def make_problem(platform, x, dt, A, B, C, D, z, dt_bias, h0, resets, softplus, 
         # at most 7: a CTA holds at most 1024 threads, 8 warpgroups with the loading one
         raise ValueError(f"fwd_wgs: got {wgs!r}, expected an integer in 1..7 that divides the chunk ({chunk})")
     # the state is zero-padded to a multiple of the warpgroups (padded states stay 0, add nothing)
-    if not isinstance(opts["exp_fma"], int) or opts["exp_fma"] < 0:
-        raise ValueError(f"exp_fma: got {opts['exp_fma']!r}, expected a non-negative integer (states whose decay skips the SFU)")
     return Problem(x, dt, A, B, C, D, z, dt_bias, h0, resets, chunk, softplus, state_multiple=wgs, unroll=opts["unroll"],
-                   bwd_unroll=opts["bwd_unroll"], red_rows=red_rows, red_multiple=RED_LAYOUTS[opts["red_layout"]],
-                   exp_fma=opts["exp_fma"])
+                   bwd_unroll=opts["bwd_unroll"], red_rows=red_rows, red_multiple=RED_LAYOUTS[opts["red_layout"]])
 
 
 def forward(platform, p: Problem, out_dtype, *, save_bounds=False, stages=None, interpret=False, opts=None):

@@ -147,31 +147,6 @@ def test_pallas_gpu_forward_split_over_warpgroups(monkeypatch, wgs, shape):
     _check_against_reference(args, resets, w, wh)
 
 
-def test_exp2_on_the_fma_pipe_matches_exp2():
-    # _exp2_fma (the decays that skip the SFU) against float64 2^x over the clamp range and
-    # around 0, at a relative 3e-7 (ex2.approx's accuracy); below -126 it gives 2^-126
-    from mnemax.kernels.pallas_selective_scan import _exp2_fma, _rounder
-
-    x = np.concatenate([np.linspace(-126, 126, 100_001), np.linspace(-2, 2, 40_001), [-0.5, 0.5, -110.5]]).astype(np.float32)
-    got = np.asarray(jax.jit(lambda v: _exp2_fma(v, _rounder(v[:1])))(jnp.asarray(x)), np.float64)
-    want = np.exp2(x.astype(np.float64))
-    assert np.max(np.abs(got - want) / want) < 3e-7
-    low = np.asarray(jax.jit(lambda v: _exp2_fma(v, _rounder(v)))(jnp.asarray([-200.0, -127.0], jnp.float32)))
-    np.testing.assert_allclose(low, 2.0 ** -126, rtol=1e-6)
-
-
-@pytest.mark.parametrize("exp_fma", [5, 16])
-def test_pallas_gpu_decays_on_the_fma_pipe(monkeypatch, exp_fma):
-    # exp_fma: the first exp_fma states' decays use the polynomial exp2 in the forward and in
-    # the backward's recomputation and adjoint; outputs, state and every gradient still equal
-    # the reference (interpret mode)
-    from mnemax.kernels import pallas_selective_scan as pss
-
-    monkeypatch.setitem(pss.GPU_OPTIONS, "exp_fma", exp_fma)
-    args, resets, w, wh = _case(2, 21, 130, 16, True, True, jnp.float32, seed=17)
-    _check_against_reference(args, resets, w, wh)
-
-
 def test_pallas_gpu_red_rows_must_divide_the_chunk():
     from mnemax.kernels import pallas_selective_scan as pss
 
@@ -181,22 +156,17 @@ def test_pallas_gpu_red_rows_must_divide_the_chunk():
     with pytest.raises(ValueError, match="red_layout"):
         pss.make_problem("gpu", a["x"], a["dt"], a["A"], a["B"], a["C"], None, None, None, None, None, True,
                          opts={"red_layout": "columns"})
-    with pytest.raises(ValueError, match="exp_fma: got -1"):
-        pss.make_problem("gpu", a["x"], a["dt"], a["A"], a["B"], a["C"], None, None, None, None, None, True,
-                         opts={"exp_fma": -1})
     with pytest.raises(ValueError, match="fwd_wgs: got 3"):
         pss.make_problem("gpu", a["x"], a["dt"], a["A"], a["B"], a["C"], None, None, None, None, None, True,
                          opts={"fwd_wgs": 3})
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("options", [{}, {"fwd_wgs": 2}, {"fwd_wgs": 4}, {"exp_fma": 8}, {"exp_fma": 16}],
-                         ids=["defaults", "wgs2", "wgs4", "exp_fma8", "exp_fma16"])
+@pytest.mark.parametrize("options", [{}, {"fwd_wgs": 2}, {"fwd_wgs": 4}], ids=["defaults", "wgs2", "wgs4"])
 def test_pallas_gpu_selective_scan_on_the_gpu(monkeypatch, options):
     # The real Mosaic GPU lowering with the default options (run with -m gpu on the
     # accelerator), float32: outputs, final state and every gradient equal the reference, at
-    # odd lengths and channels, resets and h0; also with the forward on 2 and 4 warpgroups and
-    # with 8 or all 16 decays on the FMA pipe.
+    # odd lengths and channels, resets and h0; also with the forward on 2 and 4 warpgroups.
     from mnemax.kernels import pallas_selective_scan as pss
 
     for key, value in options.items():
