@@ -225,7 +225,13 @@ def _bwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, gy_t, a2, dvec, bias, hbuf, dx_t
 
 
 GPU_OPTIONS = {"chunk": 8, "stages": 3, "bwd_stages": 2, "unroll": 4, "bwd_unroll": 2, "approx_math": True,
-               "no_auto_barriers": True, "red_rows": 4, "red_layout": "row4", "fwd_wgs": 1}
+               "no_auto_barriers": True, "red_rows": 4, "red_layout": "row4", "fwd_wgs": 1, "fwd_chunk": "auto"}
+# fwd_chunk: the chunk of the forward when no backward follows (inference, prefill, eval; with
+# a backward both use ``chunk``, since the backward restarts from the forward's chunk-boundary
+# states). "auto": 32 steps for 16-bit sequences, 16 for float32 (32 overflows shared memory
+# with 3 stages). The forward's time per chunk is mostly fixed pipeline work: on an H100 at
+# (8, 2048, 1536, 16) f32 0.443 ms at chunk 8, 0.384 at 16; bf16 0.455 / 0.402 / 0.362 at
+# 8 / 16 / 32 (benchmarks/RESULTS.md).
 # fwd_wgs: compute warpgroups per CTA in the forward. 1: one warpgroup walks all states of its
 # 128 channels (``_gpu_forward``). S > 1: the states are split over S warpgroups (state / S
 # each) that share the chunk tiles a producer warpgroup loads by TMA and sum their partial
@@ -615,11 +621,23 @@ def _gpu_backward(p: Problem, gy, bounds, gh_last, dtypes, *, stages: int, inter
 # ----------------------------------------------------------------------------- entry points
 
 
-def make_problem(platform, x, dt, A, B, C, D, z, dt_bias, h0, resets, softplus, chunk=None, opts=None):
+def _forward_chunk(opts, x, dt, B, C, z) -> int:
+    """The GPU forward-only chunk (``GPU_OPTIONS["fwd_chunk"]``)."""
+    if opts["fwd_chunk"] == "auto":
+        narrow = all(jnp.dtype(v.dtype).itemsize == 2 for v in (x, dt, B, C) + ((z,) if z is not None else ()))
+        return 32 if narrow else 16
+    if not isinstance(opts["fwd_chunk"], int) or opts["fwd_chunk"] < 1:
+        raise ValueError(f"fwd_chunk: got {opts['fwd_chunk']!r}, expected 'auto' or a positive integer")
+    return opts["fwd_chunk"]
+
+
+def make_problem(platform, x, dt, A, B, C, D, z, dt_bias, h0, resets, softplus, chunk=None, opts=None, training=True):
+    """The kernels' Problem. ``training=False``: a forward with no backward after it (on GPU
+    its chunk is ``fwd_chunk`` unless ``chunk`` is given)."""
     if platform == "tpu":
         return Problem(x, dt, A, B, C, D, z, dt_bias, h0, resets, chunk or 16, softplus, state_multiple=8, bc_multiple=LANES)
     opts = {**GPU_OPTIONS, **(opts or {})}
-    chunk = chunk or opts["chunk"]
+    chunk = chunk or (opts["chunk"] if training else _forward_chunk(opts, x, dt, B, C, z))
     red_rows = min(opts["red_rows"], chunk)
     while red_rows and chunk % red_rows:  # the largest divisor of the chunk up to the option
         red_rows -= 1

@@ -255,7 +255,9 @@ def _pallas_scan(x, dt, A, B, C, D, z, dt_bias, h0, keep, platform, softplus, ch
     from . import pallas_selective_scan as pss
 
     resets = None if keep is None else keep < 0.5
-    p = pss.make_problem(platform, x, dt, A, B, C, D, z, dt_bias, h0, resets, softplus, chunk)
+    # no backward follows this call (jax.custom_vjp runs _pallas_fwd under differentiation):
+    # the GPU forward takes its own, longer chunk
+    p = pss.make_problem(platform, x, dt, A, B, C, D, z, dt_bias, h0, resets, softplus, chunk, training=False)
     out_dtype = jnp.result_type(x) if z is None else jnp.result_type(x, z)
     y, h_last, _ = pss.forward(platform, p, out_dtype, interpret=_interp(platform, interpret))
     return y, h_last

@@ -147,6 +147,26 @@ def test_pallas_gpu_forward_split_over_warpgroups(monkeypatch, wgs, shape):
     _check_against_reference(args, resets, w, wh)
 
 
+@pytest.mark.parametrize("dtype,gated,chunk", [(jnp.float32, True, 16), (jnp.bfloat16, True, 32), (jnp.bfloat16, False, 32)])
+def test_pallas_gpu_forward_only_takes_the_longer_chunk(dtype, gated, chunk):
+    # A call with no gradient runs the forward at fwd_chunk ("auto": 16 steps in float32, 32
+    # for 16-bit sequences) instead of the backward's 8; outputs and final state still equal
+    # the reference at a length that is no multiple of either, with resets and h0
+    from mnemax.kernels import pallas_selective_scan as pss
+
+    args, resets, _, _ = _case(2, 45, 130, 16, gated, True, dtype, seed=19)
+    p = pss.make_problem("gpu", args["x"], args["dt"], args["A"], args["B"], args["C"], None, args["z"], None, None, None,
+                         True, training=False)
+    assert p.chunk == chunk
+    call = lambda backend: selective_scan(  # noqa: E731
+        args["x"], args["dt"], args["A"], args["B"], args["C"], D=args["D"], z=args["z"], dt_bias=args["dt_bias"],
+        dt_softplus=True, h0=args["h0"], resets=resets, return_state=True, backend=backend, interpret=True)
+    (y, h), (y_ref, h_ref) = call("pallas_gpu"), call("reference")
+    rtol, atol = TOL[dtype]
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(np.asarray(h), np.asarray(h_ref), rtol=rtol, atol=atol)
+
+
 def test_pallas_gpu_red_rows_must_divide_the_chunk():
     from mnemax.kernels import pallas_selective_scan as pss
 
@@ -156,6 +176,9 @@ def test_pallas_gpu_red_rows_must_divide_the_chunk():
     with pytest.raises(ValueError, match="red_layout"):
         pss.make_problem("gpu", a["x"], a["dt"], a["A"], a["B"], a["C"], None, None, None, None, None, True,
                          opts={"red_layout": "columns"})
+    with pytest.raises(ValueError, match="fwd_chunk: got 0"):
+        pss.make_problem("gpu", a["x"], a["dt"], a["A"], a["B"], a["C"], None, None, None, None, None, True,
+                         opts={"fwd_chunk": 0}, training=False)
     with pytest.raises(ValueError, match="fwd_wgs: got 3"):
         pss.make_problem("gpu", a["x"], a["dt"], a["A"], a["B"], a["C"], None, None, None, None, None, True,
                          opts={"fwd_wgs": 3})
