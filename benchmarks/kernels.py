@@ -180,11 +180,19 @@ def _log(msg):
 
 
 def _ss_grads(backend, gy):
-    """Jitted: (x, dt, A, B, C, D, z, dt_bias) -> their gradients under the cotangent ``gy``."""
+    """Jitted: (x, dt, A, B, C, D, z, dt_bias) -> their gradients under the cotangent ``gy``
+    (``pallas_gpu+time_split``: the Pallas backend with ``time_split="auto"``)."""
+    from mnemax.kernels import pallas_selective_scan as pss
+
     def f(*a):
-        _, vjp = jax.vjp(lambda *q: selective_scan(q[0], q[1], q[2], q[3], q[4], D=q[5], z=q[6], dt_bias=q[7],
-                                                   dt_softplus=True, backend=backend), *a)
-        return vjp(gy)
+        saved = pss.GPU_OPTIONS["time_split"]
+        pss.GPU_OPTIONS["time_split"] = "auto" if backend.endswith("+time_split") else saved
+        try:  # options are read while tracing
+            _, vjp = jax.vjp(lambda *q: selective_scan(q[0], q[1], q[2], q[3], q[4], D=q[5], z=q[6], dt_bias=q[7],
+                                                       dt_softplus=True, backend=backend.removesuffix("+time_split")), *a)
+            return vjp(gy)
+        finally:
+            pss.GPU_OPTIONS["time_split"] = saved
     return jax.jit(f)
 
 
@@ -214,13 +222,25 @@ def selective_scan_rows(bw: float, quick: bool) -> list[dict]:
         bwd_bytes = fwd_bytes + 7 * big + 4 * small
 
         def run(backend):
-            return jax.jit(lambda x, dt, A, Bm, Cm, D, z, bias: selective_scan(
-                x, dt, A, Bm, Cm, D=D, z=z, dt_bias=bias, dt_softplus=True, backend=backend))
+            split = backend.endswith("+time_split")  # the segments-in-parallel path (time_split="auto")
+
+            def f(x, dt, A, Bm, Cm, D, z, bias):
+                from mnemax.kernels import pallas_selective_scan as pss
+
+                saved = pss.GPU_OPTIONS["time_split"]
+                pss.GPU_OPTIONS["time_split"] = "auto" if split else saved
+                try:  # options are read while tracing
+                    return selective_scan(x, dt, A, Bm, Cm, D=D, z=z, dt_bias=bias, dt_softplus=True,
+                                          backend=backend.removesuffix("+time_split"))
+                finally:
+                    pss.GPU_OPTIONS["time_split"] = saved
+
+            return jax.jit(f)
 
         _log(f"selective_scan {(b, t, c, n)} {jnp.dtype(dtype).name}: xla reference output")
         ref = run("xla")(*args).astype(jnp.float32)
         times = {}
-        for name in ("pallas_gpu", "xla"):
+        for name in ("pallas_gpu", "xla") + (("pallas_gpu+time_split",) if b == 1 else ()):
             try:
                 f = run(name)  # timed through jit's dispatch (a Compiled object's Python call adds ~0.2 ms)
                 t0 = time.time()

@@ -225,7 +225,13 @@ def _bwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, gy_t, a2, dvec, bias, hbuf, dx_t
 
 
 GPU_OPTIONS = {"chunk": 8, "stages": 3, "bwd_stages": 2, "unroll": 4, "bwd_unroll": 2, "approx_math": True,
-               "no_auto_barriers": True, "red_rows": 4, "red_layout": "row4", "fwd_wgs": 1, "fwd_chunk": "auto"}
+               "no_auto_barriers": True, "red_rows": 4, "red_layout": "row4", "fwd_wgs": 1, "fwd_chunk": "auto",
+               "time_split": 1}
+# time_split: segments of the sequence scanned in parallel (mnemax.kernels.selective_scan's
+# _split_scan): 1 = off; an integer S; "auto" = as many as fill the GPU's SMs when batch x
+# channel blocks leaves most of them idle (batch 1 at 1536 channels: 12 CTAs on 132 SMs),
+# at least 4 and segments of at least 512 steps. It costs about twice the arithmetic, so it
+# pays only where the SMs are idle. Off by default until timed on a GPU.
 # fwd_chunk: the chunk of the forward when no backward follows (inference, prefill, eval; with
 # a backward both use ``chunk``, since the backward restarts from the forward's chunk-boundary
 # states). "auto": 32 steps for 16-bit sequences, 16 for float32 (32 overflows shared memory

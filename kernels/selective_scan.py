@@ -302,13 +302,87 @@ def _pallas_bwd(platform, softplus, chunk, interpret, res, cts):
 _pallas_scan.defvjp(_pallas_fwd, _pallas_bwd)
 
 
+MIN_SEGMENT = 512  # time_split="auto": the shortest segment worth a separate program
+
+
+def _time_segments(platform, batch, time, chans, interpret) -> int:
+    """How many segments ``_split_scan`` cuts the sequence into (GPU_OPTIONS["time_split"])."""
+    from . import pallas_selective_scan as pss
+
+    opt = pss.GPU_OPTIONS["time_split"]
+    if platform != "gpu":
+        return 1
+    if opt == "auto":
+        if interpret:
+            return 1
+        ctas = batch * -(-chans // pss.LANES)
+        segments = min(int(jax.devices("gpu")[0].core_count) // ctas, time // MIN_SEGMENT)
+        return segments if segments >= 4 else 1
+    if not isinstance(opt, int) or opt < 1:
+        raise ValueError(f"time_split: got {opt!r}, expected 'auto' or a positive integer")
+    return opt
+
+
+def _split_scan(x, dt, A, B, C, D, z, dt_bias, h0, keep, platform, softplus, chunk, interpret, segments):
+    """The scan over ``segments`` pieces of the sequence in parallel, for a batch too small
+    to fill the GPU (each (batch row, 128 channels) is one program of the kernel).
+
+    1. Every full segment of L steps runs from a zero state (one kernel call over batch x
+       (segments - 1) rows): its end state ``e_s``.
+    2. Its transition is diagonal: ``P_s = exp(A * sum(dt)) * prod(keep)`` (0 after a reset).
+       The segments' start states follow in a short scan: ``h_{s+1} = P_s h_s + e_s``, ``h_0 = h0``.
+    3. Every segment runs again from its start state, the last (shorter) one on its own;
+       its outputs are the scan's.
+
+    About twice the arithmetic of one pass, spread over ``segments`` times the programs; the
+    gradient is JAX's through the two kernel calls (their custom VJPs) and step 2."""
+    bt, time, ch = x.shape
+    seg_len = -(-time // segments)
+    seg_len += (-seg_len) % 8
+    full = -(-time // seg_len) - 1  # full segments before the last
+    if full < 1:
+        return _pallas_scan(x, dt, A, B, C, D, z, dt_bias, h0, keep, platform, softplus, chunk, interpret)
+    head = full * seg_len
+
+    def cut(v):  # (bt, time, ...) -> (bt * full, seg_len, ...): the full segments as rows
+        return None if v is None else v[:, :head].reshape((bt * full, seg_len) + v.shape[2:])
+
+    xs, dts, bs, cs, zs, ks = (cut(v) for v in (x, dt, B, C, z, keep))
+    _, ends = _pallas_scan(xs, dts, A, bs, cs, D, zs, dt_bias, None, ks, platform, softplus, chunk, interpret)
+    n = A.shape[1]
+    f32 = jnp.float32
+    delta = effective_dt(dt[:, :head], dt_bias, softplus, f32).reshape(bt, full, seg_len, ch).sum(axis=2)
+    trans = jnp.exp(delta[..., None] * A.astype(f32))  # (bt, full, ch, n)
+    if keep is not None:
+        trans = trans * jnp.prod(keep[:, :head].reshape(bt, full, seg_len), axis=2)[..., None, None]
+    ends = ends.reshape(bt, full, ch, n)
+    start0 = jnp.zeros((bt, ch, n), f32) if h0 is None else h0.astype(f32)
+
+    def step(h, te):
+        t, e = te
+        return t * h + e, h  # emits this segment's start state
+
+    last_start, starts = lax.scan(step, start0, (jnp.moveaxis(trans, 1, 0), jnp.moveaxis(ends, 1, 0)))
+    starts = jnp.moveaxis(starts, 0, 1).reshape(bt * full, ch, n)
+    y_head, _ = _pallas_scan(xs, dts, A, bs, cs, D, zs, dt_bias, starts, ks, platform, softplus, chunk, interpret)
+
+    def tail(v):
+        return None if v is None else v[:, head:]
+
+    y_tail, h_last = _pallas_scan(tail(x), tail(dt), A, tail(B), tail(C), D, tail(z), dt_bias, last_start, tail(keep),
+                                  platform, softplus, chunk, interpret)
+    return jnp.concatenate([y_head.reshape(bt, head, ch), y_tail], axis=1), h_last
+
+
 def _pallas(platform, x, dt, A, B, C, *, D, z, dt_bias, dt_softplus, h0, resets, return_state, chunk_size, interpret=False):
     if jnp.dtype(compute_dtype(x, dt, A, B, C, D, z, dt_bias, h0)) == jnp.float64:
         # The kernels compute in float32; float64 takes the XLA path.
         return _xla(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, h0=h0, resets=resets,
                     return_state=return_state, chunk_size=chunk_size)
     keep = None if resets is None else 1.0 - resets.astype(jnp.float32)
-    y, h = _pallas_scan(x, dt, A, B, C, D, z, dt_bias, h0, keep, platform, bool(dt_softplus), chunk_size, bool(interpret))
+    args = (x, dt, A, B, C, D, z, dt_bias, h0, keep, platform, bool(dt_softplus), chunk_size, bool(interpret))
+    segments = _time_segments(platform, x.shape[0], x.shape[1], x.shape[2], bool(interpret))
+    y, h = _split_scan(*args, segments) if segments > 1 else _pallas_scan(*args)
     return y, (h if return_state else None)
 
 

@@ -167,6 +167,45 @@ def test_pallas_gpu_forward_only_takes_the_longer_chunk(dtype, gated, chunk):
     np.testing.assert_allclose(np.asarray(h), np.asarray(h_ref), rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("segments,shape,reset_at", [(3, (1, 61, 9, 8), 24), (5, (2, 45, 9, 4), None)],
+                         ids=["3_segments_resets", "5_segments"])
+def test_pallas_gpu_time_split_equals_reference(monkeypatch, segments, shape, reset_at):
+    # time_split: segments scanned from zero in parallel, joined by their closed-form
+    # transitions, then rescanned from their start states. Outputs, final state and every
+    # gradient equal the reference, with h0; with a gate, random resets and one on a
+    # segment's first step, or with neither (segments 61 -> 24, 24, 13; 45 -> 16, 16, 13)
+    from mnemax.kernels import pallas_selective_scan as pss
+
+    monkeypatch.setitem(pss.GPU_OPTIONS, "time_split", segments)
+    with_resets = reset_at is not None
+    args, _, w, wh = _case(*shape, with_resets, False, jnp.float32, seed=23)
+    # slow decays, so that a segment's start state matters to the next segments
+    args["A"] = -jnp.asarray(np.random.default_rng(1).uniform(0.01, 0.05, args["A"].shape).astype(np.float32))
+    resets = None
+    if with_resets:  # one reset on a segment's first step, one inside the next segment
+        resets = jnp.zeros(shape[:2], bool).at[:, reset_at].set(True).at[:, reset_at + 29].set(True)
+    _check_against_reference(args, resets, w, wh)
+
+
+def test_time_split_auto_fills_idle_sms(monkeypatch):
+    # "auto" splits only where batch x channel blocks leaves most SMs idle (here 132 SMs)
+    import importlib
+
+    from mnemax.kernels import pallas_selective_scan as pss
+
+    ss = importlib.import_module("mnemax.kernels.selective_scan")
+
+    monkeypatch.setitem(pss.GPU_OPTIONS, "time_split", "auto")
+    monkeypatch.setattr(ss.jax, "devices", lambda *a: [type("Gpu", (), {"core_count": 132})()])
+    assert ss._time_segments("gpu", 1, 65536, 1536, False) == 11  # 12 CTAs
+    assert ss._time_segments("gpu", 8, 2048, 1536, False) == 1  # 96 CTAs: no split
+    assert ss._time_segments("gpu", 1, 1024, 1536, False) == 1  # 2 segments of 512 at most: < 4
+    assert ss._time_segments("gpu", 1, 65536, 1536, True) == 1  # interpret mode: off
+    monkeypatch.setitem(pss.GPU_OPTIONS, "time_split", 0)
+    with pytest.raises(ValueError, match="time_split: got 0"):
+        ss._time_segments("gpu", 1, 100, 8, True)
+
+
 def test_pallas_gpu_red_rows_must_divide_the_chunk():
     from mnemax.kernels import pallas_selective_scan as pss
 
