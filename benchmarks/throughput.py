@@ -36,7 +36,7 @@ FAMILIES = {
     "transformer": ("transformer-125m", {"implementation": "cudnn", "scan_layers": True}),
     "mamba": ("mamba-130m", {"scan_layers": True}),
     "xlstm": ("xlstm-125m", {"scan_layers": True}),  # scanned in groups of 8 blocks (7 mLSTM, 1 sLSTM)
-    "memmamba": ("memmamba-130m", {"pool_chunk": 64}),
+    "memmamba": ("memmamba-130m", {"pool_chunk": 64, "scan_layers": True}),  # scanned in groups of 4 layers
     "s4d": ("s4d-125m", {}),
     "lssl": ("lssl-125m", {}),
     "hopfield": ("hopfield-125m", {}),

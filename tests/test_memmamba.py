@@ -125,6 +125,56 @@ def test_cross_layer_reads_from_recorded_pools_equal_the_replay(monkeypatch):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=5e-6), g_h, g_r)
 
 
+def _scanned_params(params, n_layers: int, every: int):
+    """Unscanned memmamba parameters (block_<l>, cross_layer_<l>) in the scanned layout
+    (blocks/block_<j>, blocks/cross, stacked over the groups of ``every`` layers)."""
+    stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)  # noqa: E731
+    groups = n_layers // every
+    blocks = {f"block_{j}": stack([params[f"block_{g * every + j}"] for g in range(groups)]) for j in range(every)}
+    blocks["cross"] = stack([params[f"cross_layer_{g * every + every - 1}"] for g in range(groups)])
+    out = {k: v for k, v in params.items() if not k.startswith(("block_", "cross_layer_"))}
+    return {**out, "blocks": blocks}
+
+
+@pytest.mark.parametrize("span", [0, 2])
+def test_scanned_stack_equals_the_unscanned_one(span):
+    """scan_layers=True runs the stack as a scan over groups of cross_layer_every layers, each
+    cross-layer read attending to every layer's recorded pools with the unseen ones masked:
+    with the same weights, the outputs, final states (stacked), a continuation from those
+    states, and every parameter's gradient equal the unscanned model's (4 layers, a read
+    every 2; all earlier pools, or the last 2 only), with overflowing pools and a reset."""
+    kw = dict(**{**TINY, "n_layers": 4}, cross_layer_every=2, cross_layer_pools=span, pool_chunk=4)
+    plain, scan = mnemax.create("memmamba-tiny", **kw), mnemax.create("memmamba-tiny", scan_layers=True, **kw)
+    tok = _tok((2, 14), seed=7)
+    resets = jnp.zeros((2, 14), bool).at[1, 9].set(True)
+    w = jnp.asarray(np.random.default_rng(8).standard_normal((2, 14, 64)), jnp.float32)
+    v = nn.meta.unbox(plain.init(jax.random.key(0), tok))
+    vs = {"params": _scanned_params(v["params"], 4, 2)}
+    stacked = jax.tree.structure(nn.meta.unbox(jax.eval_shape(scan.init, jax.random.key(0), tok)))
+    assert jax.tree.structure(vs) == stacked
+
+    def loss(model, v):
+        out, state = model.apply(v, tok, None, resets)
+        return jnp.sum(out * w), (out, state)
+
+    (_, (out_p, st_p)), g_p = jax.jit(jax.value_and_grad(lambda v: loss(plain, v), has_aux=True))(v)
+    (_, (out_s, st_s)), g_s = jax.jit(jax.value_and_grad(lambda v: loss(scan, v), has_aux=True))(vs)
+    assert max(int(s.pool.count.max()) for s in st_p.blocks) > 3  # a pool overflowed
+    close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)  # noqa: E731
+    close(out_s, out_p)
+    jax.tree.map(close, st_s.blocks, jax.tree.map(lambda *a: jnp.stack(a), *st_p.blocks))
+    more = _tok((2, 5), seed=9)
+    close(scan.apply(vs, more, st_s)[0], plain.apply(v, more, st_p)[0])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=5e-6),
+                 g_s["params"], _scanned_params(g_p["params"], 4, 2))
+
+
+def test_scanned_stack_needs_whole_groups():
+    model = mnemax.create("memmamba-tiny", **{**TINY, "n_layers": 3}, cross_layer_every=2, scan_layers=True)
+    with pytest.raises(ValueError, match="cross_layer_every >= 2 dividing n_layers"):
+        model.init(jax.random.key(0), _tok((1, 4)))
+
+
 def test_read_history_checks_the_chunk_count():
     from mnemax.layers.memmamba import empty_pool, read_history
 
