@@ -136,7 +136,7 @@ def _scanned_params(params, n_layers: int, every: int):
     return {**out, "blocks": blocks}
 
 
-@pytest.mark.parametrize("span", [0, 2])
+@pytest.mark.parametrize("span", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_scanned_stack_equals_the_unscanned_one(span):
     """scan_layers=True runs the stack as a scan over groups of cross_layer_every layers, each
     cross-layer read attending to every layer's recorded pools with the unseen ones masked:

@@ -101,9 +101,9 @@ def test_pallas_slstm_state_round_trip(backend):
 
 @pytest.mark.parametrize("options,shape", [
     ({"splits": 4}, (3, 17, 2, 40)),  # head 40 -> 64 units in 4 programs of 16, one launch
-    ({"splits": 2, "batch_block": 16, "max_programs": 4}, (18, 9, 3, 24)),  # 2 batch blocks, 6 groups, 3 launches
+    pytest.param({"splits": 2, "batch_block": 16, "max_programs": 4}, (18, 9, 3, 24), marks=pytest.mark.slow),  # 2 batch blocks, 6 groups, 3 launches
     ({"splits": 2, "spin": "data"}, (2, 11, 1, 32)),
-    ({"splits": 4, "bwd_exchange": "gates"}, (3, 12, 2, 64)),  # backward exchanging the gate gradients
+    pytest.param({"splits": 4, "bwd_exchange": "gates"}, (3, 12, 2, 64), marks=pytest.mark.slow),  # backward exchanging the gate gradients
 ])
 def test_pallas_gpu_slstm_split_heads(monkeypatch, options, shape):
     """The GPU kernels with each head's recurrent matrices split over several programs

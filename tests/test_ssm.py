@@ -187,7 +187,7 @@ def test_lssl_auto_mode_steps_short_calls_recurrently():
             assert float(jnp.abs(sa.x - sc.x).max() / jnp.abs(sc.x).max()) <= 1e-8, steps
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize("scan_layers", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_lssl_cached_discretisation_generates_the_same_tokens(scan_layers):
     """cache_discretized: the lssl zoo model's (Abar, Bbar) computed once; prefill and 6
     one-token steps from the cached variables equal the uncached ones (rel. 1e-6, float32)
@@ -325,7 +325,7 @@ def test_diagonal_ssm_equals_python_loop(a_init):
         np.testing.assert_allclose(np.asarray(y[0]), want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("a_init", ["lin", "real"])
+@pytest.mark.parametrize("a_init", ["lin", pytest.param("real", marks=pytest.mark.slow)])
 def test_diagonal_ssm_conv_view_equals_recurrent_view(a_init):
     """The FFT-convolution view (Vandermonde kernel, final state and incoming state by
     Vandermonde products) equals the linear_scan view, float64: outputs, final state and

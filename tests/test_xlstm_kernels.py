@@ -89,7 +89,7 @@ def test_mlstm_reference_matches_numpy_loop():
         assert rel_err(got, want) < 1e-5
 
 
-@pytest.mark.parametrize("time", [37, 301])
+@pytest.mark.parametrize("time", [37, pytest.param(301, marks=pytest.mark.slow)])  # 301 under -m slow (CI time)
 def test_mlstm_forms_agree_fp32(time):
     """reference == parallel == chunkwise (chunk 16/64/128, padded odd lengths), with an
     incoming state, with resets (37 steps) and without (301 steps): outputs, final state
