@@ -295,6 +295,7 @@ def test_memmamba_block_contract():
     )
 
 
+@pytest.mark.slow  # ~110 s on 2 cores (CI time); the block's contract stays in CI
 def test_memmamba_lm_contract():
     """The LM (salience rule, cross-layer reads) on the contract, with pools large enough
     not to overflow here: the contract's finite-difference check continues a state built

@@ -375,6 +375,7 @@ def _stack_temp_bytes(n_layers: int, remat: bool) -> int:
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow  # ~35 s on 2 cores (CI time)
 def test_remat_bounds_the_memory_of_a_deep_mlstm_stack():
     # Under jax.checkpoint each layer's chunk states (64 chunks x (128 x 128) per head) must
     # be rebuilt in the backward one layer at a time; with a lax.scan carry XLA kept all of
