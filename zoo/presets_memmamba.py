@@ -1,0 +1,180 @@
+"""The ``memmamba`` family: its block keys, the zoo model (unscanned, or scanned in groups of
+``cross_layer_every`` layers) and presets. Imported by :mod:`mnemax.zoo.presets`."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from mnemax.layers import memmamba as _mm
+from mnemax.layers.base import state_dtype
+from mnemax.layers.mamba import mixer_fields
+from mnemax.layers.memmamba import CrossLayerRead, MemMambaBlock, run_layers
+
+from .config import FrozenDict, ModelConfig
+from .model import SequenceModel, _fields
+from .presets import MAMBA_KEYS, _module_kwargs
+from .registry import Family, register_family, register_preset
+
+# The stack's own options (the rest are MemMambaBlock fields; see mnemax.layers.memmamba).
+_MEMMAMBA_MODEL_KEYS = {"cross_layer_every": 4, "cross_layer_pools": 0}
+
+MEMMAMBA_KEYS = {
+    **MAMBA_KEYS,
+    "pool_size": 50,
+    "pool_dim": 64,
+    "num_heads": 4,
+    "note_threshold": 0.5,
+    "read_threshold": 0.5,
+    "note_gate": "ste",
+    "read_gate": "ste",
+    "gate_temperature": 0.1,
+    "replace": "salience",
+    "score_hidden": 0,
+    "fusion": "add",
+    "read_bias_init": 2.0,
+    "read_init_scale": 0.0,
+    "pool_chunk": 1,
+    "pool_impl": "chunked",
+    **_MEMMAMBA_MODEL_KEYS,
+}
+
+
+def _memmamba_block(cfg: ModelConfig, index: int, **kw) -> MemMambaBlock:
+    del index
+    block = {k: v for k, v in cfg.block.items() if k not in _MEMMAMBA_MODEL_KEYS}
+    return MemMambaBlock(features=cfg.d_model, n_layers=cfg.n_layers, **block, **_module_kwargs(cfg), **kw)
+
+
+class _MemMambaGroup(nn.Module):
+    """One scanned group of the MemMamba stack: ``every`` layers (``block_<j>``), then the
+    cross-layer read (``cross``) of the group's last layer. The carry holds the residual
+    stream and every layer's pools at each chunk's start (``(n_layers, n_chunks, ...)``,
+    empty for layers not run yet); the read masks the layers it must not see (itself, the
+    later ones, and those beyond ``span``) by their count, which reads exactly nothing."""
+
+    block_fields: FrozenDict
+    cross_fields: FrozenDict
+    every: int
+    span: int
+    n_layers: int
+    remat: bool = False
+    residual_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, carry, xs, resets):
+        x, hist = carry
+        states, group = xs
+        cls = nn.remat(MemMambaBlock, methods=["forward"]) if self.remat else MemMambaBlock
+        new = []
+        for j in range(self.every):
+            layer = group * self.every + j
+            x, state, _, history = cls(**self.block_fields, name=f"block_{j}").forward(
+                x, jax.tree.map(lambda a: a[j], states), resets)
+            hist = jax.tree.map(lambda buf, h: lax.dynamic_update_index_in_dim(buf, h.astype(buf.dtype), layer, 0),
+                                hist, history[0])
+            new.append(state)
+            if j < self.every - 1:
+                x = x.astype(self.residual_dtype)
+        idx = jnp.arange(self.n_layers)
+        seen = idx < layer
+        if self.span > 0:
+            seen = seen & (idx >= layer - self.span)
+        masked = hist._replace(count=jnp.where(seen[:, None, None], hist.count, 0))
+        pools = [jax.tree.map(lambda a, k=k: a[k], masked) for k in range(self.n_layers)]
+        x = CrossLayerRead(**self.cross_fields, name="cross")(x, [(p, None, (p,)) for p in pools], resets)
+        x = x.astype(self.residual_dtype)
+        return (x, hist), jax.tree.map(lambda *a: jnp.stack(a), *new)
+
+
+class MemMambaModel(SequenceModel):
+    """The zoo model of the ``memmamba`` family: :class:`SequenceModel` (embedding, final
+    norm, heads, state, ``layer_outputs``) with the MemMamba stack as its blocks, i.e.
+    cross-layer attention (``cross_layer_<l>``) after every ``cross_layer_every``-th block.
+    The parameters of the Mamba parts have the names of the ``mamba`` family's.
+
+    ``scan_layers=True``: the stack runs as ``nn.scan`` over groups of ``cross_layer_every``
+    layers (``blocks/block_<j>``, ``blocks/cross``, stacked over groups; the state is the
+    per-layer states stacked, as for the other families), so one group is traced and
+    compiled instead of every layer. The same function: each cross-layer read attends to
+    all layers' recorded pools with the ones it must not see masked out. Needs the chunked
+    pool path and ``n_layers`` a multiple of ``cross_layer_every`` >= 2."""
+
+    def _run_scanned(self, x, block_states, resets, residual_dt):
+        cfg = self.config
+        every, span, n = cfg.block["cross_layer_every"], cfg.block["cross_layer_pools"], cfg.n_layers
+        proto = _memmamba_block(cfg, 0, parent=None)
+        if every < 2 or n % every or proto.pool_impl != "chunked" or not _mm.CROSS_READ_FROM_HISTORY:
+            raise ValueError(
+                f"scan_layers=True for memmamba needs cross_layer_every >= 2 dividing n_layers and pool_impl='chunked'; "
+                f"got cross_layer_every={every}, n_layers={n}, pool_impl={proto.pool_impl!r}; set scan_layers=False"
+            )
+        batch, time = x.shape[:2]
+        groups = n // every
+        states = self.initial_state(batch).blocks if block_states is None else block_states
+        states = jax.tree.map(lambda a: a.reshape((groups, every) + a.shape[1:]), states)
+        n_chunks = _mm._chunk_split(batch, time, proto.pool_chunk)[1]
+        pool = _mm.empty_pool(batch, proto.pool_size, proto.pool_dim, state_dtype(cfg.dtype))
+        hist = jax.tree.map(lambda a: jnp.zeros((n, n_chunks) + a.shape, a.dtype), pool)
+        scanned = nn.scan(
+            _MemMambaGroup,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast),
+            length=groups,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        (x, _), new = scanned(
+            block_fields=FrozenDict(_fields(proto)), cross_fields=FrozenDict(mixer_fields(proto, CrossLayerRead)),
+            every=every, span=span, n_layers=n, remat=cfg.remat, residual_dtype=jnp.dtype(residual_dt).name,
+            name="blocks",
+        )((x, hist), (states, jnp.arange(groups)), resets)
+        return x, jax.tree.map(lambda a: a.reshape((n,) + a.shape[2:]), new)
+
+    def _run_blocks(self, x, block_states, resets, residual_dt):
+        cfg = self.config
+        if cfg.scan_layers:
+            return self._run_scanned(x, block_states, resets, residual_dt)
+        proto = _memmamba_block(cfg, 0, parent=None)
+        cls = nn.remat(type(proto), methods=["forward"]) if cfg.remat else type(proto)
+
+        def after_layer(x):
+            x = x.astype(residual_dt)
+            self.sow("intermediates", "layer_outputs", x)
+            return x
+
+        x, states, _ = run_layers(
+            x, block_states, resets,
+            lambda l: cls(**_fields(_memmamba_block(cfg, l, parent=None)), name=f"block_{l}"),
+            lambda l: CrossLayerRead(**mixer_fields(proto, CrossLayerRead), name=f"cross_layer_{l}"),
+            cfg.n_layers, cfg.block["cross_layer_every"], cfg.block["cross_layer_pools"], after_layer,
+        )
+        return x, states
+
+
+register_family(
+    Family(
+        name="memmamba",
+        make_block=_memmamba_block,
+        block_keys=MEMMAMBA_KEYS,
+        description="MemMamba: Mamba blocks + Note Block state pool, cross-token and sparse cross-layer attention",
+        make_model=MemMambaModel,
+    )
+)
+
+register_preset(
+    "memmamba-tiny",
+    ModelConfig(
+        family="memmamba", d_model=32, n_layers=2, vocab_size=64, tie_embeddings=True, norm_eps=1e-5,
+        block={"d_state": 8, "pool_size": 16, "pool_dim": 16, "num_heads": 2, "cross_layer_every": 2},
+    ),
+)
+register_preset(
+    "memmamba-130m",  # the mamba-130m backbone; 50-slot pools of 64-d notes, cross-layer reads every 4 layers
+    ModelConfig(
+        family="memmamba", d_model=768, n_layers=24, vocab_size=50280, tie_embeddings=True, norm_eps=1e-5,
+        block={"d_state": 16, "d_conv": 4, "expand": 2, "pool_size": 50, "pool_dim": 64, "num_heads": 4, "cross_layer_every": 4},
+    ),
+)
