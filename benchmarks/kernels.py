@@ -13,6 +13,7 @@ A JSON file with every figure goes to $OUT (or the current directory).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import sys
@@ -182,18 +183,27 @@ def _log(msg):
 def _ss_grads(backend, gy):
     """Jitted: (x, dt, A, B, C, D, z, dt_bias) -> their gradients under the cotangent ``gy``
     (``pallas_gpu+time_split``: the Pallas backend with ``time_split="auto"``)."""
+    def f(*a):
+        with _ss_backend(backend) as name:
+            _, vjp = jax.vjp(lambda *q: selective_scan(q[0], q[1], q[2], q[3], q[4], D=q[5], z=q[6], dt_bias=q[7],
+                                                       dt_softplus=True, backend=name), *a)
+            return vjp(gy)
+    return jax.jit(f)
+
+
+@contextlib.contextmanager
+def _ss_backend(backend):
+    """The op's backend name for a benchmark backend (``pallas_gpu+time_split``: the Pallas
+    backend with ``time_split="auto"`` while tracing, when the options are read)."""
     from mnemax.kernels import pallas_selective_scan as pss
 
-    def f(*a):
-        saved = pss.GPU_OPTIONS["time_split"]
-        pss.GPU_OPTIONS["time_split"] = "auto" if backend.endswith("+time_split") else saved
-        try:  # options are read while tracing
-            _, vjp = jax.vjp(lambda *q: selective_scan(q[0], q[1], q[2], q[3], q[4], D=q[5], z=q[6], dt_bias=q[7],
-                                                       dt_softplus=True, backend=backend.removesuffix("+time_split")), *a)
-            return vjp(gy)
-        finally:
-            pss.GPU_OPTIONS["time_split"] = saved
-    return jax.jit(f)
+    saved = pss.GPU_OPTIONS["time_split"]
+    if backend.endswith("+time_split"):
+        pss.GPU_OPTIONS["time_split"] = "auto"
+    try:
+        yield backend.removesuffix("+time_split")
+    finally:
+        pss.GPU_OPTIONS["time_split"] = saved
 
 
 def selective_scan_rows(bw: float, quick: bool) -> list[dict]:
@@ -222,18 +232,9 @@ def selective_scan_rows(bw: float, quick: bool) -> list[dict]:
         bwd_bytes = fwd_bytes + 7 * big + 4 * small
 
         def run(backend):
-            split = backend.endswith("+time_split")  # the segments-in-parallel path (time_split="auto")
-
             def f(x, dt, A, Bm, Cm, D, z, bias):
-                from mnemax.kernels import pallas_selective_scan as pss
-
-                saved = pss.GPU_OPTIONS["time_split"]
-                pss.GPU_OPTIONS["time_split"] = "auto" if split else saved
-                try:  # options are read while tracing
-                    return selective_scan(x, dt, A, Bm, Cm, D=D, z=z, dt_bias=bias, dt_softplus=True,
-                                          backend=backend.removesuffix("+time_split"))
-                finally:
-                    pss.GPU_OPTIONS["time_split"] = saved
+                with _ss_backend(backend) as name:
+                    return selective_scan(x, dt, A, Bm, Cm, D=D, z=z, dt_bias=bias, dt_softplus=True, backend=name)
 
             return jax.jit(f)
 
