@@ -50,6 +50,7 @@ from jax.experimental import pallas as pl
 
 LANES = 128
 LOG2E = math.log2(math.e)
+RESET_OFFSET = -1e30  # added to a reset step's decay exponent: exp2 of it is 0
 
 
 def _pad_to(x, axis: int, multiple: int, value=0):
@@ -85,7 +86,7 @@ class Problem:
         self.time_p = time + (-time) % chunk
         self.chans_p = chans + (-chans) % LANES
         self.n_chunks, self.n_blocks = self.time_p // chunk, self.chans_p // LANES
-        self.bc_width = 2 * n + 2 + (-(2 * n + 2)) % bc_multiple
+        self.bc_width = 2 * n + 3 + (-(2 * n + 3)) % bc_multiple
         f32 = jnp.float32
 
         def seq(v):  # (batch, time, chans) -> padded; padded steps have dt = 0 (no effect)
@@ -95,8 +96,11 @@ class Problem:
         self.z = seq(z) if z is not None else None
         keep = jnp.ones((batch, time, 1), f32) if resets is None else 1.0 - resets.astype(f32)[..., None]
         valid = jnp.ones((batch, time, 1), f32)
-        bc = jnp.concatenate([B.astype(f32), C.astype(f32), keep, valid], axis=-1)
-        # padded steps: B = C = 0, keep = 1, valid = 0 (dt is zeroed there: the state passes unchanged)
+        # the reset as an offset of the decay's exponent: exp2(delta a2 + off) is 0 where off =
+        # RESET_OFFSET, so the forward drops the per-state (keep * h) multiply
+        off = (1.0 - keep) * RESET_OFFSET
+        bc = jnp.concatenate([B.astype(f32), C.astype(f32), keep, valid, off], axis=-1)
+        # padded steps: B = C = 0, keep = 1, valid = 0, off = 0 (dt is zeroed there: the state passes unchanged)
         bc = _pad_to(_pad_to(bc, 2, bc_multiple), 1, chunk, value=0.0)
         self.bc = bc.at[:, time:, 2 * n].set(1.0) if self.time_p > time else bc
         # A^T (state, chans) in log2 units (exp(dt A) = exp2(dt A log2 e)); D and dt_bias rows.
@@ -128,14 +132,14 @@ def _fwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, a2, dvec, bias, y_t, h, hbuf=Non
         u = dt_t[r].astype(jnp.float32) + bias
         delta = (_softplus(u) if p.softplus else u) * bc_t[r, 2 * n + 1]
         xv = x_t[r].astype(jnp.float32)
-        keep = bc_t[r, 2 * n]
+        off = bc_t[r, 2 * n + 2]
         dbx = delta * xv
         y = dvec * xv
         new = []
         for i in range(n):
             if hbuf is not None:
                 hbuf[r, i] = h[i]
-            hi = jnp.exp2(delta * a2[i]) * (keep * h[i]) + dbx * bc_t[r, i]
+            hi = jnp.exp2(delta * a2[i] + off) * h[i] + dbx * bc_t[r, i]
             y = y + bc_t[r, n + i] * hi
             new.append(hi)
         if z_t is not None:

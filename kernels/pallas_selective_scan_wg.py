@@ -24,10 +24,10 @@ def _fwd_rows_part(p: Problem, x_t, dt_t, bc_t, a2, bias, h, states, ypart_t):
         u = dt_t[r].astype(jnp.float32) + bias
         delta = (_softplus(u) if p.softplus else u) * bc_t[r, 2 * n + 1]
         dbx = delta * x_t[r].astype(jnp.float32)
-        keep = bc_t[r, 2 * n]
+        off = bc_t[r, 2 * n + 2]  # the reset as an exponent offset (Problem.bc)
         new, y = [], None
         for j, i in enumerate(states):
-            hi = jnp.exp2(delta * a2[j]) * (keep * h[j]) + dbx * bc_t[r, i]
+            hi = jnp.exp2(delta * a2[j] + off) * h[j] + dbx * bc_t[r, i]
             y = bc_t[r, n + i] * hi if y is None else y + bc_t[r, n + i] * hi
             new.append(hi)
         ypart_t[r] = y
