@@ -1,29 +1,36 @@
-"""Dump the GPU selective-scan kernels' PTX and SASS, and count the SASS opcodes of each.
+"""The GPU selective-scan kernels' PTX, and the SASS opcode counts of each kernel.
 
-    python benchmarks/kernel_sass.py --out DIR [--opts chunk=16+unroll=8] [--dtype float32] [--bwd]
+On the accelerator (Mosaic GPU's dump switches; the PTX goes to DIR/kernel_<i>.ptx):
 
-On the accelerator: compiles the forward-only kernel (and with ``--bwd`` the training
-forward and backward) at (8, 2048, 1536, 16) with Mosaic GPU's dump switches pointed at
-DIR, then prints, per dumped SASS file, the number of instructions of each opcode (``MUFU``,
+    python benchmarks/kernel_sass.py dump --out DIR [--opts chunk=16+unroll=8] [--dtype float32] [--bwd]
+
+compiles the forward-only kernel (with ``--bwd`` also the training forward and the
+backward) at (8, 2048, 1536, 16). Anywhere with CUDA's ``ptxas`` and ``nvdisasm`` (the PyPI
+wheels nvidia-cuda-nvcc-cu12 and nvidia-cuda-nvdisasm carry them):
+
+    python benchmarks/kernel_sass.py count DIR/kernel_0.ptx --ptxas PATH --nvdisasm PATH
+
+assembles it for sm_90a and prints the number of instructions of each opcode (``MUFU``,
 ``FFMA``, ``LDS``, ...) in the whole kernel and in its largest basic block (the unrolled
-recurrence), so a change to the per-step math can be read off as instructions per step.
+recurrence), so a change to the per-step math reads off as instructions per step.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import os
 import re
+import subprocess
 import sys
+import tempfile
 
 
 def opcode_counts(sass: str) -> tuple[collections.Counter, collections.Counter]:
     """(whole kernel, largest basic block) opcode counts of one SASS listing."""
     whole, blocks, block = collections.Counter(), [], collections.Counter()
     for line in sass.splitlines():
-        if re.match(r"^\s*\.L_x_\d+:|^\s*\.L\w+:", line):  # a label starts a new block
+        if re.match(r"^\s*\.L\w+:", line):  # a label starts a new block
             blocks.append(block)
             block = collections.Counter()
             continue
@@ -35,17 +42,15 @@ def opcode_counts(sass: str) -> tuple[collections.Counter, collections.Counter]:
     return whole, max(blocks, key=lambda c: sum(c.values()))
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--opts", default="", help="GPU_OPTIONS overrides, 'k=v+k=v'")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--bwd", action="store_true")
-    args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    os.environ.update(MOSAIC_GPU_DUMP_TO=os.path.abspath(args.out), MOSAIC_GPU_DUMP_SASS="1", MOSAIC_GPU_DUMP_PTX="1",
-                      MOSAIC_GPU_DUMP_PTXAS="1")
+def split_ptx(text: str) -> list[str]:
+    """The PTX modules in a dump (each starts at a ``.version`` line)."""
+    starts = [m.start() for m in re.finditer(r"^\s*\.version", text, flags=re.M)]
+    return [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]
 
+
+def dump(args):
+    os.makedirs(args.out, exist_ok=True)
+    os.environ.update(MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_PTXAS="1")
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -68,23 +73,62 @@ def main():
         p = pss.make_problem("gpu", *a[:5], a[5], a[6], a[7], None, None, True, opts=opts, training=False)
         return pss.forward("gpu", p, a[0].dtype, opts=opts)[0]
 
-    jax.jit(fwd).lower(x, dt, A, Bm, Cm, D, z, bias).compile()
-    if args.bwd:
-        from mnemax.kernels.selective_scan import selective_scan
+    log = os.path.join(args.out, "dump.log")
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(log, "w") as f:
+        os.dup2(f.fileno(), 1)  # the dumps go to the C++ stdout
+        try:
+            jax.jit(fwd).lower(x, dt, A, Bm, Cm, D, z, bias).compile()
+            if args.bwd:
+                from mnemax.kernels.selective_scan import selective_scan
 
-        def loss(*a):
-            return jnp.sum(selective_scan(*a[:5], D=a[5], z=a[6], dt_bias=a[7], dt_softplus=True, backend="pallas_gpu")
-                           .astype(jnp.float32))
+                def loss(*a):
+                    return jnp.sum(selective_scan(*a[:5], D=a[5], z=a[6], dt_bias=a[7], dt_softplus=True,
+                                                  backend="pallas_gpu").astype(jnp.float32))
 
-        jax.jit(jax.grad(loss, argnums=(0, 1, 3, 4))).lower(x, dt, A, Bm, Cm, D, z, bias).compile()
-    for path in sorted(glob.glob(os.path.join(args.out, "*.sass"))):
-        whole, inner = opcode_counts(open(path).read())
-        print(f"== {os.path.basename(path)}: {sum(whole.values())} instructions, largest block {sum(inner.values())}")
-        print("   kernel:", ", ".join(f"{k} {v}" for k, v in whole.most_common(24)))
-        print("   block: ", ", ".join(f"{k} {v}" for k, v in inner.most_common(24)))
-    for path in sorted(glob.glob(os.path.join(args.out, "*ptxas*"))):
-        print(f"== {os.path.basename(path)}")
-        print(open(path).read()[-1500:])
+                jax.jit(jax.grad(loss, argnums=(0, 1, 3, 4))).lower(x, dt, A, Bm, Cm, D, z, bias).compile()
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+    text = open(log).read()
+    for i, ptx in enumerate(split_ptx(text)):
+        with open(os.path.join(args.out, f"kernel_{i}.ptx"), "w") as f:
+            f.write(ptx)
+    for line in text.splitlines():
+        if line.startswith("ptxas info") and ("registers" in line or "Compiling" in line or "spill" in line):
+            print(line)
+
+
+def count(args):
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        subprocess.run([args.ptxas, "-arch=sm_90a", "-O3", "-o", cubin, args.ptx], check=True)
+        sass = subprocess.run([args.nvdisasm, "-c", cubin], check=True, capture_output=True, text=True).stdout
+    whole, inner = opcode_counts(sass)
+    print(f"{os.path.basename(args.ptx)}: {sum(whole.values())} instructions, largest block {sum(inner.values())}")
+    print("  kernel:", ", ".join(f"{k} {v}" for k, v in whole.most_common(30)))
+    print("  block: ", ", ".join(f"{k} {v}" for k, v in inner.most_common(30)))
+    if args.sass_out:
+        with open(args.sass_out, "w") as f:
+            f.write(sass)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("dump")
+    d.add_argument("--out", required=True)
+    d.add_argument("--opts", default="", help="GPU_OPTIONS overrides, 'k=v+k=v'")
+    d.add_argument("--dtype", default="float32")
+    d.add_argument("--bwd", action="store_true")
+    c = sub.add_parser("count")
+    c.add_argument("ptx")
+    c.add_argument("--ptxas", default="ptxas")
+    c.add_argument("--nvdisasm", default="nvdisasm")
+    c.add_argument("--sass_out", default="")
+    args = ap.parse_args()
+    dump(args) if args.cmd == "dump" else count(args)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from mnemax.kernels.selective_scan import selective_scan  # noqa: E402
 
 RNG = np.random.default_rng(0)
 SHAPE_FILTER: set[int] = set()
+BACKEND_FILTER: set[str] = set()
 
 
 def rel_err(x, y) -> float:
@@ -242,6 +243,8 @@ def selective_scan_rows(bw: float, quick: bool) -> list[dict]:
         ref = run("xla")(*args).astype(jnp.float32)
         times = {}
         for name in ("pallas_gpu", "xla") + (("pallas_gpu+time_split",) if b == 1 else ()):
+            if BACKEND_FILTER and name not in BACKEND_FILTER:
+                continue
             try:
                 f = run(name)  # timed through jit's dispatch (a Compiled object's Python call adds ~0.2 ms)
                 t0 = time.time()
@@ -272,7 +275,7 @@ def selective_scan_rows(bw: float, quick: bool) -> list[dict]:
                 traceback.print_exc()
                 rows.append({"op": "selective_scan", "shape": str((b, t, c, n)), "dtype": jnp.dtype(dtype).name, "backend": name,
                              "error": f"{type(e).__name__}: {str(e)[:200]}"})
-        if t <= 4096 and dtype == jnp.float32:
+        if t <= 4096 and dtype == jnp.float32 and (not BACKEND_FILTER or "naive" in BACKEND_FILTER):
             try:
                 nv = jax.jit(naive_selective_scan)
                 err = rel_err(nv(*args).astype(jnp.float32), ref)
@@ -281,7 +284,7 @@ def selective_scan_rows(bw: float, quick: bool) -> list[dict]:
                 rows.append(_row("selective_scan", (b, t, c, n), dtype, "naive", tn, None, fwd_bytes, bwd_bytes, bw, err))
             except Exception as e:  # noqa: BLE001
                 rows.append({"op": "selective_scan", "shape": str((b, t, c, n)), "backend": "naive", "error": f"{type(e).__name__}: {str(e)[:200]}"})
-        if (b, t, c) == (8, 2048, 1536) and dtype == jnp.float32:
+        if (b, t, c) == (8, 2048, 1536) and dtype == jnp.float32 and (not BACKEND_FILTER or "reference" in BACKEND_FILTER):
             try:
                 rf = run("reference")
                 tr = bench(rf, *args, calls=1, repeats=3)
@@ -433,6 +436,7 @@ def main():
     p.add_argument("--ops", default=",".join(SECTIONS))
     p.add_argument("--quick", action="store_true")
     p.add_argument("--shapes", default="", help="selective_scan: comma-separated indices of the shapes to run")
+    p.add_argument("--backends", default="", help="selective_scan: comma-separated backends to run (default: all)")
     args = p.parse_args()
     env = environment()
     print(env, flush=True)
@@ -441,6 +445,7 @@ def main():
     rows = []
     global SHAPE_FILTER
     SHAPE_FILTER = {int(i) for i in args.shapes.split(",") if i}
+    BACKEND_FILTER.update(b for b in args.backends.split(",") if b)
     for op in args.ops.split(","):
         rows += SECTIONS[op](bw, args.quick)
         print(table(rows, COLUMNS), flush=True)

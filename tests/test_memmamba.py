@@ -127,10 +127,12 @@ def test_cross_layer_reads_from_recorded_pools_equal_the_replay(monkeypatch):
 
 def _scanned_params(params, n_layers: int, every: int):
     """Unscanned memmamba parameters (block_<l>, cross_layer_<l>) in the scanned layout
-    (blocks/block_<j>, blocks/cross, stacked over the groups of ``every`` layers)."""
+    (blocks/layers/block stacked over (groups, layers of a group), blocks/cross stacked over
+    the groups of ``every`` layers)."""
     stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)  # noqa: E731
     groups = n_layers // every
-    blocks = {f"block_{j}": stack([params[f"block_{g * every + j}"] for g in range(groups)]) for j in range(every)}
+    layers = stack([stack([params[f"block_{g * every + j}"] for j in range(every)]) for g in range(groups)])
+    blocks = {"layers": {"block": layers}}
     blocks["cross"] = stack([params[f"cross_layer_{g * every + every - 1}"] for g in range(groups)])
     out = {k: v for k, v in params.items() if not k.startswith(("block_", "cross_layer_"))}
     return {**out, "blocks": blocks}

@@ -48,12 +48,35 @@ def _memmamba_block(cfg: ModelConfig, index: int, **kw) -> MemMambaBlock:
     return MemMambaBlock(features=cfg.d_model, n_layers=cfg.n_layers, **block, **_module_kwargs(cfg), **kw)
 
 
+class _MemMambaLayer(nn.Module):
+    """One layer of a scanned MemMamba group (``block``), scanned over the group's ``every``
+    layers: runs the block on the residual stream, records its chunk-start pools in the
+    history at its layer index (``group * every + j``) and casts its output to the residual
+    dtype. One traced (and one compiled) block per group instead of ``every``."""
+
+    block_fields: FrozenDict
+    every: int
+    remat: bool = False
+    residual_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, carry, xs, group, resets):
+        x, hist = carry
+        state, j = xs
+        cls = nn.remat(MemMambaBlock, methods=["forward"]) if self.remat else MemMambaBlock
+        x, state, _, history = cls(**self.block_fields, name="block").forward(x, state, resets)
+        hist = jax.tree.map(lambda buf, h: lax.dynamic_update_index_in_dim(buf, h.astype(buf.dtype), group * self.every + j, 0),
+                            hist, history[0])
+        return (x.astype(self.residual_dtype), hist), state
+
+
 class _MemMambaGroup(nn.Module):
-    """One scanned group of the MemMamba stack: ``every`` layers (``block_<j>``), then the
-    cross-layer read (``cross``) of the group's last layer. The carry holds the residual
-    stream and every layer's pools at each chunk's start (``(n_layers, n_chunks, ...)``,
-    empty for layers not run yet); the read masks the layers it must not see (itself, the
-    later ones, and those beyond ``span``) by their count, which reads exactly nothing."""
+    """One scanned group of the MemMamba stack: ``every`` layers (``layers/block``, an inner
+    scan), then the cross-layer read (``cross``) of the group's last layer. The carry holds
+    the residual stream and every layer's pools at each chunk's start (``(n_layers,
+    n_chunks, ...)``, empty for layers not run yet); the read masks the layers it must not
+    see (itself, the later ones, and those beyond ``span``) by their count, which reads
+    exactly nothing."""
 
     block_fields: FrozenDict
     cross_fields: FrozenDict
@@ -65,19 +88,19 @@ class _MemMambaGroup(nn.Module):
 
     @nn.compact
     def __call__(self, carry, xs, resets):
-        x, hist = carry
         states, group = xs
-        cls = nn.remat(MemMambaBlock, methods=["forward"]) if self.remat else MemMambaBlock
-        new = []
-        for j in range(self.every):
-            layer = group * self.every + j
-            x, state, _, history = cls(**self.block_fields, name=f"block_{j}").forward(
-                x, jax.tree.map(lambda a: a[j], states), resets)
-            hist = jax.tree.map(lambda buf, h: lax.dynamic_update_index_in_dim(buf, h.astype(buf.dtype), layer, 0),
-                                hist, history[0])
-            new.append(state)
-            if j < self.every - 1:
-                x = x.astype(self.residual_dtype)
+        layers = nn.scan(
+            _MemMambaLayer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast),
+            length=self.every,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        (x, hist), new = layers(block_fields=self.block_fields, every=self.every, remat=self.remat,
+                                residual_dtype=self.residual_dtype, name="layers")(
+            carry, (states, jnp.arange(self.every)), group, resets)
+        layer = group * self.every + self.every - 1
         idx = jnp.arange(self.n_layers)
         seen = idx < layer
         if self.span > 0:
@@ -86,7 +109,7 @@ class _MemMambaGroup(nn.Module):
         pools = [jax.tree.map(lambda a, k=k: a[k], masked) for k in range(self.n_layers)]
         x = CrossLayerRead(**self.cross_fields, name="cross")(x, [(p, None, (p,)) for p in pools], resets)
         x = x.astype(self.residual_dtype)
-        return (x, hist), jax.tree.map(lambda *a: jnp.stack(a), *new)
+        return (x, hist), new
 
 
 class MemMambaModel(SequenceModel):
@@ -96,7 +119,9 @@ class MemMambaModel(SequenceModel):
     The parameters of the Mamba parts have the names of the ``mamba`` family's.
 
     ``scan_layers=True``: the stack runs as ``nn.scan`` over groups of ``cross_layer_every``
-    layers (``blocks/block_<j>``, ``blocks/cross``, stacked over groups; the state is the
+    layers (``blocks/layers/block`` stacked over (groups, layers of a group) by an inner scan,
+    so the Pallas kernels appear once in the compiled step; ``blocks/cross`` stacked over
+    groups; the state is the
     per-layer states stacked, as for the other families), so one group is traced and
     compiled instead of every layer. The same function: each cross-layer read attends to
     all layers' recorded pools with the ones it must not see masked out. Needs the chunked
