@@ -44,6 +44,7 @@ def opcode_counts(sass: str) -> tuple[collections.Counter, collections.Counter]:
 
 def split_ptx(text: str) -> list[str]:
     """The PTX modules in a dump (each starts at a ``.version`` line)."""
+    text = "\n".join(line for line in text.splitlines() if not line.startswith(("ptxas", "    0 bytes stack")))
     starts = [m.start() for m in re.finditer(r"^\s*\.version", text, flags=re.M)]
     return [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]
 
@@ -101,9 +102,13 @@ def dump(args):
 
 
 def count(args):
+    ptx = split_ptx(open(args.ptx).read())[0]
     with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
         cubin = os.path.join(tmp, "k.cubin")
-        subprocess.run([args.ptxas, "-arch=sm_90a", "-O3", "-o", cubin, args.ptx], check=True)
+        subprocess.run([args.ptxas, "-arch=sm_90a", "-O3", "-o", cubin, src], check=True)
         sass = subprocess.run([args.nvdisasm, "-c", cubin], check=True, capture_output=True, text=True).stdout
     whole, inner = opcode_counts(sass)
     print(f"{os.path.basename(args.ptx)}: {sum(whole.values())} instructions, largest block {sum(inner.values())}")

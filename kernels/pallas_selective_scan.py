@@ -230,7 +230,9 @@ def _bwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, gy_t, a2, dvec, bias, hbuf, dx_t
 
 GPU_OPTIONS = {"chunk": 8, "stages": 3, "bwd_stages": 2, "unroll": 4, "bwd_unroll": 2, "approx_math": True,
                "no_auto_barriers": True, "red_rows": 4, "red_layout": "row4", "fwd_wgs": 1, "fwd_chunk": "auto",
-               "time_split": 1}
+               "time_split": 1, "mosaic_interpret": False}
+# mosaic_interpret: with interpret=True, run the forward's Mosaic GPU kernel itself under Mosaic
+# GPU's interpreter (threads, barriers, TMA simulated; slow) instead of the grid emulation.
 # time_split: segments of the sequence scanned in parallel (mnemax.kernels.selective_scan's
 # _split_scan): 1 = off; an integer S; "auto" = as many as fill the GPU's SMs when batch x
 # channel blocks leaves most of them idle (batch 1 at 1536 channels: 12 CTAs on 132 SMs),
@@ -304,7 +306,7 @@ def _gpu_forward(p: Problem, out_dtype, *, save_bounds: bool, stages: int, inter
             hl_t[i] = h[i]
         return h
 
-    if interpret:
+    if interpret and interpret != "mosaic":
         seq = pl.BlockSpec((None, chunk, LANES), lambda b, c, t: (b, t, c))
         bcs = pl.BlockSpec((None, chunk, p.bc_width), lambda b, c, t: (b, t, 0))
         st = pl.BlockSpec((None, n, LANES), lambda b, c, t: (b, 0, c))
@@ -326,33 +328,47 @@ def _gpu_forward(p: Problem, out_dtype, *, save_bounds: bool, stages: int, inter
             scratch_shapes=[plgpu.SMEM((n, LANES), jnp.float32)], interpret=True,
         )(*ins)
 
-    @functools.partial(plgpu.kernel, out_type=tuple(shapes), grid=(batch, nb), grid_names=("batch", "block"),
-                       compiler_params=_gpu_params(opts))
+    # Mosaic GPU. The per-block constants (A, D, dt_bias) and h0 are read from HBM into
+    # registers once and the final state is written once at the end, so the pipeline's
+    # tiles hold only the sequence (index-invariant tiles would be fetched by TMA again
+    # every chunk and take a slot of shared memory per stage).
     def kernel(*refs):
         bi, ci = lax.axis_index("batch"), lax.axis_index("block")
         seq = pl.BlockSpec((chunk, LANES), lambda t: (t, ci))
         bcs = pl.BlockSpec((chunk, p.bc_width), lambda t: (t, 0))
-        st = pl.BlockSpec((n, LANES), lambda t: (0, ci))
-        pr = pl.BlockSpec((2, LANES), lambda t: (0, ci))
         bnd = pl.BlockSpec((None, n, LANES), lambda t: (t, 0, ci))
-        n_in = len(ins)
-        gin, gout = refs[:n_in], refs[n_in:]
-        per_batch = [g.at[bi] for g in gin[: 3 + p.gated]] + [gin[3 + p.gated], gin[4 + p.gated], gin[5 + p.gated].at[bi]]
-        zeros = tuple(jnp.zeros((LANES,), jnp.float32) for _ in range(n))
+        k = 2 + p.gated  # x, dt, (z)
+        gin, gout = refs[:len(ins)], refs[len(ins):]
+        a_ref, pr_ref, h0_ref = gin[k + 1], gin[k + 2], gin[k + 3].at[bi]
+        lanes = pl.ds(ci * LANES, LANES)
+        a2 = [a_ref[i, lanes] for i in range(n)]
+        dvec, bias = pr_ref[0, lanes], pr_ref[1, lanes]
+        h0 = tuple(h0_ref[i, lanes] for i in range(n))
 
         def step(idx, *tiles_and_carry):
             *tiles, h = tiles_and_carry
-            first = jnp.where(idx[0] == 0, 1.0, 0.0).astype(jnp.float32)
-            return body(tiles, h, first)
+            if p.gated:
+                x_t, dt_t, z_t, bc_t, y_t, *bnd_t = tiles
+            else:
+                (x_t, dt_t, bc_t, y_t, *bnd_t), z_t = tiles, None
+            if bnd_t:
+                for i in range(n):
+                    bnd_t[0][i] = h[i]
+            return _fwd_rows(p, x_t, dt_t, z_t, bc_t, a2, dvec, bias, y_t, h)
 
-        plgpu.emit_pipeline(
+        h = plgpu.emit_pipeline(
             step, grid=(nc,),
-            in_specs=[seq, seq] + ([seq] if p.gated else []) + [bcs, st, pr, st],
-            out_specs=[seq, st] + ([bnd] if save_bounds else []),
-            max_concurrent_steps=stages, init_carry=zeros,
-        )(*per_batch, *[g.at[bi] for g in gout])
+            in_specs=[seq] * k + [bcs],
+            out_specs=[seq] + ([bnd] if save_bounds else []),
+            max_concurrent_steps=stages, init_carry=h0,
+        )(*[g.at[bi] for g in gin[:k + 1]], gout[0].at[bi], *([gout[2].at[bi]] if save_bounds else []))
+        hl_ref = gout[1].at[bi]
+        for i in range(n):
+            hl_ref[i, lanes] = h[i]
 
-    return kernel(*ins)
+    extra = {"interpret": plgpu.InterpretGPUParams()} if interpret == "mosaic" else {}
+    return plgpu.kernel(kernel, out_type=tuple(shapes), grid=(batch, nb), grid_names=("batch", "block"),
+                        compiler_params=_gpu_params(opts), **extra)(*ins)
 
 
 def _gpu_backward(p: Problem, gy, bounds, gh_last, dtypes, *, stages: int, interpret: bool, opts=None):
@@ -543,8 +559,9 @@ def forward(platform, p: Problem, out_dtype, *, save_bounds=False, stages=None, 
             outs = gpu_forward_wg(p, out_dtype, save_bounds=save_bounds, stages=stages or opts["stages"],
                                    interpret=interpret, opts=opts)
         else:
+            mode = "mosaic" if interpret and opts["mosaic_interpret"] else interpret
             outs = _gpu_forward(p, out_dtype, save_bounds=save_bounds, stages=stages or opts["stages"],
-                                interpret=interpret, opts=opts)
+                                interpret=mode, opts=opts)
     y, hl = outs[0], outs[1]
     y = y[:, : p.time, : p.chans]
     h_last = jnp.swapaxes(hl[:, : p.n_real, : p.chans], 1, 2)

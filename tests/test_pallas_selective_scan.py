@@ -149,6 +149,35 @@ def test_pallas_gpu_forward_split_over_warpgroups(monkeypatch, wgs, shape):
     _check_against_reference(args, resets, w, wh)
 
 
+def test_pallas_gpu_forward_kernel_under_the_mosaic_interpreter(monkeypatch):
+    # The forward's Mosaic GPU kernel itself (not the grid emulation): constants and h0 read
+    # from HBM once, the final state written once, the chunk-boundary states for the backward
+    # from the pipeline; run by Mosaic GPU's interpreter. Outputs, state and every gradient
+    # equal the reference, with resets, h0 and a length that is no multiple of the chunk.
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
+    from mnemax.kernels import pallas_selective_scan as pss
+
+    # The interpreter lacks predicated SMEM->GMEM copies, which emit_pipeline issues for its
+    # outputs with the predicate "block index changed or last step": always true for the
+    # forward's outputs (y and the boundary states move every chunk). The shim checks that
+    # and copies unpredicated.
+    copy = gpu_callbacks.copy_smem_to_gmem
+    seen = []
+
+    def unpredicated(*, predicate, **kw):
+        if predicate is not None:
+            seen.append(bool(np.all(np.asarray(predicate))))
+            assert seen[-1], "a predicated-off copy: the shim would copy it anyway"
+        return copy(predicate=None, **kw)
+
+    monkeypatch.setattr(gpu_callbacks, "copy_smem_to_gmem", unpredicated)
+    monkeypatch.setitem(pss.GPU_OPTIONS, "mosaic_interpret", True)
+    args, resets, w, wh = _case(2, 21, 130, 5, True, True, jnp.float32, seed=23)
+    _check_against_reference(args, resets, w, wh)
+    assert seen and all(seen)
+
+
 @pytest.mark.parametrize("dtype,gated,chunk", [(jnp.float32, True, 16), (jnp.bfloat16, True, 32), (jnp.bfloat16, False, 32)])
 def test_pallas_gpu_forward_only_takes_the_longer_chunk(dtype, gated, chunk):
     # A call with no gradient runs the forward at fwd_chunk ("auto": 16 steps in float32, 32
