@@ -1,5 +1,11 @@
 """The GPU selective-scan kernels' PTX, and the SASS opcode counts of each kernel.
 
+For a profiler (``ncu``): ``run`` compiles and calls the forward-only kernel twice, then one
+training forward and its backward, at the same shape:
+
+    ncu --clock-control none --kernel-name regex:mosaic --launch-skip 1 --launch-count 3 \
+        --section WarpStateStats python benchmarks/kernel_sass.py run [--opts ...]
+
 On the accelerator (Mosaic GPU's dump switches; the PTX goes to DIR/kernel_<i>.ptx):
 
     python benchmarks/kernel_sass.py dump --out DIR [--opts chunk=16+unroll=8] [--dtype float32] [--bwd]
@@ -49,9 +55,8 @@ def split_ptx(text: str) -> list[str]:
     return [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]
 
 
-def dump(args):
-    os.makedirs(args.out, exist_ok=True)
-    os.environ.update(MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_PTXAS="1")
+def _problem(args):
+    """(jitted forward-only fn, jitted training grad fn, inputs) at (8, 2048, 1536, 16)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -74,21 +79,37 @@ def dump(args):
         p = pss.make_problem("gpu", *a[:5], a[5], a[6], a[7], None, None, True, opts=opts, training=False)
         return pss.forward("gpu", p, a[0].dtype, opts=opts)[0]
 
+    from mnemax.kernels.selective_scan import selective_scan
+
+    def loss(*a):
+        return jnp.sum(selective_scan(*a[:5], D=a[5], z=a[6], dt_bias=a[7], dt_softplus=True,
+                                      backend="pallas_gpu").astype(jnp.float32))
+
+    return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1, 3, 4))), (x, dt, A, Bm, Cm, D, z, bias)
+
+
+def run(args):
+    import jax
+
+    fwd, grad, ins = _problem(args)
+    for _ in range(2):
+        jax.block_until_ready(fwd(*ins))
+    jax.block_until_ready(grad(*ins))
+
+
+def dump(args):
+    os.makedirs(args.out, exist_ok=True)
+    os.environ.update(MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_PTXAS="1")
+    fwd, grad, ins = _problem(args)
     log = os.path.join(args.out, "dump.log")
     sys.stdout.flush()
     saved = os.dup(1)
     with open(log, "w") as f:
         os.dup2(f.fileno(), 1)  # the dumps go to the C++ stdout
         try:
-            jax.jit(fwd).lower(x, dt, A, Bm, Cm, D, z, bias).compile()
+            fwd.lower(*ins).compile()
             if args.bwd:
-                from mnemax.kernels.selective_scan import selective_scan
-
-                def loss(*a):
-                    return jnp.sum(selective_scan(*a[:5], D=a[5], z=a[6], dt_bias=a[7], dt_softplus=True,
-                                                  backend="pallas_gpu").astype(jnp.float32))
-
-                jax.jit(jax.grad(loss, argnums=(0, 1, 3, 4))).lower(x, dt, A, Bm, Cm, D, z, bias).compile()
+                grad.lower(*ins).compile()
         finally:
             sys.stdout.flush()
             os.dup2(saved, 1)
@@ -124,16 +145,18 @@ def main():
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("dump")
     d.add_argument("--out", required=True)
-    d.add_argument("--opts", default="", help="GPU_OPTIONS overrides, 'k=v+k=v'")
-    d.add_argument("--dtype", default="float32")
     d.add_argument("--bwd", action="store_true")
+    r = sub.add_parser("run")
+    for p in (d, r):
+        p.add_argument("--opts", default="", help="GPU_OPTIONS overrides, 'k=v+k=v'")
+        p.add_argument("--dtype", default="float32")
     c = sub.add_parser("count")
     c.add_argument("ptx")
     c.add_argument("--ptxas", default="ptxas")
     c.add_argument("--nvdisasm", default="nvdisasm")
     c.add_argument("--sass_out", default="")
     args = ap.parse_args()
-    dump(args) if args.cmd == "dump" else count(args)
+    {"dump": dump, "run": run, "count": count}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -230,7 +230,10 @@ def _bwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, gy_t, a2, dvec, bias, hbuf, dx_t
 
 GPU_OPTIONS = {"chunk": 8, "stages": 3, "bwd_stages": 2, "unroll": 4, "bwd_unroll": 2, "approx_math": True,
                "no_auto_barriers": True, "red_rows": 4, "red_layout": "row4", "fwd_wgs": 1, "fwd_chunk": "auto",
-               "time_split": 1, "mosaic_interpret": False}
+               "time_split": 1, "mosaic_interpret": False, "fwd_unroll": 8}
+# fwd_unroll: the rows unrolled per loop iteration of a forward with no backward (``unroll`` is
+# the training forward's and the backward's). On an H100 at (8, 2048, 1536, 16), f32, chunk 16
+# (commit 19c87f8): 0.402 ms at unroll 4, 0.356 at 8; bf16 chunk 32: 0.401 / 0.337.
 # mosaic_interpret: with interpret=True, run the forward's Mosaic GPU kernel itself under Mosaic
 # GPU's interpreter (threads, barriers, TMA simulated; slow) instead of the grid emulation.
 # time_split: segments of the sequence scanned in parallel (mnemax.kernels.selective_scan's
@@ -240,10 +243,10 @@ GPU_OPTIONS = {"chunk": 8, "stages": 3, "bwd_stages": 2, "unroll": 4, "bwd_unrol
 # pays only where the SMs are idle. Off by default until timed on a GPU.
 # fwd_chunk: the chunk of the forward when no backward follows (inference, prefill, eval; with
 # a backward both use ``chunk``, since the backward restarts from the forward's chunk-boundary
-# states). "auto": 32 steps for 16-bit sequences, 16 for float32 (32 overflows shared memory
-# with 3 stages). The forward's time per chunk is mostly fixed pipeline work: on an H100 at
-# (8, 2048, 1536, 16) f32 0.443 ms at chunk 8, 0.384 at 16; bf16 0.455 / 0.402 / 0.362 at
-# 8 / 16 / 32 (benchmarks/RESULTS.md).
+# states). "auto": 32 steps for 16-bit sequences, 16 for float32. On an H100 at (8, 2048, 1536,
+# 16) f32 0.443 ms at chunk 8, 0.384 at 16 (commit 2535934); with the constants out of the
+# pipeline (19c87f8) and 8 rows unrolled, f32 0.356 at 16 but 0.399 at 32 (which now fits
+# shared memory), bf16 0.337 at 32, 0.334 at 64 with 2 stages (benchmarks/RESULTS.md).
 # fwd_wgs: compute warpgroups per CTA in the forward. 1: one warpgroup walks all states of its
 # 128 channels (``_gpu_forward``). S > 1: the states are split over S warpgroups (state / S
 # each) that share the chunk tiles a producer warpgroup loads by TMA and sum their partial
@@ -541,7 +544,11 @@ def make_problem(platform, x, dt, A, B, C, D, z, dt_bias, h0, resets, softplus, 
         # at most 7: a CTA holds at most 1024 threads, 8 warpgroups with the loading one
         raise ValueError(f"fwd_wgs: got {wgs!r}, expected an integer in 1..7 that divides the chunk ({chunk})")
     # the state is zero-padded to a multiple of the warpgroups (padded states stay 0, add nothing)
-    return Problem(x, dt, A, B, C, D, z, dt_bias, h0, resets, chunk, softplus, state_multiple=wgs, unroll=opts["unroll"],
+    key = "unroll" if training else "fwd_unroll"
+    unroll = opts[key]
+    if unroll is not True and not (isinstance(unroll, int) and unroll >= 1):
+        raise ValueError(f"{key}: got {unroll!r}, expected a positive integer (rows unrolled per loop iteration) or True")
+    return Problem(x, dt, A, B, C, D, z, dt_bias, h0, resets, chunk, softplus, state_multiple=wgs, unroll=unroll,
                    bwd_unroll=opts["bwd_unroll"], red_rows=red_rows, red_multiple=RED_LAYOUTS[opts["red_layout"]])
 
 
