@@ -171,12 +171,13 @@ def _bwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, gy_t, a2, dvec, bias, hbuf, dx_t
         valid = bc_t[r, 2 * n + 1]
         delta = (_softplus(u) if p.softplus else u) * valid
         xv = x_t[r].astype(jnp.float32)
-        keep = bc_t[r, 2 * n]
+        off = bc_t[r, 2 * n + 2]  # the reset as an exponent offset: decay is 0 on a reset step
         gy = gy_t[r].astype(jnp.float32)
-        # recompute this row's states and y' from the incoming states in hbuf
+        dxv = delta * xv
+        # recompute this row's decays and states from the incoming states in hbuf
         hprev = [hbuf[r, k] for k in range(n)]
-        decay = [jnp.exp2(delta * a2[k]) for k in range(n)]
-        hk = [decay[k] * (keep * hprev[k]) + delta * xv * bc_t[r, k] for k in range(n)]
+        decay = [jnp.exp2(delta * a2[k] + off) for k in range(n)]
+        hk = [decay[k] * hprev[k] + dxv * bc_t[r, k] for k in range(n)]
         if z_t is not None:
             zv = z_t[r].astype(jnp.float32)
             sg = _sigmoid(zv)
@@ -186,24 +187,29 @@ def _bwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, gy_t, a2, dvec, bias, hbuf, dx_t
             dz_t[r] = (gy * ypre * sg * (1.0 + zv * (1.0 - sg))).astype(dz_t.dtype)
             gy = gy * zv * sg
         dD = dD + gy * xv
-        dx = gy * dvec
-        ddelta = jnp.zeros_like(xv)
+        # g_k = dL/dh_k at this row. Sums shared by dx and ddelta: S = sum_k g_k B_k
+        # (dx = gy D + delta S; the input term of ddelta = x S); dd = sum_k g_k decay_k
+        # h_{k,prev} a2_k (the decay term of ddelta, times ln 2 once after the loop).
+        s_gb = jnp.zeros_like(xv)
+        dd = jnp.zeros_like(xv)
         new_gh, new_dA = [], []
         for k in range(n):
             g = gh[k] + bc_t[r, n + k] * gy
             if pbuf is None:
                 dbc_t[r, n + k] = jnp.sum(hk[k] * gy)
-                dbc_t[r, k] = jnp.sum(g * delta * xv)
+                dbc_t[r, k] = jnp.sum(g * dxv)
             else:
                 pbuf[slot * 2 * n + n + k] = hk[k] * gy
-                pbuf[slot * 2 * n + k] = g * delta * xv
-            dx = dx + g * delta * bc_t[r, k]
-            dh_decay = g * decay[k] * keep * hprev[k]  # d/d(delta A) of the decay term
-            ddelta = ddelta + dh_decay * a2[k] * ln2 + g * bc_t[r, k] * xv
-            new_dA.append(dA[k] + dh_decay * delta)
-            new_gh.append(g * decay[k] * keep)  # carried to the previous step
+                pbuf[slot * 2 * n + k] = g * dxv
+            s_gb = s_gb + g * bc_t[r, k]
+            carried = g * decay[k]  # dL/dh_prev through this row (0 across a reset)
+            dh = carried * hprev[k]  # d/d(delta a2) of the decay term, over ln 2
+            dd = dd + dh * a2[k]
+            new_dA.append(dA[k] + dh * delta)
+            new_gh.append(carried)
+        ddelta = dd * ln2 + s_gb * xv
         du = (ddelta * _sigmoid(u) if p.softplus else ddelta) * valid
-        dx_t[r] = dx.astype(dx_t.dtype)
+        dx_t[r] = (gy * dvec + s_gb * delta).astype(dx_t.dtype)
         ddt_t[r] = du.astype(ddt_t.dtype)
         return tuple(new_gh), tuple(new_dA), dD, dbias + du
 
