@@ -66,7 +66,7 @@ class Problem:
     """The kernels' view of one call: padded, packed inputs and the static sizes."""
 
     def __init__(self, x, dt, A, B, C, D, z, dt_bias, h0, resets, chunk, softplus, state_multiple=1, bc_multiple=8,
-                 unroll=True, bwd_unroll=None, red_rows=0, red_multiple=64):
+                 unroll=True, bwd_unroll=None, red_rows=0, red_multiple=64, sum_parts=1):
         batch, time, chans = x.shape
         self.n_real = A.shape[1]
         n = self.n_real + (-self.n_real) % state_multiple
@@ -77,6 +77,7 @@ class Problem:
         self.batch, self.time, self.chans, self.n = batch, time, chans, n
         self.chunk, self.softplus, self.gated, self.unroll = chunk, softplus, z is not None, unroll
         self.bwd_unroll = unroll if bwd_unroll is None else bwd_unroll
+        self.sum_parts = sum_parts
         if red_rows and chunk % red_rows:
             raise ValueError(f"red_rows: {red_rows} does not divide the chunk ({chunk}); expected a divisor of it")
         # the backward's batched lane sums: red_rows steps x (B, C) x state rows per flush, padded
@@ -123,6 +124,22 @@ def _sigmoid(v):
     return 1.0 / (1.0 + jnp.exp(-v))
 
 
+def _sum_products(pairs, parts: int, init=None):
+    """``init + sum(a * b for a, b in pairs)`` in ``parts`` interleaved partial sums, added
+    pairwise at the end: dependency chains of len(pairs) / parts multiply-adds instead of one
+    of len(pairs) (one warp per scheduler waits out each link's latency)."""
+    acc = [None] * max(1, parts)
+    if init is not None:
+        acc[0] = init
+    for j, (a, b) in enumerate(pairs):
+        k = j % len(acc)
+        acc[k] = a * b if acc[k] is None else acc[k] + a * b
+    vals = [v for v in acc if v is not None]
+    while len(vals) > 1:
+        vals = [vals[i] + vals[i + 1] if i + 1 < len(vals) else vals[i] for i in range(0, len(vals), 2)]
+    return vals[0]
+
+
 def _fwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, a2, dvec, bias, y_t, h, hbuf=None):
     """The forward recurrence over one chunk's rows. ``h``: tuple of ``state`` lane
     vectors. With ``hbuf`` (chunk, state, 128), stores every row's incoming state."""
@@ -134,19 +151,18 @@ def _fwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, a2, dvec, bias, y_t, h, hbuf=Non
         xv = x_t[r].astype(jnp.float32)
         off = bc_t[r, 2 * n + 2]
         dbx = delta * xv
-        y = dvec * xv
         new = []
         for i in range(n):
             if hbuf is not None:
                 hbuf[r, i] = h[i]
-            hi = jnp.exp2(delta * a2[i] + off) * h[i] + dbx * bc_t[r, i]
-            y = y + bc_t[r, n + i] * hi
-            new.append(hi)
+            new.append(jnp.exp2(delta * a2[i] + off) * h[i] + dbx * bc_t[r, i])
+        if y_t is None:  # the backward's recompute: only the states
+            return tuple(new)
+        y = _sum_products([(bc_t[r, n + i], new[i]) for i in range(n)], p.sum_parts, init=dvec * xv)
         if z_t is not None:
             zv = z_t[r].astype(jnp.float32)
             y = y * zv * _sigmoid(zv)
-        if y_t is not None:
-            y_t[r] = y.astype(y_t.dtype)
+        y_t[r] = y.astype(y_t.dtype)
         return tuple(new)
 
     return lax.fori_loop(0, p.chunk, row, h, unroll=p.unroll)
@@ -181,17 +197,14 @@ def _bwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, gy_t, a2, dvec, bias, hbuf, dx_t
         if z_t is not None:
             zv = z_t[r].astype(jnp.float32)
             sg = _sigmoid(zv)
-            ypre = dvec * xv
-            for k in range(n):
-                ypre = ypre + bc_t[r, n + k] * hk[k]
+            ypre = _sum_products([(bc_t[r, n + k], hk[k]) for k in range(n)], p.sum_parts, init=dvec * xv)
             dz_t[r] = (gy * ypre * sg * (1.0 + zv * (1.0 - sg))).astype(dz_t.dtype)
             gy = gy * zv * sg
         dD = dD + gy * xv
         # g_k = dL/dh_k at this row. Sums shared by dx and ddelta: S = sum_k g_k B_k
         # (dx = gy D + delta S; the input term of ddelta = x S); dd = sum_k g_k decay_k
         # h_{k,prev} a2_k (the decay term of ddelta, times ln 2 once after the loop).
-        s_gb = jnp.zeros_like(xv)
-        dd = jnp.zeros_like(xv)
+        gb, dda = [], []
         new_gh, new_dA = [], []
         for k in range(n):
             g = gh[k] + bc_t[r, n + k] * gy
@@ -201,13 +214,14 @@ def _bwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, gy_t, a2, dvec, bias, hbuf, dx_t
             else:
                 pbuf[slot * 2 * n + n + k] = hk[k] * gy
                 pbuf[slot * 2 * n + k] = g * dxv
-            s_gb = s_gb + g * bc_t[r, k]
+            gb.append((g, bc_t[r, k]))
             carried = g * decay[k]  # dL/dh_prev through this row (0 across a reset)
             dh = carried * hprev[k]  # d/d(delta a2) of the decay term, over ln 2
-            dd = dd + dh * a2[k]
+            dda.append((dh, a2[k]))
             new_dA.append(dA[k] + dh * delta)
             new_gh.append(carried)
-        ddelta = dd * ln2 + s_gb * xv
+        s_gb = _sum_products(gb, p.sum_parts)
+        ddelta = _sum_products(dda, p.sum_parts) * ln2 + s_gb * xv
         du = (ddelta * _sigmoid(u) if p.softplus else ddelta) * valid
         dx_t[r] = (gy * dvec + s_gb * delta).astype(dx_t.dtype)
         ddt_t[r] = du.astype(ddt_t.dtype)
@@ -236,7 +250,12 @@ def _bwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, gy_t, a2, dvec, bias, hbuf, dx_t
 
 GPU_OPTIONS = {"chunk": 8, "stages": 3, "bwd_stages": 2, "unroll": 4, "bwd_unroll": 2, "approx_math": True,
                "no_auto_barriers": True, "red_rows": 4, "red_layout": "row4", "fwd_wgs": 1, "fwd_chunk": "auto",
-               "time_split": 1, "mosaic_interpret": False, "fwd_unroll": 8}
+               "time_split": "auto", "mosaic_interpret": False, "fwd_unroll": 8, "sum_parts": 4}
+# sum_parts: the per-row sums over the states (C.h in both passes; sum_k g_k B_k and the decay
+# term of ddelta in the backward) as that many interleaved partial sums. With one warp per
+# scheduler (ncu on an H100, commit 97e1988: 1 active warp, an instruction issued every 2.2
+# cycles, 35% of the stalls on fixed-latency dependencies) a chain of 16 multiply-adds per row
+# waits out each link.
 # fwd_unroll: the rows unrolled per loop iteration of a forward with no backward (``unroll`` is
 # the training forward's and the backward's). On an H100 at (8, 2048, 1536, 16), f32, chunk 16
 # (commit 19c87f8): 0.402 ms at unroll 4, 0.356 at 8; bf16 chunk 32: 0.401 / 0.337.
@@ -246,7 +265,8 @@ GPU_OPTIONS = {"chunk": 8, "stages": 3, "bwd_stages": 2, "unroll": 4, "bwd_unrol
 # _split_scan): 1 = off; an integer S; "auto" = as many as fill the GPU's SMs when batch x
 # channel blocks leaves most of them idle (batch 1 at 1536 channels: 12 CTAs on 132 SMs),
 # at least 4 and segments of at least 512 steps. It costs about twice the arithmetic, so it
-# pays only where the SMs are idle. Off by default until timed on a GPU.
+# pays only where the SMs are idle. On an H100 at (1, 65536, 1536, 16) bf16 (11 segments):
+# forward 9.85 -> 3.45 ms, forward+backward 62.0 -> 18.5 ms (benchmarks/RESULTS.md).
 # fwd_chunk: the chunk of the forward when no backward follows (inference, prefill, eval; with
 # a backward both use ``chunk``, since the backward restarts from the forward's chunk-boundary
 # states). "auto": 32 steps for 16-bit sequences, 16 for float32. On an H100 at (8, 2048, 1536,
@@ -554,8 +574,12 @@ def make_problem(platform, x, dt, A, B, C, D, z, dt_bias, h0, resets, softplus, 
     unroll = opts[key]
     if unroll is not True and not (isinstance(unroll, int) and unroll >= 1):
         raise ValueError(f"{key}: got {unroll!r}, expected a positive integer (rows unrolled per loop iteration) or True")
+    parts = opts["sum_parts"]
+    if not isinstance(parts, int) or parts < 1:
+        raise ValueError(f"sum_parts: got {parts!r}, expected a positive integer (partial sums per row)")
     return Problem(x, dt, A, B, C, D, z, dt_bias, h0, resets, chunk, softplus, state_multiple=wgs, unroll=unroll,
-                   bwd_unroll=opts["bwd_unroll"], red_rows=red_rows, red_multiple=RED_LAYOUTS[opts["red_layout"]])
+                   bwd_unroll=opts["bwd_unroll"], red_rows=red_rows, red_multiple=RED_LAYOUTS[opts["red_layout"]],
+                   sum_parts=parts)
 
 
 def forward(platform, p: Problem, out_dtype, *, save_bounds=False, stages=None, interpret=False, opts=None):

@@ -315,8 +315,12 @@ def _time_segments(platform, batch, time, chans, interpret) -> int:
     if opt == "auto":
         if interpret:
             return 1
+        try:
+            sms = int(jax.devices("gpu")[0].core_count)
+        except RuntimeError:  # lowered for cuda on a machine without a GPU: nothing to fill
+            return 1
         ctas = batch * -(-chans // pss.LANES)
-        segments = min(int(jax.devices("gpu")[0].core_count) // ctas, time // MIN_SEGMENT)
+        segments = min(sms // ctas, time // MIN_SEGMENT)
         return segments if segments >= 4 else 1
     if not isinstance(opt, int) or opt < 1:
         raise ValueError(f"time_split: got {opt!r}, expected 'auto' or a positive integer")

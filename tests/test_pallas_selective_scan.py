@@ -252,6 +252,9 @@ def test_pallas_gpu_red_rows_must_divide_the_chunk():
     with pytest.raises(ValueError, match="fwd_unroll: got 0"):
         pss.make_problem("gpu", a["x"], a["dt"], a["A"], a["B"], a["C"], None, None, None, None, None, True,
                          opts={"fwd_unroll": 0}, training=False)
+    with pytest.raises(ValueError, match="sum_parts: got 0"):
+        pss.make_problem("gpu", a["x"], a["dt"], a["A"], a["B"], a["C"], None, None, None, None, None, True,
+                         opts={"sum_parts": 0})
     with pytest.raises(ValueError, match="fwd_wgs: got 3"):
         pss.make_problem("gpu", a["x"], a["dt"], a["A"], a["B"], a["C"], None, None, None, None, None, True,
                          opts={"fwd_wgs": 3})
