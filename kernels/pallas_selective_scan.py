@@ -250,12 +250,12 @@ def _bwd_rows(p: Problem, x_t, dt_t, z_t, bc_t, gy_t, a2, dvec, bias, hbuf, dx_t
 
 GPU_OPTIONS = {"chunk": 8, "stages": 3, "bwd_stages": 2, "unroll": 4, "bwd_unroll": 2, "approx_math": True,
                "no_auto_barriers": True, "red_rows": 4, "red_layout": "row4", "fwd_wgs": 1, "fwd_chunk": "auto",
-               "time_split": "auto", "mosaic_interpret": False, "fwd_unroll": 8, "sum_parts": 4}
+               "time_split": "auto", "mosaic_interpret": False, "fwd_unroll": 8, "sum_parts": 1}
 # sum_parts: the per-row sums over the states (C.h in both passes; sum_k g_k B_k and the decay
-# term of ddelta in the backward) as that many interleaved partial sums. With one warp per
-# scheduler (ncu on an H100, commit 97e1988: 1 active warp, an instruction issued every 2.2
-# cycles, 35% of the stalls on fixed-latency dependencies) a chain of 16 multiply-adds per row
-# waits out each link.
+# term of ddelta in the backward) as that many interleaved partial sums. Tried because ncu
+# (H100, commit 97e1988) showed 1 warp per scheduler issuing every 2.2 cycles with 35% of the
+# stalls on fixed-latency dependencies; it is slower (same run, commit 2eb0416, f32: forward
+# 0.341 / 0.382 / 0.371 ms at 1 / 2 / 4 parts, forward+backward 1.931 / 2.037 ms at 1 / 4), so 1.
 # fwd_unroll: the rows unrolled per loop iteration of a forward with no backward (``unroll`` is
 # the training forward's and the backward's). On an H100 at (8, 2048, 1536, 16), f32, chunk 16
 # (commit 19c87f8): 0.402 ms at unroll 4, 0.356 at 8; bf16 chunk 32: 0.401 / 0.337.

@@ -173,6 +173,7 @@ def test_pallas_gpu_forward_kernel_under_the_mosaic_interpreter(monkeypatch):
 
     monkeypatch.setattr(gpu_callbacks, "copy_smem_to_gmem", unpredicated)
     monkeypatch.setitem(pss.GPU_OPTIONS, "mosaic_interpret", True)
+    monkeypatch.setitem(pss.GPU_OPTIONS, "sum_parts", 3)  # the state sums in 3 partial sums (not the default 1)
     args, resets, w, wh = _case(2, 21, 130, 5, True, True, jnp.float32, seed=23)
     _check_against_reference(args, resets, w, wh)
     assert seen and all(seen)
