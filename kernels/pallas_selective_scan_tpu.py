@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .pallas_selective_scan import LANES, LOG2E, Problem, _sigmoid, _softplus
+from .pallas_selective_scan_rows import LANES, LOG2E, Problem, _sigmoid, _softplus
 
 
 def _tpu_step_inputs(p: Problem, x_t, dt_t, z_t, bcT, r, dvec, bias):

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .pallas_selective_scan import LANES, Problem, _gpu_params, _sigmoid, _softplus
+from .pallas_selective_scan import _gpu_params
+from .pallas_selective_scan_rows import LANES, Problem, _sigmoid, _softplus
 
 
 def _fwd_rows_part(p: Problem, x_t, dt_t, bc_t, a2, bias, h, states, ypart_t):
