@@ -8,7 +8,7 @@ and ``layer.initial_state(batch_size)`` on the unbound module. See
 """
 
 from .attention import AttentionState, CausalSelfAttention, episode_positions, ring_buffer_update, rope
-from .base import check_resets, check_sequence, check_state, reset_state, state_dtype
+from .base import NO_WEIGHT_DECAY, check_resets, check_sequence, check_state, reset_state, state_dtype, weight_decay_mask
 from .conv import CausalConv1d, ConvState
 from .hopfield import Hopfield, HopfieldLayer, HopfieldPooling, associate, hopfield_energy, hopfield_update
 from .causal_hopfield import CausalHopfield, CausalHopfieldBlock, HopfieldPoolingBlock  # noqa: I001 (after .hopfield)
@@ -34,6 +34,7 @@ from .xlstm import MLSTMBlock, SLSTMBlock, XLSTMLargeBlock, XLSTMStack
 from .xlstm_cells import MLSTMLargeLayer, MLSTMLayer, MLSTMLayerState, SLSTMLayer, SLSTMLayerState
 
 __all__ = [
+    "NO_WEIGHT_DECAY",
     "AttentionState",
     "CausalConv1d",
     "CausalHopfield",
@@ -92,4 +93,5 @@ __all__ = [
     "rms_norm",
     "rope",
     "state_dtype",
+    "weight_decay_mask",
 ]

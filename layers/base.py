@@ -23,6 +23,32 @@ import jax.numpy as jnp
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
+# Parameters that are not weights, by leaf name: the state-space dynamics and gate biases.
+NO_WEIGHT_DECAY = frozenset({
+    "A_log",  # Mamba / MemMamba: the reference marks A_log (and D) ``_no_weight_decay``
+    "log_A_real", "A_imag",  # S4D: the S4 code registers A, B and dt with weight decay 0
+    "A", "B", "log_dt",  # LSSL's state matrices and step (the same S4 convention)
+    "dt_bias",  # Mamba's dt_proj bias
+    "bias",  # any bias, including sLSTM's (4, heads, head_dim) gate bias
+})
+
+
+def weight_decay_mask(params):
+    """The AdamW decay mask of a parameter tree: True for weight matrices and embeddings
+    (``ndim >= 2``), False for vectors (norm scales, biases, skips) and for the names in
+    :data:`NO_WEIGHT_DECAY` whatever their rank (Mamba's ``A_log`` is (E, N), S4D's
+    ``log_A_real`` (H, modes), sLSTM's gate ``bias`` (4, heads, head_dim)), following the
+    reference implementations. ``params``: a (possibly nested) dict of arrays, as
+    ``model.init(...)["params"]``; returns the same tree of Python bools, ready for
+    ``optax.adamw(..., mask=weight_decay_mask)``."""
+
+    def decays(path, p):
+        # the last dict key names the parameter (boxes such as nn.Partitioned add attribute keys)
+        name = next((k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey)), None)
+        return bool(jnp.ndim(p) >= 2 and name not in NO_WEIGHT_DECAY)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
 
 def state_dtype(dtype: Dtype | None) -> jnp.dtype:
     """States are float32 unless the layer computes in float64 (tests)."""

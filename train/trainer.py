@@ -36,6 +36,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 import mnemax
+from mnemax.layers import weight_decay_mask
 from mnemax.release import example_inputs
 from mnemax.sharding import batch_sharding, make_mesh, resolve_mesh_shape, tree_shardings
 
@@ -139,12 +140,9 @@ def make_optimizer(config) -> optax.GradientTransformation:
     else:
         lr = optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, max(t.warmup_steps, 1)), optax.constant_schedule(t.learning_rate)], [max(t.warmup_steps, 1)])
 
-    def decay_mask(params):
-        return jax.tree.map(lambda p: p.ndim >= 2, params)
-
     return optax.chain(
         optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity(),
-        optax.adamw(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask),
+        optax.adamw(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=weight_decay_mask),
     )
 
 
