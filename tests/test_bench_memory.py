@@ -43,6 +43,14 @@ def test_memory_benchmark_smoke(tmp_path):
         json.dump({**data, "budget": "10m"}, f)
     with pytest.raises(ValueError, match="different budgets"):
         bench_memory.main(["--merge", str(tmp_path / "part0.json"), str(tmp_path / "other.json"), "--out", str(tmp_path)])
+    # a --steps run names its files by its steps, and does not merge with the budget's own steps
+    with open(tmp_path / "long.json", "w") as f:
+        json.dump({**data, "steps": 2000}, f)
+    with pytest.raises(ValueError, match="different budgets or --steps"):
+        bench_memory.main(["--merge", str(tmp_path / "part0.json"), str(tmp_path / "long.json"), "--out", str(tmp_path)])
+    long = bench_memory.main(["--merge", str(tmp_path / "long.json"), "--out", str(tmp_path / "long")])
+    assert open(tmp_path / "long" / "memory_tiny_2000steps_smoke.md").read().strip() == long["table"].strip()
+    assert os.path.exists(tmp_path / "long" / "plots" / "mqar_accuracy_vs_pairs_2000steps.png")
 
 
 @pytest.mark.parametrize("budget", sorted(bench_memory.BUDGETS))

@@ -216,7 +216,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plots(rows: list[dict], out_dir: str) -> list[str]:
+def plots(rows: list[dict], out_dir: str, suffix: str = "") -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,7 +236,7 @@ def plots(rows: list[dict], out_dir: str) -> list[str]:
             ax.plot(*zip(*pts), marker="o", label=f)
         ax.set(xlabel="key-value pairs", ylabel="held-out recall accuracy", title="MQAR", xscale="log", ylim=(0, 1.02))
         ax.legend(fontsize=7)
-        p = os.path.join(out_dir, "mqar_accuracy_vs_pairs.png")
+        p = os.path.join(out_dir, f"mqar_accuracy_vs_pairs{suffix}.png")
         fig.savefig(p, dpi=120, bbox_inches="tight")
         paths.append(p)
     pk = [r for r in rows if r["task"] == "passkey"]
@@ -248,7 +248,7 @@ def plots(rows: list[dict], out_dir: str) -> list[str]:
                 ax.plot(*zip(*lens), marker="o", label=r["family"])
         ax.set(xlabel="context length (trained at the first point)", ylabel="passkey accuracy", xscale="log", ylim=(0, 1.02))
         ax.legend(fontsize=7)
-        p = os.path.join(out_dir, "passkey_accuracy_vs_length.png")
+        p = os.path.join(out_dir, f"passkey_accuracy_vs_length{suffix}.png")
         fig.savefig(p, dpi=120, bbox_inches="tight")
         paths.append(p)
     return paths
@@ -260,6 +260,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--families", nargs="*")
     ap.add_argument("--tasks", nargs="*")
+    ap.add_argument("--difficulties", nargs="*", help="only these cells, as the table names them (e.g. pairs=16)")
     ap.add_argument("--out", default="benchmarks")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--data_dir", default=None)
@@ -272,17 +273,22 @@ def main(argv=None) -> dict:
         for path in args.merge:
             with open(path) as f:
                 docs.append(json.load(f))
-        budgets = {d["budget"] for d in docs}
+        budgets = {(d["budget"], d.get("steps")) for d in docs}
         if len(budgets) != 1:
-            raise ValueError(f"--merge: the files come from different budgets {sorted(budgets)}; expected one")
+            raise ValueError(f"--merge: the files come from different budgets or --steps {sorted(budgets, key=str)}; expected one")
         rows = [r for d in docs for r in d["rows"]]
-        return write(rows, docs[0]["budget"], any(d["smoke"] for d in docs), args.out,
+        return write(rows, docs[0]["budget"], any(d["smoke"] for d in docs), args.out, steps=docs[0].get("steps"),
                      merged_from=[os.path.abspath(p) for p in args.merge])
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     budget = dict(BUDGETS[args.budget], **({"steps": args.steps} if args.steps else {}))
     fams = available_families(args.families)
     todo = [c for c in cells(args.budget) if not args.tasks or c.task in args.tasks]
+    if args.difficulties:
+        known = {c.difficulty for c in todo}
+        if set(args.difficulties) - known:
+            raise ValueError(f"--difficulties: unknown {sorted(set(args.difficulties) - known)}; the cells have {sorted(known)}")
+        todo = [c for c in todo if c.difficulty in args.difficulties]
     plan = [(f, c) for f in fams for c in todo]
     if args.smoke and not args.tasks:
         # smoke: every family on the first cell, the first family on one cell of every task
@@ -303,20 +309,22 @@ def main(argv=None) -> dict:
                    "accuracy": float("nan"), "error": f"{type(err).__name__}: {str(err)[:200]}"}
         rows.append(row)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-    return write(rows, args.budget, args.smoke, args.out)
+    return write(rows, args.budget, args.smoke, args.out, steps=args.steps)
 
 
-def write(rows: list[dict], budget: str, smoke: bool, out: str, **extra) -> dict:
-    """``memory_<budget>[_smoke].json`` / ``.md`` and the plots under ``out/plots``."""
+def write(rows: list[dict], budget: str, smoke: bool, out: str, steps: int | None = None, **extra) -> dict:
+    """``memory_<budget>[_<steps>steps][_smoke].json`` / ``.md`` and the plots under
+    ``out/plots`` (``steps``: the ``--steps`` override, if any, names the files and plots so
+    that a longer run does not overwrite the budget's own table)."""
     os.makedirs(out, exist_ok=True)
-    tag = f"memory_{budget}{'_smoke' if smoke else ''}"
+    tag = f"memory_{budget}{f'_{steps}steps' if steps else ''}{'_smoke' if smoke else ''}"
     with open(os.path.join(out, f"{tag}.json"), "w") as f:
-        json.dump({"budget": budget, "smoke": smoke, "jax": jax.__version__, "device": str(jax.devices()[0]),
+        json.dump({"budget": budget, "steps": steps, "smoke": smoke, "jax": jax.__version__, "device": str(jax.devices()[0]),
                    "date": time.strftime("%Y-%m-%d"), "rows": rows, **extra}, f, indent=1)
     table = markdown([r for r in rows if "error" not in r])
     with open(os.path.join(out, f"{tag}.md"), "w") as f:
         f.write(table + "\n")
-    png = plots([r for r in rows if "error" not in r], os.path.join(out, "plots"))
+    png = plots([r for r in rows if "error" not in r], os.path.join(out, "plots"), suffix=f"_{steps}steps" if steps else "")
     print(table)
     return {"rows": rows, "table": table, "plots": png}
 
