@@ -1,7 +1,7 @@
 """Passkey retrieval with accuracy by needle depth: ``--config=configs/passkey.py:<family>``.
 
-Evaluate at longer contexts than trained with ``--config.task.params.seq_len=...`` on a
-trained release (``python -m mnemax.train.evaluate``) or a fresh run.
+Evaluate a trained release at longer contexts than trained with
+``python -m mnemax.train.evaluate --release=W/release --task_param=seq_len=1024``.
 """
 
 from mnemax.configs.base import apply_family, base_config

@@ -2,15 +2,18 @@
 and a release bundle that evaluates to the run's own held-out numbers."""
 
 import glob
+import json
 import os
 import shutil
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import mnemax
-from mnemax.train.evaluate import evaluate_release
+from mnemax.train import tasks as tasks_lib
+from mnemax.train.evaluate import evaluate_release, parse_task_params
 from mnemax.train.metrics import read_metrics
 
 from .trainer_utils import cli, flag_overrides
@@ -42,6 +45,26 @@ def test_cli_run_outputs_and_release(tmp_path):
     result = evaluate_release(os.path.join(run, "release"), data_dir=data_dir, batch_size=8)
     np.testing.assert_allclose(result["eval_accuracy"], evals[-1]["eval_accuracy"], rtol=1e-6)
     np.testing.assert_allclose(result["eval_loss"], evals[-1]["eval_loss"], rtol=1e-5)
+
+    # At a longer context than trained (--task_param=seq_len=48): the same numbers as the
+    # model applied to the regenerated test split, scored here in numpy.
+    release = os.path.join(run, "release")
+    longer = evaluate_release(release, data_dir=data_dir, batch_size=8, task_params={"seq_len": 48})
+    with open(os.path.join(release, "config.json")) as f:
+        task = json.load(f)["extra"]["task"]
+    src = tasks_lib.open_task("mqar", {**task["params"], "seq_len": 48}, num_train=1, num_test=task["num_test"],
+                              seed=task["seed"], data_dir=data_dir).source("test")
+    ex = [src[i] for i in range(len(src))]
+    inputs, targets, mask = (np.stack([e[k] for e in ex]) for k in ("inputs", "targets", "mask"))
+    assert inputs.shape == (task["num_test"], 48)
+    logits, _ = model.apply(params, inputs)
+    acc = ((np.argmax(np.asarray(logits), -1) == targets) & mask).sum() / mask.sum()
+    np.testing.assert_allclose(longer["eval_accuracy"], acc, rtol=1e-6)
+    with pytest.raises(ValueError, match="task_params.*num_keys"):
+        evaluate_release(release, data_dir=data_dir, task_params={"num_keys": 3})
+    assert parse_task_params(["seq_len=48", "depth=0.5", "name=abc"]) == {"seq_len": 48, "depth": 0.5, "name": "abc"}
+    with pytest.raises(ValueError, match="--task_param"):
+        parse_task_params(["seq_len"])
 
 
 def test_bad_config_on_the_command_line(tmp_path):
