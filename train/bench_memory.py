@@ -48,14 +48,19 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "s4d": ("s4d-tiny", {}),
     "lssl": ("lssl-tiny", {}),
     "hopfield": ("hopfield-tiny", {}),
-    "hcam": ("hcam-tiny", {}),
+    # the paper's memory holds the whole episode: 64 chunks of 16 steps cover every cell's
+    # longest context (1,024 at the long budgets' 4x passkey); the tiny preset's 8 chunks of 4
+    # saw only the last 32 steps
+    "hcam": ("hcam-tiny", {"chunk_size": 16, "num_chunks": 64}),
 }
 OPTIONAL_FAMILIES = {
     "mlstm": ("mlstm-tiny", {}),
     "slstm": ("slstm-tiny", {}),
     "xlstm": ("xlstm-tiny", {}),
     "memmamba": ("memmamba-tiny", {}),
-    "elm": ("elm-tiny", {"num_memory": None}),  # memory units follow d_model, so the budget sizes the neuron
+    # the plain ELM neuron (every input on its own synapse), memory units = d_model so the
+    # budget sizes it; elm-tiny is a Branch-ELM of 3 x 3 synapses, which saw 9 of a task's inputs
+    "elm": ("elm-small", {"num_memory": None}),
 }
 
 BUDGETS = {  # target parameter counts, training steps, batch
