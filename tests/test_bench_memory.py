@@ -62,3 +62,39 @@ def test_every_cell_of_every_budget_is_a_valid_task(budget):
     for cell in bench_memory.cells(budget):
         spec = tasks_lib.make_task(cell.task, **cell.params).spec()
         assert spec.seq_len >= 1, cell
+
+
+@pytest.mark.parametrize("family", ["transformer", "hopfield"])
+def test_sized_memories_reach_the_first_token_at_the_longest_evaluated_context(family):
+    """Passkey is evaluated at 4x its training length: with the benchmark's overrides the last
+    step's logits still depend on the first token (hopfield-tiny's 32-step ring buffer did not)."""
+    import jax
+    import numpy as np
+
+    import mnemax
+    from mnemax.train import tasks as tasks_lib
+
+    cell = next(c for c in bench_memory.cells("tiny") if c.task == "passkey")
+    spec = tasks_lib.make_task(cell.task, **cell.params).spec()
+    preset, fixed = bench_memory.available_families([family])[family]
+    overrides, _ = bench_memory.sized_overrides(preset, fixed, spec, 60_000, 2)
+    model = mnemax.build(mnemax.get_config(preset, **overrides))
+    length = max(cell.eval_lengths)
+    tokens = np.random.default_rng(0).integers(2, spec.vocab_size, (1, length))
+    params = model.init(jax.random.PRNGKey(0), tokens)
+    other = tokens.copy()
+    other[0, 0] = 2 + (tokens[0, 0] - 1) % (spec.vocab_size - 2)  # a different first token
+    last = lambda t: np.asarray(model.apply(params, t)[0][0, -1])  # noqa: E731
+    assert np.abs(last(tokens) - last(other)).max() > 1e-6
+
+
+def test_hcam_chunks_cover_the_longest_evaluated_context():
+    from mnemax.train import tasks as tasks_lib
+
+    preset, fixed = bench_memory.available_families(["hcam"])["hcam"]
+    for budget in bench_memory.BUDGETS:
+        for cell in bench_memory.cells(budget):
+            spec = tasks_lib.make_task(cell.task, **cell.params).spec()
+            ov, _ = bench_memory.sized_overrides(preset, fixed, spec, 60_000, 2)
+            longest = max(cell.eval_lengths or (spec.seq_len,))
+            assert ov["num_chunks"] * ov["chunk_size"] >= longest, (budget, cell)

@@ -48,10 +48,9 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "s4d": ("s4d-tiny", {}),
     "lssl": ("lssl-tiny", {}),
     "hopfield": ("hopfield-tiny", {}),
-    # the paper's memory holds the whole episode: 64 chunks of 16 steps cover every cell's
-    # longest context (1,024 at the long budgets' 4x passkey); the tiny preset's 8 chunks of 4
-    # saw only the last 32 steps
-    "hcam": ("hcam-tiny", {"chunk_size": 16, "num_chunks": 64}),
+    # chunks of 16 steps (the layer's default; the tiny preset's 4); the number of chunks is
+    # set per cell by sized_overrides so that the memory holds the whole episode, as in the paper
+    "hcam": ("hcam-tiny", {"chunk_size": 16}),
 }
 OPTIONAL_FAMILIES = {
     "mlstm": ("mlstm-tiny", {}),
@@ -114,8 +113,16 @@ def sized_overrides(preset: str, fixed: dict, spec: tasks_lib.TaskSpec, target: 
         ov = {**fixed, "d_model": d, **spec.model_overrides()}
         if "n_layers" in mnemax.get_config(preset).to_dict() and mnemax.get_config(preset).n_layers > 1:
             ov["n_layers"] = layers
-        if "window" in mnemax.get_config(preset).block:
-            ov["window"] = 4 * spec.seq_len
+        # Memories with a capacity cover the longest evaluated context (passkey at 4x), so a
+        # family is not cut off by a preset's small window: attention's window, the causal
+        # Hopfield ring buffer (hopfield-tiny kept 32 steps), HCAM's chunks (8 of 4 steps).
+        block, span = mnemax.get_config(preset).block, 4 * spec.seq_len
+        if "window" in block:
+            ov["window"] = span
+        if "memory_size" in block:
+            ov["memory_size"] = span
+        if "num_chunks" in block:
+            ov["num_chunks"] = -(-span // ov.get("chunk_size", block["chunk_size"]))
         try:
             cfg = mnemax.get_config(preset, **ov)
             n = mnemax.release.count_params(mnemax.release.abstract_params(mnemax.build(cfg)))
