@@ -109,3 +109,19 @@ def test_checkpoint_of_another_model_is_an_error_not_corruption(tmp_path):
         ck.restore_latest({"v": jax.ShapeDtypeStruct((8, 8), jnp.float32, sharding=sh)})
     assert ck.steps() == [1], "a mismatching checkpoint must not be moved aside"
     ck.close()
+
+
+def test_a_checkpoint_beyond_train_steps_is_refused(tmp_path, data_dir):
+    """A workdir that holds a longer run's checkpoint would train nothing and report that
+    run's model as this one's (the memory benchmark did so when a workdir was reused)."""
+    from mnemax.train.trainer import Trainer
+
+    from .trainer_utils import tiny_config
+
+    work = str(tmp_path / "run")
+    first = Trainer(tiny_config(data_dir, **{"train.steps": 4}), work).run()
+    with pytest.raises(ValueError, match=r"train\.steps: .* step 4, beyond train\.steps=2"):
+        Trainer(tiny_config(data_dir, **{"train.steps": 2}), work).run()
+    # the same length resumes at the end: no training, the same held-out numbers
+    again = Trainer(tiny_config(data_dir, **{"train.steps": 4}), work).run()
+    np.testing.assert_allclose(again["eval_loss"], first["eval_loss"], rtol=1e-6)

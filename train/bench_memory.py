@@ -313,7 +313,9 @@ def main(argv=None) -> dict:
     rows = []
     for fam, cell in plan:
         preset, fixed = fams[fam]
-        wd = os.path.join(work, f"{fam}-{cell.task}-{cell.difficulty}".replace("=", ""))
+        # one directory per run: a reused --workdir must not resume another budget's or
+        # --steps' checkpoint (the trainer resumes a workdir's newest checkpoint)
+        wd = os.path.join(work, f"{args.budget}-{budget['steps']}steps{'-smoke' if args.smoke else ''}-{fam}-{cell.task}-{cell.difficulty}".replace("=", ""))
         try:
             row = run_cell(fam, preset, fixed, cell, budget, wd, data_dir, args.smoke)
         except Exception as err:  # noqa: BLE001 - a family that cannot take a task is reported, not fatal

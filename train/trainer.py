@@ -284,18 +284,26 @@ class Trainer:
         config_dict = _to_dict(cfg)
         if self.is_main:
             os.makedirs(self.workdir, exist_ok=True)
-            with open(os.path.join(self.workdir, "config.json"), "w") as f:
-                json.dump(config_dict, f, indent=2, sort_keys=True, default=str)
         ck = cfg.checkpoint
         checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=ck.keep, every_steps=ck.every_steps, use_async=ck.use_async)
         restored = checkpointer.restore_latest(self.abstract_state)
+        total = cfg.train.steps
         if restored is None:
             state, start = self.init_state(), 0
         else:
             start, state, _ = restored
+            if start > total:
+                # resuming would train nothing and report the other run's model as this one's
+                checkpointer.close()
+                raise ValueError(
+                    f"train.steps: {self.workdir} holds a checkpoint at step {start}, beyond train.steps={total}; "
+                    "use a fresh --workdir (or train.steps >= that step to resume it)"
+                )
             if self.is_main:
                 print(f"resumed from the checkpoint at step {start}", flush=True)
-        total = cfg.train.steps
+        if self.is_main:
+            with open(os.path.join(self.workdir, "config.json"), "w") as f:
+                json.dump(config_dict, f, indent=2, sort_keys=True, default=str)
         writer = MetricsWriter(
             self.workdir, enabled=self.is_main, tensorboard=cfg.log.tensorboard, progress_bar=cfg.log.progress_bar,
             total_steps=total, start_step=start,
