@@ -30,7 +30,14 @@ Shapes::
         k: (batch, M, H, hidden_size)  stored patterns (after projection and Hopfield-space norm)
         v: (batch, M, H, pattern_size) pattern projections
         slot_pos: (batch, M) int32     episode position of each slot, -1 if empty
-        pos: (batch,) int32            episode position of the next step)
+        pos: (batch,) int32            episode position of the next step
+        key_conv: ConvState of the stored-pattern conv, or () when key_conv == 0)
+
+``key_conv > 0`` adds a causal depthwise conv of that width on the stored-pattern path
+only (as :class:`~mnemax.layers.attention.CausalSelfAttention`'s ``key_conv``, the "shift"
+of H3 and Based): a stored pattern then also sees the few steps before it, so the layer can
+bind a value to the step that preceded it (associative recall). The retrieval itself has no
+notion of order, so without it the layer cannot tell which value followed which key.
 
 A reset empties the memory and restarts positions, so the state after a reset equals
 a fresh sequence's. One call over T steps computes a (T, M + T) association per head
@@ -46,6 +53,7 @@ import jax.numpy as jnp
 
 from .attention import AttentionState, episode_positions, ring_buffer_update, with_cache
 from .base import Dtype, begin_call, check_sequence, compute_dtype, inner_module, partitioned, state_dtype
+from .conv import CausalConv1d
 from .hopfield import PatternOps, associate
 from .mlp import MLP
 from .norms import make_norm
@@ -66,6 +74,7 @@ class CausalHopfield(PatternOps, nn.Module):
     scaling: float | Sequence[float] | None = None
     update_steps_max: int | None = 0
     update_steps_eps: float = 1e-4
+    key_conv: int = 0
     normalize_stored_pattern: bool = True
     normalize_stored_pattern_affine: bool = True
     normalize_state_pattern: bool = True
@@ -97,6 +106,8 @@ class CausalHopfield(PatternOps, nn.Module):
             raise ValueError(f"memory_size must be >= 1, got {self.memory_size}")
         if self.num_queries is not None and self.num_queries < 1:
             raise ValueError(f"num_queries must be >= 1 or None, got {self.num_queries}")
+        if self.key_conv < 0:
+            raise ValueError(f"key_conv must be >= 0 (0: no conv), got {self.key_conv}")
         self._head_dim(self.features)
 
     def initial_state(self, batch_size: int) -> AttentionState:
@@ -108,7 +119,11 @@ class CausalHopfield(PatternOps, nn.Module):
             v=jnp.zeros((batch_size, m, h, self._pd), sdt),
             slot_pos=jnp.full((batch_size, m), -1, jnp.int32),
             pos=jnp.zeros((batch_size,), jnp.int32),
+            key_conv=self._key_conv(parent=None).initial_state(batch_size) if self.key_conv else (),
         )
+
+    def _key_conv(self, **kw) -> CausalConv1d:
+        return CausalConv1d(features=self.features, width=self.key_conv, dtype=self.dtype, param_dtype=self.param_dtype, **kw)
 
     @nn.compact
     def __call__(self, x, state: AttentionState | None = None, resets=None, *, deterministic: bool | None = None):
@@ -118,7 +133,12 @@ class CausalHopfield(PatternOps, nn.Module):
         hd, pd, heads, m = self._hd, self._pd, self.num_heads, self.memory_size
         x = x.astype(dt)
 
-        stored = self._norm(x, "norm_stored", self.normalize_stored_pattern_affine) if self.normalize_stored_pattern else x
+        key_conv_state = ()
+        xs = x
+        if self.key_conv:
+            xs, key_conv_state = self._key_conv(name="key_conv")(x, state.key_conv, resets)
+            xs = xs.astype(dt)
+        stored = self._norm(xs, "norm_stored", self.normalize_stored_pattern_affine) if self.normalize_stored_pattern else xs
         proj_in = (
             self._norm(x, "norm_projection", self.normalize_pattern_projection_affine)
             if self.normalize_pattern_projection
@@ -165,7 +185,7 @@ class CausalHopfield(PatternOps, nn.Module):
             y = self._out_projection(out[:, :, 0], self.features, dt)
         else:
             y = self._out_projection(out, self.features, dt, n_axes=3)
-        return y, ring_buffer_update(state, k, v, positions, seg, m)
+        return y, ring_buffer_update(state, k, v, positions, seg, m)._replace(key_conv=key_conv_state)
 
 
 class CausalHopfieldBlock(nn.Module):
@@ -183,6 +203,7 @@ class CausalHopfieldBlock(nn.Module):
     update_steps_max: int | None = 0
     update_steps_eps: float = 1e-4
     normalize_hopfield_space: bool = False
+    key_conv: int = 0
     mlp_ratio: float = 4.0
     mlp_kind: str = "swiglu"
     norm: str = "rms"

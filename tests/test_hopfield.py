@@ -371,6 +371,45 @@ def test_causal_hopfield_is_set_hopfield_over_the_ring_buffer(include_current):
     np.testing.assert_allclose(np.asarray(state.k[0, 9 % m]), k_all[0, 9], rtol=1e-5, atol=1e-6)
 
 
+def test_causal_hopfield_key_conv_convolves_only_the_stored_patterns():
+    """With ``key_conv`` the stored patterns come from a causal depthwise conv of x (numpy
+    loop here, restarting at resets); state patterns and projections stay x; the set layer
+    over the ring buffer then gives the same outputs. Streaming carries the conv's inputs."""
+    rng = np.random.default_rng(10)
+    batch, time, f, m, width = 2, 11, 8, 4, 3
+    x = jnp.asarray(rng.standard_normal((batch, time, f)), jnp.float32)
+    resets = np.zeros((batch, time), bool)
+    resets[1, 5] = True
+    layer = CausalHopfield(features=f, num_heads=2, memory_size=m, key_conv=width, update_steps_max=1,
+                           kernel_init=nn.initializers.normal(0.3))
+    v = jinit(layer, 0, x)
+    y, _ = jax.jit(layer.apply)(v, x, None, jnp.asarray(resets))
+    p = nn.meta.unbox(v["params"])["key_conv"]
+    w, b = np.asarray(p["kernel"], np.float64), np.asarray(p["bias"], np.float64)
+    assert w.shape == (width, f)
+    xn = np.asarray(x, np.float64)
+    xk = np.zeros_like(xn)
+    for r in range(batch):
+        for t in range(time):
+            start = max([s for s in range(t + 1) if resets[r, s]] or [0])
+            xk[r, t] = b + sum(w[j] * xn[r, t - width + 1 + j] for j in range(width) if t - width + 1 + j >= start)
+    allowed = np.zeros((batch, time, time), bool)
+    for r in range(batch):
+        start = 0
+        for t in range(time):
+            start = t if resets[r, t] else start
+            allowed[r, t, max(start, t - m) : t] = True
+    setwise = jax.jit(Hopfield(num_heads=2, update_steps_max=1).apply)
+    mask = jnp.asarray(allowed)[:, None]
+    want = np.asarray(setwise(v, x, jnp.asarray(xk, jnp.float32), x, association_mask=mask))
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-5)
+    # without the conv the outputs differ (the comparison can tell the two apart)
+    plain = np.asarray(setwise(v, x, x, x, association_mask=mask))
+    assert np.abs(plain - want).max() > 0.05 * np.abs(want).max()
+    with pytest.raises(ValueError, match="key_conv"):
+        CausalHopfield(features=f, num_heads=2, key_conv=-1).initial_state(1)
+
+
 def test_causal_hopfield_pooling_is_hopfield_pooling_of_the_prefix():
     """Learned queries pool the episode so far (row 1 restarts at a reset at step 5);
     the memory (5 steps) limits how far back."""
@@ -403,9 +442,10 @@ def float_input(features):
     return make
 
 
-def test_causal_hopfield_contract():
+@pytest.mark.parametrize("key_conv", [0, 3])
+def test_causal_hopfield_contract(key_conv):
     check_layer_contract(
-        lambda **kw: CausalHopfield(features=8, num_heads=2, memory_size=4, update_steps_max=1,
+        lambda **kw: CausalHopfield(features=8, num_heads=2, memory_size=4, update_steps_max=1, key_conv=key_conv,
                                     kernel_init=nn.initializers.normal(0.3), **kw),
         float_input(8),
     )

@@ -48,6 +48,7 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "s4d": ("s4d-tiny", {}),
     "lssl": ("lssl-tiny", {}),
     "hopfield": ("hopfield-tiny", {}),
+    "hopfield+keyconv": ("hopfield-tiny", {"key_conv": 4}),  # stored patterns see the 3 steps before
     # chunks of 16 steps (the layer's default; the tiny preset's 4); the number of chunks is
     # set per cell by sized_overrides so that the memory holds the whole episode, as in the paper
     "hcam": ("hcam-tiny", {"chunk_size": 16}),

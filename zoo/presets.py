@@ -213,6 +213,7 @@ HOPFIELD_KEYS = {
     "update_steps_max": 0,
     "update_steps_eps": 1e-4,
     "normalize_hopfield_space": False,
+    "key_conv": 0,  # > 0: causal conv of that width on the stored-pattern path (binds a value to its key)
     "mlp_ratio": 4.0,
     "mlp_kind": "swiglu",
     "norm": "rms",
