@@ -35,6 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.warmup_steps = 100
     c.train.schedule = "cosine"
     c.train.weight_decay = 0.1
+    # False: decay weight matrices only, as the references do (mnemax.layers.weight_decay_mask);
+    # True: every parameter of rank >= 2, including the state-space dynamics (A_log, ...)
+    c.train.decay_dynamics = False
     c.train.grad_clip = 1.0
     c.train.b1 = 0.9
     c.train.b2 = 0.98

@@ -33,19 +33,20 @@ NO_WEIGHT_DECAY = frozenset({
 })
 
 
-def weight_decay_mask(params):
+def weight_decay_mask(params, no_decay=NO_WEIGHT_DECAY):
     """The AdamW decay mask of a parameter tree: True for weight matrices and embeddings
     (``ndim >= 2``), False for vectors (norm scales, biases, skips) and for the names in
     :data:`NO_WEIGHT_DECAY` whatever their rank (Mamba's ``A_log`` is (E, N), S4D's
     ``log_A_real`` (H, modes), sLSTM's gate ``bias`` (4, heads, head_dim)), following the
     reference implementations. ``params``: a (possibly nested) dict of arrays, as
     ``model.init(...)["params"]``; returns the same tree of Python bools, ready for
-    ``optax.adamw(..., mask=weight_decay_mask)``."""
+    ``optax.adamw(..., mask=weight_decay_mask)``. ``no_decay``: the excluded names
+    (``frozenset()``: the rank rule alone)."""
 
     def decays(path, p):
         # the last dict key names the parameter (boxes such as nn.Partitioned add attribute keys)
         name = next((k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey)), None)
-        return bool(jnp.ndim(p) >= 2 and name not in NO_WEIGHT_DECAY)
+        return bool(jnp.ndim(p) >= 2 and name not in no_decay)
 
     return jax.tree_util.tree_map_with_path(decays, params)
 

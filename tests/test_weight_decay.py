@@ -62,18 +62,21 @@ def test_a_rank_two_dynamics_parameter_is_kept():
     assert a_logs and all(np.ndim(a) == 2 for a in a_logs)
 
 
-def test_adamw_step_with_zero_gradients_is_the_closed_form():
+@pytest.mark.parametrize("decay_dynamics", [False, True])
+def test_adamw_step_with_zero_gradients_is_the_closed_form(decay_dynamics):
+    """``train.decay_dynamics=True`` is the rank rule alone (A_log decayed too)."""
     params = _params("mamba-tiny")
     t = ml_collections.ConfigDict(dict(
         schedule="constant", learning_rate=0.1, warmup_steps=1, steps=10, weight_decay=0.5,
-        grad_clip=1.0, b1=0.9, b2=0.98,
+        grad_clip=1.0, b1=0.9, b2=0.98, decay_dynamics=decay_dynamics,
     ))
     tx = make_optimizer(ml_collections.ConfigDict({"train": t}))
     state = tx.init(params)
     state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)[1]  # step 0: lr 0 (warm-up)
     updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
     new = optax.apply_updates(params, updates)
-    mask, old, got = _flat(weight_decay_mask(params)), _flat(params), _flat(new)
+    mask, old, got = _flat(weight_decay_mask(params, frozenset() if decay_dynamics else NO_WEIGHT_DECAY)), _flat(params), _flat(new)
+    assert any(mask[k] for k in mask if k.endswith("A_log")) == decay_dynamics
     n_decayed = 0
     for k in old:
         want = np.asarray(old[k]) * ((1 - 0.1 * 0.5) if mask[k] else 1.0)

@@ -36,7 +36,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 import mnemax
-from mnemax.layers import weight_decay_mask
+from mnemax.layers import NO_WEIGHT_DECAY, weight_decay_mask
 from mnemax.release import example_inputs
 from mnemax.sharding import batch_sharding, make_mesh, resolve_mesh_shape, tree_shardings
 
@@ -140,9 +140,14 @@ def make_optimizer(config) -> optax.GradientTransformation:
     else:
         lr = optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, max(t.warmup_steps, 1)), optax.constant_schedule(t.learning_rate)], [max(t.warmup_steps, 1)])
 
+    no_decay = frozenset() if t.get("decay_dynamics", False) else NO_WEIGHT_DECAY
+
+    def decay_mask(params):
+        return weight_decay_mask(params, no_decay)
+
     return optax.chain(
         optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity(),
-        optax.adamw(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=weight_decay_mask),
+        optax.adamw(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask),
     )
 
 
