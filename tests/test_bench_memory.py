@@ -51,6 +51,9 @@ def test_memory_benchmark_smoke(tmp_path):
     long = bench_memory.main(["--merge", str(tmp_path / "long.json"), "--out", str(tmp_path / "long")])
     assert open(tmp_path / "long" / "memory_tiny_2000steps_smoke.md").read().strip() == long["table"].strip()
     assert os.path.exists(tmp_path / "long" / "plots" / "mqar_accuracy_vs_pairs_2000steps.png")
+    # another budget's plots carry its name, so a 10m table does not overwrite the tiny one's
+    bench_memory.main(["--merge", str(tmp_path / "other.json"), "--out", str(tmp_path / "ten")])
+    assert sorted(os.listdir(tmp_path / "ten" / "plots")) == ["mqar_accuracy_vs_pairs_10m.png", "passkey_accuracy_vs_length_10m.png"]
 
 
 @pytest.mark.parametrize("budget", sorted(bench_memory.BUDGETS))
@@ -98,3 +101,52 @@ def test_hcam_chunks_cover_the_longest_evaluated_context():
             ov, _ = bench_memory.sized_overrides(preset, fixed, spec, 60_000, 2)
             longest = max(cell.eval_lengths or (spec.seq_len,))
             assert ov["num_chunks"] * ov["chunk_size"] >= longest, (budget, cell)
+
+
+def test_long_budget_mlstm_train_step_fits_a_gpu():
+    """At the 10m budget the mLSTM family takes 4 heads and 64-step chunks: with the tiny
+    preset's 2 heads and 16-step chunks its MQAR train step asked an H100 for 50 GiB. The
+    compiler's own count of the gradient's temporaries (batch 4 here) must drop at least 3x."""
+    import jax
+    import jax.numpy as jnp
+
+    import mnemax
+    from mnemax.train import tasks as tasks_lib
+
+    preset, fixed = bench_memory.available_families(["mlstm"])["mlstm"]
+    cell = next(c for c in bench_memory.cells("10m") if c.task == "mqar")
+    spec = tasks_lib.make_task(cell.task, **cell.params).spec()
+    budget = bench_memory.BUDGETS["10m"]
+
+    def temporaries(fixed_overrides):
+        ov, _ = bench_memory.sized_overrides(preset, fixed_overrides, spec, budget["params"], budget["layers"])
+        model = mnemax.build(mnemax.get_config(preset, **ov))
+        x = jnp.zeros((4, spec.seq_len), jnp.int32)
+        params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+
+        def loss(p, x):
+            return jnp.mean(jnp.square(model.apply(p, x)[0].astype(jnp.float32)))
+
+        return jax.jit(jax.grad(loss)).lower(params, x).compile().memory_analysis().temp_size_in_bytes
+
+    assert bench_memory.family_overrides("mlstm", fixed, "tiny") == fixed
+    long = bench_memory.family_overrides("mlstm", fixed, "10m")
+    assert long["num_heads"] == 4 and long["chunk_size"] == 64
+    assert temporaries(long) * 3 <= temporaries(fixed)
+    with pytest.raises(ValueError, match="budget: got '1b'"):
+        bench_memory.family_overrides("mlstm", fixed, "1b")
+
+
+def test_learning_rate_flag_reaches_the_trainer_and_its_own_workdir(tmp_path):
+    """``--learning_rate`` sets every cell's peak rate: the same cell at two rates, in one
+    --workdir, trains two models (no resume across rates) whose losses differ, each row
+    recording its rate; a rate <= 0 is refused."""
+    common = ["--smoke", "--families", "transformer", "--tasks", "mqar", "--difficulties", "pairs=4",
+              "--workdir", str(tmp_path / "work"), "--out", str(tmp_path)]
+    rows = [bench_memory.main(common + ["--learning_rate", lr])["rows"][0] for lr in ("1e-2", "1e-5")]
+    assert [r["lr"] for r in rows] == [1e-2, 1e-5]
+    assert rows[0]["loss"] != rows[1]["loss"]
+    runs = sorted(d for d in os.listdir(tmp_path / "work") if d.startswith("tiny-"))
+    assert len(runs) == 2 and all("-lr" in d for d in runs), runs
+    with pytest.raises(ValueError, match="--learning_rate must be > 0, got 0.0"):
+        bench_memory.main(common + ["--learning_rate", "0"])

@@ -63,11 +63,36 @@ OPTIONAL_FAMILIES = {
     "elm": ("elm-small", {"num_memory": None}),
 }
 
+# Overrides of the long budgets (10m, 125m) on top of a family's fixed ones. The tiny presets'
+# 2 heads and 16-step chunks, scaled to d_model 768, give the mLSTM 768 x 768 matrix states
+# per head, and the xla chunkwise form keeps a (batch, heads, chunks, d_qk, d_v) stack of them
+# (and its associative scan's levels): the 10m MQAR train step asked the H100 for 50 GiB
+# (CPU compile: 106 GB of temporaries). 4 heads and 64-step chunks, as in xlstm-125m, give
+# 384-wide heads and a quarter of the chunks (22 GB).
+LONG_BUDGET_OVERRIDES: dict[str, dict] = {
+    "mlstm": {"num_heads": 4, "chunk_size": 64},
+    "xlstm": {"num_heads": 4, "chunk_size": 64},
+}
+
+# The peak learning rate of every cell (AdamW, warmup, cosine; ``--learning_rate`` overrides it).
+# At the 10m budget with 3e-3 (H100, 2,000 steps, MQAR) mamba stayed at chance and one mLSTM
+# cell ended with NaN parameters, while attention and Hopfield with a key conv solved it
+# (benchmarks/RESULTS.md): a sweep is the next step there, not yet run.
+DEFAULT_LR = 3e-3
+
 BUDGETS = {  # target parameter counts, training steps, batch
     "tiny": {"params": 60_000, "steps": 400, "batch": 32, "layers": 2},
     "10m": {"params": 10_000_000, "steps": 4000, "batch": 64, "layers": 4},
     "125m": {"params": 125_000_000, "steps": 10000, "batch": 64, "layers": 12},
 }
+
+
+def family_overrides(family: str, fixed: dict, budget: str) -> dict:
+    """A family's fixed overrides at ``budget``: ``fixed`` plus, on the long budgets,
+    :data:`LONG_BUDGET_OVERRIDES`."""
+    if budget not in BUDGETS:
+        raise ValueError(f"budget: got {budget!r}, expected one of {sorted(BUDGETS)}")
+    return dict(fixed) if budget == "tiny" else {**fixed, **LONG_BUDGET_OVERRIDES.get(family, {})}
 
 
 @dataclasses.dataclass
@@ -154,7 +179,7 @@ def run_cell(family: str, preset: str, fixed: dict, cell: Cell, budget: dict, wo
     c.train.steps = 3 if smoke else budget["steps"]
     c.train.batch_size = 8 if smoke else budget["batch"]
     c.train.warmup_steps = 1 if smoke else min(100, budget["steps"] // 10)
-    c.train.learning_rate = 3e-3
+    c.train.learning_rate = budget.get("lr", DEFAULT_LR)
     c.eval.every_steps = 0
     c.eval.batch_size = 32
     c.checkpoint.every_steps = 0
@@ -168,7 +193,7 @@ def run_cell(family: str, preset: str, fixed: dict, cell: Cell, budget: dict, wo
     result = trainer.run()
     row = {
         "family": family, "preset": preset, "task": cell.task, "difficulty": cell.difficulty,
-        "params": n_params, "d_model": overrides["d_model"], "steps": c.train.steps,
+        "params": n_params, "d_model": overrides["d_model"], "steps": c.train.steps, "lr": c.train.learning_rate,
         "accuracy": result["eval_accuracy"], "loss": result["eval_loss"], "seconds": time.time() - t0,
     }
     for k, v in result.items():
@@ -284,6 +309,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--data_dir", default=None)
     ap.add_argument("--steps", type=int, default=None, help="training steps per cell (default: the budget's)")
+    ap.add_argument("--learning_rate", type=float, default=None, help=f"peak learning rate of every cell (default {DEFAULT_LR})")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="combine earlier outputs' rows into one table and plots in --out; trains nothing")
     args = ap.parse_args(argv)
@@ -300,7 +326,12 @@ def main(argv=None) -> dict:
                      merged_from=[os.path.abspath(p) for p in args.merge])
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.learning_rate is not None and not args.learning_rate > 0:
+        raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}")
     budget = dict(BUDGETS[args.budget], **({"steps": args.steps} if args.steps else {}))
+    if args.learning_rate is not None:
+        budget["lr"] = args.learning_rate
+    lr_tag = f"-lr{args.learning_rate:g}" if args.learning_rate is not None else ""
     fams = available_families(args.families)
     todo = [c for c in cells(args.budget) if not args.tasks or c.task in args.tasks]
     if args.difficulties:
@@ -320,9 +351,10 @@ def main(argv=None) -> dict:
     rows = []
     for fam, cell in plan:
         preset, fixed = fams[fam]
+        fixed = family_overrides(fam, fixed, args.budget)
         # one directory per run: a reused --workdir must not resume another budget's or
         # --steps' checkpoint (the trainer resumes a workdir's newest checkpoint)
-        wd = os.path.join(work, f"{args.budget}-{budget['steps']}steps{'-smoke' if args.smoke else ''}-{fam}-{cell.task}-{cell.difficulty}".replace("=", ""))
+        wd = os.path.join(work, f"{args.budget}-{budget['steps']}steps{lr_tag}{'-smoke' if args.smoke else ''}-{fam}-{cell.task}-{cell.difficulty}".replace("=", ""))
         try:
             row = run_cell(fam, preset, fixed, cell, budget, wd, data_dir, args.smoke)
         except Exception as err:  # noqa: BLE001 - a family that cannot take a task is reported, not fatal
@@ -345,7 +377,9 @@ def write(rows: list[dict], budget: str, smoke: bool, out: str, steps: int | Non
     table = markdown([r for r in rows if "error" not in r])
     with open(os.path.join(out, f"{tag}.md"), "w") as f:
         f.write(table + "\n")
-    png = plots([r for r in rows if "error" not in r], os.path.join(out, "plots"), suffix=f"_{steps}steps" if steps else "")
+    # the tiny budget's plots keep their names; another budget's carry it (memory_10m -> _10m)
+    suffix = ("" if budget == "tiny" else f"_{budget}") + (f"_{steps}steps" if steps else "")
+    png = plots([r for r in rows if "error" not in r], os.path.join(out, "plots"), suffix=suffix)
     print(table)
     return {"rows": rows, "table": table, "plots": png}
 
