@@ -120,7 +120,8 @@ def test_long_budget_mlstm_train_step_fits_a_gpu():
 
     def temporaries(fixed_overrides):
         ov, _ = bench_memory.sized_overrides(preset, fixed_overrides, spec, budget["params"], budget["layers"])
-        model = mnemax.build(mnemax.get_config(preset, **ov))
+        # one of the budget's layers (each holds the same states): a quarter of the compile time
+        model = mnemax.build(mnemax.get_config(preset, **{**ov, "n_layers": 1}))
         x = jnp.zeros((4, spec.seq_len), jnp.int32)
         params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
 
