@@ -43,7 +43,10 @@ Options (``GPU_OPTIONS``, read at trace time): ``splits`` (None: the largest sli
 as XLA's dots would; interpret mode uses float32), ``max_programs``, ``spin`` (``data``, ``counter`` or ``flags``: see :func:`_received` and :func:`_sync`),
 ``r_resident`` (False: reload the R slice from L1/L2 every step instead of keeping it in
 registers), ``bwd_exchange`` (``partials``, the default, or ``gates``: see
-:func:`_bwd_kernel`; ``gates`` with ``spin="data"``).
+:func:`_bwd_kernel`; ``gates`` with ``spin="data"``), ``prefetch`` (True: each step
+issues the next step's loads that do not depend on the exchange, the gate inputs, reset
+mask, saved states and output gradients, before it waits on its group, and carries them
+in registers, so that only the exchanged row's read follows the wait).
 """
 
 from __future__ import annotations
@@ -60,8 +63,8 @@ from .pallas_slstm import _pad
 
 F32 = jnp.float32
 R_SLICE_BYTES = 64 * 1024  # one program's slice of the four recurrent matrices, float32
-GPU_OPTIONS = {"splits": None, "batch_block": None, "fwd_warps": 4, "bwd_warps": 2, "precision": None, "max_programs": None,
-               "spin": "counter", "r_resident": True, "bwd_exchange": None}
+GPU_OPTIONS = {"splits": None, "batch_block": None, "fwd_warps": 4, "bwd_warps": 4, "precision": None, "max_programs": None,
+               "spin": "counter", "r_resident": True, "bwd_exchange": None, "prefetch": True}
 SPINS = ("data", "counter", "flags")
 PRECISIONS = ("tf32x3", "tf32", "ieee")
 
@@ -119,6 +122,7 @@ class Plan:
         if exchange == "partials" and self.spin == "data":
             raise ValueError("bwd_exchange: 'partials' reuses its ring slots, so it needs spin 'counter' or 'flags', not 'data'")
         self.bwd_exchange = exchange
+        self.prefetch = bool(o["prefetch"])
 
 
 def _default_precision() -> str:
@@ -228,16 +232,19 @@ def _fwd_kernel(x_r, R_r, s0_r, k_r, hs0_r, f0_r, hs_r, sT_r, f_r, *saved, plan,
     h_init = s0_r[g, 0]
     init = tuple(tuple(s0_r[g, k, :, c] for k in range(4)) for c in cols)
 
+    def inputs(t):  # what step t reads that no other program writes
+        return k_r[g, t], tuple(tuple(x_r[g, t, k, :, c] for k in range(4)) for c in cols)
+
     def step(t, carry):
-        ready, carry = carry
+        ready, ahead, carry = carry
         R = Rk if plan.r_resident else r_cols()
-        keep = k_r[g, t]  # (bb, 1)
+        keep, xs = ahead if plan.prefetch else inputs(t)  # keep: (bb, 1)
         prev = _received(hs_r.at[g, jnp.maximum(t - 1, 0)], (t > 0) & ready, plan)
         hprev = jnp.where(t == 0, h_init, prev) * keep
         out = []
         for i, c in enumerate(cols):
             _, c0, n0, m0 = (v * keep for v in carry[i])
-            raw = [x_r[g, t, k, :, c] + _dot(hprev, R[i][k], prec) for k in range(4)]
+            raw = [xs[i][k] + _dot(hprev, R[i][k], prec) for k in range(4)]
             p = ps.pointwise(raw, c0, n0, m0)
             hs_r[g, t, :, c] = _bits(p["h1"])
             if saved:
@@ -247,9 +254,11 @@ def _fwd_kernel(x_r, R_r, s0_r, k_r, hs0_r, f0_r, hs_r, sT_r, f_r, *saved, plan,
                 for k, name in enumerate(("c1", "n1", "m1")):
                     cnm_r[g, t, k, :, c] = p[name]
             out.append((p["h1"], p["c1"], p["n1"], p["m1"]))
-        return _sync(f_r, g, mine, t + 1, plan), tuple(out)
+        ahead = inputs(jnp.minimum(t + 1, T - 1)) if plan.prefetch else ahead  # issued before the wait
+        return _sync(f_r, g, mine, t + 1, plan), ahead, tuple(out)
 
-    _, final = lax.fori_loop(0, T, step, (jnp.bool_(True), init))
+    first = inputs(0) if plan.prefetch else ()
+    _, _, final = lax.fori_loop(0, T, step, (jnp.bool_(True), first, init))
     for i, c in enumerate(cols):
         for k in range(4):
             sT_r[g, k, :, c] = final[i][k]
@@ -284,18 +293,28 @@ def _bwd_kernel(raw_r, cnm_r, s0_r, k_r, dh_r, gT_r, R_r, dx0_r, f0_r, dx_r, d0_
 
     init = tuple(tuple(gT_r[g, k, :, r] for k in (1, 2, 3)) for r in rows)
 
+    def inputs(t):  # what step t reads that no other program writes
+        tn, tp = jnp.minimum(t + 1, T - 1), jnp.maximum(t - 1, 0)
+        per_slice = tuple((
+            dh_r[g, t, :, r],
+            tuple(jnp.where(t == 0, s0_r[g, k + 1, :, r], cnm_r[g, tp, k, :, r]) for k in range(3)),
+            tuple(raw_r[g, t, k, :, r] for k in range(4)),
+        ) for r in rows)
+        return k_r[g, t], k_r[g, tn], per_slice
+
     def step(j, carry):
-        ready, carry = carry
+        ready, ahead, carry = carry
         R = Rt if plan.r_resident else r_slices()
         t = T - 1 - j
-        tn, tp = jnp.minimum(t + 1, T - 1), jnp.maximum(t - 1, 0)
-        keep, keep_n = k_r[g, t], k_r[g, tn]
+        tn = jnp.minimum(t + 1, T - 1)
+        keep, keep_n, per_slice = ahead if plan.prefetch else inputs(t)
         out, draws = [], []
         for i, r in enumerate(rows):
+            dh_t, cnm_p, raw_t = per_slice[i]
             dh_rec = recurrent(R, i, tn, (t < T - 1) & ready, 1 - (j & 1))  # the other slot: step j - 1's
-            dh1 = jnp.where(t == T - 1, gT_r[g, 0, :, r], keep_n * dh_rec) + dh_r[g, t, :, r]
-            c0, n0, m0 = (jnp.where(t == 0, s0_r[g, k + 1, :, r], cnm_r[g, tp, k, :, r]) * keep for k in range(3))
-            p = ps.pointwise([raw_r[g, t, k, :, r] for k in range(4)], c0, n0, m0)
+            dh1 = jnp.where(t == T - 1, gT_r[g, 0, :, r], keep_n * dh_rec) + dh_t
+            c0, n0, m0 = (v * keep for v in cnm_p)
+            p = ps.pointwise(list(raw_t), c0, n0, m0)
             draw, d_in = ps.adjoint(p, dh1, *carry[i])
             for k in range(4):
                 dx_r[g, t, k, :, r] = _bits(draw[k])
@@ -304,9 +323,11 @@ def _bwd_kernel(raw_r, cnm_r, s0_r, k_r, dh_r, gT_r, R_r, dx0_r, f0_r, dx_r, d0_
         if partials:  # after every slice read the other slot (interpret mode runs them in turn)
             for i, s in enumerate(mine):
                 ring[0][g, j & 1, s] = sum(_dot(draws[i][k], R[i][k], prec) for k in range(4))
-        return _sync(f_r, g, mine, j + 1, plan), tuple(out)
+        ahead = inputs(jnp.maximum(t - 1, 0)) if plan.prefetch else ahead  # issued before the wait
+        return _sync(f_r, g, mine, j + 1, plan), ahead, tuple(out)
 
-    ready, final = lax.fori_loop(0, T, step, (jnp.bool_(True), init))
+    first = inputs(jnp.int32(T - 1)) if plan.prefetch else ()
+    ready, _, final = lax.fori_loop(0, T, step, (jnp.bool_(True), first, init))
     keep0 = k_r[g, 0]
     R = Rt if plan.r_resident else r_slices()
     for i, r in enumerate(rows):

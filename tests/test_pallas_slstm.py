@@ -103,6 +103,7 @@ def test_pallas_slstm_state_round_trip(backend):
     ({"splits": 4}, (3, 17, 2, 40)),  # head 40 -> 64 units in 4 programs of 16, one launch
     pytest.param({"splits": 2, "batch_block": 16, "max_programs": 4}, (18, 9, 3, 24), marks=pytest.mark.slow),  # 2 batch blocks, 6 groups, 3 launches
     ({"splits": 2, "spin": "data"}, (2, 11, 1, 32)),
+    ({"splits": 2, "prefetch": False}, (3, 13, 2, 32)),  # each step's inputs loaded after the wait
     pytest.param({"splits": 4, "bwd_exchange": "gates"}, (3, 12, 2, 64), marks=pytest.mark.slow),  # backward exchanging the gate gradients
 ])
 def test_pallas_gpu_slstm_split_heads(monkeypatch, options, shape):
@@ -145,6 +146,7 @@ def test_pallas_gpu_slstm_bad_options(monkeypatch):
     ((16, 160, 4, 256), {}),  # the benchmark's heads: 16 programs per head exchange h every step
     ((16, 160, 4, 256), {"spin": "data"}),
     ((16, 160, 4, 256), {"bwd_exchange": "gates"}),
+    ((16, 160, 4, 256), {"prefetch": False, "bwd_warps": 2}),  # the defaults before prefetching
     ((40, 64, 2, 128), {"max_programs": 8}),  # 2 batch blocks x 2 heads x 4 splits, 2 launches
 ])
 def test_pallas_gpu_slstm_compiled_matches_reference(monkeypatch, shape, options):
