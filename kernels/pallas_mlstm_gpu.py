@@ -57,7 +57,9 @@ from .pallas_mlstm import (
 
 # num_warps / num_stages of the per-chunk kernels; block_v: value columns per per-chunk
 # program (None: the largest power of two <= d_v with d_qk * block_v <= 16384); state_block:
-# the (d_qk, d_v) tile of one state-walk program (state_warps warps).
+# the (d_qk, d_v) tile of one state-walk program (state_warps warps; None: 128 x 128 tiles
+# on 8 warps when that gives the walk at least one program per SM, else 64 x 64 on 4: a
+# batch of one at d_qk 256 / d_v 512 has 8 rows x 8 tiles of 128, half an H100).
 # fwd: "grid" -- one output program per (row, d_v block, chunk), each recomputing the
 # chunk's scores; "loop" -- one per (row, chunk), scores once, a loop over the d_v blocks.
 # bwd: "fused" -- one program per (row, d_v block, chunk) for all gradients, partials of dq,
@@ -70,7 +72,7 @@ from .pallas_mlstm import (
 # output kernel's warps (None: num_warps).
 # Defaults: the fastest measured on an H200 at d_qk 256 / d_v 512 (benchmarks/RESULTS.md);
 # num_stages 2 (Triton software pipelining of the per-chunk loops): 4-5% faster on an H100.
-GPU_OPTIONS = {"num_warps": 8, "fwd_warps": 4, "num_stages": 2, "block_v": None, "state_block": 128, "state_warps": 8,
+GPU_OPTIONS = {"num_warps": 8, "fwd_warps": 4, "num_stages": 2, "block_v": None, "state_block": None, "state_warps": None,
                "bwd": "split", "block_k": 256, "fwd": "loop", "dv": "auto"}
 COEF_COLS = 4  # state-walk coefficients per step: key/query weight, w_a (chunk), n weight, 0
 
@@ -81,13 +83,58 @@ def value_blocks(d_qk: int, d_v: int) -> int:
     return max(1, d_v // min(d_v, 1 << (max(16, bv).bit_length() - 1)))
 
 
-def _gpu_params(interpret, warps_key="num_warps"):
+def _sm_count() -> int:
+    try:
+        return int(jax.devices("gpu")[0].core_count)
+    except Exception:  # no GPU runtime (interpret mode on a CPU): an H100's 132
+        return 132
+
+
+def walk_tiles(rows: int, d_qk: int, d_v: int) -> tuple[int, int]:
+    """The state walk's (tile, warps): GPU_OPTIONS' ``state_block`` / ``state_warps``, or
+    when unset 128 on 8 warps if ``rows`` (batch x heads) x its tiles fill every SM, else 64
+    on 4 warps (each walk program is sequential over the chunks, so idle SMs are lost)."""
+    sb, warps = GPU_OPTIONS["state_block"], GPU_OPTIONS["state_warps"]
+    if sb is None:
+        tiles = rows * -(-d_qk // 128) * -(-d_v // 128)
+        sb = 128 if tiles >= _sm_count() else 64
+    if warps is None:
+        warps = 8 if sb >= 128 else 4
+    if sb < 16 or sb & (sb - 1):
+        raise ValueError(f"GPU_OPTIONS['state_block']: got {sb}; expected a power of two >= 16 or None")
+    return sb, warps
+
+
+SMEM_BYTES = 232448  # the most shared memory one Hopper (sm_90) block may ask for
+# What a per-chunk kernel holds in shared memory besides its pipelined loop's tiles. The
+# float32 dq/dk kernel at d_qk 256 / d_v 512 asked for 344,064 B on an H100: 2 stages of
+# 163,840 B (dqk_stage_bytes) plus 16 KB; this keeps 4x that for the layout conversions.
+SMEM_RESERVE = 64 * 1024
+
+
+def pipeline_stages(stage_bytes: int) -> int:
+    """``GPU_OPTIONS["num_stages"]`` (Triton's software pipelining keeps that many copies of
+    a loop iteration's loads in shared memory), lowered until the copies of
+    ``stage_bytes`` fit in ``SMEM_BYTES`` beside ``SMEM_RESERVE``; at least 1."""
+    fit = (SMEM_BYTES - SMEM_RESERVE) // max(1, int(stage_bytes))
+    return max(1, min(int(GPU_OPTIONS["num_stages"]), fit))
+
+
+def dqk_stage_bytes(p: Problem, dh_dtype, state_dtype) -> int:
+    """One iteration of the dq/dk kernel's value loop: v and dh (L x bv), C and dC (bk x bv)."""
+    _, bk, _, bv = _split_layout(p)
+    isz = lambda d: jnp.dtype(d).itemsize  # noqa: E731
+    return p.L * bv * (isz(p.v.dtype) + isz(dh_dtype)) + 2 * bk * bv * isz(state_dtype)
+
+
+def _gpu_params(interpret, warps_key="num_warps", warps=None, stage_bytes=None):
     if interpret:
         return None
     from jax.experimental.pallas import triton as pltriton
 
-    warps = GPU_OPTIONS.get(warps_key) or GPU_OPTIONS["num_warps"]
-    return pltriton.CompilerParams(num_warps=warps, num_stages=GPU_OPTIONS["num_stages"])
+    warps = warps or GPU_OPTIONS.get(warps_key) or GPU_OPTIONS["num_warps"]
+    stages = GPU_OPTIONS["num_stages"] if stage_bytes is None else pipeline_stages(stage_bytes)
+    return pltriton.CompilerParams(num_warps=warps, num_stages=stages)
 
 
 def chunk_scalars(p: Problem, m0):
@@ -144,7 +191,8 @@ def _gpu_walk(p: Problem, x, y, coefs, s0, n0, *, reverse, state_dtype, interpre
     d_qk))."""
     BH, NC, L = x.shape[0], p.n_chunks, p.L
     Tp, dk, dv = NC * L, x.shape[2], y.shape[2]
-    bk, bv = min(dk, GPU_OPTIONS["state_block"]), min(dv, GPU_OPTIONS["state_block"])
+    sb, warps = walk_tiles(BH, dk, dv)
+    bk, bv = min(dk, sb), min(dv, sb)
     kernel = functools.partial(_gpu_walk_kernel, L=L, NC=NC, reverse=reverse, mm=_mm_dtype(x.dtype))
     return pl.pallas_call(
         kernel, grid=(BH, dk // bk, dv // bv),
@@ -160,7 +208,7 @@ def _gpu_walk(p: Problem, x, y, coefs, s0, n0, *, reverse, state_dtype, interpre
                    pl.BlockSpec((None, 1, bk), lambda b, i, j: (b, 0, i))],
         out_shape=[jax.ShapeDtypeStruct((BH, NC, dk, dv), state_dtype), jax.ShapeDtypeStruct((BH, NC, 1, dk), F32),
                    jax.ShapeDtypeStruct((BH, dk, dv), F32), jax.ShapeDtypeStruct((BH, 1, dk), F32)],
-        compiler_params=_gpu_params(interpret, "state_warps"), interpret=interpret,
+        compiler_params=_gpu_params(interpret, warps=warps), interpret=interpret,
     )(x, y, coefs, s0, n0)
 
 
@@ -321,7 +369,8 @@ def gpu_dqk(p: Problem, dh, Cs, ns, m_in4, dCs, dns, gm_end, dhh, *, scale, eps,
         in_specs=[whole(L, p.d_qk), whole(L, p.d_qk), whole(L, p.d_v), whole(L, p.d_v), chunk(L, GATE_ROWS),
                   chunk(GATE_ROWS, L), chunk(p.d_qk, p.d_v), chunk(1, p.d_qk), chunk(1, 1), chunk(p.d_qk, p.d_v),
                   chunk(1, p.d_qk), chunk(1, 1), chunk(L, GATE_ROWS)],
-        out_specs=out_specs, out_shape=out_shape, compiler_params=_gpu_params(interpret), interpret=interpret,
+        out_specs=out_specs, out_shape=out_shape, interpret=interpret,
+        compiler_params=_gpu_params(interpret, stage_bytes=dqk_stage_bytes(p, dh.dtype, dCs.dtype)),
     )(p.q, p.k, p.v, dh, p.gcol, p.grow, Cs, ns, m_in4, dCs, dns, gm_end, aux)
 
 
@@ -336,8 +385,8 @@ def gpu_dv(p: Problem, dh, ns, m_in4, dCs, *, scale, eps, interpret):
         functools.partial(_gpu_dv_kernel, nv=nb // programs, bv=bv, scale=scale, eps=eps, mm=mm),
         grid=(BH * programs, NC),
         in_specs=[sp["qk"], sp["qk"], sp["v"], sp["gc"], sp["gr"], sp["n"], sp["m"], sp["C"]],
-        out_specs=sp["v"], out_shape=jax.ShapeDtypeStruct(p.v.shape, p.v.dtype),
-        compiler_params=_gpu_params(interpret), interpret=interpret,
+        out_specs=sp["v"], out_shape=jax.ShapeDtypeStruct(p.v.shape, p.v.dtype), interpret=interpret,
+        compiler_params=_gpu_params(interpret, stage_bytes=bv * (p.L * dh.dtype.itemsize + p.d_qk * dCs.dtype.itemsize)),
     )(p.q, p.k, dh, p.gcol, p.grow, ns, m_in4, dCs)
 
 
@@ -385,7 +434,8 @@ def forward(p: Problem, state, out_dtype, *, scale, eps, save, interpret):
         out_specs=[sp["v"], sp["st"]],  # stats: every d_v block writes the same values
         out_shape=[jax.ShapeDtypeStruct((BH, NC * L, p.d_v), out_dtype),
                    jax.ShapeDtypeStruct((BH, NC, STAT_ROWS, L), F32)],
-        compiler_params=_gpu_params(interpret, "fwd_warps"), interpret=interpret,
+        compiler_params=_gpu_params(interpret, "fwd_warps", stage_bytes=(p.d_v // nb) * (
+            L * p.v.dtype.itemsize + p.d_qk * Cs.dtype.itemsize)), interpret=interpret,
     )(p.q, p.k, p.v, p.gcol, p.grow, Cs, ns, m_in4)
     outs = [h, C_T, n_T, m_T.reshape(BH, 1, 1)]
     if save:

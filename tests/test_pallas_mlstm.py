@@ -145,6 +145,47 @@ def test_pallas_gpu_mlstm_split_value_columns(monkeypatch, block_v, state_block)
     assert max(grad_err.values()) <= 1e-3, grad_err
 
 
+def test_pallas_gpu_mlstm_walk_tiles_fill_the_gpu(monkeypatch):
+    """The state walk's default tiles: 128 x 128 on 8 warps while batch x heads x tiles
+    covers every SM, 64 x 64 on 4 warps when it would leave SMs idle (8k context at batch 8:
+    64 rows x 8 tiles; 64k at batch 1: 8 rows x 8 tiles of 128 on 132 SMs -> 8 x 32 of 64);
+    set options win, and a tile that is not a power of two is refused."""
+    from mnemax.kernels import pallas_mlstm_gpu as pg
+
+    monkeypatch.setattr(pg, "_sm_count", lambda: 132)
+    assert pg.walk_tiles(64, 256, 512) == (128, 8)
+    assert pg.walk_tiles(8, 256, 512) == (64, 4)
+    assert pg.walk_tiles(17, 256, 512) == (128, 8)  # 17 x 8 = 136 >= 132
+    monkeypatch.setitem(pg.GPU_OPTIONS, "state_block", 32)
+    assert pg.walk_tiles(64, 256, 512) == (32, 4)
+    monkeypatch.setitem(pg.GPU_OPTIONS, "state_warps", 2)
+    assert pg.walk_tiles(64, 256, 512) == (32, 2)
+    monkeypatch.setitem(pg.GPU_OPTIONS, "state_block", 48)
+    with pytest.raises(ValueError, match="state_block'\\]: got 48"):
+        pg.walk_tiles(8, 256, 512)
+
+
+def test_pallas_gpu_mlstm_pipelining_fits_shared_memory():
+    """Triton's software pipelining keeps num_stages copies of a loop iteration's loads in
+    shared memory. The float32 dq/dk kernel at d_qk 256 / d_v 512 with 2 stages asked an
+    H100 for 344,064 B (of 232,448): two of the 163,840 B this estimate gives, plus 16 KB.
+    So float32 there runs 1 stage, while bf16 (81,920 B per stage) and float32 at head 64
+    keep the measured default of 2."""
+    from mnemax.kernels import pallas_mlstm
+    from mnemax.kernels import pallas_mlstm_gpu as pg
+
+    def problem(dk, dv, dtype):
+        z = jnp.zeros((1, 2, 128, dk), dtype)
+        g = jnp.zeros((1, 2, 128), jnp.float32)
+        return pallas_mlstm.make_problem("gpu", z, z, jnp.zeros((1, 2, 128, dv), dtype), g, g, None, 64)
+
+    big32, big16, small32 = problem(256, 512, jnp.float32), problem(256, 512, jnp.bfloat16), problem(64, 64, jnp.float32)
+    assert pg.dqk_stage_bytes(big32, jnp.float32, jnp.float32) == 163_840
+    assert pg.pipeline_stages(pg.dqk_stage_bytes(big32, jnp.float32, jnp.float32)) == 1
+    assert pg.pipeline_stages(pg.dqk_stage_bytes(big16, jnp.bfloat16, jnp.bfloat16)) == 2
+    assert pg.pipeline_stages(pg.dqk_stage_bytes(small32, jnp.float32, jnp.float32)) == 2
+
+
 @pytest.mark.parametrize("case", ["odd", "extreme", "bf16"])
 def test_pallas_gpu_mlstm_split_backward(monkeypatch, case):
     """The GPU "split" backward (dq, dk and the gates per key block, looping over value
