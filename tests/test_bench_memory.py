@@ -31,11 +31,15 @@ def test_memory_benchmark_smoke(tmp_path):
     # A table split by family (as on separate GPUs) and merged back is the same table.
     halves = [[r for r in rows if (r["family"] < "m") == first] for first in (True, False)]
     assert all(halves)
+    measured = [{}, {"device": "cuda:0 (NVIDIA H100 80GB HBM3)", "date": "2999-01-02"}]  # the second half elsewhere
     for n, part in enumerate(halves):
         with open(tmp_path / f"part{n}.json", "w") as f:
-            json.dump({**data, "rows": part}, f)
+            json.dump({**data, "rows": part, **measured[n]}, f)
     merged = bench_memory.main(["--merge", str(tmp_path / "part0.json"), str(tmp_path / "part1.json"),
                                 "--out", str(tmp_path / "merged")])
+    # the merged file names where and when its rows were measured, not the merging machine
+    doc = json.load(open(tmp_path / "merged" / "memory_tiny_smoke.json"))
+    assert doc["device"] == f"{data['device']}, cuda:0 (NVIDIA H100 80GB HBM3)" and doc["date"] == "2999-01-02"
     by_key = lambda rs: sorted((r["family"], r["task"], r["difficulty"], r["accuracy"]) for r in rs)  # noqa: E731
     assert by_key(merged["rows"]) == by_key(rows)
     assert sorted(merged["table"].splitlines()) == sorted(table.strip().splitlines())
@@ -151,3 +155,19 @@ def test_learning_rate_flag_reaches_the_trainer_and_its_own_workdir(tmp_path):
     assert len(runs) == 2 and all("-lr" in d for d in runs), runs
     with pytest.raises(ValueError, match="--learning_rate must be > 0, got 0.0"):
         bench_memory.main(common + ["--learning_rate", "0"])
+
+
+def test_table_keeps_a_row_per_learning_rate():
+    """Rows of one family at two learning rates (merged runs) get a table row each with
+    their own accuracies, instead of the later rate overwriting the earlier; rows at one
+    rate keep the plain family name."""
+    def row(fam, lr, diff, acc):
+        return {"family": fam, "task": "mqar", "difficulty": diff, "params": 10, "accuracy": acc, "lr": lr}
+
+    rows = [row("mlstm", 3e-3, "pairs=16", 0.0), row("mlstm", 3e-3, "pairs=64", 0.025),
+            row("mlstm", 1e-3, "pairs=16", 0.9998), row("mamba", 3e-3, "pairs=16", 0.008)]
+    lines = bench_memory.markdown(rows).splitlines()
+    assert lines[2] == "| mlstm (lr 0.003) | 10-10 | 0.000 | 0.025 |"
+    assert lines[3] == "| mlstm (lr 0.001) | 10-10 | 1.000 | - |"
+    assert lines[4] == "| mamba (lr 0.003) | 10-10 | 0.008 | - |"
+    assert bench_memory.markdown(rows[:2]).splitlines()[2] == "| mlstm | 10-10 | 0.000 | 0.025 |"

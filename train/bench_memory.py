@@ -132,6 +132,22 @@ def available_families(selected=None) -> dict:
     return fams
 
 
+_PARAM_COUNTS: dict[str, int | None] = {}
+
+
+def _count_params(preset: str, overrides: dict) -> int | None:
+    """The parameter count of ``preset`` with ``overrides`` (None: a size the preset
+    refuses), traced once per distinct configuration (the cells of a budget share most)."""
+    key = repr((preset, sorted(overrides.items())))
+    if key not in _PARAM_COUNTS:
+        try:
+            cfg = mnemax.get_config(preset, **overrides)
+            _PARAM_COUNTS[key] = mnemax.release.count_params(mnemax.release.abstract_params(mnemax.build(cfg)))
+        except (ValueError, TypeError):
+            _PARAM_COUNTS[key] = None
+    return _PARAM_COUNTS[key]
+
+
 def sized_overrides(preset: str, fixed: dict, spec: tasks_lib.TaskSpec, target: int, layers: int) -> tuple[dict, int]:
     """Overrides (d_model and fixed ones) whose parameter count is closest to ``target``."""
     best = None
@@ -149,10 +165,8 @@ def sized_overrides(preset: str, fixed: dict, spec: tasks_lib.TaskSpec, target: 
             ov["memory_size"] = span
         if "num_chunks" in block:
             ov["num_chunks"] = -(-span // ov.get("chunk_size", block["chunk_size"]))
-        try:
-            cfg = mnemax.get_config(preset, **ov)
-            n = mnemax.release.count_params(mnemax.release.abstract_params(mnemax.build(cfg)))
-        except (ValueError, TypeError):
+        n = _count_params(preset, ov)
+        if n is None:
             continue
         if best is None or abs(np.log(n / target)) < abs(np.log(best[1] / target)):
             best = (ov, n)
@@ -232,14 +246,23 @@ def _natural(key):
     return (task, name, int(num) if num.isdigit() else num)
 
 
+def _label(row: dict, rows: list[dict]) -> str:
+    """A row's family, with its learning rate when the rows were trained at several."""
+    if len({r.get("lr") for r in rows}) > 1:
+        return f"{row['family']} (lr {row.get('lr', DEFAULT_LR):g})"
+    return row["family"]
+
+
 def markdown(rows: list[dict]) -> str:
+    """The accuracy table: a row per family (per family and learning rate when the rows
+    hold several rates), a column per (task, difficulty)."""
     cols = sorted({(r["task"], r["difficulty"]) for r in rows}, key=_natural)
-    fams = list(dict.fromkeys(r["family"] for r in rows))
+    fams = list(dict.fromkeys(_label(r, rows) for r in rows))
     head = "| family | params | " + " | ".join(f"{t} {d}" for t, d in cols) + " |"
     sep = "| --- | --- | " + " | ".join("---" for _ in cols) + " |"
     lines = [head, sep]
     for f in fams:
-        mine = {(r["task"], r["difficulty"]): r for r in rows if r["family"] == f}
+        mine = {(r["task"], r["difficulty"]): r for r in rows if _label(r, rows) == f}
         params = sorted({r["params"] for r in mine.values()})
         cells_ = [f"{mine[c]['accuracy']:.3f}" if c in mine else "-" for c in cols]
         lines.append(f"| {f} | {params[0]:,}-{params[-1]:,} | " + " | ".join(cells_) + " |")
@@ -250,7 +273,7 @@ def markdown(rows: list[dict]) -> str:
         lines += ["", "Passkey, trained at the first length: accuracy by evaluation length and by needle depth (training length)", "",
                   "| family | " + " | ".join(lens + depths) + " |", "| --- | " + " | ".join("---" for _ in lens + depths) + " |"]
         for r in extra:
-            lines.append(f"| {r['family']} | " + " | ".join(f"{r.get(k, float('nan')):.3f}" for k in lens + depths) + " |")
+            lines.append(f"| {_label(r, rows)} | " + " | ".join(f"{r.get(k, float('nan')):.3f}" for k in lens + depths) + " |")
     return "\n".join(lines)
 
 
@@ -269,8 +292,8 @@ def plots(rows: list[dict], out_dir: str, suffix: str = "") -> list[str]:
     mq = [r for r in rows if r["task"] == "mqar"]
     if mq:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for f in dict.fromkeys(r["family"] for r in mq):
-            pts = sorted((int(r["difficulty"].split("=")[1]), r["accuracy"]) for r in mq if r["family"] == f)
+        for f in dict.fromkeys(_label(r, mq) for r in mq):
+            pts = sorted((int(r["difficulty"].split("=")[1]), r["accuracy"]) for r in mq if _label(r, mq) == f)
             ax.plot(*zip(*pts), marker="o", label=f)
         ax.set(xlabel="key-value pairs", ylabel="held-out recall accuracy", title="MQAR", xscale="log", ylim=(0, 1.02))
         pairs = sorted({int(r["difficulty"].split("=")[1]) for r in mq})
@@ -286,7 +309,7 @@ def plots(rows: list[dict], out_dir: str, suffix: str = "") -> list[str]:
         for r in pk:
             lens = sorted((int(k.split("=")[1]), v) for k, v in r.items() if k.startswith("acc len="))
             if lens:
-                ax.plot(*zip(*lens), marker="o", label=r["family"])
+                ax.plot(*zip(*lens), marker="o", label=_label(r, pk))
         ax.set(xlabel="context length (trained at the first point)", ylabel="passkey accuracy", xscale="log", ylim=(0, 1.02))
         lengths = sorted({int(k.split("=")[1]) for r in pk for k in r if k.startswith("acc len=")})
         ax.set_xticks(lengths, [str(n) for n in lengths])
@@ -322,7 +345,9 @@ def main(argv=None) -> dict:
         if len(budgets) != 1:
             raise ValueError(f"--merge: the files come from different budgets or --steps {sorted(budgets, key=str)}; expected one")
         rows = [r for d in docs for r in d["rows"]]
+        # the devices and dates the rows were measured on, not the merging machine's
         return write(rows, docs[0]["budget"], any(d["smoke"] for d in docs), args.out, steps=docs[0].get("steps"),
+                     device=", ".join(sorted({d["device"] for d in docs})), date=max(d["date"] for d in docs),
                      merged_from=[os.path.abspath(p) for p in args.merge])
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
@@ -365,15 +390,19 @@ def main(argv=None) -> dict:
     return write(rows, args.budget, args.smoke, args.out, steps=args.steps)
 
 
-def write(rows: list[dict], budget: str, smoke: bool, out: str, steps: int | None = None, **extra) -> dict:
+def write(rows: list[dict], budget: str, smoke: bool, out: str, steps: int | None = None, device: str | None = None,
+          date: str | None = None, **extra) -> dict:
     """``memory_<budget>[_<steps>steps][_smoke].json`` / ``.md`` and the plots under
     ``out/plots`` (``steps``: the ``--steps`` override, if any, names the files and plots so
-    that a longer run does not overwrite the budget's own table)."""
+    that a longer run does not overwrite the budget's own table). ``device`` / ``date``: where
+    and when the rows were measured (default: this process's first device, today)."""
     os.makedirs(out, exist_ok=True)
     tag = f"memory_{budget}{f'_{steps}steps' if steps else ''}{'_smoke' if smoke else ''}"
     with open(os.path.join(out, f"{tag}.json"), "w") as f:
-        json.dump({"budget": budget, "steps": steps, "smoke": smoke, "jax": jax.__version__, "device": str(jax.devices()[0]),
-                   "date": time.strftime("%Y-%m-%d"), "rows": rows, **extra}, f, indent=1)
+        json.dump({"budget": budget, "steps": steps, "smoke": smoke, "jax": jax.__version__,
+                   "device": device or f"{jax.devices()[0]} ({jax.devices()[0].device_kind})",
+                   "date": date or time.strftime("%Y-%m-%d"), "rows": rows, **extra},
+                  f, indent=1)
     table = markdown([r for r in rows if "error" not in r])
     with open(os.path.join(out, f"{tag}.md"), "w") as f:
         f.write(table + "\n")
