@@ -101,6 +101,15 @@ def mesh_split(batch: int, channels: int | None = None):
     return rows, cols
 
 
+def gpu_sm_count() -> int:
+    """The first GPU's SM count; an H100's 132 where there is no GPU runtime (lowering or
+    interpret mode on a CPU machine), so kernel layouts chosen by it stay testable there."""
+    try:
+        return int(jax.devices("gpu")[0].core_count)
+    except Exception:  # noqa: BLE001 - no GPU backend at all raises RuntimeError, others vary
+        return 132
+
+
 INTERPRET_ENV_VAR = "MNEMAX_PALLAS_INTERPRET"
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from .dispatch import gpu_sm_count as _sm_count
 from .pallas_mlstm import (
     F32,
     GATE_ROWS,
@@ -81,13 +82,6 @@ def value_blocks(d_qk: int, d_v: int) -> int:
     """How many per-chunk programs split one row's (padded, power-of-two) ``d_v`` columns."""
     bv = GPU_OPTIONS["block_v"] or max(16, 16384 // d_qk)
     return max(1, d_v // min(d_v, 1 << (max(16, bv).bit_length() - 1)))
-
-
-def _sm_count() -> int:
-    try:
-        return int(jax.devices("gpu")[0].core_count)
-    except Exception:  # no GPU runtime (interpret mode on a CPU): an H100's 132
-        return 132
 
 
 def walk_tiles(rows: int, d_qk: int, d_v: int) -> tuple[int, int]:

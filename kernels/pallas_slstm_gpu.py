@@ -59,6 +59,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import pallas_slstm as ps
+from .dispatch import gpu_sm_count as _sm_count
 from .pallas_slstm import _pad
 
 F32 = jnp.float32
@@ -71,13 +72,6 @@ PRECISIONS = ("tf32x3", "tf32", "ieee")
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def _sm_count() -> int:
-    try:
-        return int(jax.devices("gpu")[0].core_count)
-    except Exception:  # no GPU runtime (lowering on a CPU machine): the H100's 132
-        return 132
 
 
 class Plan:
