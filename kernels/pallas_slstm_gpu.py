@@ -46,7 +46,10 @@ registers), ``bwd_exchange`` (``partials``, the default, or ``gates``: see
 :func:`_bwd_kernel`; ``gates`` with ``spin="data"``), ``prefetch`` (True: each step
 issues the next step's loads that do not depend on the exchange, the gate inputs, reset
 mask, saved states and output gradients, before it waits on its group, and carries them
-in registers, so that only the exchanged row's read follows the wait).
+in registers, so that only the exchanged row's read follows the wait), ``dr_precision``
+(the precision of dR, an XLA product over batch x time: ``tf32`` or ``highest``; None: TF32
+when the recurrent products are TF32, else float32, so that a TF32 run does not spend a
+millisecond on a float32 dR that XLA's own backward computes in TF32 too).
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ from .pallas_slstm import _pad
 F32 = jnp.float32
 R_SLICE_BYTES = 64 * 1024  # one program's slice of the four recurrent matrices, float32
 GPU_OPTIONS = {"splits": None, "batch_block": None, "fwd_warps": 4, "bwd_warps": 4, "precision": None, "max_programs": None,
-               "spin": "counter", "r_resident": True, "bwd_exchange": None, "prefetch": True}
+               "spin": "counter", "r_resident": True, "bwd_exchange": None, "prefetch": True,
+               "dr_precision": None}
 SPINS = ("data", "counter", "flags")
 PRECISIONS = ("tf32x3", "tf32", "ieee")
 
@@ -100,6 +104,12 @@ class Plan:
         self.precision = lax.Precision.HIGHEST if interpret else {
             "tf32x3": lax.DotAlgorithmPreset.TF32_TF32_F32_X3, "tf32": lax.DotAlgorithmPreset.TF32_TF32_F32,
             "ieee": lax.Precision.HIGHEST}[precision]
+        # dR (an XLA product over batch x time) at the recurrent products' precision: TF32
+        # (XLA's default) when they are TF32, float32 otherwise
+        dr = o["dr_precision"] or ("tf32" if precision == "tf32" else "highest")
+        if dr not in ("tf32", "highest"):
+            raise ValueError(f"dr_precision: got {dr!r}; expected 'tf32', 'highest' or None")
+        self.dr_precision = lax.Precision.HIGHEST if interpret or dr == "highest" else lax.Precision.DEFAULT
         max_programs = o["max_programs"] or (None if interpret else _sm_count())
         if max_programs is not None and max_programs < splits:
             raise ValueError(f"max_programs: got {max_programs}; expected >= splits ({splits})")
@@ -430,7 +440,7 @@ def backward(shape, saved, dh, dfinal, *, interpret):
     hprev = jnp.concatenate([s0[:, None, 0], hs[:, :-1]], axis=1) * kg  # (G, T, bb, d)
     hp = hprev.reshape(H, plan.nb, T, bb, d)
     dxh = dx.reshape(H, plan.nb, T, 4, bb, d)
-    dR = jnp.einsum("hjtbi,hjtkbo->hiko", hp, dxh, precision=lax.Precision.HIGHEST)[:, :D, :, :D]
+    dR = jnp.einsum("hjtbi,hjtkbo->hiko", hp, dxh, precision=plan.dr_precision)[:, :D, :, :D]
     db = jnp.transpose(jnp.sum(dxh, axis=(1, 2, 4)), (1, 0, 2))[:, :, :D]  # (4, H, D)
     dxo = jnp.transpose(_ungroup(dx, plan, H, 3), (1, 2, 3, 0, 4))[:B, :, :, :, :D]  # (B, T, 4, H, D)
     return dxo, dR, db, _state_out(d0, plan, H, B, D)

@@ -136,6 +136,22 @@ def test_pallas_gpu_slstm_bad_options(monkeypatch):
         pg.Plan(2, 1, 64, {"bwd_exchange": "partials", "spin": "data"}, interpret=True)
     with pytest.raises(ValueError, match="max_programs: got 2"):
         pg.Plan(2, 1, 64, {"splits": 4, "max_programs": 2}, interpret=True)
+    with pytest.raises(ValueError, match="dr_precision: got 'bf16'"):
+        pg.Plan(2, 1, 64, {"dr_precision": "bf16"}, interpret=True)
+
+
+def test_pallas_gpu_slstm_dr_follows_the_recurrent_precision():
+    """dR is an XLA product over batch x time: TF32 (XLA's default) when the recurrent
+    products are TF32, float32 when they are TF32x3 or float32, unless set."""
+    from mnemax.kernels import pallas_slstm_gpu as pg
+
+    P = jax.lax.Precision
+    dr = lambda **o: pg.Plan(2, 1, 64, {"max_programs": 64, **o}, interpret=False).dr_precision  # noqa: E731
+    assert (dr(precision="tf32"), dr(precision="tf32x3"), dr(precision="ieee")) == (P.DEFAULT, P.HIGHEST, P.HIGHEST)
+    assert (dr(precision="tf32", dr_precision="highest"), dr(precision="tf32x3", dr_precision="tf32")) == (
+        P.HIGHEST, P.DEFAULT)
+    with jax.default_matmul_precision("highest"):  # as XLA's dots would
+        assert dr() == P.HIGHEST
 
 
 @pytest.mark.gpu
