@@ -68,13 +68,16 @@ from .pallas_mlstm import (
 # block_k, chunk) for dq, dk and the gates, looping over the value blocks (nothing
 # recomputed per value block, no dq/dk partials), and dv by ``dv``: "grid" -- one program
 # per (row, d_v block, chunk); "loop" -- one per (row, chunk) looping over the d_v blocks;
-# "fused" -- inside the dq/dk program's value loop (needs block_k >= d_qk: one key block);
-# "auto" -- "fused" where there is one key block, else "loop". fwd_warps: the forward
-# output kernel's warps (None: num_warps).
-# Defaults: the fastest measured on an H200 at d_qk 256 / d_v 512 (benchmarks/RESULTS.md);
-# num_stages 2 (Triton software pipelining of the per-chunk loops): 4-5% faster on an H100.
-GPU_OPTIONS = {"num_warps": 8, "fwd_warps": 4, "num_stages": 2, "block_v": None, "state_block": None, "state_warps": None,
-               "bwd": "split", "block_k": 256, "fwd": "loop", "dv": "auto"}
+# "fused" -- inside the dq/dk programs' value loops, each key block writing an equal share
+# of the value blocks; "auto" -- "fused" where the value blocks split evenly over the key
+# blocks (and inputs are 16-bit, or there is one key block), else "loop". fwd_warps: the
+# forward output kernel's warps (None: num_warps).
+# Defaults: the fastest measured on an H100 at d_qk 256 / d_v 512 (benchmarks/RESULTS.md):
+# two key blocks of 128 on 4 warps (one of 256 on 8 warps held two 64 x 256 float32
+# accumulators per program); num_stages 2 (Triton software pipelining of the per-chunk
+# loops): 4-5% faster on an H100.
+GPU_OPTIONS = {"num_warps": 4, "fwd_warps": 4, "num_stages": 2, "block_v": None, "state_block": None, "state_warps": None,
+               "bwd": "split", "block_k": 128, "fwd": "loop", "dv": "auto"}
 COEF_COLS = 4  # state-walk coefficients per step: key/query weight, w_a (chunk), n weight, 0
 
 
@@ -115,10 +118,12 @@ def pipeline_stages(stage_bytes: int) -> int:
 
 
 def dqk_stage_bytes(p: Problem, dh_dtype, state_dtype) -> int:
-    """One iteration of the dq/dk kernel's value loop: v and dh (L x bv), C and dC (bk x bv)."""
-    _, bk, _, bv = _split_layout(p)
+    """One iteration of the dq/dk kernel's value loop: v and dh (L x bv), C and dC (bk x bv),
+    and with dv inside the other key blocks' rows of dC."""
+    nk, bk, nb, bv = _split_layout(p)
     isz = lambda d: jnp.dtype(d).itemsize  # noqa: E731
-    return p.L * bv * (isz(p.v.dtype) + isz(dh_dtype)) + 2 * bk * bv * isz(state_dtype)
+    other = (nk - 1) * bk * bv * isz(state_dtype) if _dv_mode(p) == "fused" else 0
+    return p.L * bv * (isz(p.v.dtype) + isz(dh_dtype)) + 2 * bk * bv * isz(state_dtype) + other
 
 
 def _gpu_params(interpret, warps_key="num_warps", warps=None, stage_bytes=None):
@@ -254,7 +259,9 @@ def _gpu_dqk_kernel(q_r, k_r, v_r, dh_r, gc_r, gr_r, C_r, n_r, m_r, dC_r, dn_r, 
     """dq, dk (columns kb*bk ...) and this block's share of the gate gradients for one chunk:
     bwd_chunk's algebra with the sums over d_v done in a loop over value blocks and the
     sums over d_qk split by key blocks (the d_qk-independent terms go to block 0). With
-    ``dv_r`` (one key block: nk == 1) the loop also writes dv."""
+    ``dv_r`` the loop also writes dv: key block kb owns the ``nv / nk`` value blocks from
+    ``kb * nv / nk`` on, visits them first, and for them also loads the other key blocks'
+    rows of dC (dv needs k dC over all of d_qk)."""
     L = q_r.shape[0]
     kb = pl.program_id(0) % nk
     first = (kb == 0).astype(F32)
@@ -267,19 +274,32 @@ def _gpu_dqk_kernel(q_r, k_r, v_r, dh_r, gc_r, gr_r, C_r, n_r, m_r, dC_r, dn_r, 
     gm_row = first * (-eps * dhh / denom + jnp.where(last, gm_r[...], 0.0))
 
     q_kb, k_kb = q_r[:, cols].astype(F32) * scale, k_r[:, cols]
+    own = nv // nk  # value blocks whose dv this program writes (with dv_r)
+    others = [pl.ds(pl.multiple_of(((kb + o) % nk) * bk, bk), bk) for o in range(1, nk)] if dv_r else []
+    k_others = [k_r[:, r] for r in others]
 
-    def over_values(j, acc):
+    def over_values(j, acc, write_dv):
         G, CQ, Y, Ea = acc
-        vc = pl.ds(pl.multiple_of(j * bv, bv), bv)
+        vj = (j + kb * own) % nv if nk > 1 else j
+        vc = pl.ds(pl.multiple_of(vj * bv, bv), bv)
         v, dnum = v_r[:, vc], dh_r[:, vc].astype(F32) / denom
         C, dC = C_r[cols, vc], dC_r[cols, vc]
-        if dv_r:  # nk == 1: k_kb and dC span all of d_qk
-            dv_r[0][:, vc] = (_dot_tn(s, dnum, mm) + x.c * _dot(k_kb, dC, mm)).astype(dv_r[0].dtype)
+        if write_dv:
+            kdc = _dot(k_kb, dC, mm)
+            for k_o, rows in zip(k_others, others):
+                kdc = kdc + _dot(k_o, dC_r[rows, vc], mm)
+            dv_r[0][:, vc] = (_dot_tn(s, dnum, mm) + x.c * kdc).astype(dv_r[0].dtype)
         return (G + _dot_nt(dnum, v, mm), CQ + _dot_nt(dnum, C, mm), Y + _dot_nt(v, dC, mm),
                 Ea + jnp.sum(jnp.sum(C.astype(F32) * dC.astype(F32), axis=1, keepdims=True), axis=0, keepdims=True))
 
-    zeros = (jnp.zeros((L, L), F32), jnp.zeros((L, bk), F32), jnp.zeros((L, bk), F32), jnp.zeros((1, 1), F32))
-    G, CQ, Y, Ea = lax.fori_loop(0, nv, over_values, zeros)
+    acc = (jnp.zeros((L, L), F32), jnp.zeros((L, bk), F32), jnp.zeros((L, bk), F32), jnp.zeros((1, 1), F32))
+    start = 0
+    if dv_r:
+        acc = lax.fori_loop(0, own, functools.partial(over_values, write_dv=True), acc)
+        start = own
+    if start < nv:
+        acc = lax.fori_loop(start, nv, functools.partial(over_values, write_dv=False), acc)
+    G, CQ, Y, Ea = acc
     G = G + dden
     P = s * G
     dG = x.d * G
@@ -324,18 +344,30 @@ def _gpu_dv_kernel(q_r, k_r, dh_r, gc_r, gr_r, n_r, m_r, dC_r, dv_r, *, nv, bv, 
 
 
 def _split_layout(p: Problem):
-    """(nk, bk, nb, bv): key blocks and value blocks of the split backward."""
+    """(nk, bk, nb, bv): key blocks and value blocks of the split backward. ``block_k`` is
+    halved while two copies of the dq/dk loop's loads would not fit in shared memory: the
+    float32 kernel at d_qk 256 / d_v 512 with one key block asked 327,680 B (2 x 163,840) on
+    an H100 even at one pipeline stage (its transposed operands), over the 232,448 B there."""
     bk = min(p.d_qk, GPU_OPTIONS["block_k"])
     nb = value_blocks(p.d_qk, p.d_v)
-    return p.d_qk // bk, bk, nb, p.d_v // nb
+    bv = p.d_v // nb
+    isz, ssz = jnp.dtype(p.v.dtype).itemsize, jnp.dtype(_mm_dtype(p.q.dtype)).itemsize
+    while bk > 16 and 2 * (p.L * bv * 2 * isz + 2 * bk * bv * ssz) + 16384 > SMEM_BYTES:
+        bk //= 2
+    return p.d_qk // bk, bk, nb, bv
 
 
 def _dv_mode(p: Problem) -> str:
+    """dv's kernel layout; "auto": inside the dq/dk kernel when each key block can own
+    whole value blocks (one key block, or 16-bit inputs with the value blocks a multiple
+    of the key blocks), else the per-(row, chunk) loop kernel."""
     mode = GPU_OPTIONS["dv"]
     if mode not in ("grid", "loop", "fused", "auto"):
         raise ValueError(f"GPU_OPTIONS['dv'] must be 'grid', 'loop', 'fused' or 'auto', got {mode!r}")
     if mode == "auto":
-        return "fused" if _split_layout(p)[0] == 1 else "loop"
+        nk, _, nb, _ = _split_layout(p)
+        even = nb % nk == 0 and jnp.dtype(p.q.dtype).itemsize <= 2
+        return "fused" if nk == 1 or even else "loop"
     return mode
 
 
@@ -345,9 +377,9 @@ def gpu_dqk(p: Problem, dh, Cs, ns, m_in4, dCs, dns, gm_end, dhh, *, scale, eps,
     BH, NC, L = p.q.shape[0], p.n_chunks, p.L
     nk, bk, nb, bv = _split_layout(p)
     with_dv = _dv_mode(p) == "fused"
-    if with_dv and nk != 1:
-        raise ValueError(f"GPU_OPTIONS['dv'] = 'fused' needs one key block (block_k >= d_qk = {p.d_qk}), "
-                         f"got block_k {GPU_OPTIONS['block_k']}")
+    if with_dv and nb % nk:
+        raise ValueError(f"GPU_OPTIONS['dv'] = 'fused' needs the {nb} value blocks to split evenly over the {nk} "
+                         f"key blocks (d_qk {p.d_qk}, block_k {bk}; d_v {p.d_v}, block_v {bv})")
     whole = lambda *sh: pl.BlockSpec((None, *sh), lambda b, c: (b // nk, c) + (0,) * (len(sh) - 1))  # noqa: E731
     chunk = lambda *sh: pl.BlockSpec((None, None, *sh), lambda b, c: (b // nk, c) + (0,) * len(sh))  # noqa: E731
     kcols = pl.BlockSpec((None, L, bk), lambda b, c: (b // nk, c, b % nk))

@@ -42,8 +42,8 @@ def _arr(rng, shape, dtype=jnp.float32, scale=1.0, offset=0.0):
 
 @pytest.mark.parametrize("options,kernels", [
     ({"bwd": "fused", "fwd": "grid"}, 4), ({"fwd": "grid", "dv": "grid", "block_k": 32}, 5), ({"dv": "loop"}, 5),
-    ({}, 4),
-], ids=["fused", "grid", "dv_loop", "defaults"])
+    ({}, 4), ({"dv": "fused", "block_k": 32}, 4),
+], ids=["fused", "grid", "dv_loop", "defaults", "dv_fused_key_blocks"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_mlstm_gpu_kernels_lower(hopper, monkeypatch, dtype, options, kernels):
     """Forward: state walk + per-chunk outputs; backward: adjoint walk + per-chunk gradients

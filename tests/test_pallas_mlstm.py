@@ -165,12 +165,13 @@ def test_pallas_gpu_mlstm_walk_tiles_fill_the_gpu(monkeypatch):
         pg.walk_tiles(8, 256, 512)
 
 
-def test_pallas_gpu_mlstm_pipelining_fits_shared_memory():
+def test_pallas_gpu_mlstm_pipelining_fits_shared_memory(monkeypatch):
     """Triton's software pipelining keeps num_stages copies of a loop iteration's loads in
-    shared memory. The float32 dq/dk kernel at d_qk 256 / d_v 512 with 2 stages asked an
-    H100 for 344,064 B (of 232,448): two of the 163,840 B this estimate gives, plus 16 KB.
-    So float32 there runs 1 stage, while bf16 (81,920 B per stage) and float32 at head 64
-    keep the measured default of 2."""
+    shared memory. The float32 dq/dk kernel at d_qk 256 / d_v 512 with one key block of 256
+    asked an H100 for 344,064 B at 2 stages and 327,680 B at 1 (of 232,448): two copies of
+    the 163,840 B this estimate gives (plus 16 KB). So float32 there takes key blocks of 128
+    (98,304 B) at 1 stage even when block_k asks 256, while bf16 keeps 256 when asked, and
+    bf16 (with dv inside: 65,536 B) and float32 at head 64 keep the measured 2 stages."""
     from mnemax.kernels import pallas_mlstm
     from mnemax.kernels import pallas_mlstm_gpu as pg
 
@@ -180,7 +181,12 @@ def test_pallas_gpu_mlstm_pipelining_fits_shared_memory():
         return pallas_mlstm.make_problem("gpu", z, z, jnp.zeros((1, 2, 128, dv), dtype), g, g, None, 64)
 
     big32, big16, small32 = problem(256, 512, jnp.float32), problem(256, 512, jnp.bfloat16), problem(64, 64, jnp.float32)
-    assert pg.dqk_stage_bytes(big32, jnp.float32, jnp.float32) == 163_840
+    monkeypatch.setitem(pg.GPU_OPTIONS, "block_k", 256)
+    assert pg._split_layout(big32) == (2, 128, 8, 64) and pg._split_layout(big16) == (1, 256, 8, 64)
+    monkeypatch.setitem(pg.GPU_OPTIONS, "block_k", 128)  # the default
+    assert (pg._dv_mode(big32), pg._dv_mode(big16)) == ("loop", "fused")
+    assert pg.dqk_stage_bytes(big32, jnp.float32, jnp.float32) == 98_304
+    assert pg.dqk_stage_bytes(big16, jnp.bfloat16, jnp.bfloat16) == 65_536
     assert pg.pipeline_stages(pg.dqk_stage_bytes(big32, jnp.float32, jnp.float32)) == 1
     assert pg.pipeline_stages(pg.dqk_stage_bytes(big16, jnp.bfloat16, jnp.bfloat16)) == 2
     assert pg.pipeline_stages(pg.dqk_stage_bytes(small32, jnp.float32, jnp.float32)) == 2
@@ -216,7 +222,8 @@ def test_pallas_gpu_mlstm_split_backward(monkeypatch, case):
     {"bwd": "fused", "fwd": "grid"},  # one program per (row, value block, chunk); gradient partials summed
     {"fwd": "grid", "dv": "grid", "block_k": 8},  # outputs and dv per (row, value block, chunk); 4 key blocks
     {"dv": "loop"},  # dv: one program per (row, chunk) looping over the value blocks
-    {"dv": "auto", "block_k": 8},  # 4 key blocks: dv in its own loop kernel
+    {"dv": "auto", "block_k": 8},  # 4 key blocks, float32: dv in its own loop kernel
+    {"dv": "fused", "block_k": 8},  # 4 key blocks, each writing dv for one of the 4 value blocks
     {},  # the defaults: loop forward, dv inside the dq/dk program (one key block: d_qk 24 pads to 32)
 ])
 def test_pallas_gpu_mlstm_kernel_variants(monkeypatch, options):
@@ -237,7 +244,7 @@ def test_pallas_gpu_mlstm_kernel_variants(monkeypatch, options):
     ({"bwd": "fast"}, "GPU_OPTIONS\\['bwd'\\] must be 'fused' or 'split', got 'fast'"),
     ({"fwd": "fast"}, "GPU_OPTIONS\\['fwd'\\] must be 'grid' or 'loop', got 'fast'"),
     ({"dv": "fast"}, "GPU_OPTIONS\\['dv'\\] must be 'grid', 'loop', 'fused' or 'auto', got 'fast'"),
-    ({"dv": "fused", "block_k": 8}, "needs one key block \\(block_k >= d_qk = 16\\), got block_k 8"),
+    ({"dv": "fused", "block_k": 8}, "needs the 1 value blocks to split evenly over the 2 key blocks"),
 ])
 def test_pallas_gpu_mlstm_unknown_kernel_option(monkeypatch, options, message):
     from mnemax.kernels import pallas_mlstm_gpu
