@@ -69,12 +69,12 @@ from .pallas_mlstm import (
 # recomputed per value block, no dq/dk partials), and dv by ``dv``: "grid" -- one program
 # per (row, d_v block, chunk); "loop" -- one per (row, chunk) looping over the d_v blocks;
 # "fused" -- inside the dq/dk programs' value loops, each key block writing an equal share
-# of the value blocks; "auto" -- "fused" where the value blocks split evenly over the key
-# blocks (and inputs are 16-bit, or there is one key block), else "loop". fwd_warps: the
-# forward output kernel's warps (None: num_warps).
+# of the value blocks (loading the other key blocks' rows of dC for them); "auto" --
+# "fused" where there is one key block, else "loop". fwd_warps: the forward output
+# kernel's warps (None: num_warps).
 # Defaults: the fastest measured on an H100 at d_qk 256 / d_v 512 (benchmarks/RESULTS.md):
-# two key blocks of 128 on 4 warps (one of 256 on 8 warps held two 64 x 256 float32
-# accumulators per program); num_stages 2 (Triton software pipelining of the per-chunk
+# two key blocks of 128 on 4 warps and dv in the loop kernel (one key block of 256 on 8
+# warps held two 64 x 256 float32 accumulators per program); num_stages 2 (Triton software pipelining of the per-chunk
 # loops): 4-5% faster on an H100.
 GPU_OPTIONS = {"num_warps": 4, "fwd_warps": 4, "num_stages": 2, "block_v": None, "state_block": None, "state_warps": None,
                "bwd": "split", "block_k": 128, "fwd": "loop", "dv": "auto"}
@@ -358,16 +358,14 @@ def _split_layout(p: Problem):
 
 
 def _dv_mode(p: Problem) -> str:
-    """dv's kernel layout; "auto": inside the dq/dk kernel when each key block can own
-    whole value blocks (one key block, or 16-bit inputs with the value blocks a multiple
-    of the key blocks), else the per-(row, chunk) loop kernel."""
+    """dv's kernel layout; "auto": inside the dq/dk kernel when it has one key block, else
+    the per-(row, chunk) loop kernel (on an H100, dv inside two key blocks' programs made
+    the whole backward 3-6 ms slower than the loop kernel at d_qk 256 / d_v 512)."""
     mode = GPU_OPTIONS["dv"]
     if mode not in ("grid", "loop", "fused", "auto"):
         raise ValueError(f"GPU_OPTIONS['dv'] must be 'grid', 'loop', 'fused' or 'auto', got {mode!r}")
     if mode == "auto":
-        nk, _, nb, _ = _split_layout(p)
-        even = nb % nk == 0 and jnp.dtype(p.q.dtype).itemsize <= 2
-        return "fused" if nk == 1 or even else "loop"
+        return "fused" if _split_layout(p)[0] == 1 else "loop"
     return mode
 
 

@@ -171,7 +171,7 @@ def test_pallas_gpu_mlstm_pipelining_fits_shared_memory(monkeypatch):
     asked an H100 for 344,064 B at 2 stages and 327,680 B at 1 (of 232,448): two copies of
     the 163,840 B this estimate gives (plus 16 KB). So float32 there takes key blocks of 128
     (98,304 B) at 1 stage even when block_k asks 256, while bf16 keeps 256 when asked, and
-    bf16 (with dv inside: 65,536 B) and float32 at head 64 keep the measured 2 stages."""
+    bf16 (49,152 B; 65,536 B with dv inside) and float32 at head 64 keep the measured 2 stages."""
     from mnemax.kernels import pallas_mlstm
     from mnemax.kernels import pallas_mlstm_gpu as pg
 
@@ -184,8 +184,10 @@ def test_pallas_gpu_mlstm_pipelining_fits_shared_memory(monkeypatch):
     monkeypatch.setitem(pg.GPU_OPTIONS, "block_k", 256)
     assert pg._split_layout(big32) == (2, 128, 8, 64) and pg._split_layout(big16) == (1, 256, 8, 64)
     monkeypatch.setitem(pg.GPU_OPTIONS, "block_k", 128)  # the default
-    assert (pg._dv_mode(big32), pg._dv_mode(big16)) == ("loop", "fused")
+    assert (pg._dv_mode(big32), pg._dv_mode(big16)) == ("loop", "loop")
     assert pg.dqk_stage_bytes(big32, jnp.float32, jnp.float32) == 98_304
+    assert pg.dqk_stage_bytes(big16, jnp.bfloat16, jnp.bfloat16) == 49_152
+    monkeypatch.setitem(pg.GPU_OPTIONS, "dv", "fused")  # the other key block's dC rows too
     assert pg.dqk_stage_bytes(big16, jnp.bfloat16, jnp.bfloat16) == 65_536
     assert pg.pipeline_stages(pg.dqk_stage_bytes(big32, jnp.float32, jnp.float32)) == 1
     assert pg.pipeline_stages(pg.dqk_stage_bytes(big16, jnp.bfloat16, jnp.bfloat16)) == 2
@@ -222,7 +224,7 @@ def test_pallas_gpu_mlstm_split_backward(monkeypatch, case):
     {"bwd": "fused", "fwd": "grid"},  # one program per (row, value block, chunk); gradient partials summed
     {"fwd": "grid", "dv": "grid", "block_k": 8},  # outputs and dv per (row, value block, chunk); 4 key blocks
     {"dv": "loop"},  # dv: one program per (row, chunk) looping over the value blocks
-    {"dv": "auto", "block_k": 8},  # 4 key blocks, float32: dv in its own loop kernel
+    {"dv": "auto", "block_k": 8},  # 4 key blocks: dv in its own loop kernel
     {"dv": "fused", "block_k": 8},  # 4 key blocks, each writing dv for one of the 4 value blocks
     {},  # the defaults: loop forward, dv inside the dq/dk program (one key block: d_qk 24 pads to 32)
 ])
