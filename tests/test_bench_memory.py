@@ -171,3 +171,37 @@ def test_table_keeps_a_row_per_learning_rate():
     assert lines[3] == "| mlstm (lr 0.001) | 10-10 | 1.000 | - |"
     assert lines[4] == "| mamba (lr 0.003) | 10-10 | 0.008 | - |"
     assert bench_memory.markdown(rows[:2]).splitlines()[2] == "| mlstm | 10-10 | 0.000 | 0.025 |"
+
+
+def test_table_averages_a_cell_over_its_seeds():
+    """Rows of one cell at several seeds become one table cell: their mean accuracy and,
+    in brackets, the lowest and highest (the passkey length table too); one seed keeps
+    the plain number."""
+    def row(seed, diff, acc, **extra):
+        return {"family": "mamba", "task": "mqar", "difficulty": diff, "params": 10, "accuracy": acc, "seed": seed, **extra}
+
+    rows = [row(0, "pairs=16", 0.2), row(1, "pairs=16", 0.5), row(2, "pairs=16", 0.8), row(0, "pairs=64", 0.01)]
+    lines = bench_memory.markdown(rows).splitlines()
+    assert lines[2] == "| mamba | 10-10 | 0.500 (0.200-0.800) | 0.010 |"
+    assert lines[4] == "Each cell: the mean accuracy over its 1 to 3 seeds and, in brackets, the lowest and highest."
+    pk = [{**row(s, "len=64", a, **{"acc len=64": a, "acc len=256": a / 2}), "task": "passkey"} for s, a in ((0, 1.0), (1, 0.5))]
+    text = bench_memory.markdown(pk)
+    assert "| mamba | 0.750 (0.500-1.000) | 0.375 (0.250-0.500) |" in text, text
+    assert "over its 2 seeds" in text
+
+
+def test_seeds_flag_trains_each_cell_once_per_seed(tmp_path):
+    """``--seeds 0 1``: the same cell trained twice in one --workdir (no resume across
+    seeds), from different initialisations and data (different losses), each row recording
+    its seed; repeated or negative seeds are refused."""
+    common = ["--smoke", "--families", "transformer", "--tasks", "mqar", "--difficulties", "pairs=4",
+              "--workdir", str(tmp_path / "work"), "--out", str(tmp_path)]
+    rows = bench_memory.main(common + ["--seeds", "0", "1"])["rows"]
+    assert [r["seed"] for r in rows] == [0, 1]
+    assert rows[0]["loss"] != rows[1]["loss"]
+    runs = sorted(d for d in os.listdir(tmp_path / "work") if d.startswith("tiny-"))
+    assert len(runs) == 2 and runs[1].endswith("-seed1"), runs
+    assert "(" in open(tmp_path / "memory_tiny_smoke.md").read()  # mean (lowest-highest)
+    for bad in (["0", "0"], ["-1"]):
+        with pytest.raises(ValueError, match="--seeds: got"):
+            bench_memory.main(common + ["--seeds", *bad])

@@ -208,7 +208,7 @@ def run_cell(family: str, preset: str, fixed: dict, cell: Cell, budget: dict, wo
     row = {
         "family": family, "preset": preset, "task": cell.task, "difficulty": cell.difficulty,
         "params": n_params, "d_model": overrides["d_model"], "steps": c.train.steps, "lr": c.train.learning_rate,
-        "accuracy": result["eval_accuracy"], "loss": result["eval_loss"], "seconds": time.time() - t0,
+        "accuracy": result["eval_accuracy"], "loss": result["eval_loss"], "seconds": time.time() - t0, "seed": seed,
     }
     for k, v in result.items():
         if k.startswith("eval_accuracy/"):
@@ -253,27 +253,54 @@ def _label(row: dict, rows: list[dict]) -> str:
     return row["family"]
 
 
+def _by_cell(rows: list[dict]) -> dict:
+    """(label, task, difficulty) -> that cell's rows, one per seed."""
+    out: dict = {}
+    for r in rows:
+        out.setdefault((_label(r, rows), r["task"], r["difficulty"]), []).append(r)
+    return out
+
+
+def _stat(rs: list[dict], key: str = "accuracy") -> tuple[float, float, float]:
+    """(mean, min, max) of ``key`` over a cell's seeds."""
+    v = np.array([r.get(key, np.nan) for r in rs], float)
+    return float(np.mean(v)), float(np.min(v)), float(np.max(v))
+
+
+def _fmt(rs: list[dict], key: str = "accuracy") -> str:
+    """One seed: the value; several: ``mean (min-max)``."""
+    mean, lo, hi = _stat(rs, key)
+    return f"{mean:.3f}" if len(rs) == 1 else f"{mean:.3f} ({lo:.3f}-{hi:.3f})"
+
+
 def markdown(rows: list[dict]) -> str:
     """The accuracy table: a row per family (per family and learning rate when the rows
-    hold several rates), a column per (task, difficulty)."""
+    hold several rates), a column per (task, difficulty). A cell run with several seeds
+    shows the mean accuracy and, in brackets, the lowest and highest."""
     cols = sorted({(r["task"], r["difficulty"]) for r in rows}, key=_natural)
     fams = list(dict.fromkeys(_label(r, rows) for r in rows))
+    cells_of = _by_cell(rows)
+    seeds = sorted({len(v) for v in cells_of.values()})
     head = "| family | params | " + " | ".join(f"{t} {d}" for t, d in cols) + " |"
     sep = "| --- | --- | " + " | ".join("---" for _ in cols) + " |"
     lines = [head, sep]
     for f in fams:
-        mine = {(r["task"], r["difficulty"]): r for r in rows if _label(r, rows) == f}
-        params = sorted({r["params"] for r in mine.values()})
-        cells_ = [f"{mine[c]['accuracy']:.3f}" if c in mine else "-" for c in cols]
+        mine = {(t, d): v for (lab, t, d), v in cells_of.items() if lab == f}
+        params = sorted({r["params"] for v in mine.values() for r in v})
+        cells_ = [_fmt(mine[c]) if c in mine else "-" for c in cols]
         lines.append(f"| {f} | {params[0]:,}-{params[-1]:,} | " + " | ".join(cells_) + " |")
-    extra = [r for r in rows if any(k.startswith("acc len=") for k in r)]
+    if seeds != [1]:
+        n = f"{seeds[0]} seeds" if len(seeds) == 1 else f"{seeds[0]} to {seeds[-1]} seeds"
+        lines += ["", f"Each cell: the mean accuracy over its {n} and, in brackets, the lowest and highest."]
+    extra = [k for k, v in cells_of.items() if any(key.startswith("acc len=") for r in v for key in r)]
     if extra:
-        lens = sorted({k for r in extra for k in r if k.startswith("acc len=")}, key=lambda k: int(k.split("=")[1]))
-        depths = sorted({k for r in extra for k in r if k.startswith("acc depth")})
+        keys = {key for k in extra for r in cells_of[k] for key in r}
+        lens = sorted((k for k in keys if k.startswith("acc len=")), key=lambda k: int(k.split("=")[1]))
+        depths = sorted(k for k in keys if k.startswith("acc depth"))
         lines += ["", "Passkey, trained at the first length: accuracy by evaluation length and by needle depth (training length)", "",
                   "| family | " + " | ".join(lens + depths) + " |", "| --- | " + " | ".join("---" for _ in lens + depths) + " |"]
-        for r in extra:
-            lines.append(f"| {_label(r, rows)} | " + " | ".join(f"{r.get(k, float('nan')):.3f}" for k in lens + depths) + " |")
+        for k in extra:
+            lines.append(f"| {k[0]} | " + " | ".join(_fmt(cells_of[k], key) for key in lens + depths) + " |")
     return "\n".join(lines)
 
 
@@ -292,9 +319,13 @@ def plots(rows: list[dict], out_dir: str, suffix: str = "") -> list[str]:
     mq = [r for r in rows if r["task"] == "mqar"]
     if mq:
         fig, ax = plt.subplots(figsize=(6, 4))
+        cells_of = _by_cell(mq)
         for f in dict.fromkeys(_label(r, mq) for r in mq):
-            pts = sorted((int(r["difficulty"].split("=")[1]), r["accuracy"]) for r in mq if _label(r, mq) == f)
-            ax.plot(*zip(*pts), marker="o", label=f)
+            pts = sorted((int(d.split("=")[1]), *_stat(v)) for (lab, _, d), v in cells_of.items() if lab == f)
+            x, mean, lo, hi = zip(*pts)
+            (line,) = ax.plot(x, mean, marker="o", label=f)
+            if any(len(v) > 1 for (lab, _, _), v in cells_of.items() if lab == f):  # several seeds: their range
+                ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
         ax.set(xlabel="key-value pairs", ylabel="held-out recall accuracy", title="MQAR", xscale="log", ylim=(0, 1.02))
         pairs = sorted({int(r["difficulty"].split("=")[1]) for r in mq})
         ax.set_xticks(pairs, [str(p) for p in pairs])
@@ -306,10 +337,10 @@ def plots(rows: list[dict], out_dir: str, suffix: str = "") -> list[str]:
     pk = [r for r in rows if r["task"] == "passkey"]
     if pk:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for r in pk:
-            lens = sorted((int(k.split("=")[1]), v) for k, v in r.items() if k.startswith("acc len="))
-            if lens:
-                ax.plot(*zip(*lens), marker="o", label=_label(r, pk))
+        for (label, _, _), rs in _by_cell(pk).items():  # the mean over seeds
+            keys = sorted({k for r in rs for k in r if k.startswith("acc len=")}, key=lambda k: int(k.split("=")[1]))
+            if keys:
+                ax.plot([int(k.split("=")[1]) for k in keys], [_stat(rs, k)[0] for k in keys], marker="o", label=label)
         ax.set(xlabel="context length (trained at the first point)", ylabel="passkey accuracy", xscale="log", ylim=(0, 1.02))
         lengths = sorted({int(k.split("=")[1]) for r in pk for k in r if k.startswith("acc len=")})
         ax.set_xticks(lengths, [str(n) for n in lengths])
@@ -333,6 +364,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--data_dir", default=None)
     ap.add_argument("--steps", type=int, default=None, help="training steps per cell (default: the budget's)")
     ap.add_argument("--learning_rate", type=float, default=None, help=f"peak learning rate of every cell (default {DEFAULT_LR})")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0],
+                    help="train every cell once per seed (model init and data); the table shows the mean and range")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="combine earlier outputs' rows into one table and plots in --out; trains nothing")
     args = ap.parse_args(argv)
@@ -349,6 +382,8 @@ def main(argv=None) -> dict:
         return write(rows, docs[0]["budget"], any(d["smoke"] for d in docs), args.out, steps=docs[0].get("steps"),
                      device=", ".join(sorted({d["device"] for d in docs})), date=max(d["date"] for d in docs),
                      merged_from=[os.path.abspath(p) for p in args.merge])
+    if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        raise ValueError(f"--seeds: got {args.seeds}; expected distinct integers >= 0")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.learning_rate is not None and not args.learning_rate > 0:
@@ -374,17 +409,18 @@ def main(argv=None) -> dict:
     work = args.workdir or tempfile.mkdtemp(prefix="mnemax-bench-")
     data_dir = args.data_dir or os.path.join(work, "data")
     rows = []
-    for fam, cell in plan:
+    for (fam, cell), seed in ((fc, s) for fc in plan for s in args.seeds):
         preset, fixed = fams[fam]
         fixed = family_overrides(fam, fixed, args.budget)
-        # one directory per run: a reused --workdir must not resume another budget's or
-        # --steps' checkpoint (the trainer resumes a workdir's newest checkpoint)
-        wd = os.path.join(work, f"{args.budget}-{budget['steps']}steps{lr_tag}{'-smoke' if args.smoke else ''}-{fam}-{cell.task}-{cell.difficulty}".replace("=", ""))
+        # one directory per run: a reused --workdir must not resume another budget's, --steps',
+        # rate's or seed's checkpoint (the trainer resumes a workdir's newest checkpoint)
+        seed_tag = f"-seed{seed}" if seed else ""
+        wd = os.path.join(work, f"{args.budget}-{budget['steps']}steps{lr_tag}{'-smoke' if args.smoke else ''}-{fam}-{cell.task}-{cell.difficulty}{seed_tag}".replace("=", ""))
         try:
-            row = run_cell(fam, preset, fixed, cell, budget, wd, data_dir, args.smoke)
+            row = run_cell(fam, preset, fixed, cell, budget, wd, data_dir, args.smoke, seed=seed)
         except Exception as err:  # noqa: BLE001 - a family that cannot take a task is reported, not fatal
             row = {"family": fam, "preset": preset, "task": cell.task, "difficulty": cell.difficulty, "params": 0,
-                   "accuracy": float("nan"), "error": f"{type(err).__name__}: {str(err)[:200]}"}
+                   "accuracy": float("nan"), "seed": seed, "error": f"{type(err).__name__}: {str(err)[:200]}"}
         rows.append(row)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     return write(rows, args.budget, args.smoke, args.out, steps=args.steps)
