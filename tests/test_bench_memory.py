@@ -171,6 +171,8 @@ def test_table_keeps_a_row_per_learning_rate():
     assert lines[3] == "| mlstm (lr 0.001) | 10-10 | 1.000 | - |"
     assert lines[4] == "| mamba (lr 0.003) | 10-10 | 0.008 | - |"
     assert bench_memory.markdown(rows[:2]).splitlines()[2] == "| mlstm | 10-10 | 0.000 | 0.025 |"
+    old = {k: v for k, v in row("mamba", None, "pairs=64", 0.01).items() if k != "lr"}  # a row from before "lr" was kept
+    assert bench_memory.markdown(rows[:2] + [old]).splitlines()[3] == "| mamba | 10-10 | - | 0.010 |"
 
 
 def test_table_averages_a_cell_over_its_seeds():

@@ -248,7 +248,7 @@ def _natural(key):
 
 def _label(row: dict, rows: list[dict]) -> str:
     """A row's family, with its learning rate when the rows were trained at several."""
-    if len({r.get("lr") for r in rows}) > 1:
+    if len({r.get("lr", DEFAULT_LR) for r in rows}) > 1:  # rows from before "lr" was recorded ran at the default
         return f"{row['family']} (lr {row.get('lr', DEFAULT_LR):g})"
     return row["family"]
 
