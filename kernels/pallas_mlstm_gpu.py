@@ -74,8 +74,8 @@ from .pallas_mlstm import (
 # kernel's warps (None: num_warps).
 # Defaults: the fastest measured on an H100 at d_qk 256 / d_v 512 (benchmarks/RESULTS.md):
 # two key blocks of 128 on 4 warps and dv in the loop kernel (one key block of 256 on 8
-# warps held two 64 x 256 float32 accumulators per program); num_stages 2 (Triton software pipelining of the per-chunk
-# loops): 4-5% faster on an H100.
+# warps held two 64 x 256 float32 accumulators per program); num_stages 2 (Triton
+# software pipelining of the per-chunk loops): 4-5% faster on an H100.
 GPU_OPTIONS = {"num_warps": 4, "fwd_warps": 4, "num_stages": 2, "block_v": None, "state_block": None, "state_warps": None,
                "bwd": "split", "block_k": 128, "fwd": "loop", "dv": "auto"}
 COEF_COLS = 4  # state-walk coefficients per step: key/query weight, w_a (chunk), n weight, 0
@@ -123,7 +123,12 @@ def dqk_stage_bytes(p: Problem, dh_dtype, state_dtype) -> int:
     nk, bk, nb, bv = _split_layout(p)
     isz = lambda d: jnp.dtype(d).itemsize  # noqa: E731
     other = (nk - 1) * bk * bv * isz(state_dtype) if _dv_mode(p) == "fused" else 0
-    return p.L * bv * (isz(p.v.dtype) + isz(dh_dtype)) + 2 * bk * bv * isz(state_dtype) + other
+    return _dqk_loop_bytes(p.L, bk, bv, isz(p.v.dtype), isz(dh_dtype), isz(state_dtype)) + other
+
+
+def _dqk_loop_bytes(L, bk, bv, v_size, dh_size, state_size) -> int:
+    """The dq/dk loop's loads per value block: v and dh (L x bv), C and dC (bk x bv)."""
+    return L * bv * (v_size + dh_size) + 2 * bk * bv * state_size
 
 
 def _gpu_params(interpret, warps_key="num_warps", warps=None, stage_bytes=None):
@@ -352,7 +357,7 @@ def _split_layout(p: Problem):
     nb = value_blocks(p.d_qk, p.d_v)
     bv = p.d_v // nb
     isz, ssz = jnp.dtype(p.v.dtype).itemsize, jnp.dtype(_mm_dtype(p.q.dtype)).itemsize
-    while bk > 16 and 2 * (p.L * bv * 2 * isz + 2 * bk * bv * ssz) + 16384 > SMEM_BYTES:
+    while bk > 16 and 2 * _dqk_loop_bytes(p.L, bk, bv, isz, isz, ssz) + 16384 > SMEM_BYTES:
         bk //= 2
     return p.d_qk // bk, bk, nb, bv
 
