@@ -348,7 +348,7 @@ def _stages(jax, jnp, pm, gpu, q, k, v, i, f, dh, L, shape, name):
     fwd = jax.jit(lambda arrs: gpu.forward(P(arrs), st0, q.dtype, save=True, **kw))
     bwd = jax.jit(lambda arrs, dh, bounds: gpu.backward(P(arrs), dh, bounds, st0, **kw))
     adj = jax.jit(lambda arrs, dh, bounds: gpu.adjoint(P(arrs), dh, bounds, st0, **kw))
-    dqk = jax.jit(lambda arrs, dh, Cs, ns, m4, dCs, dns, gme, dhh: gpu.gpu_dqk(P(arrs), dh, Cs, ns, m4, dCs, dns, gme, dhh,
+    dqk = jax.jit(lambda arrs, dh, Cs, ns, m4, dCs, dns, gme, rows: gpu.gpu_dqk(P(arrs), dh, Cs, ns, m4, dCs, dns, gme, rows,
                                                                                **kw))
     dvk = jax.jit(lambda arrs, dh, ns, m4, dCs: gpu.gpu_dv(P(arrs), dh, ns, m4, dCs, **kw))
     dh_p = pm._pad_axis(dh.reshape(BH, t, dv), 1, p.n_chunks * p.L)
@@ -357,12 +357,12 @@ def _stages(jax, jnp, pm, gpu, q, k, v, i, f, dh, L, shape, name):
     stages = [("gate scalars (xla)", scal, (arrays,)), ("state walk", walk, (arrays, p.k, p.v, w_a, c)),
               ("forward total", fwd, (arrays,)), ("backward total", bwd, (arrays, dh_p, bounds))]
     if gpu.GPU_OPTIONS["bwd"] == "split":
-        dCs, dns, _, _, _, gm_end, dhh = adj(arrays, dh_p, bounds)
+        dCs, dns, _, _, _, gm_end, rowstats = adj(arrays, dh_p, bounds)
         Cs, ns, m4 = bounds[:3]
         dv_fused = gpu._dv_mode(p) == "fused"  # "auto" resolved as the backward resolves it
         stages += [("bwd: adjoint walk + scans", adj, (arrays, dh_p, bounds)),
                    ("bwd: dq/dk/gates kernel" + (" (+dv)" if dv_fused else ""), dqk,
-                    (arrays, dh_p, Cs, ns, m4, dCs, dns, gm_end, dhh))]
+                    (arrays, dh_p, Cs, ns, m4, dCs, dns, gm_end, rowstats))]
         if not dv_fused:
             stages.append(("bwd: dv kernel", dvk, (arrays, dh_p, ns, m4, dCs)))
     rows = []

@@ -71,13 +71,17 @@ from .pallas_mlstm import (
 # "fused" -- inside the dq/dk programs' value loops, each key block writing an equal share
 # of the value blocks (loading the other key blocks' rows of dC for them); "auto" --
 # "fused" where there is one key block, else "loop". fwd_warps: the forward output
-# kernel's warps (None: num_warps).
+# kernel's warps (None: num_warps). bwd_denom: "saved" -- the dq/dk kernel takes each
+# step's denominator and its gradient from the forward's statistics and computes the chunk's
+# scores after its value loop, so that no L x L or L x d_qk value is live beside the loop's
+# accumulators; "recompute" -- the scores first, the denominators from them (the layout
+# before; with dv "fused" the loop needs the scores, so that layout is used there).
 # Defaults: the fastest measured on an H100 at d_qk 256 / d_v 512 (benchmarks/RESULTS.md):
 # two key blocks of 128 on 4 warps and dv in the loop kernel (one key block of 256 on 8
 # warps held two 64 x 256 float32 accumulators per program); num_stages 2 (Triton
 # software pipelining of the per-chunk loops): 4-5% faster on an H100.
 GPU_OPTIONS = {"num_warps": 4, "fwd_warps": 4, "num_stages": 2, "block_v": None, "state_block": None, "state_warps": None,
-               "bwd": "split", "block_k": 128, "fwd": "loop", "dv": "auto"}
+               "bwd": "split", "block_k": 128, "fwd": "loop", "dv": "auto", "bwd_denom": "saved"}
 COEF_COLS = 4  # state-walk coefficients per step: key/query weight, w_a (chunk), n weight, 0
 
 
@@ -260,7 +264,7 @@ def _core(q_r, k_r, n_r, gc, gr, m_in, *, scale, eps, mm):
 
 
 def _gpu_dqk_kernel(q_r, k_r, v_r, dh_r, gc_r, gr_r, C_r, n_r, m_r, dC_r, dn_r, gm_r, aux_r, dq_r, dk_r, dg_r, *dv_r,
-                    nk, bk, nv, bv, scale, eps, mm):
+                    nk, bk, nv, bv, scale, eps, mm, saved_denom):
     """dq, dk (columns kb*bk ...) and this block's share of the gate gradients for one chunk:
     bwd_chunk's algebra with the sums over d_v done in a loop over value blocks and the
     sums over d_qk split by key blocks (the d_qk-independent terms go to block 0). With
@@ -272,13 +276,20 @@ def _gpu_dqk_kernel(q_r, k_r, v_r, dh_r, gc_r, gr_r, C_r, n_r, m_r, dC_r, dn_r, 
     first = (kb == 0).astype(F32)
     cols = pl.ds(pl.multiple_of(kb * bk, bk), bk)
     gc, gr = _gates_from_refs(gc_r, gr_r)
-    x, qs, s, den, denom = _core(q_r, k_r, n_r, gc, gr, m_r[...], scale=scale, eps=eps, mm=mm)
     dhh = aux_r[:, 0:1]  # dh . h over all value columns
-    dden = jnp.where(jnp.abs(den) > jnp.exp(-x.m), -dhh / denom * jnp.sign(den), 0.0)
+    # With the forward's denominators (aux columns 1, 2) the value loop needs nothing of the
+    # chunk's scores, and they are computed after it: nothing L x L or L x d_qk stays live
+    # beside the loop's accumulators. With dv inside, the loop needs the scores.
+    late = saved_denom and not dv_r
+    if late:
+        denom, dden = aux_r[:, 1:2], aux_r[:, 2:3]
+    else:
+        x, qs, s, den, denom = _core(q_r, k_r, n_r, gc, gr, m_r[...], scale=scale, eps=eps, mm=mm)
+        dden = jnp.where(jnp.abs(den) > jnp.exp(-x.m), -dhh / denom * jnp.sign(den), 0.0)
+        q_kb, k_kb = q_r[:, cols].astype(F32) * scale, k_r[:, cols]
     last = lax.broadcasted_iota(jnp.int32, (L, 1), 0) == L - 1
     gm_row = first * (-eps * dhh / denom + jnp.where(last, gm_r[...], 0.0))
 
-    q_kb, k_kb = q_r[:, cols].astype(F32) * scale, k_r[:, cols]
     own = nv // nk  # value blocks whose dv this program writes (with dv_r)
     others = [pl.ds(pl.multiple_of(((kb + o) % nk) * bk, bk), bk) for o in range(1, nk)] if dv_r else []
     k_others = [k_r[:, r] for r in others]
@@ -305,6 +316,9 @@ def _gpu_dqk_kernel(q_r, k_r, v_r, dh_r, gc_r, gr_r, C_r, n_r, m_r, dC_r, dn_r, 
     if start < nv:
         acc = lax.fori_loop(start, nv, functools.partial(over_values, write_dv=False), acc)
     G, CQ, Y, Ea = acc
+    if late:
+        x, qs, s, den, _ = _core(q_r, k_r, n_r, gc, gr, m_r[...], scale=scale, eps=eps, mm=mm)
+        q_kb, k_kb = q_r[:, cols].astype(F32) * scale, k_r[:, cols]
     G = G + dden
     P = s * G
     dG = x.d * G
@@ -374,9 +388,10 @@ def _dv_mode(p: Problem) -> str:
     return mode
 
 
-def gpu_dqk(p: Problem, dh, Cs, ns, m_in4, dCs, dns, gm_end, dhh, *, scale, eps, interpret):
+def gpu_dqk(p: Problem, dh, Cs, ns, m_in4, dCs, dns, gm_end, rowstats, *, scale, eps, interpret):
     """The split backward's dq/dk/gates kernel: (dq, dk, dg) or, with ``GPU_OPTIONS["dv"]
-    == "fused"``, (dq, dk, dg, dv)."""
+    == "fused"``, (dq, dk, dg, dv). ``rowstats`` (BH, NC, L, 3): per step dh . h, the
+    forward's denominator and its gradient (from :func:`adjoint`)."""
     BH, NC, L = p.q.shape[0], p.n_chunks, p.L
     nk, bk, nb, bv = _split_layout(p)
     with_dv = _dv_mode(p) == "fused"
@@ -386,14 +401,18 @@ def gpu_dqk(p: Problem, dh, Cs, ns, m_in4, dCs, dns, gm_end, dhh, *, scale, eps,
     whole = lambda *sh: pl.BlockSpec((None, *sh), lambda b, c: (b // nk, c) + (0,) * (len(sh) - 1))  # noqa: E731
     chunk = lambda *sh: pl.BlockSpec((None, None, *sh), lambda b, c: (b // nk, c) + (0,) * len(sh))  # noqa: E731
     kcols = pl.BlockSpec((None, L, bk), lambda b, c: (b // nk, c, b % nk))
-    aux = jnp.pad(dhh[..., None], ((0, 0), (0, 0), (0, 0), (0, GATE_ROWS - 1)))  # (BH, NC, L, 8): dhh in column 0
+    if GPU_OPTIONS["bwd_denom"] not in ("saved", "recompute"):
+        raise ValueError(f"GPU_OPTIONS['bwd_denom'] must be 'saved' or 'recompute', got {GPU_OPTIONS['bwd_denom']!r}")
+    # (BH, NC, L, 8): dhh, denom, dden in columns 0-2
+    aux = jnp.pad(rowstats, ((0, 0), (0, 0), (0, 0), (0, GATE_ROWS - rowstats.shape[-1])))
     out_specs = [kcols, kcols, pl.BlockSpec((None, None, 2, L), lambda b, c: (b, c, 0, 0))]
     out_shape = [jax.ShapeDtypeStruct((BH, NC * L, p.d_qk), F32)] * 2 + [jax.ShapeDtypeStruct((BH * nk, NC, 2, L), F32)]
     if with_dv:
         out_specs.append(whole(L, p.d_v))
         out_shape.append(jax.ShapeDtypeStruct(p.v.shape, p.v.dtype))
     return pl.pallas_call(
-        functools.partial(_gpu_dqk_kernel, nk=nk, bk=bk, nv=nb, bv=bv, scale=scale, eps=eps, mm=_mm_dtype(p.q.dtype)),
+        functools.partial(_gpu_dqk_kernel, nk=nk, bk=bk, nv=nb, bv=bv, scale=scale, eps=eps, mm=_mm_dtype(p.q.dtype),
+                          saved_denom=GPU_OPTIONS["bwd_denom"] == "saved"),
         grid=(BH * nk, NC),
         in_specs=[whole(L, p.d_qk), whole(L, p.d_qk), whole(L, p.d_v), whole(L, p.d_v), chunk(L, GATE_ROWS),
                   chunk(GATE_ROWS, L), chunk(p.d_qk, p.d_v), chunk(1, p.d_qk), chunk(1, 1), chunk(p.d_qk, p.d_v),
@@ -419,11 +438,11 @@ def gpu_dv(p: Problem, dh, ns, m_in4, dCs, *, scale, eps, interpret):
     )(p.q, p.k, dh, p.gcol, p.grow, ns, m_in4, dCs)
 
 
-def _gpu_grads_split(p: Problem, dh, Cs, ns, m_in4, dCs, dns, gm_end, dhh, *, scale, eps, interpret):
+def _gpu_grads_split(p: Problem, dh, Cs, ns, m_in4, dCs, dns, gm_end, rowstats, *, scale, eps, interpret):
     """The "split" backward's per-chunk kernels (see GPU_OPTIONS): (dq, dk, dv, dg)."""
     BH, NC, L = p.q.shape[0], p.n_chunks, p.L
     nk = _split_layout(p)[0]
-    out = gpu_dqk(p, dh, Cs, ns, m_in4, dCs, dns, gm_end, dhh, scale=scale, eps=eps, interpret=interpret)
+    out = gpu_dqk(p, dh, Cs, ns, m_in4, dCs, dns, gm_end, rowstats, scale=scale, eps=eps, interpret=interpret)
     dq, dk, dg = out[:3]
     dv = out[3] if len(out) > 3 else gpu_dv(p, dh, ns, m_in4, dCs, scale=scale, eps=eps, interpret=interpret)
     return dq, dk, dv, dg.reshape(BH, nk, NC, 2, L).sum(axis=1)
@@ -474,9 +493,10 @@ def forward(p: Problem, state, out_dtype, *, scale, eps, save, interpret):
 
 def backward(p: Problem, dh, bounds, dstate, *, scale, eps, interpret):
     Cs, ns, m_in4 = bounds[:3]
-    dCs, dns, dC0, dn0, gm_in, gm_end, dhh = adjoint(p, dh, bounds, dstate, scale=scale, eps=eps, interpret=interpret)
+    dCs, dns, dC0, dn0, gm_in, gm_end, rowstats = adjoint(p, dh, bounds, dstate, scale=scale, eps=eps,
+                                                          interpret=interpret)
     if GPU_OPTIONS["bwd"] == "split":
-        dq, dk, dv, dg = _gpu_grads_split(p, dh, Cs, ns, m_in4, dCs, dns, gm_end, dhh, scale=scale,
+        dq, dk, dv, dg = _gpu_grads_split(p, dh, Cs, ns, m_in4, dCs, dns, gm_end, rowstats, scale=scale,
                                           eps=eps, interpret=interpret)
         return dq, dk, dv, dg, dC0, dn0, gm_in[:, :1, None]
     if GPU_OPTIONS["bwd"] != "fused":
@@ -500,7 +520,8 @@ def backward(p: Problem, dh, bounds, dstate, *, scale, eps, interpret):
 def adjoint(p: Problem, dh, bounds, dstate, *, scale, eps, interpret):
     """The backward's sequential part: the adjoint walk (each chunk's end-state gradient
     dCs, dns; the initial state's dC0, dn0) and the stabiliser gradients gm_in / gm_end
-    (BH, NC) by an associative scan; also dhh = dh . h (BH, NC, L)."""
+    (BH, NC) by an associative scan; also ``rowstats`` (BH, NC, L, 3): per step dhh = dh . h,
+    the forward's denominator ``denom`` and its gradient ``dden``."""
     BH, NC, L = p.q.shape[0], p.n_chunks, p.L
     mm = _mm_dtype(p.q.dtype)
     Cs, ns, m_in4, w_a, stats, h = bounds
@@ -523,4 +544,4 @@ def adjoint(p: Problem, dh, bounds, dstate, *, scale, eps, interpret):
     Ac, Bc = lax.associative_scan(compose, (A, B), axis=1, reverse=True)
     gm_in = Ac + Bc * gm_T[:, :, 0]
     gm_end = jnp.concatenate([gm_in[:, 1:], gm_T[:, :, 0]], axis=1)
-    return dCs, dns, dC0, dn0, gm_in, gm_end[:, :, None, None], dhh
+    return dCs, dns, dC0, dn0, gm_in, gm_end[:, :, None, None], jnp.stack([dhh, denom, dden], axis=-1)

@@ -226,6 +226,7 @@ def test_pallas_gpu_mlstm_split_backward(monkeypatch, case):
     {"dv": "loop"},  # dv: one program per (row, chunk) looping over the value blocks
     {"dv": "auto", "block_k": 8},  # 4 key blocks: dv in its own loop kernel
     {"dv": "fused", "block_k": 8},  # 4 key blocks, each writing dv for one of the 4 value blocks
+    {"dv": "loop", "block_k": 8, "bwd_denom": "recompute"},  # dq/dk: scores before the value loop
     {},  # the defaults: loop forward, dv inside the dq/dk program (one key block: d_qk 24 pads to 32)
 ])
 def test_pallas_gpu_mlstm_kernel_variants(monkeypatch, options):
@@ -247,6 +248,7 @@ def test_pallas_gpu_mlstm_kernel_variants(monkeypatch, options):
     ({"fwd": "fast"}, "GPU_OPTIONS\\['fwd'\\] must be 'grid' or 'loop', got 'fast'"),
     ({"dv": "fast"}, "GPU_OPTIONS\\['dv'\\] must be 'grid', 'loop', 'fused' or 'auto', got 'fast'"),
     ({"dv": "fused", "block_k": 8}, "needs the 1 value blocks to split evenly over the 2 key blocks"),
+    ({"bwd_denom": "fast"}, "GPU_OPTIONS\\['bwd_denom'\\] must be 'saved' or 'recompute', got 'fast'"),
 ])
 def test_pallas_gpu_mlstm_unknown_kernel_option(monkeypatch, options, message):
     from mnemax.kernels import pallas_mlstm_gpu
