@@ -234,7 +234,7 @@ def pallas_variant(cfg: str) -> tuple:
     return (f"pallas_gpu({name})", "pallas_gpu", opts, L)
 
 
-def mlstm_rows(peak: float, quick: bool, xla_chunks: str = "", pallas_configs: str = "") -> list[dict]:
+def mlstm_rows(peak: float, quick: bool, xla_chunks: str = "", pallas_configs: str = "", cudnn: bool = True) -> list[dict]:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -268,8 +268,9 @@ def mlstm_rows(peak: float, quick: bool, xla_chunks: str = "", pallas_configs: s
             row["fwdbwd_TFLOPs"] = attention_flops(b, h, t, dk, dk)[1] / row["fwdbwd_ms"] / 1e9
             row["x_peak"] = row["fwdbwd_TFLOPs"] * 1e12 / peak
 
-        _attempt(row, attention)
-        here.append(row)
+        if cudnn:
+            _attempt(row, attention)
+            here.append(row)
         for impl, backend, opts, chunk in variants:
             row = {"op": "mlstm", "shape": shape, "impl": impl}
 
@@ -543,6 +544,7 @@ def main():
                    "--ops mlstm_stages times besides the defaults")
     p.add_argument("--slstm_configs", default="", help="extra Pallas GPU sLSTM settings (GPU_OPTIONS of "
                    "pallas_slstm_gpu), e.g. bwd_warps=1,splits=8+fwd_warps=8,precision=tf32x3")
+    p.add_argument("--no_cudnn", action="store_true", help="skip the cuDNN attention rows of --ops mlstm")
     p.add_argument("--shapes", default="", help="which mLSTM shapes (indices into MLSTM_SHAPES, e.g. 0): default all")
     args = p.parse_args()
     if args.shapes:
@@ -553,7 +555,8 @@ def main():
     print(f"bf16 matmul: {peak / 1e12:.1f} TFLOP/s", flush=True)
     rows = []
     for op in args.ops.split(","):
-        extra = ({"xla_chunks": args.xla_chunks, "pallas_configs": args.pallas_configs} if op == "mlstm"
+        extra = ({"xla_chunks": args.xla_chunks, "pallas_configs": args.pallas_configs, "cudnn": not args.no_cudnn}
+                 if op == "mlstm"
                  else {"pallas_configs": args.stage_configs} if op in ("mlstm_stages", "mlstm_check")
                  else {"pallas_configs": args.slstm_configs})  # slstm, slstm_stages
         rows += SECTIONS[op](peak, args.quick, **extra)

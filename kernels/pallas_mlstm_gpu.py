@@ -76,12 +76,15 @@ from .pallas_mlstm import (
 # scores after its value loop, so that no L x L or L x d_qk value is live beside the loop's
 # accumulators; "recompute" -- the scores first, the denominators from them (the layout
 # before; with dv "fused" the loop needs the scores, so that layout is used there).
+# dqk_warps / dqk_stages: the dq/dk kernel's warps and pipeline stages (None: num_warps /
+# num_stages).
 # Defaults: the fastest measured on an H100 at d_qk 256 / d_v 512 (benchmarks/RESULTS.md):
 # two key blocks of 128 on 4 warps and dv in the loop kernel (one key block of 256 on 8
 # warps held two 64 x 256 float32 accumulators per program); num_stages 2 (Triton
 # software pipelining of the per-chunk loops): 4-5% faster on an H100.
 GPU_OPTIONS = {"num_warps": 4, "fwd_warps": 4, "num_stages": 2, "block_v": None, "state_block": None, "state_warps": None,
-               "bwd": "split", "block_k": 128, "fwd": "loop", "dv": "auto", "bwd_denom": "saved"}
+               "bwd": "split", "block_k": 128, "fwd": "loop", "dv": "auto", "bwd_denom": "saved",
+               "dqk_warps": None, "dqk_stages": None}
 COEF_COLS = 4  # state-walk coefficients per step: key/query weight, w_a (chunk), n weight, 0
 
 
@@ -113,12 +116,12 @@ SMEM_BYTES = 232448  # the most shared memory one Hopper (sm_90) block may ask f
 SMEM_RESERVE = 64 * 1024
 
 
-def pipeline_stages(stage_bytes: int) -> int:
-    """``GPU_OPTIONS["num_stages"]`` (Triton's software pipelining keeps that many copies of
-    a loop iteration's loads in shared memory), lowered until the copies of
+def pipeline_stages(stage_bytes: int, stages: int | None = None) -> int:
+    """``stages`` or ``GPU_OPTIONS["num_stages"]`` (Triton's software pipelining keeps that
+    many copies of a loop iteration's loads in shared memory), lowered until the copies of
     ``stage_bytes`` fit in ``SMEM_BYTES`` beside ``SMEM_RESERVE``; at least 1."""
     fit = (SMEM_BYTES - SMEM_RESERVE) // max(1, int(stage_bytes))
-    return max(1, min(int(GPU_OPTIONS["num_stages"]), fit))
+    return max(1, min(int(stages or GPU_OPTIONS["num_stages"]), fit))
 
 
 def dqk_stage_bytes(p: Problem, dh_dtype, state_dtype) -> int:
@@ -135,13 +138,14 @@ def _dqk_loop_bytes(L, bk, bv, v_size, dh_size, state_size) -> int:
     return L * bv * (v_size + dh_size) + 2 * bk * bv * state_size
 
 
-def _gpu_params(interpret, warps_key="num_warps", warps=None, stage_bytes=None):
+def _gpu_params(interpret, warps_key="num_warps", warps=None, stage_bytes=None, stages_key="num_stages"):
     if interpret:
         return None
     from jax.experimental.pallas import triton as pltriton
 
     warps = warps or GPU_OPTIONS.get(warps_key) or GPU_OPTIONS["num_warps"]
-    stages = GPU_OPTIONS["num_stages"] if stage_bytes is None else pipeline_stages(stage_bytes)
+    want = GPU_OPTIONS.get(stages_key) or GPU_OPTIONS["num_stages"]
+    stages = want if stage_bytes is None else pipeline_stages(stage_bytes, want)
     return pltriton.CompilerParams(num_warps=warps, num_stages=stages)
 
 
@@ -418,7 +422,8 @@ def gpu_dqk(p: Problem, dh, Cs, ns, m_in4, dCs, dns, gm_end, rowstats, *, scale,
                   chunk(GATE_ROWS, L), chunk(p.d_qk, p.d_v), chunk(1, p.d_qk), chunk(1, 1), chunk(p.d_qk, p.d_v),
                   chunk(1, p.d_qk), chunk(1, 1), chunk(L, GATE_ROWS)],
         out_specs=out_specs, out_shape=out_shape, interpret=interpret,
-        compiler_params=_gpu_params(interpret, stage_bytes=dqk_stage_bytes(p, dh.dtype, dCs.dtype)),
+        compiler_params=_gpu_params(interpret, "dqk_warps", stage_bytes=dqk_stage_bytes(p, dh.dtype, dCs.dtype),
+                                    stages_key="dqk_stages"),
     )(p.q, p.k, p.v, dh, p.gcol, p.grow, Cs, ns, m_in4, dCs, dns, gm_end, aux)
 
 
