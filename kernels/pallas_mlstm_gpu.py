@@ -77,14 +77,16 @@ from .pallas_mlstm import (
 # accumulators; "recompute" -- the scores first, the denominators from them (the layout
 # before; with dv "fused" the loop needs the scores, so that layout is used there).
 # dqk_warps / dqk_stages: the dq/dk kernel's warps and pipeline stages (None: num_warps /
-# num_stages).
+# num_stages); dv_warps: the dv kernel's. With the scores after the value loop, 8 warps
+# halve each thread's share of the loop's three float32 accumulators (G, CQ, Y: 160
+# registers a thread on 4 warps): the kernel went from 10.5 to 5.0 ms at 64k on an H100.
 # Defaults: the fastest measured on an H100 at d_qk 256 / d_v 512 (benchmarks/RESULTS.md):
 # two key blocks of 128 on 4 warps and dv in the loop kernel (one key block of 256 on 8
 # warps held two 64 x 256 float32 accumulators per program); num_stages 2 (Triton
 # software pipelining of the per-chunk loops): 4-5% faster on an H100.
 GPU_OPTIONS = {"num_warps": 4, "fwd_warps": 4, "num_stages": 2, "block_v": None, "state_block": None, "state_warps": None,
                "bwd": "split", "block_k": 128, "fwd": "loop", "dv": "auto", "bwd_denom": "saved",
-               "dqk_warps": None, "dqk_stages": None}
+               "dqk_warps": 8, "dqk_stages": None, "dv_warps": None}
 COEF_COLS = 4  # state-walk coefficients per step: key/query weight, w_a (chunk), n weight, 0
 
 
@@ -439,7 +441,8 @@ def gpu_dv(p: Problem, dh, ns, m_in4, dCs, *, scale, eps, interpret):
         grid=(BH * programs, NC),
         in_specs=[sp["qk"], sp["qk"], sp["v"], sp["gc"], sp["gr"], sp["n"], sp["m"], sp["C"]],
         out_specs=sp["v"], out_shape=jax.ShapeDtypeStruct(p.v.shape, p.v.dtype), interpret=interpret,
-        compiler_params=_gpu_params(interpret, stage_bytes=bv * (p.L * dh.dtype.itemsize + p.d_qk * dCs.dtype.itemsize)),
+        compiler_params=_gpu_params(interpret, "dv_warps",
+                                    stage_bytes=bv * (p.L * dh.dtype.itemsize + p.d_qk * dCs.dtype.itemsize)),
     )(p.q, p.k, dh, p.gcol, p.grow, ns, m_in4, dCs)
 
 
