@@ -79,14 +79,16 @@ from .pallas_mlstm import (
 # dqk_warps / dqk_stages: the dq/dk kernel's warps and pipeline stages (None: num_warps /
 # num_stages); dv_warps: the dv kernel's. With the scores after the value loop, 8 warps
 # halve each thread's share of the loop's three float32 accumulators (G, CQ, Y: 160
-# registers a thread on 4 warps): the kernel went from 10.5 to 5.0 ms at 64k on an H100.
+# registers a thread on 4 warps): the kernel went from 10.5 to 5.0 ms at 64k on an H100,
+# and to 4.3 ms with 3 pipeline stages (3 x 48 KB of loads in bf16; float32 gets fewer,
+# see pipeline_stages).
 # Defaults: the fastest measured on an H100 at d_qk 256 / d_v 512 (benchmarks/RESULTS.md):
 # two key blocks of 128 on 4 warps and dv in the loop kernel (one key block of 256 on 8
 # warps held two 64 x 256 float32 accumulators per program); num_stages 2 (Triton
 # software pipelining of the per-chunk loops): 4-5% faster on an H100.
 GPU_OPTIONS = {"num_warps": 4, "fwd_warps": 4, "num_stages": 2, "block_v": None, "state_block": None, "state_warps": None,
                "bwd": "split", "block_k": 128, "fwd": "loop", "dv": "auto", "bwd_denom": "saved",
-               "dqk_warps": 8, "dqk_stages": None, "dv_warps": None}
+               "dqk_warps": 8, "dqk_stages": 3, "dv_warps": None}
 COEF_COLS = 4  # state-walk coefficients per step: key/query weight, w_a (chunk), n weight, 0
 
 

@@ -192,6 +192,11 @@ def test_pallas_gpu_mlstm_pipelining_fits_shared_memory(monkeypatch):
     assert pg.pipeline_stages(pg.dqk_stage_bytes(big32, jnp.float32, jnp.float32)) == 1
     assert pg.pipeline_stages(pg.dqk_stage_bytes(big16, jnp.bfloat16, jnp.bfloat16)) == 2
     assert pg.pipeline_stages(pg.dqk_stage_bytes(small32, jnp.float32, jnp.float32)) == 2
+    # the dq/dk kernel's own 3 stages (dqk_stages, the default): 3 x 49,152 B of bf16 loads
+    # fit beside the reserve; float32 (98,304 B) falls back to 1
+    monkeypatch.setitem(pg.GPU_OPTIONS, "dv", "loop")
+    assert pg.pipeline_stages(pg.dqk_stage_bytes(big16, jnp.bfloat16, jnp.bfloat16), 3) == 3
+    assert pg.pipeline_stages(pg.dqk_stage_bytes(big32, jnp.float32, jnp.float32), 3) == 1
 
 
 @pytest.mark.parametrize("case", ["odd", "extreme", "bf16"])
