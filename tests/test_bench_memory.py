@@ -107,6 +107,20 @@ def test_hcam_chunks_cover_the_longest_evaluated_context():
             assert ov["num_chunks"] * ov["chunk_size"] >= longest, (budget, cell)
 
 
+def test_single_layer_elm_reaches_the_10m_budget():
+    """The ELM preset has one layer, so only its width can reach a budget: with widths up to
+    1024 the 10m spiking-adding cell got 4.2 M parameters; 1536 memory units give 9.5 M,
+    within 10% of the target (the parameter count is the model's own, traced)."""
+    from mnemax.train import tasks as tasks_lib
+
+    preset, fixed = bench_memory.available_families(["elm"])["elm"]
+    cell = next(c for c in bench_memory.cells("10m") if c.task == "spiking_adding")
+    spec = tasks_lib.make_task(cell.task, **cell.params).spec()
+    ov, n = bench_memory.sized_overrides(preset, bench_memory.family_overrides("elm", fixed, "10m"), spec,
+                                         bench_memory.BUDGETS["10m"]["params"], bench_memory.BUDGETS["10m"]["layers"])
+    assert abs(n / 10_000_000 - 1) < 0.1, (ov["d_model"], n)
+
+
 def test_long_budget_mlstm_train_step_fits_a_gpu():
     """At the 10m budget the mLSTM family takes 4 heads and 64-step chunks: with the tiny
     preset's 2 heads and 16-step chunks its MQAR train step asked an H100 for 50 GiB. The

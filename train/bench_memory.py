@@ -76,8 +76,9 @@ LONG_BUDGET_OVERRIDES: dict[str, dict] = {
 
 # The peak learning rate of every cell (AdamW, warmup, cosine; ``--learning_rate`` overrides it).
 # At the 10m budget with 3e-3 (H100, 2,000 steps, MQAR) mamba stayed at chance and one mLSTM
-# cell ended with NaN parameters, while attention and Hopfield with a key conv solved it
-# (benchmarks/RESULTS.md): a sweep is the next step there, not yet run.
+# cell ended with NaN parameters, while attention and Hopfield with a key conv solved it; at
+# 1e-3 the 10m mLSTM solves 16 and 64 pairs (benchmarks/RESULTS.md), so the 10m runs there
+# pass --learning_rate 1e-3.
 DEFAULT_LR = 3e-3
 
 BUDGETS = {  # target parameter counts, training steps, batch
@@ -151,7 +152,7 @@ def _count_params(preset: str, overrides: dict) -> int | None:
 def sized_overrides(preset: str, fixed: dict, spec: tasks_lib.TaskSpec, target: int, layers: int) -> tuple[dict, int]:
     """Overrides (d_model and fixed ones) whose parameter count is closest to ``target``."""
     best = None
-    for d in (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024):
+    for d in (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048):
         ov = {**fixed, "d_model": d, **spec.model_overrides()}
         if "n_layers" in mnemax.get_config(preset).to_dict() and mnemax.get_config(preset).n_layers > 1:
             ov["n_layers"] = layers
