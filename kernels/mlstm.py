@@ -471,7 +471,9 @@ def _pallas(platform, q, k, v, i, f, state, resets, *, chunk_size, eps, scale, i
     return jax.shard_map(run, in_specs=specs, out_specs=(bh, st), check_vma=False)(q, k, v, i, f, MLSTMState(*state), resets)
 
 
-@dispatch.register(OP, "pallas_gpu", default=False)  # opt-in until checked on a GPU
+# opt-in: checked on H100/H200 at heads up to d_qk 256 / d_v 512 (benchmarks/RESULTS.md), not yet at
+# xlstm-1.3b's 1024-wide heads, which backend=None would send here on a GPU
+@dispatch.register(OP, "pallas_gpu", default=False)
 def _pallas_gpu(q, k, v, i, f, state, resets, *, chunk_size, eps, scale, interpret=False, options=()):
     del options  # only a jit cache key: the kernels read pallas_mlstm_gpu.GPU_OPTIONS
     return _pallas("gpu", q, k, v, i, f, state, resets, chunk_size=chunk_size, eps=eps, scale=scale, interpret=interpret)
