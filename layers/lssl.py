@@ -85,6 +85,12 @@ AUTO_RECURRENT_STEPS = 16
 # otherwise rediscretises from the parameters (one N x N solve per feature), which is most
 # of a generation step. Filled by :func:`cache_discretized`; used whenever present.
 DISCRETIZED = "discretized"
+# The conv view's Krylov powers (H, L, N) are built for at most this many elements at a time:
+# above it the features go in groups (lax.map, each group rematerialised in the backward), so
+# a long training context does not hold the whole (H, L, N) stack and its cotangent. lssl-125m
+# at 2 x 8192 compiled (CPU) to 56.1 GB of temporaries with remat, the stack being 1.6 GB
+# per layer and copy; the threshold keeps 2k contexts (100 M elements at H 768, N 64) as they were.
+KRYLOV_GROUP_ELEMS = 1 << 27
 
 
 def cache_discretized(module: nn.Module, variables, *args, **kwargs):
@@ -388,13 +394,32 @@ class LSSL(nn.Module):
         return jnp.moveaxis(ys, 0, 1), x
 
     @staticmethod
+    def _kernel_and_last(u, Abar, Bbar, C):
+        """The conv kernel K (H, M, L) and the input's part of the final state (batch, H, N),
+        ``sum_s Abar^(L-1-s) Bbar u_s``, from the Krylov powers ``Abar^l Bbar``; in feature
+        groups when (H, L, N) exceeds ``KRYLOV_GROUP_ELEMS``."""
+        time, (H, N) = u.shape[1], Bbar.shape
+
+        def group(args):  # (..., N, N), (..., N), (..., M, N), (..., batch, L)
+            A, B, Cg, ug = args
+            powers_b = krylov(time, A, B)  # (..., L, N): Abar^l Bbar
+            return (jnp.einsum("...kn,...ln->...kl", Cg, powers_b),
+                    jnp.einsum("...ln,...bl->...bn", powers_b[..., ::-1, :], ug))
+
+        args = (Abar, Bbar, C, jnp.moveaxis(u, 2, 0))  # u as (H, batch, L)
+        per = max(1, KRYLOV_GROUP_ELEMS // (time * N))
+        if per >= H:
+            K, last = group(args)
+        else:
+            K, last = lax.map(jax.checkpoint(group), args, batch_size=per)
+        return K, jnp.moveaxis(last, 0, 1)
+
+    @staticmethod
     def _convolutional(u, x0, Abar, Bbar, C):
         time = u.shape[1]
-        powers_b = krylov(time, Abar, Bbar)  # (H, L, N): Abar^l Bbar
-        K = jnp.einsum("hkn,hln->hkl", C, powers_b)  # (H, M, L)
+        K, x_last = LSSL._kernel_and_last(u, Abar, Bbar, C)  # (H, M, L), (batch, H, N)
         y = causal_fft_conv(u, K)
         # final state: x_{L-1} = Abar^L x0 + sum_s Abar^(L-1-s) Bbar u_s
-        x_last = jnp.einsum("hln,blh->bhn", powers_b[:, ::-1], u)
         if x0 is not None:
             AT = jnp.swapaxes(Abar, -1, -2)
             # rows C Abar^(t+1) = ((A^T)^t (A^T C^T))^T: (H, M, L, N)

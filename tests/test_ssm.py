@@ -166,6 +166,37 @@ def test_lssl_conv_view_equals_recurrent_view(measure, method, learn):
             assert err_y <= 1e-8 and err_s <= 1e-8, (err_y, err_s)
 
 
+def test_lssl_conv_view_in_feature_groups_equals_recurrent_view(monkeypatch):
+    """Above KRYLOV_GROUP_ELEMS the conv view builds the Krylov powers in feature groups
+    (lax.map, rematerialised): 5 features in groups of 2 (a remainder of 1), float64. Outputs,
+    final state and the gradients of every parameter and of the input equal the recurrent
+    view's (rel. err <= 1e-8)."""
+    from mnemax.layers import lssl as lssl_mod
+
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(4)
+        T, N = 29, 8
+        monkeypatch.setattr(lssl_mod, "KRYLOV_GROUP_ELEMS", 2 * T * N)
+        kw = dict(features=5, state_size=N, channels=2, learn=2, dt_min=0.01, dt_max=0.5, dtype=jnp.float64,
+                  param_dtype=jnp.float64)
+        conv, rec = LSSL(mode="conv", **kw), LSSL(mode="recurrent", **kw)
+        u = jnp.asarray(rng.standard_normal((2, T, 5)))
+        v = conv.init(jax.random.key(0), u)
+        w = jnp.asarray(rng.standard_normal((2, T, 5)))
+
+        def loss(layer, v, u):
+            y, st = layer.apply(v, u)
+            return jnp.sum(y * w) + jnp.sum(st.x ** 2)
+
+        (yc, sc), (yr, sr) = conv.apply(v, u), rec.apply(v, u)
+        assert float(jnp.abs(yc - yr).max() / jnp.abs(yr).max()) <= 1e-8
+        assert float(jnp.abs(sc.x - sr.x).max() / jnp.abs(sr.x).max()) <= 1e-8
+        gc = jax.grad(functools.partial(loss, conv), argnums=(0, 1))(v, u)
+        gr = jax.grad(functools.partial(loss, rec), argnums=(0, 1))(v, u)
+        for a, b in zip(jax.tree.leaves(gc), jax.tree.leaves(gr)):
+            assert float(jnp.abs(a - b).max() / (jnp.abs(b).max() + 1e-300)) <= 1e-8
+
+
 def test_lssl_auto_mode_steps_short_calls_recurrently():
     """mode="auto": calls of at most AUTO_RECURRENT_STEPS steps (generation) take the recurrent
     view (no FFT in the traced call) and longer ones the conv view; both equal the conv view's
