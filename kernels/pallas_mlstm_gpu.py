@@ -83,9 +83,10 @@ from .pallas_mlstm import (
 # and to 4.3 ms with 3 pipeline stages (3 x 48 KB of loads in bf16; float32 gets fewer,
 # see pipeline_stages).
 # Defaults: the fastest measured on an H100 at d_qk 256 / d_v 512 (benchmarks/RESULTS.md):
-# two key blocks of 128 on 4 warps and dv in the loop kernel (one key block of 256 on 8
-# warps held two 64 x 256 float32 accumulators per program); num_stages 2 (Triton
-# software pipelining of the per-chunk loops): 4-5% faster on an H100.
+# two key blocks of 128 and dv in the loop kernel (one key block of 256 held two 64 x 256
+# float32 accumulators per program; with the scores after the loop it is still 1.5 ms
+# slower at 64k), the dq/dk kernel on 8 warps and 3 stages, the others on 4 warps and
+# num_stages 2 (Triton software pipelining of the per-chunk loops: 4-5% faster).
 GPU_OPTIONS = {"num_warps": 4, "fwd_warps": 4, "num_stages": 2, "block_v": None, "state_block": None, "state_warps": None,
                "bwd": "split", "block_k": 128, "fwd": "loop", "dv": "auto", "bwd_denom": "saved",
                "dqk_warps": 8, "dqk_stages": 3, "dv_warps": None}
