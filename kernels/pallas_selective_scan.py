@@ -44,6 +44,7 @@ The problem and the per-row math are in :mod:`mnemax.kernels.pallas_selective_sc
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +59,15 @@ from .pallas_selective_scan_rows import LANES, Problem, _bwd_rows, _fwd_rows, _p
 
 GPU_OPTIONS = {"chunk": 8, "stages": 3, "bwd_stages": 2, "unroll": 4, "bwd_unroll": 2, "approx_math": True,
                "no_auto_barriers": True, "red_rows": 4, "red_layout": "row4", "fwd_wgs": 1, "fwd_chunk": "auto",
-               "time_split": "auto", "mosaic_interpret": False, "fwd_unroll": 8, "sum_parts": 1}
+               "time_split": "auto", "mosaic_interpret": False, "fwd_unroll": 8, "sum_parts": 1,
+               "fwd_layout": "lanes", "lanes_group": 8}
+# fwd_layout: the forward-only kernel's layout (a forward with a backward after it always uses
+# "channels"). "channels": one lane per channel walks all its states, 128 channels per CTA
+# (``_gpu_forward``). "lanes": each channel's states split over the 4 lanes of a quad, 32
+# channels per CTA, so 4 times the CTAs and up to 3 warps per scheduler
+# (``pallas_selective_scan_lanes``); the state is zero-padded to a multiple of 16. lanes_group: the rows
+# of its recurrence whose loads are issued together (``pallas_selective_scan_lanes``).
+FWD_LAYOUTS = ("channels", "lanes")
 # sum_parts: the per-row sums over the states (C.h in both passes; sum_k g_k B_k and the decay
 # term of ddelta in the backward) as that many interleaved partial sums. Tried because ncu
 # (H100, commit 97e1988) showed 1 warp per scheduler issuing every 2.2 cycles with 35% of the
@@ -377,7 +386,11 @@ def make_problem(platform, x, dt, A, B, C, D, z, dt_bias, h0, resets, softplus, 
     if not isinstance(wgs, int) or not 1 <= wgs <= 7 or chunk % wgs:
         # at most 7: a CTA holds at most 1024 threads, 8 warpgroups with the loading one
         raise ValueError(f"fwd_wgs: got {wgs!r}, expected an integer in 1..7 that divides the chunk ({chunk})")
-    # the state is zero-padded to a multiple of the warpgroups (padded states stay 0, add nothing)
+    if opts["fwd_layout"] not in FWD_LAYOUTS:
+        raise ValueError(f"fwd_layout: got {opts['fwd_layout']!r}, expected one of {FWD_LAYOUTS}")
+    # the state is zero-padded to a multiple of the warpgroups, or to 16 in the "lanes" forward (4
+    # lanes per channel, and a lane's 4 B values are one 16-byte load) (padded states stay 0, add nothing)
+    multiple = 16 * wgs // math.gcd(16, wgs) if opts["fwd_layout"] == "lanes" else wgs
     key = "unroll" if training else "fwd_unroll"
     unroll = opts[key]
     if unroll is not True and not (isinstance(unroll, int) and unroll >= 1):
@@ -385,7 +398,7 @@ def make_problem(platform, x, dt, A, B, C, D, z, dt_bias, h0, resets, softplus, 
     parts = opts["sum_parts"]
     if not isinstance(parts, int) or parts < 1:
         raise ValueError(f"sum_parts: got {parts!r}, expected a positive integer (partial sums per row)")
-    return Problem(x, dt, A, B, C, D, z, dt_bias, h0, resets, chunk, softplus, state_multiple=wgs, unroll=unroll,
+    return Problem(x, dt, A, B, C, D, z, dt_bias, h0, resets, chunk, softplus, state_multiple=multiple, unroll=unroll,
                    bwd_unroll=opts["bwd_unroll"], red_rows=red_rows, red_multiple=RED_LAYOUTS[opts["red_layout"]],
                    sum_parts=parts)
 
@@ -398,7 +411,12 @@ def forward(platform, p: Problem, out_dtype, *, save_bounds=False, stages=None, 
         outs = tpu.forward(p, out_dtype, save_bounds=save_bounds, interpret=interpret)
     else:
         opts = {**GPU_OPTIONS, **(opts or {})}
-        if opts["fwd_wgs"] > 1:
+        if opts["fwd_layout"] == "lanes" and not save_bounds:
+            from .pallas_selective_scan_lanes import gpu_forward_lanes
+
+            outs = gpu_forward_lanes(p, out_dtype, stages=stages or opts["stages"],
+                                     interpret=bool(interpret), opts=opts)
+        elif opts["fwd_wgs"] > 1:
             from .pallas_selective_scan_wg import gpu_forward_wg
 
             outs = gpu_forward_wg(p, out_dtype, save_bounds=save_bounds, stages=stages or opts["stages"],

@@ -39,6 +39,7 @@ class Problem:
             h0 = None if h0 is None else _pad_to(h0, 2, state_multiple)
         self.batch, self.time, self.chans, self.n = batch, time, chans, n
         self.chunk, self.softplus, self.gated, self.unroll = chunk, softplus, z is not None, unroll
+        self.has_resets = resets is not None
         self.bwd_unroll = unroll if bwd_unroll is None else bwd_unroll
         self.sum_parts = sum_parts
         if red_rows and chunk % red_rows:

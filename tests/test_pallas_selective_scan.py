@@ -199,6 +199,66 @@ def test_pallas_gpu_forward_only_takes_the_longer_chunk(dtype, gated, chunk):
     np.testing.assert_allclose(np.asarray(h), np.asarray(h_ref), rtol=rtol, atol=atol)
 
 
+def _forward_only(args, resets, softplus, backend, interpret=True):
+    return selective_scan(args["x"], args["dt"], args["A"], args["B"], args["C"], D=args["D"], z=args["z"],
+                          dt_bias=args["dt_bias"], dt_softplus=softplus, h0=args["h0"], resets=resets,
+                          return_state=True, backend=backend, interpret=interpret)
+
+
+def _lanes_case(shape, gated, softplus, with_resets, dtype, seed):
+    args, resets, _, _ = _case(*shape, gated, with_resets, dtype, seed=seed)
+    if not softplus:  # delta = dt + dt_bias itself: keep it positive, so the state decays
+        args["dt"] = (0.3 * jnp.abs(args["dt"].astype(jnp.float32))).astype(dtype)
+        args["dt_bias"] = 0.1 + jnp.abs(args["dt_bias"])
+    return args, resets
+
+
+LANES_CASES = [
+    ((2, 45, 70, 16), True, True, True, jnp.float32, {}),
+    ((1, 37, 40, 5), False, False, False, jnp.bfloat16, {"lanes_group": 4}),
+    ((2, 20, 33, 32), True, True, True, jnp.float32, {"fwd_chunk": 4, "lanes_group": 2}),
+]
+
+
+@pytest.mark.parametrize("shape,gated,softplus,with_resets,dtype,options", LANES_CASES,
+                         ids=["f32_gated_resets", "bf16_state5_no_softplus", "state32_chunk4"])
+def test_pallas_gpu_lanes_forward_equals_reference(monkeypatch, shape, gated, softplus, with_resets, dtype, options):
+    # The forward-only kernel with each channel's states over 4 lanes (fwd_layout "lanes", the
+    # default), run by Mosaic GPU's interpreter (threads, barriers and copies simulated):
+    # outputs and final state equal the reference at lengths no multiple of the chunk (the
+    # padding steps: dt = -inf under the softplus, the valid flag without it), channels no
+    # multiple of the CTA's 32, a state padded from 5 to 16, 32 states (8 per lane), resets
+    # and h0. A spy checks that this kernel ran.
+    from mnemax.kernels import pallas_selective_scan as pss
+    from mnemax.kernels import pallas_selective_scan_lanes as psl
+
+    monkeypatch.setitem(pss.GPU_OPTIONS, "fwd_layout", "lanes")
+    for key, value in options.items():
+        monkeypatch.setitem(pss.GPU_OPTIONS, key, value)
+    calls = []
+    real = psl.gpu_forward_lanes
+    monkeypatch.setattr(psl, "gpu_forward_lanes", lambda *a, **k: calls.append(1) or real(*a, **k))
+    args, resets = _lanes_case(shape, gated, softplus, with_resets, dtype, seed=31)
+    (y, h), (y_ref, h_ref) = (_forward_only(args, resets, softplus, b) for b in ("pallas_gpu", "reference"))
+    assert calls
+    rtol, atol = TOL[dtype]
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(np.asarray(h), np.asarray(h_ref), rtol=rtol, atol=atol)
+
+
+def test_pallas_gpu_lanes_options_are_checked():
+    from mnemax.kernels import pallas_selective_scan as pss
+
+    a, _, _, _ = _case(1, 16, 8, 4, False, False, jnp.float32, seed=0)
+    with pytest.raises(ValueError, match="fwd_layout: got 'rows'"):
+        pss.make_problem("gpu", a["x"], a["dt"], a["A"], a["B"], a["C"], None, None, None, None, None, True,
+                         opts={"fwd_layout": "rows"}, training=False)
+    p = pss.make_problem("gpu", a["x"], a["dt"], a["A"], a["B"], a["C"], None, None, None, None, None, True, training=False)
+    assert p.n == 16  # the state 4 is padded to 16 for the lanes forward
+    with pytest.raises(ValueError, match="lanes_group: got 3"):
+        pss.forward("gpu", p, jnp.float32, interpret=True, opts={"lanes_group": 3})
+
+
 @pytest.mark.parametrize("segments,shape,reset_at", [(3, (1, 61, 9, 8), 24), pytest.param(5, (2, 45, 9, 4), None, marks=pytest.mark.slow)],
                          ids=["3_segments_resets", "5_segments"])
 def test_pallas_gpu_time_split_equals_reference(monkeypatch, segments, shape, reset_at):
@@ -284,6 +344,26 @@ def test_pallas_gpu_selective_scan_on_the_gpu(monkeypatch, options):
 def _rel(u, v) -> float:
     u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
     return float(np.linalg.norm(u - v) / np.linalg.norm(v))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,gated,softplus,with_resets,dtype,options", LANES_CASES + [
+    ((2, 203, 300, 16), True, True, True, jnp.float32, {}), ((2, 203, 300, 16), True, True, True, jnp.bfloat16, {})],
+    ids=["f32_gated_resets", "bf16_state5_no_softplus", "state32_chunk4", "f32_large", "bf16_large"])
+def test_pallas_gpu_lanes_forward_on_the_gpu(monkeypatch, shape, gated, softplus, with_resets, dtype, options):
+    # The lanes forward on the real lowering: outputs and final state against the float32
+    # reference on the same inputs (bf16: within 5e-3 relative, the output's rounding).
+    from mnemax.kernels import pallas_selective_scan as pss
+
+    monkeypatch.setitem(pss.GPU_OPTIONS, "fwd_layout", "lanes")
+    for key, value in options.items():
+        monkeypatch.setitem(pss.GPU_OPTIONS, key, value)
+    args, resets = _lanes_case(shape, gated, softplus, with_resets, dtype, seed=31)
+    up = {k: (None if v is None else v.astype(jnp.float32)) for k, v in args.items()}
+    y, h = _forward_only(args, resets, softplus, "pallas_gpu", interpret=False)
+    y_ref, h_ref = _forward_only(up, resets, softplus, "reference")
+    tol = 5e-3 if dtype == jnp.bfloat16 else 1e-5
+    assert _rel(y, y_ref) <= tol and _rel(h, h_ref) <= tol, (_rel(y, y_ref), _rel(h, h_ref))
 
 
 @pytest.mark.gpu
