@@ -279,6 +279,25 @@ def test_pallas_gpu_time_split_equals_reference(monkeypatch, segments, shape, re
     _check_against_reference(args, resets, w, wh)
 
 
+def test_pallas_gpu_lanes_forward_under_time_split(monkeypatch):
+    # A forward-only call cut into segments (time_split) runs the lanes forward for every
+    # segment: outputs and final state equal the reference, with h0, resets and a gate
+    from mnemax.kernels import pallas_selective_scan as pss
+    from mnemax.kernels import pallas_selective_scan_lanes as psl
+
+    monkeypatch.setitem(pss.GPU_OPTIONS, "time_split", 3)
+    calls = []
+    real = psl.gpu_forward_lanes
+    monkeypatch.setattr(psl, "gpu_forward_lanes", lambda *a, **k: calls.append(1) or real(*a, **k))
+    args, resets = _lanes_case((1, 61, 40, 16), True, True, True, jnp.float32, seed=37)
+    args["A"] = -jnp.asarray(np.random.default_rng(1).uniform(0.01, 0.05, args["A"].shape).astype(np.float32))
+    (y, h), (y_ref, h_ref) = (_forward_only(args, resets, True, b) for b in ("pallas_gpu", "reference"))
+    assert calls
+    rtol, atol = TOL[jnp.float32]
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(np.asarray(h), np.asarray(h_ref), rtol=rtol, atol=atol)
+
+
 def test_time_split_auto_fills_idle_sms(monkeypatch):
     # "auto" splits only where batch x channel blocks leaves most SMs idle (here 132 SMs)
     import importlib
