@@ -71,6 +71,20 @@ def test_every_cell_of_every_budget_is_a_valid_task(budget):
         assert spec.seq_len >= 1, cell
 
 
+def test_passkey_length_option():
+    # --passkey_len moves the passkey cell (its name, its task and its 1x/2x/4x evaluation)
+    # and leaves the other cells as the budget has them
+    from mnemax.train import tasks as tasks_lib
+
+    default, longer = bench_memory.cells("10m"), bench_memory.cells("10m", passkey_len=1024)
+    pk = next(c for c in longer if c.task == "passkey")
+    assert pk.difficulty == "len=1024" and pk.eval_lengths == (1024, 2048, 4096)
+    assert tasks_lib.make_task(pk.task, **pk.params).spec().seq_len == 1024
+    assert [c for c in longer if c.task != "passkey"] == [c for c in default if c.task != "passkey"]
+    with pytest.raises(ValueError, match="passkey_len: got 8"):
+        bench_memory.cells("10m", passkey_len=8)
+
+
 @pytest.mark.parametrize("family", ["transformer", "hopfield"])
 def test_sized_memories_reach_the_first_token_at_the_longest_evaluated_context(family):
     """Passkey is evaluated at 4x its training length: with the benchmark's overrides the last

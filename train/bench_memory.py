@@ -104,10 +104,14 @@ class Cell:
     eval_lengths: tuple = ()
 
 
-def cells(budget: str) -> list[Cell]:
+def cells(budget: str, passkey_len: int | None = None) -> list[Cell]:
+    """The budget's cells. ``passkey_len``: train passkey at this length instead of the
+    budget's (256 at 10m / 125m, 64 at tiny), still evaluated at 1x, 2x and 4x of it."""
     long = budget != "tiny"
     mqar_len = 256 if long else 64
-    pk_len = 256 if long else 64
+    if passkey_len is not None and (not isinstance(passkey_len, int) or passkey_len < 16):
+        raise ValueError(f"passkey_len: got {passkey_len!r}, expected an integer >= 16")
+    pk_len = passkey_len or (256 if long else 64)
     return [
         # MQAR draws keys from half the vocabulary: 256 holds the 64 pairs of the long budgets
         *[Cell("mqar", f"pairs={p}", {"seq_len": mqar_len, "num_pairs": p, "vocab_size": 256 if long else 64})
@@ -360,6 +364,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--families", nargs="*")
     ap.add_argument("--tasks", nargs="*")
     ap.add_argument("--difficulties", nargs="*", help="only these cells, as the table names them (e.g. pairs=16)")
+    ap.add_argument("--passkey_len", type=int, default=None,
+                    help="train passkey at this length (default: the budget's), evaluated at 1x, 2x and 4x of it")
     ap.add_argument("--out", default="benchmarks")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--data_dir", default=None)
@@ -394,7 +400,7 @@ def main(argv=None) -> dict:
         budget["lr"] = args.learning_rate
     lr_tag = f"-lr{args.learning_rate:g}" if args.learning_rate is not None else ""
     fams = available_families(args.families)
-    todo = [c for c in cells(args.budget) if not args.tasks or c.task in args.tasks]
+    todo = [c for c in cells(args.budget, args.passkey_len) if not args.tasks or c.task in args.tasks]
     if args.difficulties:
         known = {c.difficulty for c in todo}
         if set(args.difficulties) - known:
