@@ -65,8 +65,11 @@ GPU_OPTIONS = {"chunk": 8, "stages": 3, "bwd_stages": 2, "unroll": 4, "bwd_unrol
 # "channels"). "channels": one lane per channel walks all its states, 128 channels per CTA
 # (``_gpu_forward``). "lanes": each channel's states split over the 4 lanes of a quad, 32
 # channels per CTA, so 4 times the CTAs and up to 3 warps per scheduler
-# (``pallas_selective_scan_lanes``); the state is zero-padded to a multiple of 16. lanes_group: the rows
-# of its recurrence whose loads are issued together (``pallas_selective_scan_lanes``).
+# (``pallas_selective_scan_lanes``); the state is zero-padded to a multiple of 16. On an H100 at
+# (8, 2048, 1536, 16), f32, chunk 16: 0.238 ms against 0.307 for "channels" (1.69x / 2.2x the HBM
+# floor); bf16 chunk 32 0.231 / 0.317 (kernel alone); at (1, 65536, 1536, 16) bf16 3.37 / 9.65 ms
+# without the time split (benchmarks/RESULTS.md). lanes_group: the rows of its recurrence whose
+# loads are issued before their arithmetic (4: 0.259 ms, 8: 0.248, 16: 0.247 at the shape above).
 FWD_LAYOUTS = ("channels", "lanes")
 # sum_parts: the per-row sums over the states (C.h in both passes; sum_k g_k B_k and the decay
 # term of ddelta in the backward) as that many interleaved partial sums. Tried because ncu
