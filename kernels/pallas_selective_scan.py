@@ -62,7 +62,7 @@ GPU_OPTIONS = {"chunk": 8, "stages": 3, "bwd_stages": 2, "unroll": 4, "bwd_unrol
                "time_split": "auto", "mosaic_interpret": False, "fwd_unroll": 8, "sum_parts": 1,
                "fwd_layout": "lanes", "lanes_group": 8}
 # fwd_layout: the forward-only kernel's layout (a forward with a backward after it always uses
-# "channels"). "channels": one lane per channel walks all its states, 128 channels per CTA
+# "channels", and so does a forward-only call with fwd_wgs > 1). "channels": one lane per channel walks all its states, 128 channels per CTA
 # (``_gpu_forward``). "lanes": each channel's states split over the 4 lanes of a quad, 32
 # channels per CTA, so 4 times the CTAs and up to 3 warps per scheduler
 # (``pallas_selective_scan_lanes``); the state is zero-padded to a multiple of 16. On an H100 at
@@ -414,7 +414,7 @@ def forward(platform, p: Problem, out_dtype, *, save_bounds=False, stages=None, 
         outs = tpu.forward(p, out_dtype, save_bounds=save_bounds, interpret=interpret)
     else:
         opts = {**GPU_OPTIONS, **(opts or {})}
-        if opts["fwd_layout"] == "lanes" and not save_bounds:
+        if opts["fwd_layout"] == "lanes" and not save_bounds and opts["fwd_wgs"] == 1:
             from .pallas_selective_scan_lanes import gpu_forward_lanes
 
             outs = gpu_forward_lanes(p, out_dtype, stages=stages or opts["stages"],

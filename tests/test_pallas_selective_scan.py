@@ -257,6 +257,8 @@ def test_pallas_gpu_lanes_options_are_checked():
     assert p.n == 16  # the state 4 is padded to 16 for the lanes forward
     with pytest.raises(ValueError, match="lanes_group: got 3"):
         pss.forward("gpu", p, jnp.float32, interpret=True, opts={"lanes_group": 3})
+    # an explicit fwd_wgs > 1 keeps its warpgroup kernel (the lanes kernel would refuse lanes_group 3)
+    pss.forward("gpu", p, jnp.float32, interpret=True, opts={"lanes_group": 3, "fwd_wgs": 2})
 
 
 @pytest.mark.parametrize("segments,shape,reset_at", [(3, (1, 61, 9, 8), 24), pytest.param(5, (2, 45, 9, 4), None, marks=pytest.mark.slow)],
