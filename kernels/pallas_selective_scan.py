@@ -60,7 +60,11 @@ from .pallas_selective_scan_rows import LANES, Problem, _bwd_rows, _fwd_rows, _p
 GPU_OPTIONS = {"chunk": 8, "stages": 3, "bwd_stages": 2, "unroll": 4, "bwd_unroll": 2, "approx_math": True,
                "no_auto_barriers": True, "red_rows": 4, "red_layout": "row4", "fwd_wgs": 1, "fwd_chunk": "auto",
                "time_split": "auto", "mosaic_interpret": False, "fwd_unroll": 8, "sum_parts": 1,
-               "fwd_layout": "lanes", "lanes_group": 8}
+               "fwd_layout": "lanes", "lanes_group": 8,
+               "bwd_layout": "channels"}
+# bwd_layout: the training forward's and the backward's layout. "channels" (one lane per channel);
+# "lanes" (opt-in, not yet timed on a GPU): ``pallas_selective_scan_lanes_bwd``, after a lanes
+# forward that saves its chunk-boundary states in the lanes layout.
 # fwd_layout: the forward-only kernel's layout (a forward with a backward after it always uses
 # "channels", and so does a forward-only call with fwd_wgs > 1). "channels": one lane per channel walks all its states, 128 channels per CTA
 # (``_gpu_forward``). "lanes": each channel's states split over the 4 lanes of a quad, 32
@@ -389,11 +393,13 @@ def make_problem(platform, x, dt, A, B, C, D, z, dt_bias, h0, resets, softplus, 
     if not isinstance(wgs, int) or not 1 <= wgs <= 7 or chunk % wgs:
         # at most 7: a CTA holds at most 1024 threads, 8 warpgroups with the loading one
         raise ValueError(f"fwd_wgs: got {wgs!r}, expected an integer in 1..7 that divides the chunk ({chunk})")
-    if opts["fwd_layout"] not in FWD_LAYOUTS:
-        raise ValueError(f"fwd_layout: got {opts['fwd_layout']!r}, expected one of {FWD_LAYOUTS}")
+    for key in ("fwd_layout", "bwd_layout"):
+        if opts[key] not in FWD_LAYOUTS:
+            raise ValueError(f"{key}: got {opts[key]!r}, expected one of {FWD_LAYOUTS}")
     # the state is zero-padded to a multiple of the warpgroups, or to 16 in the "lanes" forward (4
     # lanes per channel, and a lane's 4 B values are one 16-byte load) (padded states stay 0, add nothing)
-    multiple = 16 * wgs // math.gcd(16, wgs) if opts["fwd_layout"] == "lanes" else wgs
+    lanes = "lanes" in (opts["bwd_layout"], opts["fwd_layout"])
+    multiple = 16 * wgs // math.gcd(16, wgs) if lanes else wgs
     key = "unroll" if training else "fwd_unroll"
     unroll = opts[key]
     if unroll is not True and not (isinstance(unroll, int) and unroll >= 1):
@@ -414,7 +420,12 @@ def forward(platform, p: Problem, out_dtype, *, save_bounds=False, stages=None, 
         outs = tpu.forward(p, out_dtype, save_bounds=save_bounds, interpret=interpret)
     else:
         opts = {**GPU_OPTIONS, **(opts or {})}
-        if opts["fwd_layout"] == "lanes" and not save_bounds and opts["fwd_wgs"] == 1:
+        if save_bounds and opts["bwd_layout"] == "lanes":
+            from .pallas_selective_scan_lanes import gpu_forward_lanes
+
+            outs = gpu_forward_lanes(p, out_dtype, stages=stages or opts["stages"], interpret=bool(interpret), opts=opts,
+                                     save_bounds=True)
+        elif opts["fwd_layout"] == "lanes" and not save_bounds and opts["fwd_wgs"] == 1:
             from .pallas_selective_scan_lanes import gpu_forward_lanes
 
             outs = gpu_forward_lanes(p, out_dtype, stages=stages or opts["stages"],
@@ -445,6 +456,11 @@ def backward(platform, p: Problem, gy, gh_last, bounds, dtypes, *, stages=None, 
         outs = tpu.backward(p, gy, bounds, ghl, dtypes, interpret=interpret)
     else:
         opts = {**GPU_OPTIONS, **(opts or {})}
+        if opts["bwd_layout"] == "lanes":
+            from .pallas_selective_scan_lanes_bwd import gpu_backward_lanes
+
+            return gpu_backward_lanes(p, gy, bounds, ghl, dtypes, stages=stages or opts["bwd_stages"],
+                                      interpret=bool(interpret), opts=opts)
         outs = _gpu_backward(p, gy, bounds, ghl, dtypes, stages=stages or opts["bwd_stages"], interpret=interpret, opts=opts)
     if p.gated:
         dx, ddt, dz, dbc, dA, dp, dh0 = outs

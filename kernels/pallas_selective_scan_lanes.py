@@ -26,9 +26,10 @@ Per chunk of ``chunk`` steps, in three passes, with a warpgroup barrier between 
    registers to HBM (each warp writes 32 consecutive values of a row; no output tiles in
    shared memory).
 
-Forward only: it saves no chunk-boundary states for a backward, so a training forward keeps
-the one-lane-per-channel kernel. The state is padded to a multiple of 16 (a lane's 4 B values
-are one 16-byte load).
+A training forward keeps the one-lane-per-channel kernel unless ``bwd_layout`` is "lanes"
+(opt-in): then this kernel also stores each chunk's incoming state, in its own layout, for the
+lanes backward (:mod:`mnemax.kernels.pallas_selective_scan_lanes_bwd`). The state is padded to
+a multiple of 16 (a lane's 4 B values are one 16-byte load).
 """
 
 from __future__ import annotations
@@ -92,6 +93,25 @@ def _pass_sync(interpret):
     _bar()
 
 
+def row_inputs(p: Problem, bc_t, dl_s, dx_s, r, p_row, p_state):
+    """Row ``r``'s inputs to the recurrence: delta and delta x (``p_row``: one per channel,
+    replicated over the quad), the lane's B and C values (``p_state``), and the reset's exponent
+    offset (None without resets). Without the softplus, the padding steps' valid flag (0)
+    multiplies delta and delta x."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    n, ln = p.n, p.n // QUAD
+    dl = plgpu.load(dl_s.at[r], layout=p_row, optimized=False)
+    dbx = plgpu.load(dx_s.at[r], layout=p_row, optimized=False)
+    if p.time_p != p.time and not p.softplus:
+        valid = bc_t[r, (2 * n + 1) // ln, (2 * n + 1) % ln]
+        dl, dbx = dl * valid, dbx * valid
+    bv = plgpu.load(bc_t.at[r, pl.ds(0, QUAD)], layout=p_state, optimized=False)
+    cv = plgpu.load(bc_t.at[r, pl.ds(QUAD, QUAD)], layout=p_state, optimized=False)
+    off = bc_t[r, (2 * n + 2) // ln, (2 * n + 2) % ln] if p.has_resets else None
+    return dl, dbx, bv, cv, off
+
+
 def check(p: Problem):
     """The shapes this kernel takes (make_problem pads the state to a multiple of 16)."""
     if p.n % (QUAD * 4):
@@ -100,9 +120,11 @@ def check(p: Problem):
         raise ValueError(f"fwd_layout='lanes': got chunk {p.chunk}, expected a multiple of {QUAD}")
 
 
-def gpu_forward_lanes(p: Problem, out_dtype, *, stages: int, interpret, opts):
-    """(y (batch, time_p, chans_p), h_last (batch, state, chans_p)) for a forward with no
-    backward. ``interpret``: Mosaic GPU's interpreter (threads and barriers simulated).
+def gpu_forward_lanes(p: Problem, out_dtype, *, stages: int, interpret, opts, save_bounds: bool = False):
+    """(y (batch, time_p, chans_p), h_last (batch, state, chans_p)), and with ``save_bounds``
+    the state at the start of every chunk, (batch, chunks, chans_p, 4, state / 4) (the lanes
+    backward's layout, ``pallas_selective_scan_lanes_bwd``). ``interpret``: Mosaic GPU's
+    interpreter (threads and barriers simulated).
     ``opts["lanes_group"]`` rows per group of the recurrence: their shared-memory loads are
     issued before any of their arithmetic, and their partial sums stored after it."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -124,6 +146,8 @@ def gpu_forward_lanes(p: Problem, out_dtype, *, stages: int, interpret, opts):
     sshape = (CHANS, QUAD, ln)
     shapes = (jax.ShapeDtypeStruct((batch, p.time_p, p.chans_p), out_dtype),
               jax.ShapeDtypeStruct((batch, p.chans_p, QUAD, ln), f32))
+    if save_bounds:
+        shapes += (jax.ShapeDtypeStruct((batch, nc, p.chans_p, QUAD, ln), f32),)
     padded = p.time_p != p.time
     dt = p.dt
     if padded and p.softplus:  # softplus(-inf) = 0: the steps that pad the sequence have delta = 0
@@ -140,11 +164,10 @@ def gpu_forward_lanes(p: Problem, out_dtype, *, stages: int, interpret, opts):
     def bcast(v, dims, lay=pS, shape=sshape):
         return plgpu.layout_cast(lax.broadcast_in_dim(v, shape, dims), lay)
 
-    def scalar(bc_t, r, col):
-        return bc_t[r, col // ln, col % ln]
-
     def kernel(*refs):
-        gin, (y_ref, hl_ref), (dl_s, dx_s, yp_s) = refs[:len(ins)], refs[len(ins):len(ins) + 2], refs[len(ins) + 2:]
+        nout = len(shapes)
+        gin, gout, (dl_s, dx_s, yp_s) = refs[:len(ins)], refs[len(ins):len(ins) + nout], refs[len(ins) + nout:]
+        y_ref, hl_ref = gout[0], gout[1]
         bi, ci = lax.axis_index("batch"), lax.axis_index("block")
         lanes = pl.ds(ci * CHANS, CHANS)
         a_ref, pr_ref, h0_ref = gin[k + 1], gin[k + 2], gin[k + 3].at[bi]
@@ -163,6 +186,8 @@ def gpu_forward_lanes(p: Problem, out_dtype, *, stages: int, interpret, opts):
                 x_t, dt_t, z_t, bc_t = tiles
             else:
                 (x_t, dt_t, bc_t), z_t = tiles, None
+            if save_bounds:  # the chunk's incoming state, for the backward
+                gout[2].at[bi, idx[0], lanes][...] = h
             # 1. delta and delta x for the chunk, each element once
             u = plgpu.load(dt_t, layout=pT, optimized=False).astype(f32) + bias_t
             delta = _softplus(u) if p.softplus else u
@@ -175,16 +200,7 @@ def gpu_forward_lanes(p: Problem, out_dtype, *, stages: int, interpret, opts):
                 r0 = gi * grp
                 rows = []
                 for j in range(grp):
-                    r = r0 + j
-                    dl = plgpu.load(dl_s.at[r], layout=pROW, optimized=False)
-                    dbx = plgpu.load(dx_s.at[r], layout=pROW, optimized=False)
-                    if padded and not p.softplus:  # valid is 0 on the steps that pad the sequence
-                        valid = scalar(bc_t, r, 2 * n + 1)
-                        dl, dbx = dl * valid, dbx * valid
-                    bv = plgpu.load(bc_t.at[r, pl.ds(0, QUAD)], layout=pSTATE, optimized=False)
-                    cv = plgpu.load(bc_t.at[r, pl.ds(QUAD, QUAD)], layout=pSTATE, optimized=False)
-                    off = scalar(bc_t, r, 2 * n + 2) if p.has_resets else None
-                    rows.append((dl, dbx, bv, cv, off))
+                    rows.append(row_inputs(p, bc_t, dl_s, dx_s, r0 + j, pROW, pSTATE))
                 parts = []
                 for dl, dbx, bv, cv, off in rows:
                     arg = bcast(dl, (0,)) * a2v
@@ -216,6 +232,6 @@ def gpu_forward_lanes(p: Problem, out_dtype, *, stages: int, interpret, opts):
 
     extra = {"interpret": plgpu.InterpretGPUParams()} if interpret else {}
     scratch = [plgpu.SMEM((chunk, CHANS), f32), plgpu.SMEM((chunk, CHANS), f32), plgpu.SMEM((chunk, CHANS, QUAD), f32)]
-    y, hl = plgpu.kernel(kernel, out_type=shapes, grid=(batch, nb), grid_names=("batch", "block"),
-                         scratch_types=scratch, compiler_params=_gpu_params(opts), **extra)(*ins)
-    return y, jnp.swapaxes(hl.reshape(batch, p.chans_p, n), 1, 2)
+    outs = plgpu.kernel(kernel, out_type=shapes, grid=(batch, nb), grid_names=("batch", "block"),
+                        scratch_types=scratch, compiler_params=_gpu_params(opts), **extra)(*ins)
+    return (outs[0], jnp.swapaxes(outs[1].reshape(batch, p.chans_p, n), 1, 2)) + tuple(outs[2:])

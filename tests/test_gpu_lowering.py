@@ -85,13 +85,17 @@ def test_slstm_gpu_kernel_lowers(hopper, monkeypatch, options):
 
 
 @pytest.mark.parametrize("layout", ["row4", pytest.param("wgmma", marks=pytest.mark.slow),
-                                    pytest.param("row8", marks=pytest.mark.slow)])
+                                    pytest.param("row8", marks=pytest.mark.slow), "lanes"])
 def test_selective_scan_gpu_kernel_lowers(hopper, monkeypatch, layout):
     # every register layout of the backward's batched lane sums lowers (the default, row4, in
-    # CI; the others, ~35 s each to lower on 2 cores, under -m slow and timed on the GPU)
+    # CI; the others, ~35 s each to lower on 2 cores, under -m slow and timed on the GPU), and
+    # the lanes training forward and backward (bwd_layout "lanes")
     from mnemax.kernels import pallas_selective_scan as pss
 
-    monkeypatch.setitem(pss.GPU_OPTIONS, "red_layout", layout)
+    if layout == "lanes":
+        monkeypatch.setitem(pss.GPU_OPTIONS, "bwd_layout", "lanes")
+    else:
+        monkeypatch.setitem(pss.GPU_OPTIONS, "red_layout", layout)
     rng = np.random.default_rng(2)
     Bt, T, Ch, N = 2, 100, 64, 16
     x, dt, z = _arr(rng, (Bt, T, Ch)), _arr(rng, (Bt, T, Ch)), _arr(rng, (Bt, T, Ch))

@@ -246,6 +246,50 @@ def test_pallas_gpu_lanes_forward_equals_reference(monkeypatch, shape, gated, so
     np.testing.assert_allclose(np.asarray(h), np.asarray(h_ref), rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("shape,gated,with_resets", [((2, 21, 40, 16), True, True), ((1, 19, 70, 5), False, False)],
+                         ids=["gated_resets", "state5_plain"])
+def test_pallas_gpu_lanes_backward_equals_reference(monkeypatch, shape, gated, with_resets):
+    # bwd_layout "lanes": the training forward saves its chunk-boundary states in the lanes
+    # layout and the backward runs its six passes on 32-channel CTAs, under Mosaic GPU's
+    # interpreter. Outputs, final state and every gradient equal the reference, at a length no
+    # multiple of the chunk, channels no multiple of 32, a state padded from 5 to 16, with and
+    # without a gate, resets and h0. A spy checks that the lanes backward ran.
+    from mnemax.kernels import pallas_selective_scan as pss
+    from mnemax.kernels import pallas_selective_scan_lanes_bwd as psb
+
+    monkeypatch.setitem(pss.GPU_OPTIONS, "bwd_layout", "lanes")
+    calls = []
+    real = psb.gpu_backward_lanes
+    monkeypatch.setattr(psb, "gpu_backward_lanes", lambda *a, **k: calls.append(1) or real(*a, **k))
+    args, resets, w, wh = _case(*shape, gated, with_resets, jnp.float32, seed=41)
+    _check_against_reference(args, resets, w, wh)
+    assert calls
+
+
+def test_pallas_gpu_lanes_backward_without_softplus(monkeypatch):
+    # delta = dt + dt_bias itself: the padding steps' d dt is not 0 there, and d dt_bias must
+    # leave it out; every gradient against the reference
+    from mnemax.kernels import pallas_selective_scan as pss
+
+    monkeypatch.setitem(pss.GPU_OPTIONS, "bwd_layout", "lanes")
+    args, resets = _lanes_case((2, 13, 36, 16), True, False, True, jnp.float32, seed=43)
+    keys = [k for k in NAMES if args[k] is not None]
+    w = jnp.asarray(np.random.default_rng(5).standard_normal((2, 13, 36)).astype(np.float32))
+
+    def grads(backend):
+        def loss(*vals):
+            kw = dict(zip(keys, vals))
+            y, h = selective_scan(kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"], D=kw["D"], z=kw["z"],
+                                  dt_bias=kw["dt_bias"], dt_softplus=False, h0=kw["h0"], resets=resets,
+                                  return_state=True, backend=backend, interpret=True)
+            return jnp.sum(y * w) + jnp.sum(h)
+        return jax.grad(loss, tuple(range(len(keys))))(*[args[k] for k in keys])
+
+    rtol, atol = TOL[jnp.float32]
+    for k, g, r in zip(keys, grads("pallas_gpu"), grads("reference")):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=rtol, atol=atol, err_msg=f"gradient of {k}")
+
+
 def test_pallas_gpu_lanes_options_are_checked():
     from mnemax.kernels import pallas_selective_scan as pss
 
@@ -259,6 +303,17 @@ def test_pallas_gpu_lanes_options_are_checked():
         pss.forward("gpu", p, jnp.float32, interpret=True, opts={"lanes_group": 3})
     # an explicit fwd_wgs > 1 keeps its warpgroup kernel (the lanes kernel would refuse lanes_group 3)
     pss.forward("gpu", p, jnp.float32, interpret=True, opts={"lanes_group": 3, "fwd_wgs": 2})
+    with pytest.raises(ValueError, match="bwd_layout: got 'quad'"):
+        pss.make_problem("gpu", a["x"], a["dt"], a["A"], a["B"], a["C"], None, None, None, None, None, True,
+                         opts={"bwd_layout": "quad"})
+    # the lanes backward sums dB and dC with 2 x 16 states on a warp's lanes: 17 states are refused
+    b, _, _, _ = _case(1, 16, 8, 17, False, False, jnp.float32, seed=0)
+    q = pss.make_problem("gpu", b["x"], b["dt"], b["A"], b["B"], b["C"], None, None, None, None, None, True,
+                         opts={"bwd_layout": "lanes"})
+    y, hl, bounds = pss.forward("gpu", q, jnp.float32, save_bounds=True, interpret=True, opts={"bwd_layout": "lanes"})
+    with pytest.raises(ValueError, match="bwd_layout='lanes': got a state of 17"):
+        pss.backward("gpu", q, y, jnp.ones_like(hl), bounds, {"x": jnp.float32, "dt": jnp.float32, "z": None},
+                     interpret=True, opts={"bwd_layout": "lanes"})
 
 
 @pytest.mark.parametrize("segments,shape,reset_at", [(3, (1, 61, 9, 8), 24), pytest.param(5, (2, 45, 9, 4), None, marks=pytest.mark.slow)],
@@ -343,7 +398,8 @@ def test_pallas_gpu_red_rows_must_divide_the_chunk():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("options", [{}, {"fwd_wgs": 2}, {"fwd_wgs": 4}], ids=["defaults", "wgs2", "wgs4"])
+@pytest.mark.parametrize("options", [{}, {"fwd_wgs": 2}, {"fwd_wgs": 4}, {"bwd_layout": "lanes"}],
+                         ids=["defaults", "wgs2", "wgs4", "lanes_backward"])
 def test_pallas_gpu_selective_scan_on_the_gpu(monkeypatch, options):
     # The real Mosaic GPU lowering with the default options (run with -m gpu on the
     # accelerator), float32: outputs, final state and every gradient equal the reference, at

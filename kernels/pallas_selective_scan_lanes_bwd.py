@@ -1,0 +1,225 @@
+"""The selective-scan GPU backward with each channel's states split over 4 lanes
+(``GPU_OPTIONS["bwd_layout"] == "lanes"``, opt-in): the layouts of
+:mod:`mnemax.kernels.pallas_selective_scan_lanes`, 32 channels per CTA, after a training
+forward that saved its chunk-boundary states in the same layout. The formulas are those of
+:mod:`mnemax.kernels.pallas_selective_scan`'s docstring.
+
+Each chunk (walked from last to first) runs six passes, with a warpgroup barrier between them:
+
+1. tile layout: ``delta = softplus(dt + dt_bias)`` and ``delta x`` to shared memory;
+2. state layout, rows forward: the chunk's states recomputed from its boundary, each row's
+   incoming state kept in shared memory, and the lanes' shares of ``C . h``;
+3. tile layout: ``y' = C . h + D x``, ``dz``, the gated cotangent ``g_y'`` (to shared
+   memory), ``dD`` accumulated;
+4. state layout, rows backward: the adjoint ``g = g_h + C g_y'``; the lanes' shares of
+   ``sum_n g_n B_n`` and of the decay term of ``d delta``; ``dA``; and each lane's products
+   ``g delta x`` and ``h g_y'`` (the per-step terms of dB and dC) to a (chunk, 32, 2 state)
+   buffer;
+5. that buffer summed over the CTA's 32 channels (in-thread: lane = column) and written to
+   HBM, one row of dB, dC per step and CTA (XLA sums the CTAs); this is why the state must be
+   at most 16 (2 x 16 columns on a warp's 32 lanes);
+6. tile layout: ``dx``, ``d dt`` (through the softplus), ``d dt_bias`` accumulated.
+
+Not measured on a GPU yet: the layout is checked by Mosaic GPU's interpreter and by the cuda
+lowering on the CPU (tests/test_pallas_selective_scan.py, tests/test_gpu_lowering.py).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from .pallas_selective_scan_lanes import CHANS, QUAD, _pass_sync, _pl, _state_layout, _tile_layout, _tiled, check
+from .pallas_selective_scan_lanes import row_inputs as lanes_row_inputs
+from .pallas_selective_scan_rows import LOG2E, Problem, _pad_to, _sigmoid, _softplus
+
+
+def _sum_layout(rows, ln):
+    """(rows, 32, 2, 4, ln) with the 32 channels in registers: warp = row % 4, lane = (B or
+    C, state) (2 x 4 x ln = 32 lanes: state 16), so a sum over the channels is in-thread and
+    each warp's loads read whole rows."""
+    return _tiled(((rows, CHANS, 2, QUAD, ln), (QUAD, CHANS, 2, QUAD, ln), (1, 1, 1, 1, 1)), (-10,), (-8, -7, -6), -1)
+
+
+def gpu_backward_lanes(p: Problem, gy, bounds, gh_last, dtypes, *, stages: int, interpret, opts):
+    """Gradients (dict: x, dt, z, B, C, A, D, dt_bias, h0; unpadded) from the lanes forward's
+    ``bounds`` (batch, chunks, chans_p, 4, state / 4). ``gy``: (batch, time_p, chans_p);
+    ``gh_last``: the final state's cotangent, (batch, state, chans_p)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from .pallas_selective_scan import _gpu_params
+
+    check(p)
+    batch, chunk, n = p.batch, p.chunk, p.n
+    if n != 16:
+        raise ValueError(f"bwd_layout='lanes': got a state of {p.n_real} ({n} padded), expected at most 16 "
+                         "(the dB/dC sums put 2 x 16 values on a warp's 32 lanes); use bwd_layout='channels'")
+    ln = n // QUAD
+    nc, nb = p.n_chunks, p.chans_p // CHANS
+    f32 = jnp.float32
+    S = _state_layout(n)
+    T, T4, R = _tile_layout(chunk), _tile_layout(chunk, QUAD), _sum_layout(chunk, ln)
+    ROW, STATE, PART, TROW = S.reduce([1, 2]), S.reduce([0]), S.reduce([2]), T.reduce([0])
+    pS, pT, pT4, pR, pROW, pSTATE, pPART, pTROW = (_pl(v) for v in (S, T, T4, R, ROW, STATE, PART, TROW))
+    sshape = (CHANS, QUAD, ln)
+    padded = p.time_p != p.time
+    dt = p.dt
+    if padded and p.softplus:  # softplus(-inf) = 0 and its derivative 0 on the padding steps
+        dt = dt.at[:, p.time:, :].set(-jnp.inf)
+    bcw = p.bc_width + (-p.bc_width) % ln
+    bc = _pad_to(p.bc, 2, ln).reshape(batch, p.time_p, bcw // ln, ln)
+    a2 = p.a2.T.reshape(p.chans_p, QUAD, ln)
+    ghl = jnp.swapaxes(gh_last, 1, 2).reshape(batch, p.chans_p, QUAD, ln)
+    seq_in = [p.x, dt] + ([p.z] if p.gated else []) + [gy]
+    ins = seq_in + [bc, a2, p.params, bounds, ghl]
+    k = len(seq_in)
+    seq_shape = (batch, p.time_p, p.chans_p)
+    shapes = [jax.ShapeDtypeStruct(seq_shape, dtypes["x"]), jax.ShapeDtypeStruct(seq_shape, dtypes["dt"])]
+    if p.gated:
+        shapes.append(jax.ShapeDtypeStruct(seq_shape, dtypes["z"]))
+    shapes += [jax.ShapeDtypeStruct((batch, nb, p.time_p, 2, QUAD, ln), f32),  # dB, dC per CTA
+               jax.ShapeDtypeStruct((batch, p.chans_p, QUAD, ln), f32),  # dA
+               jax.ShapeDtypeStruct((batch, 2, chunk, p.chans_p), f32),  # dD, dbias partials
+               jax.ShapeDtypeStruct((batch, p.chans_p, QUAD, ln), f32)]  # dh0
+    nseq = 2 + p.gated
+    ln2 = 1.0 / LOG2E
+
+    def bcast(v, dims, lay=pS, shape=sshape):
+        return plgpu.layout_cast(lax.broadcast_in_dim(v, shape, dims), lay)
+
+    def tile(ref):
+        return plgpu.load(ref, layout=pT, optimized=False).astype(f32)
+
+    def parts(ref):  # (chunk, 32, 4) lane shares -> (chunk, 32)
+        return plgpu.layout_cast(jnp.sum(plgpu.load(ref, layout=pT4, optimized=False), axis=2), pT)
+
+    def kernel(*refs):
+        gin, gout = refs[:len(ins)], refs[len(ins):len(ins) + len(shapes)]
+        dl_s, dx_s, gy_s, hb_s, yp_s, dd_s, cs_s = refs[len(ins) + len(shapes):]
+        bi, ci = lax.axis_index("batch"), lax.axis_index("block")
+        lanes = pl.ds(ci * CHANS, CHANS)
+        a_ref, pr_ref, bnd_ref, ghl_ref = gin[k + 1], gin[k + 2], gin[k + 3].at[bi], gin[k + 4].at[bi]
+        seq_out, dbc_ref, da_ref, dp_ref, dh0_ref = gout[:nseq], gout[nseq], gout[nseq + 1], gout[nseq + 2], gout[nseq + 3]
+        a2v = plgpu.load(a_ref.at[lanes], layout=pS, optimized=False)
+        dvec = plgpu.load(pr_ref.at[0, lanes], layout=pTROW, optimized=False)
+        bias = plgpu.load(pr_ref.at[1, lanes], layout=pTROW, optimized=False)
+        bias_t = bcast(bias, (1,), pT, (chunk, CHANS))
+        d_t = bcast(dvec, (1,), pT, (chunk, CHANS))
+        gh0 = plgpu.load(ghl_ref.at[lanes], layout=pS, optimized=False)
+        zero_s = plgpu.layout_cast(jnp.zeros(sshape, f32), pS)
+        zero_t = plgpu.layout_cast(jnp.zeros((chunk, CHANS), f32), pT)
+        seq = pl.BlockSpec((chunk, CHANS), lambda t: (nc - 1 - t, ci))
+        bcs = pl.BlockSpec((chunk, bcw // ln, ln), lambda t: (nc - 1 - t, 0, 0))
+
+        def row_inputs(bc_t, r):
+            return lanes_row_inputs(p, bc_t, dl_s, dx_s, r, pROW, pSTATE)
+
+        def decay_of(dl, off):
+            arg = bcast(dl, (0,)) * a2v
+            return jnp.exp2(arg if off is None else arg + off)
+
+        def step(idx, *tiles_and_carry):
+            *tiles, carry = tiles_and_carry
+            gh, dA, dD, dbias = carry
+            if p.gated:
+                x_t, dt_t, z_t, gy_t, bc_t = tiles
+            else:
+                (x_t, dt_t, gy_t, bc_t), z_t = tiles, None
+            c_idx = nc - 1 - idx[0]
+            rows = pl.ds(c_idx * chunk, chunk)
+            # 1. delta, delta x
+            u = tile(dt_t) + bias_t
+            delta = _softplus(u) if p.softplus else u
+            xv = tile(x_t)
+            dl_s[...] = delta
+            dx_s[...] = delta * xv
+            _pass_sync(interpret)
+
+            # 2. the chunk's states from its boundary; each row's incoming state kept
+            def fwd_row(r, h):
+                dl, dbx, bv, cv, off = row_inputs(bc_t, r)
+                hb_s[r] = h
+                h = decay_of(dl, off) * h + bcast(dbx, (0,)) * bcast(bv, (1, 2))
+                yp_s[r] = plgpu.layout_cast(jnp.sum(bcast(cv, (1, 2)) * h, axis=2), pPART)
+                return h
+
+            lax.fori_loop(0, chunk, fwd_row, plgpu.load(bnd_ref.at[c_idx, lanes], layout=pS, optimized=False))
+            _pass_sync(interpret)
+            # 3. y' = C . h + D x, dz, the gated cotangent, dD
+            gyv = tile(gy_t)
+            if z_t is not None:
+                zv = tile(z_t)
+                sg = _sigmoid(zv)
+                ypre = parts(yp_s) + d_t * xv
+                seq_out[2].at[bi, rows, lanes][...] = (gyv * ypre * sg * (1.0 + zv * (1.0 - sg))).astype(seq_out[2].dtype)
+                gyv = gyv * zv * sg
+            gy_s[...] = gyv
+            dD = dD + gyv * xv
+            _pass_sync(interpret)
+
+            # 4. the adjoint, rows backward
+            def bwd_row(i, carry):
+                gh, dA = carry
+                r = chunk - 1 - i
+                dl, dbx, bv, cv, off = row_inputs(bc_t, r)
+                gyp = bcast(plgpu.load(gy_s.at[r], layout=pROW, optimized=False), (0,))
+                hprev = plgpu.load(hb_s.at[r], layout=pS, optimized=False)
+                decay = decay_of(dl, off)
+                bb = bcast(bv, (1, 2))
+                hk = decay * hprev + bcast(dbx, (0,)) * bb
+                g = gh + bcast(cv, (1, 2)) * gyp
+                cs_s[r, :, 0] = g * bcast(dbx, (0,))
+                cs_s[r, :, 1] = hk * gyp
+                carried = g * decay
+                dh = carried * hprev
+                yp_s[r] = plgpu.layout_cast(jnp.sum(g * bb, axis=2), pPART)
+                dd_s[r] = plgpu.layout_cast(jnp.sum(dh * a2v, axis=2), pPART)
+                return carried, dA + dh * bcast(dl, (0,))
+
+            gh, dA = lax.fori_loop(0, chunk, bwd_row, (gh, dA))
+            _pass_sync(interpret)
+            # 5. dB, dC: the lanes' products summed over the CTA's channels
+            sums = jnp.sum(plgpu.load(cs_s, layout=pR, optimized=False), axis=1)
+            dbc_ref.at[bi, ci, rows][...] = sums
+            # 6. dx, d dt, d dt_bias
+            s_gb = parts(yp_s)
+            ddelta = parts(dd_s) * ln2 + s_gb * xv
+            du = ddelta * _sigmoid(u) if p.softplus else ddelta
+            seq_out[0].at[bi, rows, lanes][...] = (gyv * d_t + s_gb * delta).astype(seq_out[0].dtype)
+            seq_out[1].at[bi, rows, lanes][...] = du.astype(seq_out[1].dtype)
+            _pass_sync(interpret)  # the next chunk's passes overwrite this one's buffers
+            return gh, dA, dD, dbias + du
+
+        gh, dA, dD, dbias = plgpu.emit_pipeline(
+            step, grid=(nc,), in_specs=[seq] * len(seq_in) + [bcs], max_concurrent_steps=min(stages, nc),
+            init_carry=(gh0, zero_s, zero_t, zero_t),
+        )(*[g.at[bi] for g in gin[:k + 1]])
+        da_ref.at[bi, lanes][...] = dA
+        dh0_ref.at[bi, lanes][...] = gh
+        dp_ref.at[bi, 0, :, lanes][...] = dD
+        dp_ref.at[bi, 1, :, lanes][...] = dbias
+
+    extra = {"interpret": plgpu.InterpretGPUParams()} if interpret else {}
+    scratch = [plgpu.SMEM((chunk, CHANS), f32) for _ in range(3)] + [
+        plgpu.SMEM((chunk, CHANS, QUAD, ln), f32), plgpu.SMEM((chunk, CHANS, QUAD), f32),
+        plgpu.SMEM((chunk, CHANS, QUAD), f32), plgpu.SMEM((chunk, CHANS, 2, QUAD, ln), f32)]
+    outs = plgpu.kernel(kernel, out_type=tuple(shapes), grid=(batch, nb), grid_names=("batch", "block"),
+                        scratch_types=scratch, compiler_params=_gpu_params(opts), **extra)(*ins)
+    if p.gated:
+        dx, ddt, dz, dbc, dA, dp, dh0 = outs
+    else:
+        (dx, ddt, dbc, dA, dp, dh0), dz = outs, None
+    T_, Cn, nr = p.time, p.chans, p.n_real
+    dbias = jnp.sum(dp[:, 1], axis=(0, 1))
+    if padded and not p.softplus:  # d dt on the padding steps is not 0 without the softplus: take it out
+        dbias = dbias - jnp.sum(ddt[:, T_:].astype(f32), axis=(0, 1))
+    dbc = jnp.sum(dbc, axis=1).reshape(batch, p.time_p, 2 * n)[:, :T_]
+    return {
+        "x": dx[:, :T_, :Cn], "dt": ddt[:, :T_, :Cn], "z": None if dz is None else dz[:, :T_, :Cn],
+        "B": dbc[..., :nr], "C": dbc[..., n:n + nr],
+        "A": jnp.sum(dA, axis=0).reshape(p.chans_p, n)[:Cn, :nr],
+        "D": jnp.sum(dp[:, 0], axis=(0, 1))[:Cn], "dt_bias": dbias[:Cn],
+        "h0": dh0.reshape(batch, p.chans_p, n)[:, :Cn, :nr],
+    }
