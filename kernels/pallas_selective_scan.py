@@ -61,10 +61,11 @@ GPU_OPTIONS = {"chunk": 8, "stages": 3, "bwd_stages": 2, "unroll": 4, "bwd_unrol
                "no_auto_barriers": True, "red_rows": 4, "red_layout": "row4", "fwd_wgs": 1, "fwd_chunk": "auto",
                "time_split": "auto", "mosaic_interpret": False, "fwd_unroll": 8, "sum_parts": 1,
                "fwd_layout": "lanes", "lanes_group": 8,
-               "bwd_layout": "channels"}
+               "bwd_layout": "channels", "lanes_bwd_group": 4}
 # bwd_layout: the training forward's and the backward's layout. "channels" (one lane per channel);
 # "lanes" (opt-in, not yet timed on a GPU): ``pallas_selective_scan_lanes_bwd``, after a lanes
-# forward that saves its chunk-boundary states in the lanes layout.
+# forward that saves its chunk-boundary states in the lanes layout. lanes_bwd_group: its rows whose
+# loads are issued together (a guess: 4 rows hold about 64 registers of loaded values).
 # fwd_layout: the forward-only kernel's layout (a forward with a backward after it always uses
 # "channels", and so does a forward-only call with fwd_wgs > 1). "channels": one lane per channel walks all its states, 128 channels per CTA
 # (``_gpu_forward``). "lanes": each channel's states split over the 4 lanes of a quad, 32

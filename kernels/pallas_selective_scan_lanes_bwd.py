@@ -8,7 +8,9 @@ Each chunk (walked from last to first) runs six passes, with a warpgroup barrier
 
 1. tile layout: ``delta = softplus(dt + dt_bias)`` and ``delta x`` to shared memory;
 2. state layout, rows forward: the chunk's states recomputed from its boundary, each row's
-   incoming state kept in shared memory, and the lanes' shares of ``C . h``;
+   incoming state kept in shared memory, and the lanes' shares of ``C . h``
+   (``lanes_bwd_group`` rows at a time in passes 2 and 4: their loads, then their arithmetic,
+   then their stores, as in the forward);
 3. tile layout: ``y' = C . h + D x``, ``dz``, the gated cotangent ``g_y'`` (to shared
    memory), ``dD`` accumulated;
 4. state layout, rows backward: the adjoint ``g = g_h + C g_y'``; the lanes' shares of
@@ -58,6 +60,9 @@ def gpu_backward_lanes(p: Problem, gy, bounds, gh_last, dtypes, *, stages: int, 
                          "(the dB/dC sums put 2 x 16 values on a warp's 32 lanes); use bwd_layout='channels'")
     ln = n // QUAD
     nc, nb = p.n_chunks, p.chans_p // CHANS
+    grp = opts["lanes_bwd_group"]
+    if not isinstance(grp, int) or grp < 1 or chunk % grp:
+        raise ValueError(f"lanes_bwd_group: got {grp!r}, expected a positive divisor of the chunk ({chunk})")
     f32 = jnp.float32
     S = _state_layout(n)
     T, T4, R = _tile_layout(chunk), _tile_layout(chunk, QUAD), _sum_layout(chunk, ln)
@@ -137,15 +142,22 @@ def gpu_backward_lanes(p: Problem, gy, bounds, gh_last, dtypes, *, stages: int, 
             dx_s[...] = delta * xv
             _pass_sync(interpret)
 
-            # 2. the chunk's states from its boundary; each row's incoming state kept
-            def fwd_row(r, h):
-                dl, dbx, bv, cv, off = row_inputs(bc_t, r)
-                hb_s[r] = h
-                h = decay_of(dl, off) * h + bcast(dbx, (0,)) * bcast(bv, (1, 2))
-                yp_s[r] = plgpu.layout_cast(jnp.sum(bcast(cv, (1, 2)) * h, axis=2), pPART)
+            # 2. the chunk's states from its boundary; each row's incoming state kept. grp rows at
+            # a time: their loads, then their arithmetic, then their stores
+            def fwd_group(gi, h):
+                r0 = gi * grp
+                ins_ = [row_inputs(bc_t, r0 + j) for j in range(grp)]
+                outs_ = []
+                for dl, dbx, bv, cv, off in ins_:
+                    hin = h
+                    h = decay_of(dl, off) * h + bcast(dbx, (0,)) * bcast(bv, (1, 2))
+                    outs_.append((hin, plgpu.layout_cast(jnp.sum(bcast(cv, (1, 2)) * h, axis=2), pPART)))
+                for j, (hin, part) in enumerate(outs_):
+                    hb_s[r0 + j] = hin
+                    yp_s[r0 + j] = part
                 return h
 
-            lax.fori_loop(0, chunk, fwd_row, plgpu.load(bnd_ref.at[c_idx, lanes], layout=pS, optimized=False))
+            lax.fori_loop(0, chunk // grp, fwd_group, plgpu.load(bnd_ref.at[c_idx, lanes], layout=pS, optimized=False))
             _pass_sync(interpret)
             # 3. y' = C . h + D x, dz, the gated cotangent, dD
             gyv = tile(gy_t)
@@ -159,26 +171,32 @@ def gpu_backward_lanes(p: Problem, gy, bounds, gh_last, dtypes, *, stages: int, 
             dD = dD + gyv * xv
             _pass_sync(interpret)
 
-            # 4. the adjoint, rows backward
-            def bwd_row(i, carry):
+            # 4. the adjoint, rows backward, grp rows at a time (loads, arithmetic, stores)
+            def bwd_group(gi, carry):
                 gh, dA = carry
-                r = chunk - 1 - i
-                dl, dbx, bv, cv, off = row_inputs(bc_t, r)
-                gyp = bcast(plgpu.load(gy_s.at[r], layout=pROW, optimized=False), (0,))
-                hprev = plgpu.load(hb_s.at[r], layout=pS, optimized=False)
-                decay = decay_of(dl, off)
-                bb = bcast(bv, (1, 2))
-                hk = decay * hprev + bcast(dbx, (0,)) * bb
-                g = gh + bcast(cv, (1, 2)) * gyp
-                cs_s[r, :, 0] = g * bcast(dbx, (0,))
-                cs_s[r, :, 1] = hk * gyp
-                carried = g * decay
-                dh = carried * hprev
-                yp_s[r] = plgpu.layout_cast(jnp.sum(g * bb, axis=2), pPART)
-                dd_s[r] = plgpu.layout_cast(jnp.sum(dh * a2v, axis=2), pPART)
-                return carried, dA + dh * bcast(dl, (0,))
+                rs = [chunk - 1 - gi * grp - j for j in range(grp)]
+                ins_ = [(row_inputs(bc_t, r), plgpu.load(gy_s.at[r], layout=pROW, optimized=False),
+                         plgpu.load(hb_s.at[r], layout=pS, optimized=False)) for r in rs]
+                outs_ = []
+                for (dl, dbx, bv, cv, off), gyr, hprev in ins_:
+                    gyp = bcast(gyr, (0,))
+                    decay = decay_of(dl, off)
+                    bb, dbxb = bcast(bv, (1, 2)), bcast(dbx, (0,))
+                    hk = decay * hprev + dbxb * bb
+                    g = gh + bcast(cv, (1, 2)) * gyp
+                    carried = g * decay
+                    dh = carried * hprev
+                    outs_.append((g * dbxb, hk * gyp, plgpu.layout_cast(jnp.sum(g * bb, axis=2), pPART),
+                                  plgpu.layout_cast(jnp.sum(dh * a2v, axis=2), pPART)))
+                    gh, dA = carried, dA + dh * bcast(dl, (0,))
+                for r, (pb, pc, sgb, dd) in zip(rs, outs_):
+                    cs_s[r, :, 0] = pb
+                    cs_s[r, :, 1] = pc
+                    yp_s[r] = sgb
+                    dd_s[r] = dd
+                return gh, dA
 
-            gh, dA = lax.fori_loop(0, chunk, bwd_row, (gh, dA))
+            gh, dA = lax.fori_loop(0, chunk // grp, bwd_group, (gh, dA))
             _pass_sync(interpret)
             # 5. dB, dC: the lanes' products summed over the CTA's channels
             sums = jnp.sum(plgpu.load(cs_s, layout=pR, optimized=False), axis=1)

@@ -246,9 +246,9 @@ def test_pallas_gpu_lanes_forward_equals_reference(monkeypatch, shape, gated, so
     np.testing.assert_allclose(np.asarray(h), np.asarray(h_ref), rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("shape,gated,with_resets", [((2, 21, 40, 16), True, True), ((1, 19, 70, 5), False, False)],
-                         ids=["gated_resets", "state5_plain"])
-def test_pallas_gpu_lanes_backward_equals_reference(monkeypatch, shape, gated, with_resets):
+@pytest.mark.parametrize("shape,gated,with_resets,group", [((2, 21, 40, 16), True, True, 4), ((1, 19, 70, 5), False, False, 8)],
+                         ids=["gated_resets", "state5_plain_group8"])
+def test_pallas_gpu_lanes_backward_equals_reference(monkeypatch, shape, gated, with_resets, group):
     # bwd_layout "lanes": the training forward saves its chunk-boundary states in the lanes
     # layout and the backward runs its six passes on 32-channel CTAs, under Mosaic GPU's
     # interpreter. Outputs, final state and every gradient equal the reference, at a length no
@@ -258,6 +258,7 @@ def test_pallas_gpu_lanes_backward_equals_reference(monkeypatch, shape, gated, w
     from mnemax.kernels import pallas_selective_scan_lanes_bwd as psb
 
     monkeypatch.setitem(pss.GPU_OPTIONS, "bwd_layout", "lanes")
+    monkeypatch.setitem(pss.GPU_OPTIONS, "lanes_bwd_group", group)
     calls = []
     real = psb.gpu_backward_lanes
     monkeypatch.setattr(psb, "gpu_backward_lanes", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -311,9 +312,13 @@ def test_pallas_gpu_lanes_options_are_checked():
     q = pss.make_problem("gpu", b["x"], b["dt"], b["A"], b["B"], b["C"], None, None, None, None, None, True,
                          opts={"bwd_layout": "lanes"})
     y, hl, bounds = pss.forward("gpu", q, jnp.float32, save_bounds=True, interpret=True, opts={"bwd_layout": "lanes"})
+    dtypes = {"x": jnp.float32, "dt": jnp.float32, "z": None}
+    y16, hl16, bounds16 = pss.forward("gpu", p, jnp.float32, save_bounds=True, interpret=True, opts={"bwd_layout": "lanes"})
+    with pytest.raises(ValueError, match="lanes_bwd_group: got 3"):
+        pss.backward("gpu", p, y16, jnp.ones_like(hl16), bounds16, dtypes, interpret=True,
+                     opts={"bwd_layout": "lanes", "lanes_bwd_group": 3})
     with pytest.raises(ValueError, match="bwd_layout='lanes': got a state of 17"):
-        pss.backward("gpu", q, y, jnp.ones_like(hl), bounds, {"x": jnp.float32, "dt": jnp.float32, "z": None},
-                     interpret=True, opts={"bwd_layout": "lanes"})
+        pss.backward("gpu", q, y, jnp.ones_like(hl), bounds, dtypes, interpret=True, opts={"bwd_layout": "lanes"})
 
 
 @pytest.mark.parametrize("segments,shape,reset_at", [(3, (1, 61, 9, 8), 24), pytest.param(5, (2, 45, 9, 4), None, marks=pytest.mark.slow)],
