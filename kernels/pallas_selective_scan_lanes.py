@@ -34,6 +34,8 @@ a multiple of 16 (a lane's 4 B values are one 16-byte load).
 
 from __future__ import annotations
 
+import types
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -120,6 +122,28 @@ def check(p: Problem):
         raise ValueError(f"fwd_layout='lanes': got chunk {p.chunk}, expected a multiple of {QUAD}")
 
 
+def setup(p: Problem, opts, group_key: str) -> types.SimpleNamespace:
+    """What both lanes kernels build from the problem: the checked row group
+    (``opts[group_key]``), the layouts (Pallas form), and the inputs re-laid for 4 lanes per
+    channel: dt with -inf on the padding steps under the softplus (softplus(-inf) = 0 and its
+    derivative 0, so delta = 0 there), the packed B/C row as (width / ln, ln) so that a lane's B
+    (or C) values are one row of it, and A as (channels, group, state)."""
+    check(p)
+    chunk, ln = p.chunk, p.n // QUAD
+    grp = opts[group_key]
+    if not isinstance(grp, int) or grp < 1 or chunk % grp:
+        raise ValueError(f"{group_key}: got {grp!r}, expected a positive divisor of the chunk ({chunk})")
+    S, T = _state_layout(p.n), _tile_layout(chunk)
+    lay = {"S": S, "T": T, "T4": _tile_layout(chunk, QUAD), "ROW": S.reduce([1, 2]), "STATE": S.reduce([0]),
+           "PART": S.reduce([2]), "TROW": T.reduce([0])}
+    padded = p.time_p != p.time
+    dt = p.dt.at[:, p.time:, :].set(-jnp.inf) if padded and p.softplus else p.dt
+    bcw = p.bc_width + (-p.bc_width) % ln
+    return types.SimpleNamespace(
+        ln=ln, grp=grp, sshape=(CHANS, QUAD, ln), padded=padded, dt=dt, bcw=bcw, layouts={k: _pl(v) for k, v in lay.items()},
+        bc=_pad_to(p.bc, 2, ln).reshape(p.batch, p.time_p, bcw // ln, ln), a2=p.a2.T.reshape(p.chans_p, QUAD, ln))
+
+
 def gpu_forward_lanes(p: Problem, out_dtype, *, stages: int, interpret, opts, save_bounds: bool = False):
     """(y (batch, time_p, chans_p), h_last (batch, state, chans_p)), and with ``save_bounds``
     the state at the start of every chunk, (batch, chunks, chans_p, 4, state / 4) (the lanes
@@ -131,34 +155,18 @@ def gpu_forward_lanes(p: Problem, out_dtype, *, stages: int, interpret, opts, sa
 
     from .pallas_selective_scan import _gpu_params
 
-    check(p)
-    batch, chunk, n = p.batch, p.chunk, p.n
-    ln = n // QUAD  # states per lane
-    nc, nb = p.n_chunks, p.chans_p // CHANS
-    grp = opts["lanes_group"]
-    if not isinstance(grp, int) or grp < 1 or chunk % grp:
-        raise ValueError(f"lanes_group: got {grp!r}, expected a positive divisor of the chunk ({chunk})")
+    su = setup(p, opts, "lanes_group")
+    batch, chunk, nc, nb = p.batch, p.chunk, p.n_chunks, p.chans_p // CHANS
+    ln, grp, sshape, bcw = su.ln, su.grp, su.sshape, su.bcw
+    pS, pT, pT4, pROW, pSTATE, pPART, pTROW = (su.layouts[k] for k in ("S", "T", "T4", "ROW", "STATE", "PART", "TROW"))
     f32 = jnp.float32
-    S = _state_layout(n)
-    T, T4 = _tile_layout(chunk), _tile_layout(chunk, QUAD)
-    ROW, STATE, PART, TROW = S.reduce([1, 2]), S.reduce([0]), S.reduce([2]), T.reduce([0])
-    pS, pT, pT4, pROW, pSTATE, pPART, pTROW = (_pl(v) for v in (S, T, T4, ROW, STATE, PART, TROW))
-    sshape = (CHANS, QUAD, ln)
     shapes = (jax.ShapeDtypeStruct((batch, p.time_p, p.chans_p), out_dtype),
               jax.ShapeDtypeStruct((batch, p.chans_p, QUAD, ln), f32))
     if save_bounds:
         shapes += (jax.ShapeDtypeStruct((batch, nc, p.chans_p, QUAD, ln), f32),)
-    padded = p.time_p != p.time
-    dt = p.dt
-    if padded and p.softplus:  # softplus(-inf) = 0: the steps that pad the sequence have delta = 0
-        dt = dt.at[:, p.time:, :].set(-jnp.inf)
-    # A and the states as (channels, group, state): each lane's n / 4 states are contiguous;
-    # the packed B/C row as (width / ln, ln) so that a lane's B (or C) values are one row of it
-    bcw = p.bc_width + (-p.bc_width) % ln
-    bc = _pad_to(p.bc, 2, ln).reshape(batch, p.time_p, bcw // ln, ln)
-    a2 = p.a2.T.reshape(p.chans_p, QUAD, ln)
+    # the states as (channels, group, state): each lane's n / 4 states are contiguous
     h0 = jnp.swapaxes(p.h0, 1, 2).reshape(batch, p.chans_p, QUAD, ln)
-    ins = [p.x, dt] + ([p.z] if p.gated else []) + [bc, a2, p.params, h0]
+    ins = [p.x, su.dt] + ([p.z] if p.gated else []) + [su.bc, su.a2, p.params, h0]
     k = 2 + p.gated
 
     def bcast(v, dims, lay=pS, shape=sshape):
@@ -234,4 +242,4 @@ def gpu_forward_lanes(p: Problem, out_dtype, *, stages: int, interpret, opts, sa
     scratch = [plgpu.SMEM((chunk, CHANS), f32), plgpu.SMEM((chunk, CHANS), f32), plgpu.SMEM((chunk, CHANS, QUAD), f32)]
     outs = plgpu.kernel(kernel, out_type=shapes, grid=(batch, nb), grid_names=("batch", "block"),
                         scratch_types=scratch, compiler_params=_gpu_params(opts), **extra)(*ins)
-    return (outs[0], jnp.swapaxes(outs[1].reshape(batch, p.chans_p, n), 1, 2)) + tuple(outs[2:])
+    return (outs[0], jnp.swapaxes(outs[1].reshape(batch, p.chans_p, p.n), 1, 2)) + tuple(outs[2:])

@@ -33,9 +33,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .pallas_selective_scan_lanes import CHANS, QUAD, _pass_sync, _pl, _state_layout, _tile_layout, _tiled, check
+from .pallas_selective_scan_lanes import CHANS, QUAD, _pass_sync, _pl, _tiled, check, setup
 from .pallas_selective_scan_lanes import row_inputs as lanes_row_inputs
-from .pallas_selective_scan_rows import LOG2E, Problem, _pad_to, _sigmoid, _softplus
+from .pallas_selective_scan_rows import LOG2E, Problem, _sigmoid, _softplus
 
 
 def _sum_layout(rows, ln):
@@ -58,27 +58,15 @@ def gpu_backward_lanes(p: Problem, gy, bounds, gh_last, dtypes, *, stages: int, 
     if n != 16:
         raise ValueError(f"bwd_layout='lanes': got a state of {p.n_real} ({n} padded), expected at most 16 "
                          "(the dB/dC sums put 2 x 16 values on a warp's 32 lanes); use bwd_layout='channels'")
-    ln = n // QUAD
+    su = setup(p, opts, "lanes_bwd_group")
     nc, nb = p.n_chunks, p.chans_p // CHANS
-    grp = opts["lanes_bwd_group"]
-    if not isinstance(grp, int) or grp < 1 or chunk % grp:
-        raise ValueError(f"lanes_bwd_group: got {grp!r}, expected a positive divisor of the chunk ({chunk})")
+    ln, grp, sshape, bcw, padded = su.ln, su.grp, su.sshape, su.bcw, su.padded
+    pS, pT, pT4, pROW, pSTATE, pPART, pTROW = (su.layouts[k] for k in ("S", "T", "T4", "ROW", "STATE", "PART", "TROW"))
+    pR = _pl(_sum_layout(chunk, ln))
     f32 = jnp.float32
-    S = _state_layout(n)
-    T, T4, R = _tile_layout(chunk), _tile_layout(chunk, QUAD), _sum_layout(chunk, ln)
-    ROW, STATE, PART, TROW = S.reduce([1, 2]), S.reduce([0]), S.reduce([2]), T.reduce([0])
-    pS, pT, pT4, pR, pROW, pSTATE, pPART, pTROW = (_pl(v) for v in (S, T, T4, R, ROW, STATE, PART, TROW))
-    sshape = (CHANS, QUAD, ln)
-    padded = p.time_p != p.time
-    dt = p.dt
-    if padded and p.softplus:  # softplus(-inf) = 0 and its derivative 0 on the padding steps
-        dt = dt.at[:, p.time:, :].set(-jnp.inf)
-    bcw = p.bc_width + (-p.bc_width) % ln
-    bc = _pad_to(p.bc, 2, ln).reshape(batch, p.time_p, bcw // ln, ln)
-    a2 = p.a2.T.reshape(p.chans_p, QUAD, ln)
     ghl = jnp.swapaxes(gh_last, 1, 2).reshape(batch, p.chans_p, QUAD, ln)
-    seq_in = [p.x, dt] + ([p.z] if p.gated else []) + [gy]
-    ins = seq_in + [bc, a2, p.params, bounds, ghl]
+    seq_in = [p.x, su.dt] + ([p.z] if p.gated else []) + [gy]
+    ins = seq_in + [su.bc, su.a2, p.params, bounds, ghl]
     k = len(seq_in)
     seq_shape = (batch, p.time_p, p.chans_p)
     shapes = [jax.ShapeDtypeStruct(seq_shape, dtypes["x"]), jax.ShapeDtypeStruct(seq_shape, dtypes["dt"])]
