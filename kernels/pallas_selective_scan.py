@@ -61,11 +61,18 @@ GPU_OPTIONS = {"chunk": 8, "stages": 3, "bwd_stages": 2, "unroll": 4, "bwd_unrol
                "no_auto_barriers": True, "red_rows": 4, "red_layout": "row4", "fwd_wgs": 1, "fwd_chunk": "auto",
                "time_split": "auto", "mosaic_interpret": False, "fwd_unroll": 8, "sum_parts": 1,
                "fwd_layout": "lanes", "lanes_group": 8,
-               "bwd_layout": "channels", "lanes_bwd_group": 4}
+               "bwd_layout": "auto", "lanes_bwd_group": 4, "lanes_bwd_dbc": "reduce",
+               "lanes_train_chunk": "auto"}
 # bwd_layout: the training forward's and the backward's layout. "channels" (one lane per channel);
-# "lanes" (opt-in, not yet timed on a GPU): ``pallas_selective_scan_lanes_bwd``, after a lanes
-# forward that saves its chunk-boundary states in the lanes layout. lanes_bwd_group: its rows whose
-# loads are issued together (a guess: 4 rows hold about 64 registers of loaded values).
+# "lanes": ``pallas_selective_scan_lanes_bwd``, after a lanes forward that saves its
+# chunk-boundary states in the lanes layout (state at most 16); "auto" (default): "lanes" for a
+# state of at most 16, else "channels". On an H100 at (8, 2048, 1536, 16), f32, forward+backward
+# 1.156 ms against 1.869 for "channels" (2.96x / 4.79x the HBM floor, same run; RESULTS.md).
+# lanes_bwd_group: its rows whose loads are issued together (1.259 ms at 1 row, 1.234 at 4, 2:
+# same as 4, 8: 1.609, before the changes below). lanes_bwd_dbc: "reduce" (TMA reduce-add of
+# each chunk's dB/dC sums into one buffer; 1.194 ms) or "rows" (per-CTA rows summed by XLA;
+# 1.229 ms, same run). lanes_train_chunk: the training forward's tile rows, "auto" = twice the
+# chunk where the length allows (1.156 ms against 1.165 at 8, same run).
 # fwd_layout: the forward-only kernel's layout (a forward with a backward after it always uses
 # "channels", and so does a forward-only call with fwd_wgs > 1). "channels": one lane per channel walks all its states, 128 channels per CTA
 # (``_gpu_forward``). "lanes": each channel's states split over the 4 lanes of a quad, 32
@@ -378,6 +385,17 @@ def _forward_chunk(opts, x, dt, B, C, z) -> int:
     return opts["fwd_chunk"]
 
 
+def bwd_layout(opts, n: int) -> str:
+    """The training forward's and backward's layout for a state of ``n`` (``opts["bwd_layout"]``;
+    "auto": "lanes" up to 16 states, else "channels")."""
+    lay = opts["bwd_layout"]
+    if lay == "auto":
+        return "lanes" if n <= 16 else "channels"
+    if lay not in FWD_LAYOUTS:
+        raise ValueError(f"bwd_layout: got {lay!r}, expected 'auto' or one of {FWD_LAYOUTS}")
+    return lay
+
+
 def make_problem(platform, x, dt, A, B, C, D, z, dt_bias, h0, resets, softplus, chunk=None, opts=None, training=True):
     """The kernels' Problem. ``training=False``: a forward with no backward after it (on GPU
     its chunk is ``fwd_chunk`` unless ``chunk`` is given)."""
@@ -394,12 +412,11 @@ def make_problem(platform, x, dt, A, B, C, D, z, dt_bias, h0, resets, softplus, 
     if not isinstance(wgs, int) or not 1 <= wgs <= 7 or chunk % wgs:
         # at most 7: a CTA holds at most 1024 threads, 8 warpgroups with the loading one
         raise ValueError(f"fwd_wgs: got {wgs!r}, expected an integer in 1..7 that divides the chunk ({chunk})")
-    for key in ("fwd_layout", "bwd_layout"):
-        if opts[key] not in FWD_LAYOUTS:
-            raise ValueError(f"{key}: got {opts[key]!r}, expected one of {FWD_LAYOUTS}")
+    if opts["fwd_layout"] not in FWD_LAYOUTS:
+        raise ValueError(f"fwd_layout: got {opts['fwd_layout']!r}, expected one of {FWD_LAYOUTS}")
     # the state is zero-padded to a multiple of the warpgroups, or to 16 in the "lanes" forward (4
     # lanes per channel, and a lane's 4 B values are one 16-byte load) (padded states stay 0, add nothing)
-    lanes = "lanes" in (opts["bwd_layout"], opts["fwd_layout"])
+    lanes = "lanes" in (bwd_layout(opts, A.shape[1]), opts["fwd_layout"])
     multiple = 16 * wgs // math.gcd(16, wgs) if lanes else wgs
     key = "unroll" if training else "fwd_unroll"
     unroll = opts[key]
@@ -421,7 +438,7 @@ def forward(platform, p: Problem, out_dtype, *, save_bounds=False, stages=None, 
         outs = tpu.forward(p, out_dtype, save_bounds=save_bounds, interpret=interpret)
     else:
         opts = {**GPU_OPTIONS, **(opts or {})}
-        if save_bounds and opts["bwd_layout"] == "lanes":
+        if save_bounds and bwd_layout(opts, p.n_real) == "lanes":
             from .pallas_selective_scan_lanes import gpu_forward_lanes
 
             outs = gpu_forward_lanes(p, out_dtype, stages=stages or opts["stages"], interpret=bool(interpret), opts=opts,
@@ -457,7 +474,7 @@ def backward(platform, p: Problem, gy, gh_last, bounds, dtypes, *, stages=None, 
         outs = tpu.backward(p, gy, bounds, ghl, dtypes, interpret=interpret)
     else:
         opts = {**GPU_OPTIONS, **(opts or {})}
-        if opts["bwd_layout"] == "lanes":
+        if bwd_layout(opts, p.n_real) == "lanes":
             from .pallas_selective_scan_lanes_bwd import gpu_backward_lanes
 
             return gpu_backward_lanes(p, gy, bounds, ghl, dtypes, stages=stages or opts["bwd_stages"],

@@ -26,10 +26,12 @@ Per chunk of ``chunk`` steps, in three passes, with a warpgroup barrier between 
    registers to HBM (each warp writes 32 consecutive values of a row; no output tiles in
    shared memory).
 
-A training forward keeps the one-lane-per-channel kernel unless ``bwd_layout`` is "lanes"
-(opt-in): then this kernel also stores each chunk's incoming state, in its own layout, for the
-lanes backward (:mod:`mnemax.kernels.pallas_selective_scan_lanes_bwd`). The state is padded to
-a multiple of 16 (a lane's 4 B values are one 16-byte load).
+A training forward runs this kernel too when the backward's layout is "lanes" (``bwd_layout``
+"auto", the default, for a state of at most 16): it then also stores each chunk's incoming
+state, in its own layout, for the lanes backward
+(:mod:`mnemax.kernels.pallas_selective_scan_lanes_bwd`), in tiles of ``lanes_train_chunk``
+rows (default twice the backward's chunk) with a bound saved at every chunk start inside them.
+The state is padded to a multiple of 16 (a lane's 4 B values are one 16-byte load).
 """
 
 from __future__ import annotations
@@ -122,17 +124,18 @@ def check(p: Problem):
         raise ValueError(f"fwd_layout='lanes': got chunk {p.chunk}, expected a multiple of {QUAD}")
 
 
-def setup(p: Problem, opts, group_key: str) -> types.SimpleNamespace:
+def setup(p: Problem, opts, group_key: str, rows: int | None = None) -> types.SimpleNamespace:
     """What both lanes kernels build from the problem: the checked row group
-    (``opts[group_key]``), the layouts (Pallas form), and the inputs re-laid for 4 lanes per
-    channel: dt with -inf on the padding steps under the softplus (softplus(-inf) = 0 and its
-    derivative 0, so delta = 0 there), the packed B/C row as (width / ln, ln) so that a lane's B
-    (or C) values are one row of it, and A as (channels, group, state)."""
+    (``opts[group_key]``), the layouts (Pallas form; tiles of ``rows``, default the problem's
+    chunk), and the inputs re-laid for 4 lanes per channel: dt with -inf on the padding steps
+    under the softplus (softplus(-inf) = 0 and its derivative 0, so delta = 0 there), the
+    packed B/C row as (width / ln, ln) so that a lane's B (or C) values are one row of it, and A
+    as (channels, group, state)."""
     check(p)
-    chunk, ln = p.chunk, p.n // QUAD
+    chunk, ln = rows or p.chunk, p.n // QUAD
     grp = opts[group_key]
-    if not isinstance(grp, int) or grp < 1 or chunk % grp:
-        raise ValueError(f"{group_key}: got {grp!r}, expected a positive divisor of the chunk ({chunk})")
+    if not isinstance(grp, int) or grp < 1 or p.chunk % grp:
+        raise ValueError(f"{group_key}: got {grp!r}, expected a positive divisor of the chunk ({p.chunk})")
     S, T = _state_layout(p.n), _tile_layout(chunk)
     lay = {"S": S, "T": T, "T4": _tile_layout(chunk, QUAD), "ROW": S.reduce([1, 2]), "STATE": S.reduce([0]),
            "PART": S.reduce([2]), "TROW": T.reduce([0])}
@@ -144,26 +147,44 @@ def setup(p: Problem, opts, group_key: str) -> types.SimpleNamespace:
         bc=_pad_to(p.bc, 2, ln).reshape(p.batch, p.time_p, bcw // ln, ln), a2=p.a2.T.reshape(p.chans_p, QUAD, ln))
 
 
+def train_rows(p: Problem, opts) -> int:
+    """The tile rows of the training forward (``opts["lanes_train_chunk"]``): "auto" takes
+    twice the backward's chunk (its bounds are still saved every chunk) when the padded length
+    allows it, else the chunk; an integer must be a multiple of the chunk that divides the
+    padded length."""
+    rows = opts["lanes_train_chunk"]
+    if rows == "auto":
+        return 2 * p.chunk if p.time_p % (2 * p.chunk) == 0 else p.chunk
+    if not isinstance(rows, int) or rows < p.chunk or rows % p.chunk or p.time_p % rows:
+        raise ValueError(f"lanes_train_chunk: got {rows!r}, expected 'auto' or a multiple of the chunk ({p.chunk}) "
+                         f"that divides the padded length ({p.time_p})")
+    return rows
+
+
 def gpu_forward_lanes(p: Problem, out_dtype, *, stages: int, interpret, opts, save_bounds: bool = False):
     """(y (batch, time_p, chans_p), h_last (batch, state, chans_p)), and with ``save_bounds``
     the state at the start of every chunk, (batch, chunks, chans_p, 4, state / 4) (the lanes
     backward's layout, ``pallas_selective_scan_lanes_bwd``). ``interpret``: Mosaic GPU's
     interpreter (threads and barriers simulated).
     ``opts["lanes_group"]`` rows per group of the recurrence: their shared-memory loads are
-    issued before any of their arithmetic, and their partial sums stored after it."""
+    issued before any of their arithmetic, and their partial sums stored after it. With
+    ``save_bounds`` the tiles are ``train_rows`` rows (a multiple of the chunk), and the
+    bounds are stored at every chunk start inside them."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     from .pallas_selective_scan import _gpu_params
 
-    su = setup(p, opts, "lanes_group")
-    batch, chunk, nc, nb = p.batch, p.chunk, p.n_chunks, p.chans_p // CHANS
+    chunk = train_rows(p, opts) if save_bounds else p.chunk
+    su = setup(p, opts, "lanes_group", chunk)
+    per = chunk // p.chunk  # chunks (bounds) per tile
+    batch, nc, nb = p.batch, p.time_p // chunk, p.chans_p // CHANS
     ln, grp, sshape, bcw = su.ln, su.grp, su.sshape, su.bcw
     pS, pT, pT4, pROW, pSTATE, pPART, pTROW = (su.layouts[k] for k in ("S", "T", "T4", "ROW", "STATE", "PART", "TROW"))
     f32 = jnp.float32
     shapes = (jax.ShapeDtypeStruct((batch, p.time_p, p.chans_p), out_dtype),
               jax.ShapeDtypeStruct((batch, p.chans_p, QUAD, ln), f32))
     if save_bounds:
-        shapes += (jax.ShapeDtypeStruct((batch, nc, p.chans_p, QUAD, ln), f32),)
+        shapes += (jax.ShapeDtypeStruct((batch, p.n_chunks, p.chans_p, QUAD, ln), f32),)
     # the states as (channels, group, state): each lane's n / 4 states are contiguous
     h0 = jnp.swapaxes(p.h0, 1, 2).reshape(batch, p.chans_p, QUAD, ln)
     ins = [p.x, su.dt] + ([p.z] if p.gated else []) + [su.bc, su.a2, p.params, h0]
@@ -194,8 +215,6 @@ def gpu_forward_lanes(p: Problem, out_dtype, *, stages: int, interpret, opts, sa
                 x_t, dt_t, z_t, bc_t = tiles
             else:
                 (x_t, dt_t, bc_t), z_t = tiles, None
-            if save_bounds:  # the chunk's incoming state, for the backward
-                gout[2].at[bi, idx[0], lanes][...] = h
             # 1. delta and delta x for the chunk, each element once
             u = plgpu.load(dt_t, layout=pT, optimized=False).astype(f32) + bias_t
             delta = _softplus(u) if p.softplus else u
@@ -220,7 +239,11 @@ def gpu_forward_lanes(p: Problem, out_dtype, *, stages: int, interpret, opts, sa
                     yp_s[r0 + j] = part
                 return h
 
-            h = lax.fori_loop(0, chunk // grp, group, h)
+            gpc = p.chunk // grp  # groups per chunk
+            for c in range(per):
+                if save_bounds:  # the chunk's incoming state, for the backward
+                    gout[2].at[bi, idx[0] * per + c, lanes][...] = h
+                h = lax.fori_loop(c * gpc, (c + 1) * gpc, group, h)
             _pass_sync(interpret)
             # 3. the lanes' partial sums, the D skip and the gate
             xv = plgpu.load(x_t, layout=pT, optimized=False).astype(f32)

@@ -1,5 +1,5 @@
 """The selective-scan GPU backward with each channel's states split over 4 lanes
-(``GPU_OPTIONS["bwd_layout"] == "lanes"``, opt-in): the layouts of
+(``GPU_OPTIONS["bwd_layout"]`` "lanes", or "auto", the default, for a state of at most 16): the layouts of
 :mod:`mnemax.kernels.pallas_selective_scan_lanes`, 32 channels per CTA, after a training
 forward that saved its chunk-boundary states in the same layout. The formulas are those of
 :mod:`mnemax.kernels.pallas_selective_scan`'s docstring.
@@ -15,15 +15,25 @@ Each chunk (walked from last to first) runs six passes, with a warpgroup barrier
    memory), ``dD`` accumulated;
 4. state layout, rows backward: the adjoint ``g = g_h + C g_y'``; the lanes' shares of
    ``sum_n g_n B_n`` and of the decay term of ``d delta``; ``dA``; and each lane's products
-   ``g delta x`` and ``h g_y'`` (the per-step terms of dB and dC) to a (chunk, 32, 2 state)
-   buffer;
-5. that buffer summed over the CTA's 32 channels (in-thread: lane = column) and written to
-   HBM, one row of dB, dC per step and CTA (XLA sums the CTAs); this is why the state must be
-   at most 16 (2 x 16 columns on a warp's 32 lanes);
+   ``g delta x`` and ``h g_y'`` (the per-step terms of dB and dC) to a (chunk, 2, 32, state)
+   buffer (B and C halves, each a contiguous (32, state) row per step, so these 16-byte
+   stores are free of bank conflicts: in the first version, a (chunk, 32, 2, state) buffer,
+   a quarter-warp's stores put two channels on the same 16 banks, and ncu counted 35% of the
+   kernel's shared-store wavefronts as conflicts, with its shared-memory pipe 90% busy);
+5. that buffer summed over the CTA's 32 channels: a lane holds one (channel parity, group,
+   state) column of both halves, so 16 in-thread adds and one shuffle (``_sum_layout``); this
+   is why the state must be at most 16 (2 x 4 x 4 columns on a warp's 32 lanes). With
+   ``lanes_bwd_dbc="reduce"`` (the default) the chunk's (chunk, 2 state) sums go to shared
+   memory and one TMA reduce-add per chunk adds them into a single zero-initialised
+   (batch, time, 2 state) buffer in HBM (issued after pass 6, waited on one chunk later); with
+   ``"rows"`` each CTA writes its own rows and XLA sums the CTAs, (batch, CTAs, time, 2 state)
+   float32 written and read again (100 MB at (8, 2048, 1536, 16)). Mosaic GPU's interpreter
+   has no reduce-add copy, so interpret mode always runs ``"rows"``;
 6. tile layout: ``dx``, ``d dt`` (through the softplus), ``d dt_bias`` accumulated.
 
-Not measured on a GPU yet: the layout is checked by Mosaic GPU's interpreter and by the cuda
-lowering on the CPU (tests/test_pallas_selective_scan.py, tests/test_gpu_lowering.py).
+Checked by Mosaic GPU's interpreter and by the cuda lowering on the CPU
+(tests/test_pallas_selective_scan.py, tests/test_gpu_lowering.py), and on the GPU by the
+``gpu``-marked tests.
 """
 
 from __future__ import annotations
@@ -38,11 +48,16 @@ from .pallas_selective_scan_lanes import row_inputs as lanes_row_inputs
 from .pallas_selective_scan_rows import LOG2E, Problem, _sigmoid, _softplus
 
 
+DBC_MODES = ("reduce", "rows")
+
+
 def _sum_layout(rows, ln):
-    """(rows, 32, 2, 4, ln) with the 32 channels in registers: warp = row % 4, lane = (B or
-    C, state) (2 x 4 x ln = 32 lanes: state 16), so a sum over the channels is in-thread and
-    each warp's loads read whole rows."""
-    return _tiled(((rows, CHANS, 2, QUAD, ln), (QUAD, CHANS, 2, QUAD, ln), (1, 1, 1, 1, 1)), (-10,), (-8, -7, -6), -1)
+    """(rows, 2, 32, 4, ln): B or C, channel, lane group, state: warp = row % 4, lane =
+    (channel % 2, group, state) (2 x 4 x ln = 32 lanes: state 16), so that a warp's load reads
+    32 consecutive words of the (rows, 2, 32, 4, ln) buffer (no bank conflict); the sum over
+    the channels is 16 in-thread adds and one shuffle."""
+    return _tiled(((rows, 2, CHANS, QUAD, ln), (QUAD, 2, CHANS, QUAD, ln), (1, 1, 2, QUAD, ln), (1, 1, 1, 1, 1)),
+                  (-15,), (-8, -7, -6), -1)
 
 
 def gpu_backward_lanes(p: Problem, gy, bounds, gh_last, dtypes, *, stages: int, interpret, opts):
@@ -59,6 +74,9 @@ def gpu_backward_lanes(p: Problem, gy, bounds, gh_last, dtypes, *, stages: int, 
         raise ValueError(f"bwd_layout='lanes': got a state of {p.n_real} ({n} padded), expected at most 16 "
                          "(the dB/dC sums put 2 x 16 values on a warp's 32 lanes); use bwd_layout='channels'")
     su = setup(p, opts, "lanes_bwd_group")
+    if opts["lanes_bwd_dbc"] not in DBC_MODES:
+        raise ValueError(f"lanes_bwd_dbc: got {opts['lanes_bwd_dbc']!r}, expected one of {DBC_MODES}")
+    reduce = opts["lanes_bwd_dbc"] == "reduce" and not interpret
     nc, nb = p.n_chunks, p.chans_p // CHANS
     ln, grp, sshape, bcw, padded = su.ln, su.grp, su.sshape, su.bcw, su.padded
     pS, pT, pT4, pROW, pSTATE, pPART, pTROW = (su.layouts[k] for k in ("S", "T", "T4", "ROW", "STATE", "PART", "TROW"))
@@ -72,8 +90,10 @@ def gpu_backward_lanes(p: Problem, gy, bounds, gh_last, dtypes, *, stages: int, 
     shapes = [jax.ShapeDtypeStruct(seq_shape, dtypes["x"]), jax.ShapeDtypeStruct(seq_shape, dtypes["dt"])]
     if p.gated:
         shapes.append(jax.ShapeDtypeStruct(seq_shape, dtypes["z"]))
-    shapes += [jax.ShapeDtypeStruct((batch, nb, p.time_p, 2, QUAD, ln), f32),  # dB, dC per CTA
-               jax.ShapeDtypeStruct((batch, p.chans_p, QUAD, ln), f32),  # dA
+    dbc_shape = (batch, p.time_p, 2, QUAD, ln) if reduce else (batch, nb, p.time_p, 2, QUAD, ln)  # dB, dC
+    if not reduce:
+        shapes.append(jax.ShapeDtypeStruct(dbc_shape, f32))
+    shapes += [jax.ShapeDtypeStruct((batch, p.chans_p, QUAD, ln), f32),  # dA
                jax.ShapeDtypeStruct((batch, 2, chunk, p.chans_p), f32),  # dD, dbias partials
                jax.ShapeDtypeStruct((batch, p.chans_p, QUAD, ln), f32)]  # dh0
     nseq = 2 + p.gated
@@ -88,13 +108,16 @@ def gpu_backward_lanes(p: Problem, gy, bounds, gh_last, dtypes, *, stages: int, 
     def parts(ref):  # (chunk, 32, 4) lane shares -> (chunk, 32)
         return plgpu.layout_cast(jnp.sum(plgpu.load(ref, layout=pT4, optimized=False), axis=2), pT)
 
+    n_in = len(ins) + reduce  # with "reduce": the (zeroed) dB/dC sum buffer is the last input ref
+
     def kernel(*refs):
-        gin, gout = refs[:len(ins)], refs[len(ins):len(ins) + len(shapes)]
-        dl_s, dx_s, gy_s, hb_s, yp_s, dd_s, cs_s = refs[len(ins) + len(shapes):]
+        gin, gout = refs[:n_in], refs[n_in:n_in + len(shapes)]
+        dl_s, dx_s, gy_s, hb_s, yp_s, dd_s, cs_s, *red = refs[n_in + len(shapes):]
         bi, ci = lax.axis_index("batch"), lax.axis_index("block")
         lanes = pl.ds(ci * CHANS, CHANS)
         a_ref, pr_ref, bnd_ref, ghl_ref = gin[k + 1], gin[k + 2], gin[k + 3].at[bi], gin[k + 4].at[bi]
-        seq_out, dbc_ref, da_ref, dp_ref, dh0_ref = gout[:nseq], gout[nseq], gout[nseq + 1], gout[nseq + 2], gout[nseq + 3]
+        seq_out, (da_ref, dp_ref, dh0_ref) = gout[:nseq], gout[len(gout) - 3:]
+        dbc_ref = gin[-1].at[bi] if reduce else gout[nseq].at[bi, ci]
         a2v = plgpu.load(a_ref.at[lanes], layout=pS, optimized=False)
         dvec = plgpu.load(pr_ref.at[0, lanes], layout=pTROW, optimized=False)
         bias = plgpu.load(pr_ref.at[1, lanes], layout=pTROW, optimized=False)
@@ -157,6 +180,8 @@ def gpu_backward_lanes(p: Problem, gy, bounds, gh_last, dtypes, *, stages: int, 
                 gyv = gyv * zv * sg
             gy_s[...] = gyv
             dD = dD + gyv * xv
+            if reduce:  # the previous chunk's reduce-add has read its buffer (before the barrier that
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # lets pass 5 overwrite it)
             _pass_sync(interpret)
 
             # 4. the adjoint, rows backward, grp rows at a time (loads, arithmetic, stores)
@@ -178,8 +203,8 @@ def gpu_backward_lanes(p: Problem, gy, bounds, gh_last, dtypes, *, stages: int, 
                                   plgpu.layout_cast(jnp.sum(dh * a2v, axis=2), pPART)))
                     gh, dA = carried, dA + dh * bcast(dl, (0,))
                 for r, (pb, pc, sgb, dd) in zip(rs, outs_):
-                    cs_s[r, :, 0] = pb
-                    cs_s[r, :, 1] = pc
+                    cs_s[r, 0] = pb
+                    cs_s[r, 1] = pc
                     yp_s[r] = sgb
                     dd_s[r] = dd
                 return gh, dA
@@ -187,21 +212,30 @@ def gpu_backward_lanes(p: Problem, gy, bounds, gh_last, dtypes, *, stages: int, 
             gh, dA = lax.fori_loop(0, chunk // grp, bwd_group, (gh, dA))
             _pass_sync(interpret)
             # 5. dB, dC: the lanes' products summed over the CTA's channels
-            sums = jnp.sum(plgpu.load(cs_s, layout=pR, optimized=False), axis=1)
-            dbc_ref.at[bi, ci, rows][...] = sums
+            sums = jnp.sum(plgpu.load(cs_s, layout=pR, optimized=False), axis=2)
+            if reduce:
+                red[0][...] = sums
+            else:
+                dbc_ref.at[rows][...] = sums
             # 6. dx, d dt, d dt_bias
             s_gb = parts(yp_s)
             ddelta = parts(dd_s) * ln2 + s_gb * xv
             du = ddelta * _sigmoid(u) if p.softplus else ddelta
             seq_out[0].at[bi, rows, lanes][...] = (gyv * d_t + s_gb * delta).astype(seq_out[0].dtype)
             seq_out[1].at[bi, rows, lanes][...] = du.astype(seq_out[1].dtype)
-            _pass_sync(interpret)  # the next chunk's passes overwrite this one's buffers
+            if reduce:  # the barrier, with the fence that makes the sums visible to the TMA unit
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(red[0], dbc_ref.at[rows], reduction_op="add")
+            else:
+                _pass_sync(interpret)  # the next chunk's passes overwrite this one's buffers
             return gh, dA, dD, dbias + du
 
         gh, dA, dD, dbias = plgpu.emit_pipeline(
             step, grid=(nc,), in_specs=[seq] * len(seq_in) + [bcs], max_concurrent_steps=min(stages, nc),
             init_carry=(gh0, zero_s, zero_t, zero_t),
         )(*[g.at[bi] for g in gin[:k + 1]])
+        if reduce:
+            plgpu.wait_smem_to_gmem(0)
         da_ref.at[bi, lanes][...] = dA
         dh0_ref.at[bi, lanes][...] = gh
         dp_ref.at[bi, 0, :, lanes][...] = dD
@@ -210,9 +244,16 @@ def gpu_backward_lanes(p: Problem, gy, bounds, gh_last, dtypes, *, stages: int, 
     extra = {"interpret": plgpu.InterpretGPUParams()} if interpret else {}
     scratch = [plgpu.SMEM((chunk, CHANS), f32) for _ in range(3)] + [
         plgpu.SMEM((chunk, CHANS, QUAD, ln), f32), plgpu.SMEM((chunk, CHANS, QUAD), f32),
-        plgpu.SMEM((chunk, CHANS, QUAD), f32), plgpu.SMEM((chunk, CHANS, 2, QUAD, ln), f32)]
-    outs = plgpu.kernel(kernel, out_type=tuple(shapes), grid=(batch, nb), grid_names=("batch", "block"),
-                        scratch_types=scratch, compiler_params=_gpu_params(opts), **extra)(*ins)
+        plgpu.SMEM((chunk, CHANS, QUAD), f32), plgpu.SMEM((chunk, 2, CHANS, QUAD, ln), f32)]
+    call = plgpu.kernel(kernel, out_type=tuple(shapes), grid=(batch, nb), grid_names=("batch", "block"),
+                        scratch_types=scratch + ([plgpu.SMEM((chunk, 2, QUAD, ln), f32)] if reduce else []),
+                        compiler_params=_gpu_params(opts), **extra)
+    if reduce:  # the sum buffer enters as a zeroed mutable ref that the kernel adds into
+        acc = jax.new_ref(jnp.zeros(dbc_shape, f32))
+        outs = list(call(*ins, acc))
+        outs.insert(nseq, jax.ref.freeze(acc)[:, None])
+    else:
+        outs = call(*ins)
     if p.gated:
         dx, ddt, dz, dbc, dA, dp, dh0 = outs
     else:

@@ -61,13 +61,20 @@ def _check_against_reference(args, resets, w, wh):
         np.testing.assert_allclose(np.asarray(g[k]), np.asarray(g_ref[k]), rtol=rtol, atol=atol, err_msg=f"gradient of {k}")
 
 
-@pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_gpu+channels", "pallas_tpu"])
 @pytest.mark.parametrize(
     "shape,gated,with_resets,dtype",
     [((2, 21, 5, 4), True, True, jnp.float32), ((1, 19, 130, 6), False, False, jnp.float32),
      ((2, 17, 9, 16), True, True, jnp.bfloat16)],
 )
-def test_pallas_selective_scan_matches_reference(backend, shape, gated, with_resets, dtype):
+def test_pallas_selective_scan_matches_reference(monkeypatch, backend, shape, gated, with_resets, dtype):
+    # pallas_gpu: the defaults (bwd_layout "auto": the lanes training forward and backward for
+    # these states of at most 16); "+channels": the one-lane-per-channel training kernels
+    if backend.endswith("+channels"):
+        from mnemax.kernels import pallas_selective_scan as pss
+
+        monkeypatch.setitem(pss.GPU_OPTIONS, "bwd_layout", "channels")
+        backend = backend.removesuffix("+channels")
     args, resets, w, wh = _case(*shape, gated, with_resets, dtype, seed=sum(shape))
     rtol, atol = TOL[dtype]
     y, h, g = _run(backend, args, resets, w, wh)
@@ -82,12 +89,18 @@ def test_pallas_selective_scan_matches_reference(backend, shape, gated, with_res
 
 
 @pytest.mark.parametrize("axes", [{"data": 2, "fsdp": 2, "tensor": 2}, {"data": 1, "fsdp": 4, "tensor": 1}])
-def test_pallas_kernel_runs_per_shard_under_a_mesh(axes):
+def test_pallas_kernel_runs_per_shard_under_a_mesh(monkeypatch, axes):
     # Under the trainer's mesh context the kernel runs per (batch, channel) shard (a pallas_call
     # left to the SPMD partitioner is replicated: every device scanned the whole batch), and the
     # sharded call equals the reference in values, final state and every gradient.
+    from mnemax.kernels import pallas_selective_scan as pss
     from mnemax.sharding import make_mesh
 
+    # The one-lane-per-channel training kernels, whose interpret mode is Pallas' grid emulation:
+    # Mosaic GPU's interpreter, which runs the lanes kernels, fails under a shard_map over 8 CPU
+    # devices ("Barrier remains allocated", jax 0.11.2), and the wrapper tested here is the same
+    # for both layouts.
+    monkeypatch.setitem(pss.GPU_OPTIONS, "bwd_layout", "channels")
     mesh = make_mesh(axes, jax.devices()[: axes["data"] * axes["fsdp"] * axes["tensor"]])
     args, resets, w, wh = _case(8, 13, 6, 4, True, True, jnp.float32, seed=5)
     ref = _run("reference", args, resets, w, wh)
@@ -123,6 +136,7 @@ def test_pallas_gpu_backward_lane_sum_variants(monkeypatch, red_rows, chunk, lay
     from mnemax.kernels import pallas_selective_scan as pss
 
     monkeypatch.setitem(pss.GPU_OPTIONS, "red_rows", red_rows)
+    monkeypatch.setitem(pss.GPU_OPTIONS, "bwd_layout", "channels")  # its training kernels
     monkeypatch.setitem(pss.GPU_OPTIONS, "chunk", chunk)
     monkeypatch.setitem(pss.GPU_OPTIONS, "red_layout", layout)
     args, resets, w, wh = _case(2, 23, 130, 16, True, True, jnp.float32, seed=11)
@@ -145,6 +159,7 @@ def test_pallas_gpu_forward_split_over_warpgroups(monkeypatch, wgs, shape):
     from mnemax.kernels import pallas_selective_scan as pss
 
     monkeypatch.setitem(pss.GPU_OPTIONS, "fwd_wgs", wgs)
+    monkeypatch.setitem(pss.GPU_OPTIONS, "bwd_layout", "channels")  # its training kernels
     args, resets, w, wh = _case(*shape, True, True, jnp.float32, seed=13)
     _check_against_reference(args, resets, w, wh)
 
@@ -173,6 +188,7 @@ def test_pallas_gpu_forward_kernel_under_the_mosaic_interpreter(monkeypatch):
 
     monkeypatch.setattr(gpu_callbacks, "copy_smem_to_gmem", unpredicated)
     monkeypatch.setitem(pss.GPU_OPTIONS, "mosaic_interpret", True)
+    monkeypatch.setitem(pss.GPU_OPTIONS, "bwd_layout", "channels")  # its training kernels
     monkeypatch.setitem(pss.GPU_OPTIONS, "sum_parts", 3)  # the state sums in 3 partial sums (not the default 1)
     args, resets, w, wh = _case(2, 21, 130, 5, True, True, jnp.float32, seed=23)
     _check_against_reference(args, resets, w, wh)
@@ -246,14 +262,16 @@ def test_pallas_gpu_lanes_forward_equals_reference(monkeypatch, shape, gated, so
     np.testing.assert_allclose(np.asarray(h), np.asarray(h_ref), rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("shape,gated,with_resets,group", [((2, 21, 40, 16), True, True, 4), ((1, 19, 70, 5), False, False, 8)],
-                         ids=["gated_resets", "state5_plain_group8"])
+@pytest.mark.parametrize("shape,gated,with_resets,group", [((2, 21, 40, 16), True, True, 4), ((1, 29, 70, 5), False, False, 8)],
+                         ids=["gated_resets", "state5_plain_group8_train_tiles16"])
 def test_pallas_gpu_lanes_backward_equals_reference(monkeypatch, shape, gated, with_resets, group):
     # bwd_layout "lanes": the training forward saves its chunk-boundary states in the lanes
     # layout and the backward runs its six passes on 32-channel CTAs, under Mosaic GPU's
     # interpreter. Outputs, final state and every gradient equal the reference, at a length no
     # multiple of the chunk, channels no multiple of 32, a state padded from 5 to 16, with and
-    # without a gate, resets and h0. A spy checks that the lanes backward ran.
+    # without a gate, resets and h0. A spy checks that the lanes backward ran. Length 21 pads to
+    # 24, so the training forward's tiles are the chunk (8); 29 pads to 32, so they are 16 rows
+    # with a bound saved in the middle of each (lanes_train_chunk "auto").
     from mnemax.kernels import pallas_selective_scan as pss
     from mnemax.kernels import pallas_selective_scan_lanes_bwd as psb
 
@@ -317,6 +335,12 @@ def test_pallas_gpu_lanes_options_are_checked():
     with pytest.raises(ValueError, match="lanes_bwd_group: got 3"):
         pss.backward("gpu", p, y16, jnp.ones_like(hl16), bounds16, dtypes, interpret=True,
                      opts={"bwd_layout": "lanes", "lanes_bwd_group": 3})
+    with pytest.raises(ValueError, match="lanes_train_chunk: got 12"):
+        pss.forward("gpu", p, jnp.float32, save_bounds=True, interpret=True,
+                    opts={"bwd_layout": "lanes", "lanes_train_chunk": 12})
+    with pytest.raises(ValueError, match="lanes_bwd_dbc: got 'atomic'"):
+        pss.backward("gpu", p, y16, jnp.ones_like(hl16), bounds16, dtypes, interpret=True,
+                     opts={"bwd_layout": "lanes", "lanes_bwd_dbc": "atomic"})
     with pytest.raises(ValueError, match="bwd_layout='lanes': got a state of 17"):
         pss.backward("gpu", q, y, jnp.ones_like(hl), bounds, dtypes, interpret=True, opts={"bwd_layout": "lanes"})
 
@@ -403,12 +427,17 @@ def test_pallas_gpu_red_rows_must_divide_the_chunk():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("options", [{}, {"fwd_wgs": 2}, {"fwd_wgs": 4}, {"bwd_layout": "lanes"}],
-                         ids=["defaults", "wgs2", "wgs4", "lanes_backward"])
+@pytest.mark.parametrize("options", [{}, {"fwd_wgs": 2, "bwd_layout": "channels"}, {"fwd_wgs": 4, "bwd_layout": "channels"},
+                                     {"bwd_layout": "channels"}, {"lanes_bwd_dbc": "rows"}, {"lanes_train_chunk": 8}],
+                         ids=["defaults_lanes_backward", "wgs2", "wgs4", "channels_backward", "lanes_backward_dbc_rows",
+                              "lanes_backward_train_chunk8"])
 def test_pallas_gpu_selective_scan_on_the_gpu(monkeypatch, options):
     # The real Mosaic GPU lowering with the default options (run with -m gpu on the
     # accelerator), float32: outputs, final state and every gradient equal the reference, at
-    # odd lengths and channels, resets and h0; also with the forward on 2 and 4 warpgroups.
+    # odd lengths and channels, resets and h0 (the defaults: the lanes training kernels, with
+    # the TMA reduce-add of dB/dC, which Mosaic GPU's interpreter lacks, so only this test runs
+    # it); also the lanes backward's other options, the one-lane-per-channel training kernels,
+    # and those with the forward on 2 and 4 warpgroups.
     from mnemax.kernels import pallas_selective_scan as pss
 
     for key, value in options.items():
