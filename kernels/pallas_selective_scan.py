@@ -73,8 +73,8 @@ GPU_OPTIONS = {"chunk": 8, "stages": 3, "bwd_stages": 2, "unroll": 4, "bwd_unrol
 # each chunk's dB/dC sums into one buffer; 1.194 ms) or "rows" (per-CTA rows summed by XLA;
 # 1.229 ms, same run). lanes_train_chunk: the training forward's tile rows, "auto" = twice the
 # chunk where the length allows (1.156 ms against 1.165 at 8, same run).
-# fwd_layout: the forward-only kernel's layout (a forward with a backward after it always uses
-# "channels", and so does a forward-only call with fwd_wgs > 1). "channels": one lane per channel walks all its states, 128 channels per CTA
+# fwd_layout: the forward-only kernel's layout (a forward with a backward after it uses
+# bwd_layout's; a forward-only call with fwd_wgs > 1 uses "channels"). "channels": one lane per channel walks all its states, 128 channels per CTA
 # (``_gpu_forward``). "lanes": each channel's states split over the 4 lanes of a quad, 32
 # channels per CTA, so 4 times the CTAs and up to 3 warps per scheduler
 # (``pallas_selective_scan_lanes``); the state is zero-padded to a multiple of 16. On an H100 at
