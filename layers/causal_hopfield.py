@@ -41,7 +41,13 @@ notion of order, so without it the layer cannot tell which value followed which 
 
 A reset empties the memory and restarts positions, so the state after a reset equals
 a fresh sequence's. One call over T steps computes a (T, M + T) association per head
-and query, like attention with a KV cache; streaming calls give the same numbers.
+and query, like attention with a KV cache; streaming calls give the same numbers. When
+T > M + ``query_block`` (default 512), the queries go in blocks of ``query_block`` steps,
+each scored only against the keys its window can reach (the M cached slots, and the
+M + block call steps before and inside it): (T, 2M + block) scores instead of
+(T, M + T), so memory grows linearly with T (a 125M model at T = 32k, M = 2048 asked
+for one 73.5 GiB buffer the dense way). Same numbers: the keys left out are the ones the
+window masks (``query_block=None``: always dense).
 """
 
 from __future__ import annotations
@@ -75,6 +81,7 @@ class CausalHopfield(PatternOps, nn.Module):
     update_steps_max: int | None = 0
     update_steps_eps: float = 1e-4
     key_conv: int = 0
+    query_block: int | None = 512
     normalize_stored_pattern: bool = True
     normalize_stored_pattern_affine: bool = True
     normalize_state_pattern: bool = True
@@ -108,7 +115,61 @@ class CausalHopfield(PatternOps, nn.Module):
             raise ValueError(f"num_queries must be >= 1 or None, got {self.num_queries}")
         if self.key_conv < 0:
             raise ValueError(f"key_conv must be >= 0 (0: no conv), got {self.key_conv}")
+        if self.query_block is not None and (not isinstance(self.query_block, int) or self.query_block < 1):
+            raise ValueError(f"query_block must be a positive integer or None (dense), got {self.query_block!r}")
         self._head_dim(self.features)
+
+    def _window(self, qp, kp):
+        """True where the key at episode position ``kp`` is in the memory of the query at ``qp``."""
+        m = self.memory_size
+        if self.include_current:
+            return (kp <= qp) & (qp - kp < m)
+        return (kp < qp) & (qp - kp <= m)
+
+    def _queries(self, q, lead: tuple, hd: int):
+        """State patterns as (*lead, Q, hd), ``lead`` = (batch, H, *time axes): from x_t
+        (q: (batch, *time axes, H, hd), Q = 1) or the learned queries (q: (Q, H, hd))."""
+        if self.num_queries is None:
+            return jnp.moveaxis(q, -2, 1)[..., None, :]
+        qh = jnp.moveaxis(q, 1, 0).reshape((1, lead[1]) + (1,) * (len(lead) - 2) + (q.shape[0], hd))
+        return jnp.broadcast_to(qh, lead + (q.shape[0], hd))
+
+    def _blocked_association(self, q, k, v, positions, seg, state, fresh, dt):
+        """The association in query blocks (module docstring): block b (call steps
+        [b c, b c + c)) is scored against the cached slots and call steps [b c - M, b c + c).
+        Returns ``xi`` (batch, H, time, Q, S_b) as blocks and the values, laid out so that
+        the output einsum of the dense path applies after a reshape (see ``__call__``)."""
+        batch, time = positions.shape
+        m, c = self.memory_size, self.query_block
+        nb = -(-time // c)
+        padq = nb * c - time
+
+        def pad(a, front, fill):  # (batch, time, ...) padded on the time axis
+            return jnp.pad(a, [(0, 0), (front, padq)] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
+
+        idx = (jnp.arange(nb) * c)[:, None] + jnp.arange(m + c)[None, :]  # (nb, M + c) into the front-padded steps
+        kb, vb = pad(k, m, 0)[:, idx], pad(v, m, 0)[:, idx]  # (batch, nb, M + c, H, d)
+        kpos, kseg = pad(positions, m, -1)[:, idx], pad(seg, m, -1)[:, idx]  # (batch, nb, M + c); -1: empty
+        if not fresh:  # every block also sees the cached slots (segment 0)
+            def cached(a):
+                return jnp.broadcast_to(a[:, None], (batch, nb) + a.shape[1:])
+
+            kb = jnp.concatenate([cached(state.k.astype(k.dtype)), kb], axis=2)
+            vb = jnp.concatenate([cached(state.v.astype(v.dtype)), vb], axis=2)
+            kpos = jnp.concatenate([cached(state.slot_pos), kpos], axis=2)
+            kseg = jnp.concatenate([jnp.zeros_like(cached(state.slot_pos)), kseg], axis=2)
+        qpos = pad(positions, 0, 0).reshape(batch, nb, c)
+        qseg = pad(seg, 0, -2).reshape(batch, nb, c)  # -2: padded queries match no key
+        mask = (qseg[..., :, None] == kseg[:, :, None, :]) & (kpos[:, :, None, :] >= 0)
+        mask = mask & self._window(qpos[..., :, None], kpos[:, :, None, :])  # (batch, nb, c, S_b)
+        heads, hd = k.shape[2], k.shape[3]
+        if self.num_queries is None:
+            q = pad(q, 0, 0).reshape((batch, nb, c) + q.shape[2:])
+        qh = self._queries(q, (batch, heads, nb, c), hd)  # (batch, H, nb, c, Q, hd)
+        kh = jnp.moveaxis(kb, 3, 1)[:, :, :, None]  # (batch, H, nb, 1, S_b, hd)
+        beta = self._beta(hd, dt, trailing=4)
+        xi = associate(qh, kh, beta, mask[:, None, :, :, None, :], self.update_steps_max, self.update_steps_eps)
+        return xi, vb
 
     def initial_state(self, batch_size: int) -> AttentionState:
         self._check_config()
@@ -162,25 +223,24 @@ class CausalHopfield(PatternOps, nn.Module):
             q, k = self._norm((q, k), "norm_hopfield", self.normalize_hopfield_space_affine, ("head_dim",))
 
         seg, positions = episode_positions(state.pos, resets, batch, time)
-        keys, values, key_pos, key_seg = with_cache(state, k, v, positions, seg, fresh)
-        qp, kp = positions[:, :, None], key_pos[:, None, :]
-        if self.include_current:
-            window = (kp <= qp) & (qp - kp < m)
+        if self.query_block is not None and time > m + self.query_block:
+            xi, values = self._blocked_association(q, k, v, positions, seg, state, fresh, dt)
         else:
-            window = (kp < qp) & (qp - kp <= m)
-        mask = (seg[:, :, None] == key_seg[:, None, :]) & (kp >= 0) & window  # (batch, time, S)
-
-        # Association layout (batch, H, time, Q, S): Q = 1 for state patterns from x_t.
-        kh = jnp.moveaxis(keys, 2, 1)[:, :, None]  # (batch, H, 1, S, hd)
-        if self.num_queries is None:
-            qh = jnp.moveaxis(q, 2, 1)[:, :, :, None]  # (batch, H, time, 1, hd)
-        else:
-            qh = jnp.broadcast_to(jnp.moveaxis(q, 1, 0)[None, :, None], (batch, heads, time) + (q.shape[0], hd))
-        beta = self._beta(hd, dt, trailing=3)
-        xi = associate(qh, kh, beta, mask[:, None, :, None, :], self.update_steps_max, self.update_steps_eps)
+            keys, values, key_pos, key_seg = with_cache(state, k, v, positions, seg, fresh)
+            mask = (seg[:, :, None] == key_seg[:, None, :]) & (key_pos[:, None, :] >= 0)
+            mask = mask & self._window(positions[:, :, None], key_pos[:, None, :])  # (batch, time, S)
+            # Association layout (batch, H, time, Q, S): Q = 1 for state patterns from x_t.
+            kh = jnp.moveaxis(keys, 2, 1)[:, :, None]  # (batch, H, 1, S, hd)
+            qh = self._queries(q, (batch, heads, time), hd)
+            beta = self._beta(hd, dt, trailing=3)
+            xi = associate(qh, kh, beta, mask[:, None, :, None, :], self.update_steps_max, self.update_steps_eps)
         if self.dropout > 0.0 and not nn.merge_param("deterministic", self.deterministic, deterministic):
             xi = nn.Dropout(rate=self.dropout, deterministic=False, name="dropout")(xi)
-        out = jnp.einsum("bhtqs,bshd->btqhd", xi, values)  # (batch, time, Q, H, pd)
+        if xi.ndim == 6:  # query blocks: (batch, H, nb, c, Q, S_b) with values (batch, nb, S_b, H, pd)
+            out = jnp.einsum("bhnkqs,bnshd->bnkqhd", xi, values)
+            out = out.reshape((batch, -1) + out.shape[3:])[:, :time]
+        else:
+            out = jnp.einsum("bhtqs,bshd->btqhd", xi, values)  # (batch, time, Q, H, pd)
         if self.num_queries is None:
             y = self._out_projection(out[:, :, 0], self.features, dt)
         else:

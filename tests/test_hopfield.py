@@ -435,6 +435,55 @@ def test_causal_hopfield_pooling_is_hopfield_pooling_of_the_prefix():
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("include_current,num_queries", [(False, None), (True, None), (True, 2)],
+                         ids=["strict", "include_current", "pooling"])
+def test_causal_hopfield_query_blocks_equal_the_dense_association(include_current, num_queries):
+    """Past T > M + query_block the queries go in blocks, each scored only against the keys
+    its window reaches. A fresh call with resets, and a call that continues from a cached
+    state (its blocks also see the cached slots): outputs, final state and the gradients of
+    the parameters and of x equal the dense association's (query_block=None); the fresh
+    call also equals the set layer over the ring buffer (an independent reference)."""
+    rng = np.random.default_rng(12)
+    batch, time, f, m, first = 2, 23, 8, 3, 6
+    x = jnp.asarray(rng.standard_normal((batch, time, f)), jnp.float32)
+    resets = np.zeros((batch, time), bool)
+    resets[0, 3] = resets[1, 14] = True
+    w = jnp.asarray(rng.standard_normal((batch, time, f)), jnp.float32)
+    kw = dict(features=f, num_heads=2, memory_size=m, include_current=include_current, num_queries=num_queries,
+              update_steps_max=1, kernel_init=nn.initializers.normal(0.3))
+    blocked, dense = CausalHopfield(query_block=2, **kw), CausalHopfield(query_block=None, **kw)
+    v = jinit(dense, 0, x)
+
+    def run(layer, params, xs, rs, state):
+        return layer.apply({"params": params}, xs, state, rs)
+
+    def loss(layer, params, xs):  # fresh call over steps [first, time); then continued from steps [0, first)
+        y, s = run(layer, params, xs, jnp.asarray(resets), None)
+        _, s1 = run(dense, params, xs[:, :first], jnp.asarray(resets[:, :first]), None)
+        y2, s2 = run(layer, params, xs[:, first:], jnp.asarray(resets[:, first:]), s1)
+        return jnp.sum(y * w) + jnp.sum(y2 * w[:, first:]), (y, s, y2, s2)
+
+    params = v["params"]
+    (lb, auxb), gb = jax.jit(jax.value_and_grad(lambda p, xs: loss(blocked, p, xs), (0, 1), has_aux=True))(params, x)
+    (ld, auxd), gd = jax.jit(jax.value_and_grad(lambda p, xs: loss(dense, p, xs), (0, 1), has_aux=True))(params, x)
+    for a, b in zip(jax.tree.leaves(auxb) + jax.tree.leaves(gb), jax.tree.leaves(auxd) + jax.tree.leaves(gd)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    # the continued call is the fresh call's tail (streaming), so the cached slots were used
+    np.testing.assert_allclose(np.asarray(auxb[2]), np.asarray(auxb[0])[:, first:], rtol=1e-4, atol=1e-5)
+    if num_queries is None:
+        allowed = np.zeros((batch, time, time), bool)
+        for b in range(batch):
+            start = 0
+            for t in range(time):
+                start = t if resets[b, t] else start
+                hi = t + 1 if include_current else t
+                allowed[b, t, max(start, hi - m): hi] = True
+        want = Hopfield(num_heads=2, update_steps_max=1).apply(v, x, x, association_mask=jnp.asarray(allowed)[:, None])
+        np.testing.assert_allclose(np.asarray(auxb[0]), np.asarray(want), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="query_block must be a positive integer or None"):
+        CausalHopfield(features=f, num_heads=2, query_block=0).initial_state(1)
+
+
 def float_input(features):
     def make(rng, batch, time):
         return jnp.asarray(rng.standard_normal((batch, time, features)), jnp.float32)
