@@ -335,6 +335,20 @@ def test_pooling_and_lookup_layers_are_hopfield_with_learned_patterns():
 # ----------------------------------------------------------------------------- causal mixer
 
 
+def _ring_buffer_mask(resets, m: int, include_current: bool):
+    """allowed[b, t, s]: step t of row b may retrieve step s's pattern (the last m steps of its
+    episode before t, or up to t)."""
+    batch, time = resets.shape
+    allowed = np.zeros((batch, time, time), bool)
+    for b in range(batch):
+        start = 0
+        for t in range(time):
+            start = t if resets[b, t] else start
+            hi = t + 1 if include_current else t
+            allowed[b, t, max(start, hi - m) : hi] = True
+    return allowed
+
+
 @pytest.mark.parametrize("include_current", [False, True])
 def test_causal_hopfield_is_set_hopfield_over_the_ring_buffer(include_current):
     """Step t retrieves with the set layer (same parameters) from the last M steps before
@@ -347,14 +361,7 @@ def test_causal_hopfield_is_set_hopfield_over_the_ring_buffer(include_current):
     layer = CausalHopfield(features=f, num_heads=2, memory_size=m, include_current=include_current, update_steps_max=2)
     v = jinit(layer, 0, x)
     y, state = jax.jit(layer.apply)(v, x, None, jnp.asarray(resets))
-    # allowed[b, t, s]: step t of row b may retrieve step s's pattern
-    allowed = np.zeros((batch, time, time), bool)
-    for b in range(batch):
-        start = 0
-        for t in range(time):
-            start = t if resets[b, t] else start
-            hi = t + 1 if include_current else t
-            allowed[b, t, max(start, hi - m) : hi] = True
+    allowed = _ring_buffer_mask(resets, m, include_current)
     setwise = Hopfield(num_heads=2, update_steps_max=2)
     want = jax.jit(setwise.apply)(v, x, x, association_mask=jnp.asarray(allowed)[:, None])
     np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-4, atol=1e-5)
@@ -471,13 +478,7 @@ def test_causal_hopfield_query_blocks_equal_the_dense_association(include_curren
     # the continued call is the fresh call's tail (streaming), so the cached slots were used
     np.testing.assert_allclose(np.asarray(auxb[2]), np.asarray(auxb[0])[:, first:], rtol=1e-4, atol=1e-5)
     if num_queries is None:
-        allowed = np.zeros((batch, time, time), bool)
-        for b in range(batch):
-            start = 0
-            for t in range(time):
-                start = t if resets[b, t] else start
-                hi = t + 1 if include_current else t
-                allowed[b, t, max(start, hi - m): hi] = True
+        allowed = _ring_buffer_mask(resets, m, include_current)
         want = Hopfield(num_heads=2, update_steps_max=1).apply(v, x, x, association_mask=jnp.asarray(allowed)[:, None])
         np.testing.assert_allclose(np.asarray(auxb[0]), np.asarray(want), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="query_block must be a positive integer or None"):
