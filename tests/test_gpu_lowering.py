@@ -108,6 +108,31 @@ def test_selective_scan_gpu_kernel_lowers(hopper, monkeypatch, layout):
     assert _kernels(fn, x, dt, A, Bm, Cm, D, z, bias) == {"triton": 0, "mosaic": 2}
 
 
+def test_selective_scan_lanes_backward_lowers_per_shard(hopper):
+    # under the trainer's mesh the kernels run inside a shard_map; the lanes backward's dB/dC
+    # buffer, a zeroed mutable ref (jax.new_ref) that its TMA reduce-add copies add into,
+    # lowers there too (both kernels, forward and backward, per shard)
+    from mnemax.sharding import make_mesh
+
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 1}, jax.devices()[:4])
+    rng = np.random.default_rng(4)
+    Bt, T, Ch, N = 8, 96, 64, 16
+    x, dt, z = _arr(rng, (Bt, T, Ch)), _arr(rng, (Bt, T, Ch)), _arr(rng, (Bt, T, Ch))
+    A = -jnp.exp(_arr(rng, (Ch, N)))
+    Bm, Cm = _arr(rng, (Bt, T, N)), _arr(rng, (Bt, T, N))
+
+    def loss(x, dt, A, Bm, Cm, z):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            y = selective_scan(x, dt, A, Bm, Cm, z=z, dt_softplus=True, backend="pallas_gpu", interpret=False)
+        return jnp.sum(y ** 2)
+
+    grad = jax.jit(jax.grad(loss, argnums=tuple(range(6))))
+    with jax.set_mesh(mesh):
+        text = grad.trace(x, dt, A, Bm, Cm, z).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 2
+    assert "sdy.manual_computation" in text or "shard_map" in text
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_selective_scan_gpu_forward_only_lowers(hopper, dtype):
     # the forward-only call (no backward: fwd_chunk, 16 steps in float32, 32 in bf16) lowers,
