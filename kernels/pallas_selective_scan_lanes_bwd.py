@@ -251,7 +251,7 @@ def gpu_backward_lanes(p: Problem, gy, bounds, gh_last, dtypes, *, stages: int, 
     if reduce:  # the sum buffer enters as a zeroed mutable ref that the kernel adds into
         acc = jax.new_ref(jnp.zeros(dbc_shape, f32))
         outs = list(call(*ins, acc))
-        outs.insert(nseq, jax.ref.freeze(acc)[:, None])
+        outs.insert(nseq, jax.ref.freeze(acc))
     else:
         outs = call(*ins)
     if p.gated:
@@ -262,7 +262,9 @@ def gpu_backward_lanes(p: Problem, gy, bounds, gh_last, dtypes, *, stages: int, 
     dbias = jnp.sum(dp[:, 1], axis=(0, 1))
     if padded and not p.softplus:  # d dt on the padding steps is not 0 without the softplus: take it out
         dbias = dbias - jnp.sum(ddt[:, T_:].astype(f32), axis=(0, 1))
-    dbc = jnp.sum(dbc, axis=1).reshape(batch, p.time_p, 2 * n)[:, :T_]
+    if not reduce:  # per-CTA rows: (batch, CTAs, time_p, 2, 4, ln)
+        dbc = jnp.sum(dbc, axis=1)
+    dbc = dbc.reshape(batch, p.time_p, 2 * n)[:, :T_]
     return {
         "x": dx[:, :T_, :Cn], "dt": ddt[:, :T_, :Cn], "z": None if dz is None else dz[:, :T_, :Cn],
         "B": dbc[..., :nr], "C": dbc[..., n:n + nr],
