@@ -85,6 +85,25 @@ def test_passkey_length_option():
         bench_memory.cells("10m", passkey_len=8)
 
 
+def test_passkey_eval_multiples_size_the_memories_to_the_longest():
+    # --passkey_eval 1 4 16: passkey is evaluated at 256, 1024 and 4096 tokens, and the
+    # windowed families' memories are sized to 4096 (not the default 4x = 1024)
+    from mnemax.train import tasks as tasks_lib
+
+    pk = next(c for c in bench_memory.cells("10m", passkey_eval=(16, 1, 4)) if c.task == "passkey")
+    assert pk.eval_lengths == (256, 1024, 4096)
+    spec = tasks_lib.make_task(pk.task, **pk.params).spec()
+    for fam, key in (("transformer", "window"), ("hopfield", "memory_size")):
+        preset, fixed = bench_memory.available_families([fam])[fam]
+        ov, _ = bench_memory.sized_overrides(preset, fixed, spec, 60_000, 2, span=max(pk.eval_lengths))
+        assert ov[key] == 4096, (fam, ov)
+        default, _ = bench_memory.sized_overrides(preset, fixed, spec, 60_000, 2)
+        assert default[key] == 1024, (fam, default)
+    for bad in ((), (0, 1), (1, 1), (1.5,)):
+        with pytest.raises(ValueError, match="passkey_eval: got"):
+            bench_memory.cells("10m", passkey_eval=bad)
+
+
 @pytest.mark.parametrize("family", ["transformer", "hopfield"])
 def test_sized_memories_reach_the_first_token_at_the_longest_evaluated_context(family):
     """Passkey is evaluated at 4x its training length: with the benchmark's overrides the last

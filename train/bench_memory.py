@@ -104,19 +104,24 @@ class Cell:
     eval_lengths: tuple = ()
 
 
-def cells(budget: str, passkey_len: int | None = None) -> list[Cell]:
+def cells(budget: str, passkey_len: int | None = None, passkey_eval: tuple = (1, 2, 4)) -> list[Cell]:
     """The budget's cells. ``passkey_len``: train passkey at this length instead of the
-    budget's (256 at 10m / 125m, 64 at tiny), still evaluated at 1x, 2x and 4x of it."""
+    budget's (256 at 10m / 125m, 64 at tiny). ``passkey_eval``: the multiples of that
+    length passkey is evaluated at (default 1x, 2x and 4x); memories with a capacity are
+    sized to the longest (:func:`sized_overrides`)."""
     long = budget != "tiny"
     mqar_len = 256 if long else 64
     if passkey_len is not None and (not isinstance(passkey_len, int) or passkey_len < 16):
         raise ValueError(f"passkey_len: got {passkey_len!r}, expected an integer >= 16")
+    mults = tuple(passkey_eval)
+    if not mults or any(not isinstance(m, int) or m < 1 for m in mults) or len(set(mults)) != len(mults):
+        raise ValueError(f"passkey_eval: got {passkey_eval!r}, expected distinct integers >= 1 (multiples of the training length)")
     pk_len = passkey_len or (256 if long else 64)
     return [
         # MQAR draws keys from half the vocabulary: 256 holds the 64 pairs of the long budgets
         *[Cell("mqar", f"pairs={p}", {"seq_len": mqar_len, "num_pairs": p, "vocab_size": 256 if long else 64})
           for p in ((8, 16, 32, 64) if long else (4, 8, 16))],
-        Cell("passkey", f"len={pk_len}", {"seq_len": pk_len, "key_len": 4}, eval_lengths=(pk_len, 2 * pk_len, 4 * pk_len)),
+        Cell("passkey", f"len={pk_len}", {"seq_len": pk_len, "key_len": 4}, eval_lengths=tuple(m * pk_len for m in sorted(mults))),
         *[Cell("selective_copying", f"tokens={k}", {"seq_len": 128 if long else 48, "num_tokens": k, "data_vocab": 8})
           for k in ((8, 16) if long else (4, 8))],
         Cell("recall", "dancers=4", {"seq_len": 160 if long else 96, "num_dancers": 4}),
@@ -153,9 +158,12 @@ def _count_params(preset: str, overrides: dict) -> int | None:
     return _PARAM_COUNTS[key]
 
 
-def sized_overrides(preset: str, fixed: dict, spec: tasks_lib.TaskSpec, target: int, layers: int) -> tuple[dict, int]:
-    """Overrides (d_model and fixed ones) whose parameter count is closest to ``target``."""
+def sized_overrides(preset: str, fixed: dict, spec: tasks_lib.TaskSpec, target: int, layers: int,
+                    span: int | None = None) -> tuple[dict, int]:
+    """Overrides (d_model and fixed ones) whose parameter count is closest to ``target``.
+    ``span``: the longest context the model is evaluated at (default 4x the task's length)."""
     best = None
+    span = span or 4 * spec.seq_len
     for d in (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048):
         ov = {**fixed, "d_model": d, **spec.model_overrides()}
         if "n_layers" in mnemax.get_config(preset).to_dict() and mnemax.get_config(preset).n_layers > 1:
@@ -163,7 +171,7 @@ def sized_overrides(preset: str, fixed: dict, spec: tasks_lib.TaskSpec, target: 
         # Memories with a capacity cover the longest evaluated context (passkey at 4x), so a
         # family is not cut off by a preset's small window: attention's window, the causal
         # Hopfield ring buffer (hopfield-tiny kept 32 steps), HCAM's chunks (8 of 4 steps).
-        block, span = mnemax.get_config(preset).block, 4 * spec.seq_len
+        block = mnemax.get_config(preset).block
         if "window" in block:
             ov["window"] = span
         if "memory_size" in block:
@@ -184,7 +192,8 @@ def run_cell(family: str, preset: str, fixed: dict, cell: Cell, budget: dict, wo
              smoke: bool, seed: int = 0) -> dict:
     task = tasks_lib.make_task(cell.task, **cell.params)
     spec = task.spec()
-    overrides, n_params = sized_overrides(preset, fixed, spec, budget["params"], budget["layers"])
+    span = max(cell.eval_lengths) if cell.eval_lengths else None
+    overrides, n_params = sized_overrides(preset, fixed, spec, budget["params"], budget["layers"], span=span)
     c = base_config()
     c.seed = seed
     c.model.preset = preset
@@ -275,6 +284,8 @@ def _stat(rs: list[dict], key: str = "accuracy") -> tuple[float, float, float]:
 def _fmt(rs: list[dict], key: str = "accuracy") -> str:
     """One seed: the value; several: ``mean (min-max)``."""
     mean, lo, hi = _stat(rs, key)
+    if np.isnan([lo, hi]).all():  # not measured in this cell (e.g. a length only some rows were evaluated at)
+        return "-"
     return f"{mean:.3f}" if len(rs) == 1 else f"{mean:.3f} ({lo:.3f}-{hi:.3f})"
 
 
@@ -366,6 +377,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--difficulties", nargs="*", help="only these cells, as the table names them (e.g. pairs=16)")
     ap.add_argument("--passkey_len", type=int, default=None,
                     help="train passkey at this length (default: the budget's), evaluated at 1x, 2x and 4x of it")
+    ap.add_argument("--passkey_eval", nargs="+", type=int, default=[1, 2, 4], metavar="MULT",
+                    help="evaluate passkey at these multiples of its training length (default 1 2 4)")
     ap.add_argument("--out", default="benchmarks")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--data_dir", default=None)
@@ -400,7 +413,7 @@ def main(argv=None) -> dict:
         budget["lr"] = args.learning_rate
     lr_tag = f"-lr{args.learning_rate:g}" if args.learning_rate is not None else ""
     fams = available_families(args.families)
-    todo = [c for c in cells(args.budget, args.passkey_len) if not args.tasks or c.task in args.tasks]
+    todo = [c for c in cells(args.budget, args.passkey_len, tuple(args.passkey_eval)) if not args.tasks or c.task in args.tasks]
     if args.difficulties:
         known = {c.difficulty for c in todo}
         if set(args.difficulties) - known:
