@@ -254,3 +254,20 @@ def test_seeds_flag_trains_each_cell_once_per_seed(tmp_path):
     for bad in (["0", "0"], ["-1"]):
         with pytest.raises(ValueError, match="--seeds: got"):
             bench_memory.main(common + ["--seeds", *bad])
+
+
+def test_parallel_processes_give_the_serial_rows(tmp_path):
+    # --parallel 2 runs each cell in its own process; the rows (in plan order) carry the same
+    # numbers as the same cells trained one after another in this process
+    argv = ["--smoke", "--families", "transformer", "mamba", "--tasks", "mqar", "--difficulties", "pairs=4"]
+    serial = bench_memory.main([*argv, "--out", str(tmp_path / "serial"), "--workdir", str(tmp_path / "ws")])["rows"]
+    par = bench_memory.main([*argv, "--parallel", "2", "--out", str(tmp_path / "par"), "--workdir", str(tmp_path / "wp")])["rows"]
+    assert [r["family"] for r in par] == ["transformer", "mamba"]
+    for a, b in zip(serial, par):
+        assert "error" not in b, b
+        assert b["params"] == a["params"] and b["d_model"] == a["d_model"]
+        assert math.isclose(b["loss"], a["loss"], rel_tol=1e-4) and abs(b["accuracy"] - a["accuracy"]) < 1e-6, (a, b)
+    assert os.path.exists(tmp_path / "par" / "memory_tiny_smoke.json")
+    assert len(os.listdir(tmp_path / "wp" / "logs")) == 2
+    with pytest.raises(ValueError, match="--parallel: got 0"):
+        bench_memory.main([*argv, "--parallel", "0", "--out", str(tmp_path)])

@@ -19,7 +19,9 @@ of every task (CI checks that the table is produced, not the accuracies).
 A long table can be split: run disjoint ``--families`` (on separate accelerators, e.g.
 with ``CUDA_VISIBLE_DEVICES``) into separate ``--out`` folders, then
 ``mnemax-bench memory --merge A/memory_10m.json B/memory_10m.json --out benchmarks``
-writes the one table and plots. ``--steps`` overrides the budget's training steps.
+writes the one table and plots. ``--steps`` overrides the budget's training steps. ``--parallel N`` runs the cells as N
+concurrent processes on one machine (at the 10m budget an H100 finished the most cells per
+minute with 3-4 of them; 12 filled its memory and finished fewer).
 """
 
 from __future__ import annotations
@@ -386,6 +388,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--learning_rate", type=float, default=None, help=f"peak learning rate of every cell (default {DEFAULT_LR})")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0],
                     help="train every cell once per seed (model init and data); the table shows the mean and range")
+    ap.add_argument("--parallel", type=int, default=1, metavar="N",
+                    help="run the cells as N concurrent processes sharing this machine's accelerator (a 10m cell "
+                         "leaves an H100 idle between its small kernels: 3-4 processes measured best there)")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="combine earlier outputs' rows into one table and plots in --out; trains nothing")
     args = ap.parse_args(argv)
@@ -406,6 +411,8 @@ def main(argv=None) -> dict:
         raise ValueError(f"--seeds: got {args.seeds}; expected distinct integers >= 0")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.parallel < 1:
+        raise ValueError(f"--parallel: got {args.parallel}, expected an integer >= 1")
     if args.learning_rate is not None and not args.learning_rate > 0:
         raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}")
     budget = dict(BUDGETS[args.budget], **({"steps": args.steps} if args.steps else {}))
@@ -428,6 +435,8 @@ def main(argv=None) -> dict:
 
     work = args.workdir or tempfile.mkdtemp(prefix="mnemax-bench-")
     data_dir = args.data_dir or os.path.join(work, "data")
+    if args.parallel > 1:
+        return write(_run_parallel(plan, args, work), args.budget, args.smoke, args.out, steps=args.steps)
     rows = []
     for (fam, cell), seed in ((fc, s) for fc in plan for s in args.seeds):
         preset, fixed = fams[fam]
@@ -444,6 +453,61 @@ def main(argv=None) -> dict:
         rows.append(row)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     return write(rows, args.budget, args.smoke, args.out, steps=args.steps)
+
+
+def _run_parallel(plan, args, work: str) -> list[dict]:
+    """Each (family, cell, seed) of ``plan`` as its own ``python -m mnemax.train.bench_memory``
+    process, ``args.parallel`` at a time, in plan order; their rows in plan order. Each process
+    has its own data directory (two processes building one TFDS dataset would race), logs to
+    ``<work>/logs/<cell>.log`` and, on the GPU, allocates memory as it needs it rather than
+    preallocating most of the device."""
+    import subprocess
+    import sys
+
+    common = ["--budget", args.budget, "--workdir", work, "--passkey_eval", *map(str, args.passkey_eval)]
+    for flag, value in (("--steps", args.steps), ("--learning_rate", args.learning_rate), ("--passkey_len", args.passkey_len)):
+        if value is not None:
+            common += [flag, str(value)]
+    if args.smoke:
+        common.append("--smoke")
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    os.makedirs(os.path.join(work, "logs"), exist_ok=True)
+    jobs = [(fam, cell, seed) for (fam, cell) in plan for seed in args.seeds]
+    rows: list = [None] * len(jobs)
+    running: dict = {}
+    pending = list(range(len(jobs)))
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            i = pending.pop(0)
+            fam, cell, seed = jobs[i]
+            name = f"{i:03d}-{fam}-{cell.task}-{cell.difficulty}-seed{seed}".replace("=", "").replace("+", "_")
+            data_dir = os.path.join(args.data_dir or os.path.join(work, "data"), name)
+            cmd = [sys.executable, "-m", "mnemax.train.bench_memory", *common, "--families", fam, "--tasks", cell.task,
+                   "--difficulties", cell.difficulty, "--seeds", str(seed), "--out", os.path.join(work, "cells", name),
+                   "--data_dir", data_dir]
+            log = open(os.path.join(work, "logs", f"{name}.log"), "w")
+            running[i] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, name)
+        for i, (proc, log, name) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[i]
+            fam, cell, seed = jobs[i]
+            out_dir = os.path.join(work, "cells", name)
+            found = [f for f in sorted(os.listdir(out_dir)) if f.endswith(".json")] if os.path.isdir(out_dir) else []
+            if proc.returncode == 0 and found:
+                with open(os.path.join(out_dir, found[0])) as f:
+                    rows[i] = json.load(f)["rows"][0]
+            else:
+                with open(os.path.join(work, "logs", f"{name}.log")) as f:
+                    tail = f.read()[-300:]
+                rows[i] = {"family": fam, "preset": available_families([fam])[fam][0], "task": cell.task,
+                           "difficulty": cell.difficulty, "params": 0, "accuracy": float("nan"), "seed": seed,
+                           "error": f"process exited with {proc.returncode}: {tail}"}
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[i].items()}), flush=True)
+        if running:
+            time.sleep(0.5)
+    return rows
 
 
 def write(rows: list[dict], budget: str, smoke: bool, out: str, steps: int | None = None, device: str | None = None,
