@@ -19,9 +19,10 @@ of every task (CI checks that the table is produced, not the accuracies).
 A long table can be split: run disjoint ``--families`` (on separate accelerators, e.g.
 with ``CUDA_VISIBLE_DEVICES``) into separate ``--out`` folders, then
 ``mnemax-bench memory --merge A/memory_10m.json B/memory_10m.json --out benchmarks``
-writes the one table and plots. ``--steps`` overrides the budget's training steps. ``--parallel N`` runs the cells as N
-concurrent processes on one machine (at the 10m budget an H100 finished the most cells per
-minute with 3-4 of them; 12 filled its memory and finished fewer).
+writes the one table and plots. ``--steps`` overrides the budget's training steps.
+``--parallel N`` runs the cells as N concurrent processes on one machine (at the 10m budget
+an H100 finished the most cells per minute with 3-4 of them; 12 filled its memory and
+finished fewer).
 """
 
 from __future__ import annotations
@@ -378,7 +379,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--tasks", nargs="*")
     ap.add_argument("--difficulties", nargs="*", help="only these cells, as the table names them (e.g. pairs=16)")
     ap.add_argument("--passkey_len", type=int, default=None,
-                    help="train passkey at this length (default: the budget's), evaluated at 1x, 2x and 4x of it")
+                    help="train passkey at this length (default: the budget's), evaluated at the --passkey_eval multiples of it")
     ap.add_argument("--passkey_eval", nargs="+", type=int, default=[1, 2, 4], metavar="MULT",
                     help="evaluate passkey at these multiples of its training length (default 1 2 4)")
     ap.add_argument("--out", default="benchmarks")
@@ -389,8 +390,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0],
                     help="train every cell once per seed (model init and data); the table shows the mean and range")
     ap.add_argument("--parallel", type=int, default=1, metavar="N",
-                    help="run the cells as N concurrent processes sharing this machine's accelerator (a 10m cell "
-                         "leaves an H100 idle between its small kernels: 3-4 processes measured best there)")
+                    help="run the cells as N concurrent processes sharing this machine's accelerator (at the 10m "
+                         "budget 3-4 finished the most cells per minute on an H100; 12 filled its memory)")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="combine earlier outputs' rows into one table and plots in --out; trains nothing")
     args = ap.parse_args(argv)
@@ -448,11 +449,20 @@ def main(argv=None) -> dict:
         try:
             row = run_cell(fam, preset, fixed, cell, budget, wd, data_dir, args.smoke, seed=seed)
         except Exception as err:  # noqa: BLE001 - a family that cannot take a task is reported, not fatal
-            row = {"family": fam, "preset": preset, "task": cell.task, "difficulty": cell.difficulty, "params": 0,
-                   "accuracy": float("nan"), "seed": seed, "error": f"{type(err).__name__}: {str(err)[:200]}"}
+            row = _error_row(fam, preset, cell, seed, f"{type(err).__name__}: {str(err)[:200]}")
         rows.append(row)
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        _print_row(row)
     return write(rows, args.budget, args.smoke, args.out, steps=args.steps)
+
+
+def _error_row(fam: str, preset: str, cell: Cell, seed: int, error: str) -> dict:
+    """The row of a cell that failed: reported in the JSON, left out of the table."""
+    return {"family": fam, "preset": preset, "task": cell.task, "difficulty": cell.difficulty, "params": 0,
+            "accuracy": float("nan"), "seed": seed, "error": error}
+
+
+def _print_row(row: dict) -> None:
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
 
 
 def _run_parallel(plan, args, work: str) -> list[dict]:
@@ -501,10 +511,9 @@ def _run_parallel(plan, args, work: str) -> list[dict]:
             else:
                 with open(os.path.join(work, "logs", f"{name}.log")) as f:
                     tail = f.read()[-300:]
-                rows[i] = {"family": fam, "preset": available_families([fam])[fam][0], "task": cell.task,
-                           "difficulty": cell.difficulty, "params": 0, "accuracy": float("nan"), "seed": seed,
-                           "error": f"process exited with {proc.returncode}: {tail}"}
-            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[i].items()}), flush=True)
+                rows[i] = _error_row(fam, available_families([fam])[fam][0], cell, seed,
+                                     f"process exited with {proc.returncode}: {tail}")
+            _print_row(rows[i])
         if running:
             time.sleep(0.5)
     return rows
