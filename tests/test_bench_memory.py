@@ -271,3 +271,50 @@ def test_parallel_processes_give_the_serial_rows(tmp_path):
     assert len(os.listdir(tmp_path / "wp" / "logs")) == 2
     with pytest.raises(ValueError, match="--parallel: got 0"):
         bench_memory.main([*argv, "--parallel", "0", "--out", str(tmp_path)])
+
+
+def test_skip_done_trains_only_the_missing_cells(tmp_path):
+    # --skip_done: the cells an earlier table holds are not trained again and its rows are
+    # carried into the new table verbatim; the missing cell's row equals the same cell trained alone
+    argv = ["--smoke", "--tasks", "mqar", "--difficulties", "pairs=4"]
+    first = bench_memory.main([*argv, "--families", "transformer", "--out", str(tmp_path / "a"), "--workdir", str(tmp_path / "wa")])
+    done = str(tmp_path / "a" / "memory_tiny_smoke.json")
+    both = bench_memory.main([*argv, "--families", "transformer", "mamba", "--skip_done", done,
+                              "--out", str(tmp_path / "b"), "--workdir", str(tmp_path / "wb")])
+    alone = bench_memory.main([*argv, "--families", "mamba", "--out", str(tmp_path / "c"), "--workdir", str(tmp_path / "wc")])
+    assert [r["family"] for r in both["rows"]] == ["transformer", "mamba"]
+    assert both["rows"][0] == first["rows"][0]
+    a, b = alone["rows"][0], both["rows"][1]
+    assert "error" not in b and b["params"] == a["params"]
+    assert math.isclose(b["loss"], a["loss"], rel_tol=1e-4) and abs(b["accuracy"] - a["accuracy"]) < 1e-6, (a, b)
+    trained = [d for d in os.listdir(tmp_path / "wb") if d != "data"]
+    assert trained and all("mamba" in d for d in trained), trained
+    doc = json.load(open(tmp_path / "b" / "memory_tiny_smoke.json"))
+    assert doc["merged_from"] == [os.path.abspath(done)] and len(doc["rows"]) == 2
+
+
+def test_skip_done_retrains_a_passkey_row_missing_an_asked_length(tmp_path):
+    # a kept row is carried as it is (here a made-up MQAR row); a passkey row evaluated at 1x only
+    # is trained again when 1x and 2x are asked for, and the new row replaces it
+    lr = bench_memory.DEFAULT_LR
+    fake_mqar = {"family": "transformer", "preset": "transformer-tiny", "task": "mqar", "difficulty": "pairs=4",
+                 "params": 1, "accuracy": 0.123, "loss": 9.0, "lr": lr, "seed": 0}
+    old_pk = {"family": "transformer", "preset": "transformer-tiny", "task": "passkey", "difficulty": "len=64",
+              "params": 1, "accuracy": 0.5, "loss": 9.0, "lr": lr, "seed": 0, "acc len=64": 0.5}
+    other_rate = dict(fake_mqar, lr=lr / 3, accuracy=0.9)
+    path = tmp_path / "done.json"
+    path.write_text(json.dumps({"budget": "tiny", "steps": None, "smoke": True, "device": "cpu", "date": "2026-01-01",
+                                "rows": [fake_mqar, old_pk, other_rate]}))
+    out = bench_memory.main(["--smoke", "--families", "transformer", "--tasks", "mqar", "passkey", "--difficulties",
+                             "pairs=4", "len=64", "--passkey_eval", "1", "2", "--skip_done", str(path),
+                             "--out", str(tmp_path / "o"), "--workdir", str(tmp_path / "w")])
+    rows = out["rows"]
+    assert rows[:2] == [fake_mqar, other_rate]
+    assert len(rows) == 3 and rows[2]["task"] == "passkey" and "error" not in rows[2]
+    assert {"acc len=64", "acc len=128"} <= set(rows[2]) and rows[2]["params"] > 1
+    with pytest.raises(ValueError, match="--skip_done: .* has \\(budget, steps, smoke\\) \\('tiny', None, True\\); expected \\('tiny', 5, True\\)"):
+        bench_memory.main(["--smoke", "--steps", "5", "--families", "transformer", "--tasks", "mqar", "--skip_done", str(path),
+                           "--out", str(tmp_path / "o2")])
+    with pytest.raises(ValueError, match="--skip_done: .* does not exist"):
+        bench_memory.main(["--smoke", "--families", "transformer", "--skip_done", str(tmp_path / "nope.json"),
+                           "--out", str(tmp_path / "o3")])

@@ -21,8 +21,12 @@ with ``CUDA_VISIBLE_DEVICES``) into separate ``--out`` folders, then
 ``mnemax-bench memory --merge A/memory_10m.json B/memory_10m.json --out benchmarks``
 writes the one table and plots. ``--steps`` overrides the budget's training steps.
 ``--parallel N`` runs the cells as N concurrent processes on one machine (at the 10m budget
-an H100 finished the most cells per minute with 3-4 of them; 12 filled its memory and
-finished fewer).
+an H100 finished the most cells per minute with 4-6 of them; 12 filled its memory and
+finished fewer). ``--skip_done JSON`` trains only the cells an earlier table lacks and
+writes the table of both, so an interrupted or partial run is finished with one command:
+``mnemax-bench memory --budget 10m --steps 2000 --learning_rate 1e-3 --parallel 4
+--tasks mqar selective_copying --skip_done benchmarks/memory_10m_2000steps.json --out benchmarks``
+(a passkey row counts as done only if it was evaluated at every ``--passkey_eval`` length).
 """
 
 from __future__ import annotations
@@ -391,7 +395,10 @@ def main(argv=None) -> dict:
                     help="train every cell once per seed (model init and data); the table shows the mean and range")
     ap.add_argument("--parallel", type=int, default=1, metavar="N",
                     help="run the cells as N concurrent processes sharing this machine's accelerator (at the 10m "
-                         "budget 3-4 finished the most cells per minute on an H100; 12 filled its memory)")
+                         "budget 4-6 finished the most cells per minute on an H100; 12 filled its memory)")
+    ap.add_argument("--skip_done", nargs="+", default=None, metavar="JSON",
+                    help="earlier outputs of this budget and --steps: their cells at this rate and seed are not "
+                         "trained again, and their rows are written into the new table with the new ones")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="combine earlier outputs' rows into one table and plots in --out; trains nothing")
     args = ap.parse_args(argv)
@@ -432,14 +439,32 @@ def main(argv=None) -> dict:
         # smoke: every family on the first cell, the first family on one cell of every task
         first_of_task = list({c.task: c for c in reversed(todo)}.values())[::-1]
         plan = [(f, todo[0]) for f in fams] + [(next(iter(fams)), c) for c in first_of_task if c is not todo[0]]
+    jobs = [(fam, cell, seed) for (fam, cell) in plan for seed in args.seeds]
+    kept, extra = [], {}
+    if args.skip_done:
+        lr = budget.get("lr", DEFAULT_LR)
+        kept, docs = _done_rows(args.skip_done, args.budget, args.steps, args.smoke)
+        key = lambda r: (r["family"], r["task"], r["difficulty"], r.get("seed", 0))  # noqa: E731
+        done = {key(r): r for r in kept if r.get("lr") == lr}
+
+        def is_done(f, c, s):  # a passkey row counts only if it was evaluated at every length asked for now
+            r = done.get((f, c.task, c.difficulty, s))
+            return r is not None and all(f"acc len={n}" in r for n in c.eval_lengths)
+
+        jobs = [(f, c, s) for f, c, s in jobs if not is_done(f, c, s)]
+        stale = {(f, c.task, c.difficulty, s) for f, c, s in jobs}
+        kept = [r for r in kept if key(r) not in stale or r.get("lr") != lr]
+        print(f"--skip_done: {len(kept)} rows kept, {len(jobs)} cells to train", flush=True)
+        extra = {"merged_from": [m for d in docs for m in d.get("merged_from", [])] + [os.path.abspath(p) for p in args.skip_done],
+                 "device": ", ".join(sorted({d["device"] for d in docs} | ({_this_device()} if jobs else set())))}
     import tempfile
 
     work = args.workdir or tempfile.mkdtemp(prefix="mnemax-bench-")
     data_dir = args.data_dir or os.path.join(work, "data")
     if args.parallel > 1:
-        return write(_run_parallel(plan, args, work), args.budget, args.smoke, args.out, steps=args.steps)
-    rows = []
-    for (fam, cell), seed in ((fc, s) for fc in plan for s in args.seeds):
+        return write(kept + _run_parallel(jobs, args, work), args.budget, args.smoke, args.out, steps=args.steps, **extra)
+    rows = list(kept)
+    for fam, cell, seed in jobs:
         preset, fixed = fams[fam]
         fixed = family_overrides(fam, fixed, args.budget)
         # one directory per run: a reused --workdir must not resume another budget's, --steps',
@@ -452,7 +477,29 @@ def main(argv=None) -> dict:
             row = _error_row(fam, preset, cell, seed, f"{type(err).__name__}: {str(err)[:200]}")
         rows.append(row)
         _print_row(row)
-    return write(rows, args.budget, args.smoke, args.out, steps=args.steps)
+    return write(rows, args.budget, args.smoke, args.out, steps=args.steps, **extra)
+
+
+def _this_device() -> str:
+    return f"{jax.devices()[0]} ({jax.devices()[0].device_kind})"
+
+
+def _done_rows(paths: list[str], budget: str, steps: int | None, smoke: bool) -> tuple[list[dict], list[dict]]:
+    """The error-free rows of the earlier outputs ``paths`` (``--skip_done``), and their
+    documents; each must come from this ``budget``, ``--steps`` and smoke setting."""
+    docs, rows = [], []
+    for path in paths:
+        if not os.path.exists(path):
+            raise ValueError(f"--skip_done: {path!r} does not exist; expected an earlier memory_<budget>*.json")
+        with open(path) as f:
+            doc = json.load(f)
+        got = (doc.get("budget"), doc.get("steps"), bool(doc.get("smoke")))
+        if got != (budget, steps, smoke):
+            raise ValueError(f"--skip_done: {path!r} has (budget, steps, smoke) {got}; expected {(budget, steps, smoke)} "
+                             "as in this run")
+        docs.append(doc)
+        rows += [r for r in doc["rows"] if "error" not in r]
+    return rows, docs
 
 
 def _error_row(fam: str, preset: str, cell: Cell, seed: int, error: str) -> dict:
@@ -465,9 +512,9 @@ def _print_row(row: dict) -> None:
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
 
 
-def _run_parallel(plan, args, work: str) -> list[dict]:
-    """Each (family, cell, seed) of ``plan`` as its own ``python -m mnemax.train.bench_memory``
-    process, ``args.parallel`` at a time, in plan order; their rows in plan order. Each process
+def _run_parallel(jobs, args, work: str) -> list[dict]:
+    """Each (family, cell, seed) of ``jobs`` as its own ``python -m mnemax.train.bench_memory``
+    process, ``args.parallel`` at a time, in order; their rows in that order. Each process
     has its own data directory (two processes building one TFDS dataset would race), logs to
     ``<work>/logs/<cell>.log`` and, on the GPU, allocates memory as it needs it rather than
     preallocating most of the device."""
@@ -482,7 +529,6 @@ def _run_parallel(plan, args, work: str) -> list[dict]:
         common.append("--smoke")
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     os.makedirs(os.path.join(work, "logs"), exist_ok=True)
-    jobs = [(fam, cell, seed) for (fam, cell) in plan for seed in args.seeds]
     rows: list = [None] * len(jobs)
     running: dict = {}
     pending = list(range(len(jobs)))
@@ -529,7 +575,7 @@ def write(rows: list[dict], budget: str, smoke: bool, out: str, steps: int | Non
     tag = f"memory_{budget}{f'_{steps}steps' if steps else ''}{'_smoke' if smoke else ''}"
     with open(os.path.join(out, f"{tag}.json"), "w") as f:
         json.dump({"budget": budget, "steps": steps, "smoke": smoke, "jax": jax.__version__,
-                   "device": device or f"{jax.devices()[0]} ({jax.devices()[0].device_kind})",
+                   "device": device or _this_device(),
                    "date": date or time.strftime("%Y-%m-%d"), "rows": rows, **extra},
                   f, indent=1)
     table = markdown([r for r in rows if "error" not in r])
