@@ -5,10 +5,13 @@ equations are in :mod:`mnemax.layers.xlstm_cells`)::
 
     MLSTMBlock:       x + MLSTMLayer(LN(x))                               (pre up-projection)
     SLSTMBlock:       x = x + SLSTMLayer(LN(x));  x + GatedFFN(LN(x))       (post up-projection,
-                      FFN width ceil(ffn_proj_factor d / 64) 64, GeLU; no FFN when
-                      ffn_proj_factor is None)
+                      FFN width up_proj_dim(d, ffn_proj_factor, ffn_round_to, ffn_round_mode),
+                      ceil(1.3 d / 64) 64 by default, GeLU; no FFN when ffn_proj_factor is None)
     XLSTMLargeBlock:  x = x + MLSTMLargeLayer(RMSNorm(x));  x + SwiGLU(RMSNorm(x))   (xLSTM 7B;
-                      FFN width ceil(ffn_proj_factor d / ffn_round_to) ffn_round_to)
+                      FFN width large_ffn_dim(d, ffn_proj_factor, ffn_round_to):
+                      ((d f + r - 1) // r) r, which is not ceil(d f / r) r for every d)
+
+Both width rules are upstream's, in :mod:`mnemax.layers.xlstm_widths`.
 
 LN is a layer norm without bias (eps ``norm_eps`` = 1e-5, upstream's default); the 7B
 block's RMSNorms use ``norm_eps`` = 1e-6.
@@ -44,8 +47,8 @@ from .xlstm_cells import (
     MLSTMLayerState,
     SLSTMLayer,
     SLSTMLayerState,
-    round_up,
 )
+from .xlstm_widths import ROUND_MODES, large_ffn_dim, up_proj_dim
 
 __all__ = [  # the layers live in xlstm_cells; importable from here too
     "GatedFFN",
@@ -85,23 +88,41 @@ class MLSTMBlock(MLSTMLayer):
 
 class SLSTMBlock(SLSTMLayer):
     """``x + SLSTMLayer(LN(x))``, then ``+ GatedFFN(LN(.))`` of width
-    ``round_up(ffn_proj_factor * features, ffn_round_to)`` (no FFN for ``ffn_proj_factor=None``)."""
+    ``up_proj_dim(features, ffn_proj_factor, ffn_round_to, ffn_round_mode)`` (no FFN for
+    ``ffn_proj_factor=None``)."""
 
     ffn_proj_factor: float | None = 1.3
     ffn_act: str = "gelu"
     ffn_round_to: int = 64
+    ffn_round_mode: str = "up"
+
+    @property
+    def ffn_hidden(self) -> int | None:
+        """The FFN's hidden width (upstream ``FeedForwardConfig._proj_up_dim``); None without an FFN."""
+        if self.ffn_proj_factor is None:
+            return None
+        if self.ffn_round_mode not in ROUND_MODES:
+            raise ValueError(f"ffn_round_mode must be one of {ROUND_MODES}, got {self.ffn_round_mode!r}")
+        hidden = up_proj_dim(self.features, self.ffn_proj_factor, self.ffn_round_to, self.ffn_round_mode)
+        if hidden <= 0:
+            raise ValueError(
+                f"the FFN width (ffn_proj_factor {self.ffn_proj_factor} x features {self.features}, rounded "
+                f"{self.ffn_round_mode} to a multiple of ffn_round_to {self.ffn_round_to}) must be positive, got {hidden}"
+            )
+        return hidden
 
     @nn.compact
     def __call__(self, x, state: SLSTMLayerState | None = None, resets=None):
         check_sequence(x, self.features)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h, _ = LayerNorm(eps=self.norm_eps, use_bias=False, name="norm", **kw)(x)
-        layer = SLSTMLayer(**_fields(self, ("ffn_proj_factor", "ffn_act", "ffn_round_to")), name="slstm")
+        ffn_fields = ("ffn_proj_factor", "ffn_act", "ffn_round_to", "ffn_round_mode")
+        layer = SLSTMLayer(**_fields(self, ffn_fields), name="slstm")
+        hidden = self.ffn_hidden
         h, state = layer(h, state, resets)
         x = x + h.astype(x.dtype)
-        if self.ffn_proj_factor is not None:
+        if hidden is not None:
             h, _ = LayerNorm(eps=self.norm_eps, use_bias=False, name="ffn_norm", **kw)(x)
-            hidden = round_up(self.ffn_proj_factor * self.features, self.ffn_round_to)
             h, _ = GatedFFN(hidden=hidden, act=self.ffn_act, num_blocks=self.num_blocks, name="ffn", **kw)(h)
             x = x + h.astype(x.dtype)
         return x, state
@@ -109,10 +130,15 @@ class SLSTMBlock(SLSTMLayer):
 
 class XLSTMLargeBlock(MLSTMLargeLayer):
     """The xLSTM 7B block: ``x + MLSTMLargeLayer(RMSNorm(x))``, then ``+ SwiGLU(RMSNorm(.))``
-    of width ``round_up(ffn_proj_factor * features, ffn_round_to)``; state: MLSTMState."""
+    of width ``large_ffn_dim(features, ffn_proj_factor, ffn_round_to)``; state: MLSTMState."""
 
     ffn_proj_factor: float = 2.6667
     ffn_round_to: int = 64
+
+    @property
+    def ffn_hidden(self) -> int:
+        """The SwiGLU FFN's hidden width (upstream ``FeedForward.up_proj_dim``)."""
+        return large_ffn_dim(self.features, self.ffn_proj_factor, self.ffn_round_to)
 
     @nn.compact
     def __call__(self, x, state: MLSTMState | None = None, resets=None):
@@ -123,18 +149,20 @@ class XLSTMLargeBlock(MLSTMLargeLayer):
         h, state = layer(h, state, resets)
         x = x + h.astype(x.dtype)
         h, _ = RMSNorm(eps=self.norm_eps, name="norm_ffn", **kw)(x)
-        hidden = round_up(self.ffn_proj_factor * self.features, self.ffn_round_to)
-        h, _ = MLP(hidden=hidden, kind="swiglu", name="ffn", **kw)(h)
+        h, _ = MLP(hidden=self.ffn_hidden, kind="swiglu", name="ffn", **kw)(h)
         return x + h.astype(x.dtype), state
 
 
 class XLSTMStack(nn.Module):
     """``xLSTM[a:b]``: mLSTM blocks with sLSTM blocks at ``slstm_at`` (see module docstring).
 
-    ``num_heads``, ``proj_factor``, ``conv_width``, ``qkv_blocksize``, ``chunk_size``,
-    ``eps`` and ``backend`` configure the mLSTM blocks; ``slstm_heads``,
-    ``slstm_conv_width``, ``slstm_bias_init``, ``slstm_backend``, ``ffn_proj_factor`` and
-    ``ffn_act`` the sLSTM blocks.
+    ``num_heads``, ``proj_factor``, ``round_to``, ``round_mode``, ``conv_width``,
+    ``qkv_blocksize``, ``chunk_size``, ``eps`` and ``backend`` configure the mLSTM blocks;
+    ``slstm_heads``, ``slstm_conv_width``, ``slstm_bias_init``, ``slstm_backend``,
+    ``ffn_proj_factor``, ``ffn_act``, ``ffn_round_to`` and ``ffn_round_mode`` the sLSTM
+    blocks. The rounded widths follow upstream (:mod:`mnemax.layers.xlstm_widths`);
+    :func:`mnemax.convert.xlstm_from_torch` builds this stack from an upstream
+    ``xLSTMBlockStack``.
     """
 
     features: int
@@ -142,6 +170,8 @@ class XLSTMStack(nn.Module):
     slstm_at: Sequence[int] | str = ()
     num_heads: int = 4
     proj_factor: float = 2.0
+    round_to: int = 64
+    round_mode: str = "up"
     conv_width: int = 4
     qkv_blocksize: int = 4
     chunk_size: int = 64
@@ -153,6 +183,8 @@ class XLSTMStack(nn.Module):
     slstm_backend: str | None = None
     ffn_proj_factor: float | None = 1.3
     ffn_act: str = "gelu"
+    ffn_round_to: int = 64
+    ffn_round_mode: str = "up"
     norm_eps: float = 1e-5
     post_norm: bool = True
     dtype: Dtype | None = None
@@ -179,10 +211,12 @@ class XLSTMStack(nn.Module):
             return SLSTMBlock(
                 num_heads=self.slstm_heads, conv_width=self.slstm_conv_width, block_index=index,
                 bias_init=self.slstm_bias_init, backend=self.slstm_backend,
-                ffn_proj_factor=self.ffn_proj_factor, ffn_act=self.ffn_act, **common, **kw,
+                ffn_proj_factor=self.ffn_proj_factor, ffn_act=self.ffn_act, ffn_round_to=self.ffn_round_to,
+                ffn_round_mode=self.ffn_round_mode, **common, **kw,
             )
         return MLSTMBlock(
-            num_heads=self.num_heads, proj_factor=self.proj_factor, conv_width=self.conv_width,
+            num_heads=self.num_heads, proj_factor=self.proj_factor, round_to=self.round_to,
+            round_mode=self.round_mode, conv_width=self.conv_width,
             qkv_blocksize=self.qkv_blocksize, chunk_size=self.chunk_size, eps=self.eps,
             backend=self.backend, **common, **kw,
         )

@@ -10,9 +10,11 @@ fixtures in tests/fixtures):
 
 ``MLSTMLayer`` (NeurIPS mLSTM layer, "pre up-projection")::
 
-    (x_m, z) = split(W_up x)                           inner = ceil(proj_factor d / 64) 64
+    (x_m, z) = split(W_up x)                           inner = up_proj_dim(d, proj_factor, round_to,
+                                                                   round_mode): ceil(proj_factor d / 64) 64
+                                                                   by default
     x_c = SiLU(causal_conv4(x_m))                      depthwise, with bias
-    q = Q x_c, k = K x_c, v = V x_m                    block-diagonal, blocks of qkv_blocksize
+    q = Q x_c, k = K x_c, v = V x_m                    block-diagonal, inner // qkv_blocksize blocks
     (i~, f~) = W_{i,f} [q; k; v] + b_{i,f}             one scalar per head
     h = mLSTM(q, k, v, i~, f~)                          num_heads heads of inner / num_heads
     y = W_down ((headwise_layernorm(h) + skip * x_c) * SiLU(z))
@@ -35,14 +37,16 @@ fixtures in tests/fixtures):
 
 ``MLSTMLargeLayer`` (xLSTM 7B mLSTM layer)::
 
-    q = W_q x, k = W_k x  (qk_dim = int(qk_dim_factor d), 0.5: half the value width)
-    v = W_v x, o~ = W_o x  (v_dim = int(v_dim_factor d))
+    q = W_q x, k = W_k x  (qk_dim = int(d qk_dim_factor), 0.5: half the value width)
+    v = W_v x, o~ = W_o x  (v_dim = int(d v_dim_factor))
     i~ = cap(W_i x + b_i), f~ = cap(W_f x + b_f),  cap(u) = c tanh(u / c), c = gate_soft_cap (15)
     h = mLSTM(q, k, v, i~, f~)
     y = W_out (sigmoid(o~) * headwise_layernorm(h))
 
   Init (xlstm-jax, the 7B training code): W_q, W_k, W_v ~ N(0, 2 / (5 d)); W_o = 0;
   W_i = W_f = 0, b_i = -10, b_f = linspace(3, 6) over heads; W_out wang.
+
+Every rounded width is computed by :mod:`mnemax.layers.xlstm_widths`, as upstream does.
 
 Headwise layer norms normalise each head's features (eps 1e-5 NeurIPS, ``norm_eps``
 7B) with a learned per-feature scale and no bias (upstream's NeurIPS norms store the
@@ -83,6 +87,7 @@ from .base import (
 )
 from .conv import CausalConv1d, ConvState
 from .norms import layer_norm
+from .xlstm_widths import ROUND_MODES, large_qk_v_dims, qkv_proj_blocks, up_proj_dim
 
 FFN_ACTIVATIONS = {
     "gelu": lambda u: jax.nn.gelu(u, approximate=False),  # torch's default (erf) GeLU
@@ -105,11 +110,6 @@ class SLSTMLayerState(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def round_up(x: float, multiple: int) -> int:
-    """The smallest multiple of ``multiple`` that is >= x (upstream's up-projection sizes)."""
-    return int(math.ceil(x / multiple) * multiple)
 
 
 def small_init(dim: int):
@@ -249,6 +249,7 @@ class MLSTMLayer(nn.Module):
     num_heads: int = 4
     proj_factor: float = 2.0
     round_to: int = 64
+    round_mode: str = "up"
     conv_width: int = 4
     qkv_blocksize: int = 4
     num_blocks: int = 1
@@ -261,14 +262,31 @@ class MLSTMLayer(nn.Module):
 
     @property
     def inner(self) -> int:
-        return round_up(self.proj_factor * self.features, self.round_to)
+        """The up-projected width (upstream ``_inner_embedding_dim``)."""
+        return up_proj_dim(self.features, self.proj_factor, self.round_to, self.round_mode)
+
+    @property
+    def qkv_blocks(self) -> int:
+        """Blocks of the block-diagonal q/k/v projections (``inner // qkv_blocksize``)."""
+        return qkv_proj_blocks(self.inner, self.qkv_blocksize)
 
     def _check_config(self):
+        if self.round_mode not in ROUND_MODES:
+            raise ValueError(f"round_mode must be one of {ROUND_MODES}, got {self.round_mode!r}")
         inner = self.inner
-        if inner % self.num_heads:
+        if inner <= 0:
+            raise ValueError(
+                f"the inner width (proj_factor {self.proj_factor} x features {self.features}, rounded {self.round_mode} "
+                f"to a multiple of round_to {self.round_to}) must be positive, got {inner}"
+            )
+        if self.num_heads <= 0 or inner % self.num_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must divide the inner width {inner}")
-        if inner % self.qkv_blocksize:
-            raise ValueError(f"qkv_blocksize ({self.qkv_blocksize}) must divide the inner width {inner}")
+        blocks = self.qkv_blocks
+        if blocks <= 0 or inner % blocks:
+            raise ValueError(
+                f"qkv_blocksize ({self.qkv_blocksize}) must split the inner width {inner} into equal blocks "
+                f"(inner // qkv_blocksize = {blocks} blocks)"
+            )
         if self.conv_width < 0:
             raise ValueError(f"conv_width must be >= 0, got {self.conv_width}")
 
@@ -297,8 +315,7 @@ class MLSTMLayer(nn.Module):
             conv = CausalConv1d(inner, self.conv_width, axis_name="mlp", dtype=dt, param_dtype=self.param_dtype, name="conv")
             x_c, conv_state = conv(x_m, state.conv, resets)
         x_c = jax.nn.silu(x_c)
-        nb = inner // self.qkv_blocksize
-        proj = dict(num_blocks=nb, kernel_init=small_init(d), dtype=dt, param_dtype=self.param_dtype)
+        proj = dict(num_blocks=self.qkv_blocks, kernel_init=small_init(d), dtype=dt, param_dtype=self.param_dtype)
         q = HeadwiseLinear(name="q_proj", **proj)(x_c)
         k = HeadwiseLinear(name="k_proj", **proj)(x_c)
         v = HeadwiseLinear(name="v_proj", **proj)(x_m)
@@ -319,6 +336,9 @@ class MLSTMLayer(nn.Module):
 
 
 # ----------------------------------------------------------------------------- sLSTM (NeurIPS)
+
+
+SLSTM_BIAS_INITS = ("powerlaw_blockdependent", "small_init", "standard", "zeros")
 
 
 def powerlaw_forget_bias(head_dim: int, block_index: int, num_blocks: int):
@@ -348,8 +368,8 @@ class SLSTMLayer(nn.Module):
             raise ValueError(f"num_heads ({self.num_heads}) must divide features ({self.features})")
         if self.conv_width < 0:
             raise ValueError(f"conv_width must be >= 0, got {self.conv_width}")
-        if self.bias_init not in ("powerlaw_blockdependent", "small_init", "zeros"):
-            raise ValueError(f"bias_init must be 'powerlaw_blockdependent', 'small_init' or 'zeros', got {self.bias_init!r}")
+        if self.bias_init not in SLSTM_BIAS_INITS:
+            raise ValueError(f"bias_init must be one of {SLSTM_BIAS_INITS}, got {self.bias_init!r}")
         if self.recurrent_init not in ("zeros", "standard"):
             raise ValueError(f"recurrent_init must be 'zeros' or 'standard', got {self.recurrent_init!r}")
 
@@ -362,8 +382,9 @@ class SLSTMLayer(nn.Module):
         )
 
     def _bias_init(self, key, shape, dtype=jnp.float32):
-        del key
         _, heads, dh = shape
+        if self.bias_init == "standard":  # every gate's bias U(-1/sqrt(d), 1/sqrt(d))
+            return symmetric_uniform(1 / math.sqrt(heads * dh))(key, shape, dtype)
         b = jnp.zeros(shape, dtype)
         if self.bias_init == "powerlaw_blockdependent":
             fb = powerlaw_forget_bias(dh, self.block_index, self.num_blocks)
@@ -421,12 +442,12 @@ class MLSTMLargeLayer(nn.Module):
 
     @property
     def dims(self) -> tuple[int, int]:
-        """(qk_dim, v_dim) as upstream computes them: int(factor * features)."""
-        return int(self.features * self.qk_dim_factor), int(self.features * self.v_dim_factor)
+        """(qk_dim, v_dim) as upstream computes them: int(features * factor)."""
+        return large_qk_v_dims(self.features, self.qk_dim_factor, self.v_dim_factor)
 
     def _check_config(self):
         qk, v = self.dims
-        if qk % self.num_heads or v % self.num_heads or qk < self.num_heads:
+        if self.num_heads <= 0 or qk % self.num_heads or v % self.num_heads or qk < self.num_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must divide qk_dim ({qk}) and v_dim ({v})")
 
     def initial_state(self, batch_size: int) -> MLSTMState:

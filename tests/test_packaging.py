@@ -14,8 +14,8 @@ MAPPING = {"zoo": "mnemax", "layers": "mnemax/layers", "kernels": "mnemax/kernel
 def source_modules():
     out = set()
     for folder, target in MAPPING.items():
-        for f in (ROOT / folder).glob("*.py"):
-            out.add(f"{target}/{f.name}")
+        for f in (ROOT / folder).rglob("*.py"):  # subpackages too (mnemax.convert, mnemax.train.tasks)
+            out.add(f"{target}/{f.relative_to(ROOT / folder).as_posix()}")
     return out
 
 
@@ -35,7 +35,7 @@ def test_core_does_not_import_training_stack():
         "        if name.split('.')[0] in {'optax','orbax','tensorflow_datasets','grain','torch','ml_collections','tensorflow'}:\n"
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import mnemax, mnemax.layers, mnemax.kernels\n"
+        "import mnemax, mnemax.layers, mnemax.kernels, mnemax.convert\n"
         "m = mnemax.create('transformer-tiny')\n"
         "print('ok')\n"
     )

@@ -408,6 +408,8 @@ XLSTM_KEYS = {
     "slstm_at": (),  # block indices of sLSTM blocks, or "all"
     "num_heads": 4,  # mLSTM heads
     "proj_factor": 2.0,
+    "round_to": 64,  # the mLSTM inner width is proj_factor * d rounded to a multiple of this
+    "round_mode": "up",  # ... up or down (layers/xlstm_widths.py)
     "conv_width": 4,
     "qkv_blocksize": 4,
     "chunk_size": 64,
@@ -419,6 +421,8 @@ XLSTM_KEYS = {
     "slstm_backend": None,
     "ffn_proj_factor": 1.3,
     "ffn_act": "gelu",
+    "ffn_round_to": 64,
+    "ffn_round_mode": "up",
     "norm_eps": 1e-5,
 }
 
