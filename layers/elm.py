@@ -40,6 +40,17 @@ The traces are linear and run on :func:`mnemax.kernels.linear_scan`; the memory
 recurrence is nonlinear and runs as one ``lax.scan`` (the input half of the MLP's first
 layer is applied to all steps before the scan).
 
+Precision: whatever the compute ``dtype``, the synaptic (v1) or branch (v2) traces
+(``w_s``, the inputs routed to the synapses, ``kappa_s``/``kappa_b``), every decay
+(``kappa_m``, ``kappa_lambda``) and step size (``lambda (1 - kappa_m)``, ``1 -
+kappa_lambda``, both through ``expm1``), ``phi`` and the memory recurrence with its carry
+``m`` are float32 (float64 when ``dtype`` is): in bf16, ``exp(-1 / 1000)`` rounds to 1.0
+and the slowest memory units would never move. The MLP's matmuls and hidden activations
+and the ``W_y`` readout run in ``dtype``: the MLP's inputs (branch sums, ``kappa_m
+m_{t-1}``) are cast down to it and its output is promoted to float32 before ``phi``; the
+scan holds the MLP's weights in float32 and casts them in each step, so their gradients
+are summed over time in float32. ``y`` is returned in ``dtype``; the state is float32.
+
 The reference README's parameter counts (4601, 5852, 8002, 54002 for d_m = 1, 10, 20,
 100) are of its NeuronIO setup: 1278 inputs, d_tree = 45 branches of d_brch = 100
 synapses (so n_syn = 4500, not 1278), 2 outputs, tau_m in [1, 150] not learned. They
@@ -51,7 +62,7 @@ Shapes::
 
     y, state = ELMNeuron(num_input=I, num_output=O, num_memory=d_m)(x, state, resets)
     x: (batch, time, I);  y: (batch, time, O)
-    state: ELMState(traces=(batch, n_syn) for v1 / (batch, d_tree) for v2, memory=(batch, d_m))
+    state: ELMState(traces=(batch, n_syn) for v1 / (batch, d_tree) for v2, memory=(batch, d_m)), float32
 
 Logical axis names: 'synapse' (w_s), 'memory' (d_m), 'mlp' (hidden units).
 """
@@ -219,6 +230,9 @@ class ELMNeuron(nn.Module):
         batch, time, resets, state, _ = begin_call(self, x, self.num_input, state, resets)
         dt = compute_dtype(self.dtype, x)
         sdt = state.memory.dtype
+        # Traces, decays and the memory recurrence: float32 at least, whatever ``dt``
+        # (kappa_m = exp(-1/1000) is 1.0 in bf16, which would freeze the slow units).
+        rdt = jnp.promote_types(dt, jnp.float32)
         n_branch, d_m, n_syn = self._branches, self.num_memory, self.num_synapse
         hidden = self.mlp_hidden_size or 2 * d_m
         act = ACTIVATIONS[self.mlp_activation]
@@ -226,33 +240,33 @@ class ELMNeuron(nn.Module):
         w_s = jax.nn.relu(
             self.param(
                 "w_s", partitioned(nn.initializers.constant(self.w_s_value), ("synapse",)), (n_syn,), self.param_dtype
-            ).astype(dt)
+            ).astype(rdt)
         )
         route = routing_indices(self.routing, self.num_input, n_branch, self.num_synapse_per_branch, self.routing_seed)
-        inputs = x.astype(dt)
+        inputs = x.astype(rdt)
         if route is not None:
             idx, valid = route
-            inputs = inputs[..., jnp.asarray(idx)] * jnp.asarray(valid, dt)
-        weighted = w_s * inputs  # (batch, time, n_syn)
+            inputs = inputs[..., jnp.asarray(idx)] * jnp.asarray(valid, rdt)
+        weighted = w_s * inputs  # (batch, time, n_syn), rdt
 
-        kappa_trace = jnp.exp(-self.delta_t / jnp.maximum(jnp.asarray(self.tau_s_value, dt), 1e-6))
+        kappa_trace = jnp.exp(-self.delta_t / jnp.maximum(jnp.asarray(self.tau_s_value, rdt), 1e-6))
         if self.version == 1:
-            s = linear_scan(kappa_trace, weighted, h0=state.traces.astype(dt), resets=resets, backend=self.backend)
+            s = linear_scan(kappa_trace, weighted, h0=state.traces.astype(rdt), resets=resets, backend=self.backend)
             branch_in = s.reshape(batch, time, n_branch, -1).sum(-1)
             traces_last = s[:, -1]
         else:
             b_in = weighted.reshape(batch, time, n_branch, -1).sum(-1)
-            branch_in = linear_scan(kappa_trace, b_in, h0=state.traces.astype(dt), resets=resets, backend=self.backend)
+            branch_in = linear_scan(kappa_trace, b_in, h0=state.traces.astype(rdt), resets=resets, backend=self.backend)
             traces_last = branch_in[:, -1]
 
-        tau_m = self._tau_m(dt)
+        tau_m = self._tau_m(rdt)
         kappa_m = jnp.exp(-self.delta_t / jnp.maximum(tau_m, 1e-6))
         if self.version == 1:
-            step_size = self.lambda_value * (1.0 - kappa_m)
+            step_size = self.lambda_value * -jnp.expm1(-self.delta_t / jnp.maximum(tau_m, 1e-6))  # lambda (1 - kappa_m)
         else:
-            step_size = 1.0 - jnp.exp(-self.delta_t * self.lambda_value / jnp.maximum(tau_m, 1e-6))
+            step_size = -jnp.expm1(-self.delta_t * self.lambda_value / jnp.maximum(tau_m, 1e-6))  # 1 - kappa_lambda
 
-        # MLP: [branch inputs, kappa_m m] -> hidden (x mlp_num_layers, activation) -> d_m.
+        # MLP (in dt): [branch inputs, kappa_m m] -> hidden (x mlp_num_layers, activation) -> d_m.
         sizes = [n_branch + d_m] + [hidden] * self.mlp_num_layers + [d_m]
         layers = []
         for i in range(len(sizes) - 1):
@@ -261,28 +275,32 @@ class ELMNeuron(nn.Module):
             kernel = self.param(
                 f"mlp_{i}_kernel", partitioned(torch_linear_init(sizes[i]), (in_name, out_name)), sizes[i : i + 2],
                 self.param_dtype,
-            ).astype(dt)
+            )
             bias = self.param(
                 f"mlp_{i}_bias", partitioned(torch_linear_init(sizes[i]), (out_name,)), (sizes[i + 1],), self.param_dtype
-            ).astype(dt)
+            )
             layers.append((kernel, bias))
         (k0, b0), rest = layers[0], layers[1:]
-        pre = branch_in @ k0[:n_branch] + b0  # input half of the first layer, all steps at once
-        k0_m = k0[n_branch:]
+        # input half of the first layer, all steps at once
+        pre = branch_in.astype(dt) @ k0[:n_branch].astype(dt) + b0.astype(dt)
+        # The scan closes over the weights in at least float32 and casts them to dt in each
+        # step, so their gradients are summed over time in float32, not in dt.
+        k0_m = k0[n_branch:].astype(rdt)
+        rest = [(kernel.astype(rdt), bias.astype(rdt)) for kernel, bias in rest]
 
-        def step(m_prev, inputs):
+        def step(m_prev, inputs):  # m_prev: (batch, d_m) in rdt
             pre_t, reset_t = inputs
             m_prev = jnp.where(reset_t[:, None], 0, m_prev)
-            z = pre_t + (kappa_m * m_prev) @ k0_m
+            z = pre_t + (kappa_m * m_prev).astype(dt) @ k0_m.astype(dt)
             for kernel, bias in rest:
-                z = act(z) @ kernel + bias
-            dm = lecun_tanh(z)
+                z = act(z) @ kernel.astype(dt) + bias.astype(dt)
+            dm = lecun_tanh(z.astype(rdt))
             m = kappa_m * m_prev + step_size * dm
             return m, m
 
         reset_seq = jnp.zeros((batch, time), bool) if resets is None else resets
-        m_last, ms = jax.lax.scan(step, state.memory.astype(dt), (jnp.moveaxis(pre, 1, 0), jnp.moveaxis(reset_seq, 1, 0)))
-        ms = jnp.moveaxis(ms, 0, 1)  # (batch, time, d_m)
+        m_last, ms = jax.lax.scan(step, state.memory.astype(rdt), (jnp.moveaxis(pre, 1, 0), jnp.moveaxis(reset_seq, 1, 0)))
+        ms = jnp.moveaxis(ms, 0, 1)  # (batch, time, d_m), rdt; the readout casts it to dt
         y = nn.Dense(
             self.num_output,
             dtype=dt,

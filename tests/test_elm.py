@@ -178,3 +178,71 @@ def test_neuron_model_and_block():
         m = mnemax.create(name)
         shapes = jax.eval_shape(m.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 4, 700), jnp.float32))
         assert jax.tree.leaves(shapes)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_bf16_keeps_the_slow_memory_units(version):
+    """With the default tau_m (log-spaced over [1, 1000]), kappa_m = exp(-1/1000) is 1.0 in
+    bf16 and the slowest units would never move; traces, decays and the m recurrence are
+    float32, so bf16 compute stays within 5% of float32 at T = 4096, in the outputs and in
+    the gradient norm of a loss (same float32 params), and the state is float32."""
+    kw = dict(num_input=6, num_output=4, num_memory=8, num_branch=3, num_synapse_per_branch=3, routing="random",
+              version=version)
+    assert ELMNeuron(**kw).tau_m_init().max() > 999.0  # the defaults reach tau_m ~ 1000
+    rng = np.random.default_rng(version)
+    batch, time = 2, 4096
+    # inputs exactly representable in bf16, so both runs see the same x
+    x = jnp.asarray(rng.random((batch, time, 6)), jnp.bfloat16).astype(jnp.float32)
+    w = jnp.asarray(rng.standard_normal((batch, time, 4)), jnp.float32)
+    params = ELMNeuron(**kw).init(jax.random.key(0), x[:, :2])["params"]
+
+    def run(dtype):
+        layer = ELMNeuron(**kw, dtype=dtype, param_dtype=jnp.float32)
+
+        def loss(p):
+            y, state = layer.apply({"params": p}, x)
+            return jnp.mean(y.astype(jnp.float32) * w), (y, state)
+
+        (_, (y, state)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        norms = {jax.tree_util.keystr(k): float(jnp.linalg.norm(g)) for k, g in jax.tree_util.tree_leaves_with_path(grads)}
+        return y, state, math.sqrt(sum(n**2 for n in norms.values())), norms
+
+    y32, state32, g32, norms32 = run(jnp.float32)
+    y16, state16, g16, norms16 = run(jnp.bfloat16)
+    assert y32.dtype == jnp.float32 and y16.dtype == jnp.bfloat16
+    for leaf in jax.tree.leaves(state16):
+        assert leaf.dtype == jnp.float32
+    y32, y16 = np.asarray(y32, np.float64), np.asarray(y16, np.float64)
+    rel = np.linalg.norm(y16 - y32) / np.linalg.norm(y32)
+    assert rel < 0.05, f"bf16 output off float32 by {rel:.3f} (relative)"
+    assert abs(g16 - g32) < 0.05 * g32, f"gradient norms: bf16 {g16:.4g}, float32 {g32:.4g}"
+    for name in norms32:  # every parameter, those the scan closes over included
+        assert abs(norms16[name] - norms32[name]) < 0.05 * norms32[name], (name, norms16[name], norms32[name])
+    # the slowest unit's memory moved in bf16 as in float32 (it is frozen at 0 when 1 - kappa_m = 0)
+    slow32, slow16 = np.asarray(state32.memory[:, -1]), np.asarray(state16.memory[:, -1])
+    assert np.abs(slow32).min() > 1e-3
+    np.testing.assert_allclose(slow16, slow32, rtol=0.05, atol=0.05 * np.abs(slow32).max())
+
+
+def test_bf16_state_in_pieces():
+    """Under bf16 compute, initial_state and the returned state are float32, and feeding the
+    returned state back in (prefill then one-token steps) gives the one-call outputs."""
+    layer = ELMNeuron(num_input=5, num_output=3, num_memory=6, version=1, num_branch=5, dtype=jnp.bfloat16)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.random((2, 10, 5)), jnp.bfloat16)
+    v = layer.init(jax.random.key(0), x)
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(layer.initial_state(2)))
+    run = jax.jit(layer.apply)
+    y, state = run(v, x)
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(state))
+    ys, s = [], None
+    y1, s = run(v, x[:, :6], s)
+    ys.append(y1)
+    for t in range(6, 10):
+        yt, s = run(v, x[:, t : t + 1], s)
+        ys.append(yt)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(ys, 1), np.float32), np.asarray(y, np.float32),
+                               rtol=1e-2, atol=1e-2)
+    for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(state)):
+        assert a.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
