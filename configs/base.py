@@ -41,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.grad_clip = 1.0
     c.train.b1 = 0.9
     c.train.b2 = 0.98
+    # a step whose loss, gradients or updates are not finite is skipped (the parameters and
+    # optimizer state stay as they were) and counted; past this many the run stops with an error
+    c.train.max_nonfinite_steps = 10
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 200
@@ -57,6 +60,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 500
     c.checkpoint.keep = 3
     c.checkpoint.use_async = True
+    # no checkpoint passes its content check: stop with an error (False) or train from step 0 (True)
+    c.checkpoint.restart_if_corrupt = False
+    # resuming under a config whose model, task, train or seed fields differ from the checkpoint's
+    # is an error unless each differing field is named here, comma-separated ("train.steps,train.learning_rate";
+    # a section name allows all of its fields)
+    c.checkpoint.allow_changes = ""
 
     c.log = ml_collections.ConfigDict()
     c.log.every_steps = 50

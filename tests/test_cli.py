@@ -73,6 +73,16 @@ def test_bad_config_on_the_command_line(tmp_path):
     assert proc.returncode == 2 and "train.batch_size" in out, out
 
 
+def test_nan_learning_rate_exits_nonzero_and_writes_nothing(tmp_path):
+    """--config.train.learning_rate=nan (or inf) is refused before anything is written."""
+    for value in ("nan", "inf"):
+        work = tmp_path / f"run-{value}"
+        proc = cli(str(work), str(tmp_path / "data"), *flag_overrides(**{"train.learning_rate": value, "release.write": True}))
+        out = proc.communicate(timeout=120)[0]
+        assert proc.returncode == 2 and f"train.learning_rate: must be a finite number > 0, got {value}" in out, out
+        assert not (work / "checkpoints").exists() and not (work / "release").exists()
+
+
 def test_console_script_is_installed():
     exe = shutil.which("mnemax-train", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     assert exe, "the mnemax-train console script is not installed"

@@ -1,7 +1,11 @@
 """Checkpoints: a run killed with SIGKILL after its first checkpoint resumes to exactly
-the losses of an uninterrupted run; a corrupted latest checkpoint is reported and the
-previous one is used."""
+the losses of an uninterrupted run (and records each step once); a corrupted latest
+checkpoint -- truncated, or 64 bytes flipped at the same size -- is reported and the
+previous one is used, reproducing the uninterrupted run's parameters bit for bit; with
+every checkpoint corrupt the run stops with a short, clear error; resuming under a changed
+config is an error naming the fields."""
 
+import json
 import os
 import signal
 import time
@@ -53,6 +57,9 @@ def test_sigkill_resume_and_corrupt_fallback(tmp_path, data_dir):
     out = _finish(cli(run, data_dir, *FLAGS))
     assert "resumed from the checkpoint at step" in out
     resumed_at = int(out.split("resumed from the checkpoint at step")[1].split()[0])
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        loss_steps = [r["step"] for r in map(json.loads, f) if "loss" in r]
+    assert loss_steps == list(range(1, STEPS + 1)), "metrics.jsonl must record each step once after a resume"
     got = losses(run)
     steps_after = [s for s in range(resumed_at + 1, STEPS + 1)]
     assert steps_after, "nothing was recomputed after resuming"
@@ -125,3 +132,107 @@ def test_a_checkpoint_beyond_train_steps_is_refused(tmp_path, data_dir):
     # the same length resumes at the end: no training, the same held-out numbers
     again = Trainer(tiny_config(data_dir, **{"train.steps": 4}), work).run()
     np.testing.assert_allclose(again["eval_loss"], first["eval_loss"], rtol=1e-6)
+
+
+def _flip_bytes(path: str, count: int = 64) -> None:
+    """XORs ``count`` bytes in the middle of ``path`` (its size stays the same)."""
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(max(size // 2 - count // 2, 0))
+        data = f.read(count)
+        f.seek(max(size // 2 - count // 2, 0))
+        f.write(bytes(b ^ 0xFF for b in data))
+    assert os.path.getsize(path) == size
+
+
+def _largest_state_file(step_dir: str) -> str:
+    files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, "state")) for f in fs]
+    return max(files, key=os.path.getsize)
+
+
+def _release_params(workdir: str):
+    import mnemax
+
+    _, variables = mnemax.load_pretrained(os.path.join(workdir, "release"))
+    return jax.tree.leaves(variables)
+
+
+def test_flipped_bytes_fall_back_and_resume_bitwise(tmp_path, data_dir):
+    """64 bytes flipped inside the newest checkpoint's largest file (same size; orbax reads it
+    without complaint) fail the manifest check: the run reports the file, falls back to the
+    checkpoint before, resumes, and ends with the parameters of an uninterrupted run, bit for bit."""
+    from mnemax.train.trainer import Trainer
+
+    from .trainer_utils import tiny_config
+
+    cfg = dict(**{"train.steps": 6, "checkpoint.every_steps": 2, "release.write": True})
+    ref = str(tmp_path / "ref")
+    Trainer(tiny_config(data_dir, **cfg), ref).run()
+    want = _release_params(ref)
+
+    run = str(tmp_path / "run")
+    Trainer(tiny_config(data_dir, **cfg), run).run()
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["2", "4", "6"]
+    victim = _largest_state_file(os.path.join(run, "checkpoints", "6"))
+    _flip_bytes(victim)
+    import io
+    from contextlib import redirect_stdout
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        Trainer(tiny_config(data_dir, **cfg), run).run()
+    out = buf.getvalue()
+    rel = os.path.relpath(victim, os.path.join(run, "checkpoints", "6"))
+    assert f"checkpoint at step 6 is unreadable: {rel} does not match its sha256" in out, out
+    assert "resumed from the checkpoint at step 4" in out, out
+    got = _release_params(run)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_all_checkpoints_corrupt_is_a_short_clear_error(tmp_path, data_dir):
+    """With every checkpoint's bytes flipped the CLI exits 1 with a message saying what to do,
+    in under 50 lines, and moves nothing; restart_if_corrupt=True then trains from step 0."""
+    flags = flag_overrides(**{"train.steps": 4, "checkpoint.every_steps": 2})
+    run = str(tmp_path / "run")
+    _finish(cli(run, data_dir, *flags))
+    ckpts = os.path.join(run, "checkpoints")
+    for step in os.listdir(ckpts):
+        _flip_bytes(_largest_state_file(os.path.join(ckpts, step)))
+    proc = cli(run, data_dir, *flags)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 1, out
+    assert len(out.splitlines()) < 50, out
+    assert "no checkpoint in" in out and "restart_if_corrupt" in out, out
+    assert sorted(os.listdir(ckpts)) == ["2", "4"], "nothing may be moved when no checkpoint is good"
+    out = _finish(cli(run, data_dir, *flags, "--config.checkpoint.restart_if_corrupt=True"))
+    assert "starting over" in out and "resumed from" not in out, out
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        assert [r["step"] for r in map(json.loads, f) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_resume_under_a_changed_config_is_an_error(tmp_path, data_dir):
+    """A changed learning rate, seed or task is an error listing the fields; allowed by name it
+    resumes, and the release records the config trained and the change."""
+    from mnemax.train.trainer import Trainer
+
+    from .trainer_utils import tiny_config
+
+    run = str(tmp_path / "run")
+    Trainer(tiny_config(data_dir, **{"train.steps": 2}), run).run()
+    with pytest.raises(ValueError, match=r"train\.learning_rate: 0\.003 -> 0\.01"):
+        Trainer(tiny_config(data_dir, **{"train.steps": 2, "train.learning_rate": 1e-2}), run).run()
+    with pytest.raises(ValueError, match=r"\(seed: 0 -> 1\)"):
+        Trainer(tiny_config(data_dir, **{"train.steps": 2, "seed": 1}), run).run()
+    with pytest.raises(ValueError, match=r"task\.params\.num_pairs: 4 -> 2"):
+        Trainer(tiny_config(data_dir, **{"train.steps": 2, "task.params.num_pairs": 2}), run).run()
+    with pytest.raises(ValueError, match=r"allow_changes=train\.steps"):
+        Trainer(tiny_config(data_dir, **{"train.steps": 3}), run).run()
+    # allowed by name: it resumes, and the release says what was trained
+    Trainer(tiny_config(data_dir, **{"train.steps": 3, "checkpoint.allow_changes": "train.steps",
+                                     "release.write": True}), run).run()
+    with open(os.path.join(run, "release", "config.json")) as f:
+        extra = json.load(f)["extra"]
+    assert extra["config"]["train"]["steps"] == 3 and extra["trained_steps"] == 3
+    assert extra["config_changes"] == [{"field": "train.steps", "checkpoint": 2, "now": 3, "step": 2}]

@@ -1,4 +1,7 @@
-"""The sharded trainer: mesh equivalence, real sharding, config errors before compiling."""
+"""The sharded trainer: mesh equivalence, real sharding, config errors before compiling,
+non-finite steps skipped and counted."""
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +85,8 @@ def _train_step_flops_per_device(trainer) -> float:
     shapes = {"inputs": ((b, t), jnp.int32), "targets": ((b, t), jnp.int32), "mask": ((b, t), jnp.float32),
               "group": ((b,), jnp.int32)}
     batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sharding(trainer.mesh, len(s))) for k, (s, d) in shapes.items()}
-    cost = trainer.train_step.lower(trainer.abstract_state, batch).compile().cost_analysis()
+    counter = jax.ShapeDtypeStruct((), jnp.int32)
+    cost = trainer.train_step.lower(trainer.abstract_state, batch, counter).compile().cost_analysis()
     return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
 
@@ -101,3 +105,39 @@ def test_every_mesh_splits_the_compute(tmp_path, data_dir, mesh):
     four = Trainer(config(**{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1, **mesh, "mesh.num_devices": 4}), str(tmp_path / "four"))
     ratio = _train_step_flops_per_device(four) / _train_step_flops_per_device(one)
     assert 0.2 < ratio < 0.3, ratio
+
+
+def _restore_params(directory, trainer, step):
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(directory) as mgr:
+        out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(trainer.abstract_state)))
+    return out["state"].params
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, data_dir):
+    """learning_rate 1e30: step 2's update makes the next losses NaN. Those steps are skipped (the
+    parameters stay bit for bit those after step 2, as a 2-step run's checkpoint holds them), counted
+    in ``nonfinite_steps``, and past ``train.max_nonfinite_steps`` the run stops with an error before
+    any further checkpoint, and writes no release."""
+    from mnemax.train.metrics import read_metrics
+    from mnemax.train.trainer import TrainingDivergedError
+
+    cfg = {"train.learning_rate": 1e30, "train.schedule": "constant", "train.grad_clip": 0.0,
+           "train.max_nonfinite_steps": 2, "checkpoint.every_steps": 2, "release.write": True}
+    ref = Trainer(tiny_config(data_dir, **{**cfg, "train.steps": 2}), str(tmp_path / "ref"))
+    ref.run()
+    work = str(tmp_path / "run")
+    trainer = Trainer(tiny_config(data_dir, **{**cfg, "train.steps": 8}), work)
+    with pytest.raises(TrainingDivergedError, match=r"train\.max_nonfinite_steps: 3 of the steps 1\.\.5"):
+        trainer.run()
+    records = [r for r in read_metrics(work) if "loss" in r]
+    assert [r["nonfinite_steps"] for r in records] == [0, 0, 1, 2, 3]
+    assert np.isfinite(records[1]["loss"]) and not np.isfinite(records[2]["loss"])
+    assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["2", "4"]
+    assert not os.path.exists(os.path.join(work, "release"))
+    want = jax.tree.leaves(_restore_params(os.path.join(str(tmp_path / "ref"), "checkpoints"), ref, 2))
+    got = jax.tree.leaves(_restore_params(os.path.join(work, "checkpoints"), trainer, 4))
+    assert all(np.isfinite(np.asarray(g)).all() for g in got)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))

@@ -3,6 +3,10 @@
     mnemax-train --config=configs/mqar.py:transformer --workdir=runs/mqar \\
         [--config.train.steps=500 --config.mesh.fsdp=2 ...]
 
+Exit codes: 0 done; 2 a bad config (or a checkpoint trained under another config:
+``--config.checkpoint.allow_changes``); 1 stopped (more non-finite steps than
+``train.max_nonfinite_steps``, or no good checkpoint: ``--config.checkpoint.restart_if_corrupt``).
+
 Multi-host: pass ``--coordinator_address=host:port --num_processes=N --process_id=i``
 (or run under a cluster environment that ``jax.distributed.initialize()`` detects,
 or set ``--distributed``). On CPUs the processes talk over gloo.
@@ -50,14 +54,17 @@ def main(argv) -> None:
     if FLAGS.config is None or FLAGS.workdir is None:
         raise app.UsageError("--config and --workdir are required")
     init_distributed()
-    from .trainer import Trainer
+    from .checkpoint import CheckpointCorruptError
+    from .trainer import Trainer, TrainingDivergedError
 
     try:
-        trainer = Trainer(FLAGS.config, FLAGS.workdir)
-    except ValueError as err:
+        result = Trainer(FLAGS.config, FLAGS.workdir).run()
+    except ValueError as err:  # the config, or a checkpoint that does not fit it
         print(f"mnemax-train: bad config: {err}", file=sys.stderr)
         sys.exit(2)
-    result = trainer.run()
+    except (TrainingDivergedError, CheckpointCorruptError) as err:
+        print(f"mnemax-train: stopped: {err}", file=sys.stderr)
+        sys.exit(1)
     summary = ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.items()) if isinstance(v, float))
     print(f"done: {summary}", flush=True)
 

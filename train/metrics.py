@@ -2,7 +2,11 @@
 
 Only process 0 writes. Every record is one JSON object per line in
 ``<workdir>/metrics.jsonl`` (``{"step": ..., "loss": ..., ...}``; eval records carry
-``eval_`` keys) and a scalar per key in ``<workdir>/tensorboard``.
+``eval_`` keys) and a scalar per key in ``<workdir>/tensorboard``. A run that starts at
+step ``start_step`` (0, or the step of the checkpoint it resumed from) first cuts
+``metrics.jsonl`` back to the records of steps <= ``start_step``, so the steps it
+recomputes are not recorded twice (TensorBoard keeps both: its event files are
+append-only).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class MetricsWriter:
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
+        truncate_after(self.path, start_step)
         self._file = open(self.path, "a", buffering=1)
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -71,6 +76,25 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
         self._file.close()
+
+
+def truncate_after(path: str, step: int) -> None:
+    """Drops the records of steps > ``step`` from a metrics.jsonl (and a torn last line), atomically."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill mid-write
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(json.dumps(record, sort_keys=True) + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def read_metrics(workdir: str) -> list[dict]:

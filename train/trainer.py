@@ -36,6 +36,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 import mnemax
+from mnemax.configs.base import base_config
 from mnemax.layers import NO_WEIGHT_DECAY, weight_decay_mask
 from mnemax.release import example_inputs
 from mnemax.sharding import batch_sharding, make_mesh, resolve_mesh_shape, tree_shardings
@@ -44,6 +45,16 @@ from . import tasks as tasks_lib
 from .checkpoint import Checkpointer
 from .data import Feeder
 from .metrics import MetricsWriter
+
+
+class TrainingDivergedError(RuntimeError):
+    """More steps than ``train.max_nonfinite_steps`` had a non-finite loss, gradient or update."""
+
+
+def all_finite(tree) -> jax.Array:
+    """True iff every float leaf of ``tree`` is finite (a scalar bool array; jit-able)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 @flax.struct.dataclass
@@ -59,6 +70,42 @@ def default_data_dir() -> str:
 
 def _to_dict(cfg) -> dict:
     return cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
+
+
+def _jsonable(tree):
+    """``tree`` as JSON gives it back (tuples -> lists), so stored and live configs compare equal."""
+    return json.loads(json.dumps(tree, sort_keys=True, default=str))
+
+
+# What a resume must not change silently (checkpoint.allow_changes names the exceptions);
+# where the data lives, logging, evaluation, checkpointing, the mesh and the release may change.
+RESUME_CHECKED = ("seed", "model", "task", "train")
+RESUME_FREE = ("task.data_dir", "train.max_nonfinite_steps")
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: tree}
+
+
+def config_changes(stored: dict, now: dict) -> list[dict]:
+    """The fields of ``RESUME_CHECKED`` sections that differ between a checkpoint's config and this
+    run's: ``[{"field", "checkpoint", "now"}]`` (absent values are None)."""
+    a, b = _flatten(_jsonable(stored or {})), _flatten(_jsonable(now))
+    defaults = _flatten(_jsonable(base_config().to_dict()))
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key.split(".")[0] not in RESUME_CHECKED or key in RESUME_FREE:
+            continue
+        if key not in a and key in defaults and b.get(key) == defaults[key]:
+            continue  # a field newer than the checkpoint, at its default
+        if a.get(key) != b.get(key):
+            out.append({"field": key, "checkpoint": a.get(key), "now": b.get(key)})
+    return out
 
 
 # ----------------------------------------------------------------------------- validation
@@ -89,20 +136,65 @@ def model_config(config, spec: tasks_lib.TaskSpec) -> mnemax.ModelConfig:
     return cfg
 
 
+def check_field(node, name: str, *, low=None, high=None, low_open=False, high_open=False, integer=False,
+                allowed=()) -> None:
+    """ValueError naming ``name`` (``section.key``) unless ``node[key]`` is a finite number in
+    range (``low``/``high`` inclusive unless ``*_open``), an integer where ``integer``, or one of
+    ``allowed``."""
+    value = node[name.rsplit(".", 1)[-1]]
+    if not isinstance(value, bool) and value in allowed:
+        return
+    rng = []
+    if low is not None:
+        rng.append(f"{'>' if low_open else '>='} {low}")
+    if high is not None:
+        rng.append(f"{'<' if high_open else '<='} {high}")
+    want = ("an integer" if integer else "a finite number") + (" " + " and ".join(rng) if rng else "")
+    if allowed:
+        want += f" (or one of {list(allowed)})"
+    ok = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool | np.bool_)
+    ok = ok and bool(np.isfinite(value)) and (not integer or float(value).is_integer())
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        raise ValueError(f"{name}: must be {want}, got {value!r}")
+
+
+def check_numbers(config) -> None:
+    """Every numeric field of the train, eval, checkpoint, log and task sections, and the seed."""
+    t, e, c, lg, task = config.train, config.eval, config.checkpoint, config.log, config.task
+    check_field(config, "seed", low=0, integer=True)
+    check_field(t, "train.steps", low=1, integer=True)
+    check_field(t, "train.batch_size", low=1, integer=True)
+    check_field(t, "train.learning_rate", low=0, low_open=True)
+    check_field(t, "train.warmup_steps", low=0, integer=True)
+    check_field(t, "train.weight_decay", low=0)
+    check_field(t, "train.grad_clip", low=0)  # 0: no clipping
+    check_field(t, "train.b1", low=0, high=1, high_open=True)
+    check_field(t, "train.b2", low=0, high=1, high_open=True)
+    check_field(t, "train.max_nonfinite_steps", low=0, integer=True)
+    if t.schedule not in ("cosine", "constant"):
+        raise ValueError(f"train.schedule: must be 'cosine' or 'constant', got {t.schedule!r}")
+    check_field(e, "eval.every_steps", low=0, integer=True)  # 0: only at the end
+    check_field(e, "eval.batch_size", low=1, integer=True)
+    check_field(e, "eval.num_examples", low=1, integer=True, allowed=(-1,))  # -1: the whole test split
+    check_field(c, "checkpoint.every_steps", low=0, integer=True)  # 0: only at the end
+    check_field(c, "checkpoint.keep", low=1, integer=True)
+    check_field(lg, "log.every_steps", low=1, integer=True)
+    check_field(task, "task.num_train", low=1, integer=True)
+    check_field(task, "task.num_test", low=1, integer=True)
+    check_field(task, "task.seed", low=0, integer=True)
+
+
 def validate(config, *, num_devices: int) -> dict:
     """Checks every field that can be checked before compiling; returns resolved pieces."""
     for field in ("model", "task", "train", "eval", "mesh", "checkpoint", "log"):
         if field not in config:
             raise ValueError(f"{field}: missing section in the config")
+    check_numbers(config)
     t = config.train
-    if t.steps < 1:
-        raise ValueError(f"train.steps: must be >= 1, got {t.steps}")
-    if t.learning_rate <= 0:
-        raise ValueError(f"train.learning_rate: must be > 0, got {t.learning_rate}")
-    if t.warmup_steps < 0:
-        raise ValueError(f"train.warmup_steps: must be >= 0, got {t.warmup_steps}")
-    if t.schedule not in ("cosine", "constant"):
-        raise ValueError(f"train.schedule: must be 'cosine' or 'constant', got {t.schedule!r}")
     mesh_cfg = _to_dict(config.mesh)
     n_use = mesh_cfg.pop("num_devices", -1)
     if n_use == -1:
@@ -244,16 +336,29 @@ class Trainer:
             m = masked_metrics(logits, batch["targets"], batch["mask"])
             return m["nll"] / jnp.maximum(m["count"], 1.0), m
 
-        def train_step(state: TrainState, batch):
+        def train_step(state: TrainState, batch, nonfinite):
+            """One optimizer step; a step whose loss, gradients or updates are not all finite
+            leaves the parameters and optimizer state as they were and adds 1 to ``nonfinite``."""
             (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            finite = all_finite((loss, grads, updates))
             params = optax.apply_updates(state.params, updates)
+
+            def keep_if_finite(new, old):
+                return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
             metrics = {
                 "loss": loss,
                 "accuracy": m["correct"] / jnp.maximum(m["count"], 1.0),
                 "grad_norm": optax.tree.norm(grads),
+                "nonfinite_steps": nonfinite + (1 - finite.astype(jnp.int32)),
             }
-            return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+            new = TrainState(
+                step=state.step + 1,
+                params=keep_if_finite(params, state.params),
+                opt_state=keep_if_finite(opt_state, state.opt_state),
+            )
+            return new, metrics
 
         def eval_step(params, batch):
             with jax.sharding.use_abstract_mesh(mesh):
@@ -269,10 +374,11 @@ class Trainer:
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         self.train_step = jax.jit(
             train_step,
-            in_shardings=(self.state_shardings, batch_shard),
+            in_shardings=(self.state_shardings, batch_shard, replicated),
             out_shardings=(self.state_shardings, replicated),
             donate_argnums=(0,),
         )
+        self.state_is_finite = jax.jit(all_finite, in_shardings=(self.state_shardings,), out_shardings=replicated)
         self.eval_step = jax.jit(
             eval_step, in_shardings=(self.state_shardings.params, batch_shard), out_shardings=replicated
         )
@@ -284,28 +390,61 @@ class Trainer:
         return accumulate_eval(lambda batch: self.eval_step(params, batch), batches, self.spec.group_names)
 
     # -- the run --------------------------------------------------------------------------
+    def _restore(self, checkpointer: Checkpointer, config_dict: dict):
+        """``(start step, state, changes)``: the newest good checkpoint's, checked against this
+        config, or step 0 and a fresh state. ``changes`` lists the allowed config changes."""
+        ck = self.config.checkpoint
+        restored = checkpointer.restore_latest(
+            self.abstract_state, accept=lambda state: bool(self.state_is_finite(state)),
+            restart_if_corrupt=bool(ck.get("restart_if_corrupt", False)),
+        )
+        total = self.config.train.steps
+        if restored is None:
+            return 0, self.init_state(), []
+        start, state, stored = restored
+        if start > total:
+            # resuming would train nothing and report the other run's model as this one's
+            raise ValueError(
+                f"train.steps: {self.workdir} holds a checkpoint at step {start}, beyond train.steps={total}; "
+                "use a fresh --workdir (or train.steps >= that step to resume it)"
+            )
+        changes = config_changes(stored, config_dict)
+        allowed = [a.strip() for a in str(ck.get("allow_changes", "")).split(",") if a.strip()]
+        refused = [c for c in changes if not any(c["field"] == a or c["field"].startswith(a + ".") for a in allowed)]
+        if refused:
+            listing = "; ".join(f"{c['field']}: {c['checkpoint']!r} -> {c['now']!r}" for c in refused)
+            raise ValueError(
+                f"checkpoint.allow_changes: the checkpoint at step {start} in {self.workdir} was trained under another "
+                f"config ({listing}). Resume with the same config, use another --workdir, or allow the changes with "
+                f"--config.checkpoint.allow_changes={','.join(c['field'] for c in refused)}"
+            )
+        if self.is_main:
+            print(f"resumed from the checkpoint at step {start}", flush=True)
+            for c in changes:
+                print(f"  with {c['field']} changed: {c['checkpoint']!r} -> {c['now']!r} (allowed)", flush=True)
+        return start, state, [{**c, "step": start} for c in changes]
+
     def run(self) -> dict:
+        """Trains (or resumes) to ``train.steps``, evaluates, checkpoints and releases; returns
+        the last logged training metrics and the final held-out metrics.
+
+        Raises:
+          ValueError: the checkpoint does not fit this config (see ``checkpoint.allow_changes``).
+          CheckpointCorruptError: no checkpoint is good (see ``checkpoint.restart_if_corrupt``).
+          TrainingDivergedError: more than ``train.max_nonfinite_steps`` steps were non-finite.
+        """
         cfg = self.config
-        config_dict = _to_dict(cfg)
+        config_dict = _jsonable(_to_dict(cfg))
         if self.is_main:
             os.makedirs(self.workdir, exist_ok=True)
         ck = cfg.checkpoint
         checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=ck.keep, every_steps=ck.every_steps, use_async=ck.use_async)
-        restored = checkpointer.restore_latest(self.abstract_state)
+        try:
+            start, state, self.config_changes = self._restore(checkpointer, config_dict)
+        except BaseException:
+            checkpointer.close()
+            raise
         total = cfg.train.steps
-        if restored is None:
-            state, start = self.init_state(), 0
-        else:
-            start, state, _ = restored
-            if start > total:
-                # resuming would train nothing and report the other run's model as this one's
-                checkpointer.close()
-                raise ValueError(
-                    f"train.steps: {self.workdir} holds a checkpoint at step {start}, beyond train.steps={total}; "
-                    "use a fresh --workdir (or train.steps >= that step to resume it)"
-                )
-            if self.is_main:
-                print(f"resumed from the checkpoint at step {start}", flush=True)
         if self.is_main:
             with open(os.path.join(self.workdir, "config.json"), "w") as f:
                 json.dump(config_dict, f, indent=2, sort_keys=True, default=str)
@@ -314,6 +453,8 @@ class Trainer:
             total_steps=total, start_step=start,
         )
         tokens_per_step = cfg.train.batch_size * self.spec.seq_len
+        max_bad = cfg.train.get("max_nonfinite_steps", 10)
+        nonfinite = jax.device_put(jnp.zeros((), jnp.int32), jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
         last: dict = {}
         eval_result: dict = {}
         t_window, steps_window = time.time(), 0
@@ -322,7 +463,8 @@ class Trainer:
                 for step, batch in self.feeder.train_batches(start):
                     if step >= total:
                         break
-                    state, metrics = self.train_step(state, batch)
+                    state, metrics = self.train_step(state, batch, nonfinite)
+                    nonfinite = metrics["nonfinite_steps"]
                     done = step + 1
                     steps_window += 1
                     if done % cfg.log.every_steps == 0 or done == total:
@@ -332,15 +474,25 @@ class Trainer:
                         t_window, steps_window = time.time(), 0
                         writer.write(done, metrics, console=cfg.log.get("console", True))
                         last = metrics
+                        if metrics["nonfinite_steps"] > max_bad:
+                            raise TrainingDivergedError(
+                                f"train.max_nonfinite_steps: {int(metrics['nonfinite_steps'])} of the steps "
+                                f"{start + 1}..{done} had a non-finite loss, gradient or update and were skipped "
+                                f"(limit {max_bad}); stopped at step {done} without writing a checkpoint or release. "
+                                f"The last checkpoint in {checkpointer.directory} (if any) holds finite values; try a lower "
+                                "train.learning_rate or a grad_clip"
+                            )
                     writer.progress(done, {k: last[k] for k in ("loss", "accuracy", "tokens_per_s") if k in last})
                     if cfg.eval.every_steps > 0 and done % cfg.eval.every_steps == 0 and done != total:
                         eval_result = self.evaluate(state.params)
                         writer.write(done, eval_result)
-                    checkpointer.save(done, state, config_dict)
+                    if checkpointer.should_save(done):
+                        self._save(checkpointer, done, state, config_dict)
+            # the final checkpoint before the final evaluation: an evaluation error loses no training
+            self._save(checkpointer, total, state, config_dict, force=True)
+            checkpointer.wait()
             eval_result = self.evaluate(state.params)
             writer.write(total, eval_result)
-            checkpointer.save(total, state, config_dict, force=True)
-            checkpointer.wait()
             if cfg.get("release", {}).get("write", True):
                 self.release(state, eval_result)
         finally:
@@ -348,11 +500,20 @@ class Trainer:
             writer.close()
         return {**last, **eval_result}
 
+    def _save(self, checkpointer: Checkpointer, step: int, state: TrainState, config_dict: dict, force: bool = False):
+        if not bool(self.state_is_finite(state)):  # the step guard makes this unreachable; never write one
+            raise TrainingDivergedError(f"the train state at step {step} is not finite; no checkpoint written")
+        checkpointer.save(step, state, config_dict, force=force)
+
     def release(self, state: TrainState, eval_result: dict) -> str:
+        if not bool(self.state_is_finite(state)):
+            raise TrainingDivergedError("the trained parameters are not finite; no release bundle written")
         extra = {
             "task": _to_dict(self.config.task),
             "trained_steps": int(np.asarray(state.step.addressable_data(0))),
             "eval": eval_result,
+            "config": _jsonable(_to_dict(self.config)),  # the config that was trained
+            "config_changes": getattr(self, "config_changes", []),  # allowed changes at a resume
         }
         path = os.path.join(self.workdir, "release")
         mnemax.save_pretrained(path, self.model, {"params": state.params}, extra=extra, overwrite=True)
