@@ -1,7 +1,7 @@
 """The defaults every experiment config starts from (``ml_collections``).
 
 Sections: ``model`` (a registered preset plus overrides of any config field or block
-option), ``task`` (a memory task, its parameters and dataset size), ``train``,
+option: :func:`apply_family` lists every one of them in ``model.overrides``), ``task`` (a memory task, its parameters and dataset size), ``train``,
 ``eval``, ``mesh`` (data / fsdp / tensor sizes, -1 = the rest), ``checkpoint``,
 ``log`` and ``release``. Any field can be overridden on the command line, e.g.
 ``--config.train.steps=100 --config.mesh.fsdp=2``.
@@ -10,6 +10,7 @@ option), ``task`` (a memory task, its parameters and dataset size), ``train``,
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -78,11 +79,41 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# ModelConfig fields a task sets (trainer.model_config): not offered as overrides.
+TASK_SET_FIELDS = frozenset({"family", "block", "preset", "vocab_size", "input_dim", "head", "num_classes",
+                             "output_dim", "tie_embeddings"})
+
+
+def overridable_fields(preset: str) -> dict:
+    """Every model field the command line may change for ``preset``, at the preset's values:
+    the ``ModelConfig`` fields the task does not set, and every block option of the preset's
+    family (``mnemax.get_family(f).block_keys``, merged with the preset's own block)."""
+    import dataclasses
+
+    import mnemax
+
+    cfg = mnemax.get_config(preset)
+    top = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in TASK_SET_FIELDS}
+    block = {**mnemax.get_family(cfg.family).block_keys, **cfg.block}
+    # a block option named like a ModelConfig field (mamba's norm_eps) is reached as the
+    # top-level field, as mnemax.get_config(preset, norm_eps=...) does
+    return {**block, **top}
+
+
 def apply_family(config: ml_collections.ConfigDict, families: dict, arg: str) -> ml_collections.ConfigDict:
-    """Sets ``config.model`` from a per-family table ``{arg: (preset, overrides)}``."""
+    """Sets ``config.model`` from a per-family table ``{arg: (preset, overrides)}``.
+
+    ``config.model.overrides`` holds every overridable field of the preset
+    (:func:`overridable_fields`) with the table's overrides on top, so any of them can be
+    changed on the command line (``--config.model.overrides.mlp_ratio=2.0``)."""
     if arg not in families:
         raise ValueError(f"config argument: unknown family {arg!r}; this config has {sorted(families)}")
     preset, overrides = families[arg]
     config.model.preset = preset
-    config.model.overrides = ml_collections.ConfigDict(overrides)
+    # typed `object`: a command-line value is parsed as a Python literal whatever the default's
+    # type (dt_rank "auto" -> 3, backend None -> "xla", slstm_at (1,) -> "all")
+    fields = {**overridable_fields(preset), **overrides}
+    config.model.overrides = ml_collections.ConfigDict(
+        {k: config_dict.FieldReference(v, field_type=object) for k, v in fields.items()}
+    )
     return config

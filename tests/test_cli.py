@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -88,3 +89,56 @@ def test_console_script_is_installed():
     assert exe, "the mnemax-train console script is not installed"
     out = subprocess.run([exe], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "--config and --workdir are required" in out.stdout + out.stderr
+
+
+# one block option per family that the task configs' tables leave at the preset's value
+FIELD_OF_EVERY_FAMILY = {
+    "transformer": ("transformer-tiny", "mlp_ratio", 3.0),
+    "lssl": ("lssl-tiny", "state_size", 16),
+    "s4d": ("s4d-tiny", "state_size", 16),
+    "mamba": ("mamba-tiny", "d_conv", 2),
+    "memmamba": ("memmamba-tiny", "pool_dim", 24),
+    "hopfield": ("hopfield-tiny", "mlp_ratio", 3.0),
+    "hcam": ("hcam-tiny", "key_size", 8),
+    "elm": ("elm-tiny", "mlp_num_layers", 2),
+    "xlstm": ("xlstm-tiny", "proj_factor", 3.0),
+    "xlstm_large": ("xlstm-7b", "qk_dim_factor", 0.25),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FIELD_OF_EVERY_FAMILY))
+def test_any_block_field_of_every_family_is_overridable(family):
+    """``model.overrides`` lists every field of the family (not only the config table's), and
+    setting one -- as --config.model.overrides.<field>=<value> does -- reaches the model: the
+    resolved config holds it and the parameter count changes."""
+    import mnemax
+    from mnemax.configs.base import apply_family, base_config
+    from mnemax.train import tasks as tasks_lib
+    from mnemax.train.trainer import model_config
+
+    assert set(FIELD_OF_EVERY_FAMILY) == set(mnemax.list_families())
+    preset, field, value = FIELD_OF_EVERY_FAMILY[family]
+    small = {"d_model": 32, "n_layers": 2} if family != "elm" else {}
+    if family == "xlstm_large":
+        small.update(num_heads=2, chunk_size=8)
+    c = apply_family(base_config(), {family: (preset, small)}, family)
+    assert field in c.model.overrides and set(mnemax.get_family(mnemax.get_config(preset).family).block_keys) <= set(c.model.overrides)
+    task = ("spiking_adding", {}) if family == "elm" else ("mqar", {"seq_len": 32, "num_pairs": 4, "vocab_size": 32})
+    spec = tasks_lib.make_task(task[0], **task[1]).spec()
+
+    def count(cfg):
+        shapes = jax.eval_shape(mnemax.build(cfg).init, jax.random.key(0), mnemax.release.example_inputs(cfg))
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+
+    before = model_config(c, spec)
+    c.model.overrides[field] = value
+    after = model_config(c, spec)
+    assert after.block[field] == value and before.block[field] != value
+    assert count(after) != count(before)
+
+
+def test_an_unknown_override_lists_the_valid_fields(tmp_path):
+    proc = cli(str(tmp_path / "run"), str(tmp_path / "data"), "--config.model.overrides.mlp_ratioo=2.0")
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 2, out
+    assert "--config.model.overrides.mlp_ratioo: no such field" in out and "'mlp_ratio'" in out and "'window'" in out, out
