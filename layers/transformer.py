@@ -30,6 +30,7 @@ class TransformerBlock(nn.Module):
     use_rope: bool = True
     key_conv: int = 0
     implementation: str | None = None
+    query_block: int | None = 256  # CausalSelfAttention.query_block: memory linear in long sequences
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -43,6 +44,7 @@ class TransformerBlock(nn.Module):
             use_rope=self.use_rope,
             key_conv=self.key_conv,
             implementation=self.implementation,
+            query_block=self.query_block,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             **kw,

@@ -26,6 +26,7 @@ TRANSFORMER_KEYS = {
     "use_rope": True,
     "key_conv": 0,
     "implementation": None,
+    "query_block": 256,  # past window + query_block steps, queries go in blocks (memory linear in T)
 }
 
 
