@@ -137,3 +137,38 @@ def test_command_line(run, tmp_path):
     bad = subprocess.run([*cmd, f"--data_dir={data_dir}", "--batch_size=0"], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "--batch_size" in bad.stdout + bad.stderr, bad.stdout + bad.stderr
+
+
+def test_long_sequences_stream_in_time_chunks(run, tmp_path):
+    """time_chunk runs each sequence in pieces with the state carried: the metrics equal one
+    call per sequence and the numpy reference (seq_len 32 in pieces of 5: 7 pieces, the last short)."""
+    data_dir = str(tmp_path / "data")
+    ref = reference_metrics(run, data_dir)
+    for chunk in (5, 32, None):
+        got = evaluate_release(run["release"], data_dir=data_dir, batch_size=8, time_chunk=chunk)
+        np.testing.assert_allclose(got["eval_loss"], ref["eval_loss"], rtol=1e-5)
+        np.testing.assert_allclose(got["eval_accuracy"], ref["eval_accuracy"], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"time_chunk: must be a positive integer, got 0"):
+        evaluate_release(run["release"], data_dir=data_dir, time_chunk=0)
+
+
+def test_evaluate_at_4096_steps_compiles_under_2_gb():
+    """The MQAR Transformer (window 128) evaluated at seq_len 4096 with the default batch (256):
+    the step evaluate compiles (a time_chunk = 1024-step piece with the state carried, the
+    attention in query blocks) needs under 2 GB of temporaries (compiled, not run). One call over
+    all 4096 steps needs 2.18 GB on the CPU (the MLP's buffers; the dense attention needed ~70 GB:
+    tests/test_attention_blocks.py)."""
+    import jax.numpy as jnp
+
+    from mnemax.train.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_TIME_CHUNK, chunk_step
+
+    model = mnemax.create("transformer-tiny", d_model=64, n_layers=2, num_heads=2, window=128, key_conv=4, vocab_size=128)
+    params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    b, t = DEFAULT_BATCH_SIZE, min(DEFAULT_TIME_CHUNK, 4096)
+    piece = {"inputs": jax.ShapeDtypeStruct((b, t), jnp.int32), "targets": jax.ShapeDtypeStruct((b, t), jnp.int32),
+             "mask": jax.ShapeDtypeStruct((b, t), jnp.float32), "group": jax.ShapeDtypeStruct((b,), jnp.int32)}
+    state = jax.eval_shape(lambda p, x: model.apply(p, x)[1], params, piece["inputs"])
+    step = chunk_step(model, groups=1)
+    for s in (None, state):  # a sequence's first piece, and the pieces after it
+        temp = step.lower(params, s, piece).compile().memory_analysis().temp_size_in_bytes
+        assert temp < 2e9, f"{temp / 1e9:.2f} GB"

@@ -20,6 +20,10 @@ from the bundle: it is ``--data_dir`` / ``data_dir=``, else ``$MNEMAX_DATA_DIR``
 
 ``--batch_size`` / ``batch_size=`` (a positive integer, default 256) is the evaluation
 batch; the last batch is padded with masked-out rows, so the metrics do not depend on it.
+Sequences longer than ``--time_chunk`` (default 1024) run in pieces of that many steps
+with the model's state carried between them, so a long-context evaluation (the windowed
+Transformer at 4096 steps, passkey at 16x its training length) needs the memory of a
+1024-step call.
 ``--task_param=name=value`` (repeatable) changes one of the task's parameters, e.g. a
 longer context than the model was trained at; the changed task's test split is generated
 with the training seed (no training split is built).
@@ -33,6 +37,7 @@ import operator
 import os
 
 import jax
+import jax.numpy as jnp
 from absl import app, flags
 
 import mnemax
@@ -44,18 +49,21 @@ from .data import Feeder
 from .trainer import accumulate_eval, default_data_dir, masked_metrics
 
 DEFAULT_BATCH_SIZE = 256
+# Sequences longer than this are evaluated in pieces with the state carried (the layer
+# contract): a 4096-step passkey/MQAR evaluation then needs the memory of 1024 steps.
+DEFAULT_TIME_CHUNK = 1024
 
 
-def check_batch_size(batch_size) -> int:
-    """``batch_size`` as an int; ValueError naming it unless it is a positive integer."""
+def check_batch_size(batch_size, name: str = "batch_size") -> int:
+    """``batch_size`` as an int; ValueError naming it (``name``) unless it is a positive integer."""
     if isinstance(batch_size, bool):
-        raise ValueError(f"batch_size: must be a positive integer, got {batch_size!r}")
+        raise ValueError(f"{name}: must be a positive integer, got {batch_size!r}")
     try:
         value = operator.index(batch_size)
     except TypeError:
-        raise ValueError(f"batch_size: must be a positive integer, got {batch_size!r} ({type(batch_size).__name__})") from None
+        raise ValueError(f"{name}: must be a positive integer, got {batch_size!r} ({type(batch_size).__name__})") from None
     if value < 1:
-        raise ValueError(f"batch_size: must be a positive integer, got {value}")
+        raise ValueError(f"{name}: must be a positive integer, got {value}")
     return value
 
 
@@ -109,7 +117,7 @@ def _recorded_task(path: str) -> dict:
 
 
 def evaluate_release(path: str, *, data_dir: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE, mesh=None,
-                     task_params: dict | None = None) -> dict:
+                     task_params: dict | None = None, time_chunk: int | None = DEFAULT_TIME_CHUNK) -> dict:
     """Loads the bundle at ``path`` (or ``<path>/release`` for a training workdir) and
     evaluates it on its task's test split.
 
@@ -117,8 +125,12 @@ def evaluate_release(path: str, *, data_dir: str | None = None, batch_size: int 
     else the trainer's default; never the bundle's recorded one). ``batch_size``: a
     positive integer. ``task_params``: task parameters to change (e.g. ``{"seq_len":
     1024}`` for a longer context); names must be parameters of the bundle's task.
+    ``time_chunk``: sequences longer than this are run in pieces of it with the state
+    carried (:func:`streaming_eval_step`; None: one call).
     Returns the metrics dict (``eval_loss``, ``eval_accuracy``, ``eval_accuracy/<group>``)."""
     batch_size = check_batch_size(batch_size)
+    if time_chunk is not None:
+        time_chunk = check_batch_size(time_chunk, "time_chunk")
     data_dir = resolve_data_dir(data_dir)
     path = find_release(path)
     _recorded_task(path)  # fail before loading the parameters
@@ -140,15 +152,41 @@ def evaluate_release(path: str, *, data_dir: str | None = None, batch_size: int 
         task["name"], params, num_train=num_train, num_test=task["num_test"], seed=task["seed"], data_dir=data_dir,
     )
     spec = src.spec()
-    groups = len(spec.group_names)
     feeder = Feeder(src, mesh, batch_size=batch_size, seed=0)
+    step = streaming_eval_step(model, len(spec.group_names), time_chunk)
+    return accumulate_eval(lambda batch: step(params_, batch), feeder.eval_batches(batch_size), spec.group_names)
+
+
+def chunk_step(model, groups: int):
+    """The jitted ``(params, state, chunk) -> (metric sums, state)`` of one time chunk
+    (``state`` None for a sequence's first chunk)."""
 
     @jax.jit
-    def step(params, batch):
-        logits, _ = model.apply(params, batch["inputs"])
-        return masked_metrics(logits, batch["targets"], batch["mask"], batch["group"], groups)
+    def step(params, state, chunk):
+        logits, state = model.apply(params, chunk["inputs"], state)
+        return masked_metrics(logits, chunk["targets"], chunk["mask"], chunk["group"], groups), state
 
-    return accumulate_eval(lambda batch: step(params_, batch), feeder.eval_batches(batch_size), spec.group_names)
+    return step
+
+
+def streaming_eval_step(model, groups: int, time_chunk: int | None = DEFAULT_TIME_CHUNK):
+    """``batch -> metric sums`` over the whole sequence, run ``time_chunk`` steps at a time with
+    the model's state carried between the pieces (the layer contract makes that equal to one
+    call), so memory is that of a ``time_chunk``-step call whatever the sequence length;
+    ``None``: one call per batch."""
+    step = chunk_step(model, groups)
+
+    def run(params, batch):
+        time = batch["inputs"].shape[1]
+        size = time if time_chunk is None else min(time_chunk, time)
+        totals, state = None, None
+        for start in range(0, time, size):
+            piece = {k: (v if k == "group" else v[:, start : start + size]) for k, v in batch.items()}
+            out, state = step(params, state, piece)
+            totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+        return totals
+
+    return run
 
 
 FLAGS = flags.FLAGS
@@ -156,6 +194,8 @@ flags.DEFINE_string("release", None, "Path of a release bundle, or of a training
 flags.DEFINE_string("data_dir", None, "Where the task's dataset is read or generated (default: $MNEMAX_DATA_DIR, "
                     "else ~/mnemax_datasets; never the directory recorded in the bundle).")
 flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE, "Evaluation batch size (a positive integer).")
+flags.DEFINE_integer("time_chunk", DEFAULT_TIME_CHUNK, "Longer sequences are run in pieces of this many steps, the "
+                     "model's state carried between them (memory of a time_chunk-step call).")
 flags.DEFINE_multi_string("task_param", [], "name=value: change one task parameter (value parsed as JSON, else a string).")
 
 
@@ -179,6 +219,7 @@ def main(argv):
         raise app.UsageError("--release is required")
     try:
         batch_size = check_batch_size(FLAGS.batch_size)
+        time_chunk = check_batch_size(FLAGS.time_chunk, "time_chunk")
         data_dir = resolve_data_dir(FLAGS.data_dir)
     except ValueError as err:
         raise app.UsageError(f"--{err}") from None  # "--batch_size: ...", "--data_dir: ..."
@@ -188,7 +229,8 @@ def main(argv):
         raise app.UsageError(str(err)) from None
     release = find_release(FLAGS.release)
     print(f"release bundle: {release}\ndata_dir: {data_dir}", flush=True)
-    result = evaluate_release(release, data_dir=data_dir, batch_size=batch_size, task_params=task_params)
+    result = evaluate_release(release, data_dir=data_dir, batch_size=batch_size, task_params=task_params,
+                              time_chunk=time_chunk)
     for k, v in sorted(result.items()):
         print(f"{k}: {v:.4f}")
 
