@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import dispatch
+from .checks import bool_resets, float_array
 
 OP = "linear_scan"
 
@@ -38,8 +39,8 @@ def _compute_dtype(*dtypes) -> jnp.dtype:
 
 def _prepare(a, b, h0, resets):
     """Validates shapes; returns a (broadcast), b, h0, resets as compute-dtype arrays."""
-    b = jnp.asarray(b)
-    a = jnp.asarray(a)
+    b = float_array("b", b, complex_ok=True)
+    a = float_array("a", a, complex_ok=True)
     if b.ndim < 2:
         raise ValueError(
             f"b must have shape (batch, time, ...), got shape {b.shape}"
@@ -57,19 +58,13 @@ def _prepare(a, b, h0, resets):
     a = jnp.broadcast_to(a, b.shape)
     state_shape = (b.shape[0],) + b.shape[2:]
     if h0 is not None:
-        h0 = jnp.asarray(h0)
+        h0 = float_array("h0", h0, complex_ok=True)
         if h0.shape != state_shape:
             raise ValueError(
                 f"h0 must have shape (batch, ...) = {state_shape}, got shape {h0.shape}"
             )
         h0 = h0.astype(cdt)
-    if resets is not None:
-        resets = jnp.asarray(resets)
-        if resets.shape != b.shape[:2]:
-            raise ValueError(
-                f"resets must have shape (batch, time) = {b.shape[:2]}, got shape {resets.shape}"
-            )
-        resets = resets.astype(bool)
+    resets = bool_resets(resets, *b.shape[:2])
     return a, b, h0, resets, out_dtype, cdt
 
 

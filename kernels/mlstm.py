@@ -62,6 +62,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import dispatch
+from .checks import bool_resets, float_array
 
 OP = "mlstm"
 NEG_INF = -jnp.inf
@@ -83,13 +84,9 @@ def initial_state(batch: int, heads: int, d_qk: int, d_v: int, dtype=jnp.float32
 
 
 def checked_resets(resets, batch: int, time: int):
-    """resets as a (batch, time) bool array, or None; ValueError on another shape."""
-    if resets is None:
-        return None
-    resets = jnp.asarray(resets)
-    if resets.shape != (batch, time):
-        raise ValueError(f"resets must have shape (batch, time) = {(batch, time)}, got shape {resets.shape}")
-    return resets.astype(bool)
+    """resets as a (batch, time) bool array, or None; ValueError on another shape, TypeError
+    on another dtype."""
+    return bool_resets(resets, batch, time)
 
 
 def state_shapes(state):
@@ -101,7 +98,7 @@ def state_shapes(state):
 
 
 def _validate(q, k, v, i, f, state, resets, chunk_size):
-    q, k, v, i, f = (jnp.asarray(a) for a in (q, k, v, i, f))
+    q, k, v, i, f = (float_array(n, a) for n, a in (("q", q), ("k", k), ("v", v), ("i", i), ("f", f)))
     if q.ndim != 4:
         raise ValueError(f"q must have shape (batch, heads, time, d_qk), got shape {q.shape}")
     batch, heads, time, d_qk = q.shape

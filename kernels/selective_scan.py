@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import dispatch
+from .checks import bool_resets, float_array
 
 OP = "selective_scan"
 DEFAULT_CHUNK = 64
@@ -55,6 +56,10 @@ def _check(name, value, want, what):
 
 
 def _validate(x, dt, A, B, C, D, z, dt_bias, h0, resets, chunk_size):
+    for name, value in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("dt_bias", dt_bias),
+                        ("h0", h0)):
+        if value is not None:
+            float_array(name, value)
     if _shape(x) is None or len(x.shape) != 3:
         raise ValueError(f"x must have shape (batch, time, channels), got shape {_shape(x)}")
     batch, time, channels = x.shape
@@ -72,8 +77,7 @@ def _validate(x, dt, A, B, C, D, z, dt_bias, h0, resets, chunk_size):
         _check("z", z, (batch, time, channels), "(batch, time, channels)")
     if h0 is not None:
         _check("h0", h0, (batch, channels, state), "(batch, channels, state)")
-    if resets is not None:
-        _check("resets", resets, (batch, time), "(batch, time)")
+    bool_resets(resets, batch, time)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 

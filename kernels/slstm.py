@@ -47,6 +47,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import dispatch
+from .checks import float_array
 from .mlstm import checked_resets, state_shapes
 
 OP = "slstm"
@@ -70,14 +71,14 @@ def slstm(x, R, b=None, *, state: SLSTMState | tuple | None = None, resets=None,
     """The sLSTM over a sequence; returns ``(h, SLSTMState)`` (see the module docstring).
     ``interpret`` runs a Pallas backend in interpret mode (CPU); None reads
     ``MNEMAX_PALLAS_INTERPRET``."""
-    x, R = jnp.asarray(x), jnp.asarray(R)
+    x, R = float_array("x", x), float_array("R", R)
     if x.ndim != 5 or x.shape[2] != 4 or x.shape[1] < 1:
         raise ValueError(f"x must have shape (batch, time, 4, heads, head_dim) with time >= 1, got shape {x.shape}")
     batch, time, _, heads, head_dim = x.shape
     if R.shape != (heads, head_dim, 4, head_dim):
         raise ValueError(f"R must have shape (heads, head_dim, 4, head_dim) = {(heads, head_dim, 4, head_dim)}, got shape {R.shape}")
     if b is not None:
-        b = jnp.asarray(b)
+        b = float_array("b", b)
         if b.shape != (4, heads, head_dim):
             raise ValueError(f"b must have shape (4, heads, head_dim) = {(4, heads, head_dim)}, got shape {b.shape}")
     want = (batch, heads, head_dim)

@@ -19,6 +19,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from mnemax.kernels.checks import bool_resets
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -75,7 +78,7 @@ def partitioned(init: Initializer, names: tuple[str | None, ...]) -> Initializer
 
 
 def check_sequence(x, features: int | None = None, name: str = "x") -> None:
-    """x must be (batch, time, features)."""
+    """x must be (batch, time, features) with batch, time >= 1."""
     shape = getattr(x, "shape", None)
     if shape is None or len(shape) != 3:
         want = f"(batch, time, {features})" if features else "(batch, time, features)"
@@ -84,18 +87,33 @@ def check_sequence(x, features: int | None = None, name: str = "x") -> None:
         raise ValueError(
             f"{name} must have shape (batch, time, {features}), got shape {tuple(shape)}"
         )
+    if shape[0] < 1 or shape[1] < 1:
+        raise ValueError(f"{name} must have at least one row and one time step, got shape {tuple(shape)}")
 
 
 def check_resets(resets, batch: int, time: int):
-    """Returns resets as a (batch, time) bool array (or None); ValueError on a bad shape."""
-    if resets is None:
-        return None
-    shape = getattr(resets, "shape", None)
-    if shape != (batch, time):
+    """Returns resets as a (batch, time) bool array (or None); ValueError on a bad shape,
+    TypeError unless its dtype is bool (a float 0.3 must not count as True)."""
+    return bool_resets(resets, batch, time)
+
+
+def check_token_ids(tokens, vocab_size: int, name: str = "inputs") -> None:
+    """Token ids must lie in [0, vocab_size): an id past the table gives NaN logits (at earlier
+    steps too, through the sequence mixers) and -1 silently reads the last row. Checked
+    wherever ``tokens`` is concrete (eager calls, the data pipeline); under ``jit`` it is a
+    tracer and the caller's concrete inputs are checked instead."""
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    arr = np.asarray(tokens)
+    if arr.size == 0:
+        return
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = np.argwhere((arr < 0) | (arr >= vocab_size))[0]
         raise ValueError(
-            f"resets must have shape (batch, time) = {(batch, time)}, got shape {shape}"
+            f"{name} must be token ids in [0, vocab_size={vocab_size}), got {int(arr[tuple(bad)])} at index "
+            f"{tuple(int(i) for i in bad)} (min {lo}, max {hi})"
         )
-    return jnp.asarray(resets).astype(bool)
 
 
 def check_state(state, expected, name: str = "state") -> None:

@@ -9,6 +9,8 @@ the layer contract with the empty state ``()``::
 
 from __future__ import annotations
 
+import numbers
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -36,6 +38,8 @@ class MLP(Stateless):
         self._check_call(x, state, resets)
         if self.kind not in ACTIVATIONS:
             raise ValueError(f"kind must be one of {ACTIVATIONS}, got {self.kind!r}")
+        if isinstance(self.hidden, bool) or not isinstance(self.hidden, numbers.Integral) or self.hidden < 1:
+            raise ValueError(f"hidden must be a positive integer, got {self.hidden!r}")
         dt = compute_dtype(self.dtype, x)
         d_out = self.out_features or x.shape[-1]
 

@@ -364,8 +364,8 @@ class SLSTMLayer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def _check_config(self):
-        if self.features % self.num_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must divide features ({self.features})")
+        if self.num_heads < 1 or self.features % self.num_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be >= 1 and divide features ({self.features})")
         if self.conv_width < 0:
             raise ValueError(f"conv_width must be >= 0, got {self.conv_width}")
         if self.bias_init not in SLSTM_BIAS_INITS:

@@ -26,6 +26,16 @@ from mnemax.sharding import batch_sharding, process_rows
 FIELDS = ("inputs", "targets", "mask", "group")
 
 
+def check_ids(batch: dict[str, np.ndarray], spec, where: str) -> None:
+    """Token inputs in [0, vocab_size) and targets in [0, num_outputs): an id past the
+    table gives NaN logits or a silently clamped target, so a bad dataset stops here."""
+    from mnemax.layers.base import check_token_ids
+
+    if spec.vocab_size is not None:
+        check_token_ids(batch["inputs"], spec.vocab_size, name=f"{where} inputs")
+    check_token_ids(batch["targets"], spec.num_outputs, name=f"{where} targets")
+
+
 def _stack(examples: list[dict]) -> dict[str, np.ndarray]:
     out = {}
     for k in FIELDS:
@@ -47,6 +57,7 @@ class Feeder:
         self.train = grain.MapDataset.source(task_source.source("train")).shuffle(seed=seed).repeat()
         self.test = task_source.source("test")
         spec = task_source.spec()
+        self.spec = spec
         self.input_ndim = 2 if spec.input_dim is None else 3
 
     def _global(self, local: dict[str, np.ndarray], rows_total: int) -> dict[str, jax.Array]:
@@ -61,7 +72,9 @@ class Feeder:
 
     def train_batch_local(self, step: int) -> dict[str, np.ndarray]:
         base = step * self.batch_size
-        return _stack([self.train[int(base + r)] for r in self.rows(self.batch_size)])
+        batch = _stack([self.train[int(base + r)] for r in self.rows(self.batch_size)])
+        check_ids(batch, self.spec, f"the training batch of step {step}:")
+        return batch
 
     def train_batches(self, start_step: int, prefetch: int = 2) -> Iterator[tuple[int, dict[str, jax.Array]]]:
         """(step, global batch) from ``start_step`` on; a thread reads ahead."""
@@ -107,4 +120,6 @@ class Feeder:
                 if i >= n:
                     ex["mask"] = np.zeros_like(np.asarray(ex["mask"]))
                 examples.append(ex)
-            yield self._global(_stack(examples), batch_size)
+            batch = _stack(examples)
+            check_ids(batch, self.spec, f"the test examples {start}..{min(start + batch_size, n) - 1}:")
+            yield self._global(batch, batch_size)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -111,6 +112,10 @@ class ModelConfig:
             raise ValueError(f"d_model must be >= 1, got {self.d_model}")
         if self.n_layers < 0:
             raise ValueError(f"n_layers must be >= 0, got {self.n_layers}")
+        for name in ("vocab_size", "input_dim", "num_classes", "output_dim"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if (self.vocab_size is None) == (self.input_dim is None):
             raise ValueError(
                 "exactly one of vocab_size (token inputs) and input_dim (continuous inputs) "

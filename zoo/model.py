@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mnemax.layers.base import check_resets, check_state, expected_state, partitioned, state_dtype
+from mnemax.layers.base import check_resets, check_state, check_token_ids, expected_state, partitioned, state_dtype
 from mnemax.layers.norms import make_norm
 
 from .config import FrozenDict, ModelConfig
@@ -105,8 +105,11 @@ class SequenceModel(nn.Module):
                     f"inputs must be int tokens of shape (batch, time), got shape {shape} "
                     f"dtype {getattr(inputs, 'dtype', None)}"
                 )
+            check_token_ids(inputs, cfg.vocab_size)
         elif shape is None or len(shape) != 3 or shape[-1] != cfg.input_dim:
             raise ValueError(f"inputs must have shape (batch, time, {cfg.input_dim}), got shape {shape}")
+        if shape[0] < 1 or shape[1] < 1:
+            raise ValueError(f"inputs must have at least one row and one time step, got shape {tuple(shape)}")
 
     @nn.compact
     def __call__(self, inputs, state: ModelState | None = None, resets=None):
