@@ -26,7 +26,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import bench, environment, save, table  # noqa: E402
 
 import mnemax  # noqa: E402
-from mnemax.train.evaluate import chunk_step  # noqa: E402
+
+
+def chunk_step(model):
+    """evaluate's chunk step (mnemax.train.evaluate.chunk_step, whose module needs TFDS): one
+    piece of the sequence with the state carried, scored by a masked cross-entropy sum."""
+
+    @jax.jit
+    def step(params, state, piece):
+        logits, state = model.apply(params, piece["inputs"], state)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+        nll = -jnp.take_along_axis(logp, piece["targets"][..., None], axis=-1)[..., 0]
+        return jnp.sum(nll * piece["mask"]), state
+
+    return step
 
 
 def model_for(query_block):
@@ -76,7 +89,7 @@ def main() -> None:
         print(row, flush=True)
     # evaluate's streamed step: one time_chunk piece with the state carried
     model = model_for(256)
-    step = chunk_step(model, groups=1)
+    step = chunk_step(model)
     for chunk in (512, 1024, 4096):
         t = min(chunk, args.time)
         piece = {"inputs": jax.ShapeDtypeStruct((args.batch, t), jnp.int32),
