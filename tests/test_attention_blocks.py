@@ -49,8 +49,8 @@ def _uses_loop(layer, variables, x, state, resets) -> bool:
     [
         (4, None, 0, 16),  # multi-head, c < window, T = 100 -> 7 blocks, the last one padded
         (4, 2, 3, 16),  # grouped-query heads (2 per kv head) and the key conv
-        (4, 1, 4, 40),  # one kv head (MQA), c > window, 3 blocks
-        (2, None, 2, 7),  # a block size that divides nothing
+        pytest.param(4, 1, 4, 40, marks=pytest.mark.slow),  # one kv head (MQA), c > window, 3 blocks
+        pytest.param(2, None, 2, 7, marks=pytest.mark.slow),  # a block size that divides nothing
     ],
 )
 def test_blocked_equals_dense(heads, kv_heads, key_conv, query_block):
@@ -114,6 +114,7 @@ def test_blocked_streaming_equals_one_call():
     _leaves_close(s2, s_all, "state")
 
 
+@pytest.mark.slow  # 30 s on 2 cores; blocked == dense above holds the same path to the dense one in CI
 def test_blocked_contract():
     """The layer contract (streaming, resets, jit, float64 gradient vs finite differences,
     remat, training) with query blocks in the full-sequence calls (11 steps > 3 + 3)."""

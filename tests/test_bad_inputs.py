@@ -324,30 +324,20 @@ def _tampered(tmp_path, bundle, edit):
     return path
 
 
-def test_checksum_entry_that_leaves_the_bundle(tmp_path, bundle):
+CHECKSUM_LINES = [
+    ("0" * 64 + "  ../../etc/passwd", r"checksums\.sha256 .* line \d+: entry '\.\./\.\./etc/passwd' leaves the bundle"),
+    ("0" * 64 + "  /etc/passwd", r"entry '/etc/passwd' is an absolute path"),
+    ("not-a-checksum-line", r"checksums\.sha256 in .*, line \d+: expected '<sha256 hex digest>  <relative path>'"),
+]
+
+
+@pytest.mark.parametrize("line,message", CHECKSUM_LINES, ids=["dotdot", "absolute", "malformed"])
+def test_bad_checksum_lines(tmp_path, bundle, line, message):
     def edit(path):
         with open(os.path.join(path, "checksums.sha256"), "a") as f:
-            f.write("0" * 64 + "  ../../etc/passwd\n")
+            f.write(line + "\n")
 
-    with pytest.raises(mnemax.ReleaseError, match=r"checksums\.sha256 .* line \d+: entry '\.\./\.\./etc/passwd' leaves the bundle"):
-        mnemax.load_pretrained(_tampered(tmp_path, bundle, edit))
-
-
-def test_absolute_checksum_entry(tmp_path, bundle):
-    def edit(path):
-        with open(os.path.join(path, "checksums.sha256"), "a") as f:
-            f.write("0" * 64 + "  /etc/passwd\n")
-
-    with pytest.raises(mnemax.ReleaseError, match=r"entry '/etc/passwd' is an absolute path"):
-        mnemax.load_pretrained(_tampered(tmp_path, bundle, edit))
-
-
-def test_malformed_checksum_line(tmp_path, bundle):
-    def edit(path):
-        with open(os.path.join(path, "checksums.sha256"), "a") as f:
-            f.write("not-a-checksum-line\n")
-
-    with pytest.raises(mnemax.ReleaseError, match=r"checksums\.sha256 in .*, line \d+: expected '<sha256 hex digest>  <relative path>'"):
+    with pytest.raises(mnemax.ReleaseError, match=message):
         mnemax.load_pretrained(_tampered(tmp_path, bundle, edit))
 
 
@@ -431,7 +421,8 @@ def test_how_many_bad_inputs_this_suite_holds():
     """The issue asks for at least 60 distinct bad inputs."""
     singles = [name for name in globals() if name.startswith("test_") and name not in (
         "test_config_numbers_are_checked", "test_zero_and_negative_sizes_are_refused",
-        "test_model_config_fields_are_checked", "test_the_good_config_passes", "test_how_many_bad_inputs_this_suite_holds")]
-    total = len(CONFIG_CASES) + len(CONSTRUCTOR_CASES) + len(MODEL_CONFIG_CASES) + len(singles)
+        "test_model_config_fields_are_checked", "test_bad_checksum_lines", "test_the_good_config_passes",
+        "test_how_many_bad_inputs_this_suite_holds")]
+    total = len(CONFIG_CASES) + len(CONSTRUCTOR_CASES) + len(MODEL_CONFIG_CASES) + len(CHECKSUM_LINES) + len(singles)
     assert total >= 60, total
     print(json.dumps({"bad inputs": total}))

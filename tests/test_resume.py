@@ -5,10 +5,13 @@ previous one is used, reproducing the uninterrupted run's parameters bit for bit
 every checkpoint corrupt the run stops with a short, clear error; resuming under a changed
 config is an error naming the fields."""
 
+import io
 import json
 import os
+import shutil
 import signal
 import time
+from contextlib import redirect_stdout
 
 import jax
 import jax.numpy as jnp
@@ -170,14 +173,11 @@ def test_flipped_bytes_fall_back_and_resume_bitwise(tmp_path, data_dir):
     Trainer(tiny_config(data_dir, **cfg), ref).run()
     want = _release_params(ref)
 
-    run = str(tmp_path / "run")
-    Trainer(tiny_config(data_dir, **cfg), run).run()
+    run = str(tmp_path / "run")  # the same finished run, whose newest checkpoint is then damaged
+    shutil.copytree(ref, run)
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["2", "4", "6"]
     victim = _largest_state_file(os.path.join(run, "checkpoints", "6"))
     _flip_bytes(victim)
-    import io
-    from contextlib import redirect_stdout
-
     buf = io.StringIO()
     with redirect_stdout(buf):
         Trainer(tiny_config(data_dir, **cfg), run).run()
@@ -194,9 +194,14 @@ def test_flipped_bytes_fall_back_and_resume_bitwise(tmp_path, data_dir):
 def test_all_checkpoints_corrupt_is_a_short_clear_error(tmp_path, data_dir):
     """With every checkpoint's bytes flipped the CLI exits 1 with a message saying what to do,
     in under 50 lines, and moves nothing; restart_if_corrupt=True then trains from step 0."""
-    flags = flag_overrides(**{"train.steps": 4, "checkpoint.every_steps": 2})
+    from mnemax.train.trainer import Trainer
+
+    from .trainer_utils import tiny_config
+
+    changes = {"train.steps": 4, "checkpoint.every_steps": 2}
+    flags = flag_overrides(**changes)
     run = str(tmp_path / "run")
-    _finish(cli(run, data_dir, *flags))
+    Trainer(tiny_config(data_dir, **changes), run).run()  # the same run the flags describe, in-process
     ckpts = os.path.join(run, "checkpoints")
     for step in os.listdir(ckpts):
         _flip_bytes(_largest_state_file(os.path.join(ckpts, step)))
