@@ -17,7 +17,7 @@ import pytest
 
 import mnemax
 from mnemax.convert import xlstm_config_from_torch, xlstm_from_torch, xlstm_stack_config_from_torch
-from mnemax.convert.xlstm import UPSTREAM_DEFAULTS
+from mnemax.convert.xlstm_config import UPSTREAM_DEFAULTS
 from mnemax.layers import MLSTMLargeLayer, MLSTMLayer, SLSTMBlock, XLSTMLargeBlock, XLSTMStack
 from mnemax.layers.xlstm_widths import large_ffn_dim, up_proj_dim
 
