@@ -512,6 +512,14 @@ register_preset(
         logit_soft_cap=30.0, embed_init_std=_small_init_std(4096), block={"num_heads": 8},
     ),
 )
+# The 7B layout at toy size (tests, notebooks): soft-capped gates and logits, RMSNorms.
+register_preset(
+    "xlstm-7b-tiny",
+    ModelConfig(
+        family="xlstm_large", d_model=64, n_layers=2, vocab_size=64, final_norm="rms", norm_eps=1e-6,
+        logit_soft_cap=30.0, embed_init_std=_small_init_std(64), block={"num_heads": 2, "chunk_size": 8},
+    ),
+)
 
 
 # ----------------------------------------------------------------------------- MemMamba

@@ -369,18 +369,28 @@ def verify(path: str | os.PathLike) -> dict:
 
 
 def _check_fits(expected, actual, what: str) -> None:
-    exp = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(expected)}
-    got = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_leaves_with_path(actual)}
+    """Raises ReleaseError unless ``actual`` has ``expected``'s leaves, shapes and dtypes
+    (a parameter in another dtype than the config builds would be cast silently on load)."""
+    exp = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+    got = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(actual)}
     missing, unexpected = sorted(set(exp) - set(got)), sorted(set(got) - set(exp))
-    wrong = sorted(k for k in set(exp) & set(got) if exp[k] != got[k])
-    if missing or unexpected or wrong:
+    common = sorted(set(exp) & set(got))
+    wrong = [k for k in common if tuple(np.shape(got[k])) != tuple(exp[k].shape)]
+    wrong_dtype = [k for k in common if k not in wrong and hasattr(got[k], "dtype")
+                   and np.dtype(got[k].dtype) != np.dtype(exp[k].dtype)]
+    if missing or unexpected or wrong or wrong_dtype:
         parts = []
         if missing:
             parts.append(f"missing {missing[:3]}")
         if unexpected:
             parts.append(f"unexpected {unexpected[:3]}")
         if wrong:
-            parts.append("wrong shapes " + ", ".join(f"{k}: {got[k]} vs config {exp[k]}" for k in wrong[:3]))
+            parts.append("wrong shapes " + ", ".join(f"{k}: {tuple(np.shape(got[k]))} vs config {tuple(exp[k].shape)}"
+                                                     for k in wrong[:3]))
+        if wrong_dtype:
+            parts.append("wrong dtypes " + ", ".join(f"{k}: {np.dtype(got[k].dtype)} vs config {np.dtype(exp[k].dtype)}"
+                                                     for k in wrong_dtype[:3])
+                         + f" ({len(wrong_dtype)} leaves; build the model with the params' param_dtype, or cast the params)")
         raise ReleaseError(f"{what} do not fit the config: " + "; ".join(parts))
 
 
