@@ -7,7 +7,36 @@ import os
 
 import pytest
 
+from mnemax.configs.base import base_config
 from mnemax.train import bench_memory
+from mnemax.train.tasks import make_task
+from mnemax.train.trainer import Trainer
+
+
+def check_a_cell_against_the_trainer(rows, tmp_path):
+    """The passkey row (accuracy by depth) holds the numbers of the same cell trained by the
+    trainer directly: the smoke settings written out here, the model the budget's sizing picked."""
+    (row,) = [r for r in rows if r["task"] == "passkey"]
+    (cell,) = [c for c in bench_memory.cells("tiny") if c.task == "passkey"]
+    preset, fixed = bench_memory.available_families()[row["family"]]
+    spec = make_task("passkey", **cell.params).spec()
+    overrides, n_params = bench_memory.sized_overrides(preset, fixed, spec, bench_memory.BUDGETS["tiny"]["params"],
+                                                       bench_memory.BUDGETS["tiny"]["layers"], span=max(cell.eval_lengths))
+    assert (row["params"], row["d_model"]) == (n_params, overrides["d_model"])
+    c = base_config()
+    c.model.preset = preset
+    c.model.overrides = {k: v for k, v in overrides.items() if k not in spec.model_overrides()}
+    c.task.name, c.task.params = "passkey", cell.params
+    c.task.num_train, c.task.num_test, c.task.data_dir = 64, 32, str(tmp_path / "trainer-data")
+    c.train.steps, c.train.batch_size, c.train.warmup_steps = 3, 8, 1
+    c.train.learning_rate = bench_memory.DEFAULT_LR
+    c.eval.every_steps, c.eval.batch_size, c.checkpoint.every_steps, c.mesh.num_devices = 0, 32, 0, 1
+    c.log.progress_bar = c.log.console = c.log.tensorboard = c.release.write = False
+    result = Trainer(c, str(tmp_path / "trainer-run")).run()
+    groups = {k.replace("eval_accuracy/", "acc "): v for k, v in result.items() if k.startswith("eval_accuracy/")}
+    assert len(groups) >= 2
+    assert {k: v for k, v in row.items() if k.startswith("acc ") and "len=" not in k} == groups
+    assert (row["accuracy"], row["loss"]) == (result["eval_accuracy"], result["eval_loss"])
 
 
 def test_memory_benchmark_smoke(tmp_path):
@@ -20,6 +49,7 @@ def test_memory_benchmark_smoke(tmp_path):
     assert not failed, failed
     for r in rows:
         assert 0.0 <= r["accuracy"] <= 1.0 and math.isfinite(r["loss"]) and r["params"] > 0
+    check_a_cell_against_the_trainer(rows, tmp_path)
     table = open(tmp_path / "memory_tiny_smoke.md").read()
     for fam in fams:
         assert f"| {fam} |" in table
@@ -133,7 +163,12 @@ def test_hcam_chunks_cover_the_longest_evaluated_context():
 
     preset, fixed = bench_memory.available_families(["hcam"])["hcam"]
     for budget in bench_memory.BUDGETS:
-        for cell in bench_memory.cells(budget):
+        # the passkey cell (evaluated at 4x its length) and the longest-sequence other cell:
+        # each distinct sizing traces up to 16 models, so not every cell of every budget
+        cells = bench_memory.cells(budget)
+        longest_other = max((c for c in cells if not c.eval_lengths),
+                            key=lambda c: tasks_lib.make_task(c.task, **c.params).spec().seq_len)
+        for cell in [c for c in cells if c.eval_lengths] + [longest_other]:
             spec = tasks_lib.make_task(cell.task, **cell.params).spec()
             ov, _ = bench_memory.sized_overrides(preset, fixed, spec, 60_000, 2)
             longest = max(cell.eval_lengths or (spec.seq_len,))

@@ -38,6 +38,27 @@ def test_norms_match_formulas():
 
 
 @pytest.mark.parametrize("cls", [RMSNorm, LayerNorm])
+def test_norms_with_random_scale_and_bias_match_formulas(cls):
+    """Away from the initial scale 1 and bias 0: a per-feature scale and bias, a non-default eps."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 5, 8)) * 3 + 1, jnp.float32)
+    scale, bias = rng.standard_normal(8) + 1.0, rng.standard_normal(8)
+    layer = cls(eps=0.5)
+    params = {"scale": jnp.asarray(scale, jnp.float32)}
+    if cls is LayerNorm:
+        params["bias"] = jnp.asarray(bias, jnp.float32)
+    assert sorted(layer.init(jax.random.key(0), x)["params"]) == sorted(params)
+    y, _ = layer.apply({"params": params}, x)
+    xn = np.asarray(x, np.float64)
+    if cls is LayerNorm:
+        mu, var = xn.mean(-1, keepdims=True), ((xn - xn.mean(-1, keepdims=True)) ** 2).mean(-1, keepdims=True)
+        want = (xn - mu) / np.sqrt(var + 0.5) * scale + bias
+    else:
+        want = xn / np.sqrt((xn**2).mean(-1, keepdims=True) + 0.5) * scale
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [RMSNorm, LayerNorm])
 def test_norm_contract(cls):
     check_layer_contract(lambda **kw: cls(**kw), float_input(6), time=9)
 

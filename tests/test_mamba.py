@@ -97,8 +97,9 @@ def test_reference_inits():
 
 @pytest.mark.parametrize("stem", ["mamba_hf_a", "mamba_hf_b"])
 def test_converted_hf_weights_match_hf_logits(stem):
-    """Logits from converted weights == HF MambaForCausalLM's (float32, max abs err <= 1e-4),
-    in one call and token by token from the state."""
+    """Logits from converted weights == HF MambaForCausalLM's (float32, max abs err <= 5e-6:
+    measured 1.2e-6 with logits up to 4; a 1% error in one converted weight matrix, even
+    dt_proj, moves them by >= 1e-5), in one call and token by token from the state."""
     f, state_dict, hf_config = load_fixture(stem)
     config, params = mamba_from_transformers(state_dict, hf_config)
     model = mnemax.build(config)
@@ -106,7 +107,7 @@ def test_converted_hf_weights_match_hf_logits(stem):
     want = f["logits"]
     logits, _ = jax.jit(model.apply)(params, ids)
     err = float(np.abs(np.asarray(logits) - want).max())
-    assert err <= 1e-4, f"{stem} ({f['transformers_version']}): max abs logit error {err:.2e}"
+    assert err <= 5e-6, f"{stem} ({f['transformers_version']}): max abs logit error {err:.2e}"
     # prefill half, then one token at a time from the state
     half = ids.shape[1] // 2
     step = jax.jit(model.apply)
@@ -116,7 +117,7 @@ def test_converted_hf_weights_match_hf_logits(stem):
         out, state = step(params, ids[:, t : t + 1], state)
         outs.append(out)
     err_step = float(np.abs(np.concatenate([np.asarray(o) for o in outs], axis=1) - want).max())
-    assert err_step <= 1e-4, err_step
+    assert err_step <= 5e-6, err_step
     # the parameter count torch reports (tied weights once)
     count = sum(np.prod(x.shape) for x in jax.tree.leaves(params))
     assert count == int(f["torch_param_count"])

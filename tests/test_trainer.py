@@ -10,7 +10,7 @@ import pytest
 
 from mnemax.train.trainer import Trainer
 
-from .trainer_utils import losses, tiny_config
+from .trainer_utils import losses, np_reference, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +37,19 @@ def test_eight_devices_match_one(tmp_path, data_dir):
     assert len({d for d in emb.sharding.device_set}) == 8
     del state
     r8 = t8.run()
-    r1 = Trainer(single, str(tmp_path / "one")).run()
+    t1 = Trainer(single, str(tmp_path / "one"))
+    r1 = t1.run()
     l8, l1 = losses(str(tmp_path / "eight")), losses(str(tmp_path / "one"))
     assert sorted(l8) == sorted(l1) == [1, 2, 3, 4, 5]
     np.testing.assert_allclose([l8[s] for s in range(1, 6)], [l1[s] for s in range(1, 6)], rtol=1e-5, atol=1e-6)
     assert l1[5] < l1[1], "the loss should fall over 5 steps"
     np.testing.assert_allclose(r8["eval_loss"], r1["eval_loss"], rtol=1e-5)
+    # step 1's loss is the masked mean nll of batch 0 under the initial parameters (numpy)
+    batch = t1.feeder.train_batch_local(0)
+    examples = [{k: v[i] for k, v in batch.items()} for i in range(len(batch["inputs"]))]
+    sums = np_reference(t1, t1.init_state().params, examples)
+    assert 0 < sums["count"] < batch["mask"].size
+    np.testing.assert_allclose(l1[1], sums["nll"] / sums["count"], rtol=1e-5)
 
 
 class _Compiles:

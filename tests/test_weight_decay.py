@@ -55,11 +55,30 @@ def test_mask_by_name_and_rank(preset, kept, decayed):
         assert m == (len(shapes[k]) >= 2 and leaf not in NO_WEIGHT_DECAY), k
 
 
-def test_a_rank_two_dynamics_parameter_is_kept():
-    """Mamba's A_log is (E, N): the old rank-only rule decayed it."""
-    params = _params("mamba-tiny")
-    a_logs = [v for k, v in _flat(params).items() if k.endswith("A_log")]
-    assert a_logs and all(np.ndim(a) == 2 for a in a_logs)
+# Every leaf of one-layer models, written out by hand from the references' rules (Mamba:
+# A_log and D are ``_no_weight_decay``; S4: A and dt get weight decay 0; nothing decays
+# biases, norm scales or dt_bias; weight matrices, convolution kernels and embeddings decay).
+EXPECTED_MASKS = {
+    "mamba-tiny": {
+        "block_0/mixer/A_log": False, "block_0/mixer/D": False, "block_0/mixer/conv1d/bias": False,
+        "block_0/mixer/conv1d/kernel": True, "block_0/mixer/dt_bias": False, "block_0/mixer/dt_proj/kernel": True,
+        "block_0/mixer/in_proj/kernel": True, "block_0/mixer/out_proj/kernel": True,
+        "block_0/mixer/x_proj/kernel": True, "block_0/norm/scale": False, "embed/embedding": True,
+        "final_norm/scale": False,
+    },
+    "s4d-tiny": {
+        "block_0/mixer/A_imag": False, "block_0/mixer/C": True, "block_0/mixer/D": False,
+        "block_0/mixer/log_A_real": False, "block_0/mixer/log_dt": False, "block_0/mixer/output_linear/bias": False,
+        "block_0/mixer/output_linear/kernel": True, "block_0/norm/bias": False, "block_0/norm/scale": False,
+        "embed/embedding": True, "final_norm/scale": False, "head/kernel": True,
+    },
+}
+
+
+@pytest.mark.parametrize("preset", sorted(EXPECTED_MASKS))
+def test_mask_leaf_by_leaf(preset):
+    mask = {k: bool(v) for k, v in _flat(weight_decay_mask(_params(preset, n_layers=1))).items()}
+    assert mask == EXPECTED_MASKS[preset]
 
 
 @pytest.mark.parametrize("decay_dynamics", [False, True])

@@ -202,18 +202,81 @@ def test_initialisation_follows_upstream():
     assert p["q"]["kernel"].shape == (64, 32) and p["v"]["kernel"].shape == (64, 64)
 
 
-def test_soft_capped_gates_and_bf16_compute():
-    """The 7B layer caps gate pre-activations at +-15 (huge gate weights stay finite), and
-    bf16 compute gives float32 states close to the float32 layer's."""
+def np_mlstm_large_layer(p, x, cap, heads, eps=1e-6, norm_eps=1e-6):
+    """The xLSTM 7B mLSTM layer in numpy (float64) from its equations, token by token:
+    projections, capped gates cap * tanh(u / cap), the stabilised recurrent mLSTM (m_0 = 0),
+    headwise layer norm, sigmoid output gate, out projection. Returns (y, (C, n, m))."""
+    x = np.asarray(x, np.float64)
+    w = {k: np.asarray(v, np.float64) for k, v in p.items()}
+    capf = (lambda u: u) if cap is None else (lambda u: cap * np.tanh(u / cap))
+    q, k, v, o = (x @ w[n] for n in ("q", "k", "v", "o"))
+    ig, fg = capf(x @ w["wi"] + w["bi"]), capf(x @ w["wf"] + w["bf"])
+    B, T, _ = x.shape
+    dqk, dv = q.shape[-1] // heads, v.shape[-1] // heads
+    C, n, m = np.zeros((B, heads, dqk, dv)), np.zeros((B, heads, dqk)), np.zeros((B, heads))
+    h = np.zeros((B, T, heads, dv))
+    for t in range(T):
+        for b in range(B):
+            for hd in range(heads):
+                qt, kt = q[b, t, hd * dqk:(hd + 1) * dqk], k[b, t, hd * dqk:(hd + 1) * dqk]
+                vt = v[b, t, hd * dv:(hd + 1) * dv]
+                logf = -np.logaddexp(0.0, -fg[b, t, hd])
+                m_new = max(logf + m[b, hd], ig[b, t, hd])
+                fp, ip = np.exp(logf + m[b, hd] - m_new), np.exp(ig[b, t, hd] - m_new)
+                C[b, hd] = fp * C[b, hd] + ip * np.outer(kt, vt)
+                n[b, hd] = fp * n[b, hd] + ip * kt
+                m[b, hd] = m_new
+                qs = qt / np.sqrt(dqk)
+                h[b, t, hd] = qs @ C[b, hd] / (max(abs(qs @ n[b, hd]), np.exp(-m_new)) + eps)
+    mu = h.mean(-1, keepdims=True)
+    hn = (h - mu) / np.sqrt(((h - mu) ** 2).mean(-1, keepdims=True) + norm_eps)
+    hn = hn.reshape(B, T, heads * dv) * w["norm"]
+    y = (1 / (1 + np.exp(-o)) * hn) @ w["out"]
+    return y, (C, n, m)
+
+
+def _large_layer_params(v):
+    p = nn.meta.unbox(v)["params"]
+    return {"q": p["q"]["kernel"], "k": p["k"]["kernel"], "v": p["v"]["kernel"], "o": p["ogate_preact"]["kernel"],
+            "wi": p["igate_preact"]["kernel"], "bi": p["igate_preact"]["bias"], "wf": p["fgate_preact"]["kernel"],
+            "bf": p["fgate_preact"]["bias"], "norm": p["multihead_norm"], "out": p["out_proj"]["kernel"]}
+
+
+def test_soft_capped_gates_match_the_closed_form():
+    """The 7B layer caps gate pre-activations at +-15: with gate weights large enough that the
+    uncapped input gates reach ~100, the stabiliser m follows the capped closed form (it
+    would exceed 15 without the cap, and a default cap of None gives other numbers)."""
+    rng = np.random.default_rng(0)
+    layer = MLSTMLargeLayer(features=16, num_heads=2)
+    x = jnp.asarray(rng.standard_normal((2, 9, 16)), jnp.float32)
+    v = jax.jit(layer.init)(jax.random.key(0), x)
+    p = nn.meta.unbox(v)["params"]
+    big = {"igate_preact": 30.0, "fgate_preact": 3.0, "ogate_preact": 1.0}  # x W ~ N(0, 16 scale^2)
+    p = {k: ({**sub, "kernel": jnp.asarray(rng.standard_normal(sub["kernel"].shape) * big[k], jnp.float32)}
+             if k in big else sub) for k, sub in p.items()}
+    p["multihead_norm"] = jnp.asarray(rng.standard_normal(p["multihead_norm"].shape) + 1, jnp.float32)
+    v = {"params": p}
+    y, s = jax.jit(layer.apply)(v, x)
+    want_y, (C, n, m) = np_mlstm_large_layer(_large_layer_params(v), x, 15.0, 2)
+    uncapped = np_mlstm_large_layer(_large_layer_params(v), x, None, 2)[1][2]
+    assert float(uncapped.max()) > 50.0 and 14.0 < float(m.max()) <= 15.0
+    np.testing.assert_allclose(np.asarray(s.m), m, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(s.n), n, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(s.C), C, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(y), want_y, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_compute_is_close_to_float32():
+    """bf16 compute keeps float32 states; its output is within twice the measured difference
+    (4.2e-3 at most, with outputs up to 0.64) of the float32 layer's."""
     layer = MLSTMLargeLayer(features=16, num_heads=2)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 9, 16)), jnp.float32)
     v = jax.jit(layer.init)(jax.random.key(0), x)
-    v = jax.tree.map(lambda a: a * 1e4 if a.ndim == 2 and a.shape[1] == 2 else a, v)  # gate kernels x 1e4
-    y, s = jax.jit(layer.apply)(v, x)
-    assert bool(jnp.all(jnp.isfinite(y))) and float(jnp.max(s.m)) <= 15.0 + 1e-4
+    y, _ = jax.jit(layer.apply)(v, x)
     y16, s16 = jax.jit(MLSTMLargeLayer(features=16, num_heads=2, dtype=jnp.bfloat16).apply)(v, x)
     assert y16.dtype == jnp.bfloat16 and s16.C.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(y16, np.float32), np.asarray(y), rtol=0.1, atol=0.1)
+    assert float(jnp.max(jnp.abs(y))) > 0.3
+    np.testing.assert_allclose(np.asarray(y16, np.float32), np.asarray(y), rtol=0, atol=8e-3)
 
 
 def test_layer_config_errors():

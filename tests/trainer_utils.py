@@ -7,6 +7,10 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,3 +69,45 @@ def losses(workdir: str) -> dict[int, float]:
 def eval_records(workdir: str) -> list[dict]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [r for r in map(json.loads, f) if "eval_loss" in r]
+
+
+# ----------------------------------------------------------------------------- numpy metrics
+
+
+def np_log_softmax(z):
+    z = np.asarray(z, np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def np_metrics(logits, targets, mask, group, num_groups):
+    """Per-step loops over (example, step): sums of nll, hits and counts on the masked steps."""
+    logp = np_log_softmax(logits)
+    out = {"nll": 0.0, "correct": 0.0, "count": 0.0, "group_correct": np.zeros(num_groups), "group_count": np.zeros(num_groups)}
+    for b in range(targets.shape[0]):
+        for t in range(targets.shape[1]):
+            if not mask[b, t]:
+                continue
+            hit = float(int(np.argmax(logits[b, t])) == int(targets[b, t]))
+            out["nll"] -= logp[b, t, targets[b, t]]
+            out["correct"] += hit
+            out["count"] += 1
+            if num_groups:
+                out["group_correct"][group[b]] += hit
+                out["group_count"][group[b]] += 1
+    return out
+
+
+def np_reference(trainer, params, examples):
+    """numpy sums of nll / hits / counts over ``examples`` (dicts of one example's arrays),
+    with logits from the trainer's model applied to one example at a time."""
+    model = trainer.model
+    apply = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
+    groups = len(trainer.spec.group_names)
+    sums = None
+    for ex in examples:
+        logits = np.asarray(apply(params, jnp.asarray(ex["inputs"])[None]), np.float64)
+        m = np_metrics(logits, np.asarray(ex["targets"])[None], np.asarray(ex["mask"])[None],
+                       np.asarray(ex["group"]).reshape(1), groups)
+        sums = m if sums is None else {k: sums[k] + m[k] for k in m}
+    return sums
