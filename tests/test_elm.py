@@ -174,10 +174,66 @@ def test_neuron_model_and_block():
 
     got = jax.jit(block.apply)(bv, xb)[0]
     np.testing.assert_allclose(np.asarray(got), np.asarray(by_hand(bv["params"], xb)), rtol=1e-5, atol=1e-6)
-    for name in ("elm-small", "branch-elm-small"):
-        m = mnemax.create(name)
-        shapes = jax.eval_shape(m.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 4, 700), jnp.float32))
-        assert jax.tree.leaves(shapes)
+
+
+def neuron_shapes(n_syn, n_branch, d_m, n_out, prefix="neuron"):
+    """An ELM neuron's parameters (module docstring): w_s per synapse; the MLP
+    [branch sums, kappa_m m] (n_branch + d_m) -> 2 d_m (ReLU) -> d_m, with biases; the
+    readout W_y (d_m -> outputs) with bias; tau_m a constant (not learned)."""
+    return {
+        f"{prefix}/w_s": (n_syn,),
+        f"{prefix}/mlp_0_kernel": (n_branch + d_m, 2 * d_m), f"{prefix}/mlp_0_bias": (2 * d_m,),
+        f"{prefix}/mlp_1_kernel": (2 * d_m, d_m), f"{prefix}/mlp_1_bias": (d_m,),
+        f"{prefix}/w_y/kernel": (d_m, n_out), f"{prefix}/w_y/bias": (n_out,),
+    }
+
+
+def neuron_count(n_syn, n_branch, d_m, n_out):
+    return n_syn + (n_branch + d_m) * 2 * d_m + 2 * d_m + 2 * d_m * d_m + d_m + d_m * n_out + n_out
+
+
+# The ELM presets of zoo/presets.py (single-neuron models: the inputs go straight to the
+# synapses, W_y is the head): synapses, branches, memory units, classes.
+ELM_PRESETS = {
+    "elm-tiny": dict(n_in=6, n_syn=3 * 3, n_branch=3, d_m=8, n_out=4, count=373),
+    "elm-small": dict(n_in=700, n_syn=700, n_branch=700, d_m=100, n_out=20, count=183_020),
+    "branch-elm-small": dict(n_in=700, n_syn=64 * 16, n_branch=64, d_m=100, n_out=20, count=56_144),
+}
+
+
+def flat_shapes(tree):
+    leaves = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(tree))
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(a.shape) for path, a in leaves}
+
+
+@pytest.mark.parametrize("name", sorted(ELM_PRESETS))
+def test_elm_preset_parameter_count_and_shapes(name):
+    """A single-neuron preset has exactly the neuron's parameters (no input projection,
+    norm or separate head): the documented shapes, and the count n_syn + (d_tree + d_m)
+    2 d_m + 2 d_m + 2 d_m^2 + d_m + d_m O + O (the NeuronIO formula with O outputs)."""
+    spec = dict(ELM_PRESETS[name])
+    n_in, pinned = spec.pop("n_in"), spec.pop("count")
+    inputs = jax.ShapeDtypeStruct((1, 4, n_in), jnp.float32)
+    shapes = jax.eval_shape(mnemax.create(name).init, jax.random.key(0), inputs)
+    got = flat_shapes(shapes["params"])
+    assert sum(int(np.prod(s)) for s in got.values()) == neuron_count(**spec) == pinned
+    assert got == neuron_shapes(**spec)
+
+
+def test_elm_stack_parameter_count_and_shapes():
+    """elm-tiny as a stack (neuron_model=False, 2 layers): zoo/model.py's input projection
+    (6 -> d, bias), per layer an RMSNorm scale and a d -> d neuron (its routing: 3 branches
+    of 3 synapses, d_m = 8), no final norm ("none"), a classifier head with bias."""
+    d, d_m, n_out, n_in = 8, 8, 4, 6
+    shapes = jax.eval_shape(mnemax.create("elm-tiny", neuron_model=False, n_layers=2).init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((1, 4, n_in), jnp.float32))
+    want = {"input_proj/kernel": (n_in, d), "input_proj/bias": (d,), "head/kernel": (d, n_out), "head/bias": (n_out,)}
+    for i in range(2):
+        want |= {f"block_{i}/norm/scale": (d,)} | neuron_shapes(9, 3, d_m, d, prefix=f"block_{i}/elm")
+    got = flat_shapes(shapes["params"])
+    per_layer = d + neuron_count(9, 3, d_m, d)
+    assert sum(int(np.prod(s)) for s in got.values()) == n_in * d + d + 2 * per_layer + d * n_out + n_out == 926
+    assert got == want
 
 
 @pytest.mark.parametrize("version", [1, 2])

@@ -81,6 +81,80 @@ def np_read(p, h, contents, valid, k, heads):
     return out, order, w
 
 
+def np_rope(x, position, base=10000.0):
+    """Rotary positions (Su et al.) of one head's vector x (hd,), rotate-half layout: feature
+    i (< hd/2) pairs with feature i + hd/2 and the pair turns by position * base^(-2i/hd)."""
+    half = x.shape[-1] // 2
+    theta = position * base ** (-2.0 * np.arange(half) / x.shape[-1])
+    x1, x2 = x[:half], x[half:]
+    return np.concatenate([x1 * np.cos(theta) - x2 * np.sin(theta), x2 * np.cos(theta) + x1 * np.sin(theta)])
+
+
+def np_local(p, chunk, heads):
+    """Local attention of a chunk's newest step: chunk (n + 1, d) is the accumulator (the
+    chunk's first n steps) then the step itself; causal MHA over the n + 1 steps with RoPE
+    at the within-chunk offsets 0 .. n, scale 1/sqrt(head_dim), no biases."""
+    n = chunk.shape[0] - 1
+    d = chunk.shape[1]
+    hd = d // heads
+    out = np.zeros(d)
+    for hh in range(heads):
+        q = np_rope(chunk[n] @ p["local_query"][:, hh], n)
+        keys = np.stack([np_rope(chunk[i] @ p["local_key"][:, hh], i) for i in range(n + 1)])
+        values = chunk @ p["local_value"][:, hh]
+        out += (np_softmax(keys @ q / np.sqrt(hd)) @ values) @ p["local_out"][hh]
+    return out
+
+
+def np_fresh_row():
+    return {"memory": [], "acc": [], "written": 0, "pos": 0}
+
+
+def np_hcam(p, xs, resets, rows, c, m, k, heads):
+    """The whole layer (persist_across_resets=False) as a plain loop over steps, from the
+    module docstring: a reset starts a fresh row; step t reads the memory of complete
+    chunks (np_read over the last M written), adds local attention within its own chunk,
+    then joins the accumulator, which is written to the memory when it holds C steps.
+    ``rows`` (one dict per batch row) is updated in place. Returns (y, local part,
+    number of chunks in memory at each step)."""
+    b, t_len, d = xs.shape
+    y, local, n_mem = np.zeros((b, t_len, d)), np.zeros((b, t_len, d)), np.zeros((b, t_len), int)
+    for r in range(b):
+        for t in range(t_len):
+            if resets[r, t]:
+                rows[r] = np_fresh_row()
+            s, h = rows[r], xs[r, t]
+            chunks = [chunk for _, chunk in s["memory"]]
+            read = np.zeros(d)
+            if chunks:
+                read = np_read(p, h, np.stack(chunks), np.ones(len(chunks), bool), k, heads)[0]
+            local[r, t] = np_local(p, np.stack(s["acc"] + [h]), heads)
+            y[r, t], n_mem[r, t] = read + local[r, t], len(chunks)
+            s["acc"].append(h)
+            s["pos"] += 1
+            if len(s["acc"]) == c:
+                s["memory"] = (s["memory"] + [(s["written"], np.stack(s["acc"]))])[-m:]
+                s["written"] += 1
+                s["acc"] = []
+    return y, local, n_mem
+
+
+def np_state(rows, c, m, d):
+    """The HCAMState layout of the numpy rows (slot = ordinal mod M)."""
+    b = len(rows)
+    contents, ordinals = np.zeros((b, m, c, d)), np.full((b, m), -1)
+    acc = np.zeros((b, c, d))
+    for r, s in enumerate(rows):
+        for ordinal, chunk in s["memory"]:
+            contents[r, ordinal % m], ordinals[r, ordinal % m] = chunk, ordinal
+        if s["acc"]:
+            acc[r, : len(s["acc"])] = np.stack(s["acc"])
+    return HCAMState(
+        contents=contents, keys=contents.mean(axis=2), slot_ordinal=ordinals,
+        written=np.array([s["written"] for s in rows]), accumulator=acc, pos=np.array([s["pos"] for s in rows]),
+    )
+
+
 def test_chunk_size_one_and_k_equal_m_is_softmax_attention():
     """C = 1, k = M: the read is softmax attention over the stored steps, with query
     W_q^read, keys W_k^read m_j and values W_o (W_v (m_j + PE_0) + b_v) + b_o -- on a
@@ -208,6 +282,40 @@ def test_parallel_equals_sequential_reference(persist):
         assert int(want_s.written[1]) == 5 // 3
 
 
+@pytest.mark.parametrize("impl", ["parallel", "sequential"])
+def test_local_attention_and_read_match_numpy_loop(impl):
+    """The whole layer (local attention on, memory read, C = 3, M = 3 chunks, top 2)
+    against the numpy loop of np_hcam, over two calls with the state carried: row 0
+    resets mid-chunk in the first call (step 4) and ends it with one step in the
+    accumulator; row 1 ends it with two and resets mid-chunk in the second call; the
+    ring buffer wraps in both rows. Outputs and the state after each call."""
+    rng = np.random.default_rng(11)
+    b, t_len, d, heads, c, m, k = 2, 11, 8, 2, 3, 3, 2
+    layer = HCAMAttention(features=d, num_heads=heads, chunk_size=c, num_chunks=m, top_k=k, impl=impl)
+    xs = rng.standard_normal((b, 2 * t_len, d)).astype(np.float32)
+    resets = np.zeros((b, 2 * t_len), bool)
+    resets[0, 4] = resets[1, t_len + 6] = True
+    # every parameter (biases too) N(0, 0.4^2), built from the shapes (no init compile)
+    shapes = jax.eval_shape(layer.init, jax.random.key(0), jax.ShapeDtypeStruct((b, 1, d), jnp.float32))
+    v = jax.tree.map(lambda s: jnp.asarray(0.4 * rng.standard_normal(s.shape), jnp.float32), shapes)
+    p = params_of(v)
+    run = jax.jit(layer.apply)  # one compile: both calls get a state and resets
+    state = layer.initial_state(b)
+    rows = [np_fresh_row() for _ in range(b)]
+    for call in range(2):
+        sl = slice(call * t_len, (call + 1) * t_len)
+        y, state = run(v, jnp.asarray(xs[:, sl]), state, jnp.asarray(resets[:, sl]))
+        want, local, n_mem = np_hcam(p, xs[:, sl].astype(np.float64), resets[:, sl], rows, c, m, k, heads)
+        np.testing.assert_allclose(np.asarray(y), want, rtol=1e-6, atol=2e-6)  # measured 5e-7 (|y| ~ 4)
+        for got, ref in zip(state, np_state(rows, c, m, d)):
+            np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-6, atol=1e-6)
+        assert (n_mem > k).any()  # top-k leaves chunks out
+        assert np.abs(local).mean() > 0.3 * np.abs(want - local).mean() > 0.05  # both parts count
+        if call == 0:
+            assert [len(r["acc"]) for r in rows] == [1, 2]  # the second call starts mid-chunk
+    assert [r["written"] for r in rows] == [6, 1] and [r["pos"] for r in rows] == [18, 5]
+
+
 def test_stop_gradient_on_memory():
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((1, 4, 4)), jnp.float32)
@@ -235,11 +343,68 @@ def test_hcam_block_contract():
     )
 
 
-def test_hcam_presets_build():
-    tok = jax.ShapeDtypeStruct((1, 16), jnp.int32)
-    for name in ("hcam-tiny", "hcam-small"):
-        model = mnemax.create(name)
-        shapes = jax.eval_shape(model.init, jax.random.key(0), tok)
-        assert jax.tree.leaves(shapes)
-    cfg = mnemax.get_config("hcam-small")
+# The HCAM presets as written in zoo/presets.py: d_model, n_layers, vocab, heads, the
+# SwiGLU MLP's hidden width round(mlp_ratio * d), tied embeddings.
+HCAM_PRESETS = {
+    "hcam-tiny": dict(d=32, layers=2, vocab=64, heads=2, hidden=64, tied=False),
+    "hcam-small": dict(d=256, layers=4, vocab=256, heads=4, hidden=1024, tied=False),
+    "hcam-125m": dict(d=768, layers=8, vocab=50304, heads=12, hidden=2048, tied=True),
+}
+
+
+def hcam_model_shapes(d, layers, vocab, heads, hidden, tied, key_size=None):
+    """Parameter shapes of an HCAM LM (zoo/model.py: embed -> HCAMBlocks -> RMSNorm -> LM
+    head without bias, none when tied), each block ``attn_norm -> HCAMAttention ->
+    mlp_norm -> SwiGLU MLP`` (no biases) and HCAMAttention's documented layout: relevance
+    projections W_q, W_k (d, F); the within-chunk MHA's q/k/v/out with biases; the local
+    attention's q/k/v/out without."""
+    f, hd = key_size or d, d // heads
+    block = {"attn_norm/scale": (d,), "mlp_norm/scale": (d,), "hcam/read_query": (d, f), "hcam/read_key": (d, f),
+             "hcam/mem_out": (heads, hd, d), "hcam/mem_out_bias": (d,), "hcam/local_out": (heads, hd, d),
+             "mlp/up/kernel": (d, hidden), "mlp/gate/kernel": (d, hidden), "mlp/down/kernel": (hidden, d)}
+    for n in ("query", "key", "value"):
+        block |= {f"hcam/mem_{n}": (d, heads, hd), f"hcam/mem_{n}_bias": (heads, hd), f"hcam/local_{n}": (d, heads, hd)}
+    shapes = {"embed/embedding": (vocab, d), "final_norm/scale": (d,)}
+    if not tied:
+        shapes["head/kernel"] = (d, vocab)
+    for i in range(layers):
+        shapes |= {f"block_{i}/{name}": shape for name, shape in block.items()}
+    return shapes
+
+
+def hcam_model_count(d, layers, vocab, heads, hidden, tied, key_size=None):
+    """The count by arithmetic: per block 2 d F (relevance) + 4 d^2 + 4 d (within-chunk
+    MHA with biases) + 4 d^2 (local MHA) + 3 d hidden (SwiGLU) + 2 d (norms)."""
+    f = key_size or d
+    per_block = 2 * d * f + 4 * d * d + 4 * d + 4 * d * d + 3 * d * hidden + 2 * d
+    return vocab * d + layers * per_block + d + (0 if tied else d * vocab)
+
+
+def flat_shapes(tree):
+    """{'a/b/c': shape} of a params tree (boxes unwrapped)."""
+    leaves = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(tree))
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(a.shape) for path, a in leaves}
+
+
+@pytest.mark.parametrize("name", sorted(HCAM_PRESETS))
+def test_hcam_preset_parameter_count_and_shapes(name):
+    """Each preset's parameters: the shapes of the documented layout, and a count equal
+    to the closed-form formula (hcam-125m: 123,605,760, the "~125M" of its comment)."""
+    spec = HCAM_PRESETS[name]
+    model = mnemax.create(name)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 4), jnp.int32))
+    got = flat_shapes(shapes["params"])
+    count = sum(int(np.prod(s)) for s in got.values())
+    assert count == hcam_model_count(**spec)
+    assert got == hcam_model_shapes(**spec)
+    if name == "hcam-125m":
+        assert count == 123_605_760
+    if name == "hcam-tiny":  # key_size F = 8 changes only the relevance projections: 2 d (d - F) fewer per layer
+        keyed = jax.eval_shape(mnemax.create(name, key_size=8).init, jax.random.key(0),
+                               jax.ShapeDtypeStruct((1, 4), jnp.int32))
+        got = flat_shapes(keyed["params"])
+        assert sum(int(np.prod(s)) for s in got.values()) == hcam_model_count(**spec, key_size=8)
+        assert got == hcam_model_shapes(**spec, key_size=8)
+        assert hcam_model_count(**spec, key_size=8) == count - 2 * (2 * 32 * (32 - 8))
+    cfg = mnemax.get_config(name)
     assert cfg.block["stop_gradient_memory"] and not cfg.block["persist_across_resets"]

@@ -503,21 +503,86 @@ def test_causal_hopfield_contract(key_conv):
     )
 
 
+def np_rms_norm(x, scale, eps=1e-6):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+def np_hopfield_classifier(p, tok, resets, m, heads):
+    """hopfield-small's layout with numpy: embedding; a causal Hopfield block (LayerNorms
+    of state/stored/projected patterns, per-head projections with biases, softmax(beta
+    q k^T) v over the last m steps of the episode strictly before t, output projection,
+    residual; then x + SwiGLU(RMSNorm(x))); a Hopfield pooling block (the learned query
+    pattern, LayerNormed and projected, pools the last m steps up to and including t; no
+    residual); the final RMSNorm; the classifier head with bias. beta = 1/sqrt(head_dim)."""
+    x = p["embed"]["embedding"][tok]  # (batch, time, d)
+    batch, time, d = x.shape
+    hd = d // heads
+    beta = 1 / np.sqrt(hd)
+
+    def proj(a, pp, name):
+        return np.einsum("...d,dhe->...he", a, pp[name]["kernel"]) + pp[name]["bias"]
+
+    def retrieve(queries, keys, values, allowed):
+        """queries (batch, time, Q, H, hd) -> (batch, time, Q, H, pd); zeros where nothing is allowed."""
+        out = np.zeros(queries.shape[:-1] + (values.shape[-1],))
+        for b in range(batch):
+            for t in range(time):
+                idx = np.nonzero(allowed[b, t])[0]
+                for h in range(heads):
+                    for qi in range(queries.shape[2]):
+                        if idx.size:
+                            xi = np_softmax(beta * keys[b, idx, h] @ queries[b, t, qi, h])
+                            out[b, t, qi, h] = xi @ values[b, idx, h]
+        return out
+
+    hop = p["block_0"]["hopfield"]
+    q = proj(np_layer_norm(x, hop, "norm_state"), hop, "state_proj")[:, :, None]
+    k = proj(np_layer_norm(x, hop, "norm_stored"), hop, "stored_proj")
+    v = proj(np_layer_norm(x, hop, "norm_projection"), hop, "projection_proj")
+    z = retrieve(q, k, v, _ring_buffer_mask(resets, m, include_current=False))[:, :, 0]
+    x = x + np.einsum("bthe,hef->btf", z, hop["out_proj"]["kernel"]) + hop["out_proj"]["bias"]
+    mlp = p["block_0"]["mlp"]
+    n = np_rms_norm(x, p["block_0"]["mlp_norm"]["scale"])
+    gate = n @ mlp["gate"]["kernel"]
+    x = x + (gate / (1 + np.exp(-gate)) * (n @ mlp["up"]["kernel"])) @ mlp["down"]["kernel"]
+
+    pool = p["block_1"]["pool"]
+    queries = proj(np_layer_norm(pool["pooling_weights"], pool, "norm_state"), pool, "state_proj")  # (Q, H, hd)
+    queries = np.broadcast_to(queries, (batch, time) + queries.shape)
+    k = proj(np_layer_norm(x, pool, "norm_stored"), pool, "stored_proj")
+    v = proj(np_layer_norm(x, pool, "norm_projection"), pool, "projection_proj")
+    pooled = retrieve(queries, k, v, _ring_buffer_mask(resets, m, include_current=True))
+    y = np.einsum("btqhe,qhef->btf", pooled, pool["out_proj"]["kernel"]) + pool["out_proj"]["bias"]
+    y = np_rms_norm(y, p["final_norm"]["scale"])
+    return y @ p["head"]["kernel"] + p["head"]["bias"]
+
+
 def test_hopfield_pooling_classifier_streams():
-    """hopfield-small's layout (self-association blocks, then a pooling block) at tiny
-    size: one call == two pieces with the state carried (its Hopfield layers pass the
-    contract in test_causal_hopfield_contract; resets are the layer's)."""
-    model = mnemax.create("hopfield-small", d_model=8, n_layers=2, num_heads=2, memory_size=6, vocab_size=16, mlp_ratio=1.0)
-    tok = jnp.asarray(np.random.default_rng(0).integers(0, 16, (2, 9)), jnp.int32)
-    v = jinit(model, 0, tok)
+    """hopfield-small's layout (a self-association block, then a pooling block) at tiny
+    size, with every parameter perturbed, equals the numpy forward of
+    np_hopfield_classifier: each step's logits are the head applied to a Hopfield pooling
+    of the last 6 steps of its episode (row 1 resets at step 5). One call == two pieces
+    with the state carried."""
+    m = 6  # < 8 steps: the window limits the pooling
+    model = mnemax.create("hopfield-small", d_model=8, n_layers=2, num_heads=2, memory_size=m, vocab_size=16, mlp_ratio=1.0)
+    rng = np.random.default_rng(0)
+    tok = rng.integers(0, 16, (2, 8))
+    resets = np.zeros((2, 8), bool)
+    resets[1, 5] = True
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((2, 8), jnp.int32))
+    v = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.5, s.shape), jnp.float32), shapes)  # norms, biases too
     run = jax.jit(model.apply)
-    y, s = run(v, tok)
-    y1, s1 = run(v, tok[:, :4])
-    y2, s2 = run(v, tok[:, 4:], s1)
+    tok_j, resets_j = jnp.asarray(tok, jnp.int32), jnp.asarray(resets)
+    state0 = model.initial_state(2)  # given to both first calls: two compiles, not three
+    y, s = run(v, tok_j, state0, resets_j)
+    assert y.shape == (2, 8, 10)
+    want = np_hopfield_classifier(unbox(v["params"]), tok, resets, m, heads=2)
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-6, atol=1.5e-6)  # measured 3e-7 (|y| ~ 4)
+    y1, s1 = run(v, tok_j[:, :4], state0, resets_j[:, :4])
+    y2, s2 = run(v, tok_j[:, 4:], s1, resets_j[:, 4:])
     np.testing.assert_allclose(np.asarray(jnp.concatenate([y1, y2], 1)), np.asarray(y), rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(s2), jax.tree.leaves(s)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
-    assert y.shape == (2, 9, 10)
 
 
 def test_hopfield_block_is_hopfield_then_mlp():
