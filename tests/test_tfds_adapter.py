@@ -31,6 +31,8 @@ import mnemax
 from mnemax.configs.base import base_config
 from mnemax.train.trainer import Trainer
 
+from . import trainer_utils
+
 T_BYTES = 16  # seq_len of the bytes task
 H, W, C, CLASSES = 3, 4, 2, 3  # pixels task: 12 steps of 2 channels
 N_TRAIN, N_TEST = 20, 7
@@ -148,17 +150,9 @@ def expected_row(kind: str, rec) -> dict:
 
 
 def np_metrics(logits, targets, mask) -> dict:
-    z = np.asarray(logits, np.float64)
-    z = z - z.max(-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-    nll_sum = correct = count = 0.0
-    for b in range(targets.shape[0]):
-        for t in range(targets.shape[1]):
-            if mask[b, t]:
-                nll_sum -= logp[b, t, targets[b, t]]
-                correct += float(np.argmax(logits[b, t]) == targets[b, t])
-                count += 1
-    return {"loss": nll_sum / count, "accuracy": correct / count, "count": count}
+    """Mean nll and accuracy over the masked steps (the per-step loops of trainer_utils)."""
+    sums = trainer_utils.np_metrics(np.asarray(logits), np.asarray(targets), np.asarray(mask), None, 0)
+    return {"loss": sums["nll"] / sums["count"], "accuracy": sums["correct"] / sums["count"], "count": sums["count"]}
 
 
 # ----------------------------------------------------------------------------- the runs
