@@ -64,9 +64,10 @@ def _problem(args):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from kernels import _variants
 
-    from mnemax.kernels import pallas_selective_scan as pss
+    from mnemax.kernels import selective_scan
+    from mnemax.kernels.selective_scan import SelectiveScanConfig, gpu
 
-    opts = _variants(args.opts)[0] if args.opts else {}
+    config = SelectiveScanConfig(**(_variants(args.opts)[0] if args.opts else {}))
     rng = np.random.default_rng(0)
     b, t, c, n = 8, 2048, 1536, 16
     dtype = jnp.dtype(args.dtype)
@@ -76,14 +77,12 @@ def _problem(args):
     D, bias = jnp.ones((c,), jnp.float32), jnp.full((c,), -3.0, jnp.float32)
 
     def fwd(*a):
-        p = pss.make_problem("gpu", *a[:5], a[5], a[6], a[7], None, None, True, opts=opts, training=False)
-        return pss.forward("gpu", p, a[0].dtype, opts=opts)[0]
-
-    from mnemax.kernels.selective_scan import selective_scan
+        p = gpu.make_problem(config, *a[:5], a[5], a[6], a[7], None, None, True, training=False)
+        return gpu.forward(config, p, a[0].dtype)[0]
 
     def loss(*a):
         return jnp.sum(selective_scan(*a[:5], D=a[5], z=a[6], dt_bias=a[7], dt_softplus=True,
-                                      backend="pallas_gpu").astype(jnp.float32))
+                                      backend="pallas_gpu", config=config).astype(jnp.float32))
 
     return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1, 3, 4))), (x, dt, A, Bm, Cm, D, z, bias)
 
@@ -148,7 +147,7 @@ def main():
     d.add_argument("--bwd", action="store_true")
     r = sub.add_parser("run")
     for p in (d, r):
-        p.add_argument("--opts", default="", help="GPU_OPTIONS overrides, 'k=v+k=v'")
+        p.add_argument("--opts", default="", help="SelectiveScanConfig fields, 'k=v+k=v'")
         p.add_argument("--dtype", default="float32")
     c = sub.add_parser("count")
     c.add_argument("ptx")

@@ -13,8 +13,8 @@ A JSON file with every figure goes to $OUT (or the current directory).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
+import dataclasses
 import functools
 import os
 import sys
@@ -28,8 +28,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import bench, copy_bandwidth, environment, save, table  # noqa: E402
 
-from mnemax.kernels import linear_scan  # noqa: E402
-from mnemax.kernels.selective_scan import selective_scan  # noqa: E402
+from mnemax.kernels import linear_scan, selective_scan  # noqa: E402
+from mnemax.kernels.linear_scan import LinearScanConfig  # noqa: E402
+from mnemax.kernels.selective_scan import SelectiveScanConfig  # noqa: E402
 
 RNG = np.random.default_rng(0)
 SHAPE_FILTER: set[int] = set()
@@ -187,30 +188,26 @@ def _log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _ss_grads(backend, gy):
+def _ss_grads(backend, gy, config=None):
     """Jitted: (x, dt, A, B, C, D, z, dt_bias) -> their gradients under the cotangent ``gy``
-    (``pallas_gpu+time_split``: the Pallas backend with ``time_split="auto"``)."""
+    (``pallas_gpu+time_split``: the Pallas backend with ``time_split="auto"``; ``config``:
+    the kernels' SelectiveScanConfig)."""
+    name, config = _ss_backend(backend, config)
+
     def f(*a):
-        with _ss_backend(backend) as name:
-            _, vjp = jax.vjp(lambda *q: selective_scan(q[0], q[1], q[2], q[3], q[4], D=q[5], z=q[6], dt_bias=q[7],
-                                                       dt_softplus=True, backend=name), *a)
-            return vjp(gy)
+        _, vjp = jax.vjp(lambda *q: selective_scan(q[0], q[1], q[2], q[3], q[4], D=q[5], z=q[6], dt_bias=q[7],
+                                                   dt_softplus=True, backend=name, config=config), *a)
+        return vjp(gy)
     return jax.jit(f)
 
 
-@contextlib.contextmanager
-def _ss_backend(backend):
-    """The op's backend name for a benchmark backend (``pallas_gpu+time_split``: the Pallas
-    backend with ``time_split="auto"`` while tracing, when the options are read)."""
-    from mnemax.kernels import pallas_selective_scan as pss
-
-    saved = pss.GPU_OPTIONS["time_split"]
+def _ss_backend(backend, config=None):
+    """(the op's backend name, its SelectiveScanConfig) for a benchmark backend
+    (``pallas_gpu+time_split``: the Pallas backend with ``time_split="auto"``)."""
+    config = config or SelectiveScanConfig()
     if backend.endswith("+time_split"):
-        pss.GPU_OPTIONS["time_split"] = "auto"
-    try:
-        yield backend.removesuffix("+time_split")
-    finally:
-        pss.GPU_OPTIONS["time_split"] = saved
+        config = dataclasses.replace(config, time_split="auto")
+    return backend.removesuffix("+time_split"), config
 
 
 def selective_scan_rows(bw: float, quick: bool) -> list[dict]:
@@ -239,9 +236,10 @@ def selective_scan_rows(bw: float, quick: bool) -> list[dict]:
         bwd_bytes = fwd_bytes + 7 * big + 4 * small
 
         def run(backend):
+            name, config = _ss_backend(backend)
+
             def f(x, dt, A, Bm, Cm, D, z, bias):
-                with _ss_backend(backend) as name:
-                    return selective_scan(x, dt, A, Bm, Cm, D=D, z=z, dt_bias=bias, dt_softplus=True, backend=name)
+                return selective_scan(x, dt, A, Bm, Cm, D=D, z=z, dt_bias=bias, dt_softplus=True, backend=name, config=config)
 
             return jax.jit(f)
 
@@ -302,15 +300,16 @@ def selective_scan_rows(bw: float, quick: bool) -> list[dict]:
 
 
 def _variants(spec: str) -> list[dict]:
-    """'k=v+k=v,k=v' -> [{k: v, k: v}, {k: v}] (integer values as int)."""
+    """'k=v+k=v,k=v' -> [{k: v, k: v}, {k: v}] (integer values as int; fields of SelectiveScanConfig)."""
     return [{k: (int(v) if v.isdigit() else v) for k, _, v in (kv.partition("=") for kv in c.split("+"))}
             for c in spec.split(",")]
 
 
 def selective_scan_sweep(bw: float, quick: bool) -> list[dict]:
     """Forward variants of the GPU selective-scan kernel at (8, 2048, 1536, 16): the built-in
-    list, or ``SS_FWD_VARIANTS`` ('k=v+k=v,...'); sequences in ``SS_SWEEP_DTYPE`` (float32)."""
-    from mnemax.kernels import pallas_selective_scan as pss
+    list, or ``SS_FWD_VARIANTS`` ('k=v+k=v,...', SelectiveScanConfig fields); sequences in
+    ``SS_SWEEP_DTYPE`` (float32). The forward-only kernel at the config's training ``chunk``."""
+    from mnemax.kernels.selective_scan import gpu
 
     b, t, c, n = (2, 256, 256, 16) if quick else (8, 2048, 1536, 16)
     x = jnp.asarray(RNG.standard_normal((b, t, c), np.float32))
@@ -329,14 +328,16 @@ def selective_scan_sweep(bw: float, quick: bool) -> list[dict]:
     rows = []
     variants = [{"unroll": 1}, {"unroll": 2}, {"unroll": 4}, {"unroll": 2, "approx_math": False},
                 {"unroll": 2, "no_auto_barriers": False}, {"unroll": 2, "chunk": 16}, {"unroll": 2, "stages": 3}]
-    if os.environ.get("SS_FWD_VARIANTS"):  # e.g. 'fwd_wgs=1,fwd_wgs=2+stages=4'
+    if os.environ.get("SS_FWD_VARIANTS"):  # e.g. 'chunk=16+lanes_group=4,stages=2'
         variants = _variants(os.environ["SS_FWD_VARIANTS"])
     for opts in variants:
         name = "pallas " + ",".join(f"{k}={v}" for k, v in opts.items())
         try:
-            def f(x, dt, A, Bm, Cm, D, z, bias, opts=opts):
-                p = pss.make_problem("gpu", x, dt, A, Bm, Cm, D, z, bias, None, None, True, opts=opts)
-                return pss.forward("gpu", p, x.dtype, opts=opts)[0]
+            config = SelectiveScanConfig(**opts)
+
+            def f(x, dt, A, Bm, Cm, D, z, bias, config=config):
+                p = gpu.make_problem(config, x, dt, A, Bm, Cm, D, z, bias, None, None, True)
+                return gpu.forward(config, p, x.dtype)[0]
 
             f = jax.jit(f)
             t0 = time.time()
@@ -350,14 +351,14 @@ def selective_scan_sweep(bw: float, quick: bool) -> list[dict]:
             if os.environ.get("SS_SWEEP_KERNEL_ONLY"):
                 # the kernel alone: the packed inputs (bc tile, A^T, D/bias rows, h0) built
                 # once outside the timed function, so the XLA ops around the kernel drop out
-                p0 = pss.make_problem("gpu", x, dt, A, Bm, Cm, D, z, bias, None, None, True, opts=opts)
+                p0 = gpu.make_problem(config, x, dt, A, Bm, Cm, D, z, bias, None, None, True)
                 names_ = ("x", "dt", "z", "bc", "a2", "params", "h0")
 
-                def g(*arrs, p0=p0, opts=opts):
+                def g(*arrs, p0=p0, config=config):
                     q = copy.copy(p0)
                     for k_, v_ in zip(names_, arrs):
                         setattr(q, k_, v_)
-                    return pss.forward("gpu", q, x.dtype, opts=opts)[0]
+                    return gpu.forward(config, q, x.dtype)[0]
 
                 packed = [getattr(p0, k_) for k_ in names_]
                 tk = bench(jax.jit(g), *packed, calls=CALLS, repeats=5)
@@ -371,11 +372,10 @@ def selective_scan_sweep(bw: float, quick: bool) -> list[dict]:
 
 
 def selective_scan_bwd_sweep(bw: float, quick: bool) -> list[dict]:
-    """Backward variants of the GPU selective-scan kernel at (8, 2048, 1536, 16) float32:
-    how dB and dC (sums over each block's 128 lanes) are reduced. Forward+backward time and
-    the largest relative error of any gradient against the xla backend's."""
-    from mnemax.kernels import pallas_selective_scan as pss
-
+    """Training variants of the GPU selective-scan kernels at (8, 2048, 1536, 16) float32: the
+    built-in list or ``SS_BWD_VARIANTS`` ('k=v+k=v,...', SelectiveScanConfig fields).
+    Forward+backward time and the largest relative error of any gradient against the xla
+    backend's."""
     b, t, c, n = (2, 256, 256, 16) if quick else (8, 2048, 1536, 16)
     f32 = np.float32
     x = jnp.asarray(RNG.standard_normal((b, t, c), f32))
@@ -393,16 +393,13 @@ def selective_scan_bwd_sweep(bw: float, quick: bool) -> list[dict]:
     big, small = b * t * c * 4, b * t * n * 4
     fb_bytes = 11 * big + 6 * small
     rows = []
-    variants = [{"red_rows": 0}, {"red_rows": 4, "red_layout": "wgmma"}, {"red_rows": 4, "red_layout": "row4"},
-                {"red_rows": 4, "red_layout": "row8"}, {"red_rows": 2, "red_layout": "row4"}]
-    if os.environ.get("SS_BWD_VARIANTS"):  # e.g. 'red_rows=4+red_layout=row4,red_rows=2'
+    variants = [{}, {"lanes_bwd_group": 2}, {"bwd_layout": "channels"}, {"bwd_layout": "channels", "red_rows": 2}]
+    if os.environ.get("SS_BWD_VARIANTS"):  # e.g. 'bwd_layout=channels+red_rows=2,lanes_bwd_group=2'
         variants = _variants(os.environ["SS_BWD_VARIANTS"])
     for opts in variants:
-        name = "pallas " + ",".join(f"{k}={v}" for k, v in opts.items())
-        saved = dict(pss.GPU_OPTIONS)
+        name = "pallas " + (",".join(f"{k}={v}" for k, v in opts.items()) or "defaults")
         try:
-            pss.GPU_OPTIONS.update(opts)
-            f = _ss_grads("pallas_gpu", gy)
+            f = _ss_grads("pallas_gpu", gy, SelectiveScanConfig(**opts))
             t0 = time.time()
             out = jax.block_until_ready(f(*args))
             comp = time.time() - t0  # compile and one call
@@ -417,15 +414,12 @@ def selective_scan_bwd_sweep(bw: float, quick: bool) -> list[dict]:
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             rows.append({"op": "selective_scan bwd sweep", "backend": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
-        finally:
-            pss.GPU_OPTIONS.clear()
-            pss.GPU_OPTIONS.update(saved)
     return rows
 
 
 def linear_scan_sweep(bw: float, quick: bool) -> list[dict]:
-    """bf16 (8, 4096, 4096) forward: chunk, pipeline depth and packing variants."""
-    from mnemax.kernels import pallas_linear_scan as pls
+    """bf16 (8, 4096, 4096) forward: chunk, pipeline depth and packing variants (LinearScanConfig)."""
+    from mnemax.kernels.linear_scan import gpu as linear_gpu
 
     shape = (8, 4096, 4096)
     n = int(np.prod(shape))
@@ -437,7 +431,8 @@ def linear_scan_sweep(bw: float, quick: bool) -> list[dict]:
     for packed, chunk, stages in [(True, 32, 2), (True, 64, 2), (True, 32, 3), (True, 16, 4), (False, 32, 2), (False, 64, 2)]:
         name = f"pallas packed={packed} chunk={chunk} stages={stages}"
         try:
-            f = jax.jit(lambda a, b, h0: pls.scan_forward("gpu", a, b, h0, chunk=chunk, packed=packed, stages=stages)[0])
+            config = LinearScanConfig(chunk=chunk, stages=stages, pack_bf16=packed)
+            f = jax.jit(lambda a, b, h0, config=config: linear_gpu.forward(config, a, b, h0)[0])
             err = rel_err(f(a, b, h0).astype(jnp.float32), ref.astype(jnp.float32))
             t = bench(f, a, b, h0)
             rows.append(_row("linear_scan sweep", shape, jnp.bfloat16, name, t, None, 3 * n * 2, 8 * n * 2, bw, err))

@@ -2,6 +2,10 @@
 
     python benchmarks/kernels_xlstm.py [--ops mlstm,slstm,slstm_stages] [--quick] [--slstm_configs bwd_warps=1,...]
 
+Pallas GPU settings are kernel configurations (``mnemax.kernels.MLSTMConfig``,
+``mnemax.kernels.SLSTMConfig``) passed to the ops' ``config=``; each row names the fields
+it changes.
+
 mLSTM, forward and forward+backward, bf16 inputs, 65,536 tokens per call, 8 heads,
 d_qk 256, d_v 512, at context 8k (batch 8) and 64k (batch 1), against
 
@@ -26,7 +30,6 @@ to the bf16 tensor-core rate measured in the same run, and speedups. JSON to $OU
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -144,19 +147,12 @@ def _time(fn, *args):
     return bench(fn, *args, calls=3, repeats=5, warmup=1)
 
 
-@contextlib.contextmanager
-def gpu_options(opts: dict):
-    """``pallas_mlstm_gpu.GPU_OPTIONS`` updated by ``opts`` inside the block, restored after
-    (the kernels read them while tracing: the jitted functions must first run inside)."""
-    from mnemax.kernels import pallas_mlstm_gpu
+def mlstm_config(backend: str, fields: dict):
+    """The ``config=`` of an mLSTM row: an MLSTMConfig with ``fields`` for the Pallas GPU
+    backend, None for the others."""
+    from mnemax.kernels import MLSTMConfig
 
-    saved = dict(pallas_mlstm_gpu.GPU_OPTIONS)
-    pallas_mlstm_gpu.GPU_OPTIONS.update(opts)
-    try:
-        yield
-    finally:
-        pallas_mlstm_gpu.GPU_OPTIONS.clear()
-        pallas_mlstm_gpu.GPU_OPTIONS.update(saved)
+    return MLSTMConfig(**fields) if backend == "pallas_gpu" else None
 
 
 def _attempt(row, fn):
@@ -201,9 +197,9 @@ def _measure(row, fwd, fb, args, ref, flops, peak):
 
 
 def mlstm_variants(xla_chunks: str, pallas_configs: str) -> list[tuple]:
-    """(row name, backend, pallas_mlstm_gpu.GPU_OPTIONS changes, chunk size): ``xla`` and
-    ``pallas_gpu`` at chunk 64 and the defaults, then each extra xla chunk size and each
-    extra Pallas configuration ``block_v:num_warps[:chunk[:state_block[:state_warps]]][/bwd]``."""
+    """(row name, backend, MLSTMConfig fields, chunk size): ``xla`` and ``pallas_gpu`` at
+    chunk 64 and the defaults, then each extra xla chunk size and each extra Pallas
+    configuration ``block_v:num_warps[:chunk[:state_block[:state_warps]]][+field=value...]``."""
     out = [("xla", "xla", {}, CHUNK), ("pallas_gpu", "pallas_gpu", {}, CHUNK)]
     for c in filter(None, xla_chunks.split(",")):
         out.append((f"xla(L={c})", "xla", {}, int(c)))
@@ -213,17 +209,17 @@ def mlstm_variants(xla_chunks: str, pallas_configs: str) -> list[tuple]:
 
 
 def pallas_variant(cfg: str) -> tuple:
-    """``block_v:num_warps[:chunk[:state_block[:state_warps]]][/bwd][+option=value...]`` ->
-    (row name, "pallas_gpu", GPU_OPTIONS changes, chunk size); the ``+`` options are any
-    other GPU_OPTIONS (e.g. ``+fwd=loop+dv=fused+block_k=256``)."""
+    """``block_v:num_warps[:chunk[:state_block[:state_warps]]][+field=value...]`` ->
+    (row name, "pallas_gpu", MLSTMConfig fields, chunk size); the ``+`` fields are any other
+    MLSTMConfig fields (e.g. ``+dv=fused+block_k=256``)."""
     cfg, *extra = cfg.split("+")
     cfg, _, bwd = cfg.partition("/")
+    if bwd:
+        raise ValueError(f"--pallas_configs {cfg}/{bwd}: the backward variants were removed (one backward is "
+                         f"left, the former 'split'; benchmarks/RESULTS.md has the figures): drop the /{bwd}")
     bv, w, *rest = (int(x) for x in cfg.split(":"))
     L = rest[0] if rest else CHUNK
     opts, name = {"block_v": bv, "num_warps": w}, f"bv={bv},w={w},L={L}"
-    if bwd:  # the backward variant: fused or split (pallas_mlstm_gpu.GPU_OPTIONS["bwd"])
-        opts["bwd"] = bwd
-        name += f",bwd={bwd}"
     if len(rest) > 1:  # the state walk's tile and warps
         opts.update(state_block=rest[1], state_warps=rest[2] if len(rest) > 2 else 4)
         name += f",sb={rest[1]},sw={opts['state_warps']}"
@@ -274,14 +270,16 @@ def mlstm_rows(peak: float, quick: bool, xla_chunks: str = "", pallas_configs: s
         for impl, backend, opts, chunk in variants:
             row = {"op": "mlstm", "shape": shape, "impl": impl}
 
-            def loss(q, k, v, i, f, be=backend, L=chunk):
-                return jnp.sum(mlstm(q, k, v, i, f, backend=be, chunk_size=L)[0].astype(jnp.float32) * dh)
+            cfg = mlstm_config(backend, opts)
 
-            fwd = jax.jit(lambda q, k, v, i, f, be=backend, L=chunk: mlstm(q, k, v, i, f, backend=be, chunk_size=L)[0])
+            def loss(q, k, v, i, f, be=backend, L=chunk, cfg=cfg):
+                return jnp.sum(mlstm(q, k, v, i, f, backend=be, chunk_size=L, config=cfg)[0].astype(jnp.float32) * dh)
+
+            fwd = jax.jit(lambda q, k, v, i, f, be=backend, L=chunk, cfg=cfg: mlstm(q, k, v, i, f, backend=be, chunk_size=L,
+                                                                                  config=cfg)[0])
             fb = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
-            with gpu_options(opts):  # read while tracing, i.e. inside _measure's first calls
-                out = _attempt(row, lambda row=row, fwd=fwd, fb=fb, L=chunk: _measure(
-                    row, fwd, fb, (q, k, v, i, f), ref, mlstm_flops(b, h, t, dk, dv, L)[1], peak))
+            out = _attempt(row, lambda row=row, fwd=fwd, fb=fb, L=chunk: _measure(
+                row, fwd, fb, (q, k, v, i, f), ref, mlstm_flops(b, h, t, dk, dv, L)[1], peak))
             ref = out if ref is None else ref
             here.append(row)
         times = {r["impl"]: r.get("fwdbwd_ms") for r in here if r.get("fwdbwd_ms")}
@@ -302,15 +300,15 @@ def mlstm_rows(peak: float, quick: bool, xla_chunks: str = "", pallas_configs: s
 def mlstm_stage_rows(peak: float, quick: bool, pallas_configs: str = "") -> list[dict]:
     """The Pallas GPU mLSTM's stages timed one by one (forward: gate scalars, state walk,
     forward total; backward: the adjoint part (adjoint walk and stabiliser scans), the
-    dq/dk/gates kernel, the dv kernel, backward total), for the default GPU_OPTIONS and
+    dq/dk/gates kernel, the dv kernel, backward total), for the default MLSTMConfig and
     each of ``pallas_configs`` (see pallas_variant), so the table says where the time goes.
     Each stage is jitted alone on inputs produced by the previous."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from mnemax.kernels import pallas_mlstm as pm
-    from mnemax.kernels import pallas_mlstm_gpu as gpu
+    from mnemax.kernels.mlstm import common as pm
+    from mnemax.kernels.mlstm import gpu
 
     rows = []
     configs = [("pallas_gpu", {}, CHUNK)] + [(n, o, L) for n, _, o, L in map(pallas_variant, filter(None, pallas_configs.split(",")))]
@@ -322,17 +320,15 @@ def mlstm_stage_rows(peak: float, quick: bool, pallas_configs: str = "") -> list
         shape = str((b, h, t, dk, dv))
         for name, opts, L in configs:
             try:
-                with gpu_options(opts):
-                    rows += _stages(jax, jnp, pm, gpu, q, k, v, i, f, dh, L, shape, name)
+                rows += _stages(jax, jnp, pm, gpu, q, k, v, i, f, dh, L, shape, name, mlstm_config("pallas_gpu", opts))
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc()
                 rows.append({"op": "mlstm stages", "shape": shape, "impl": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
     return rows
 
 
-def _stages(jax, jnp, pm, gpu, q, k, v, i, f, dh, L, shape, name):
-    """The stage rows of one configuration (GPU_OPTIONS already set; fresh jits, so the
-    options are traced in)."""
+def _stages(jax, jnp, pm, gpu, q, k, v, i, f, dh, L, shape, name, config):
+    """The stage rows of one MLSTMConfig."""
     b, h, t, dk = q.shape
     dv = v.shape[-1]
     p = pm.make_problem("gpu", q, k, v, i, f, None, L)
@@ -342,30 +338,29 @@ def _stages(jax, jnp, pm, gpu, q, k, v, i, f, dh, L, shape, name):
     st0 = (jnp.zeros((BH, p.d_qk, p.d_v), jnp.float32), jnp.zeros((BH, 1, p.d_qk), jnp.float32),
            jnp.zeros((BH, 1, 1), jnp.float32))
     interpret = jax.default_backend() == "cpu"  # a dry run of the script on CPU (--quick)
-    kw = dict(scale=dk**-0.5, eps=1e-6, interpret=interpret)
+    kw = dict(scale=dk**-0.5, eps=1e-6, config=config, interpret=interpret)
     scal = jax.jit(lambda arrs: gpu.chunk_scalars(P(arrs), st0[2][:, 0, 0]))
-    walk = jax.jit(lambda arrs, x, y, w_a, c: gpu._gpu_walk(P(arrs), x, y, gpu._coefs(w_a, c, c), st0[0], st0[1],
-                                                            reverse=False, state_dtype=x.dtype, interpret=interpret))
+    walk = jax.jit(lambda arrs, x, y, w_a, c: gpu.walk(P(arrs), x, y, gpu.coefs(w_a, c, c), st0[0], st0[1], reverse=False,
+                                                       state_dtype=x.dtype, config=config, interpret=interpret))
     fwd = jax.jit(lambda arrs: gpu.forward(P(arrs), st0, q.dtype, save=True, **kw))
     bwd = jax.jit(lambda arrs, dh, bounds: gpu.backward(P(arrs), dh, bounds, st0, **kw))
     adj = jax.jit(lambda arrs, dh, bounds: gpu.adjoint(P(arrs), dh, bounds, st0, **kw))
     dqk = jax.jit(lambda arrs, dh, Cs, ns, m4, dCs, dns, gme, rows: gpu.gpu_dqk(P(arrs), dh, Cs, ns, m4, dCs, dns, gme, rows,
                                                                                **kw))
     dvk = jax.jit(lambda arrs, dh, ns, m4, dCs: gpu.gpu_dv(P(arrs), dh, ns, m4, dCs, **kw))
-    dh_p = pm._pad_axis(dh.reshape(BH, t, dv), 1, p.n_chunks * p.L)
+    dh_p = pm.pad_axis(dh.reshape(BH, t, dv), 1, p.n_chunks * p.L)
     _, _, w_a, c = scal(arrays)
     bounds = tuple(fwd(arrays)[4:])
     stages = [("gate scalars (xla)", scal, (arrays,)), ("state walk", walk, (arrays, p.k, p.v, w_a, c)),
               ("forward total", fwd, (arrays,)), ("backward total", bwd, (arrays, dh_p, bounds))]
-    if gpu.GPU_OPTIONS["bwd"] == "split":
-        dCs, dns, _, _, _, gm_end, rowstats = adj(arrays, dh_p, bounds)
-        Cs, ns, m4 = bounds[:3]
-        dv_fused = gpu._dv_mode(p) == "fused"  # "auto" resolved as the backward resolves it
-        stages += [("bwd: adjoint walk + scans", adj, (arrays, dh_p, bounds)),
-                   ("bwd: dq/dk/gates kernel" + (" (+dv)" if dv_fused else ""), dqk,
-                    (arrays, dh_p, Cs, ns, m4, dCs, dns, gm_end, rowstats))]
-        if not dv_fused:
-            stages.append(("bwd: dv kernel", dvk, (arrays, dh_p, ns, m4, dCs)))
+    dCs, dns, _, _, _, gm_end, rowstats = adj(arrays, dh_p, bounds)
+    Cs, ns, m4 = bounds[:3]
+    dv_fused = gpu.dv_mode(p, config) == "fused"  # "auto" resolved as the backward resolves it
+    stages += [("bwd: adjoint walk + scans", adj, (arrays, dh_p, bounds)),
+               ("bwd: dq/dk/gates kernel" + (" (+dv)" if dv_fused else ""), dqk,
+                (arrays, dh_p, Cs, ns, m4, dCs, dns, gm_end, rowstats))]
+    if not dv_fused:
+        stages.append(("bwd: dv kernel", dvk, (arrays, dh_p, ns, m4, dCs)))
     rows = []
     for stage, fn, args in stages:
         rows.append({"op": "mlstm stages", "shape": shape, "impl": f"{name}: {stage}", "fwd_ms": _time(fn, *args) * 1e3})
@@ -391,11 +386,11 @@ def mlstm_check_rows(peak: float, quick: bool, pallas_configs: str = "") -> list
     args = (mk(b, h, t, dk), mk(b, h, t, dk), mk(b, h, t, dv), mk(b, h, t), mk(b, h, t, off=3.0))
     dh = jnp.asarray(rng.standard_normal((b, h, t, dv), np.float32))
 
-    def value_and_grads(backend, xs, L=CHUNK):
+    def value_and_grads(backend, xs, L=CHUNK, config=None):
         def loss(*a):
-            return jnp.sum(mlstm(*a, backend=backend, chunk_size=L)[0].astype(jnp.float32) * dh)
+            return jnp.sum(mlstm(*a, backend=backend, chunk_size=L, config=config)[0].astype(jnp.float32) * dh)
 
-        out = jax.jit(lambda *a: mlstm(*a, backend=backend, chunk_size=L)[0])(*xs).astype(jnp.float32)
+        out = jax.jit(lambda *a: mlstm(*a, backend=backend, chunk_size=L, config=config)[0])(*xs).astype(jnp.float32)
         return out, [g.astype(jnp.float32) for g in jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(*xs)]
 
     with jax.default_matmul_precision("highest"):
@@ -408,8 +403,7 @@ def mlstm_check_rows(peak: float, quick: bool, pallas_configs: str = "") -> list
         row = {"op": "mlstm accuracy (vs fp32 parallel)", "shape": shape, "impl": name}
 
         def check(row=row, backend=backend, opts=opts, L=L):
-            with gpu_options(opts):
-                out, grads = value_and_grads(backend, args, L)
+            out, grads = value_and_grads(backend, args, L, mlstm_config(backend, opts))
             row["rel_err"] = _rel(out, ref_out)
             for gname, g, r in zip(("dq", "dk", "dv", "di", "df"), grads, ref_grads):
                 row[f"{gname}_err"] = _rel(g, r)
@@ -421,7 +415,7 @@ def mlstm_check_rows(peak: float, quick: bool, pallas_configs: str = "") -> list
 
 
 def slstm_variants(configs: str) -> list[tuple]:
-    """(row name, backend, pallas_slstm_gpu.GPU_OPTIONS changes, float32 dots?): the xla
+    """(row name, backend, SLSTMConfig fields, float32 dots?): the xla
     backend at float32 dot precision (the accuracy reference) and at JAX's default (the
     timing baseline), the Pallas defaults, then each ``key=value+key=value`` config."""
     out = [("xla (f32 dots)", "xla", {}, True), ("xla", "xla", {}, False), ("pallas_gpu", "pallas_gpu", {}, False)]
@@ -441,7 +435,7 @@ def slstm_rows(peak: float, quick: bool, pallas_configs: str = "") -> list[dict]
     import jax.numpy as jnp
     import numpy as np
 
-    from mnemax.kernels import pallas_slstm_gpu
+    from mnemax.kernels import SLSTMConfig
     from mnemax.kernels.slstm import slstm
 
     b, t, h, d = (2, 64, 2, 32) if quick else SLSTM_SHAPE
@@ -454,18 +448,16 @@ def slstm_rows(peak: float, quick: bool, pallas_configs: str = "") -> list[dict]
     rows, ref = [], None
     for name, backend, opts, exact in slstm_variants(pallas_configs):
         row = {"op": "slstm", "shape": str((b, t, h * d, h)), "impl": name}
-        saved = dict(pallas_slstm_gpu.GPU_OPTIONS)
-        pallas_slstm_gpu.GPU_OPTIONS.update(opts)
-        try:
-            fwd = jax.jit(lambda x, R, bias, be=backend: slstm(x, R, bias, backend=be)[0])
-            fb = jax.jit(jax.grad(lambda x, R, bias, be=backend: jnp.sum(slstm(x, R, bias, backend=be)[0].astype(jnp.float32) * gy),
-                                  argnums=(0, 1, 2)))
-            ctx = jax.default_matmul_precision("highest") if exact else contextlib.nullcontext()
-            with ctx:
-                out = _attempt(row, lambda row=row, fwd=fwd, fb=fb: _measure(row, fwd, fb, (x, R, bias), ref, flops, peak))
-        finally:
-            pallas_slstm_gpu.GPU_OPTIONS.clear()
-            pallas_slstm_gpu.GPU_OPTIONS.update(saved)
+
+        def run(row=row, backend=backend, opts=opts, exact=exact):
+            cfg = SLSTMConfig(**opts) if backend == "pallas_gpu" else None
+            fwd = jax.jit(lambda x, R, bias: slstm(x, R, bias, backend=backend, config=cfg)[0])
+            fb = jax.jit(jax.grad(lambda x, R, bias: jnp.sum(slstm(x, R, bias, backend=backend, config=cfg)[0]
+                                                             .astype(jnp.float32) * gy), argnums=(0, 1, 2)))
+            with jax.default_matmul_precision("highest") if exact else contextlib.nullcontext():
+                return _measure(row, fwd, fb, (x, R, bias), ref, flops, peak)
+
+        out = _attempt(row, run)
         ref = out if ref is None else ref
         rows.append(row)
     base = rows[1].get("fwdbwd_ms")  # the xla backend at default precision
@@ -483,7 +475,8 @@ def slstm_stage_rows(peak: float, quick: bool, pallas_configs: str = "") -> list
     import jax.numpy as jnp
     import numpy as np
 
-    from mnemax.kernels import pallas_slstm_gpu as pg
+    from mnemax.kernels import SLSTMConfig
+    from mnemax.kernels.slstm import gpu as pg
     from mnemax.kernels.slstm import initial_state
 
     B, T, H, D = (2, 64, 2, 32) if quick else SLSTM_SHAPE
@@ -498,25 +491,20 @@ def slstm_stage_rows(peak: float, quick: bool, pallas_configs: str = "") -> list
     rows = []
     for name, _, opts, _ in [v for v in slstm_variants(pallas_configs) if v[1] == "pallas_gpu"]:
         row = {"op": "slstm_stages", "shape": str((B, T, H * D, H)), "impl": name}
-        saved_opts = dict(pg.GPU_OPTIONS)
-        pg.GPU_OPTIONS.update(opts)
 
-        def run(row=row):
-            f0 = jax.jit(lambda x, R, b, st: pg.forward(x, R, b, st, None, save=False, interpret=interpret)[0])
+        def run(row=row, opts=opts):
+            cfg = SLSTMConfig(**opts)
+            f0 = jax.jit(lambda x, R, b, st: pg.forward(x, R, b, st, None, config=cfg, save=False, interpret=interpret)[0])
             row["fwd_ms"] = _time(f0, x, R, b, st) * 1e3
-            f1 = jax.jit(lambda x, R, b, st: pg.forward(x, R, b, st, None, save=True, interpret=interpret)[2])
+            f1 = jax.jit(lambda x, R, b, st: pg.forward(x, R, b, st, None, config=cfg, save=True, interpret=interpret)[2])
             saved = f1(x, R, b, st)
             row["fwd_save_ms"] = _time(f1, x, R, b, st) * 1e3
-            fb = jax.jit(lambda s, dh, df: pg.backward((B, T, 4, H, D), s, dh, df, interpret=interpret))
+            fb = jax.jit(lambda s, dh, df: pg.backward((B, T, 4, H, D), s, dh, df, config=cfg, interpret=interpret))
             row["bwd_ms"] = _time(fb, saved, dh, dfin) * 1e3
-            fk = jax.jit(lambda s, dh, df: pg.backward((B, T, 4, H, D), s, dh, df, interpret=interpret)[0])
+            fk = jax.jit(lambda s, dh, df: pg.backward((B, T, 4, H, D), s, dh, df, config=cfg, interpret=interpret)[0])
             row["bwd_dx_ms"] = _time(fk, saved, dh, dfin) * 1e3
 
-        try:
-            _attempt(row, run)
-        finally:
-            pg.GPU_OPTIONS.clear()
-            pg.GPU_OPTIONS.update(saved_opts)
+        _attempt(row, run)
         rows.append(row)
     return rows
 
@@ -538,12 +526,12 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--xla_chunks", default="", help="extra chunk sizes for the xla mLSTM rows, e.g. 128,256")
     p.add_argument("--pallas_configs", default="",
-                   help="extra Pallas GPU mLSTM settings block_v:num_warps[:chunk[:state_block[:state_warps]]][/fused|/split], "
-                        "e.g. 64:4,128:8,64:8:128:32:4,32:4/split")
+                   help="extra Pallas GPU mLSTM settings block_v:num_warps[:chunk[:state_block[:state_warps]]]"
+                        "[+field=value...] (MLSTMConfig fields), e.g. 64:4,128:8,64:8:128:32:4,64:4+dqk_stages=2")
     p.add_argument("--stage_configs", default="", help="Pallas settings (as --pallas_configs) whose stages "
                    "--ops mlstm_stages times besides the defaults")
-    p.add_argument("--slstm_configs", default="", help="extra Pallas GPU sLSTM settings (GPU_OPTIONS of "
-                   "pallas_slstm_gpu), e.g. bwd_warps=1,splits=8+fwd_warps=8,precision=tf32x3")
+    p.add_argument("--slstm_configs", default="", help="extra Pallas GPU sLSTM settings (SLSTMConfig fields), "
+                   "e.g. bwd_warps=1,splits=8+fwd_warps=8,precision=tf32x3")
     p.add_argument("--no_cudnn", action="store_true", help="skip the cuDNN attention rows of --ops mlstm")
     p.add_argument("--shapes", default="", help="which mLSTM shapes (indices into MLSTM_SHAPES, e.g. 0): default all")
     args = p.parse_args()

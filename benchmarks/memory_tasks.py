@@ -1,10 +1,12 @@
-"""The side-by-side memory benchmark (``mnemax-bench memory``); see
-:mod:`mnemax.train.bench_memory` for what it runs.
+"""The side-by-side memory benchmark (``mnemax-bench memory``); see :mod:`mnemax.train.bench`
+for what it runs. Needs the ``bench`` extra: ``pip install -e ".[bench]"``.
 
     python benchmarks/memory_tasks.py --budget tiny [--smoke]
 """
 
-from mnemax.train.bench_memory import main
+import sys
+
+from mnemax.train.bench.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(["memory", *sys.argv[1:]])

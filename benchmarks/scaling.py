@@ -117,7 +117,7 @@ def run_one(model, mesh, args, data_dir, workdir, peak):
     trainer = Trainer(cfg, workdir, devices=jax.devices()[:n])
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state.params))
     t0 = time.time()
-    result = trainer.run()
+    result = trainer.fit().metrics
     wall = time.time() - t0
     losses, rates = read_losses(workdir)
     timed = [rates[s] for s in sorted(rates) if s > args.warmup and rates[s]]

@@ -87,17 +87,34 @@ TASK_SET_FIELDS = frozenset({"family", "block", "preset", "vocab_size", "input_d
 def overridable_fields(preset: str) -> dict:
     """Every model field the command line may change for ``preset``, at the preset's values:
     the ``ModelConfig`` fields the task does not set, and every block option of the preset's
-    family (``mnemax.get_family(f).block_keys``, merged with the preset's own block)."""
+    family (the fields of its typed block config, ``mnemax.get_family(f).config``)."""
     import dataclasses
 
     import mnemax
 
     cfg = mnemax.get_config(preset)
     top = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in TASK_SET_FIELDS}
-    block = {**mnemax.get_family(cfg.family).block_keys, **cfg.block}
+    block = dict(cfg.block)
     # a block option named like a ModelConfig field (mamba's norm_eps) is reached as the
     # top-level field, as mnemax.get_config(preset, norm_eps=...) does
     return {**block, **top}
+
+
+def task_families(tuned: dict) -> dict:
+    """The families a task config offers, ``{arg: (preset, overrides)}``: every registered
+    family (``mnemax.list_families()``) at its tiny preset (``mnemax.tiny_preset``) with no
+    overrides, and the task's own table ``tuned`` on top (a family's line sized for the
+    task, or a variant under another name, e.g. ``transformer-vanilla``). A line named
+    after a family must use a preset of that family (ValueError naming it)."""
+    import mnemax
+
+    out = {family: (mnemax.tiny_preset(family), {}) for family in mnemax.list_families()}
+    for arg, (preset, overrides) in tuned.items():
+        family = mnemax.get_config(preset).family  # ValueError for an unknown preset
+        if arg in out and family != arg:
+            raise ValueError(f"task config line {arg!r}: preset {preset!r} is of family {family!r}, not {arg!r}")
+        out[arg] = (preset, dict(overrides))
+    return out
 
 
 def apply_family(config: ml_collections.ConfigDict, families: dict, arg: str) -> ml_collections.ConfigDict:

@@ -1,10 +1,13 @@
 """ListOps: ``--config=configs/listops.py:<family>``."""
 
-from mnemax.configs.base import apply_family, base_config
+from mnemax.configs.base import apply_family, base_config, task_families
 
-FAMILIES = {
+# family (or a variant) -> (preset, overrides sized for this task); every other registered
+# family runs at its tiny preset (configs.base.task_families)
+TUNED = {
     "transformer": ("transformer-tiny", {"d_model": 128, "n_layers": 4, "num_heads": 4, "window": 256}),
 }
+FAMILIES = task_families(TUNED)
 
 
 def get_config(arg: str = "transformer"):

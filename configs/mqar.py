@@ -4,14 +4,15 @@ The default (``transformer``) trains a 2-layer Transformer whose keys pass a sho
 causal conv (``key_conv=4``: one attention layer can then bind each value to the key
 before it) to >= 90% held-out recall of 16 key-value pairs on a 2-core CPU in a few
 minutes; ``transformer-vanilla`` is the plain Transformer, which must first learn a
-previous-token head and needs far more steps. Each family adds its line to
-``FAMILIES``.
+previous-token head and needs far more steps. Every registered family is offered
+(``FAMILIES``, from the registry); ``TUNED`` sizes some of them for this task.
 """
 
-from mnemax.configs.base import apply_family, base_config
+from mnemax.configs.base import apply_family, base_config, task_families
 
-# family -> (preset, overrides of the preset sized for this task)
-FAMILIES = {
+# family (or a variant) -> (preset, overrides sized for this task); every other registered
+# family runs at its tiny preset (configs.base.task_families)
+TUNED = {
     "transformer": ("transformer-tiny", {"d_model": 64, "n_layers": 2, "num_heads": 2, "window": 128, "key_conv": 4}),
     "transformer-vanilla": ("transformer-tiny", {"d_model": 64, "n_layers": 2, "num_heads": 2, "window": 128}),
     "mamba": ("mamba-tiny", {"d_model": 64, "n_layers": 2, "d_state": 16}),
@@ -29,6 +30,7 @@ FAMILIES = {
          "cross_layer_every": 2, "pool_chunk": 8},
     ),
 }
+FAMILIES = task_families(TUNED)
 
 
 def get_config(arg: str = "transformer"):

@@ -1,10 +1,13 @@
 """Selective copying: ``--config=configs/selective_copying.py:<family>``."""
 
-from mnemax.configs.base import apply_family, base_config
+from mnemax.configs.base import apply_family, base_config, task_families
 
-FAMILIES = {
+# family (or a variant) -> (preset, overrides sized for this task); every other registered
+# family runs at its tiny preset (configs.base.task_families)
+TUNED = {
     "transformer": ("transformer-tiny", {"d_model": 64, "n_layers": 2, "num_heads": 2, "window": 128, "key_conv": 4}),
 }
+FAMILIES = task_families(TUNED)
 
 
 def get_config(arg: str = "transformer"):

@@ -39,3 +39,12 @@ def bool_resets(resets, batch: int, time: int):
             "use e.g. resets.astype(bool) if 0/1 values are meant"
         )
     return arr
+
+
+def state_shapes(state):
+    """The shapes of a state tuple's arrays (None if ``state`` is not iterable), for the ops'
+    state checks."""
+    try:
+        return tuple(tuple(jnp.shape(s)) for s in state)
+    except TypeError:
+        return None

@@ -1,22 +1,24 @@
-"""Backend dispatch for the scan and recurrence ops.
+"""Backend choice for the scan and recurrence ops.
 
-Each op (``linear_scan``, later ``selective_scan``, ``mlstm``, ``slstm``) has one
-signature and several backends registered here:
+Each op package (``kernels/<op>/``) has one signature and several backends, listed in
+an immutable table its ``__init__`` builds once with :func:`backends`:
 
 * ``reference``  -- a plainly sequential ``lax.scan`` in float32: the ground truth.
 * ``xla``        -- portable parallel forms (``lax.associative_scan``, chunked matmuls).
-* ``pallas_gpu`` -- Pallas kernels for NVIDIA GPUs (registered by later modules).
-* ``pallas_tpu`` -- Pallas Mosaic TPU kernels (registered by later modules).
+* ``pallas_gpu`` -- Pallas kernels for NVIDIA GPUs.
+* ``pallas_tpu`` -- Pallas Mosaic TPU kernels.
 
-``backend=None`` picks by ``jax.default_backend()``: the first registered backend of
-``DEFAULT_ORDER[platform]``. The environment variable ``MNEMAX_KERNEL_BACKEND``
-overrides the platform default (an explicit ``backend=`` argument still wins).
+``backend=None`` picks by ``jax.default_backend()``: the first backend of the op's table
+in ``DEFAULT_ORDER[platform]`` that is not opt-in. The environment variable
+``MNEMAX_KERNEL_BACKEND`` overrides the platform default (an explicit ``backend=``
+argument still wins).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Mapping
 
 import jax
 
@@ -24,81 +26,13 @@ BACKENDS = ("reference", "xla", "pallas_gpu", "pallas_tpu")
 ENV_VAR = "MNEMAX_KERNEL_BACKEND"
 
 # Preferred backends per platform, best first; the first one registered for an op wins.
-DEFAULT_ORDER: dict[str, tuple[str, ...]] = {
+DEFAULT_ORDER: Mapping[str, tuple[str, ...]] = types.MappingProxyType({
     "gpu": ("pallas_gpu", "xla"),
     "cuda": ("pallas_gpu", "xla"),
     "rocm": ("xla",),
     "tpu": ("pallas_tpu", "xla"),
     "cpu": ("xla",),
-}
-
-_REGISTRY: dict[str, dict[str, Callable]] = {}
-# (op, backend) pairs that run only when asked for by name (not yet checked on hardware).
-_OPT_IN: set[tuple[str, str]] = set()
-
-
-def register(op: str, backend: str, *, default: bool = True) -> Callable[[Callable], Callable]:
-    """Decorator: register ``fn`` as the ``backend`` implementation of ``op``. With
-    ``default=False`` the backend is never picked by ``backend=None`` (only by name or
-    ``MNEMAX_KERNEL_BACKEND``)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-    def deco(fn: Callable) -> Callable:
-        _REGISTRY.setdefault(op, {})[backend] = fn
-        if not default:
-            _OPT_IN.add((op, backend))
-        return fn
-
-    return deco
-
-
-def available(op: str) -> tuple[str, ...]:
-    """The backends registered for ``op``, in ``BACKENDS`` order."""
-    impls = _REGISTRY.get(op, {})
-    return tuple(b for b in BACKENDS if b in impls)
-
-
-def default_backend(op: str, platform: str | None = None) -> str:
-    """The backend ``backend=None`` resolves to for ``op`` on ``platform``."""
-    env = os.environ.get(ENV_VAR)
-    if env:
-        if env not in _REGISTRY.get(op, {}):
-            raise ValueError(
-                f"{ENV_VAR}={env!r} names no backend of {op!r}; "
-                f"expected one of {available(op)}"
-            )
-        return env
-    platform = platform or jax.default_backend()
-    for name in DEFAULT_ORDER.get(platform, ("xla",)):
-        if name in _REGISTRY.get(op, {}) and (op, name) not in _OPT_IN:
-            return name
-    return "reference"
-
-
-# Mesh axes (mnemax.sharding) that split the batch, and the one that splits channels/heads.
-BATCH_AXES = ("data", "fsdp")
-TENSOR_AXIS = "tensor"
-
-
-def mesh_split(batch: int, channels: int | None = None):
-    """``(batch_axes, channel_axis)`` of the mesh context (``jax.set_mesh`` /
-    ``use_abstract_mesh``) that divide ``batch`` / ``channels``; None where nothing splits.
-
-    A ``pallas_call`` is opaque to XLA's SPMD partitioner, which replicates it (every
-    device then runs the whole batch); kernels run per shard under ``jax.shard_map``
-    over these axes instead."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return None, None
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-    n = 1
-    for a in axes:
-        n *= mesh.shape[a]
-    rows = (axes if len(axes) > 1 else axes[0]) if axes and batch % n == 0 else None
-    tp = mesh.shape[TENSOR_AXIS] if TENSOR_AXIS in mesh.axis_names else 1
-    cols = TENSOR_AXIS if channels is not None and tp > 1 and channels % tp == 0 else None
-    return rows, cols
+})
 
 
 def gpu_sm_count() -> int:
@@ -120,14 +54,42 @@ def interpret_flag(interpret: bool | None) -> bool:
     return os.environ.get(INTERPRET_ENV_VAR, "").lower() in ("1", "true", "yes")
 
 
-def resolve(op: str, backend: str | None) -> tuple[str, Callable]:
-    """Returns ``(name, implementation)`` of ``op`` for ``backend`` (None: the default)."""
-    if op not in _REGISTRY:
-        raise ValueError(f"unknown op {op!r}; registered ops: {sorted(_REGISTRY)}")
-    name = default_backend(op) if backend is None else backend
-    impls = _REGISTRY[op]
-    if name not in impls:
-        raise ValueError(
-            f"backend must be one of {available(op)} for {op!r}, got {backend!r}"
-        )
-    return name, impls[name]
+def backends(op: str, impls: Mapping[str, Callable], *, opt_in: frozenset[str] = frozenset()) -> Backends:
+    """An op's backend table: ``impls`` maps backend names (of ``BACKENDS``) to
+    implementations; backends in ``opt_in`` run only when asked for by name. Immutable,
+    built once by the op's package."""
+    bad = sorted(set(impls) - set(BACKENDS))
+    if bad:
+        raise ValueError(f"{op}: backend names must be among {BACKENDS}, got {bad}")
+    return Backends(op, types.MappingProxyType(dict(impls)), frozenset(opt_in))
+
+
+class Backends:
+    """One op's backends (see :func:`backends`): ``available()``, ``default(platform)`` and
+    ``resolve(backend) -> (name, implementation)``."""
+
+    __slots__ = ("op", "impls", "opt_in")
+
+    def __init__(self, op: str, impls: Mapping[str, Callable], opt_in: frozenset[str]):
+        self.op, self.impls, self.opt_in = op, impls, opt_in
+
+    def available(self) -> tuple[str, ...]:
+        return tuple(b for b in BACKENDS if b in self.impls)
+
+    def default(self, platform: str | None = None) -> str:
+        env = os.environ.get(ENV_VAR)
+        if env:
+            if env not in self.impls:
+                raise ValueError(f"{ENV_VAR}={env!r} names no backend of {self.op!r}; expected one of {self.available()}")
+            return env
+        platform = platform or jax.default_backend()
+        for name in DEFAULT_ORDER.get(platform, ("xla",)):
+            if name in self.impls and name not in self.opt_in:
+                return name
+        return "reference"
+
+    def resolve(self, backend: str | None) -> tuple[str, Callable]:
+        name = self.default() if backend is None else backend
+        if name not in self.impls:
+            raise ValueError(f"backend must be one of {self.available()} for {self.op!r}, got {backend!r}")
+        return name, self.impls[name]

@@ -9,9 +9,9 @@ and ``layer.initial_state(batch_size)`` on the unbound module. See
 
 from .attention import AttentionState, CausalSelfAttention, episode_positions, ring_buffer_update, rope
 from .base import NO_WEIGHT_DECAY, check_resets, check_sequence, check_state, reset_state, state_dtype, weight_decay_mask
+from .causal_hopfield import CausalHopfield, CausalHopfieldBlock, HopfieldPoolingBlock
 from .conv import CausalConv1d, ConvState
 from .hopfield import Hopfield, HopfieldLayer, HopfieldPooling, associate, hopfield_energy, hopfield_update
-from .causal_hopfield import CausalHopfield, CausalHopfieldBlock, HopfieldPoolingBlock  # noqa: I001 (after .hopfield)
 from .elm import ELMBlock, ELMNeuron, ELMState
 from .hcam import HCAMAttention, HCAMBlock, HCAMState
 from .memmamba import CrossLayerRead, MemMambaBlock, MemMambaStack, MemMambaState, NotePool

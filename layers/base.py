@@ -154,18 +154,6 @@ def begin_call(module, x, features: int | None, state, resets):
     return batch, time, resets, state, fresh
 
 
-def inner_module(outer: nn.Module, cls, **overrides):
-    """``cls`` built from the fields ``outer`` shares with it (by name), plus ``overrides``:
-    the block -> layer pattern, without listing every option twice."""
-    import dataclasses
-
-    mine = {f.name for f in dataclasses.fields(outer)} - {"parent", "name"}
-    theirs = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
-    kwargs = {n: getattr(outer, n) for n in mine & theirs}
-    kwargs.update(overrides)
-    return cls(**kwargs)
-
-
 def segment_ids(resets, batch: int, time: int):
     """(batch, time) int32: number of resets up to and including each step."""
     if resets is None:

@@ -58,7 +58,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from .attention import AttentionState, episode_positions, ring_buffer_update, with_cache
-from .base import Dtype, begin_call, check_sequence, compute_dtype, inner_module, partitioned, state_dtype
+from .base import Dtype, begin_call, check_sequence, compute_dtype, partitioned, state_dtype
 from .conv import CausalConv1d
 from .hopfield import PatternOps, associate
 from .mlp import MLP
@@ -249,69 +249,61 @@ class CausalHopfield(PatternOps, nn.Module):
 
 
 class CausalHopfieldBlock(nn.Module):
-    """``x + CausalHopfield(x)`` then ``x + MLP(norm(x))``. The Hopfield layer's own
-    LayerNorms of state/stored/projected patterns (hflayers' defaults) act as its
-    pre-norm. State: that of :class:`CausalHopfield`."""
+    """``x + hopfield(x)`` then ``x + MLP(norm(x))``, around the :class:`CausalHopfield` it
+    holds (``hopfield``: unbound; its parameters and state are the block's). The Hopfield
+    layer's own LayerNorms of state/stored/projected patterns (hflayers' defaults) act as
+    its pre-norm; the norm and MLP run in its dtypes."""
 
-    features: int
-    num_heads: int = 4
-    hidden_size: int | None = None
-    pattern_size: int | None = None
-    memory_size: int = 256
-    include_current: bool = False
-    scaling: float | Sequence[float] | None = None
-    update_steps_max: int | None = 0
-    update_steps_eps: float = 1e-4
-    normalize_hopfield_space: bool = False
-    key_conv: int = 0
+    hopfield: CausalHopfield
     mlp_ratio: float = 4.0
     mlp_kind: str = "swiglu"
     norm: str = "rms"
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
-    def _hopfield(self, **kw) -> CausalHopfield:
-        return inner_module(self, CausalHopfield, **kw)
+    @property
+    def features(self) -> int:
+        return self.hopfield.features
 
     def initial_state(self, batch_size: int) -> AttentionState:
-        return self._hopfield(parent=None).initial_state(batch_size)
+        return self.hopfield.initial_state(batch_size)
 
     @nn.compact
     def __call__(self, x, state: AttentionState | None = None, resets=None):
         check_sequence(x, self.features)
-        h, state = self._hopfield(name="hopfield")(x, state, resets)
+        h, state = self.hopfield(x, state, resets)
         x = x + h.astype(x.dtype)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.hopfield.dtype, param_dtype=self.hopfield.param_dtype)
         h, _ = make_norm(self.norm, name="mlp_norm", **kw)(x)
         h, _ = MLP(hidden=int(round(self.mlp_ratio * self.features)), kind=self.mlp_kind, name="mlp", **kw)(h)
         return x + h.astype(x.dtype), state
 
 
 class HopfieldPoolingBlock(nn.Module):
-    """Causal Hopfield pooling (``num_queries`` learned state patterns, current step
-    included) that *replaces* the stream: ``y_t`` = the pooled memory of the last
-    ``memory_size`` steps of the episode (no residual, so a classifier reading the last
-    step sees HopfieldPooling of the sequence). State: that of :class:`CausalHopfield`."""
+    """Causal Hopfield pooling that *replaces* the stream: ``y_t`` = the pooled memory of the
+    last ``memory_size`` steps of the episode (no residual, so a classifier reading the last
+    step sees HopfieldPooling of the sequence). ``pool`` is the :class:`CausalHopfield` it
+    holds, with learned queries (``num_queries``) and the current step included
+    (``include_current=True``). State: that of the pool."""
 
-    features: int
-    num_heads: int = 4
-    num_queries: int = 1
-    memory_size: int = 2048
-    hidden_size: int | None = None
-    pattern_size: int | None = None
-    scaling: float | Sequence[float] | None = None
-    update_steps_max: int | None = 0
-    update_steps_eps: float = 1e-4
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
+    pool: CausalHopfield
 
-    def _pool(self, **kw) -> CausalHopfield:
-        return inner_module(self, CausalHopfield, include_current=True, **kw)
+    @property
+    def features(self) -> int:
+        return self.pool.features
+
+    def _check_pool(self):
+        if not self.pool.include_current or self.pool.num_queries is None:
+            raise ValueError(
+                "HopfieldPoolingBlock's pool must pool with learned queries over the current step too: "
+                f"include_current=True and num_queries >= 1, got include_current={self.pool.include_current}, "
+                f"num_queries={self.pool.num_queries}"
+            )
 
     def initial_state(self, batch_size: int) -> AttentionState:
-        return self._pool(parent=None).initial_state(batch_size)
+        self._check_pool()
+        return self.pool.initial_state(batch_size)
 
     @nn.compact
     def __call__(self, x, state: AttentionState | None = None, resets=None):
-        y, state = self._pool(name="pool")(x, state, resets)
+        self._check_pool()
+        y, state = self.pool(x, state, resets)
         return y.astype(x.dtype), state

@@ -78,8 +78,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mnemax.kernels import linear_scan
+from mnemax.kernels.linear_scan import LinearScanConfig
+from mnemax.kernels.sharding import KernelSharding
 
-from .base import Dtype, begin_call, check_sequence, compute_dtype, inner_module, partitioned, state_dtype
+from .base import Dtype, begin_call, check_sequence, compute_dtype, partitioned, state_dtype
 from .conv import torch_conv_init
 from .norms import make_norm
 
@@ -172,6 +174,10 @@ class ELMNeuron(nn.Module):
     routing_seed: int = 0
     delta_t: float = 1.0
     backend: str | None = None
+    # linear_scan's config (its Pallas kernels' tuning) and sharding (the mesh axes splitting
+    # the batch and the synapses/branches, for a Pallas backend under a mesh of several devices)
+    kernel_config: LinearScanConfig | None = None
+    kernel_sharding: KernelSharding | None = None
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -251,12 +257,14 @@ class ELMNeuron(nn.Module):
 
         kappa_trace = jnp.exp(-self.delta_t / jnp.maximum(jnp.asarray(self.tau_s_value, rdt), 1e-6))
         if self.version == 1:
-            s = linear_scan(kappa_trace, weighted, h0=state.traces.astype(rdt), resets=resets, backend=self.backend)
+            s = linear_scan(kappa_trace, weighted, h0=state.traces.astype(rdt), resets=resets, backend=self.backend,
+                            config=self.kernel_config, sharding=self.kernel_sharding)
             branch_in = s.reshape(batch, time, n_branch, -1).sum(-1)
             traces_last = s[:, -1]
         else:
             b_in = weighted.reshape(batch, time, n_branch, -1).sum(-1)
-            branch_in = linear_scan(kappa_trace, b_in, h0=state.traces.astype(rdt), resets=resets, backend=self.backend)
+            branch_in = linear_scan(kappa_trace, b_in, h0=state.traces.astype(rdt), resets=resets, backend=self.backend,
+                                    config=self.kernel_config, sharding=self.kernel_sharding)
             traces_last = branch_in[:, -1]
 
         tau_m = self._tau_m(rdt)
@@ -313,35 +321,32 @@ class ELMNeuron(nn.Module):
 
 
 class ELMBlock(nn.Module):
-    """A residual ELM layer for stacks: ``x + ELMNeuron(num_input=F, num_output=F)(norm(x))``.
-    State: :class:`ELMState`."""
+    """A residual ELM layer for stacks: ``x + elm(norm(x))`` around the :class:`ELMNeuron` it
+    holds (``elm``: unbound, with ``num_input = num_output = features``; its parameters and
+    state are the block's; the norm runs in its dtypes). State: :class:`ELMState`."""
 
-    features: int
-    num_memory: int = 100
-    version: int = 1
-    lambda_value: float = 5.0
-    mlp_num_layers: int = 1
-    tau_s_value: float = 5.0
-    memory_tau_min: float = 1.0
-    memory_tau_max: float = 1000.0
-    learn_memory_tau: bool = False
-    num_branch: int | None = None
-    num_synapse_per_branch: int = 1
-    routing: str | None = None
-    routing_seed: int = 0
+    elm: ELMNeuron
     norm: str = "rms"
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
-    def _neuron(self, **kw) -> ELMNeuron:
-        return inner_module(self, ELMNeuron, num_input=self.features, num_output=self.features, **kw)
+    @property
+    def features(self) -> int:
+        return self.elm.num_input
+
+    def _check_neuron(self):
+        if self.elm.num_output != self.elm.num_input:
+            raise ValueError(
+                f"ELMBlock's neuron must map the stream to itself (num_input = num_output), got num_input="
+                f"{self.elm.num_input}, num_output={self.elm.num_output}"
+            )
 
     def initial_state(self, batch_size: int) -> ELMState:
-        return self._neuron(parent=None).initial_state(batch_size)
+        self._check_neuron()
+        return self.elm.initial_state(batch_size)
 
     @nn.compact
     def __call__(self, x, state: ELMState | None = None, resets=None):
+        self._check_neuron()
         check_sequence(x, self.features)
-        h, _ = make_norm(self.norm, name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
-        h, state = self._neuron(name="elm")(h, state, resets)
+        h, _ = make_norm(self.norm, name="norm", dtype=self.elm.dtype, param_dtype=self.elm.param_dtype)(x)
+        h, state = self.elm(h, state, resets)
         return x + h.astype(x.dtype), state

@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .attention import episode_positions, rope
-from .base import Dtype, begin_call, check_sequence, compute_dtype, inner_module, partitioned, state_dtype
+from .base import Dtype, begin_call, check_sequence, compute_dtype, partitioned, state_dtype
 from .mlp import MLP
 from .norms import make_norm
 
@@ -388,38 +388,30 @@ class HCAMAttention(nn.Module):
 
 
 class HCAMBlock(nn.Module):
-    """Transformer block with HCAM: ``h = norm(x); x = x + HCAMAttention(h)`` (local
-    attention in the current chunk + the memory read, both added to the residual; the
-    memory stores ``h``), then ``x = x + MLP(norm(x))``. State: :class:`HCAMState`."""
+    """Transformer block with HCAM: ``h = norm(x); x = x + hcam(h)`` (local attention in the
+    current chunk + the memory read, both added to the residual; the memory stores ``h``),
+    then ``x = x + MLP(norm(x))``. ``hcam`` is the :class:`HCAMAttention` it holds (unbound;
+    its parameters and state are the block's; the norms and MLP run in its dtypes). State:
+    :class:`HCAMState`."""
 
-    features: int
-    num_heads: int = 4
-    chunk_size: int = 16
-    num_chunks: int = 64
-    top_k: int = 4
-    key_size: int | None = None
-    memory_position_encoding: bool = True
-    stop_gradient_memory: bool = True
-    persist_across_resets: bool = False
-    impl: str = "parallel"
+    hcam: HCAMAttention
     mlp_ratio: float = 4.0
     mlp_kind: str = "swiglu"
     norm: str = "rms"
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
-    def _hcam(self, **kw) -> HCAMAttention:
-        return inner_module(self, HCAMAttention, **kw)
+    @property
+    def features(self) -> int:
+        return self.hcam.features
 
     def initial_state(self, batch_size: int) -> HCAMState:
-        return self._hcam(parent=None).initial_state(batch_size)
+        return self.hcam.initial_state(batch_size)
 
     @nn.compact
     def __call__(self, x, state: HCAMState | None = None, resets=None):
         check_sequence(x, self.features)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.hcam.dtype, param_dtype=self.hcam.param_dtype)
         h, _ = make_norm(self.norm, name="attn_norm", **kw)(x)
-        h, state = self._hcam(name="hcam")(h, state, resets)
+        h, state = self.hcam(h, state, resets)
         x = x + h.astype(x.dtype)
         h, _ = make_norm(self.norm, name="mlp_norm", **kw)(x)
         h, _ = MLP(hidden=int(round(self.mlp_ratio * self.features)), kind=self.mlp_kind, name="mlp", **kw)(h)

@@ -480,15 +480,10 @@ class HopfieldLayer(Hopfield):
         )
 
 
-from .causal_hopfield import CausalHopfield, CausalHopfieldBlock, HopfieldPoolingBlock  # noqa: E402
-
 __all__ = [
-    "CausalHopfield",
-    "CausalHopfieldBlock",
     "Hopfield",
     "HopfieldLayer",
     "HopfieldPooling",
-    "HopfieldPoolingBlock",
     "associate",
     "hopfield_energy",
     "hopfield_update",

@@ -12,7 +12,8 @@ channels, R = dt_rank and N = d_state::
     y           = selective_scan(x, dt, A = -exp(A_log), B, C) + D x
     out         = out_proj(y * silu(z))                       E -> d_model
 
-and the block ``out = residual + Mixer(RMSNorm(u))`` with the residual in float32.
+and the block ``out = residual + Mixer(RMSNorm(u))`` with the residual in float32
+(:class:`MambaBlock` holds its mixer: ``MambaBlock(mixer=MambaMixer(features=d))``).
 The scan is :func:`mnemax.kernels.selective_scan` (``backend`` picks reference / xla /
 kernels; ``chunk_size`` is passed on).
 
@@ -31,7 +32,6 @@ State: the last d_conv - 1 conv inputs and the SSM state, float32::
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import NamedTuple
 
@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 
 from mnemax.kernels import selective_scan
+from mnemax.kernels.selective_scan import SelectiveScanConfig
+from mnemax.kernels.sharding import KernelSharding
 
 from .base import Dtype, begin_call, check_sequence, compute_dtype, partitioned, state_dtype
 from .conv import CausalConv1d, ConvState
@@ -83,6 +85,9 @@ class MambaMixer(nn.Module):
       conv_bias: bias in the conv; use_bias: biases in in_proj and out_proj.
       n_layers, rescale_prenorm_residual: out_proj init divided by sqrt(n_layers).
       backend, chunk_size: passed to :func:`mnemax.kernels.selective_scan`.
+      kernel_config, kernel_sharding: passed to it as ``config`` (the Pallas kernels'
+        tuning; None: the defaults) and ``sharding`` (the mesh axes splitting the batch and
+        the inner channels, needed for a Pallas backend under a mesh of several devices).
     """
 
     features: int
@@ -101,6 +106,8 @@ class MambaMixer(nn.Module):
     rescale_prenorm_residual: bool = True
     backend: str | None = None
     chunk_size: int | None = None
+    kernel_config: SelectiveScanConfig | None = None
+    kernel_sharding: KernelSharding | None = None
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -174,7 +181,8 @@ class MambaMixer(nn.Module):
         A = -jnp.exp(A_log.astype(jnp.promote_types(pdt, jnp.float32)))
         y, h = selective_scan(
             x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True, h0=state.ssm, resets=resets,
-            return_state=True, chunk_size=self.chunk_size, backend=self.backend,
+            return_state=True, chunk_size=self.chunk_size, backend=self.backend, config=self.kernel_config,
+            sharding=self.kernel_sharding,
         )
         out_scale = 1.0 / math.sqrt(self.n_layers) if self.rescale_prenorm_residual else 1.0
         out = dense(d, E, ("mlp", "embed"), "out_proj", self.use_bias, fan_in_uniform(E, out_scale))(y.astype(cdt))
@@ -182,19 +190,29 @@ class MambaMixer(nn.Module):
         return out, MambaState(conv=conv_state.inputs.astype(sdt), ssm=h.astype(sdt))
 
 
-def mixer_fields(block: nn.Module, mixer_cls: type[nn.Module]) -> dict:
-    """The values of ``mixer_cls``'s fields on ``block`` (a block that extends its mixer)."""
-    names = {f.name for f in dataclasses.fields(mixer_cls)} - {"parent", "name"}
-    return {n: getattr(block, n) for n in names}
+class MambaBlock(nn.Module):
+    """``out = residual + mixer(RMSNorm(u))``: the pre-norm residual block around a
+    :class:`MambaMixer` it holds; the residual and the output are float32 when
+    ``residual_in_fp32`` (the reference default).
 
+    Attributes:
+      mixer: the MambaMixer (an unbound module: built outside any module, or with
+        ``parent=None`` inside one); its parameters are the block's ``mixer``, its state
+        the block's. The norm runs in the mixer's dtype and param_dtype.
+      norm_eps: epsilon of the RMSNorm (``norm``).
+      residual_in_fp32: keep the residual stream in float32.
+    """
 
-class MambaBlock(MambaMixer):
-    """``out = residual + MambaMixer(RMSNorm(u))`` (the mixer's fields, plus the norm's eps);
-    the residual and the output are float32 when ``residual_in_fp32`` (the reference
-    default)."""
-
+    mixer: MambaMixer
     norm_eps: float = 1e-5
     residual_in_fp32: bool = True
+
+    @property
+    def features(self) -> int:
+        return self.mixer.features
+
+    def initial_state(self, batch_size: int) -> MambaState:
+        return self.mixer.initial_state(batch_size)
 
     @nn.compact
     def __call__(self, u, state: MambaState | None = None, resets=None):
@@ -203,11 +221,13 @@ class MambaBlock(MambaMixer):
         return y, state
 
 
-def mamba_residual(block: MambaBlock, u, state: MambaState | None, resets):
-    """``u + MambaMixer(RMSNorm(u))`` with the fields of ``block`` (a MambaBlock or a block
-    extending it), as its submodules ``norm`` and ``mixer``; call it from the block's compact
-    method. Returns (output, mixer state, the normed input)."""
-    h, _ = RMSNorm(eps=block.norm_eps, dtype=block.dtype, param_dtype=block.param_dtype, name="norm")(u)
-    m, state = MambaMixer(**mixer_fields(block, MambaMixer), name="mixer")(h, state, resets)
+def mamba_residual(block, u, state: MambaState | None, resets):
+    """``u + block.mixer(RMSNorm(u))`` for ``block`` (a MambaBlock, or a block with the same
+    ``mixer``, ``norm_eps`` and ``residual_in_fp32`` fields), with the norm as its submodule
+    ``norm``; call it from the block's compact method. Returns (output, mixer state, the
+    normed input)."""
+    mixer = block.mixer
+    h, _ = RMSNorm(eps=block.norm_eps, dtype=mixer.dtype, param_dtype=mixer.param_dtype, name="norm")(u)
+    m, state = mixer(h, state, resets)
     residual = u.astype(jnp.promote_types(u.dtype, jnp.float32)) if block.residual_in_fp32 else u
     return residual + m.astype(residual.dtype), state, h

@@ -5,7 +5,8 @@ Wang et al., "MemMamba: Rethinking Memory Patterns in State Space Model" (arXiv
 not available to us; what follows is the paper's structure with every open choice made
 explicit as a field (the table below says which default we took and why).
 
-Layer l (:class:`MemMambaBlock`), on the residual stream ``u`` (batch, time, d)::
+Layer l (:class:`MemMambaBlock`, which holds its :class:`MambaMixer`), on the residual
+stream ``u`` (batch, time, d)::
 
     h_t   = RMSNorm(u_t)                                       the Mamba block's pre-norm
     y_t   = u_t + MambaMixer(h)_t                              x^{l+1}: the Mamba block (fp32 residual)
@@ -99,7 +100,7 @@ Choices the paper leaves open (field: default -- why):
 
 State (float32; ``count`` int32)::
 
-    y, state = MemMambaBlock(features=d)(u, state, resets)
+    y, state = MemMambaBlock(mixer=MambaMixer(features=d))(u, state, resets)
     state: MemMambaState(mamba=MambaState(conv, ssm),
                          pool=NotePool(entries=(batch, P, pool_dim), salience=(batch, P), count=(batch,)))
 
@@ -119,7 +120,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .base import Dtype, begin_call, check_sequence, check_state, compute_dtype, expected_state, partitioned, reset_state, state_dtype
-from .mamba import MambaBlock, MambaMixer, MambaState, fan_in_uniform, mamba_residual, mixer_fields
+from .mamba import MambaMixer, MambaState, fan_in_uniform, mamba_residual
 from .norms import RMSNorm
 
 GATES = ("hard", "soft", "ste")
@@ -276,7 +277,7 @@ def scan_reference(pools0, notes, resets, q, w_k, w_v, replace: str):
     return jnp.moveaxis(reads, 0, 1), pools
 
 
-def _chunk_split(batch: int, time: int, chunk: int):
+def chunk_split(batch: int, time: int, chunk: int):
     """(size, n_chunks, split): ``split`` maps (batch, time, ...) to (n_chunks, batch, size,
     ...), zero-padding the last chunk."""
     size = min(chunk, time)
@@ -295,7 +296,7 @@ def scan_chunked(pools0, notes, resets, q, w_k, w_v, replace: str, chunk: int, h
     Returns (reads, final pools) and, with ``history``, the pools at each chunk's start
     (each a :class:`NotePool` with a leading (n_chunks,) axis)."""
     batch, time = q.shape[:2]
-    size, n_chunks, split = _chunk_split(batch, time, chunk)  # padded steps write nothing
+    size, n_chunks, split = chunk_split(batch, time, chunk)  # padded steps write nothing
     cut = jnp.zeros((batch, time), bool) if resets is None else resets
     xs = jax.tree.map(split, (q, cut, tuple(tuple(n) for n in notes)))
     steps = jnp.arange(size)
@@ -323,7 +324,7 @@ def read_history(q, history: Sequence[NotePool], resets, w_k, w_v, chunk: int):
     (``history``: NotePools with a leading (n_chunks,) axis, as ``scan_chunked(...,
     history=True)`` returns them for the same time and chunk), all chunks at once."""
     batch, time = q.shape[:2]
-    size, n_chunks, split = _chunk_split(batch, time, chunk)
+    size, n_chunks, split = chunk_split(batch, time, chunk)
     for h in history:
         if h.count.shape[0] != n_chunks:
             raise ValueError(f"history must hold the pools of {n_chunks} chunks of {size} steps, got {h.count.shape[0]}")
@@ -407,11 +408,22 @@ class Scorer(nn.Module):
         return jax.nn.sigmoid(logit[..., 0].astype(jnp.promote_types(logit.dtype, jnp.float32)))
 
 
-class MemMambaBlock(MambaBlock):
-    """A MemMamba layer: the Mamba block (``norm``, ``mixer``: the same parameters as
-    :class:`MambaBlock`), the Note Block and cross-token attention to its pool (module
-    docstring). Fields: the Mamba block's plus the pool's (see the module docstring)."""
+class MemMambaBlock(nn.Module):
+    """A MemMamba layer: the Mamba block around the :class:`MambaMixer` it holds (``norm``,
+    ``mixer``: the same parameters as :class:`~mnemax.layers.mamba.MambaBlock`), the Note
+    Block and cross-token attention to its pool (module docstring). Every part runs in the
+    mixer's dtype and param_dtype; the mixer's ``n_layers`` also scales the read's
+    ``read_init_scale`` init.
 
+    Attributes:
+      mixer: the MambaMixer (unbound: built outside any module, or with ``parent=None``).
+      norm_eps, residual_in_fp32: the Mamba block's (``norm_eps`` also the read norm's).
+      pool_size ... pool_impl: the pool, its gates and its attention (module docstring).
+    """
+
+    mixer: MambaMixer
+    norm_eps: float = 1e-5
+    residual_in_fp32: bool = True
     pool_size: int = 50
     pool_dim: int = 64
     num_heads: int = 4
@@ -428,7 +440,12 @@ class MemMambaBlock(MambaBlock):
     pool_chunk: int = 1
     pool_impl: str = "chunked"
 
-    def _check_pool_config(self):
+    @property
+    def features(self) -> int:
+        return self.mixer.features
+
+    def _check_pool_config(self) -> None:
+        """Raises ValueError naming the first pool option out of range."""
         for field, value, allowed in (
             ("note_gate", self.note_gate, GATES), ("read_gate", self.read_gate, GATES),
             ("replace", self.replace, REPLACE), ("fusion", self.fusion, FUSIONS), ("pool_impl", self.pool_impl, POOL_IMPLS),
@@ -443,10 +460,20 @@ class MemMambaBlock(MambaBlock):
         if self.gate_temperature <= 0:
             raise ValueError(f"gate_temperature must be > 0, got {self.gate_temperature}")
 
+    def pool_attention(self, **kw) -> PoolAttention:
+        """The attention of this layer's pool reads (its own ``read``, and the stack's
+        cross-layer reads), with ``kw`` (``name``, ``parent``) passed on."""
+        m = self.mixer
+        return PoolAttention(
+            features=m.features, pool_dim=self.pool_dim, num_heads=self.num_heads, replace=self.replace,
+            pool_impl=self.pool_impl, pool_chunk=self.pool_chunk, n_layers=m.n_layers,
+            read_init_scale=self.read_init_scale, dtype=m.dtype, param_dtype=m.param_dtype, **kw,
+        )
+
     def initial_state(self, batch_size: int) -> MemMambaState:
         self._check_pool_config()
-        mamba = MambaMixer(**mixer_fields(self, MambaMixer), parent=None).initial_state(batch_size)
-        return MemMambaState(mamba, empty_pool(batch_size, self.pool_size, self.pool_dim, state_dtype(self.dtype)))
+        mamba = self.mixer.initial_state(batch_size)
+        return MemMambaState(mamba, empty_pool(batch_size, self.pool_size, self.pool_dim, state_dtype(self.mixer.dtype)))
 
     def __call__(self, u, state: MemMambaState | None = None, resets=None):
         y, state, *_ = self.forward(u, state, resets)
@@ -459,8 +486,8 @@ class MemMambaBlock(MambaBlock):
         reference path), for cross-layer reads."""
         self._check_pool_config()
         _, _, resets, state, _ = begin_call(self, u, self.features, state, resets)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        sdt = state_dtype(self.dtype)
+        kw = dict(dtype=self.mixer.dtype, param_dtype=self.mixer.param_dtype)
+        sdt = state_dtype(self.mixer.dtype)
         y, mamba_state, h = mamba_residual(self, u, state.mamba, resets)
 
         # Note Block: salience, summary, hard write decision, gated value.
@@ -476,8 +503,7 @@ class MemMambaBlock(MambaBlock):
         # Cross-token attention to the pool, triggered by the retrieval score.
         n, _ = RMSNorm(eps=self.norm_eps, name="read_norm", **kw)(y)
         retrieval = Scorer(self.score_hidden, self.read_bias_init, name="read_score", **kw)(n)
-        read, pools, history = PoolAttention(**mixer_fields(self, PoolAttention), name="read")(
-            n, (state.pool,), (notes,), resets, return_history=True)
+        read, pools, history = self.pool_attention(name="read")(n, (state.pool,), (notes,), resets, return_history=True)
         if self.fusion == "gated":
             read = read * jax.nn.sigmoid(
                 nn.Dense(self.features, kernel_init=partitioned(fan_in_uniform(self.features), ("embed", "embed")),
@@ -488,8 +514,9 @@ class MemMambaBlock(MambaBlock):
         return out, MemMambaState(mamba_state, pools[0]), notes, history
 
 
-class CrossLayerRead(PoolAttention):
-    """Cross-layer attention: ``x + W_o MHA(RMSNorm(x), pools of earlier layers)``.
+class CrossLayerRead(nn.Module):
+    """Cross-layer attention: ``x + read(RMSNorm(x), pools of earlier layers)`` with the
+    :class:`PoolAttention` it holds (``read``; the norm runs in its dtypes).
 
     ``sources`` are (incoming pool, notes[, pools at each chunk's start]) of the earlier
     layers. A token reads each earlier pool as it was before that token (before its
@@ -497,18 +524,24 @@ class CrossLayerRead(PoolAttention):
     ``CROSS_READ_FROM_HISTORY`` is on, else by replaying the pools with the same rule and
     chunking as in the layers themselves."""
 
+    read: PoolAttention
     norm_eps: float = 1e-5
 
     @nn.compact
     def __call__(self, x, sources: Sequence[tuple[NotePool, Notes]], resets=None):
-        n, _ = RMSNorm(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
+        n, _ = RMSNorm(eps=self.norm_eps, dtype=self.read.dtype, param_dtype=self.read.param_dtype, name="norm")(x)
         pools0, notes = [s[0] for s in sources], [s[1] for s in sources]
         hists = [s[2] if len(s) > 2 else None for s in sources]
         history = None
         if CROSS_READ_FROM_HISTORY and all(h is not None for h in hists):
             history = tuple(p for h in hists for p in h)
-        read, _ = PoolAttention(**mixer_fields(self, PoolAttention), name="read")(n, pools0, notes, resets, history)
+        read, _ = self.read(n, pools0, notes, resets, history)
         return x + read.astype(x.dtype)
+
+
+def cross_layer_read(block: MemMambaBlock, **kw) -> CrossLayerRead:
+    """The cross-layer read of a stack of ``block`` layers: its pool attention and norm eps."""
+    return CrossLayerRead(read=block.pool_attention(parent=None), norm_eps=block.norm_eps, **kw)
 
 
 # Cross-layer reads attend to the pools the earlier layers recorded at each chunk's start
@@ -554,19 +587,30 @@ def run_layers(
     return x, tuple(new_states), tuple(src[1] for src in sources)
 
 
-class MemMambaStack(MemMambaBlock):
-    """``n_layers`` MemMamba layers with cross-layer attention every ``cross_layer_every``
-    layers (over the ``cross_layer_pools`` earlier pools, 0 = all); the layer contract on
-    (batch, time, features) with the state a tuple of :class:`MemMambaState`."""
+class MemMambaStack(nn.Module):
+    """``block.mixer.n_layers`` MemMamba layers, each a copy of ``block`` (its own
+    parameters), with cross-layer attention every ``cross_layer_every`` layers (over the
+    ``cross_layer_pools`` earlier pools, 0 = all); the layer contract on (batch, time,
+    features) with the state a tuple of :class:`MemMambaState`."""
 
+    block: MemMambaBlock
     cross_layer_every: int = 4
     cross_layer_pools: int = 0
 
-    def _layer(self, **kw) -> MemMambaBlock:
-        return MemMambaBlock(**mixer_fields(self, MemMambaBlock), **kw)
+    @property
+    def features(self) -> int:
+        return self.block.features
+
+    @property
+    def n_layers(self) -> int:
+        return self.block.mixer.n_layers
 
     def initial_state(self, batch_size: int) -> tuple:
-        return tuple(self._layer(parent=None).initial_state(batch_size) for _ in range(self.n_layers))
+        return tuple(self.block.initial_state(batch_size) for _ in range(self.n_layers))
+
+    def __call__(self, x, state=None, resets=None):
+        y, states, _ = self.forward(x, state, resets)
+        return y, states
 
     @nn.compact
     def forward(self, x, state=None, resets=None):
@@ -575,7 +619,7 @@ class MemMambaStack(MemMambaBlock):
         if state is not None:
             check_state(state, expected_state(self, x.shape[0]))
         return run_layers(
-            x, state, resets, lambda l: self._layer(name=f"block_{l}"),
-            lambda l: CrossLayerRead(**mixer_fields(self, CrossLayerRead), name=f"cross_layer_{l}"),
+            x, state, resets, lambda l: self.block.copy(name=f"block_{l}"),
+            lambda l: cross_layer_read(self.block, name=f"cross_layer_{l}"),
             self.n_layers, self.cross_layer_every, self.cross_layer_pools,
         )

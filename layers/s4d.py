@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 
 from mnemax.kernels import linear_scan
+from mnemax.kernels.linear_scan import LinearScanConfig
+from mnemax.kernels.sharding import KernelSharding
 
 from .base import Dtype, compute_dtype, partitioned, state_dtype
 from .lssl import ACTIVATIONS, MODES, causal_fft_conv, check_call, log_uniform_dt
@@ -79,6 +81,9 @@ class DiagonalSSM(nn.Module):
       activation: ``"gelu"`` or ``"none"`` before the output mixing.
       mode: ``"auto"`` (conv unless ``resets`` are given), ``"conv"`` or ``"recurrent"``.
       backend: the ``linear_scan`` backend of the recurrent view (None: by platform).
+      kernel_config, kernel_sharding: passed to ``linear_scan`` as ``config`` (its Pallas
+        kernels' tuning) and ``sharding`` (the mesh axes splitting the batch and the
+        features, for a Pallas backend under a mesh of several devices).
     """
 
     features: int
@@ -89,6 +94,8 @@ class DiagonalSSM(nn.Module):
     activation: str = "gelu"
     mode: str = "auto"
     backend: str | None = None
+    kernel_config: LinearScanConfig | None = None
+    kernel_sharding: KernelSharding | None = None
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -143,7 +150,8 @@ class DiagonalSSM(nn.Module):
             if self._complex:
                 h0 = h0[..., :modes] + 1j * h0[..., modes:]
         if self.mode == "recurrent" or resets is not None:
-            xs = linear_scan(Abar[None, None], Bbar * u[..., None], h0=h0, resets=resets, backend=self.backend)
+            xs = linear_scan(Abar[None, None], Bbar * u[..., None], h0=h0, resets=resets, backend=self.backend,
+                             config=self.kernel_config, sharding=self.kernel_sharding)
             y = jnp.einsum("bthn,hn->bth", xs, C)
             last = xs[:, -1]
         else:

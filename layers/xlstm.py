@@ -13,8 +13,13 @@ equations are in :mod:`mnemax.layers.xlstm_cells`)::
 
 Both width rules are upstream's, in :mod:`mnemax.layers.xlstm_widths`.
 
-LN is a layer norm without bias (eps ``norm_eps`` = 1e-5, upstream's default); the 7B
-block's RMSNorms use ``norm_eps`` = 1e-6.
+A block holds its layer (``mlstm`` / ``slstm``: the unbound layer, whose parameters and
+state are the block's) and adds the FFN's options; its norms run with the layer's
+``norm_eps``, dtype and param_dtype. LN is a layer norm without bias (eps ``norm_eps`` =
+1e-5, upstream's default); the 7B block's RMSNorms use ``norm_eps`` = 1e-6::
+
+    MLSTMBlock(mlstm=MLSTMLayer(features=F, num_heads=4))
+    SLSTMBlock(slstm=SLSTMLayer(features=F, num_heads=4), ffn_proj_factor=1.3)
 
 ``XLSTMStack`` is ``xLSTM[a:b]``: ``n_blocks`` blocks, sLSTM blocks at the indices in
 ``slstm_at`` ("all" for every block), mLSTM blocks elsewhere, and an optional final
@@ -64,37 +69,41 @@ __all__ = [  # the layers live in xlstm_cells; importable from here too
 ]
 
 
-def _fields(module: nn.Module, exclude=()) -> dict:
-    import dataclasses
+class MLSTMBlock(nn.Module):
+    """``x + mlstm(LN(x))`` around the :class:`MLSTMLayer` it holds; state: MLSTMLayerState."""
 
-    skip = {"parent", "name", *exclude}
-    return {f.name: getattr(module, f.name) for f in dataclasses.fields(module) if f.name not in skip}
+    mlstm: MLSTMLayer
 
+    @property
+    def features(self) -> int:
+        return self.mlstm.features
 
-# The blocks subclass their layers: same fields (plus the FFN's), same state and
-# initial_state; their __call__ wraps the layer in the norm and the residual.
-
-
-class MLSTMBlock(MLSTMLayer):
-    """``x + MLSTMLayer(LN(x))``, configured by MLSTMLayer's fields; state: MLSTMLayerState."""
+    def initial_state(self, batch_size: int) -> MLSTMLayerState:
+        return self.mlstm.initial_state(batch_size)
 
     @nn.compact
     def __call__(self, x, state: MLSTMLayerState | None = None, resets=None):
         check_sequence(x, self.features)
-        h, _ = LayerNorm(eps=self.norm_eps, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
-        h, state = MLSTMLayer(**_fields(self), name="mlstm")(h, state, resets)
+        layer = self.mlstm
+        h, _ = LayerNorm(eps=layer.norm_eps, use_bias=False, dtype=layer.dtype, param_dtype=layer.param_dtype, name="norm")(x)
+        h, state = layer(h, state, resets)
         return x + h.astype(x.dtype), state
 
 
-class SLSTMBlock(SLSTMLayer):
-    """``x + SLSTMLayer(LN(x))``, then ``+ GatedFFN(LN(.))`` of width
-    ``up_proj_dim(features, ffn_proj_factor, ffn_round_to, ffn_round_mode)`` (no FFN for
-    ``ffn_proj_factor=None``)."""
+class SLSTMBlock(nn.Module):
+    """``x + slstm(LN(x))`` around the :class:`SLSTMLayer` it holds, then ``+ GatedFFN(LN(.))``
+    of width ``up_proj_dim(features, ffn_proj_factor, ffn_round_to, ffn_round_mode)`` (no
+    FFN for ``ffn_proj_factor=None``); state: SLSTMLayerState."""
 
+    slstm: SLSTMLayer
     ffn_proj_factor: float | None = 1.3
     ffn_act: str = "gelu"
     ffn_round_to: int = 64
     ffn_round_mode: str = "up"
+
+    @property
+    def features(self) -> int:
+        return self.slstm.features
 
     @property
     def ffn_hidden(self) -> int | None:
@@ -111,44 +120,55 @@ class SLSTMBlock(SLSTMLayer):
             )
         return hidden
 
+    def initial_state(self, batch_size: int) -> SLSTMLayerState:
+        return self.slstm.initial_state(batch_size)
+
     @nn.compact
     def __call__(self, x, state: SLSTMLayerState | None = None, resets=None):
         check_sequence(x, self.features)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h, _ = LayerNorm(eps=self.norm_eps, use_bias=False, name="norm", **kw)(x)
-        ffn_fields = ("ffn_proj_factor", "ffn_act", "ffn_round_to", "ffn_round_mode")
-        layer = SLSTMLayer(**_fields(self, ffn_fields), name="slstm")
+        layer = self.slstm
+        kw = dict(dtype=layer.dtype, param_dtype=layer.param_dtype)
+        h, _ = LayerNorm(eps=layer.norm_eps, use_bias=False, name="norm", **kw)(x)
         hidden = self.ffn_hidden
         h, state = layer(h, state, resets)
         x = x + h.astype(x.dtype)
         if hidden is not None:
-            h, _ = LayerNorm(eps=self.norm_eps, use_bias=False, name="ffn_norm", **kw)(x)
-            h, _ = GatedFFN(hidden=hidden, act=self.ffn_act, num_blocks=self.num_blocks, name="ffn", **kw)(h)
+            h, _ = LayerNorm(eps=layer.norm_eps, use_bias=False, name="ffn_norm", **kw)(x)
+            h, _ = GatedFFN(hidden=hidden, act=self.ffn_act, num_blocks=layer.num_blocks, name="ffn", **kw)(h)
             x = x + h.astype(x.dtype)
         return x, state
 
 
-class XLSTMLargeBlock(MLSTMLargeLayer):
-    """The xLSTM 7B block: ``x + MLSTMLargeLayer(RMSNorm(x))``, then ``+ SwiGLU(RMSNorm(.))``
-    of width ``large_ffn_dim(features, ffn_proj_factor, ffn_round_to)``; state: MLSTMState."""
+class XLSTMLargeBlock(nn.Module):
+    """The xLSTM 7B block: ``x + mlstm(RMSNorm(x))`` around the :class:`MLSTMLargeLayer` it
+    holds, then ``+ SwiGLU(RMSNorm(.))`` of width ``large_ffn_dim(features, ffn_proj_factor,
+    ffn_round_to)``; state: MLSTMState."""
 
+    mlstm: MLSTMLargeLayer
     ffn_proj_factor: float = 2.6667
     ffn_round_to: int = 64
+
+    @property
+    def features(self) -> int:
+        return self.mlstm.features
 
     @property
     def ffn_hidden(self) -> int:
         """The SwiGLU FFN's hidden width (upstream ``FeedForward.up_proj_dim``)."""
         return large_ffn_dim(self.features, self.ffn_proj_factor, self.ffn_round_to)
 
+    def initial_state(self, batch_size: int) -> MLSTMState:
+        return self.mlstm.initial_state(batch_size)
+
     @nn.compact
     def __call__(self, x, state: MLSTMState | None = None, resets=None):
         check_sequence(x, self.features)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h, _ = RMSNorm(eps=self.norm_eps, name="norm_mlstm", **kw)(x)
-        layer = MLSTMLargeLayer(**_fields(self, ("ffn_proj_factor", "ffn_round_to")), name="mlstm")
+        layer = self.mlstm
+        kw = dict(dtype=layer.dtype, param_dtype=layer.param_dtype)
+        h, _ = RMSNorm(eps=layer.norm_eps, name="norm_mlstm", **kw)(x)
         h, state = layer(h, state, resets)
         x = x + h.astype(x.dtype)
-        h, _ = RMSNorm(eps=self.norm_eps, name="norm_ffn", **kw)(x)
+        h, _ = RMSNorm(eps=layer.norm_eps, name="norm_ffn", **kw)(x)
         h, _ = MLP(hidden=self.ffn_hidden, kind="swiglu", name="ffn", **kw)(h)
         return x + h.astype(x.dtype), state
 
@@ -202,24 +222,28 @@ class XLSTMStack(nn.Module):
         return at
 
     def make_block(self, index: int, **kw) -> nn.Module:
-        """Block ``index`` of the stack (an SLSTMBlock at ``slstm_at``, else an MLSTMBlock)."""
+        """Block ``index`` of the stack (an SLSTMBlock at ``slstm_at``, else an MLSTMBlock),
+        with ``kw`` (``name``, ``parent``) passed to the block."""
         common = dict(
             features=self.features, num_blocks=self.n_blocks, norm_eps=self.norm_eps,
-            dtype=self.dtype, param_dtype=self.param_dtype,
+            dtype=self.dtype, param_dtype=self.param_dtype, parent=None,
         )
         if index in self.slstm_indices():
-            return SLSTMBlock(
+            layer = SLSTMLayer(
                 num_heads=self.slstm_heads, conv_width=self.slstm_conv_width, block_index=index,
-                bias_init=self.slstm_bias_init, backend=self.slstm_backend,
-                ffn_proj_factor=self.ffn_proj_factor, ffn_act=self.ffn_act, ffn_round_to=self.ffn_round_to,
-                ffn_round_mode=self.ffn_round_mode, **common, **kw,
+                bias_init=self.slstm_bias_init, backend=self.slstm_backend, **common,
             )
-        return MLSTMBlock(
+            return SLSTMBlock(
+                slstm=layer, ffn_proj_factor=self.ffn_proj_factor, ffn_act=self.ffn_act, ffn_round_to=self.ffn_round_to,
+                ffn_round_mode=self.ffn_round_mode, **kw,
+            )
+        layer = MLSTMLayer(
             num_heads=self.num_heads, proj_factor=self.proj_factor, round_to=self.round_to,
             round_mode=self.round_mode, conv_width=self.conv_width,
             qkv_blocksize=self.qkv_blocksize, chunk_size=self.chunk_size, eps=self.eps,
-            backend=self.backend, **common, **kw,
+            backend=self.backend, **common,
         )
+        return MLSTMBlock(mlstm=layer, **kw)
 
     def initial_state(self, batch_size: int) -> tuple:
         return tuple(self.make_block(i, parent=None).initial_state(batch_size) for i in range(self.n_blocks))

@@ -70,8 +70,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mnemax.kernels import MLSTMState, SLSTMState, mlstm, slstm
+from mnemax.kernels import MLSTMConfig, MLSTMState, SLSTMConfig, SLSTMState, mlstm, slstm
 from mnemax.kernels.mlstm import initial_state as mlstm_initial_state
+from mnemax.kernels.sharding import KernelSharding
 from mnemax.kernels.slstm import initial_state as slstm_initial_state
 
 from .base import (
@@ -257,6 +258,8 @@ class MLSTMLayer(nn.Module):
     eps: float = 1e-6
     norm_eps: float = 1e-5
     backend: str | None = None
+    kernel_config: MLSTMConfig | None = None
+    kernel_sharding: KernelSharding | None = None
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -326,6 +329,7 @@ class MLSTMLayer(nn.Module):
             _to_heads(q, heads), _to_heads(k, heads), _to_heads(v, heads),
             jnp.swapaxes(i, 1, 2), jnp.swapaxes(f, 1, 2),
             state=state.cell, resets=resets, chunk_size=self.chunk_size, eps=self.eps, backend=self.backend,
+            config=self.kernel_config, sharding=self.kernel_sharding,
         )
         scale = self.param("outnorm", partitioned(nn.initializers.ones, ("mlp",)), (inner,), self.param_dtype)
         skip = self.param("learnable_skip", partitioned(nn.initializers.ones, ("mlp",)), (inner,), self.param_dtype)
@@ -360,6 +364,8 @@ class SLSTMLayer(nn.Module):
     recurrent_init: str = "zeros"
     norm_eps: float = 1e-5
     backend: str | None = None
+    kernel_config: SLSTMConfig | None = None
+    kernel_sharding: KernelSharding | None = None
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -416,7 +422,8 @@ class SLSTMLayer(nn.Module):
         r_init = nn.initializers.zeros if self.recurrent_init == "zeros" else symmetric_uniform(1 / math.sqrt(d))
         R = self.param("recurrent_kernel", partitioned(r_init, ("heads", None, None, None)), (heads, dh, 4, dh), self.param_dtype)
         b = self.param("bias", partitioned(self._bias_init, (None, "heads", None)), (4, heads, dh), self.param_dtype)
-        h, cell = slstm(pre, R, b, state=state.cell, resets=resets, backend=self.backend)
+        h, cell = slstm(pre, R, b, state=state.cell, resets=resets, backend=self.backend, config=self.kernel_config,
+                        sharding=self.kernel_sharding)
         scale = self.param("group_norm", partitioned(nn.initializers.ones, ("embed",)), (d,), self.param_dtype)
         return headwise_norm(h, scale, self.norm_eps).astype(dt), SLSTMLayerState(conv_state, cell)
 
@@ -437,6 +444,8 @@ class MLSTMLargeLayer(nn.Module):
     eps: float = 1e-6
     norm_eps: float = 1e-6
     backend: str | None = None
+    kernel_config: MLSTMConfig | None = None
+    kernel_sharding: KernelSharding | None = None
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -478,6 +487,7 @@ class MLSTMLargeLayer(nn.Module):
             _to_heads(q, heads), _to_heads(k, heads), _to_heads(v, heads),
             jnp.swapaxes(i, 1, 2), jnp.swapaxes(f, 1, 2),
             state=state, resets=resets, chunk_size=self.chunk_size, eps=self.eps, backend=self.backend,
+            config=self.kernel_config, sharding=self.kernel_sharding,
         )
         scale = self.param("multihead_norm", partitioned(nn.initializers.ones, ("mlp",)), (v_dim,), self.param_dtype)
         h = headwise_norm(jnp.swapaxes(h, 1, 2), scale, self.norm_eps).astype(dt)

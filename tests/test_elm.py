@@ -161,7 +161,7 @@ def test_neuron_model_and_block():
     np.testing.assert_allclose(np.asarray(y), mean, rtol=1e-5, atol=1e-6)
     assert cfg.block["neuron_model"]
 
-    block = ELMBlock(features=4, num_memory=3)
+    block = ELMBlock(elm=ELMNeuron(num_input=4, num_output=4, num_memory=3))
     xb = jnp.asarray(rng.standard_normal((1, 5, 4)), jnp.float32)
     bv = jax.jit(block.init)(jax.random.key(1), xb)
 
@@ -192,7 +192,7 @@ def neuron_count(n_syn, n_branch, d_m, n_out):
     return n_syn + (n_branch + d_m) * 2 * d_m + 2 * d_m + 2 * d_m * d_m + d_m + d_m * n_out + n_out
 
 
-# The ELM presets of zoo/presets.py (single-neuron models: the inputs go straight to the
+# The ELM presets of zoo/families/elm.py (single-neuron models: the inputs go straight to the
 # synapses, W_y is the head): synapses, branches, memory units, classes.
 ELM_PRESETS = {
     "elm-tiny": dict(n_in=6, n_syn=3 * 3, n_branch=3, d_m=8, n_out=4, count=373),

@@ -60,20 +60,16 @@ def _arr(rng, shape, dtype=jnp.float32, scale=1.0, offset=0.0):
     return jnp.asarray(offset + scale * rng.standard_normal(shape), dtype)
 
 
-@pytest.mark.parametrize("options,kernels", [
-    ({"bwd": "fused", "fwd": "grid"}, 4), ({"fwd": "grid", "dv": "grid", "block_k": 32}, 5), ({"dv": "loop"}, 5),
-    ({}, 4), ({"dv": "fused", "block_k": 32}, 4),
-], ids=["fused", "grid", "dv_loop", "defaults", "dv_fused_key_blocks"])
+@pytest.mark.parametrize("fields,kernels", [({"dv": "loop"}, 5), ({}, 4), ({"block_k": 32}, 5)],
+                         ids=["dv_loop", "defaults", "key_blocks"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_mlstm_gpu_kernels_lower(hopper, monkeypatch, dtype, options, kernels):
-    """Forward: state walk + per-chunk outputs; backward: adjoint walk + per-chunk gradients
-    (fused: one kernel; split: dq/dk/gates per key block and dv per value block, or dv in
-    the dq/dk kernel), at a split of the value columns (d_v 256: 4 value blocks) and resets."""
-    from mnemax.kernels import pallas_mlstm_gpu
+def test_mlstm_gpu_kernels_lower(hopper, dtype, fields, kernels):
+    """Forward: state walk + per-chunk outputs; backward: adjoint walk + dq/dk/gates per key
+    block, and dv in its own loop kernel or (one key block, the defaults here) inside the
+    dq/dk kernel, at a split of the value columns (d_v 256: 4 value blocks) and resets."""
+    from mnemax.kernels import MLSTMConfig
 
-    monkeypatch.setitem(pallas_mlstm_gpu.GPU_OPTIONS, "block_v", 64)
-    for key, value in options.items():
-        monkeypatch.setitem(pallas_mlstm_gpu.GPU_OPTIONS, key, value)
+    config = MLSTMConfig(block_v=64, **fields)
     rng = np.random.default_rng(0)
     B, H, T, dk, dv = 1, 2, 200, 64, 256
     q, k = _arr(rng, (B, H, T, dk), dtype), _arr(rng, (B, H, T, dk), dtype)
@@ -81,41 +77,35 @@ def test_mlstm_gpu_kernels_lower(hopper, monkeypatch, dtype, options, kernels):
     i, f = _arr(rng, (B, H, T)), _arr(rng, (B, H, T), offset=2.0)
     resets = jnp.asarray(rng.random((B, T)) < 0.05)
     fn = lambda q, k, v, i, f: mlstm(q, k, v, i, f, resets=resets, backend="pallas_gpu", chunk_size=64,  # noqa: E731
-                                     interpret=False)[0]
+                                     interpret=False, config=config)[0]
     assert _kernels(fn, q, k, v, i, f) == {"triton": kernels, "mosaic": 0}
 
 
-@pytest.mark.parametrize("options", [{}, {"splits": 4}, {"splits": 4, "spin": "data"},
-                                     {"splits": 4, "spin": "flags", "r_resident": False},
-                                     {"splits": 4, "bwd_exchange": "gates"}],
-                         ids=["one_program", "split", "split_data", "split_flags_reload", "split_gates"])
-def test_slstm_gpu_kernel_lowers(hopper, monkeypatch, options):
-    # one program per head (D 16) and a head split over 4 programs that sync every step
-    from mnemax.kernels import pallas_slstm_gpu as pg
+@pytest.mark.parametrize("fields,kernels", [({}, 2), ({"splits": 4}, 2), ({"splits": 4, "max_programs": 4}, 4)],
+                         ids=["one_program", "split", "split_launches"])
+def test_slstm_gpu_kernel_lowers(hopper, fields, kernels):
+    # one program per head (D 16), a head split over 4 programs that sync every step, and
+    # launches of 4 programs each (2 heads: 2 launches each way)
+    from mnemax.kernels import SLSTMConfig
 
-    for key, value in options.items():
-        monkeypatch.setitem(pg.GPU_OPTIONS, key, value)
     rng = np.random.default_rng(1)
-    B, T, H, D = 2, 24, 2, 64 if options else 16
+    B, T, H, D = 2, 24, 2, 64 if fields else 16
     x = _arr(rng, (B, T, 4, H, D))
     R = _arr(rng, (H, D, 4, D), scale=D**-0.5)
     b = _arr(rng, (4, H, D))
-    fn = lambda x, R, b: slstm(x, R, b, backend="pallas_gpu", interpret=False)[0]  # noqa: E731
-    assert _kernels(fn, x, R, b) == {"triton": 2, "mosaic": 0}
+    fn = lambda x, R, b: slstm(x, R, b, backend="pallas_gpu", interpret=False, config=SLSTMConfig(**fields))[0]  # noqa: E731
+    assert _kernels(fn, x, R, b) == {"triton": kernels, "mosaic": 0}
 
 
-@pytest.mark.parametrize("layout", ["row4", pytest.param("wgmma", marks=pytest.mark.slow),
-                                    pytest.param("row8", marks=pytest.mark.slow), "lanes"])
-def test_selective_scan_gpu_kernel_lowers(hopper, monkeypatch, layout):
-    # every register layout of the backward's batched lane sums lowers (the default, row4, in
-    # CI; the others, ~35 s each to lower on 2 cores, under -m slow and timed on the GPU), and
-    # the lanes training forward and backward (bwd_layout "auto" at this state of 16: the
-    # defaults, with the TMA reduce-add of dB/dC, and the training forward in 16-row tiles)
-    from mnemax.kernels import pallas_selective_scan as pss
+@pytest.mark.parametrize("layout", ["channels", "lanes"])
+def test_selective_scan_gpu_kernel_lowers(hopper, layout):
+    # both training layouts lower, forward and backward: one lane per channel (the batched
+    # lane sums of dB/dC in the row4 register layout), and the lanes training forward and
+    # backward (bwd_layout "auto" at this state of 16: the defaults, with the TMA reduce-add
+    # of dB/dC, and the training forward in 16-row tiles)
+    from mnemax.kernels.selective_scan import SelectiveScanConfig
 
-    if layout != "lanes":
-        monkeypatch.setitem(pss.GPU_OPTIONS, "bwd_layout", "channels")
-        monkeypatch.setitem(pss.GPU_OPTIONS, "red_layout", layout)
+    config = SelectiveScanConfig(bwd_layout="channels") if layout == "channels" else None
     rng = np.random.default_rng(2)
     Bt, T, Ch, N = 2, 100, 64, 16  # 100 pads to 104: with 96 the lanes forward's tiles would be 16 rows
     T = 96 if layout == "lanes" else T
@@ -124,17 +114,18 @@ def test_selective_scan_gpu_kernel_lowers(hopper, monkeypatch, layout):
     Bm, Cm = _arr(rng, (Bt, T, N)), _arr(rng, (Bt, T, N))
     D, bias = _arr(rng, (Ch,)), _arr(rng, (Ch,))
     fn = lambda x, dt, A, Bm, Cm, D, z, bias: selective_scan(  # noqa: E731
-        x, dt, A, Bm, Cm, D=D, z=z, dt_bias=bias, dt_softplus=True, backend="pallas_gpu", interpret=False)
+        x, dt, A, Bm, Cm, D=D, z=z, dt_bias=bias, dt_softplus=True, backend="pallas_gpu", interpret=False, config=config)
     assert _kernels(fn, x, dt, A, Bm, Cm, D, z, bias) == {"triton": 0, "mosaic": 2}
 
 
 def test_selective_scan_lanes_backward_lowers_per_shard(hopper):
-    # under the trainer's mesh the kernels run inside a shard_map; the lanes backward's dB/dC
-    # buffer, a zeroed mutable ref (jax.new_ref) that its TMA reduce-add copies add into,
-    # lowers there too (both kernels, forward and backward, per shard)
-    from mnemax.sharding import make_mesh
+    # under a mesh the kernels run inside a shard_map over the axes the sharding names; the
+    # lanes backward's dB/dC buffer, a zeroed mutable ref (jax.new_ref) that its TMA
+    # reduce-add copies add into, lowers there too (both kernels, forward and backward, per shard)
+    from mnemax.kernels.sharding import KernelSharding
 
-    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 1}, jax.devices()[:4])
+    mesh = jax.make_mesh((2, 2), ("dp", "fsdp"), devices=jax.devices()[:4],
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
     rng = np.random.default_rng(4)
     Bt, T, Ch, N = 8, 96, 64, 16
     x, dt, z = _arr(rng, (Bt, T, Ch)), _arr(rng, (Bt, T, Ch)), _arr(rng, (Bt, T, Ch))
@@ -143,7 +134,8 @@ def test_selective_scan_lanes_backward_lowers_per_shard(hopper):
 
     def loss(x, dt, A, Bm, Cm, z):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            y = selective_scan(x, dt, A, Bm, Cm, z=z, dt_softplus=True, backend="pallas_gpu", interpret=False)
+            y = selective_scan(x, dt, A, Bm, Cm, z=z, dt_softplus=True, backend="pallas_gpu", interpret=False,
+                               sharding=KernelSharding(batch=("dp", "fsdp")))
         return jnp.sum(y ** 2)
 
     grad = jax.jit(jax.grad(loss, argnums=tuple(range(6))))

@@ -337,13 +337,16 @@ def test_hcam_block_contract():
     """The contract (with the stop-gradient off: with it on, gradients deliberately
     differ from finite differences through the memory)."""
     check_layer_contract(
-        lambda **kw: HCAMBlock(features=8, num_heads=2, chunk_size=3, num_chunks=2, top_k=2, mlp_ratio=1.0,
-                               stop_gradient_memory=False, **kw),
+        lambda name=None, **kw: HCAMBlock(
+            hcam=HCAMAttention(features=8, num_heads=2, chunk_size=3, num_chunks=2, top_k=2, stop_gradient_memory=False,
+                               parent=None, **kw),
+            mlp_ratio=1.0, name=name,
+        ),
         lambda rng, b, t: jnp.asarray(rng.standard_normal((b, t, 8)), jnp.float32),
     )
 
 
-# The HCAM presets as written in zoo/presets.py: d_model, n_layers, vocab, heads, the
+# The HCAM presets as written in zoo/families/hcam.py: d_model, n_layers, vocab, heads, the
 # SwiGLU MLP's hidden width round(mlp_ratio * d), tied embeddings.
 HCAM_PRESETS = {
     "hcam-tiny": dict(d=32, layers=2, vocab=64, heads=2, hidden=64, tied=False),

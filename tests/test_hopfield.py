@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 
 import mnemax
+from mnemax.layers.causal_hopfield import CausalHopfield, CausalHopfieldBlock
 from mnemax.layers.hopfield import (
-    CausalHopfield,
-    CausalHopfieldBlock,
     Hopfield,
     HopfieldLayer,
     HopfieldPooling,
@@ -589,7 +588,7 @@ def test_hopfield_block_is_hopfield_then_mlp():
     """The block is x + CausalHopfield(x) then x + MLP(RMSNorm(x))."""
     from mnemax.layers import MLP, RMSNorm
 
-    block = CausalHopfieldBlock(features=8, num_heads=2, memory_size=4)
+    block = CausalHopfieldBlock(hopfield=CausalHopfield(features=8, num_heads=2, memory_size=4))
     x = jnp.asarray(np.random.default_rng(1).standard_normal((1, 5, 8)), jnp.float32)
     bv = jinit(block, 0, x)
     p = bv["params"]

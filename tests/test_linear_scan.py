@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnemax.kernels import available, dispatch, linear_scan
+from mnemax.kernels import dispatch, linear_scan
+from mnemax.kernels.linear_scan import BACKENDS
 
 
 def loop_scan(a, b, h0=None, resets=None, reverse=False):
@@ -156,11 +157,70 @@ def test_bad_inputs_name_the_argument():
 
 
 def test_dispatch_defaults_and_env_override(monkeypatch):
-    assert set(available("linear_scan")) >= {"reference", "xla"}
+    assert BACKENDS.available() == ("reference", "xla", "pallas_gpu", "pallas_tpu")
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
-    assert dispatch.default_backend("linear_scan", "cpu") == "xla"
+    assert BACKENDS.default("cpu") == "xla"
+    assert BACKENDS.default("gpu") == "pallas_gpu" and BACKENDS.default("tpu") == "pallas_tpu"
     monkeypatch.setenv(dispatch.ENV_VAR, "reference")
-    assert dispatch.default_backend("linear_scan") == "reference"
+    assert BACKENDS.default() == "reference"
     monkeypatch.setenv(dispatch.ENV_VAR, "nonsense")
     with pytest.raises(ValueError, match=dispatch.ENV_VAR):
         linear_scan(jnp.ones((1, 2, 1)), jnp.ones((1, 2, 1)))
+
+
+ALL_BACKENDS = ["reference", "xla", "pallas_gpu", "pallas_tpu"]
+# row 0 resets at steps 0, 2 and 3; no reset at step 1 (a reverse scan split between steps 0
+# and 1 must not be cut there, since the carry into step 0 is dropped at a reset at step 1)
+STEP_RESETS = jnp.asarray([[True, False, True, True], [False, False, False, False]])
+
+
+def _step_case(seed=11):
+    key = jax.random.key(seed)
+    a, b, h0, _ = _inputs(key, (2, 4, 3, 2), (2, 4, 3, 2), True, False)
+    return a, b, h0
+
+
+def _scan(a, b, h0, resets, reverse, backend):
+    return linear_scan(a, b, h0=h0, resets=resets, reverse=reverse, backend=backend, interpret=True)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward_scan", "reverse_scan"])
+def test_one_step_equals_the_multi_step_call(backend, reverse):
+    # generation: a one-step call from the state the rest of the sequence left (forward: after
+    # steps 0-2, the step 3; reverse: the carry out of steps 3-1, the step 0) equals the same
+    # backend's 4-step call at that step, in a row with a reset there and one without, and it
+    # runs no kernel (no pallas_call)
+    a, b, h0 = _step_case()
+    full = _scan(a, b, h0, STEP_RESETS, reverse, backend)
+    if reverse:
+        rest = _scan(a[:, 1:], b[:, 1:], h0, STEP_RESETS[:, 1:], reverse, backend)[:, 0]
+        step = slice(0, 1)
+    else:
+        rest = _scan(a[:, :3], b[:, :3], h0, STEP_RESETS[:, :3], reverse, backend)[:, -1]
+        step = slice(3, 4)
+    one = _scan(a[:, step], b[:, step], rest, STEP_RESETS[:, step], reverse, backend)
+    assert one.shape == (2, 1, 3, 2)
+    np.testing.assert_allclose(np.asarray(one), np.asarray(full[:, step]), rtol=1e-5, atol=1e-6)
+    jaxpr = str(jax.make_jaxpr(lambda h: _scan(a[:, step], b[:, step], h, STEP_RESETS[:, step], reverse, backend))(rest))
+    assert "pallas_call" not in jaxpr
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward_scan", "reverse_scan"])
+def test_one_step_gradients_equal_the_sequential_reference(backend, reverse):
+    # the gradients of the closed form (plain jnp, differentiated by JAX) against the
+    # reference's lax.scan on the same step (mnemax.kernels.linear_scan.reference.scan): a
+    # forward step drops h0 in the row that resets there (its gradient is 0), a reverse step
+    # keeps it (its cut would come from a later step)
+    from mnemax.kernels.linear_scan import reference
+
+    a, b, h0 = _step_case(seed=12)
+    a, b, r = a[:, 3:], b[:, 3:], STEP_RESETS[:, 3:]
+    w = jax.random.normal(jax.random.key(1), b.shape)
+    got = jax.grad(lambda *v: jnp.sum(jnp.tanh(_scan(*v, r, reverse, backend)) * w), (0, 1, 2))(a, b, h0)
+    want = jax.grad(lambda *v: jnp.sum(jnp.tanh(reference.scan(v[0], v[1], h0=v[2], resets=r, reverse=reverse)) * w),
+                    (0, 1, 2))(a, b, h0)
+    for name, g, r_ in zip(("a", "b", "h0"), got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r_), rtol=1e-6, atol=1e-7, err_msg=f"gradient of {name}")
+    assert (float(jnp.max(jnp.abs(got[2][0]))) == 0.0) == (not reverse)

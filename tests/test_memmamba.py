@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import mnemax
+from mnemax.layers.mamba import MambaMixer
 from mnemax.layers.memmamba import (
     MemMambaBlock,
     MemMambaStack,
@@ -29,7 +30,15 @@ from .test_mamba import _floats, mamba_130m_count
 from .test_models import model_factory, tokens
 
 TINY = dict(d_model=16, n_layers=2, pool_size=3, pool_dim=8, num_heads=2, chunk_size=4, read_init_scale=1.0)
-BLOCK = dict(features=16, d_state=4, d_conv=3, chunk_size=4, pool_size=3, pool_dim=8, num_heads=2, read_init_scale=1.0)
+MIXER = dict(features=16, d_state=4, d_conv=3, chunk_size=4)
+POOL = dict(pool_size=3, pool_dim=8, num_heads=2, read_init_scale=1.0)
+
+
+def memmamba_block(mixer=(), name=None, dtype=None, param_dtype=None, **pool):
+    """A MemMambaBlock holding a MambaMixer of ``MIXER`` (+ ``mixer``), with ``POOL`` (+ ``pool``);
+    the dtypes go to the mixer (the block runs in them), ``name`` to the block."""
+    dtypes = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
+    return MemMambaBlock(mixer=MambaMixer(**{**MIXER, **dict(mixer)}, **dtypes, parent=None), **{**POOL, **pool}, name=name)
 
 
 def _tok(shape, seed=0):
@@ -272,7 +281,7 @@ def test_block_pool_matches_python_loop(replace):
     never more than pool_size valid slots."""
     x = _floats(16)(np.random.default_rng(5), 2, 40)
     for chunk in (1, 5):
-        block = MemMambaBlock(**{**BLOCK, "pool_size": 4}, replace=replace, pool_chunk=chunk)
+        block = memmamba_block(pool_size=4, replace=replace, pool_chunk=chunk)
         v = block.init(jax.random.key(0), x)
         (_, state), inter = jax.jit(lambda v, x: block.apply(v, x, mutable=["intermediates"]))(v, x)
         (notes,) = inter["intermediates"]["notes"]
@@ -292,7 +301,8 @@ def test_memmamba_block_contract():
     MLP scorers). The gates are soft/hard: a straight-through gradient is not the gradient of
     the forward function, so the contract's finite-difference check would (rightly) reject it."""
     check_layer_contract(
-        lambda **kw: MemMambaBlock(**BLOCK, backend="reference", replace="oldest", fusion="gated", score_hidden=4, note_gate="soft", read_gate="hard", **kw),
+        lambda **kw: memmamba_block(mixer={"backend": "reference"}, replace="oldest", fusion="gated", score_hidden=4,
+                                    note_gate="soft", read_gate="hard", **kw),
         _floats(16),
     )
 
@@ -318,7 +328,10 @@ def test_stack_equals_the_lm_blocks():
     v = model.init(jax.random.key(0), tok)
     (_, _), inter = jax.jit(lambda v: model.apply(v, tok, mutable=["intermediates"]))(v)
     stream = inter["intermediates"]["layer_outputs"]
-    stack = MemMambaStack(features=16, n_layers=2, **dict(model.config.block))
+    b = model.config.block
+    mixer = MambaMixer(features=16, n_layers=2, **b.options_for(MambaMixer))
+    stack = MemMambaStack(block=MemMambaBlock(mixer=mixer, **b.options_for(MemMambaBlock, exclude=("mixer",))),
+                          cross_layer_every=b["cross_layer_every"], cross_layer_pools=b["cross_layer_pools"])
     params = {k: w for k, w in v["params"].items() if k.startswith(("block_", "cross_layer_"))}
     y, states = jax.jit(stack.apply)({"params": params}, stream[0])
     np.testing.assert_allclose(np.asarray(y), np.asarray(stream[-1]), rtol=1e-6, atol=1e-6)
@@ -328,9 +341,9 @@ def test_stack_equals_the_lm_blocks():
 def test_bad_config_names_the_field():
     for field, value in (("note_gate", "sometimes"), ("replace", "random"), ("pool_impl", "fast"), ("pool_size", 0)):
         with pytest.raises(ValueError, match=field):
-            MemMambaBlock(**{**BLOCK, field: value}).initial_state(1)
+            memmamba_block(**{field: value}).initial_state(1)
     with pytest.raises(ValueError, match="pool_dim"):
-        MemMambaBlock(**{**BLOCK, "pool_dim": 7}).initial_state(1)
+        memmamba_block(pool_dim=7).initial_state(1)
 
 
 def test_memmamba_130m_builds_without_allocating():

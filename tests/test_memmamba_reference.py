@@ -325,11 +325,14 @@ def np_stack(params, x, resets, cfg, chunk=None, events=None):
 
 # ============================================================================ mnemax side
 
+import dataclasses  # noqa: E402
+
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 
+from mnemax.layers.mamba import MambaMixer  # noqa: E402
 from mnemax.layers.memmamba import MemMambaBlock, MemMambaStack  # noqa: E402
 
 BATCH = 2
@@ -381,7 +384,15 @@ def _inputs(name):
 
 
 def _module(cfg, **kw):
-    return (MemMambaStack if "n_layers" in cfg else MemMambaBlock)(**cfg, **kw)
+    """The block of ``cfg`` (its MambaMixer built from the mixer's options), or the stack
+    of such blocks when ``cfg`` has ``n_layers``."""
+    cfg = {**cfg, **kw}
+    names = lambda cls: {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}  # noqa: E731
+    mixer = MambaMixer(**{k: v for k, v in cfg.items() if k in names(MambaMixer)}, parent=None)
+    block = MemMambaBlock(mixer=mixer, **{k: v for k, v in cfg.items() if k in names(MemMambaBlock) - {"mixer"}}, parent=None)
+    if "n_layers" not in cfg:
+        return block
+    return MemMambaStack(block=block, **{k: v for k, v in cfg.items() if k in names(MemMambaStack) - {"block"}})
 
 
 def _shapes(cfg, time):

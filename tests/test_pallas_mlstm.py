@@ -6,7 +6,11 @@ state carried across calls, and bf16 inputs. Tolerances are the xLSTM issue's: f
 relative error <= 1e-4 for outputs and states, <= 1e-3 for gradients.
 
 The ``gpu``-marked test runs the compiled GPU kernel (Triton) against the reference:
-``JAX_PLATFORMS=cuda python -m pytest -m gpu tests/test_pallas_mlstm.py``."""
+``JAX_PLATFORMS=cuda python -m pytest -m gpu tests/test_pallas_mlstm.py``.
+
+Also here: a kernel configuration (``MLSTMConfig``) changed after ``jax.jit`` takes effect
+(a new trace, other kernels, the same numbers), and one-step calls (generation) equal the
+multi-step call's step for every backend."""
 
 import functools
 
@@ -15,7 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnemax.kernels import available, dispatch, mlstm
+from mnemax.kernels import MLSTMConfig, mlstm
+from mnemax.kernels.mlstm import BACKENDS as MLSTM_BACKENDS
+from mnemax.kernels.mlstm import common as mlstm_common
+from mnemax.kernels.mlstm import gpu as mlstm_gpu
+
+from .contract import primitives
 
 BACKENDS = ["pallas_tpu", "pallas_gpu"]
 
@@ -46,13 +55,14 @@ def _inputs(seed, batch, heads, time, d_qk, d_v, *, with_state, reset_rate, gate
     return args, state, resets, w_h, w_s
 
 
-def _value_and_grads(backend, args, state, resets, w_h, w_s, chunk, interpret=True):
-    """(h, final state) and the gradients of a loss that reads every output."""
+def _value_and_grads(backend, args, state, resets, w_h, w_s, chunk, interpret=True, **kw):
+    """(h, final state) and the gradients of a loss that reads every output; ``kw``: the
+    op's ``config`` / ``sharding``."""
     with_state = state is not None
 
     def loss(q, k, v, i, f, st):
         h, s = mlstm(q, k, v, i, f, state=st if with_state else None, resets=resets, backend=backend,
-                     chunk_size=chunk, interpret=interpret)
+                     chunk_size=chunk, interpret=interpret, **kw)
         return jnp.sum(h.astype(jnp.float32) * w_h) + sum(jnp.sum(jnp.sin(x) * w) for x, w in zip(s, w_s)), (h, s)
 
     st = state if with_state else ()
@@ -73,8 +83,8 @@ def _errors(backend, case, chunk, **kw):
 
 
 def test_pallas_backends_registered_opt_in():
-    assert {"pallas_gpu", "pallas_tpu"} <= set(available("mlstm"))
-    assert dispatch.default_backend("mlstm", "gpu") == "xla" and dispatch.default_backend("mlstm", "tpu") == "xla"
+    assert {"pallas_gpu", "pallas_tpu"} <= set(MLSTM_BACKENDS.available())
+    assert MLSTM_BACKENDS.default("gpu") == "xla" and MLSTM_BACKENDS.default("tpu") == "xla"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -130,17 +140,14 @@ def test_pallas_mlstm_bf16_inputs(backend):
 
 
 @pytest.mark.parametrize("block_v,state_block", [(16, 16), (32, 64)])
-def test_pallas_gpu_mlstm_split_value_columns(monkeypatch, block_v, state_block):
-    """The GPU kernels split over value columns (4 and 2 per-chunk programs per row: d_v 48
+def test_pallas_gpu_mlstm_split_value_columns(block_v, state_block):
+    """The GPU kernels split over value columns (4 and 2 value blocks per row: d_v 48
     pads to 64) and the state walk over (d_qk, d_v) tiles (8 tiles of 16 x 16, or one of 32 x 64), with
     an incoming state, resets and an odd length, equal the reference."""
-    from mnemax.kernels import pallas_mlstm_gpu
-
-    monkeypatch.setitem(pallas_mlstm_gpu.GPU_OPTIONS, "block_v", block_v)
-    monkeypatch.setitem(pallas_mlstm_gpu.GPU_OPTIONS, "state_block", state_block)
-    assert pallas_mlstm_gpu.value_blocks(16, 64) == 64 // block_v
+    config = MLSTMConfig(block_v=block_v, state_block=state_block)
+    assert mlstm_gpu.value_blocks(16, 64, config) == 64 // block_v
     case = _inputs(13, 2, 2, 37, 24, 48, with_state=True, reset_rate=0.1)
-    _, _, out_err, grad_err = _errors("pallas_gpu", case, 16)
+    _, _, out_err, grad_err = _errors("pallas_gpu", case, 16, config=config)
     assert max(out_err.values()) <= 1e-4, out_err
     assert max(grad_err.values()) <= 1e-3, grad_err
 
@@ -149,68 +156,55 @@ def test_pallas_gpu_mlstm_walk_tiles_fill_the_gpu(monkeypatch):
     """The state walk's default tiles: 128 x 128 on 8 warps while batch x heads x tiles
     covers every SM, 64 x 64 on 4 warps when it would leave SMs idle (8k context at batch 8:
     64 rows x 8 tiles; 64k at batch 1: 8 rows x 8 tiles of 128 on 132 SMs -> 8 x 32 of 64);
-    set options win, and a tile that is not a power of two is refused."""
-    from mnemax.kernels import pallas_mlstm_gpu as pg
-
-    monkeypatch.setattr(pg, "_sm_count", lambda: 132)
-    assert pg.walk_tiles(64, 256, 512) == (128, 8)
-    assert pg.walk_tiles(8, 256, 512) == (64, 4)
-    assert pg.walk_tiles(17, 256, 512) == (128, 8)  # 17 x 8 = 136 >= 132
-    monkeypatch.setitem(pg.GPU_OPTIONS, "state_block", 32)
-    assert pg.walk_tiles(64, 256, 512) == (32, 4)
-    monkeypatch.setitem(pg.GPU_OPTIONS, "state_warps", 2)
-    assert pg.walk_tiles(64, 256, 512) == (32, 2)
-    monkeypatch.setitem(pg.GPU_OPTIONS, "state_block", 48)
-    with pytest.raises(ValueError, match="state_block'\\]: got 48"):
-        pg.walk_tiles(8, 256, 512)
+    set fields win, and a tile that is not a power of two is refused."""
+    monkeypatch.setattr(mlstm_gpu, "gpu_sm_count", lambda: 132)
+    walk_tiles = mlstm_gpu.walk_tiles
+    assert walk_tiles(64, 256, 512, MLSTMConfig()) == (128, 8)
+    assert walk_tiles(8, 256, 512, MLSTMConfig()) == (64, 4)
+    assert walk_tiles(17, 256, 512, MLSTMConfig()) == (128, 8)  # 17 x 8 = 136 >= 132
+    assert walk_tiles(64, 256, 512, MLSTMConfig(state_block=32)) == (32, 4)
+    assert walk_tiles(64, 256, 512, MLSTMConfig(state_block=32, state_warps=2)) == (32, 2)
+    with pytest.raises(ValueError, match="MLSTMConfig.state_block: got 48; expected None or a power of two >= 16"):
+        MLSTMConfig(state_block=48)
 
 
-def test_pallas_gpu_mlstm_pipelining_fits_shared_memory(monkeypatch):
+def test_pallas_gpu_mlstm_pipelining_fits_shared_memory():
     """Triton's software pipelining keeps num_stages copies of a loop iteration's loads in
     shared memory. The float32 dq/dk kernel at d_qk 256 / d_v 512 with one key block of 256
     asked an H100 for 344,064 B at 2 stages and 327,680 B at 1 (of 232,448): two copies of
     the 163,840 B this estimate gives (plus 16 KB). So float32 there takes key blocks of 128
     (98,304 B) at 1 stage even when block_k asks 256, while bf16 keeps 256 when asked, and
-    bf16 (49,152 B; 65,536 B with dv inside) and float32 at head 64 keep the measured 2 stages."""
-    from mnemax.kernels import pallas_mlstm
-    from mnemax.kernels import pallas_mlstm_gpu as pg
-
+    bf16 (49,152 B) and float32 at head 64 keep the measured 2 stages."""
     def problem(dk, dv, dtype):
         z = jnp.zeros((1, 2, 128, dk), dtype)
         g = jnp.zeros((1, 2, 128), jnp.float32)
-        return pallas_mlstm.make_problem("gpu", z, z, jnp.zeros((1, 2, 128, dv), dtype), g, g, None, 64)
+        return mlstm_common.make_problem("gpu", z, z, jnp.zeros((1, 2, 128, dv), dtype), g, g, None, 64)
 
     big32, big16, small32 = problem(256, 512, jnp.float32), problem(256, 512, jnp.bfloat16), problem(64, 64, jnp.float32)
-    monkeypatch.setitem(pg.GPU_OPTIONS, "block_k", 256)
-    assert pg._split_layout(big32) == (2, 128, 8, 64) and pg._split_layout(big16) == (1, 256, 8, 64)
-    monkeypatch.setitem(pg.GPU_OPTIONS, "block_k", 128)  # the default
-    assert (pg._dv_mode(big32), pg._dv_mode(big16)) == ("loop", "loop")
-    assert pg.dqk_stage_bytes(big32, jnp.float32, jnp.float32) == 98_304
-    assert pg.dqk_stage_bytes(big16, jnp.bfloat16, jnp.bfloat16) == 49_152
-    monkeypatch.setitem(pg.GPU_OPTIONS, "dv", "fused")  # the other key block's dC rows too
-    assert pg.dqk_stage_bytes(big16, jnp.bfloat16, jnp.bfloat16) == 65_536
-    assert pg.pipeline_stages(pg.dqk_stage_bytes(big32, jnp.float32, jnp.float32)) == 1
-    assert pg.pipeline_stages(pg.dqk_stage_bytes(big16, jnp.bfloat16, jnp.bfloat16)) == 2
-    assert pg.pipeline_stages(pg.dqk_stage_bytes(small32, jnp.float32, jnp.float32)) == 2
+    wide, default = MLSTMConfig(block_k=256), MLSTMConfig()
+    assert mlstm_gpu.split_layout(big32, wide) == (2, 128, 8, 64) and mlstm_gpu.split_layout(big16, wide) == (1, 256, 8, 64)
+    assert mlstm_gpu.dv_mode(big16, wide) == "fused"  # one key block: dv inside the dq/dk kernel
+    assert (mlstm_gpu.dv_mode(big32, default), mlstm_gpu.dv_mode(big16, default)) == ("loop", "loop")
+    stage32 = mlstm_gpu.dqk_stage_bytes(big32, jnp.float32, jnp.float32, default)
+    stage16 = mlstm_gpu.dqk_stage_bytes(big16, jnp.bfloat16, jnp.bfloat16, default)
+    assert (stage32, stage16) == (98_304, 49_152)
+    stages = default.num_stages
+    assert mlstm_gpu.pipeline_stages(stage32, stages) == 1
+    assert mlstm_gpu.pipeline_stages(stage16, stages) == 2
+    assert mlstm_gpu.pipeline_stages(mlstm_gpu.dqk_stage_bytes(small32, jnp.float32, jnp.float32, default), stages) == 2
     # the dq/dk kernel's own 3 stages (dqk_stages, the default): 3 x 49,152 B of bf16 loads
     # fit beside the reserve; float32 (98,304 B) falls back to 1
-    monkeypatch.setitem(pg.GPU_OPTIONS, "dv", "loop")
-    assert pg.pipeline_stages(pg.dqk_stage_bytes(big16, jnp.bfloat16, jnp.bfloat16), 3) == 3
-    assert pg.pipeline_stages(pg.dqk_stage_bytes(big32, jnp.float32, jnp.float32), 3) == 1
+    assert mlstm_gpu.pipeline_stages(stage16, default.dqk_stages) == 3
+    assert mlstm_gpu.pipeline_stages(stage32, default.dqk_stages) == 1
 
 
 @pytest.mark.parametrize("case", ["odd", "extreme", "bf16"])
-def test_pallas_gpu_mlstm_split_backward(monkeypatch, case):
-    """The GPU "split" backward (dq, dk and the gates per key block, looping over value
-    blocks; dv per value block): 4 key blocks of 8 (d_qk 24 pads to 32) and 4 value blocks
-    of 16 (d_v 48 pads to 64), with an incoming state, resets, an odd length; gates up to
-    +-30 and bf16 inputs at the shapes of those tests (2 key blocks). Equals the reference
-    like the fused backward."""
-    from mnemax.kernels import pallas_mlstm_gpu
-
-    monkeypatch.setitem(pallas_mlstm_gpu.GPU_OPTIONS, "bwd", "split")
-    monkeypatch.setitem(pallas_mlstm_gpu.GPU_OPTIONS, "block_k", 8)
-    monkeypatch.setitem(pallas_mlstm_gpu.GPU_OPTIONS, "block_v", 16)
+def test_pallas_gpu_mlstm_key_blocks(case):
+    """The GPU backward with several key blocks (dq, dk and the gates per key block, looping
+    over value blocks; dv in its own loop kernel): 4 key blocks of 8 (d_qk 24 pads to 32)
+    and 4 value blocks of 16 (d_v 48 pads to 64), with an incoming state, resets, an odd
+    length; gates up to +-30 and bf16 inputs at the shapes of those tests (2 key blocks)."""
+    config = MLSTMConfig(block_k=8, block_v=16)
     if case == "extreme":  # the extreme-gate test's inputs (2 key blocks): at d 24 / 48 every
         # backend, xla included, is 5e-3 off the recurrent reference in dq and dk there
         args = _inputs(7, 1, 2, 37, 8, 8, with_state=True, reset_rate=0.1, gate_scale="extreme")
@@ -219,50 +213,131 @@ def test_pallas_gpu_mlstm_split_backward(monkeypatch, case):
         args = _inputs(5, 1, 2, 40, 16, 16, with_state=True, reset_rate=0.1, dtype=jnp.bfloat16)
     else:
         args = _inputs(17, 2, 2, 37, 24, 48, with_state=True, reset_rate=0.1)
-    _, _, out_err, grad_err = _errors("pallas_gpu", args, 16)
+    _, _, out_err, grad_err = _errors("pallas_gpu", args, 16, config=config)
     tol = (2e-2, 3e-2) if case == "bf16" else (1e-4, 1e-3)
     assert max(out_err.values()) <= tol[0], out_err
     assert max(grad_err.values()) <= tol[1], grad_err
 
 
-@pytest.mark.parametrize("options", [
-    {"bwd": "fused", "fwd": "grid"},  # one program per (row, value block, chunk); gradient partials summed
-    {"fwd": "grid", "dv": "grid", "block_k": 8},  # outputs and dv per (row, value block, chunk); 4 key blocks
+@pytest.mark.parametrize("fields", [
     {"dv": "loop"},  # dv: one program per (row, chunk) looping over the value blocks
     {"dv": "auto", "block_k": 8},  # 4 key blocks: dv in its own loop kernel
-    {"dv": "fused", "block_k": 8},  # 4 key blocks, each writing dv for one of the 4 value blocks
-    {"dv": "loop", "block_k": 8, "bwd_denom": "recompute"},  # dq/dk: scores before the value loop
-    {},  # the defaults: loop forward, dv inside the dq/dk program (one key block: d_qk 24 pads to 32)
+    {},  # the defaults: dv inside the dq/dk program (one key block: d_qk 24 pads to 32)
 ])
-def test_pallas_gpu_mlstm_kernel_variants(monkeypatch, options):
-    """Each GPU kernel layout (GPU_OPTIONS) at 4 value blocks of 16 (d_v 48 pads to 64), with
+def test_pallas_gpu_mlstm_kernel_variants(fields):
+    """Each GPU kernel layout (MLSTMConfig) at 4 value blocks of 16 (d_v 48 pads to 64), with
     an incoming state, resets and an odd length, equals the reference."""
-    from mnemax.kernels import pallas_mlstm_gpu
-
-    monkeypatch.setitem(pallas_mlstm_gpu.GPU_OPTIONS, "block_v", 16)
-    for key, value in options.items():
-        monkeypatch.setitem(pallas_mlstm_gpu.GPU_OPTIONS, key, value)
     case = _inputs(19, 2, 2, 37, 24, 48, with_state=True, reset_rate=0.1)
-    _, _, out_err, grad_err = _errors("pallas_gpu", case, 16)
+    _, _, out_err, grad_err = _errors("pallas_gpu", case, 16, config=MLSTMConfig(block_v=16, **fields))
     assert max(out_err.values()) <= 1e-4, out_err
     assert max(grad_err.values()) <= 1e-3, grad_err
 
 
-@pytest.mark.parametrize("options,message", [
-    ({"bwd": "fast"}, "GPU_OPTIONS\\['bwd'\\] must be 'fused' or 'split', got 'fast'"),
-    ({"fwd": "fast"}, "GPU_OPTIONS\\['fwd'\\] must be 'grid' or 'loop', got 'fast'"),
-    ({"dv": "fast"}, "GPU_OPTIONS\\['dv'\\] must be 'grid', 'loop', 'fused' or 'auto', got 'fast'"),
-    ({"dv": "fused", "block_k": 8}, "needs the 1 value blocks to split evenly over the 2 key blocks"),
-    ({"bwd_denom": "fast"}, "GPU_OPTIONS\\['bwd_denom'\\] must be 'saved' or 'recompute', got 'fast'"),
+@pytest.mark.parametrize("fields,message", [
+    ({"dv": "fast"}, "MLSTMConfig.dv: got 'fast'; expected 'auto', 'loop' or 'fused'"),
+    ({"num_warps": 3}, "MLSTMConfig.num_warps: got 3; expected a power of two from 1 to 32"),
+    ({"dqk_stages": 0}, "MLSTMConfig.dqk_stages: got 0; expected a positive int or None"),
+    ({"block_v": 24}, "MLSTMConfig.block_v: got 24; expected None or a power of two >= 16"),
+    ({"block_k": 4}, "MLSTMConfig.block_k: got 4; expected a power of two >= 8"),
+    ({"fwd": "grid"}, "unexpected keyword argument 'fwd'"),  # a removed variant
 ])
-def test_pallas_gpu_mlstm_unknown_kernel_option(monkeypatch, options, message):
-    from mnemax.kernels import pallas_mlstm_gpu
+def test_mlstm_config_refuses_bad_fields(fields, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        MLSTMConfig(**fields)
 
-    for key, value in options.items():
-        monkeypatch.setitem(pallas_mlstm_gpu.GPU_OPTIONS, key, value)
+
+def test_pallas_gpu_mlstm_fused_dv_needs_one_key_block():
+    # d_qk 16 in key blocks of 8: dv inside the dq/dk programs would need the other key block's dC rows
     args = _inputs(1, 1, 1, 16, 16, 8, with_state=False, reset_rate=0.0)
-    with pytest.raises(ValueError, match=message):
-        _errors("pallas_gpu", args, 8)
+    with pytest.raises(ValueError, match="MLSTMConfig.dv='fused' needs one key block, got 2"):
+        _errors("pallas_gpu", args, 8, config=MLSTMConfig(dv="fused", block_k=8))
+    with pytest.raises(TypeError, match="config must be an MLSTMConfig or None, got dict"):
+        mlstm(*args[0], backend="pallas_gpu", interpret=True, config={"dv": "loop"})
+
+
+def _pallas_calls(jaxpr) -> list:
+    """Every pallas_call equation in ``jaxpr`` and the jaxprs nested in it."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found.append(eqn)
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, tuple | list) else (v,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _pallas_calls(inner)
+    return found
+
+
+def test_pallas_gpu_mlstm_config_change_after_jit_takes_effect():
+    """One jitted function, the config a static argument: a second config makes a trace of
+    its own with other kernels (the state walk's tiles, dv's layout), and each run equals the
+    reference (the kernels read nothing but their arguments). (How often a config is traced
+    is JAX's business: a process's first interpret-mode run registers a config option, and
+    the next call retraces.)"""
+    traces = []
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def grads(args, config):
+        traces.append(config)
+        loss = lambda *a: jnp.sum(mlstm(*a, backend="pallas_gpu", chunk_size=8, interpret=True, config=config)[0])  # noqa: E731
+        return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*args)
+
+    (q, k, v, i, f), _, _, _, _ = _inputs(3, 1, 2, 19, 32, 32, with_state=False, reset_rate=0.0)
+    args = (q, k, v, i, f)
+    small = MLSTMConfig(state_block=16, dv="loop")  # walk tiles 16 x 16: grid (2, 2, 2); dv in its own kernel
+    default = MLSTMConfig()  # one walk tile of 32 x 32; dv inside the dq/dk kernel
+    with jax.default_matmul_precision("highest"):
+        want = jax.grad(lambda *a: jnp.sum(mlstm(*a, backend="reference")[0]), argnums=(0, 1, 2, 3, 4))(*args)
+    for config in (small, default):
+        got = grads(args, config)
+        assert max(rel_err(g, w) for g, w in zip(got, want)) <= 1e-3
+    assert set(traces) == {small, default}  # the second config made a trace of its own
+    jaxprs = {c: grads.trace(args, c).jaxpr for c in (small, default)}
+    grids = {c: [e.params["grid_mapping"].grid for e in _pallas_calls(j.jaxpr)] for c, j in jaxprs.items()}
+    assert len(grids[small]) == 5 and len(grids[default]) == 4, grids
+    assert grids[small][0] == (2, 2, 2) and grids[default][0] == (2, 1, 1), grids
+
+
+# ----------------------------------------------------------------------------- one step (generation)
+
+
+@pytest.mark.parametrize("backend", ["reference", "parallel", "xla", "pallas_gpu", "pallas_tpu"])
+def test_one_step_equals_the_multi_step_call(backend):
+    """Prefix of 8 steps, then one step (time == 1, the closed form), from a nonzero state,
+    with a reset on that step in one row: outputs, final state and the gradients of every
+    input and of the incoming state equal one reference call over the 9 steps. The one-step
+    call pads nothing and launches no kernel."""
+    (q, k, v, i, f), state, _, w_h, w_s = _inputs(29, 2, 2, 9, 8, 12, with_state=True, reset_rate=0.0)
+    resets = jnp.asarray(np.array([[False, False, True, False, False, False, False, False, True],
+                                   [False, True, False, False, False, False, False, False, False]]))
+    run = functools.partial(mlstm, backend=backend, chunk_size=4, interpret=True)
+
+    def split(q, k, v, i, f, st):
+        t = slice(None, 8), slice(8, None)
+        h1, s1 = run(*(a[:, :, t[0]] for a in (q, k, v, i, f)), state=st, resets=resets[:, t[0]])
+        h2, s2 = run(*(a[:, :, t[1]] for a in (q, k, v, i, f)), state=s1, resets=resets[:, t[1]])
+        return jnp.concatenate([h1, h2], axis=2), s2
+
+    def whole(q, k, v, i, f, st):
+        return mlstm(q, k, v, i, f, state=st, resets=resets, backend="reference")
+
+    def value_and_grads(fn):
+        def loss(*a):
+            h, s = fn(*a)
+            return jnp.sum(h * w_h) + sum(jnp.sum(jnp.sin(x) * w) for x, w in zip(s, w_s)), (h, s)
+
+        return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True))(q, k, v, i, f, state)
+
+    (_, got), got_grads = value_and_grads(split)
+    with jax.default_matmul_precision("highest"):
+        (_, want), want_grads = value_and_grads(whole)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert rel_err(a, b) <= 1e-5
+    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+        assert rel_err(a, b) <= 1e-4
+    one = jax.make_jaxpr(lambda *a: run(*a, state=state, resets=resets[:, 8:]))(*(a[:, :, 8:] for a in (q, k, v, i, f)))
+    assert not primitives(one.jaxpr) & {"pallas_call", "scan", "while", "pad", "custom_vjp_call"}, primitives(one.jaxpr)
 
 
 @pytest.mark.gpu
@@ -270,26 +345,9 @@ def test_pallas_gpu_mlstm_unknown_kernel_option(monkeypatch, options, message):
 @pytest.mark.parametrize("dims", [(11, 2, 4, 300, 64, 64), (12, 1, 2, 200, 256, 512)], ids=["head64", "qk256_v512"])
 def test_pallas_gpu_mlstm_compiled_matches_reference(dtype, tol, dims):
     """The compiled GPU kernel (not interpret mode): a model-sized head, and xLSTM-sized heads
-    (d_qk 256, d_v 512: 16 programs of 32 value columns per row)."""
+    (d_qk 256, d_v 512: 8 value blocks of 64 columns per row, 2 key blocks)."""
     assert jax.default_backend() == "gpu"
     case = _inputs(*dims, with_state=True, reset_rate=0.01, dtype=dtype)
     _, _, out_err, grad_err = _errors("pallas_gpu", case, 64, interpret=False)
     assert max(out_err.values()) <= tol[0], out_err
     assert max(grad_err.values()) <= tol[1], grad_err
-
-
-def test_pallas_mlstm_runs_per_shard_under_a_mesh():
-    """Under a mesh context the kernel runs per (batch, head) shard (jax.shard_map; a bare
-    pallas_call is replicated by the SPMD partitioner) and still equals the reference."""
-    from mnemax.sharding import make_mesh
-
-    from .contract import primitives
-
-    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
-    case = _inputs(23, 4, 2, 29, 8, 8, with_state=True, reset_rate=0.1)
-    with jax.set_mesh(mesh):
-        jaxpr = jax.make_jaxpr(lambda *a: mlstm(*a, backend="pallas_gpu", chunk_size=8, interpret=True))(*case[0])
-        assert "shard_map" in primitives(jaxpr.jaxpr)
-        _, _, out_err, grad_err = _errors("pallas_gpu", case, 8)
-    assert max(out_err.values()) <= 1e-4, out_err
-    assert max(grad_err.values()) <= 1e-3, grad_err

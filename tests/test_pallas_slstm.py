@@ -6,7 +6,11 @@ state carried across calls. float32 relative error <= 1e-4 (outputs, states) and
 <= 1e-3 (gradients), the xLSTM issue's tolerances.
 
 The ``gpu``-marked test runs the compiled GPU kernel (Triton):
-``JAX_PLATFORMS=cuda python -m pytest -m gpu tests/test_pallas_slstm.py``."""
+``JAX_PLATFORMS=cuda python -m pytest -m gpu tests/test_pallas_slstm.py``.
+
+Also here: a kernel configuration (``SLSTMConfig``) changed after ``jax.jit`` takes effect
+(a new trace, other kernel launches, the same numbers), and one-step calls (generation)
+equal the multi-step call's step for every backend."""
 
 import functools
 
@@ -15,7 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnemax.kernels import available, dispatch, slstm
+from mnemax.kernels import SLSTMConfig, slstm
+from mnemax.kernels.slstm import BACKENDS as SLSTM_BACKENDS
+from mnemax.kernels.slstm import gpu as slstm_gpu
+
+from .contract import primitives
 
 BACKENDS = ["pallas_tpu", "pallas_gpu"]
 
@@ -45,11 +53,14 @@ def _inputs(seed, batch, time, heads, head_dim, *, with_state, reset_rate, extre
     return (f32(x), f32(R), f32(b)), state, resets, w_h, w_s
 
 
-def _value_and_grads(backend, args, state, resets, w_h, w_s, interpret=True):
+def _value_and_grads(backend, args, state, resets, w_h, w_s, interpret=True, **kw):
+    """(h, final state) and the gradients of a loss that reads every output; ``kw``: the
+    op's ``config`` / ``sharding``."""
     with_state = state is not None
 
     def loss(x, R, b, st):
-        h, s = slstm(x, R, b, state=st if with_state else None, resets=resets, backend=backend, interpret=interpret)
+        h, s = slstm(x, R, b, state=st if with_state else None, resets=resets, backend=backend, interpret=interpret,
+                     **kw)
         return jnp.sum(h * w_h) + sum(jnp.sum(jnp.sin(a) * w) for a, w in zip(s, w_s)), (h, s)
 
     st = state if with_state else ()
@@ -70,8 +81,8 @@ def _check(backend, case, out_tol=1e-4, grad_tol=1e-3, **kw):
 
 
 def test_pallas_slstm_backends_registered_opt_in():
-    assert {"pallas_gpu", "pallas_tpu"} <= set(available("slstm"))
-    assert dispatch.default_backend("slstm", "gpu") == "xla" and dispatch.default_backend("slstm", "tpu") == "xla"
+    assert {"pallas_gpu", "pallas_tpu"} <= set(SLSTM_BACKENDS.available())
+    assert SLSTM_BACKENDS.default("gpu") == "xla" and SLSTM_BACKENDS.default("tpu") == "xla"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -99,84 +110,136 @@ def test_pallas_slstm_state_round_trip(backend):
         assert rel_err(got, want) <= 1e-4
 
 
-@pytest.mark.parametrize("options,shape", [
+@pytest.mark.parametrize("fields,shape", [
     ({"splits": 4}, (3, 17, 2, 40)),  # head 40 -> 64 units in 4 programs of 16, one launch
     pytest.param({"splits": 2, "batch_block": 16, "max_programs": 4}, (18, 9, 3, 24), marks=pytest.mark.slow),  # 2 batch blocks, 6 groups, 3 launches
-    ({"splits": 2, "spin": "data"}, (2, 11, 1, 32)),
-    ({"splits": 2, "prefetch": False}, (3, 13, 2, 32)),  # each step's inputs loaded after the wait
-    pytest.param({"splits": 4, "bwd_exchange": "gates"}, (3, 12, 2, 64), marks=pytest.mark.slow),  # backward exchanging the gate gradients
+    ({"splits": 2}, (3, 13, 2, 32)),
 ])
-def test_pallas_gpu_slstm_split_heads(monkeypatch, options, shape):
+def test_pallas_gpu_slstm_split_heads(fields, shape):
     """The GPU kernels with each head's recurrent matrices split over several programs
     (emulated one after the other in interpret mode, through the same exchange buffers and
-    flags) equal the reference, and so do launches cut into groups of (head, batch block)."""
-    from mnemax.kernels import pallas_slstm_gpu as pg
-
-    for key, value in options.items():
-        monkeypatch.setitem(pg.GPU_OPTIONS, key, value)
-    plan = pg.Plan(shape[0], shape[2], shape[3], {}, interpret=True)
-    assert plan.splits == options["splits"] and plan.groups >= plan.per_launch
-    _check("pallas_gpu", _inputs(sum(shape), *shape, with_state=True, reset_rate=0.1))
+    counters) equal the reference, and so do launches cut into groups of (head, batch block)."""
+    config = SLSTMConfig(**fields)
+    plan = slstm_gpu.Plan(shape[0], shape[2], shape[3], config, interpret=True)
+    assert plan.splits == fields["splits"] and plan.groups >= plan.per_launch
+    _check("pallas_gpu", _inputs(sum(shape), *shape, with_state=True, reset_rate=0.1), config=config)
 
 
-def test_pallas_gpu_slstm_bad_options(monkeypatch):
-    from mnemax.kernels import pallas_slstm_gpu as pg
-
-    with pytest.raises(ValueError, match="splits: got 3"):
-        pg.Plan(2, 1, 64, {"splits": 3}, interpret=True)
-    with pytest.raises(ValueError, match="splits: got 8"):  # 64 / 8 = 8 units < 16
-        pg.Plan(2, 1, 64, {"splits": 8}, interpret=True)
-    with pytest.raises(ValueError, match="batch_block: got 24"):
-        pg.Plan(2, 1, 64, {"batch_block": 24}, interpret=True)
-    with pytest.raises(ValueError, match="precision: got 'fp8'"):
-        pg.Plan(2, 1, 64, {"precision": "fp8"}, interpret=True)
-    with pytest.raises(ValueError, match="bwd_exchange: got 'rows'"):
-        pg.Plan(2, 1, 64, {"bwd_exchange": "rows"}, interpret=True)
-    with pytest.raises(ValueError, match="needs spin 'counter' or 'flags'"):
-        pg.Plan(2, 1, 64, {"bwd_exchange": "partials", "spin": "data"}, interpret=True)
-    with pytest.raises(ValueError, match="max_programs: got 2"):
-        pg.Plan(2, 1, 64, {"splits": 4, "max_programs": 2}, interpret=True)
-    with pytest.raises(ValueError, match="dr_precision: got 'bf16'"):
-        pg.Plan(2, 1, 64, {"dr_precision": "bf16"}, interpret=True)
+def test_pallas_gpu_slstm_bad_config():
+    Plan = slstm_gpu.Plan
+    with pytest.raises(ValueError, match="SLSTMConfig.splits: got 3; expected None or a power of two"):
+        SLSTMConfig(splits=3)
+    with pytest.raises(ValueError, match="SLSTMConfig.splits: got 8; expected a power of two leaving >= 16 units"):
+        Plan(2, 1, 64, SLSTMConfig(splits=8), interpret=True)  # 64 / 8 = 8 units < 16
+    with pytest.raises(ValueError, match="SLSTMConfig.batch_block: got 24; expected None or a power of two >= 16"):
+        SLSTMConfig(batch_block=24)
+    with pytest.raises(ValueError, match="SLSTMConfig.precision: got 'fp8'"):
+        SLSTMConfig(precision="fp8")
+    with pytest.raises(ValueError, match="SLSTMConfig.bwd_warps: got 3; expected a power of two from 1 to 32"):
+        SLSTMConfig(bwd_warps=3)
+    with pytest.raises(ValueError, match="SLSTMConfig.max_programs: got 0"):
+        SLSTMConfig(max_programs=0)
+    with pytest.raises(ValueError, match=r"SLSTMConfig.max_programs: got 2; expected >= splits \(4\)"):
+        Plan(2, 1, 64, SLSTMConfig(splits=4, max_programs=2), interpret=True)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'spin'"):  # a removed variant
+        SLSTMConfig(spin="data")
+    x = jnp.ones((1, 3, 4, 1, 16))
+    with pytest.raises(TypeError, match="config must be an SLSTMConfig or None, got dict"):
+        slstm(x, jnp.zeros((1, 16, 4, 16)), backend="pallas_gpu", interpret=True, config={"splits": 1})
 
 
 def test_pallas_gpu_slstm_dr_follows_the_recurrent_precision():
     """dR is an XLA product over batch x time: TF32 (XLA's default) when the recurrent
-    products are TF32, float32 when they are TF32x3 or float32, unless set."""
-    from mnemax.kernels import pallas_slstm_gpu as pg
-
+    products are TF32, float32 when they are TF32x3 or float32."""
     P = jax.lax.Precision
-    dr = lambda **o: pg.Plan(2, 1, 64, {"max_programs": 64, **o}, interpret=False).dr_precision  # noqa: E731
+    dr = lambda **o: slstm_gpu.Plan(2, 1, 64, SLSTMConfig(max_programs=64, **o), interpret=False).dr_precision  # noqa: E731
     assert (dr(precision="tf32"), dr(precision="tf32x3"), dr(precision="ieee")) == (P.DEFAULT, P.HIGHEST, P.HIGHEST)
-    assert (dr(precision="tf32", dr_precision="highest"), dr(precision="tf32x3", dr_precision="tf32")) == (
-        P.HIGHEST, P.DEFAULT)
+    assert dr() == P.DEFAULT  # JAX's default matmul precision: TF32
     with jax.default_matmul_precision("highest"):  # as XLA's dots would
         assert dr() == P.HIGHEST
 
 
+def test_pallas_gpu_slstm_config_change_after_jit_takes_effect():
+    """One jitted function, the config a static argument: a config that cuts the launches
+    (one program per launch: 2 groups, 2 launches each way) makes a trace of its own with
+    twice the kernel launches, and each run equals the reference."""
+    traces = []
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def grads(args, config):
+        traces.append(config)
+        loss = lambda *a: jnp.sum(slstm(*a, backend="pallas_gpu", interpret=True, config=config)[0])  # noqa: E731
+        return jax.grad(loss, argnums=(0, 1, 2))(*args)
+
+    (x, R, b), _, _, _, _ = _inputs(6, 2, 7, 2, 16, with_state=False, reset_rate=0.0)
+    default, cut = SLSTMConfig(), SLSTMConfig(max_programs=1)
+    with jax.default_matmul_precision("highest"):
+        want = jax.grad(lambda *a: jnp.sum(slstm(*a, backend="reference")[0]), argnums=(0, 1, 2))(x, R, b)
+    for config in (default, cut):
+        got = grads((x, R, b), config)
+        assert max(rel_err(g, w) for g, w in zip(got, want)) <= 1e-3
+    assert set(traces) == {default, cut}  # the second config made a trace of its own
+    count = {c: str(grads.trace((x, R, b), c).jaxpr).count("pallas_call[") for c in (default, cut)}
+    assert (count[default], count[cut]) == (2, 4), count
+
+
+# ----------------------------------------------------------------------------- one step (generation)
+
+
+@pytest.mark.parametrize("backend", ["reference", "xla", "pallas_gpu", "pallas_tpu"])
+def test_one_step_equals_the_multi_step_call(backend):
+    """Prefix of 6 steps, then one step (time == 1, the closed form), from a nonzero state,
+    with a reset on that step in one row: outputs, final state and the gradients of x, R, b
+    and the incoming state equal one reference call over the 7 steps. The one-step call
+    launches no kernel and runs no loop."""
+    (x, R, b), state, _, w_h, w_s = _inputs(31, 2, 7, 2, 8, with_state=True, reset_rate=0.0)
+    resets = jnp.asarray(np.array([[False, True, False, False, False, False, True],
+                                   [False, False, False, True, False, False, False]]))
+    run = functools.partial(slstm, backend=backend, interpret=True)
+
+    def split(x, R, b, st):
+        h1, s1 = run(x[:, :6], R, b, state=st, resets=resets[:, :6])
+        h2, s2 = run(x[:, 6:], R, b, state=s1, resets=resets[:, 6:])
+        return jnp.concatenate([h1, h2], axis=1), s2
+
+    def whole(x, R, b, st):
+        return slstm(x, R, b, state=st, resets=resets, backend="reference")
+
+    def value_and_grads(fn):
+        def loss(*a):
+            h, s = fn(*a)
+            return jnp.sum(h * w_h) + sum(jnp.sum(jnp.sin(v) * w) for v, w in zip(s, w_s)), (h, s)
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(x, R, b, state)
+
+    (_, got), got_grads = value_and_grads(split)
+    with jax.default_matmul_precision("highest"):
+        (_, want), want_grads = value_and_grads(whole)
+    for a, c in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert rel_err(a, c) <= 1e-5
+    for a, c in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+        assert rel_err(a, c) <= 1e-4
+    one = jax.make_jaxpr(lambda x: run(x, R, b, state=state, resets=resets[:, 6:]))(x[:, 6:])
+    assert not primitives(one.jaxpr) & {"pallas_call", "scan", "while", "pad"}, primitives(one.jaxpr)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape,options", [
+@pytest.mark.parametrize("shape,fields", [
     ((4, 200, 4, 64), {}),  # one program per head
     ((4, 200, 4, 64), {"splits": 4}),
-    ((4, 200, 4, 64), {"splits": 4, "spin": "flags", "r_resident": False}),
     ((16, 160, 4, 256), {}),  # the benchmark's heads: 16 programs per head exchange h every step
-    ((16, 160, 4, 256), {"spin": "data"}),
-    ((16, 160, 4, 256), {"bwd_exchange": "gates"}),
-    ((16, 160, 4, 256), {"prefetch": False, "bwd_warps": 2}),  # the defaults before prefetching
+    ((16, 160, 4, 256), {"bwd_warps": 2}),
     ((40, 64, 2, 128), {"max_programs": 8}),  # 2 batch blocks x 2 heads x 4 splits, 2 launches
 ])
-def test_pallas_gpu_slstm_compiled_matches_reference(monkeypatch, shape, options):
+def test_pallas_gpu_slstm_compiled_matches_reference(shape, fields):
     """The compiled GPU kernels (not interpret mode) with TF32x3 recurrent products
     (float32 accuracy). R's entries are 1 / sqrt(head_dim) at head 256: at 0.3 that
     recurrence is chaotic, and the float32 ``xla`` backend and a 1e-7 change of x both
     leave the reference's path after ~56 steps."""
-    from mnemax.kernels import pallas_slstm_gpu as pg
-
     assert jax.default_backend() == "gpu"
-    for key, value in {"precision": "tf32x3", **options}.items():
-        monkeypatch.setitem(pg.GPU_OPTIONS, key, value)
     r_scale = min(0.3, shape[3] ** -0.5)
-    _check("pallas_gpu", _inputs(12, *shape, with_state=True, reset_rate=0.01, r_scale=r_scale), interpret=False)
+    _check("pallas_gpu", _inputs(12, *shape, with_state=True, reset_rate=0.01, r_scale=r_scale), interpret=False,
+           config=SLSTMConfig(precision="tf32x3", **fields))
 
 
 @pytest.mark.gpu
@@ -192,19 +255,3 @@ def test_pallas_gpu_slstm_default_precision_as_accurate_as_xla():
         got = jax.tree.leaves(_value_and_grads(backend, *case, interpret=False))
         errs[backend] = np.array([rel_err(a, b) for a, b in zip(got, ref)])
     assert np.all(errs["pallas_gpu"] <= np.maximum(2 * errs["xla"], 1e-4)), errs
-
-
-def test_pallas_slstm_runs_per_shard_under_a_mesh():
-    """Under a mesh context the kernel runs per (batch, head) shard (jax.shard_map; a bare
-    pallas_call is replicated by the SPMD partitioner) and still equals the reference,
-    gradients of R and b (summed over the batch shards) included."""
-    from mnemax.sharding import make_mesh
-
-    from .contract import primitives
-
-    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
-    case = _inputs(21, 4, 23, 2, 8, with_state=True, reset_rate=0.1)
-    with jax.set_mesh(mesh):
-        jaxpr = jax.make_jaxpr(lambda x, R, b: slstm(x, R, b, backend="pallas_gpu", interpret=True))(*case[0])
-        assert "shard_map" in primitives(jaxpr.jaxpr)
-        _check("pallas_gpu", case)

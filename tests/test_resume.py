@@ -129,12 +129,15 @@ def test_a_checkpoint_beyond_train_steps_is_refused(tmp_path, data_dir):
     from .trainer_utils import tiny_config
 
     work = str(tmp_path / "run")
-    first = Trainer(tiny_config(data_dir, **{"train.steps": 4}), work).run()
+    first = Trainer(tiny_config(data_dir, **{"train.steps": 4}), work).fit()
     with pytest.raises(ValueError, match=r"train\.steps: .* step 4, beyond train\.steps=2"):
-        Trainer(tiny_config(data_dir, **{"train.steps": 2}), work).run()
-    # the same length resumes at the end: no training, the same held-out numbers
-    again = Trainer(tiny_config(data_dir, **{"train.steps": 4}), work).run()
-    np.testing.assert_allclose(again["eval_loss"], first["eval_loss"], rtol=1e-6)
+        Trainer(tiny_config(data_dir, **{"train.steps": 2}), work).fit()
+    # the same length resumes at the end: no training, the same held-out numbers and state
+    again = Trainer(tiny_config(data_dir, **{"train.steps": 4}), work).fit()
+    np.testing.assert_allclose(again.metrics["eval_loss"], first.metrics["eval_loss"], rtol=1e-6)
+    assert "loss" not in again.metrics and int(again.state.step) == 4
+    for a, b in zip(jax.tree.leaves(again.state), jax.tree.leaves(first.state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def _flip_bytes(path: str, count: int = 64) -> None:
@@ -170,7 +173,7 @@ def test_flipped_bytes_fall_back_and_resume_bitwise(tmp_path, data_dir):
 
     cfg = dict(**{"train.steps": 6, "checkpoint.every_steps": 2, "release.write": True})
     ref = str(tmp_path / "ref")
-    Trainer(tiny_config(data_dir, **cfg), ref).run()
+    Trainer(tiny_config(data_dir, **cfg), ref).fit()
     want = _release_params(ref)
 
     run = str(tmp_path / "run")  # the same finished run, whose newest checkpoint is then damaged
@@ -180,7 +183,7 @@ def test_flipped_bytes_fall_back_and_resume_bitwise(tmp_path, data_dir):
     _flip_bytes(victim)
     buf = io.StringIO()
     with redirect_stdout(buf):
-        Trainer(tiny_config(data_dir, **cfg), run).run()
+        Trainer(tiny_config(data_dir, **cfg), run).fit()
     out = buf.getvalue()
     rel = os.path.relpath(victim, os.path.join(run, "checkpoints", "6"))
     assert f"checkpoint at step 6 is unreadable: {rel} does not match its sha256" in out, out
@@ -201,7 +204,7 @@ def test_all_checkpoints_corrupt_is_a_short_clear_error(tmp_path, data_dir):
     changes = {"train.steps": 4, "checkpoint.every_steps": 2}
     flags = flag_overrides(**changes)
     run = str(tmp_path / "run")
-    Trainer(tiny_config(data_dir, **changes), run).run()  # the same run the flags describe, in-process
+    Trainer(tiny_config(data_dir, **changes), run).fit()  # the same run the flags describe, in-process
     ckpts = os.path.join(run, "checkpoints")
     for step in os.listdir(ckpts):
         _flip_bytes(_largest_state_file(os.path.join(ckpts, step)))
@@ -225,18 +228,18 @@ def test_resume_under_a_changed_config_is_an_error(tmp_path, data_dir):
     from .trainer_utils import tiny_config
 
     run = str(tmp_path / "run")
-    Trainer(tiny_config(data_dir, **{"train.steps": 2}), run).run()
+    Trainer(tiny_config(data_dir, **{"train.steps": 2}), run).fit()
     with pytest.raises(ValueError, match=r"train\.learning_rate: 0\.003 -> 0\.01"):
-        Trainer(tiny_config(data_dir, **{"train.steps": 2, "train.learning_rate": 1e-2}), run).run()
+        Trainer(tiny_config(data_dir, **{"train.steps": 2, "train.learning_rate": 1e-2}), run).fit()
     with pytest.raises(ValueError, match=r"\(seed: 0 -> 1\)"):
-        Trainer(tiny_config(data_dir, **{"train.steps": 2, "seed": 1}), run).run()
+        Trainer(tiny_config(data_dir, **{"train.steps": 2, "seed": 1}), run).fit()
     with pytest.raises(ValueError, match=r"task\.params\.num_pairs: 4 -> 2"):
-        Trainer(tiny_config(data_dir, **{"train.steps": 2, "task.params.num_pairs": 2}), run).run()
+        Trainer(tiny_config(data_dir, **{"train.steps": 2, "task.params.num_pairs": 2}), run).fit()
     with pytest.raises(ValueError, match=r"allow_changes=train\.steps"):
-        Trainer(tiny_config(data_dir, **{"train.steps": 3}), run).run()
+        Trainer(tiny_config(data_dir, **{"train.steps": 3}), run).fit()
     # allowed by name: it resumes, and the release says what was trained
     Trainer(tiny_config(data_dir, **{"train.steps": 3, "checkpoint.allow_changes": "train.steps",
-                                     "release.write": True}), run).run()
+                                     "release.write": True}), run).fit()
     with open(os.path.join(run, "release", "config.json")) as f:
         extra = json.load(f)["extra"]
     assert extra["config"]["train"]["steps"] == 3 and extra["trained_steps"] == 3

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnemax.kernels import available, selective_scan
+from mnemax.kernels import selective_scan
+from mnemax.kernels.selective_scan import BACKENDS
 
 RTOL, ATOL = 6e-4, 2e-3  # mamba_ssm's fp32 tolerances for selective_scan_fn vs selective_scan_ref
 
@@ -188,4 +189,4 @@ def test_bad_inputs_raise():
         selective_scan(args["x"], args["dt"], args["A"], args["B"], args["C"], chunk_size=0)
     with pytest.raises(ValueError, match="backend"):
         selective_scan(args["x"], args["dt"], args["A"], args["B"], args["C"], backend="nope")
-    assert available("selective_scan") == ("reference", "xla", "pallas_gpu", "pallas_tpu")
+    assert BACKENDS.available() == ("reference", "xla", "pallas_gpu", "pallas_tpu")

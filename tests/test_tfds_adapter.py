@@ -211,7 +211,7 @@ def run(request, data_dir, tmp_path_factory):
         return train_step(state, batch, nonfinite)
 
     feeder.train_batch_local, feeder.eval_batches, trainer.train_step = spy_train, spy_eval, spy_step
-    result = trainer.run()
+    result = trainer.fit().metrics
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     return {"kind": kind, "trainer": trainer, "result": result, "records": records, "workdir": workdir,

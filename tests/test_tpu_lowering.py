@@ -26,17 +26,19 @@ import numpy as np
 import pytest
 
 from mnemax.kernels import linear_scan, mlstm, selective_scan, slstm
+from mnemax.kernels.sharding import KernelSharding
 
 TPU_V5E = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
 FWD, BWD = "_tpu_fwd_kernel", "_tpu_bwd_kernel"
 DTYPES = pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 MODES = pytest.mark.parametrize("mode", ["forward", "gradient"])
+TRAINER_SHARDING = KernelSharding(batch=("data", "fsdp"), heads="tensor")  # the scans' split on the trainer's mesh
 _CALL = re.compile(r'custom_call @tpu_custom_call\(.*kernel_name = "(\w+)".* : \((.*)\) -> ')
 
 
 def _tpu_mesh(sizes=None):
     """An abstract mesh whose device is a TPU v5e: with no axes (``sizes`` None) it only names
-    the generation; with axes the kernels run per shard (``mnemax.kernels.dispatch.mesh_split``)."""
+    the generation; with axes the kernels run per shard (``mnemax.kernels.sharding.plan``)."""
     names = tuple(sizes or ())
     return jax.sharding.AbstractMesh(tuple((sizes or {}).values()), names,
                                      axis_types=(jax.sharding.AxisType.Auto,) * len(names), abstract_device=TPU_V5E)
@@ -86,8 +88,9 @@ def _selective_scan_case(dtype, Bt=2, T=100, Ch=256, N=16):
     resets = jnp.asarray(rng.random((Bt, T)) < 0.05)
 
     def fn(x, dt, A, Bm, Cm, D, z, bias, h0):
+        # the sharding is read only under a mesh with axes (the per-shard test's)
         return selective_scan(x, dt, A, Bm, Cm, D=D, z=z, dt_bias=bias, dt_softplus=True, h0=h0, resets=resets,
-                              return_state=True, backend="pallas_tpu", interpret=False)
+                              return_state=True, backend="pallas_tpu", interpret=False, sharding=TRAINER_SHARDING)
 
     return fn, (x, dt, A, Bm, Cm, D, z, bias, h0)
 
@@ -99,10 +102,7 @@ def test_selective_scan_tpu_kernels_lower(dtype, mode):
     _check(_lower(fn, args, mode), mode, dtype)
 
 
-@MODES
-@DTYPES
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward_scan", "reverse_scan"])
-def test_linear_scan_tpu_kernels_lower(dtype, mode, reverse):
+def _linear_scan_case(dtype, reverse):
     # the ELM's traces (layers/elm.py): (batch, time, *features) with a carried state and
     # resets; features 4 x 64 flatten to 2 lane blocks, 100 steps pad to chunks of 32
     rng = np.random.default_rng(1)
@@ -111,9 +111,26 @@ def test_linear_scan_tpu_kernels_lower(dtype, mode, reverse):
     resets = jnp.asarray(rng.random((2, 100)) < 0.05)
 
     def fn(a, b, h0):
-        return linear_scan(a, b, h0=h0, resets=resets, reverse=reverse, backend="pallas_tpu", interpret=False)
+        return linear_scan(a, b, h0=h0, resets=resets, reverse=reverse, backend="pallas_tpu", interpret=False,
+                           sharding=TRAINER_SHARDING)
 
-    _check(_lower(fn, (a, b, h0), mode), mode, dtype)
+    return fn, (a, b, h0)
+
+
+@MODES
+@DTYPES
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward_scan", "reverse_scan"])
+def test_linear_scan_tpu_kernels_lower(dtype, mode, reverse):
+    fn, args = _linear_scan_case(dtype, reverse)
+    _check(_lower(fn, args, mode), mode, dtype)
+
+
+def test_linear_scan_tpu_kernels_lower_per_shard_under_a_mesh():
+    # batch over data x fsdp, the first trailing dimension (4 features) over tensor
+    fn, args = _linear_scan_case(jnp.bfloat16, False)
+    text = _lower(fn, args, "gradient", _tpu_mesh({"data": 2, "fsdp": 1, "tensor": 2}))
+    _check(text, "gradient", jnp.bfloat16)
+    assert "sdy.manual_computation" in text or "shard_map" in text
 
 
 def _mlstm_case(dtype, B=2, H=4, T=200, dk=128, dv=256):
@@ -126,7 +143,8 @@ def _mlstm_case(dtype, B=2, H=4, T=200, dk=128, dv=256):
     resets = jnp.asarray(rng.random((B, T)) < 0.05)
 
     def fn(q, k, v, i, f, state):
-        return mlstm(q, k, v, i, f, state=state, resets=resets, chunk_size=64, backend="pallas_tpu", interpret=False)
+        return mlstm(q, k, v, i, f, state=state, resets=resets, chunk_size=64, backend="pallas_tpu", interpret=False,
+                     sharding=TRAINER_SHARDING)
 
     return fn, (q, k, v, i, f, state)
 
@@ -148,7 +166,7 @@ def _slstm_case(dtype, B=2, T=40, H=2, D=192):
     resets = jnp.asarray(rng.random((B, T)) < 0.05)
 
     def fn(x, R, b, state):
-        return slstm(x, R, b, state=state, resets=resets, backend="pallas_tpu", interpret=False)
+        return slstm(x, R, b, state=state, resets=resets, backend="pallas_tpu", interpret=False, sharding=TRAINER_SHARDING)
 
     return fn, (x, R, b, state)
 

@@ -36,9 +36,10 @@ def test_eight_devices_match_one(tmp_path, data_dir):
     assert mu.addressable_shards[0].data.shape == (16, 16)
     assert len({d for d in emb.sharding.device_set}) == 8
     del state
-    r8 = t8.run()
+    r8 = t8.fit().metrics
     t1 = Trainer(single, str(tmp_path / "one"))
-    r1 = t1.run()
+    fit1 = t1.fit()
+    r1 = fit1.metrics
     l8, l1 = losses(str(tmp_path / "eight")), losses(str(tmp_path / "one"))
     assert sorted(l8) == sorted(l1) == [1, 2, 3, 4, 5]
     np.testing.assert_allclose([l8[s] for s in range(1, 6)], [l1[s] for s in range(1, 6)], rtol=1e-5, atol=1e-6)
@@ -50,6 +51,18 @@ def test_eight_devices_match_one(tmp_path, data_dir):
     sums = np_reference(t1, t1.init_state().params, examples)
     assert 0 < sums["count"] < batch["mask"].size
     np.testing.assert_allclose(l1[1], sums["nll"] / sums["count"], rtol=1e-5)
+
+    # fit() returns the final state: the one its last checkpoint holds, bit for bit, and whose
+    # parameters give the final held-out numbers it reports (numpy, one test example at a time)
+    assert int(fit1.state.step) == 5 and set(r1) >= {"loss", "accuracy", "eval_loss", "eval_accuracy"}
+    saved = _restore_state(os.path.join(str(tmp_path / "one"), "checkpoints"), t1, 5)
+    for got, want in zip(jax.tree.leaves(fit1.state), jax.tree.leaves(saved), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    test = t1.feeder.test
+    held_out = np_reference(t1, fit1.state.params, [test[i] for i in range(len(test))])
+    np.testing.assert_allclose(r1["eval_loss"], held_out["nll"] / held_out["count"], rtol=1e-5)
+    np.testing.assert_allclose(r1["eval_accuracy"], held_out["correct"] / held_out["count"], rtol=1e-6)
+    assert abs(r1["eval_loss"] - sums["nll"] / sums["count"]) > 1e-3  # trained: not the initial parameters
 
 
 class _Compiles:
@@ -114,12 +127,16 @@ def test_every_mesh_splits_the_compute(tmp_path, data_dir, mesh):
     assert 0.2 < ratio < 0.3, ratio
 
 
-def _restore_params(directory, trainer, step):
+def _restore_state(directory, trainer, step):
     import orbax.checkpoint as ocp
 
     with ocp.CheckpointManager(directory) as mgr:
         out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(trainer.abstract_state)))
-    return out["state"].params
+    return out["state"]
+
+
+def _restore_params(directory, trainer, step):
+    return _restore_state(directory, trainer, step).params
 
 
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, data_dir):
@@ -133,11 +150,11 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, data_dir
     cfg = {"train.learning_rate": 1e30, "train.schedule": "constant", "train.grad_clip": 0.0,
            "train.max_nonfinite_steps": 2, "checkpoint.every_steps": 2, "release.write": True}
     ref = Trainer(tiny_config(data_dir, **{**cfg, "train.steps": 2}), str(tmp_path / "ref"))
-    ref.run()
+    ref.fit()
     work = str(tmp_path / "run")
     trainer = Trainer(tiny_config(data_dir, **{**cfg, "train.steps": 8}), work)
     with pytest.raises(TrainingDivergedError, match=r"train\.max_nonfinite_steps: 3 of the steps 1\.\.5"):
-        trainer.run()
+        trainer.fit()
     records = [r for r in read_metrics(work) if "loss" in r]
     assert [r["nonfinite_steps"] for r in records] == [0, 0, 1, 2, 3]
     assert np.isfinite(records[1]["loss"]) and not np.isfinite(records[2]["loss"])

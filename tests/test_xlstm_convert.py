@@ -18,7 +18,7 @@ import pytest
 import mnemax
 from mnemax.convert import xlstm_config_from_torch, xlstm_from_torch, xlstm_stack_config_from_torch
 from mnemax.convert.xlstm_config import UPSTREAM_DEFAULTS
-from mnemax.layers import MLSTMLargeLayer, MLSTMLayer, SLSTMBlock, XLSTMLargeBlock, XLSTMStack
+from mnemax.layers import MLSTMLargeLayer, MLSTMLayer, SLSTMBlock, SLSTMLayer, XLSTMLargeBlock, XLSTMStack
 from mnemax.layers.xlstm_widths import large_ffn_dim, up_proj_dim
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -312,7 +312,7 @@ def test_rounded_widths_equal_upstream():
             assert [2 * layer.inner, r["d"]] == r["proj_up"], r
             assert [blocks, layer.inner // blocks, layer.inner // blocks] == r["q_proj"], r
     for r in table("slstm_ffn"):
-        block = SLSTMBlock(features=r["d"], ffn_proj_factor=r["proj_factor"], ffn_round_to=r["multiple"],
+        block = SLSTMBlock(slstm=SLSTMLayer(features=r["d"]), ffn_proj_factor=r["proj_factor"], ffn_round_to=r["multiple"],
                            ffn_round_mode="up" if r["up"] else "down")
         if r["hidden"] > 0:
             assert block.ffn_hidden == r["hidden"], r
@@ -323,7 +323,8 @@ def test_rounded_widths_equal_upstream():
     differs = 0
     for r in large:
         if r["kind"] == "ffn":
-            block = XLSTMLargeBlock(features=r["d"], ffn_proj_factor=r["ffn_proj_factor"], ffn_round_to=r["multiple"])
+            block = XLSTMLargeBlock(mlstm=MLSTMLargeLayer(features=r["d"]), ffn_proj_factor=r["ffn_proj_factor"],
+                                    ffn_round_to=r["multiple"])
             assert block.ffn_hidden == r["hidden"], r
             differs += math.ceil(r["d"] * r["ffn_proj_factor"] / r["multiple"]) * r["multiple"] != r["hidden"]
         else:
@@ -340,9 +341,9 @@ def test_layers_build_the_rounded_widths():
     p = shapes(MLSTMLayer(features=48, proj_factor=1.3, round_to=32, round_mode="down", num_heads=2, qkv_blocksize=8))
     assert p["proj_up"]["kernel"].shape == (48, 2 * up_proj_dim(48, 1.3, 32, "down")) == (48, 64)
     assert p["q_proj"]["kernel"].shape == (4, 8, 8)
-    p = shapes(SLSTMBlock(features=48, num_heads=2, ffn_proj_factor=1.3, ffn_round_to=32))
+    p = shapes(SLSTMBlock(slstm=SLSTMLayer(features=48, num_heads=2), ffn_proj_factor=1.3, ffn_round_to=32))
     assert p["ffn"]["proj_up"]["kernel"].shape == (48, 2 * 64)
-    p = shapes(XLSTMLargeBlock(features=48, num_heads=4))
+    p = shapes(XLSTMLargeBlock(mlstm=MLSTMLargeLayer(features=48, num_heads=4)))
     assert p["ffn"]["gate"]["kernel"].shape == (48, large_ffn_dim(48, 2.6667, 64)) == (48, 128)
 
 

@@ -32,6 +32,16 @@ def float_input(features):
     return make
 
 
+def holding(block_cls, field, layer_cls, block_kw=None, **layer_kw):
+    """A factory of ``block_cls`` holding ``layer_cls(**layer_kw)`` as ``field``: ``name`` goes
+    to the block, every other keyword (dtype, chunk_size, ...) to its layer."""
+
+    def make(name=None, **kw):
+        return block_cls(**{field: layer_cls(**layer_kw, **kw, parent=None)}, **(block_kw or {}), name=name)
+
+    return make
+
+
 # Small configs. The contract runs at the default chunk size (its 11-step sequences fit
 # in one chunk); the streaming checks below pass chunk_size=4 where the module has one, so
 # that calls span several chunks (with padding) and the chunkwise state carry is used
@@ -40,9 +50,10 @@ MODULES = {
     "mlstm_layer": (lambda **kw: MLSTMLayer(features=16, num_heads=2, round_to=8, **kw), 16),
     "slstm_layer": (lambda **kw: SLSTMLayer(features=8, num_heads=2, **kw), 8),
     "mlstm_large_layer": (lambda **kw: MLSTMLargeLayer(features=16, num_heads=2, **kw), 16),
-    "mlstm_block": (lambda **kw: MLSTMBlock(features=8, num_heads=2, round_to=8, **kw), 8),
-    "slstm_block": (lambda **kw: SLSTMBlock(features=8, num_heads=2, ffn_round_to=8, **kw), 8),
-    "xlstm_large_block": (lambda **kw: XLSTMLargeBlock(features=16, num_heads=2, ffn_round_to=8, **kw), 16),
+    "mlstm_block": (holding(MLSTMBlock, "mlstm", MLSTMLayer, features=8, num_heads=2, round_to=8), 8),
+    "slstm_block": (holding(SLSTMBlock, "slstm", SLSTMLayer, {"ffn_round_to": 8}, features=8, num_heads=2), 8),
+    "xlstm_large_block": (
+        holding(XLSTMLargeBlock, "mlstm", MLSTMLargeLayer, {"ffn_round_to": 8}, features=16, num_heads=2), 16),
     "stack": (lambda **kw: XLSTMStack(features=8, n_blocks=2, slstm_at=(1,), num_heads=2, slstm_heads=2, **kw), 8),
 }
 CHUNKED = {"mlstm_layer", "mlstm_large_layer", "mlstm_block", "xlstm_large_block", "stack"}
@@ -135,7 +146,10 @@ def test_large_layout_gradients_converge_quadratically():
     differences: the error falls ~100x per 10x smaller step (truncation, so the gradient
     is right), reaching < 1e-7 relative."""
     with jax.enable_x64(True):
-        layer = XLSTMLargeBlock(features=16, num_heads=2, ffn_round_to=8, chunk_size=4, dtype=jnp.float64, param_dtype=jnp.float64)
+        layer = XLSTMLargeBlock(
+            mlstm=MLSTMLargeLayer(features=16, num_heads=2, chunk_size=4, dtype=jnp.float64, param_dtype=jnp.float64),
+            ffn_round_to=8,
+        )
         rng = np.random.default_rng(1)
         x = jnp.asarray(rng.standard_normal((2, 7, 16)))
         v = jax.tree.map(lambda a: a.astype(jnp.float64), jax.jit(layer.init)(jax.random.key(1), x))

@@ -111,3 +111,25 @@ def np_reference(trainer, params, examples):
                        np.asarray(ex["group"]).reshape(1), groups)
         sums = m if sums is None else {k: sums[k] + m[k] for k in m}
     return sums
+
+
+def numpy_metrics(logits, targets, mask) -> dict:
+    """Mean cross-entropy and argmax accuracy over the masked steps, in float64 numpy."""
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, np.asarray(targets)[..., None], -1)[..., 0]
+    m = np.asarray(mask, bool)
+    hits = np.argmax(np.asarray(logits), -1) == np.asarray(targets)
+    return {"eval_loss": float(nll[m].sum() / m.sum()), "eval_accuracy": float(hits[m].sum() / m.sum()),
+            "count": int(m.sum()), "all_steps_accuracy": float(hits.mean())}
+
+
+def held_out_split(task: dict, data_dir: str):
+    """(inputs, targets, mask) of a task's whole test split, in order."""
+    from mnemax.train import tasks as tasks_lib
+
+    src = tasks_lib.open_task(task["name"], task["params"], num_train=task["num_train"], num_test=task["num_test"],
+                              seed=task["seed"], data_dir=data_dir).source("test")
+    ex = [src[i] for i in range(len(src))]
+    return tuple(np.stack([np.asarray(e[k]) for e in ex]) for k in ("inputs", "targets", "mask"))

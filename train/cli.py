@@ -66,7 +66,7 @@ def main(argv) -> None:
     from .trainer import Trainer, TrainingDivergedError
 
     try:
-        result = Trainer(FLAGS.config, FLAGS.workdir).run()
+        result = Trainer(FLAGS.config, FLAGS.workdir).fit().metrics
     except ValueError as err:  # the config, or a checkpoint that does not fit it
         print(f"mnemax-train: bad config: {err}", file=sys.stderr)
         sys.exit(2)

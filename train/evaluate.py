@@ -148,13 +148,25 @@ def evaluate_release(path: str, *, data_dir: str | None = None, batch_size: int 
             raise ValueError(f"task_params: {unknown} are not parameters of {task['name']!r}; expected some of {sorted(known)}")
         params.update(task_params)
         num_train = 1  # only the test split is read
-    src = tasks_lib.open_task(
-        task["name"], params, num_train=num_train, num_test=task["num_test"], seed=task["seed"], data_dir=data_dir,
-    )
+    return evaluate_model(model, params_, task["name"], params, num_train=num_train, num_test=task["num_test"],
+                          seed=task["seed"], data_dir=data_dir, mesh=mesh, batch_size=batch_size, time_chunk=time_chunk)
+
+
+def evaluate_model(model, variables, task: str, task_params: dict, *, num_test: int, seed: int, data_dir: str,
+                   mesh, num_train: int = 1, batch_size: int = DEFAULT_BATCH_SIZE,
+                   time_chunk: int | None = DEFAULT_TIME_CHUNK) -> dict:
+    """Held-out metrics of ``model`` with ``variables`` (``{"params": ...}``, placed on
+    ``mesh``) on the test split of the task ``task`` with ``task_params``: the dataset with
+    ``num_train`` / ``num_test`` examples and ``seed`` in ``data_dir`` (generated there if
+    missing; ``num_train=1`` when only the test split is wanted, e.g. at a length the model
+    was not trained at). ``batch_size`` / ``time_chunk`` as in :func:`evaluate_release`.
+    Returns ``eval_loss``, ``eval_accuracy`` and ``eval_accuracy/<group>``."""
+    batch_size = check_batch_size(batch_size)
+    src = tasks_lib.open_task(task, task_params, num_train=num_train, num_test=num_test, seed=seed, data_dir=data_dir)
     spec = src.spec()
     feeder = Feeder(src, mesh, batch_size=batch_size, seed=0)
     step = streaming_eval_step(model, len(spec.group_names), time_chunk)
-    return accumulate_eval(lambda batch: step(params_, batch), feeder.eval_batches(batch_size), spec.group_names)
+    return accumulate_eval(lambda batch: step(variables, batch), feeder.eval_batches(batch_size), spec.group_names)
 
 
 def chunk_step(model, groups: int):

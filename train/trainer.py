@@ -1,6 +1,6 @@
 """The trainer: any zoo model on any memory task, on one CPU or many hosts.
 
-``Trainer(config, workdir).run()`` does, in order:
+``Trainer(config, workdir).fit()`` does, in order:
 
 1. validates the whole config before anything is compiled (ValueErrors name the
    field: ``model.preset``, ``mesh.fsdp``, ``train.batch_size``, ``task.seq_len``, ...);
@@ -11,7 +11,9 @@
    checkpoint onto this mesh;
 4. runs jitted train steps with in/out shardings, logging, held-out evaluation every
    ``eval.every_steps``, async checkpoints every ``checkpoint.every_steps``;
-5. writes a final checkpoint and a release bundle (``<workdir>/release``).
+5. writes a final checkpoint and a release bundle (``<workdir>/release``);
+6. returns a :class:`FitResult`: the final :class:`TrainState` (step, parameters,
+   optimizer state, sharded over the trainer's mesh) and the metrics.
 
 Loss: cross-entropy of the model's per-step outputs at the task's masked steps
 (mean over those steps); accuracy: the fraction of masked steps whose argmax is the
@@ -20,6 +22,7 @@ target (for MQAR, the recall accuracy).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -39,7 +42,7 @@ import mnemax
 from mnemax.configs.base import base_config
 from mnemax.layers import NO_WEIGHT_DECAY, weight_decay_mask
 from mnemax.release import example_inputs
-from mnemax.sharding import batch_sharding, make_mesh, resolve_mesh_shape, tree_shardings
+from mnemax.sharding import batch_sharding, kernel_sharding, make_mesh, resolve_mesh_shape, tree_shardings
 
 from . import tasks as tasks_lib
 from .checkpoint import Checkpointer
@@ -59,9 +62,27 @@ def all_finite(tree) -> jax.Array:
 
 @flax.struct.dataclass
 class TrainState:
+    """What a train step updates (and a checkpoint holds): the number of steps taken, the
+    model's parameters (the ``"params"`` collection) and the optax optimizer state."""
+
     step: jax.Array
     params: Any
     opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class FitResult:
+    """What :meth:`Trainer.fit` returns.
+
+    ``state``: the final train state, the one the last checkpoint and the release bundle
+    hold (``state.step == train.steps``), its arrays sharded over the trainer's mesh as
+    ``Trainer.state_shardings`` says. ``metrics``: the last logged training metrics
+    (``loss``, ``accuracy``, ``grad_norm``, ``nonfinite_steps``, ``tokens_per_s``; absent
+    when a resumed run had no step left to train) and the final held-out ones
+    (``eval_loss``, ``eval_accuracy``, ``eval_accuracy/<group>``)."""
+
+    state: TrainState
+    metrics: dict[str, float]
 
 
 def default_data_dir() -> str:
@@ -274,6 +295,18 @@ def accumulate_eval(step_fn, batches, group_names) -> dict:
 
 
 class Trainer:
+    """Trains ``config`` (see ``mnemax.configs.base``) in ``workdir``: :meth:`fit`.
+
+    Public attributes, set up by the constructor (before anything is trained): ``mesh``,
+    ``model`` (the flax module) and ``model_config``, ``spec`` (the task's
+    :class:`~mnemax.train.tasks.TaskSpec`), ``feeder`` (the sharded batches),
+    ``state_shardings`` / ``abstract_state`` (the train state's shardings, and its shapes
+    with them: what ``Checkpointer.restore_latest`` restores onto this mesh), and the
+    jitted ``train_step(state, batch, nonfinite)`` / ``eval_step(params, batch)``; methods
+    :meth:`init_state` (a fresh state from ``seed``) and :meth:`evaluate` (held-out metrics
+    of any parameters on this mesh).
+    """
+
     def __init__(self, config, workdir: str, devices=None):
         """``devices``: the devices to build the mesh from (default ``jax.devices()``), e.g.
         ``jax.devices("cpu")`` to train on simulated CPU devices beside an accelerator."""
@@ -288,7 +321,8 @@ class Trainer:
         self.task_source = self._open_task(data_dir)
         self.spec = self.task_source.spec()
         self.model_config = resolved["model_config"] or model_config(config, self.spec)
-        self.model = mnemax.build(self.model_config)
+        # the Pallas kernels run per shard over the mesh's batch and tensor axes (told, not guessed)
+        self.model = mnemax.build(self.model_config, kernel_sharding=kernel_sharding(self.mesh))
         self.tx = make_optimizer(config)
         self.feeder = Feeder(self.task_source, self.mesh, batch_size=config.train.batch_size, seed=config.seed)
         self._build_state_shardings()
@@ -420,9 +454,9 @@ class Trainer:
                 print(f"  with {c['field']} changed: {c['checkpoint']!r} -> {c['now']!r} (allowed)", flush=True)
         return start, state, [{**c, "step": start} for c in changes]
 
-    def run(self) -> dict:
+    def fit(self) -> FitResult:
         """Trains (or resumes) to ``train.steps``, evaluates, checkpoints and releases; returns
-        the last logged training metrics and the final held-out metrics.
+        the final train state and the metrics (:class:`FitResult`).
 
         Raises:
           ValueError: the checkpoint does not fit this config (see ``checkpoint.allow_changes``).
@@ -494,7 +528,7 @@ class Trainer:
         finally:
             checkpointer.close()
             writer.close()
-        return {**last, **eval_result}
+        return FitResult(state=state, metrics={**last, **eval_result})
 
     def _save(self, checkpointer: Checkpointer, step: int, state: TrainState, config_dict: dict, force: bool = False):
         # The state is finite by construction: a fresh init, a restore that passed the finiteness

@@ -1,8 +1,11 @@
 """Model configuration: one frozen, JSON-serialisable dataclass for every family.
 
-Top-level fields describe the shared scaffold (embedding or input projection,
-number of blocks, final norm, head); ``block`` holds the family's own keyword
-arguments (heads, state size, ...), validated against the family's allowed keys.
+Top-level fields (:class:`ModelConfig`) describe the shared scaffold (embedding or input
+projection, number of blocks, final norm, head); ``block`` holds the family's own
+options as the family's typed, frozen config dataclass (a :class:`BlockConfig`
+subclass, e.g. ``mnemax.families.mamba.MambaConfig``), registered with the family in
+:mod:`mnemax.registry`. A plain mapping given as ``block`` is converted to it (unknown
+options raise, naming them); the config reads as a mapping too (``config.block["d_state"]``).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import json
 import numbers
 from collections.abc import Mapping
 from typing import Any
+
+from .registry import get_family
 
 HEADS = ("lm", "classify", "regress")
 POOLS = ("last", "mean")
@@ -52,6 +57,106 @@ def _hashable(v):
 
 
 @dataclasses.dataclass(frozen=True)
+class BlockConfig(Mapping):
+    """Base of the families' block configs: a frozen dataclass of the block's options
+    (the fields, with their defaults), also readable as a mapping ``option -> value``.
+
+    Subclasses validate in ``__post_init__`` (calling ``super().__post_init__()`` first,
+    which turns lists into tuples so that the config stays hashable), raising ValueError
+    that names the field. ``options_for(cls)`` picks the options that are fields of a layer
+    class (the block builders pass the config on by name)."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list | tuple):
+                object.__setattr__(self, f.name, _tuples(value))
+
+    # -- the mapping view
+    def __getitem__(self, key: str):
+        if key not in self.option_names():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self):
+        return iter(self.option_names())
+
+    def __len__(self) -> int:
+        return len(self.option_names())
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """The block options, in declaration order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """``{option: default}``: what a block option is when a config does not set it."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready ``{option: value}`` (tuples as lists)."""
+        return {name: _plain(getattr(self, name)) for name in self.option_names()}
+
+    def options_for(self, layer_cls: type, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+        """This config's options that are fields of ``layer_cls`` (a flax module class),
+        except ``exclude``."""
+        names = {f.name for f in dataclasses.fields(layer_cls)} - {"parent", "name", *exclude}
+        return {k: getattr(self, k) for k in self.option_names() if k in names}
+
+    # -- validation helpers for subclasses (each raises ValueError naming the field)
+    def reject(self, name: str, expected: str) -> None:
+        raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r} ({type(self).__name__})")
+
+    def check_int(self, *names: str, low: int = 1, optional: bool = False) -> None:
+        for name in names:
+            v = getattr(self, name)
+            if v is None and optional:
+                continue
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+                self.reject(name, f"an integer >= {low}" + (" or None" if optional else ""))
+
+    def check_number(self, *names: str, positive: bool = True, optional: bool = False) -> None:
+        for name in names:
+            v = getattr(self, name)
+            if v is None and optional:
+                continue
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or (v <= 0 if positive else v < 0):
+                self.reject(name, ("a number > 0" if positive else "a number >= 0") + (" or None" if optional else ""))
+
+    def check_choice(self, name: str, allowed) -> None:
+        if getattr(self, name) not in tuple(allowed):
+            self.reject(name, f"one of {tuple(allowed)}")
+
+
+def _tuples(v):
+    if isinstance(v, list | tuple):
+        return tuple(_tuples(x) for x in v)
+    return v
+
+
+def unknown_options_error(family_name: str, config_cls: type[BlockConfig], unknown) -> ValueError:
+    """The error for block options the family does not have (names them, and every valid name)."""
+    return ValueError(
+        f"unknown option(s) {sorted(unknown)} for family {family_name!r}; top-level fields are "
+        f"{sorted(f.name for f in dataclasses.fields(ModelConfig))}, block options are "
+        f"{sorted(config_cls.option_names())}"
+    )
+
+
+def block_from_dict(family_name: str, options: Mapping[str, Any]) -> BlockConfig:
+    """The family's typed block config from a mapping of options (JSON lists become tuples);
+    options it does not set keep their defaults. Raises ValueError naming unknown options."""
+    config_cls = get_family(family_name).config
+    if not isinstance(options, Mapping):
+        raise TypeError(f"block must be a {config_cls.__name__} or a mapping of its options, got {type(options).__name__}")
+    unknown = set(options) - set(config_cls.option_names())
+    if unknown:
+        raise unknown_options_error(family_name, config_cls, unknown)
+    return config_cls(**{k: _from_json(v) for k, v in options.items()})
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Configuration of a zoo model: ``embed/input projection -> blocks -> norm -> head``.
 
@@ -77,7 +182,8 @@ class ModelConfig:
         or blocks repeating with a period P dividing n_layers (xLSTM with an sLSTM block
         every P-th): then each scan step runs one group of P blocks, parameters
         ``blocks/block_j`` (j < P) stacked over the n_layers / P groups.
-      block: the family's keyword arguments.
+      block: the family's options: an instance of the family's config dataclass (a mapping
+        of its options is converted; None: the family's defaults).
       preset: the preset this config came from, if any.
     """
 
@@ -99,12 +205,22 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: bool = False
     scan_layers: bool = False
-    block: Mapping[str, Any] = dataclasses.field(default_factory=FrozenDict)
+    block: BlockConfig | Mapping[str, Any] | None = None
     preset: str | None = None
 
     def __post_init__(self):
-        if not isinstance(self.block, FrozenDict):
-            object.__setattr__(self, "block", FrozenDict(self.block))
+        family = get_family(self.family)  # ValueError naming the registered families
+        block = self.block
+        if block is None:
+            block = family.config()
+        elif isinstance(block, BlockConfig):
+            if not isinstance(block, family.config):
+                raise TypeError(
+                    f"block must be a {family.config.__name__} for family {self.family!r}, got {type(block).__name__}"
+                )
+        else:
+            block = block_from_dict(self.family, block)
+        object.__setattr__(self, "block", block)
         self.validate()
 
     def validate(self) -> None:
@@ -138,18 +254,33 @@ class ModelConfig:
         if self.logit_soft_cap is not None and self.logit_soft_cap <= 0:
             raise ValueError(f"logit_soft_cap must be > 0 or None, got {self.logit_soft_cap}")
 
+    def layer_dtypes(self) -> dict[str, str]:
+        """``dtype`` and ``param_dtype``, as the layers take them."""
+        return {"dtype": self.dtype, "param_dtype": self.param_dtype}
+
     @property
     def outputs(self) -> int:
         """Width of the head's output."""
         return {"lm": self.vocab_size, "classify": self.num_classes, "regress": self.output_dim}[self.head]
 
     def replace(self, **changes) -> ModelConfig:
-        """A copy with top-level fields and/or block keys changed (see ``split_overrides``)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` applied: a name of a top-level field replaces it (``block``
+        replaces the whole block), any other name must be one of the family's block options
+        (ValueError naming it otherwise). Changing ``family`` re-reads the block's options
+        under the new family."""
+        top = {f.name for f in dataclasses.fields(ModelConfig)}
+        top_changes = {k: v for k, v in changes.items() if k in top}
+        block_changes = {k: v for k, v in changes.items() if k not in top}
+        block = top_changes.pop("block", self.block)
+        family = top_changes.get("family", self.family)
+        if block_changes or (family != self.family and isinstance(block, BlockConfig)):
+            block = {**(dict(block) if block is not None else {}), **block_changes}
+        return dataclasses.replace(self, block=block, **top_changes)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["block"] = _plain(dict(self.block))
+        """JSON-ready fields; ``block`` as ``{option: value}`` with every option of the family."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["block"] = self.block.to_dict()
         return d
 
     def to_json(self) -> str:
@@ -157,11 +288,13 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        """The config of :meth:`to_dict`'s output (JSON lists become tuples); block options it
+        omits keep the family's defaults. Raises ValueError naming unknown fields or options."""
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - fields)
         if unknown:
             raise ValueError(f"config has unknown fields {unknown}; expected a subset of {sorted(fields)}")
-        return cls(**{**d, "block": FrozenDict(_from_json(d.get("block", {})))})
+        return cls(**{**d, "block": dict(d.get("block") or {})})
 
 
 def _plain(v):

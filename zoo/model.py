@@ -29,17 +29,20 @@ n_layers + 1 arrays (batch, time, d_model)); read them with
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mnemax.kernels import linear_scan
+from mnemax.kernels.sharding import KernelSharding
 from mnemax.layers.base import check_resets, check_state, check_token_ids, expected_state, partitioned, state_dtype
 from mnemax.layers.norms import make_norm
 
 from .config import FrozenDict, ModelConfig
-from .registry import get_family
+from .registry import Family, get_family
 from .sharding import constrain_rows
 
 
@@ -54,12 +57,33 @@ class ModelState(NamedTuple):
 
 
 class SequenceModel(nn.Module):
-    config: ModelConfig
+    """The zoo model (module docstring).
 
-    def _blocks(self, **kw):
-        cfg = self.config
-        family = get_family(cfg.family)
-        return [family.make_block(cfg, i, **kw) for i in range(cfg.n_layers)]
+    Attributes:
+      config: the model's :class:`ModelConfig`.
+      family: its registered :class:`~mnemax.registry.Family` (what builds the blocks);
+        None looks it up once, when the model is constructed (``mnemax.build`` passes it).
+      kernel_sharding: the mesh axes splitting the Pallas kernels' batch and heads, handed
+        to every block's mixer that has a ``kernel_sharding`` field (None: none).
+    """
+
+    config: ModelConfig
+    family: Family | None = None
+    kernel_sharding: KernelSharding | None = None
+
+    def __post_init__(self):
+        if self.family is None:
+            object.__setattr__(self, "family", get_family(self.config.family))
+        elif self.family.name != self.config.family:
+            raise ValueError(f"family {self.family.name!r} does not build config.family {self.config.family!r}")
+        super().__post_init__()
+
+    def block_template(self, index: int) -> nn.Module:
+        """Block ``index``, unbound, with the kernel sharding set on its mixer."""
+        return with_kernel_sharding(self.family.make_block(self.config, index), self.kernel_sharding)
+
+    def _blocks(self) -> list:
+        return [self.block_template(i) for i in range(self.config.n_layers)]
 
     def initial_state(self, batch_size: int) -> ModelState:
         cfg = self.config
@@ -70,7 +94,7 @@ class SequenceModel(nn.Module):
             blocks = [stack(b.initial_state(batch_size)) for b in protos]
             blocks = blocks[0] if len(protos) == 1 else tuple(blocks)
         else:
-            blocks = tuple(b.initial_state(batch_size) for b in self._blocks(parent=None))
+            blocks = tuple(b.initial_state(batch_size) for b in self._blocks())
         pool: PoolState | tuple = ()
         if cfg.head == "classify" and cfg.pool == "mean":
             sdt = state_dtype(cfg.dtype)
@@ -81,9 +105,9 @@ class SequenceModel(nn.Module):
         """The blocks of one scanned group: the shortest period ``P`` (dividing n_layers)
         with block ``i + P`` identical to block ``i`` for every ``i`` -- one block when all
         are identical, e.g. the first 8 for an xLSTM stack with an sLSTM block every 8th."""
-        blocks = self._blocks(parent=None)
+        blocks = self._blocks()
         # block_index (the sLSTM forget-bias init's depth) is set per layer inside the scan
-        key = [(type(b), {k: v for k, v in _fields(b).items() if k != "block_index"}) for b in blocks]
+        key = [at_depth(b, 0) for b in blocks]
         n = len(blocks)
         for period in range(1, n + 1):
             if n % period == 0 and all(key[i] == key[i % period] for i in range(n)):
@@ -156,7 +180,7 @@ class SequenceModel(nn.Module):
 
         pool_state: PoolState | tuple = ()
         if cfg.head == "classify" and cfg.pool == "mean":
-            h, pool_state = _running_mean(h, None if state is None else state.pool, resets, cfg)
+            h, pool_state = running_mean(h, None if state is None else state.pool, resets, cfg.dtype)
 
         if cfg.head == "lm" and cfg.tie_embeddings:
             out = embed.attend(h.astype(dt))
@@ -192,17 +216,16 @@ class SequenceModel(nn.Module):
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             x, new = scanned(
-                block_cls=tuple(type(b) for b in protos), block_fields=tuple(FrozenDict(_fields(b)) for b in protos),
+                block_cls=tuple(type(b) for b in protos), block_fields=tuple(FrozenDict(module_fields(b)) for b in protos),
                 remat=cfg.remat, residual_dtype=jnp.dtype(residual_dt).name, name="blocks",
             )(x, stacked if len(protos) > 1 else (stacked,), resets, jnp.arange(cfg.n_layers // len(protos)))
             # nn.scan returns NamedTuple states as plain tuples: restore the structure
             return x, jax.tree.unflatten(jax.tree.structure(stacked), jax.tree.leaves(new))
-        family = get_family(cfg.family)
         new_states = []
         for i in range(cfg.n_layers):
-            proto = family.make_block(cfg, i, parent=None)
+            proto = self.block_template(i)
             cls = nn.remat(type(proto)) if cfg.remat else type(proto)
-            block = cls(**_fields(proto), name=f"block_{i}")
+            block = cls(**module_fields(proto), name=f"block_{i}")
             x, s = block(x, None if block_states is None else block_states[i], resets)
             x = constrain_rows(x.astype(residual_dt))
             self.sow("intermediates", "layer_outputs", x)
@@ -214,8 +237,8 @@ class _ScanStep(nn.Module):
     """One group of layers inside ``nn.scan`` (one layer when all blocks are identical):
     carry the residual stream, scan over the stacked states (a tuple, one per block of
     the group). The parameters are ``block`` for a one-block group, else ``block_0`` ...
-    A block's ``block_index`` field (it only shapes an init) becomes its layer's index,
-    ``group * P + j``, traced from the scanned ``group``."""
+    A ``block_index`` field of a block or its mixer (it only shapes an init) becomes its
+    layer's index, ``group * P + j``, traced from the scanned ``group``."""
 
     block_cls: tuple
     block_fields: tuple
@@ -228,28 +251,51 @@ class _ScanStep(nn.Module):
         one = len(self.block_cls) == 1
         for j, (block_cls, fields) in enumerate(zip(self.block_cls, self.block_fields)):
             cls = nn.remat(block_cls) if self.remat else block_cls
-            fields = dict(fields)
-            if "block_index" in fields:
-                fields["block_index"] = group * len(self.block_cls) + j
+            fields = module_fields(at_depth(block_cls(**fields, parent=None), group * len(self.block_cls) + j))
             y, s = cls(**fields, name="block" if one else f"block_{j}")(x, states[j], resets)
             x = constrain_rows(y.astype(self.residual_dtype))
             new.append(s)
         return x, new[0] if one else tuple(new)
 
 
-def _fields(module: nn.Module) -> dict:
-    """The dataclass fields of an unbound module (to rebuild it under a transform)."""
-    import dataclasses
-
+def module_fields(module: nn.Module) -> dict:
+    """The dataclass fields of an unbound module (to rebuild it, e.g. under ``nn.remat``)."""
     return {f.name: getattr(module, f.name) for f in dataclasses.fields(module) if f.name not in ("parent", "name")}
 
 
-def _running_mean(h, pool: PoolState | None, resets, cfg: ModelConfig):
-    """Causal running mean over the current episode; h: (batch, time, d)."""
-    from mnemax.kernels import linear_scan
+def _replace_in(module: nn.Module, field: str, value) -> nn.Module:
+    """``module`` (unbound) with ``field`` set to ``value`` where it or one of its
+    module-valued fields (a block's mixer), recursively, has that field."""
+    changes = {}
+    for f in dataclasses.fields(module):
+        current = getattr(module, f.name)
+        if f.name == field:
+            changes[f.name] = value
+        elif isinstance(current, nn.Module):
+            new = _replace_in(current, field, value)
+            if new is not current:
+                changes[f.name] = new
+    return module.clone(**changes) if changes else module
 
+
+def at_depth(block: nn.Module, index) -> nn.Module:
+    """``block`` as layer ``index`` (an int, or traced inside a scan): its own and its
+    mixer's ``block_index`` (the sLSTM forget-bias init's depth) set to ``index``."""
+    return _replace_in(block, "block_index", index)
+
+
+def with_kernel_sharding(block: nn.Module, sharding: KernelSharding | None) -> nn.Module:
+    """``block`` with ``sharding`` as the ``kernel_sharding`` of every part that has that field
+    (its mixer, a sub-layer); None leaves the block as it is."""
+    return block if sharding is None else _replace_in(block, "kernel_sharding", sharding)
+
+
+def running_mean(h, pool: PoolState | None, resets, dtype):
+    """Causal running mean over the current episode of ``h`` (batch, time, d), the state
+    (``pool``: running sum and count) in the state dtype of ``dtype``. Returns (means of
+    h's dtype, PoolState after the last step)."""
     batch, time, d = h.shape
-    sdt = state_dtype(cfg.dtype)
+    sdt = state_dtype(dtype)
     if pool is None:
         pool = PoolState(jnp.zeros((batch, d), sdt), jnp.zeros((batch,), sdt))
     h32 = h.astype(sdt)
@@ -257,7 +303,9 @@ def _running_mean(h, pool: PoolState | None, resets, cfg: ModelConfig):
     # sums and counts are linear scans with a = 1, cut at resets.
     both = jnp.concatenate([h32, ones], axis=-1)
     h0 = jnp.concatenate([pool.total, pool.count[:, None]], axis=-1)
-    acc = linear_scan(jnp.ones((), sdt), both, h0=h0, resets=resets)
+    # the xla backend: a memory-bound running sum that XLA partitions itself under any mesh (a
+    # Pallas backend would need a KernelSharding, and d + 1 channels rarely split over a heads axis)
+    acc = linear_scan(jnp.ones((), sdt), both, h0=h0, resets=resets, backend="xla")
     total, count = acc[..., :d], acc[..., d]
     mean = total / count[..., None]
     return mean.astype(h.dtype), PoolState(total[:, -1], count[:, -1])

@@ -22,25 +22,28 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mnemax.kernels.sharding import KernelSharding
 from mnemax.layers.base import check_resets, check_state, expected_state, state_dtype
 from mnemax.layers.elm import ELMNeuron
 
 from .config import ModelConfig
-from .model import ModelState, PoolState, _running_mean
-
-# block options of the elm family that are not ELMNeuron fields
-_NOT_NEURON = ("neuron_model", "norm")
+from .model import ModelState, PoolState, running_mean
 
 
 class NeuronModel(nn.Module):
+    """Attributes: ``config`` (an ``elm`` family config with ``neuron_model=True``) and
+    ``kernel_sharding`` (handed to the neuron's ``linear_scan``; see ``mnemax.build``)."""
+
     config: ModelConfig
+    kernel_sharding: KernelSharding | None = None
 
     def _neuron(self, **kw) -> ELMNeuron:
         cfg = self.config
         if cfg.n_layers != 1:
             raise ValueError(f"a single-neuron model needs n_layers = 1, got {cfg.n_layers}")
-        opts = {k: v for k, v in cfg.block.items() if k not in _NOT_NEURON}
+        opts = cfg.block.options_for(ELMNeuron)
         opts["num_memory"] = opts.get("num_memory") or cfg.d_model
+        opts["kernel_sharding"] = self.kernel_sharding
         return ELMNeuron(
             num_input=cfg.input_dim or cfg.vocab_size,
             num_output=cfg.outputs,
@@ -78,7 +81,7 @@ class NeuronModel(nn.Module):
         y = y.astype(jnp.promote_types(jnp.dtype(cfg.dtype), jnp.float32))
         pool: PoolState | tuple = ()
         if cfg.head == "classify" and cfg.pool == "mean":
-            y, pool = _running_mean(y, None if state is None else state.pool, resets, cfg)
+            y, pool = running_mean(y, None if state is None else state.pool, resets, cfg.dtype)
         if cfg.logit_soft_cap is not None:
             y = cfg.logit_soft_cap * jnp.tanh(y / cfg.logit_soft_cap)
         return y, ModelState(blocks=(s,), pool=pool)

@@ -7,6 +7,18 @@ A bundle is a directory::
     README.md        the model card
     checksums.sha256 sha256 of every other file, verified on load
 
+``config.json`` formats (``"format"``):
+
+* ``mnemax-release/2`` (written now): ``config`` holds the :class:`ModelConfig` fields,
+  its ``block`` every option of the family's typed config class (e.g. ``MambaConfig``)
+  -- all of them, no other (a missing or unknown option is an error naming it); tuples
+  are JSON lists. The kernel sharding a model was built with is not stored (it says
+  where the model runs: ``mnemax.build(model.config, kernel_sharding=...)`` after loading).
+* ``mnemax-release/1`` (before the typed configs): the same layout, with ``block`` the
+  family's keyword table of that time, which may lack options added since.
+  :func:`upgrade_v1` converts it (an option it lacks takes the family's default; one the
+  family no longer has is an error naming it), and ``load_pretrained`` loads both.
+
 ``save_pretrained(path, model, params)`` writes one; ``load_pretrained(path,
 mesh=None)`` verifies the checksums, rebuilds the model from ``config.json``,
 checks that the stored parameters fit it, and restores them onto ``mesh`` (sharded
@@ -43,11 +55,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-FORMAT = "mnemax-release/1"
+FORMAT = "mnemax-release/2"
+FORMAT_V1 = "mnemax-release/1"
+FORMATS = (FORMAT_V1, FORMAT)  # the formats load_pretrained reads
 CHECKSUMS = "checksums.sha256"
 CONFIG = "config.json"
 # Everything save_pretrained writes at the top of a bundle: only a directory holding
-# nothing else (and a config.json of FORMAT) is replaced by overwrite=True.
+# nothing else (and a config.json of one of FORMATS) is replaced by overwrite=True.
 BUNDLE_ENTRIES = frozenset({"params", CONFIG, "README.md", CHECKSUMS})
 _HEX = frozenset("0123456789abcdef")
 
@@ -183,8 +197,8 @@ def not_a_bundle(path: str) -> str | None:
         meta = read_config(path)
     except (OSError, ReleaseError) as err:
         return f"its {CONFIG} is not a release bundle's ({err})"
-    if meta.get("format") != FORMAT:
-        return f"its {CONFIG} has format {meta.get('format')!r}, not {FORMAT!r}, so it is not a mnemax release bundle"
+    if meta.get("format") not in FORMATS:
+        return f"its {CONFIG} has format {meta.get('format')!r}, not one of {FORMATS}, so it is not a mnemax release bundle"
     others = [e for e in entries if e not in BUNDLE_ENTRIES]
     if others:
         return f"it holds files that save_pretrained does not write: {others[:5]}"
@@ -263,7 +277,7 @@ def save_pretrained(path: str | os.PathLike, model, params, *, extra: dict[str, 
     import orbax.checkpoint as ocp
     from jax.experimental import multihost_utils
 
-    from mnemax import __version__
+    from .version import __version__
 
     path = os.path.abspath(os.fspath(path))
     if not hasattr(model, "config"):
@@ -363,8 +377,8 @@ def verify(path: str | os.PathLike) -> dict:
         if sha256_file(full) != digest:
             raise ReleaseError(f"checksum mismatch for {rel} in {path!r}: the file was altered or truncated")
     meta = read_config(path)
-    if meta.get("format") != FORMAT:
-        raise ReleaseError(f"config.json format is {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("format") not in FORMATS:
+        raise ReleaseError(f"config.json format is {meta.get('format')!r}, expected one of {FORMATS}")
     return meta
 
 
@@ -394,6 +408,69 @@ def _check_fits(expected, actual, what: str) -> None:
         raise ReleaseError(f"{what} do not fit the config: " + "; ".join(parts))
 
 
+def _block_of(meta: dict, path: str) -> tuple[dict, str, dict]:
+    """(config, family name, block options) of a parsed config.json, checked to be objects."""
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        raise ReleaseError(f"{CONFIG} in {path!r} has no 'config' object")
+    family = config.get("family")
+    if meta.get("family", family) != family:
+        raise ReleaseError(f"{CONFIG} in {path!r}: 'family' is {meta.get('family')!r} but config.family is {family!r}")
+    block = config.get("block", {})
+    if not isinstance(block, dict):
+        raise ReleaseError(f"{CONFIG} in {path!r}: config.block must be an object, got {type(block).__name__}")
+    return config, family, block
+
+
+def upgrade_v1(meta: dict, path: str = "<config.json>") -> dict:
+    """A ``mnemax-release/1`` config.json (parsed) as ``mnemax-release/2``: block options the
+    v1 table lacked take the family's defaults; an option the family does not have raises
+    ReleaseError naming it. Other formats raise."""
+    from .registry import get_family
+
+    if meta.get("format") != FORMAT_V1:
+        raise ReleaseError(f"{CONFIG} in {path!r}: upgrade_v1 converts format {FORMAT_V1!r}, got {meta.get('format')!r}")
+    config, family_name, block = _block_of(meta, path)
+    try:
+        family = get_family(family_name)
+    except ValueError as err:
+        raise ReleaseError(f"{CONFIG} in {path!r} does not describe a valid model: {err}") from None
+    defaults = family.config().to_dict()
+    unknown = sorted(set(block) - set(defaults))
+    if unknown:
+        raise ReleaseError(
+            f"{CONFIG} in {path!r} does not describe a valid model: unknown block option(s) {unknown} for family "
+            f"{family_name!r} ({family.config.__name__}); its options are {sorted(defaults)}"
+        )
+    return {**meta, "format": FORMAT, "config": {**config, "block": {**defaults, **block}}}
+
+
+def config_from_meta(meta: dict, path: str = "<config.json>"):
+    """The :class:`ModelConfig` of a parsed config.json of any of :data:`FORMATS` (v1 via
+    :func:`upgrade_v1`). A v2 block must hold every option of the family's config class
+    and no other; every error is a ReleaseError naming the file and the field."""
+    from .config import ModelConfig
+    from .registry import get_family
+
+    if meta.get("format") == FORMAT_V1:
+        meta = upgrade_v1(meta, path)
+    elif meta.get("format") != FORMAT:
+        raise ReleaseError(f"{CONFIG} in {path!r}: format {meta.get('format')!r} is not one of {FORMATS}")
+    config, family_name, block = _block_of(meta, path)
+    try:
+        options = get_family(family_name).config.option_names()
+        missing, unknown = sorted(set(options) - set(block)), sorted(set(block) - set(options))
+        if unknown:
+            raise ValueError(
+                f"unknown block option(s) {unknown} for family {family_name!r}; its options are {sorted(options)}"
+            )
+        if missing:
+            raise ValueError(f"config.block lacks option(s) {missing} of family {family_name!r}")
+        return ModelConfig.from_dict(config)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ReleaseError(f"{CONFIG} in {path!r} does not describe a valid model: {err}") from None
+
+
 def load_pretrained(path: str | os.PathLike, mesh=None, *, rules=None):
     """Loads a release bundle: returns ``(model, params)``.
 
@@ -404,16 +481,12 @@ def load_pretrained(path: str | os.PathLike, mesh=None, *, rules=None):
     """
     import orbax.checkpoint as ocp
 
-    from .config import ModelConfig
     from .registry import build
     from .sharding import RULES, tree_shardings
 
     meta = verify(path)
     path = os.path.abspath(os.fspath(path))
-    try:
-        config = ModelConfig.from_dict(meta["config"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise ReleaseError(f"config.json in {path!r} does not describe a valid model: {err}") from None
+    config = config_from_meta(meta, path)
     model = build(config)
     boxed = abstract_params(model)
     expected = nn.meta.unbox(boxed)

@@ -18,9 +18,11 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from mnemax.kernels.dispatch import BATCH_AXES  # kernels run per shard over the same axes
+from mnemax.kernels.sharding import KernelSharding
 
 AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the axes that split the batch (activations, data, the kernels' rows)
+TENSOR_AXIS = "tensor"  # the axis that splits heads, channels, MLP width and vocabulary
 
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", BATCH_AXES),
@@ -69,6 +71,16 @@ def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None
     return jax.make_mesh(
         tuple(shape[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices
     )
+
+
+def kernel_sharding(mesh: Mesh | None = None) -> KernelSharding:
+    """The mesh axes of :func:`make_mesh`'s vocabulary that the Pallas kernels run per
+    shard over: the batch over ``data`` and ``fsdp``, heads/channels over ``tensor``
+    (those of the axes ``mesh`` has; all of them when ``mesh`` is None). Models built by
+    the trainer get it through ``mnemax.build(config, kernel_sharding=...)``."""
+    names = AXES if mesh is None else tuple(mesh.axis_names)
+    return KernelSharding(batch=tuple(a for a in BATCH_AXES if a in names),
+                          heads=TENSOR_AXIS if TENSOR_AXIS in names else None)
 
 
 def constrain_rows(x):

@@ -1,0 +1,38 @@
+"""The built-in families, one module each: its typed block config, block builder and
+presets. Importing this package registers them all (``mnemax`` does)."""
+
+from . import elm, hcam, hopfield, lssl, mamba, memmamba, s4d, transformer, xlstm, xlstm_large
+from .elm import ELMConfig
+from .hcam import HCAMConfig
+from .hopfield import HopfieldConfig
+from .lssl import LSSLConfig
+from .mamba import MambaConfig
+from .memmamba import MemMambaConfig, MemMambaModel
+from .s4d import S4DConfig
+from .transformer import TransformerConfig
+from .xlstm import XLSTMConfig
+from .xlstm_large import XLSTMLargeConfig
+
+__all__ = [
+    "ELMConfig",
+    "HCAMConfig",
+    "HopfieldConfig",
+    "LSSLConfig",
+    "MambaConfig",
+    "MemMambaConfig",
+    "MemMambaModel",
+    "S4DConfig",
+    "TransformerConfig",
+    "XLSTMConfig",
+    "XLSTMLargeConfig",
+    "elm",
+    "hcam",
+    "hopfield",
+    "lssl",
+    "mamba",
+    "memmamba",
+    "s4d",
+    "transformer",
+    "xlstm",
+    "xlstm_large",
+]
