@@ -146,3 +146,42 @@ def test_a_model_with_kernel_sharding_runs_per_shard_under_a_mesh_of_other_axis_
         with pytest.raises(ValueError, match="would run replicated"):
             jax.jit(mnemax.build(cfg).apply)(variables, tok)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+# A family's config restates the options of the layers its block holds (the typed config is
+# what a preset, an override and a release bundle name); where both give a default, they
+# must agree, except where the family means another default on purpose.
+INTENDED_DEFAULTS = {
+    ("elm", "num_memory"): "None: one memory unit per model feature (d_model), resolved when the block is built",
+    ("hopfield", "num_heads"): "the causal Hopfield block's 4 heads; the bare layer keeps the paper's 1",
+}
+
+
+def _held_modules(module, seen=None):
+    """``module`` and every module held in its fields, depth first."""
+    seen = set() if seen is None else seen
+    if id(module) in seen:
+        return
+    seen.add(id(module))
+    yield module
+    for f in dataclasses.fields(module):
+        value = getattr(module, f.name, None) if f.name not in ("parent", "name") else None
+        if isinstance(value, nn.Module):
+            yield from _held_modules(value, seen)
+
+
+def test_family_config_defaults_agree_with_their_layers():
+    checked = 0
+    for fam in mnemax.list_families():
+        family = registry.get_family(fam)
+        cfg_defaults = {f.name: f.default for f in dataclasses.fields(family.config) if f.default is not dataclasses.MISSING}
+        block = family.make_block(mnemax.get_config(mnemax.tiny_preset(fam)), 0)
+        for module in _held_modules(block):
+            for f in dataclasses.fields(type(module)):
+                if f.name not in cfg_defaults or f.default is dataclasses.MISSING or (fam, f.name) in INTENDED_DEFAULTS:
+                    continue
+                checked += 1
+                assert cfg_defaults[f.name] == f.default, (
+                    f"{fam}: {family.config.__name__}.{f.name} defaults to {cfg_defaults[f.name]!r}, "
+                    f"{type(module).__name__}.{f.name} to {f.default!r}")
+    assert checked > 50, checked  # the walk reaches the mixers inside the blocks
