@@ -53,10 +53,10 @@ class Mutation:
 
 MUTATIONS = [
     # --- MemMamba (the five the audit found in their current form come first)
-    Mutation("memmamba_scale", "layers/memmamba.py", "/ math.sqrt(q.shape[-1])", "",
+    Mutation("memmamba_scale", "layers/note_pool.py", "/ math.sqrt(q.shape[-1])", "",
              ("tests/test_memmamba_reference.py",), ("test_memmamba_reference.py",),
              "pool attention loses its 1/sqrt(d) scale"),
-    Mutation("memmamba_gate", "layers/memmamba.py", "hard = (score > threshold).astype(score.dtype)",
+    Mutation("memmamba_gate", "layers/note_pool.py", "hard = (score > threshold).astype(score.dtype)",
              "hard = (score < threshold).astype(score.dtype)",
              ("tests/test_memmamba_reference.py",), ("test_memmamba_reference.py",),
              "the hard / straight-through gate opens below the threshold"),
@@ -71,14 +71,14 @@ MUTATIONS = [
              "gate_soft_cap: float | None = None",
              ("tests/test_xlstm_layers.py", "-k", "soft_capped or bf16_compute"), ("test_soft_capped_gates_match_the_closed_form",),
              "the 7B layer's gate soft cap default removed"),
-    Mutation("memmamba_read_before_write", "layers/memmamba.py",
+    Mutation("memmamba_read_before_write", "layers/note_pool.py",
              "        read = attend(q_t[:, None], pools, jnp.ones((batch, 1), bool), w_k, w_v)[:, 0]\n"
              "        pools = tuple(insert_note(p, v, s, w, replace) for p, (v, s, w) in zip(pools, notes_t))\n",
              "        pools = tuple(insert_note(p, v, s, w, replace) for p, (v, s, w) in zip(pools, notes_t))\n"
              "        read = attend(q_t[:, None], pools, jnp.ones((batch, 1), bool), w_k, w_v)[:, 0]\n",
              ("tests/test_memmamba_reference.py",), ("test_memmamba_reference.py",),
              "a token reads its own note (write before read)"),
-    Mutation("memmamba_salience_tie", "layers/memmamba.py", "do = write & (~full | (salience > lowest))",
+    Mutation("memmamba_salience_tie", "layers/note_pool.py", "do = write & (~full | (salience > lowest))",
              "do = write & (~full | (salience >= lowest - 0.05))",
              ("tests/test_memmamba_reference.py",), ("test_memmamba_reference.py",),
              "a full pool replaces an entry it should have kept"),

@@ -14,7 +14,8 @@ from .conv import CausalConv1d, ConvState
 from .hopfield import Hopfield, HopfieldLayer, HopfieldPooling, associate, hopfield_energy, hopfield_update
 from .elm import ELMBlock, ELMNeuron, ELMState
 from .hcam import HCAMAttention, HCAMBlock, HCAMState
-from .memmamba import CrossLayerRead, MemMambaBlock, MemMambaStack, MemMambaState, NotePool
+from .memmamba import CrossLayerRead, MemMambaBlock, MemMambaStack, MemMambaState
+from .note_pool import NotePool
 from .mlp import MLP
 from .norms import LayerNorm, RMSNorm, layer_norm, make_norm, rms_norm
 from .ssm import (

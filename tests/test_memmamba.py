@@ -13,17 +13,8 @@ import pytest
 
 import mnemax
 from mnemax.layers.mamba import MambaMixer
-from mnemax.layers.memmamba import (
-    MemMambaBlock,
-    MemMambaStack,
-    Notes,
-    empty_pool,
-    insert_note,
-    merge_notes,
-    pool_valid,
-    scan_chunked,
-    scan_reference,
-)
+from mnemax.layers.memmamba import MemMambaBlock, MemMambaStack
+from mnemax.layers.note_pool import Notes, empty_pool, insert_note, merge_notes, pool_valid, scan_chunked, scan_reference
 
 from .contract import check_layer_contract
 from .test_mamba import _floats, mamba_130m_count
@@ -187,7 +178,7 @@ def test_scanned_stack_needs_whole_groups():
 
 
 def test_read_history_checks_the_chunk_count():
-    from mnemax.layers.memmamba import empty_pool, read_history
+    from mnemax.layers.note_pool import empty_pool, read_history
 
     hist = jax.tree.map(lambda a: jnp.stack([a] * 3), empty_pool(1, 3, 8))  # 3 chunks recorded
     q = jnp.zeros((1, 14, 2, 4))

@@ -1,19 +1,8 @@
 """What every ``selective_scan`` backend shares: input checks, the compute dtype, the
 closed-form one-step update, the kernel configuration, and the kernels' packed problem.
 
-Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces" (2023),
-Algorithm 2. Per batch row, channel ``d`` and state index ``n``::
-
-    dt_t     = softplus(dt_t + dt_bias)            (each step only if asked for)
-    Abar_t   = exp(dt_t[d] * A[d, n])              zero-order hold for A
-    h_t      = Abar_t * h_{t-1} + dt_t[d] * B_t[n] * x_t[d]
-    y_t[d]   = sum_n C_t[n] h_t[d, n] + D[d] * x_t[d]
-    y_t[d]  *= silu(z_t[d])                         (if z is given)
-
-Shapes: ``x``, ``dt``, ``z``: (batch, time, channels); ``A``: (channels, state);
-``B``, ``C``: (batch, time, state); ``D``, ``dt_bias``: (channels,); ``h0`` and the
-final state: (batch, channels, state); ``resets``: (batch, time) bool clears the state
-before step t.
+The recurrence, its equations and the shapes are in the package docstring
+(:mod:`mnemax.kernels.selective_scan`).
 
 The kernels' view of a call (:class:`Problem`): channels on the 128 lanes, time padded
 to whole chunks, and the per-step shared vectors B_t, C_t and the reset flag packed as

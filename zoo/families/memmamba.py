@@ -19,11 +19,10 @@ from mnemax.layers.memmamba import (
     REPLACE,
     CrossLayerRead,
     MemMambaBlock,
-    chunk_split,
     cross_layer_read,
-    empty_pool,
     run_layers,
 )
+from mnemax.layers.note_pool import chunk_split, empty_pool
 
 from ..config import FrozenDict, ModelConfig
 from ..model import SequenceModel, module_fields
