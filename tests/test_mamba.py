@@ -167,7 +167,10 @@ def test_mamba_mixer_contract():
     check_layer_contract(lambda **kw: MambaMixer(features=8, d_state=4, d_conv=3, chunk_size=4, **kw), _floats(8))
 
 
+@pytest.mark.slow
 def test_mamba_lm_contract():
+    """-m slow: the LM wrapper has its contract in CI (test_models.py's transformer LM) and
+    the mixer its own above."""
     check_layer_contract(model_factory("mamba-tiny", d_model=16, n_layers=1, chunk_size=4), tokens(64), input_name="inputs")
 
 

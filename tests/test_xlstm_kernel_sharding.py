@@ -82,9 +82,19 @@ def _run(op, backend, args, resets, weights, **kw):
     return jax.tree.leaves(out), jax.tree.leaves(grads)
 
 
-@pytest.mark.parametrize("explicit", [True, False], ids=["explicit_axes", "auto_axes"])
-@pytest.mark.parametrize("backend", PALLAS)
-@pytest.mark.parametrize("op", ["mlstm", "slstm"])
+def _per_shard_cases():
+    """Every (op, backend) once in CI, with explicit and auto mesh axes in turn; the other
+    half of the grid under ``-m slow`` (interpret mode is slow: about 10 s a case)."""
+    cases = []
+    for n, (op, backend) in enumerate((op, b) for op in ("mlstm", "slstm") for b in PALLAS):
+        for explicit in (True, False):
+            marks = () if explicit == (n % 2 == 0) else (pytest.mark.slow,)
+            ids = f"{op}-{backend}-{'explicit_axes' if explicit else 'auto_axes'}"
+            cases.append(pytest.param(op, backend, explicit, marks=marks, id=ids))
+    return cases
+
+
+@pytest.mark.parametrize("op,backend,explicit", _per_shard_cases())
 def test_pallas_kernels_run_per_shard_on_any_axis_names(op, backend, explicit):
     args, resets, weights = (_mlstm_case if op == "mlstm" else _slstm_case)()
     with jax.default_matmul_precision("highest"):
