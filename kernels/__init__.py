@@ -9,11 +9,15 @@ table (see :mod:`mnemax.kernels.dispatch`). Kernel tuning is a frozen config pas
 
 import types
 
+from . import delta_rule as _delta_rule_pkg
 from . import dispatch
+from . import gated_linear_attention as _gla_pkg
 from . import linear_scan as _linear_scan_pkg
 from . import mlstm as _mlstm_pkg
 from . import selective_scan as _selective_scan_pkg
 from . import slstm as _slstm_pkg
+from .delta_rule import delta_rule
+from .gated_linear_attention import gated_linear_attention
 from .linear_scan import linear_scan
 from .mlstm import MLSTMConfig, MLSTMState, mlstm
 from .selective_scan import selective_scan
@@ -25,6 +29,8 @@ OPS = types.MappingProxyType({
     "selective_scan": _selective_scan_pkg.BACKENDS,
     "mlstm": _mlstm_pkg.BACKENDS,
     "slstm": _slstm_pkg.BACKENDS,
+    "gated_linear_attention": _gla_pkg.BACKENDS,
+    "delta_rule": _delta_rule_pkg.BACKENDS,
 })
 
 
@@ -46,5 +52,5 @@ def default_backend(op: str, platform: str | None = None) -> str:
 
 __all__ = [
     "OPS", "KernelSharding", "MLSTMConfig", "MLSTMState", "SLSTMConfig", "SLSTMState", "available", "default_backend",
-    "dispatch", "linear_scan", "mlstm", "selective_scan", "slstm",
+    "delta_rule", "dispatch", "gated_linear_attention", "linear_scan", "mlstm", "selective_scan", "slstm",
 ]

@@ -48,3 +48,47 @@ def state_shapes(state):
         return tuple(tuple(jnp.shape(s)) for s in state)
     except TypeError:
         return None
+
+
+def chunk_size_int(chunk_size) -> int:
+    """``chunk_size`` if a positive int, else ValueError."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return chunk_size
+
+
+def scale_or_default(scale, d_k: int) -> float:
+    """The query scale as a float: ``scale``, or ``d_k ** -0.5`` when None."""
+    if scale is None:
+        return d_k**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None (for d_k ** -0.5), got {type(scale).__name__}")
+    return float(scale)
+
+
+def matrix_state(state, want: tuple):
+    """ValueError unless ``state`` is None or has the shape ``want`` (batch, heads, d_k, d_v)."""
+    if state is not None and tuple(jnp.shape(state)) != tuple(want):
+        raise ValueError(f"state must have shape (batch, heads, d_k, d_v) = {tuple(want)}, got shape {jnp.shape(state)}")
+
+
+def attention_inputs(q, k, v, g=None):
+    """``q, k`` (batch, heads, time, d_k), ``v`` (batch, heads, time, d_v) and the log decay
+    ``g`` (None, (batch, heads, time) one per head, or (batch, heads, time, d_k) one per key
+    channel) as float arrays; ValueError/TypeError naming the argument otherwise."""
+    q, k, v = (float_array(n, a) for n, a in (("q", q), ("k", k), ("v", v)))
+    if q.ndim != 4:
+        raise ValueError(f"q must have shape (batch, heads, time, d_k), got shape {q.shape}")
+    if q.shape[2] < 1:
+        raise ValueError(f"q must have at least one time step, got shape {q.shape}")
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape (batch, heads, time, d_k) = {q.shape}, got shape {k.shape}")
+    if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must have shape (batch, heads, time, d_v) = {q.shape[:3] + ('d_v',)}, got shape {v.shape}")
+    if g is not None:
+        g = float_array("g", g)
+        if g.shape not in (q.shape[:3], q.shape):
+            raise ValueError(
+                f"g must have shape (batch, heads, time) = {q.shape[:3]} (one log decay per head) or "
+                f"(batch, heads, time, d_k) = {q.shape} (one per key channel), got shape {g.shape}")
+    return q, k, v, g

@@ -1,0 +1,138 @@
+"""What the matrix-state ops (``gated_linear_attention`` and ``delta_rule``) share: the
+decay of a state by one step, and the chunk bookkeeping of their chunkwise forms
+(padding time to whole chunks, the segments resets cut each chunk into, and
+decay-weighted score matrices computed stably in log space).
+
+Within a chunk of ``L`` steps, ``G_t`` is the cumulative log decay since the chunk's
+start (inclusive of step ``t``; ``G_t <= 0`` because every ``g <= 0``). The decay from
+step ``s`` to step ``t >= s`` is ``exp(G_t - G_s)``: a scalar per head, or one factor
+per key channel. Resets split a chunk into segments: ``seg_t`` counts the resets at
+steps ``<= t`` of the chunk, and two steps interact only within one segment.
+
+Scores with a per-channel decay, ``A_ts = sum_d x_td y_sd exp(G_td - G_sd)``, are not a
+plain matmul. Factoring ``exp(G_t - G_s) = exp(G_t - G_0) exp(G_0 - G_s)`` around the
+chunk's start overflows for strong decays, so the chunk is cut into sub-chunks of ``c``
+steps (the secondary chunking of Yang et al., 2023, "Gated Linear Attention Transformers
+with Hardware-Efficient Training", Section 4.3): for ``s`` in an earlier sub-chunk than
+``t``, factor around ``r``, the last step before ``t``'s sub-chunk, where both factors
+``exp(G_t - G_r)`` and ``exp(G_r - G_s)`` are at most 1 (their product underflows only
+where the true decay does); inside a diagonal sub-chunk the ``(c, c, d)`` products are
+formed directly.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+from jax import lax
+
+HIGHEST = lax.Precision.HIGHEST
+SUB_CHUNK = 16
+
+
+def decay_factor(g_t, like):
+    """``exp(g_t)`` shaped to scale a (B, H, d_k, d_v) state ``like``: g_t is (B, H) (one
+    log decay per head) or (B, H, d_k) (one per key channel)."""
+    a = jnp.exp(g_t)
+    return a[..., None, None] if a.ndim == like.ndim - 2 else a[..., None]
+
+
+def einsum(spec: str, *operands):
+    """``jnp.einsum`` at full float32 precision (accelerators default to TF32/bf16 passes)."""
+    return jnp.einsum(spec, *operands, precision=HIGHEST)
+
+
+def pad_time(x, length: int, axis: int = 2):
+    """``x`` zero-padded along ``axis`` to ``length`` steps."""
+    extra = length - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths)
+
+
+def to_chunks(x, n_chunks: int, length: int):
+    """``(B, H, T, ...) -> (B, H, n_chunks, length, ...)`` (``T == n_chunks * length``)."""
+    return x.reshape(x.shape[:2] + (n_chunks, length) + x.shape[3:])
+
+
+class Segments(NamedTuple):
+    """Where resets cut each chunk; shapes broadcast against ``(B, H, N, L[, L])``.
+
+    same:    (B, 1, N, L, L) steps t and s lie in one segment of the chunk
+    fresh:   (B, 1, N, L)    no reset in the chunk up to and including t: the incoming
+                             state reaches step t
+    tail:    (B, 1, N, L)    step s lies in the chunk's last segment: it reaches the
+                             outgoing state
+    carries: (B, 1, N)       no reset in the chunk: the incoming state reaches its end
+    """
+
+    same: jnp.ndarray
+    fresh: jnp.ndarray
+    tail: jnp.ndarray
+    carries: jnp.ndarray
+
+
+def segments(resets, batch: int, n_chunks: int, length: int) -> Segments:
+    """The :class:`Segments` of ``resets`` ((B, T_padded) bool, or None: one segment)."""
+    if resets is None:
+        resets = jnp.zeros((batch, n_chunks * length), bool)
+    seg = jnp.cumsum(resets.reshape(batch, 1, n_chunks, length).astype(jnp.int32), axis=-1)
+    return Segments(
+        same=seg[..., :, None] == seg[..., None, :],
+        fresh=seg == 0,
+        tail=seg == seg[..., -1:],
+        carries=seg[..., -1] == 0,
+    )
+
+
+def causal(length: int, *, strict: bool):
+    """The (L, L) mask ``s < t`` (``strict``) or ``s <= t``."""
+    t = jnp.arange(length)
+    return (t[None, :] < t[:, None]) if strict else (t[None, :] <= t[:, None])
+
+
+def decayed_scores(x, y, G, mask):
+    """``A_ts = sum_d x_td y_sd exp(G_t - G_s)`` where ``mask``, else 0.
+
+    Args:
+      x, y: (..., L, d).
+      G: cumulative log decays, (..., L) (one per head) or (..., L, d) (per channel),
+        non-increasing along L.
+      mask: bool, broadcastable to (..., L, L); must exclude ``s > t``.
+
+    Returns:
+      (..., L, L) in ``x``'s dtype.
+    """
+    length = x.shape[-2]
+    if G.ndim == x.ndim - 1:  # one decay per head: scores times the decay matrix
+        diff = jnp.where(mask, G[..., :, None] - G[..., None, :], -jnp.inf)
+        return einsum("...td,...sd->...ts", x, y) * jnp.exp(diff)
+    c = SUB_CHUNK if length % SUB_CHUNK == 0 else length
+    n_sub = length // c
+    lead = x.shape[:-2]
+    sub = lambda a: a.reshape(lead + (n_sub, c, a.shape[-1]))  # noqa: E731
+    xs, ys, Gs = sub(x), sub(y), sub(G)
+    # diagonal sub-chunks: the (c, c, d) decays formed directly
+    mask = jnp.broadcast_to(mask, lead + (length, length))
+    blocks = mask.reshape(lead + (n_sub, c, n_sub, c))
+    mdiag = jnp.diagonal(blocks, axis1=-4, axis2=-2)  # (..., c, c, n_sub)
+    mdiag = jnp.moveaxis(mdiag, -1, -3)  # (..., n_sub, c, c)
+    diff = jnp.where(mdiag[..., None], Gs[..., :, None, :] - Gs[..., None, :, :], -jnp.inf)
+    diag = jnp.sum(xs[..., :, None, :] * ys[..., None, :, :] * jnp.exp(diff), axis=-1)  # (..., n_sub, c, c)
+    eye = jnp.eye(n_sub, dtype=diag.dtype)
+    out = einsum("...its,ij->...itjs", diag, eye).reshape(lead + (length, length))
+    if n_sub == 1:
+        return out
+    # earlier sub-chunks: factor around r_i, the last step before sub-chunk i (G_r = 0 for i = 0)
+    G_ref = jnp.concatenate([jnp.zeros_like(Gs[..., :1, -1, :]), Gs[..., :-1, -1, :]], axis=-2)  # (..., n_sub, d)
+    starts = jnp.arange(n_sub) * c
+    earlier = jnp.arange(length)[None, :] < starts[:, None]  # (n_sub, L): s before sub-chunk i
+    x_r = xs * jnp.exp(Gs - G_ref[..., None, :])  # exp(G_t - G_r) <= 1
+    y_r = y[..., None, :, :] * jnp.exp(
+        jnp.where(earlier[..., None], G_ref[..., :, None, :] - G[..., None, :, :], -jnp.inf))  # (..., n_sub, L, d)
+    off = einsum("...itd,...isd->...its", x_r, y_r).reshape(lead + (length, length))
+    before = (jnp.arange(length)[None, :] < (jnp.arange(length) // c * c)[:, None])  # s in an earlier sub-chunk
+    return out + jnp.where(mask & before, off, 0.0)

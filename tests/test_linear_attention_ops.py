@@ -1,0 +1,260 @@
+"""The matrix-state ops ``gated_linear_attention`` and ``delta_rule``: every backend equals
+the sequential reference (outputs, final state, gradients of every input) with resets,
+an incoming state, lengths not a multiple of the chunk and extreme gates; the reference
+equals a float64 numpy loop of the equations and closed forms; one-step and split calls
+equal one call; bad input is refused by name."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mnemax.kernels import delta_rule, gated_linear_attention
+from mnemax.kernels.delta_rule import BACKENDS as DELTA_BACKENDS
+from mnemax.kernels.gated_linear_attention import BACKENDS as GLA_BACKENDS
+
+GATES = ["none", "head", "channel"]
+FAST = {"gla": [b for b in GLA_BACKENDS.available() if b != "reference"],
+        "delta": [b for b in DELTA_BACKENDS.available() if b != "reference"]}
+
+
+def make_inputs(rng, op, gate, *, batch=2, heads=2, time=37, d_k=8, d_v=12, extreme=False):
+    """Random q, k, v (k unit-norm for the delta rule), beta in (0, 1), log decays
+    ``-softplus(2 z)`` (with ``extreme``: some -1e3 and some exactly 0), a random incoming
+    state, and resets at the start, in mid-chunk, twice in a row and at the last step."""
+    q, k = rng.standard_normal((2, batch, heads, time, d_k))
+    v = rng.standard_normal((batch, heads, time, d_v))
+    if op == "delta":
+        k = k / np.linalg.norm(k, axis=-1, keepdims=True)
+    beta = 1.0 / (1.0 + np.exp(-rng.standard_normal((batch, heads, time))))
+    shape = {"none": None, "head": (batch, heads, time), "channel": (batch, heads, time, d_k)}[gate]
+    g = None
+    if shape is not None:
+        g = -np.logaddexp(0.0, 2.0 * rng.standard_normal(shape))
+        if extreme:
+            flat = g.reshape(-1)
+            flat[::5] = -1e3
+            flat[2::7] = 0.0
+    state = rng.standard_normal((batch, heads, d_k, d_v))
+    resets = np.zeros((batch, time), bool)
+    resets[0, [0, time // 4, time // 4 + 1]] = True
+    resets[1, [time // 2, time - 1]] = True
+    return dict(q=q, k=k, v=v, beta=beta, g=g, state=state, resets=resets)
+
+
+def call(op, x, **kw):
+    """The op on the inputs ``x`` (a dict from :func:`make_inputs`)."""
+    if op == "gla":
+        return gated_linear_attention(x["q"], x["k"], x["v"], x["g"], state=x["state"], resets=x["resets"], **kw)
+    return delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], state=x["state"], resets=x["resets"], **kw)
+
+
+def numpy_loop(op, x, scale):
+    """The recurrence in float64 Python loops, from the equations in the ops' docstrings."""
+    q, k, v, beta, g, state, resets = (x[n] for n in ("q", "k", "v", "beta", "g", "state", "resets"))
+    batch, heads, time, d_k = q.shape
+    o = np.zeros(v.shape)
+    final = np.zeros(state.shape)
+    for b in range(batch):
+        for h in range(heads):
+            S = state[b, h].copy()
+            for t in range(time):
+                if resets[b, t]:
+                    S = np.zeros_like(S)
+                if g is not None:
+                    a = np.exp(g[b, h, t])
+                    S = (a[:, None] if np.ndim(a) else a) * S
+                kt, vt = k[b, h, t], v[b, h, t]
+                if op == "gla":
+                    S = S + np.outer(kt, vt)
+                else:
+                    S = S + beta[b, h, t] * np.outer(kt, vt - S.T @ kt)
+                o[b, h, t] = S.T @ (scale * q[b, h, t])
+            final[b, h] = S
+    return o, final
+
+
+def max_err(got, want):
+    return float(np.max(np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))))
+
+
+def rel_err(got, want):
+    """The largest error relative to the largest entry of ``want`` (at least 1)."""
+    return max_err(got, want) / max(float(np.max(np.abs(np.asarray(want, np.float64)))), 1.0)
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("op", ["gla", "delta"])
+def test_reference_equals_a_numpy_loop_of_the_equations(op, gate):
+    x = make_inputs(np.random.default_rng(0), op, gate, extreme=True)
+    want_o, want_S = numpy_loop(op, x, scale=0.7)
+    with jax.enable_x64(True):
+        o, S = call(op, x, backend="reference", scale=0.7)
+        assert o.dtype == jnp.float64 and S.dtype == jnp.float64
+        assert max_err(o, want_o) < 1e-10 and max_err(S, want_S) < 1e-10
+
+
+def test_gla_without_decay_is_causal_linear_attention():
+    """The closed form: o = tril(scale Q K^T) V + scale Q S0 (no resets)."""
+    rng = np.random.default_rng(1)
+    q, k = rng.standard_normal((2, 1, 2, 50, 8))
+    v, S0 = rng.standard_normal((1, 2, 50, 4)), rng.standard_normal((1, 2, 8, 4))
+    want = np.einsum("bhts,bhsv->bhtv", np.tril(np.einsum("bhtd,bhsd->bhts", q, k)), v) + q @ S0
+    want_S = S0 + np.einsum("bhtd,bhtv->bhdv", k, v)
+    with jax.enable_x64(True):
+        for backend in GLA_BACKENDS.available():
+            o, S = gated_linear_attention(q, k, v, state=S0, scale=1.0, chunk_size=16, backend=backend)
+            assert max_err(o, want) < 1e-10 and max_err(S, want_S) < 1e-10, backend
+
+
+def test_delta_rule_with_orthonormal_keys_and_beta_one_stores_each_value():
+    """The closed form: with orthonormal keys and beta = 1 each write replaces the value
+    stored under its key, S k_i = v_i (the last write of k_i), whatever was there before."""
+    rng = np.random.default_rng(2)
+    d_k, d_v, time = 8, 5, 20
+    basis = np.linalg.qr(rng.standard_normal((d_k, d_k)))[0]
+    idx = rng.integers(0, d_k, time)
+    k = basis[idx][None, None]
+    v = rng.standard_normal((1, 1, time, d_v))
+    S0 = rng.standard_normal((1, 1, d_k, d_v))
+    with jax.enable_x64(True):
+        for backend in DELTA_BACKENDS.available():
+            _, S = delta_rule(k, k, v, np.ones((1, 1, time)), state=S0, chunk_size=8, backend=backend)
+            for i in range(d_k):
+                written = np.nonzero(idx == i)[0]
+                want = v[0, 0, written[-1]] if len(written) else S0[0, 0].T @ basis[i]
+                assert max_err(np.asarray(S[0, 0]).T @ basis[i], want) < 1e-10, (backend, i)
+
+
+def grads(op, x, backend, chunk_size, dtype):
+    """Outputs, final state and the gradients of a random projection of both with respect
+    to every float input (q, k, v, beta for the delta rule, g, state)."""
+    names = ["q", "k", "v"] + (["beta"] if op == "delta" else []) + (["g"] if x["g"] is not None else []) + ["state"]
+    args = {n: jnp.asarray(x[n], dtype) for n in names}
+    rng = np.random.default_rng(7)
+    w_o = jnp.asarray(rng.standard_normal(x["v"].shape), jnp.float32)
+    w_S = jnp.asarray(rng.standard_normal(x["state"].shape), jnp.float32)
+
+    def loss(args):
+        o, S = call(op, {**x, **args}, backend=backend, chunk_size=chunk_size)
+        return jnp.sum(o.astype(jnp.float32) * w_o) + jnp.sum(S.astype(jnp.float32) * w_S), (o, S)
+
+    (_, (o, S)), g = jax.value_and_grad(loss, has_aux=True)(args)
+    return o, S, g
+
+
+def backend_cases():
+    return [(op, b) for op in ("gla", "delta") for b in FAST[op]]
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("op,backend", backend_cases())
+def test_backends_equal_the_reference_with_gradients(op, backend, gate):
+    """float32: outputs and final state to 1e-4, gradients of every input to 1e-3 (both
+    relative to the reference's largest entry), at chunk 16 with T = 37 (three chunks, the last
+    partial), resets mid-chunk and twice in a row, extreme gates (-1e3 and 0)."""
+    x = make_inputs(np.random.default_rng(3), op, gate, extreme=True)
+    o_ref, S_ref, g_ref = grads(op, x, "reference", 16, jnp.float32)
+    o, S, g = grads(op, x, backend, 16, jnp.float32)
+    assert rel_err(o, o_ref) < 1e-4 and rel_err(S, S_ref) < 1e-4, (rel_err(o, o_ref), rel_err(S, S_ref))
+    for name in g_ref:
+        assert np.all(np.isfinite(np.asarray(g[name]))), name
+        assert rel_err(g[name], g_ref[name]) < 1e-3, (name, rel_err(g[name], g_ref[name]))
+
+
+@pytest.mark.parametrize("op,backend", backend_cases())
+def test_bf16_inputs_match_the_reference(op, backend):
+    """bf16 q, k, v (and gates): the state stays float32, the output is bf16; outputs to
+    3e-3 of the reference on the same bf16 inputs, gradients to 5e-3 relative."""
+    x = make_inputs(np.random.default_rng(4), op, "channel", time=40)
+    o_ref, S_ref, g_ref = grads(op, x, "reference", 16, jnp.bfloat16)
+    o, S, g = grads(op, x, backend, 16, jnp.bfloat16)
+    assert o.dtype == jnp.bfloat16 and S.dtype == jnp.float32
+    assert rel_err(o, o_ref) < 3e-3 and rel_err(S, S_ref) < 3e-3, (rel_err(o, o_ref), rel_err(S, S_ref))
+    for name in g_ref:
+        assert rel_err(g[name], g_ref[name]) < 5e-3, (name, rel_err(g[name], g_ref[name]))
+
+
+@pytest.mark.parametrize("op", ["gla", "delta"])
+def test_one_step_and_split_calls_equal_one_call(op):
+    """Token by token (the closed-form one-step path) and in two calls split mid-chunk,
+    with the state carried, equal one call over the whole sequence."""
+    x = make_inputs(np.random.default_rng(5), op, "channel", time=21)
+    whole_o, whole_S = call(op, x, chunk_size=8)
+    sl = lambda lo, hi: {**{n: (None if x[n] is None else x[n][:, :, lo:hi]) for n in ("q", "k", "v", "beta", "g")},  # noqa: E731
+                         "resets": x["resets"][:, lo:hi]}
+    S, outs = x["state"], []
+    for t in range(21):
+        o, S = call(op, {**sl(t, t + 1), "state": S}, chunk_size=8)
+        outs.append(o)
+    assert max_err(jnp.concatenate(outs, axis=2), whole_o) < 1e-5 and max_err(S, whole_S) < 1e-5
+    o1, S1 = call(op, {**sl(0, 11), "state": x["state"]}, chunk_size=8)
+    o2, S2 = call(op, {**sl(11, 21), "state": S1}, chunk_size=8)
+    assert max_err(jnp.concatenate([o1, o2], axis=2), whole_o) < 1e-5 and max_err(S2, whole_S) < 1e-5
+
+
+@pytest.mark.parametrize("op", ["gla", "delta"])
+def test_a_reset_makes_the_state_that_of_a_fresh_sequence(op):
+    """After a reset at step r the outputs equal those of the sequence started at r from
+    the zero state, whatever came before."""
+    x = make_inputs(np.random.default_rng(6), op, "head", time=30)
+    x["resets"][:] = False
+    x["resets"][:, 13] = True
+    o, S = call(op, x, chunk_size=8)
+    tail = {**{n: x[n][:, :, 13:] for n in ("q", "k", "v", "beta", "g")}, "state": None, "resets": None}
+    o_fresh, S_fresh = call(op, tail, chunk_size=8)
+    assert max_err(o[:, :, 13:], o_fresh) < 1e-5 and max_err(S, S_fresh) < 1e-5
+
+
+@pytest.mark.parametrize("op", ["gla", "delta"])
+def test_bad_inputs_are_refused_by_name(op):
+    x = make_inputs(np.random.default_rng(0), op, "head", time=6)
+    cases = [
+        ("q", x["q"][0], ValueError), ("k", x["k"][..., :3], ValueError), ("v", x["v"][:, :, :4], ValueError),
+        ("g", x["g"][..., None], ValueError), ("state", x["state"][..., :2], ValueError),
+        ("resets", x["resets"].astype(np.float32), TypeError), ("q", x["q"].astype(np.int32), TypeError),
+    ]
+    if op == "delta":
+        cases.append(("beta", x["beta"][:, :, :2], ValueError))
+    for name, bad, err in cases:
+        with pytest.raises(err, match=name):
+            call(op, {**x, name: bad})
+    with pytest.raises(ValueError, match="chunk_size"):
+        call(op, x, chunk_size=0)
+    with pytest.raises(TypeError, match="scale"):
+        call(op, x, scale="0.5")
+    with pytest.raises(ValueError, match="backend"):
+        call(op, x, backend="pallas_tpu")
+
+
+FLA = np.load(__import__("pathlib").Path(__file__).parent / "fixtures" / "fla_naive.npz")
+
+
+def fla_case(case):
+    """A case of ``fixtures/fla_naive.npz`` (fla-core 0.6.0's naive recurrences, written by
+    ``fixtures/make_fla_naive_fixtures.py``) in the ops' (B, H, T, D) layout."""
+    import json
+
+    layout = json.loads(str(FLA[f"{case}/layout"]))
+    out = {}
+    for name, lay in layout.items():
+        a = FLA[f"{case}/{name}"]
+        out[name] = np.moveaxis(a, 1, 2) if lay.startswith("B T H") else a
+    return out, float(FLA[f"{case}/scale"])
+
+
+@pytest.mark.parametrize("backend", ["reference", "xla"])
+@pytest.mark.parametrize("case", ["simple_gla", "gla", "delta_rule", "gdn", "kda"])
+def test_ops_equal_fla_naive_recurrences(case, backend):
+    """fla's simple_gla / gla (linear attention, decay per head / per key channel), delta
+    rule, gated delta rule and KDA naive recurrences (T = 37, gates down to -21 and
+    exactly 0, a random incoming state), float32: outputs and final state to 1e-5."""
+    x, scale = fla_case(case)
+    g = x.get("g", x.get("gk"))
+    if case in ("simple_gla", "gla"):
+        o, S = gated_linear_attention(x["q"], x["k"], x["v"], g, state=x["h0"], scale=scale, chunk_size=16,
+                                      backend=backend)
+    else:
+        o, S = delta_rule(x["q"], x["k"], x["v"], x["beta"], g, state=x["h0"], scale=scale, chunk_size=16,
+                          backend=backend)
+    assert rel_err(o, x["o"]) < 1e-5 and rel_err(S, x["state"]) < 1e-5, (rel_err(o, x["o"]), rel_err(S, x["state"]))
