@@ -11,9 +11,11 @@ from .attention import AttentionState, CausalSelfAttention, episode_positions, r
 from .base import NO_WEIGHT_DECAY, check_resets, check_sequence, check_state, reset_state, state_dtype, weight_decay_mask
 from .causal_hopfield import CausalHopfield, CausalHopfieldBlock, HopfieldPoolingBlock
 from .conv import CausalConv1d, ConvState
+from .delta_net import GatedDeltaNet, GatedDeltaNetBlock, GatedDeltaNetState, GatedRMSNorm
 from .hopfield import Hopfield, HopfieldLayer, HopfieldPooling, associate, hopfield_energy, hopfield_update
 from .elm import ELMBlock, ELMNeuron, ELMState
 from .hcam import HCAMAttention, HCAMBlock, HCAMState
+from .mamba2 import Mamba2Block, Mamba2Mixer, Mamba2State
 from .memmamba import CrossLayerRead, MemMambaBlock, MemMambaStack, MemMambaState
 from .note_pool import NotePool
 from .mlp import MLP
@@ -49,6 +51,10 @@ __all__ = [
     "ELMBlock",
     "ELMNeuron",
     "ELMState",
+    "GatedDeltaNet",
+    "GatedDeltaNetBlock",
+    "GatedDeltaNetState",
+    "GatedRMSNorm",
     "HCAMAttention",
     "HCAMBlock",
     "HCAMState",
@@ -65,6 +71,9 @@ __all__ = [
     "MLSTMLargeLayer",
     "MLSTMLayer",
     "MLSTMLayerState",
+    "Mamba2Block",
+    "Mamba2Mixer",
+    "Mamba2State",
     "MambaBlock",
     "MambaMixer",
     "MambaState",

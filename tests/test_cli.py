@@ -103,6 +103,8 @@ FIELD_OF_EVERY_FAMILY = {
     "elm": ("elm-tiny", "mlp_num_layers", 2),
     "xlstm": ("xlstm-tiny", "proj_factor", 3.0),
     "xlstm_large": ("xlstm-7b", "qk_dim_factor", 0.25),
+    "mamba2": ("mamba2-tiny", "d_state", 8),
+    "gated_deltanet": ("gdn-tiny", "expand_v", 2.0),
 }
 
 

@@ -7,14 +7,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 
 from ..config import ModelConfig
-from .common import cfg_get, check_tree_matches, model_param_shapes, to_numpy
-
-_MAMBA_LAYER_KEYS = ("norm.weight", "mixer.A_log", "mixer.D", "mixer.conv1d.weight", "mixer.in_proj.weight",
-                     "mixer.x_proj.weight", "mixer.dt_proj.weight", "mixer.dt_proj.bias", "mixer.out_proj.weight")
+from .common import cfg_get, family_block_defaults, finish_hf_lm, hf_backbone
 
 
 def mamba_config_from_transformers(hf_config) -> ModelConfig:
@@ -40,7 +35,7 @@ def mamba_config_from_transformers(hf_config) -> ModelConfig:
         final_norm="rms",
         norm_eps=eps,
         block={
-            **_mamba_block_defaults(),
+            **family_block_defaults("mamba"),
             "d_state": int(get("state_size", 16)),
             "d_conv": int(get("conv_kernel", 4)),
             "expand": expand,
@@ -59,12 +54,6 @@ def mamba_config_from_transformers(hf_config) -> ModelConfig:
     )
 
 
-def _mamba_block_defaults() -> dict:
-    from ..registry import get_family
-
-    return dict(get_family("mamba").block_keys)
-
-
 def mamba_from_transformers(state_dict: Mapping[str, Any], hf_config) -> tuple[ModelConfig, dict]:
     """Converts HF ``transformers`` Mamba weights (``MambaForCausalLM`` with ``backbone.``
     prefixes and ``lm_head``, or a bare ``MambaModel``; ``embedding``/``embeddings``) to
@@ -75,20 +64,9 @@ def mamba_from_transformers(state_dict: Mapping[str, Any], hf_config) -> tuple[M
     -> kernel (W, E); x_proj, dt_proj, out_proj, lm_head transposed; dt_proj.bias ->
     ``dt_bias``; norms' ``weight`` -> ``scale``.
     """
-    sd = {k.removeprefix("backbone."): v for k, v in state_dict.items()}
-    if "embedding.weight" in sd and "embeddings.weight" not in sd:
-        sd["embeddings.weight"] = sd.pop("embedding.weight")
     config = mamba_config_from_transformers(hf_config)
-    if "lm_head.weight" not in sd and not config.tie_embeddings:
-        raise ValueError("state_dict has no lm_head.weight but hf_config.tie_word_embeddings is False")
-
-    used = set()
-
-    def take(key):
-        if key not in sd:
-            raise ValueError(f"state_dict is missing {key!r} (have e.g. {sorted(sd)[:6]})")
-        used.add(key)
-        return to_numpy(sd[key])
+    sd = hf_backbone(state_dict, config.tie_embeddings)
+    take = sd.take
 
     E = int(config.block["expand"] * config.d_model)
     params: dict[str, Any] = {"embed": {"embedding": take("embeddings.weight")}}
@@ -111,14 +89,5 @@ def mamba_from_transformers(state_dict: Mapping[str, Any], hf_config) -> tuple[M
             mixer["in_proj"]["bias"] = take(p + "mixer.in_proj.bias").reshape(2, E)
             mixer["out_proj"]["bias"] = take(p + "mixer.out_proj.bias")
         params[f"block_{i}"] = {"norm": {"scale": take(p + "norm.weight")}, "mixer": mixer}
-    params["final_norm"] = {"scale": take("norm_f.weight")}
-    if not config.tie_embeddings:
-        params["head"] = {"kernel": take("lm_head.weight").T}
-    elif "lm_head.weight" in sd:
-        used.add("lm_head.weight")  # tied: the same matrix as the embedding
-    leftover = sorted(set(sd) - used)
-    if leftover:
-        raise ValueError(f"state_dict has keys this converter does not map: {leftover[:8]}")
-    check_tree_matches(params, model_param_shapes(config), "the mnemax model for this config")
-    return config, {"params": jax.tree.map(jnp.asarray, params)}
+    return finish_hf_lm(sd, config, params)
 
