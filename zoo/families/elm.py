@@ -13,7 +13,7 @@ from ..config import BlockConfig, ModelConfig
 from ..model import SequenceModel
 from ..neuron_model import NeuronModel
 from ..registry import Family, register_family, register_preset
-from .common import check_norm
+from .common import check_norm, layer_default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,19 +23,19 @@ class ELMConfig(BlockConfig):
     stacked block's ``norm``."""
 
     neuron_model: bool = False
-    num_memory: int | None = None
-    version: int = 1
-    lambda_value: float = 5.0
-    mlp_num_layers: int = 1
-    tau_s_value: float = 5.0
-    memory_tau_min: float = 1.0
-    memory_tau_max: float = 1000.0
-    learn_memory_tau: bool = False
-    num_branch: int | None = None
-    num_synapse_per_branch: int = 1
-    routing: str | None = None
-    routing_seed: int = 0
-    norm: str = "rms"
+    num_memory: int | None = None  # intended: d_model memory units (ELMNeuron's own default is 100)
+    version: int = layer_default(ELMNeuron, "version")
+    lambda_value: float = layer_default(ELMNeuron, "lambda_value")
+    mlp_num_layers: int = layer_default(ELMNeuron, "mlp_num_layers")
+    tau_s_value: float = layer_default(ELMNeuron, "tau_s_value")
+    memory_tau_min: float = layer_default(ELMNeuron, "memory_tau_min")
+    memory_tau_max: float = layer_default(ELMNeuron, "memory_tau_max")
+    learn_memory_tau: bool = layer_default(ELMNeuron, "learn_memory_tau")
+    num_branch: int | None = layer_default(ELMNeuron, "num_branch")
+    num_synapse_per_branch: int = layer_default(ELMNeuron, "num_synapse_per_branch")
+    routing: str | None = layer_default(ELMNeuron, "routing")
+    routing_seed: int = layer_default(ELMNeuron, "routing_seed")
+    norm: str = layer_default(ELMBlock, "norm")
 
     def __post_init__(self):
         super().__post_init__()

@@ -22,6 +22,7 @@ from mnemax.layers.mlp import ACTIVATIONS as MLP_KINDS
 from ..config import BlockConfig, ModelConfig
 from ..model import SequenceModel
 from ..registry import Family, register_family, register_preset
+from .common import layer_default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,25 +31,25 @@ class GatedDeltaNetConfig(BlockConfig):
     ``norm_eps`` is also its output norm's, as in fla) and the block's MLP
     (``hidden_ratio``, ``intermediate_size``, ``mlp_kind``; see :class:`GatedDeltaNetBlock`)."""
 
-    num_heads: int = 6
-    num_v_heads: int | None = None
-    head_dim: int = 256
-    expand_v: float = 2.0
-    conv_size: int = 4
-    conv_bias: bool = False
-    use_gate: bool = True
-    allow_neg_eigval: bool = False
-    norm_eps: float = 1e-6
-    A_init_range: tuple[float, float] = (0.01, 16.0)
-    dt_min: float = 1e-3
-    dt_max: float = 1e-1
-    dt_init_floor: float = 1e-4
-    initializer_range: float = 0.02
-    hidden_ratio: float = 4.0
-    intermediate_size: int | None = None
-    mlp_kind: str = "swiglu"
-    backend: str | None = None
-    chunk_size: int = 64
+    num_heads: int = layer_default(GatedDeltaNet, "num_heads")
+    num_v_heads: int | None = layer_default(GatedDeltaNet, "num_v_heads")
+    head_dim: int = layer_default(GatedDeltaNet, "head_dim")
+    expand_v: float = layer_default(GatedDeltaNet, "expand_v")
+    conv_size: int = layer_default(GatedDeltaNet, "conv_size")
+    conv_bias: bool = layer_default(GatedDeltaNet, "conv_bias")
+    use_gate: bool = layer_default(GatedDeltaNet, "use_gate")
+    allow_neg_eigval: bool = layer_default(GatedDeltaNet, "allow_neg_eigval")
+    norm_eps: float = layer_default(GatedDeltaNet, "norm_eps", also=(GatedDeltaNetBlock,))
+    A_init_range: tuple[float, float] = layer_default(GatedDeltaNet, "A_init_range")
+    dt_min: float = layer_default(GatedDeltaNet, "dt_min")
+    dt_max: float = layer_default(GatedDeltaNet, "dt_max")
+    dt_init_floor: float = layer_default(GatedDeltaNet, "dt_init_floor")
+    initializer_range: float = layer_default(GatedDeltaNet, "initializer_range")
+    hidden_ratio: float = layer_default(GatedDeltaNetBlock, "hidden_ratio")
+    intermediate_size: int | None = layer_default(GatedDeltaNetBlock, "intermediate_size")
+    mlp_kind: str = layer_default(GatedDeltaNetBlock, "mlp_kind")
+    backend: str | None = layer_default(GatedDeltaNet, "backend")
+    chunk_size: int = layer_default(GatedDeltaNet, "chunk_size")
 
     def __post_init__(self):
         super().__post_init__()

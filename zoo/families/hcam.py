@@ -12,7 +12,7 @@ from mnemax.layers.mlp import ACTIVATIONS as MLP_KINDS
 from ..config import BlockConfig, ModelConfig
 from ..model import SequenceModel
 from ..registry import Family, register_family, register_preset
-from .common import check_norm
+from .common import check_norm, layer_default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,18 +20,18 @@ class HCAMConfig(BlockConfig):
     """Block options of the ``hcam`` family: the HCAM attention's (see
     :class:`HCAMAttention`) and the block's MLP and norm."""
 
-    num_heads: int = 4
-    chunk_size: int = 16
-    num_chunks: int = 64
-    top_k: int = 4
-    key_size: int | None = None
-    memory_position_encoding: bool = True
-    stop_gradient_memory: bool = True
-    persist_across_resets: bool = False
-    impl: str = "parallel"
-    mlp_ratio: float = 4.0
-    mlp_kind: str = "swiglu"
-    norm: str = "rms"
+    num_heads: int = layer_default(HCAMAttention, "num_heads")
+    chunk_size: int = layer_default(HCAMAttention, "chunk_size")
+    num_chunks: int = layer_default(HCAMAttention, "num_chunks")
+    top_k: int = layer_default(HCAMAttention, "top_k")
+    key_size: int | None = layer_default(HCAMAttention, "key_size")
+    memory_position_encoding: bool = layer_default(HCAMAttention, "memory_position_encoding")
+    stop_gradient_memory: bool = layer_default(HCAMAttention, "stop_gradient_memory")
+    persist_across_resets: bool = layer_default(HCAMAttention, "persist_across_resets")
+    impl: str = layer_default(HCAMAttention, "impl")
+    mlp_ratio: float = layer_default(HCAMBlock, "mlp_ratio")
+    mlp_kind: str = layer_default(HCAMBlock, "mlp_kind")
+    norm: str = layer_default(HCAMBlock, "norm")
 
     def __post_init__(self):
         super().__post_init__()

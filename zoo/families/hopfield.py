@@ -14,7 +14,7 @@ from mnemax.layers.mlp import ACTIVATIONS as MLP_KINDS
 from ..config import BlockConfig, ModelConfig
 from ..model import SequenceModel
 from ..registry import Family, register_family, register_preset
-from .common import check_norm
+from .common import check_norm, layer_default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,19 +23,20 @@ class HopfieldConfig(BlockConfig):
     :class:`CausalHopfield`), the block's MLP and norm, and ``pool_last`` (the last block
     pools the memory with ``pool_queries`` learned queries instead)."""
 
-    num_heads: int = 4
-    hidden_size: int | None = None
-    pattern_size: int | None = None
-    memory_size: int = 256
-    include_current: bool = False
-    scaling: float | Sequence[float] | None = None
-    update_steps_max: int | None = 0
-    update_steps_eps: float = 1e-4
-    normalize_hopfield_space: bool = False
-    key_conv: int = 0  # > 0: causal conv of that width on the stored-pattern path (binds a value to its key)
-    mlp_ratio: float = 4.0
-    mlp_kind: str = "swiglu"
-    norm: str = "rms"
+    num_heads: int = 4  # intended: the block's 4 heads (the bare CausalHopfield keeps the paper's 1)
+    hidden_size: int | None = layer_default(CausalHopfield, "hidden_size")
+    pattern_size: int | None = layer_default(CausalHopfield, "pattern_size")
+    memory_size: int = layer_default(CausalHopfield, "memory_size")
+    include_current: bool = layer_default(CausalHopfield, "include_current")
+    scaling: float | Sequence[float] | None = layer_default(CausalHopfield, "scaling")
+    update_steps_max: int | None = layer_default(CausalHopfield, "update_steps_max")
+    update_steps_eps: float = layer_default(CausalHopfield, "update_steps_eps")
+    normalize_hopfield_space: bool = layer_default(CausalHopfield, "normalize_hopfield_space")
+    # > 0: causal conv of that width on the stored-pattern path (binds a value to its key)
+    key_conv: int = layer_default(CausalHopfield, "key_conv")
+    mlp_ratio: float = layer_default(CausalHopfieldBlock, "mlp_ratio")
+    mlp_kind: str = layer_default(CausalHopfieldBlock, "mlp_kind")
+    norm: str = layer_default(CausalHopfieldBlock, "norm")
     pool_last: bool = False
     pool_queries: int = 1
 

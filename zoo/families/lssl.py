@@ -12,7 +12,7 @@ from mnemax.layers.ssm import LSSLBlock
 from ..config import ModelConfig
 from ..model import SequenceModel
 from ..registry import Family, register_family, register_preset
-from .common import ResidualOptions
+from .common import ResidualOptions, layer_default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,16 +20,16 @@ class LSSLConfig(ResidualOptions):
     """Block options of the ``lssl`` family: the LSSL layer's (see :class:`LSSL`) and the
     residual block's (norm, norm_eps, mlp_ratio, mlp_kind)."""
 
-    state_size: int = 64
-    channels: int = 1
-    measure: str = "legs"
-    method: str = "bilinear"
-    alpha: float = 0.5
-    dt_min: float = 1e-3
-    dt_max: float = 1e-1
-    learn: int = 0
-    activation: str = "gelu"
-    mode: str = "auto"
+    state_size: int = layer_default(LSSL, "state_size")
+    channels: int = layer_default(LSSL, "channels")
+    measure: str = layer_default(LSSL, "measure")
+    method: str = layer_default(LSSL, "method")
+    alpha: float = layer_default(LSSL, "alpha")
+    dt_min: float = layer_default(LSSL, "dt_min")
+    dt_max: float = layer_default(LSSL, "dt_max")
+    learn: int = layer_default(LSSL, "learn")
+    activation: str = layer_default(LSSL, "activation")
+    mode: str = layer_default(LSSL, "mode")
 
     def __post_init__(self):
         super().__post_init__()

@@ -10,6 +10,7 @@ from mnemax.layers.mamba import MambaBlock, MambaMixer
 from ..config import BlockConfig, ModelConfig
 from ..model import SequenceModel
 from ..registry import Family, register_family, register_preset
+from .common import layer_default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,22 +18,22 @@ class MambaConfig(BlockConfig):
     """Block options of the ``mamba`` family: the mixer's (see :class:`MambaMixer`; its
     ``n_layers`` is the model's) and the block's ``norm_eps`` and ``residual_in_fp32``."""
 
-    d_state: int = 16
-    d_conv: int = 4
-    expand: int = 2
-    dt_rank: int | str = "auto"
-    dt_min: float = 1e-3
-    dt_max: float = 1e-1
-    dt_init: str = "random"
-    dt_scale: float = 1.0
-    dt_init_floor: float = 1e-4
-    conv_bias: bool = True
-    use_bias: bool = False
-    norm_eps: float = 1e-5
-    residual_in_fp32: bool = True
-    rescale_prenorm_residual: bool = True
-    backend: str | None = None
-    chunk_size: int | None = None
+    d_state: int = layer_default(MambaMixer, "d_state")
+    d_conv: int = layer_default(MambaMixer, "d_conv")
+    expand: int = layer_default(MambaMixer, "expand")
+    dt_rank: int | str = layer_default(MambaMixer, "dt_rank")
+    dt_min: float = layer_default(MambaMixer, "dt_min")
+    dt_max: float = layer_default(MambaMixer, "dt_max")
+    dt_init: str = layer_default(MambaMixer, "dt_init")
+    dt_scale: float = layer_default(MambaMixer, "dt_scale")
+    dt_init_floor: float = layer_default(MambaMixer, "dt_init_floor")
+    conv_bias: bool = layer_default(MambaMixer, "conv_bias")
+    use_bias: bool = layer_default(MambaMixer, "use_bias")
+    norm_eps: float = layer_default(MambaBlock, "norm_eps")
+    residual_in_fp32: bool = layer_default(MambaBlock, "residual_in_fp32")
+    rescale_prenorm_residual: bool = layer_default(MambaMixer, "rescale_prenorm_residual")
+    backend: str | None = layer_default(MambaMixer, "backend")
+    chunk_size: int | None = layer_default(MambaMixer, "chunk_size")
 
     def __post_init__(self):
         super().__post_init__()

@@ -11,6 +11,7 @@ from mnemax.layers.mamba2 import Mamba2Block, Mamba2Mixer
 from ..config import BlockConfig, ModelConfig
 from ..model import SequenceModel
 from ..registry import Family, register_family, register_preset
+from .common import layer_default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,23 +21,23 @@ class Mamba2Config(BlockConfig):
     epsilon of both the block's pre-norm and the mixer's gated norm (one
     ``layer_norm_epsilon`` in ``transformers``, 1e-5 in mamba_ssm)."""
 
-    d_state: int = 128
-    d_conv: int = 4
-    expand: int = 2
-    head_dim: int = 64
-    n_groups: int = 1
-    A_init_range: tuple[float, float] = (1.0, 16.0)
-    dt_min: float = 1e-3
-    dt_max: float = 1e-1
-    dt_init_floor: float = 1e-4
-    dt_limit: tuple[float, float] | None = None
-    conv_bias: bool = True
-    use_bias: bool = False
-    norm_eps: float = 1e-5
-    residual_in_fp32: bool = True
-    rescale_prenorm_residual: bool = True
-    backend: str | None = None
-    chunk_size: int = 64
+    d_state: int = layer_default(Mamba2Mixer, "d_state")
+    d_conv: int = layer_default(Mamba2Mixer, "d_conv")
+    expand: int = layer_default(Mamba2Mixer, "expand")
+    head_dim: int = layer_default(Mamba2Mixer, "head_dim")
+    n_groups: int = layer_default(Mamba2Mixer, "n_groups")
+    A_init_range: tuple[float, float] = layer_default(Mamba2Mixer, "A_init_range")
+    dt_min: float = layer_default(Mamba2Mixer, "dt_min")
+    dt_max: float = layer_default(Mamba2Mixer, "dt_max")
+    dt_init_floor: float = layer_default(Mamba2Mixer, "dt_init_floor")
+    dt_limit: tuple[float, float] | None = layer_default(Mamba2Mixer, "dt_limit")
+    conv_bias: bool = layer_default(Mamba2Mixer, "conv_bias")
+    use_bias: bool = layer_default(Mamba2Mixer, "use_bias")
+    norm_eps: float = layer_default(Mamba2Mixer, "norm_eps", also=(Mamba2Block,))
+    residual_in_fp32: bool = layer_default(Mamba2Block, "residual_in_fp32")
+    rescale_prenorm_residual: bool = layer_default(Mamba2Mixer, "rescale_prenorm_residual")
+    backend: str | None = layer_default(Mamba2Mixer, "backend")
+    chunk_size: int = layer_default(Mamba2Mixer, "chunk_size")
 
     def __post_init__(self):
         super().__post_init__()

@@ -27,6 +27,7 @@ from mnemax.layers.note_pool import chunk_split, empty_pool
 from ..config import FrozenDict, ModelConfig
 from ..model import SequenceModel, module_fields
 from ..registry import Family, register_family, register_preset
+from .common import layer_default
 from .mamba import MambaConfig, mamba_mixer
 
 
@@ -35,21 +36,21 @@ class MemMambaConfig(MambaConfig):
     """Block options of the ``memmamba`` family: the Mamba family's, the pool's (see
     :class:`MemMambaBlock`) and the stack's ``cross_layer_every`` and ``cross_layer_pools``."""
 
-    pool_size: int = 50
-    pool_dim: int = 64
-    num_heads: int = 4
-    note_threshold: float = 0.5
-    read_threshold: float = 0.5
-    note_gate: str = "ste"
-    read_gate: str = "ste"
-    gate_temperature: float = 0.1
-    replace: str = "salience"
-    score_hidden: int = 0
-    fusion: str = "add"
-    read_bias_init: float = 2.0
-    read_init_scale: float = 0.0
-    pool_chunk: int = 1
-    pool_impl: str = "chunked"
+    pool_size: int = layer_default(MemMambaBlock, "pool_size")
+    pool_dim: int = layer_default(MemMambaBlock, "pool_dim")
+    num_heads: int = layer_default(MemMambaBlock, "num_heads")
+    note_threshold: float = layer_default(MemMambaBlock, "note_threshold")
+    read_threshold: float = layer_default(MemMambaBlock, "read_threshold")
+    note_gate: str = layer_default(MemMambaBlock, "note_gate")
+    read_gate: str = layer_default(MemMambaBlock, "read_gate")
+    gate_temperature: float = layer_default(MemMambaBlock, "gate_temperature")
+    replace: str = layer_default(MemMambaBlock, "replace")
+    score_hidden: int = layer_default(MemMambaBlock, "score_hidden")
+    fusion: str = layer_default(MemMambaBlock, "fusion")
+    read_bias_init: float = layer_default(MemMambaBlock, "read_bias_init")
+    read_init_scale: float = layer_default(MemMambaBlock, "read_init_scale")
+    pool_chunk: int = layer_default(MemMambaBlock, "pool_chunk")
+    pool_impl: str = layer_default(MemMambaBlock, "pool_impl")
     cross_layer_every: int = 4
     cross_layer_pools: int = 0
 

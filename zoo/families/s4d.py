@@ -13,7 +13,7 @@ from mnemax.layers.ssm import DiagonalSSMBlock
 from ..config import ModelConfig
 from ..model import SequenceModel
 from ..registry import Family, register_family, register_preset
-from .common import ResidualOptions
+from .common import ResidualOptions, layer_default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,12 +21,12 @@ class S4DConfig(ResidualOptions):
     """Block options of the ``s4d`` family: the S4D layer's (see :class:`DiagonalSSM`) and
     the residual block's (norm, norm_eps, mlp_ratio, mlp_kind)."""
 
-    state_size: int = 64
-    a_init: str = "lin"
-    dt_min: float = 1e-3
-    dt_max: float = 1e-1
-    activation: str = "gelu"
-    backend: str | None = None
+    state_size: int = layer_default(DiagonalSSM, "state_size")
+    a_init: str = layer_default(DiagonalSSM, "a_init")
+    dt_min: float = layer_default(DiagonalSSM, "dt_min")
+    dt_max: float = layer_default(DiagonalSSM, "dt_max")
+    activation: str = layer_default(DiagonalSSM, "activation")
+    backend: str | None = layer_default(DiagonalSSM, "backend")
 
     def __post_init__(self):
         super().__post_init__()

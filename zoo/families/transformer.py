@@ -11,24 +11,25 @@ from mnemax.layers.transformer import TransformerBlock
 from ..config import BlockConfig, ModelConfig
 from ..model import SequenceModel
 from ..registry import Family, register_family, register_preset
-from .common import check_norm
+from .common import check_norm, layer_default
 
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig(BlockConfig):
     """Block options of the ``transformer`` family (see :class:`TransformerBlock`)."""
 
-    num_heads: int = 4
-    num_kv_heads: int | None = None
-    head_dim: int | None = None
-    mlp_ratio: float = 4.0
-    mlp_kind: str = "swiglu"
-    window: int = 1024
-    norm: str = "rms"
-    use_rope: bool = True
-    key_conv: int = 0
-    implementation: str | None = None
-    query_block: int | None = 256  # past window + query_block steps, queries go in blocks (memory linear in T)
+    num_heads: int = 4  # TransformerBlock.num_heads has no default
+    num_kv_heads: int | None = layer_default(TransformerBlock, "num_kv_heads")
+    head_dim: int | None = layer_default(TransformerBlock, "head_dim")
+    mlp_ratio: float = layer_default(TransformerBlock, "mlp_ratio")
+    mlp_kind: str = layer_default(TransformerBlock, "mlp_kind")
+    window: int = layer_default(TransformerBlock, "window")
+    norm: str = layer_default(TransformerBlock, "norm")
+    use_rope: bool = layer_default(TransformerBlock, "use_rope")
+    key_conv: int = layer_default(TransformerBlock, "key_conv")
+    implementation: str | None = layer_default(TransformerBlock, "implementation")
+    # past window + query_block steps, queries go in blocks (memory linear in T)
+    query_block: int | None = layer_default(TransformerBlock, "query_block")
 
     def __post_init__(self):
         super().__post_init__()

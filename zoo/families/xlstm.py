@@ -13,6 +13,7 @@ from mnemax.layers.xlstm_widths import ROUND_MODES
 from ..config import BlockConfig, ModelConfig
 from ..model import SequenceModel
 from ..registry import Family, register_family, register_preset
+from .common import layer_default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,25 +22,27 @@ class XLSTMConfig(BlockConfig):
     indices, or "all"), the mLSTM blocks' options, the sLSTM blocks' (``slstm_*``, ``ffn_*``)
     and the blocks' layer-norm epsilon (see :class:`XLSTMStack`)."""
 
-    slstm_at: tuple[int, ...] | str = ()  # block indices of sLSTM blocks, or "all"
-    num_heads: int = 4  # mLSTM heads
-    proj_factor: float = 2.0
-    round_to: int = 64  # the mLSTM inner width is proj_factor * d rounded to a multiple of this
-    round_mode: str = "up"  # ... up or down (layers/xlstm_widths.py)
-    conv_width: int = 4
-    qkv_blocksize: int = 4
-    chunk_size: int = 64
-    eps: float = 1e-6
-    backend: str | None = None
-    slstm_heads: int = 4
-    slstm_conv_width: int = 4
-    slstm_bias_init: str = "powerlaw_blockdependent"
-    slstm_backend: str | None = None
-    ffn_proj_factor: float | None = 1.3
-    ffn_act: str = "gelu"
-    ffn_round_to: int = 64
-    ffn_round_mode: str = "up"
-    norm_eps: float = 1e-5
+    slstm_at: tuple[int, ...] | str = layer_default(XLSTMStack, "slstm_at")  # block indices of sLSTM blocks, or "all"
+    num_heads: int = layer_default(XLSTMStack, "num_heads")  # mLSTM heads
+    proj_factor: float = layer_default(XLSTMStack, "proj_factor")
+    # the mLSTM inner width is proj_factor * d rounded to a multiple of this
+    round_to: int = layer_default(XLSTMStack, "round_to")
+    # ... up or down (layers/xlstm_widths.py)
+    round_mode: str = layer_default(XLSTMStack, "round_mode")
+    conv_width: int = layer_default(XLSTMStack, "conv_width")
+    qkv_blocksize: int = layer_default(XLSTMStack, "qkv_blocksize")
+    chunk_size: int = layer_default(XLSTMStack, "chunk_size")
+    eps: float = layer_default(XLSTMStack, "eps")
+    backend: str | None = layer_default(XLSTMStack, "backend")
+    slstm_heads: int = layer_default(XLSTMStack, "slstm_heads")
+    slstm_conv_width: int = layer_default(XLSTMStack, "slstm_conv_width")
+    slstm_bias_init: str = layer_default(XLSTMStack, "slstm_bias_init")
+    slstm_backend: str | None = layer_default(XLSTMStack, "slstm_backend")
+    ffn_proj_factor: float | None = layer_default(XLSTMStack, "ffn_proj_factor")
+    ffn_act: str = layer_default(XLSTMStack, "ffn_act")
+    ffn_round_to: int = layer_default(XLSTMStack, "ffn_round_to")
+    ffn_round_mode: str = layer_default(XLSTMStack, "ffn_round_mode")
+    norm_eps: float = layer_default(XLSTMStack, "norm_eps")
 
     def __post_init__(self):
         super().__post_init__()

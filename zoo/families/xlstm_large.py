@@ -12,6 +12,7 @@ from mnemax.layers.xlstm_cells import MLSTMLargeLayer
 from ..config import BlockConfig, ModelConfig
 from ..model import SequenceModel
 from ..registry import Family, register_family, register_preset
+from .common import layer_default
 from .xlstm import small_init_std
 
 
@@ -21,16 +22,16 @@ class XLSTMLargeConfig(BlockConfig):
     :class:`MLSTMLargeLayer`; ``num_blocks`` is the model's ``n_layers``) and the block's
     FFN width (``ffn_proj_factor``, ``ffn_round_to``)."""
 
-    num_heads: int = 8
-    qk_dim_factor: float = 0.5
-    v_dim_factor: float = 1.0
-    gate_soft_cap: float | None = 15.0
-    ffn_proj_factor: float = 2.6667
-    ffn_round_to: int = 64
-    chunk_size: int = 64
-    eps: float = 1e-6
-    norm_eps: float = 1e-6
-    backend: str | None = None
+    num_heads: int = layer_default(MLSTMLargeLayer, "num_heads")
+    qk_dim_factor: float = layer_default(MLSTMLargeLayer, "qk_dim_factor")
+    v_dim_factor: float = layer_default(MLSTMLargeLayer, "v_dim_factor")
+    gate_soft_cap: float | None = layer_default(MLSTMLargeLayer, "gate_soft_cap")
+    ffn_proj_factor: float = layer_default(XLSTMLargeBlock, "ffn_proj_factor")
+    ffn_round_to: int = layer_default(XLSTMLargeBlock, "ffn_round_to")
+    chunk_size: int = layer_default(MLSTMLargeLayer, "chunk_size")
+    eps: float = layer_default(MLSTMLargeLayer, "eps")
+    norm_eps: float = layer_default(MLSTMLargeLayer, "norm_eps")
+    backend: str | None = layer_default(MLSTMLargeLayer, "backend")
 
     def __post_init__(self):
         super().__post_init__()
