@@ -1,0 +1,165 @@
+"""The matrix-state ops on the accelerator: ``gated_linear_attention`` and ``delta_rule``
+(every backend the op has), beside cuDNN's softmax attention at the same shape.
+
+For each op variant (GLA with a decay per head or per key channel, the delta rule without a
+decay, per head (Gated DeltaNet) and per key channel (KDA)) and each shape (B, T, H, d_k =
+d_v), bf16 inputs: a correctness check of each fast backend against ``reference`` at a small
+shape on the device (outputs, final state, gradients; fp32), then forward and forward+backward
+times (the loss is the sum of the outputs and the final state, so every input gets a
+gradient). The table is printed last; the JSON goes to ``$OUT/linear_attention.json``.
+
+Run on the GPU machine::
+
+    python3 benchmarks/linear_attention.py                    # issue 34's shapes
+    python3 benchmarks/linear_attention.py --shapes 8,2048,16,128 --ops gdn
+
+fla's Triton kernels (the speed peer) are timed by a torch script of their own once the
+Pallas kernels land (issue 34 item 3); this script gives the ``xla`` and cuDNN rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import bench, environment, save, table  # noqa: E402
+
+from mnemax.kernels import delta_rule, gated_linear_attention  # noqa: E402
+from mnemax.kernels.delta_rule import BACKENDS as DELTA_BACKENDS  # noqa: E402
+from mnemax.kernels.gated_linear_attention import BACKENDS as GLA_BACKENDS  # noqa: E402
+
+# op name -> (which op, its decay: None, "head" (one per head) or "channel" (one per key channel))
+OPS = {
+    "simple_gla": ("gla", "head"),
+    "gla": ("gla", "channel"),
+    "deltanet": ("delta", None),
+    "gdn": ("delta", "head"),
+    "kda": ("delta", "channel"),
+}
+SHAPES = [(8, 2048, 16, 128), (2, 8192, 16, 128)]
+
+
+def inputs(op: str, shape, dtype, seed=0):
+    kind, gate = OPS[op]
+    B, T, H, D = shape
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((B, H, T, D), np.float32) for _ in range(3))
+    if kind == "delta":
+        k = k / np.linalg.norm(k, axis=-1, keepdims=True)
+    beta = 1.0 / (1.0 + np.exp(-rng.standard_normal((B, H, T)).astype(np.float32)))
+    g = None
+    if gate is not None:
+        gshape = (B, H, T) if gate == "head" else (B, H, T, D)
+        g = -np.logaddexp(0.0, rng.standard_normal(gshape).astype(np.float32) - 2.0).astype(np.float32)
+    arrs = dict(q=q, k=k, v=v, beta=beta if kind == "delta" else None, g=g)
+    return {n: None if a is None else jnp.asarray(a, dtype) for n, a in arrs.items()}
+
+
+def call(op: str, x: dict, backend: str, chunk_size: int = 64):
+    if OPS[op][0] == "gla":
+        return gated_linear_attention(x["q"], x["k"], x["v"], x["g"], backend=backend, chunk_size=chunk_size)
+    return delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], backend=backend, chunk_size=chunk_size)
+
+
+def loss_fn(op, backend):
+    def loss(x):
+        o, S = call(op, x, backend)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(S)
+
+    return loss
+
+
+def check(op: str, backend: str) -> float:
+    """The largest gradient/output error of ``backend`` vs ``reference`` relative to the
+    reference's largest entry, fp32, at (2, 300, 2, 64) on this device."""
+    x = inputs(op, (2, 300, 2, 64), jnp.float32, seed=1)
+    diff = {n: a for n, a in x.items() if a is not None}
+
+    def both(b):
+        out = jax.jit(lambda d: call(op, {**x, **d}, b))(diff)
+        grads = jax.jit(jax.grad(lambda d: loss_fn(op, b)({**x, **d})))(diff)
+        return jax.tree.leaves((out, grads))
+
+    worst = 0.0
+    with jax.default_matmul_precision("highest"):
+        for got, want in zip(both(backend), both("reference")):
+            want = np.asarray(want, np.float64)
+            worst = max(worst, float(np.max(np.abs(np.asarray(got, np.float64) - want)) / max(np.max(np.abs(want)), 1.0)))
+    return worst
+
+
+def op_rows(op: str, shape) -> list[dict]:
+    kind, _ = OPS[op]
+    backends = [b for b in (GLA_BACKENDS if kind == "gla" else DELTA_BACKENDS).available() if b != "reference"]
+    rows = []
+    for backend in backends:
+        row = {"op": op, "shape": str(shape), "dtype": "bfloat16", "backend": backend}
+        try:
+            row["check_err"] = check(op, backend)
+            x = inputs(op, shape, jnp.bfloat16)
+            diff = {n: a for n, a in x.items() if a is not None}
+            fwd = jax.jit(lambda d, b=backend: call(op, {**x, **d}, b))
+            fb = jax.jit(jax.grad(lambda d, b=backend: loss_fn(op, b)({**x, **d})))
+            row["fwd_ms"] = 1e3 * bench(fwd, diff)
+            row["fwdbwd_ms"] = 1e3 * bench(fb, diff)
+        except Exception as e:  # noqa: BLE001 - a failing variant is a row, not the end of the run
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+            traceback.print_exc()
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def cudnn_rows(shape) -> list[dict]:
+    """Causal softmax attention (``jax.nn.dot_product_attention``, cuDNN) at the same shape."""
+    B, T, H, D = shape
+    row = {"op": "softmax attention", "shape": str(shape), "dtype": "bfloat16", "backend": "cudnn"}
+    try:
+        rng = np.random.default_rng(0)
+        q, k, v = (jnp.asarray(rng.standard_normal((B, T, H, D), np.float32), jnp.bfloat16) for _ in range(3))
+
+        def attn(q, k, v):
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+        fwd = jax.jit(attn)
+        fb = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)))
+        row["fwd_ms"] = 1e3 * bench(fwd, q, k, v)
+        row["fwdbwd_ms"] = 1e3 * bench(fb, q, k, v)
+    except Exception as e:  # noqa: BLE001
+        row["error"] = f"{type(e).__name__}: {e}"[:300]
+    print(row, flush=True)
+    return [row]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, of {list(OPS)}")
+    ap.add_argument("--shapes", nargs="*", default=None, help="B,T,H,D (default: issue 34's two shapes)")
+    ap.add_argument("--no_cudnn", action="store_true")
+    args = ap.parse_args()
+    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
+    ops = [o for o in args.ops.split(",") if o]
+    bad = sorted(set(ops) - set(OPS))
+    if bad:
+        raise SystemExit(f"--ops: unknown {bad}; expected some of {list(OPS)}")
+    env = environment()
+    print(env, flush=True)
+    rows = []
+    for shape in shapes:
+        for op in ops:
+            rows += op_rows(op, shape)
+        if not args.no_cudnn and jax.default_backend() == "gpu":
+            rows += cudnn_rows(shape)
+    save({"env": env, "rows": rows}, "linear_attention.json")
+    print(table(rows, ["op", "shape", "dtype", "backend", "check_err", "fwd_ms", "fwdbwd_ms", "error"]))
+
+
+if __name__ == "__main__":
+    main()
