@@ -51,7 +51,8 @@ def _run(backend, args, resets, w, wh, interpret=True, config=None):
         )
         return jnp.sum(y.astype(jnp.float32) * w) + jnp.sum(h * wh), (y, h)
 
-    (_, (y, h)), grads = jax.value_and_grad(loss, tuple(range(len(keys))), has_aux=True)(*[args[k] for k in keys])
+    value_and_grads = jax.jit(jax.value_and_grad(loss, tuple(range(len(keys))), has_aux=True))
+    (_, (y, h)), grads = value_and_grads(*[args[k] for k in keys])
     return y, h, dict(zip(keys, grads))
 
 

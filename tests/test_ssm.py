@@ -188,11 +188,11 @@ def test_lssl_conv_view_in_feature_groups_equals_recurrent_view(monkeypatch):
             y, st = layer.apply(v, u)
             return jnp.sum(y * w) + jnp.sum(st.x ** 2)
 
-        (yc, sc), (yr, sr) = conv.apply(v, u), rec.apply(v, u)
+        (yc, sc), (yr, sr) = jax.jit(conv.apply)(v, u), jax.jit(rec.apply)(v, u)
         assert float(jnp.abs(yc - yr).max() / jnp.abs(yr).max()) <= 1e-8
         assert float(jnp.abs(sc.x - sr.x).max() / jnp.abs(sr.x).max()) <= 1e-8
-        gc = jax.grad(functools.partial(loss, conv), argnums=(0, 1))(v, u)
-        gr = jax.grad(functools.partial(loss, rec), argnums=(0, 1))(v, u)
+        gc = jax.jit(jax.grad(functools.partial(loss, conv), argnums=(0, 1)))(v, u)
+        gr = jax.jit(jax.grad(functools.partial(loss, rec), argnums=(0, 1)))(v, u)
         for a, b in zip(jax.tree.leaves(gc), jax.tree.leaves(gr)):
             assert float(jnp.abs(a - b).max() / (jnp.abs(b).max() + 1e-300)) <= 1e-8
 
@@ -381,8 +381,8 @@ def test_diagonal_ssm_conv_view_equals_recurrent_view(a_init):
             np.testing.assert_allclose(np.asarray(yc), np.asarray(yr), rtol=1e-9, atol=1e-10)
             np.testing.assert_allclose(np.asarray(sc.x), np.asarray(sr.x), rtol=1e-9, atol=1e-10)
             argnums = (0, 1) if state is None else (0, 1, 2)
-            gc = jax.grad(functools.partial(loss, conv), argnums)(v, u, state)
-            gr = jax.grad(functools.partial(loss, rec), argnums)(v, u, state)
+            gc = jax.jit(jax.grad(functools.partial(loss, conv), argnums))(v, u, state)
+            gr = jax.jit(jax.grad(functools.partial(loss, rec), argnums))(v, u, state)
             for a, b in zip(jax.tree.leaves(gc), jax.tree.leaves(gr)):
                 np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-8, atol=1e-9)
         resets = jnp.zeros((2, 37), bool).at[0, 9].set(True)

@@ -101,7 +101,9 @@ def test_lm_contract(preset):
     )
 
 
-@pytest.mark.parametrize("name", sorted(MODULES))
+# the modules whose contract runs in CI are checked there for all of this (and more): -m slow here
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n not in SLOW_CONTRACTS else n
+                                  for n in sorted(MODULES)])
 def test_streaming_resets_and_state(name):
     """For every module: two pieces with the state carried == one call, with a reset in
     each row (outputs and final state); a reset row equals a fresh call from the reset;
