@@ -136,3 +136,52 @@ def decayed_scores(x, y, G, mask):
     off = einsum("...itd,...isd->...its", x_r, y_r).reshape(lead + (length, length))
     before = (jnp.arange(length)[None, :] < (jnp.arange(length) // c * c)[:, None])  # s in an earlier sub-chunk
     return out + jnp.where(mask & before, off, 0.0)
+
+
+class Chunks(NamedTuple):
+    """A sequence cut into ``N`` chunks of ``L`` steps (see :func:`chunk`): q (already
+    scaled), k, v and the extra per-step arrays as (B, H, N, L, ...), the cumulative log
+    decays ``G`` (B, H, N, L[, d_k]) and the :class:`Segments` of the resets."""
+
+    q: jnp.ndarray
+    k: jnp.ndarray
+    v: jnp.ndarray
+    extra: tuple
+    G: jnp.ndarray
+    seg: Segments
+    time: int
+
+
+def chunk(q, k, v, g, resets, *extra, chunk_size: int, scale: float, dtype) -> Chunks:
+    """The inputs of a chunkwise form in ``dtype``, zero-padded to whole chunks (padded steps
+    have zero keys and values and ``g = 0``: they leave the state as it is); ``g`` None is
+    no decay."""
+    B, _, T, _ = q.shape
+    L = chunk_size
+    N = -(-T // L)
+    cut = lambda a: to_chunks(pad_time(a.astype(dtype), N * L), N, L)  # noqa: E731
+    G = jnp.cumsum(cut(jnp.zeros(q.shape[:3], dtype) if g is None else g), axis=3)
+    seg = segments(None if resets is None else pad_time(resets, N * L, axis=1), B, N, L)
+    return Chunks(cut(q) * scale, cut(k), cut(v), tuple(cut(a) for a in extra), G, seg, T)
+
+
+def boundary_terms(c: Chunks, k):
+    """What carries a chunk's state across its boundaries, for keys ``k`` (B, H, N, L, d_k):
+    ``q_in`` = q exp(G_t) (where the incoming state reaches t), ``k_in`` = k exp(G_t)
+    (likewise), ``k_out`` = k exp(G_L - G_s) (s in the last segment) and the state's decay
+    over the chunk ``exp(G_L)`` (B, H, N, 1 | d_k; 0 after a reset). Every exponent <= 0."""
+    G = c.G
+    G_last = G[:, :, :, -1:]  # (B, H, N, 1[, d_k])
+    if G.ndim == 4:  # one decay per head
+        G, G_last = G[..., None], G_last[..., None]
+    fresh = c.seg.fresh[..., None]
+    into = jnp.exp(G) * fresh
+    k_out = k * jnp.exp(jnp.where(c.seg.tail[..., None], G_last - G, -jnp.inf))
+    decay = jnp.exp(G_last[:, :, :, 0]) * c.seg.carries[..., None]
+    return c.q * into, c.k * into, k_out, decay
+
+
+def unchunk(o, c: Chunks):
+    """(B, H, N, L, d_v) -> (B, H, T, d_v) without the padding."""
+    B, H, N, L = o.shape[:4]
+    return o.reshape(B, H, N * L, -1)[:, :, : c.time]

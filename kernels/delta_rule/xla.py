@@ -33,32 +33,18 @@ import jax.numpy as jnp
 from jax import lax
 from jax.scipy.linalg import solve_triangular
 
-from ..chunked import causal, decayed_scores, einsum, pad_time, segments, to_chunks
+from ..chunked import boundary_terms, causal, chunk, decayed_scores, einsum, unchunk
 
 
 def chunkwise(q, k, v, beta, g, state, resets, *, chunk_size, scale):
     """(o (B, H, T, d_v), final S (B, H, d_k, d_v)); see the module docstring."""
-    cdt = state.dtype
-    B, H, T, d_k = q.shape
+    c = chunk(q, k, v, g, resets, beta, chunk_size=chunk_size, scale=scale, dtype=state.dtype)
+    (bc,) = c.extra
+    M = decayed_scores(c.k, c.k, c.G, causal(chunk_size, strict=True) & c.seg.same) * bc[..., None, :]
+    P = decayed_scores(c.q, c.k, c.G, causal(chunk_size, strict=False) & c.seg.same) * bc[..., None, :]
+    q_in, k_in, k_out, decay = boundary_terms(c, c.k * bc[..., None])
     d_v = v.shape[-1]
-    L = chunk_size
-    N = -(-T // L)
-    Tp = N * L
-    chunks = lambda a: to_chunks(pad_time(a.astype(cdt), Tp), N, L)  # noqa: E731
-    qc, kc, vc, bc = chunks(q) * scale, chunks(k), chunks(v), chunks(beta)
-    G = jnp.cumsum(chunks(jnp.zeros(q.shape[:3], cdt) if g is None else g), axis=3)  # (B, H, N, L[, d_k])
-    seg = segments(None if resets is None else pad_time(resets, Tp, axis=1), B, N, L)
-    M = decayed_scores(kc, kc, G, causal(L, strict=True) & seg.same) * bc[..., None, :]
-    P = decayed_scores(qc, kc, G, causal(L, strict=False) & seg.same) * bc[..., None, :]
-    G_last = G[:, :, :, -1:]
-    if G.ndim == 4:  # one decay per head
-        G, G_last = G[..., None], G_last[..., None]
-    fresh = seg.fresh[..., None]
-    k_in = kc * jnp.exp(G) * fresh
-    q_in = qc * jnp.exp(G) * fresh
-    k_out = kc * bc[..., None] * jnp.exp(jnp.where(seg.tail[..., None], G_last - G, -jnp.inf))
-    decay = jnp.exp(G_last[:, :, :, 0]) * seg.carries[..., None]  # (B, H, N, 1 | d_k)
-    UW = solve_triangular(M, jnp.concatenate([vc, k_in], axis=-1), lower=True, unit_diagonal=True)
+    UW = solve_triangular(M, jnp.concatenate([c.v, k_in], axis=-1), lower=True, unit_diagonal=True)
     U, Wk = UW[..., :d_v], UW[..., d_v:]
     scan_in = tuple(jnp.moveaxis(a, 2, 0) for a in (U, Wk, q_in, P, k_out, decay))
 
@@ -70,4 +56,4 @@ def chunkwise(q, k, v, beta, g, state, resets, *, chunk_size, scale):
         return S, o_n
 
     final, o = lax.scan(carry, state, scan_in)
-    return jnp.moveaxis(o, 0, 2).reshape(B, H, Tp, d_v)[:, :, :T], final
+    return unchunk(jnp.moveaxis(o, 0, 2), c), final

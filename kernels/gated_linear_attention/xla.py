@@ -20,35 +20,20 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from ..chunked import causal, decayed_scores, einsum, pad_time, segments, to_chunks
+from ..chunked import boundary_terms, causal, chunk, decayed_scores, einsum, unchunk
 
 
 def chunkwise(q, k, v, g, state, resets, *, chunk_size, scale):
     """(o (B, H, T, d_v), final S (B, H, d_k, d_v)); see the module docstring."""
-    cdt = state.dtype
-    B, H, T, _ = q.shape
-    L = chunk_size
-    N = -(-T // L)
-    Tp = N * L
-    chunks = lambda a: to_chunks(pad_time(a.astype(cdt), Tp), N, L)  # noqa: E731
-    qc, kc, vc = chunks(q) * scale, chunks(k), chunks(v)
-    G = jnp.cumsum(chunks(jnp.zeros(q.shape[:3], cdt) if g is None else g), axis=3)  # (B, H, N, L[, d_k])
-    seg = segments(None if resets is None else pad_time(resets, Tp, axis=1), B, N, L)
-    per_channel = G.ndim == 5
-    A = decayed_scores(qc, kc, G, causal(L, strict=False) & seg.same)
-    o = einsum("bhnts,bhnsv->bhntv", A, vc)
-    G_last = G[:, :, :, -1:]  # (B, H, N, 1[, d_k])
-    if not per_channel:
-        G, G_last = G[..., None], G_last[..., None]
-    q_in = qc * jnp.exp(G) * seg.fresh[..., None]
-    k_out = kc * jnp.exp(jnp.where(seg.tail[..., None], G_last - G, -jnp.inf))
-    decay = jnp.exp(G_last[:, :, :, 0]) * seg.carries[..., None]  # (B, H, N, 1 | d_k)
-    kv = einsum("bhnsd,bhnsv->bhndv", k_out, vc)
+    c = chunk(q, k, v, g, resets, chunk_size=chunk_size, scale=scale, dtype=state.dtype)
+    A = decayed_scores(c.q, c.k, c.G, causal(chunk_size, strict=False) & c.seg.same)
+    o = einsum("bhnts,bhnsv->bhntv", A, c.v)
+    q_in, _, k_out, decay = boundary_terms(c, c.k)
+    kv = einsum("bhnsd,bhnsv->bhndv", k_out, c.v)
 
     def carry(S, x):
         decay_n, kv_n = x
         return decay_n[..., None] * S + kv_n, S
 
     final, S_in = lax.scan(carry, state, (jnp.moveaxis(decay, 2, 0), jnp.moveaxis(kv, 2, 0)))
-    o = o + einsum("bhntd,nbhdv->bhntv", q_in, S_in)
-    return o.reshape(B, H, Tp, -1)[:, :, :T], final
+    return unchunk(o + einsum("bhntd,nbhdv->bhntv", q_in, S_in), c), final
