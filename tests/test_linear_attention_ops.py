@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 
 from mnemax.kernels import delta_rule, gated_linear_attention
+from mnemax.kernels.chunked_gpu import ChunkedConfig
 from mnemax.kernels.delta_rule import BACKENDS as DELTA_BACKENDS
 from mnemax.kernels.gated_linear_attention import BACKENDS as GLA_BACKENDS
 
 GATES = ["none", "head", "channel"]
-FAST = {"gla": [b for b in GLA_BACKENDS.available() if b != "reference"],
-        "delta": [b for b in DELTA_BACKENDS.available() if b != "reference"]}
+# the compiled backends runnable here; the Pallas ones run below in interpret mode
+FAST = {"gla": [b for b in GLA_BACKENDS.available() if b not in ("reference", "pallas_gpu", "pallas_tpu")],
+        "delta": [b for b in DELTA_BACKENDS.available() if b not in ("reference", "pallas_gpu", "pallas_tpu")]}
 
 
 def make_inputs(rng, op, gate, *, batch=2, heads=2, time=37, d_k=8, d_v=12, extreme=False):
@@ -126,7 +128,7 @@ def test_delta_rule_with_orthonormal_keys_and_beta_one_stores_each_value():
                 assert max_err(np.asarray(S[0, 0]).T @ basis[i], want) < 1e-10, (backend, i)
 
 
-def grads(op, x, backend, chunk_size, dtype):
+def grads(op, x, backend, chunk_size, dtype, **kw):
     """Outputs, final state and the gradients of a random projection of both with respect
     to every float input (q, k, v, beta for the delta rule, g, state)."""
     names = ["q", "k", "v"] + (["beta"] if op == "delta" else []) + (["g"] if x["g"] is not None else []) + ["state"]
@@ -136,10 +138,10 @@ def grads(op, x, backend, chunk_size, dtype):
     w_S = jnp.asarray(rng.standard_normal(x["state"].shape), jnp.float32)
 
     def loss(args):
-        o, S = call(op, {**x, **args}, backend=backend, chunk_size=chunk_size)
+        o, S = call(op, {**x, **args}, backend=backend, chunk_size=chunk_size, **kw)
         return jnp.sum(o.astype(jnp.float32) * w_o) + jnp.sum(S.astype(jnp.float32) * w_S), (o, S)
 
-    (_, (o, S)), g = jax.value_and_grad(loss, has_aux=True)(args)
+    (_, (o, S)), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(args)
     return o, S, g
 
 
@@ -173,6 +175,60 @@ def test_bf16_inputs_match_the_reference(op, backend):
     assert rel_err(o, o_ref) < 3e-3 and rel_err(S, S_ref) < 3e-3, (rel_err(o, o_ref), rel_err(S, S_ref))
     for name in g_ref:
         assert rel_err(g[name], g_ref[name]) < 5e-3, (name, rel_err(g[name], g_ref[name]))
+
+
+PALLAS_CASES = [("gla", "none"), ("gla", "head"), ("delta", "none"), ("delta", "head")]
+
+
+@pytest.mark.parametrize("op,gate", PALLAS_CASES)
+def test_pallas_gpu_equals_the_reference_with_gradients(op, gate):
+    """The Pallas GPU kernels (interpret mode), float32, the cases of
+    ``test_backends_equal_the_reference_with_gradients``: three chunks of 16 (the last
+    partial), resets mid-chunk, twice in a row and at the last step, an incoming state, extreme
+    gates; head sizes 8 and 12 (zero-padded to 16 inside)."""
+    x = make_inputs(np.random.default_rng(3), op, gate, extreme=True)
+    o_ref, S_ref, g_ref = grads(op, x, "reference", 16, jnp.float32)
+    o, S, g = grads(op, x, "pallas_gpu", 16, jnp.float32, interpret=True)
+    assert rel_err(o, o_ref) < 1e-4 and rel_err(S, S_ref) < 1e-4, (rel_err(o, o_ref), rel_err(S, S_ref))
+    for name in g_ref:
+        assert np.all(np.isfinite(np.asarray(g[name]))), name
+        assert rel_err(g[name], g_ref[name]) < 1e-3, (name, rel_err(g[name], g_ref[name]))
+
+
+def rms_err(got, want):
+    """||got - want|| / ||want|| (Frobenius, float64)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+@pytest.mark.parametrize("op", ["gla", "delta"])
+def test_pallas_gpu_bf16_inputs_match_the_reference(op):
+    """bf16 inputs through the Pallas GPU kernels (interpret mode; bf16 matmul operands and
+    saved chunk states, float32 accumulation and carried state) against the float32
+    reference on the same bf16-rounded inputs: outputs within 3e-3 and gradients within 5e-3
+    in relative norm, the final state within 3e-3 of its largest entry. (A max-entry measure
+    of a bf16 output is dominated by its own rounding: ``xla``'s is 3.6e-3 here.)"""
+    x = make_inputs(np.random.default_rng(4), op, "head", time=40)
+    rounded = {n: a if n == "resets" or a is None else np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32))
+               for n, a in x.items()}
+    o_ref, S_ref, g_ref = grads(op, rounded, "reference", 16, jnp.float32)
+    o, S, g = grads(op, x, "pallas_gpu", 16, jnp.bfloat16, interpret=True)
+    assert o.dtype == jnp.bfloat16 and S.dtype == jnp.float32
+    assert rms_err(o, o_ref) < 3e-3 and rel_err(S, S_ref) < 3e-3, (rms_err(o, o_ref), rel_err(S, S_ref))
+    for name in g_ref:
+        assert rms_err(g[name], g_ref[name]) < 5e-3, (name, rms_err(g[name], g_ref[name]))
+
+
+@pytest.mark.parametrize("op", ["gla", "delta"])
+def test_pallas_gpu_refuses_per_channel_decays_and_bad_configs(op):
+    x = make_inputs(np.random.default_rng(5), op, "channel", time=8)
+    with pytest.raises(ValueError, match="per-channel decays"):
+        call(op, x, backend="pallas_gpu", interpret=True)
+    x = make_inputs(np.random.default_rng(5), op, "head", time=8)
+    with pytest.raises(TypeError, match="config must be a ChunkedConfig"):
+        call(op, x, backend="pallas_gpu", interpret=True, config={"block_v": 32})
+    with pytest.raises(ValueError, match="ChunkedConfig.block_v"):
+        ChunkedConfig(block_v=24)
 
 
 @pytest.mark.parametrize("op", ["gla", "delta"])

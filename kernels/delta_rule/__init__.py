@@ -22,8 +22,15 @@ Forms (``backend=``; the table is :data:`BACKENDS`):
 
 * ``reference`` -- ``lax.scan`` over time, the equations above (:mod:`.reference`).
 * ``xla``       -- chunkwise through the WY/UT representation: one unit lower-triangular
-  solve per chunk, the rest matmuls (:mod:`.xla`). The platform default everywhere until
-  the Pallas kernels land.
+  solve per chunk, the rest matmuls (:mod:`.xla`). The platform default everywhere.
+* ``pallas_gpu`` -- the chunkwise form as Pallas GPU (Triton) kernels (:mod:`.gpu` for the
+  WY/UT preparation, :mod:`mnemax.kernels.chunked_gpu` for the state walks, outputs and
+  per-chunk gradients), forward and backward (a custom VJP recomputing from the saved
+  chunk-boundary states), tuned by a :class:`~mnemax.kernels.chunked_gpu.ChunkedConfig`, for
+  ``g`` None or one log decay per head (per-key-channel decays, KDA: ``xla``); float64
+  inputs take the ``xla`` path. Opt-in (``backend=`` or ``MNEMAX_KERNEL_BACKEND``). Under a
+  mesh of several devices it runs per (batch, head) shard under ``jax.shard_map`` over the
+  axes ``sharding=`` names.
 
 A one-step call (``time == 1``, generation) takes the closed-form recurrent update
 (:func:`.reference.one_step`) whatever the backend.
@@ -40,18 +47,26 @@ Shapes::
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
+from .. import chunked_gpu as cg
 from .. import dispatch
-from . import reference, xla
+from ..chunked_gpu import ChunkedConfig
+from ..sharding import KernelSharding, per_shard, plan
+from . import gpu, reference, xla
 from .common import OP, validate, zeros_state
 
-__all__ = ["BACKENDS", "delta_rule", "zeros_state"]
+__all__ = ["BACKENDS", "ChunkedConfig", "delta_rule", "zeros_state"]
+
+DEFAULT_CONFIG = ChunkedConfig()
 
 
 def delta_rule(q, k, v, beta, g=None, *, state=None, resets=None, scale: float | None = None, chunk_size: int = 64,
-               backend: str | None = None):
+               backend: str | None = None, interpret: bool | None = None, config: ChunkedConfig | None = None,
+               sharding: KernelSharding | None = None):
     """The delta-rule memory over a sequence; returns ``(o, state)`` (see the module
     docstring for the equations and shapes).
 
@@ -62,29 +77,109 @@ def delta_rule(q, k, v, beta, g=None, *, state=None, resets=None, scale: float |
       state: incoming (batch, heads, d_k, d_v); None is the zero state.
       resets: (batch, time) bool; True clears the state before step t.
       scale: multiplies q; default ``d_k ** -0.5`` (fla's default).
-      chunk_size: chunk length of the ``xla`` form.
-      backend: ``"reference"`` or ``"xla"``; None picks by platform
+      chunk_size: chunk length of the chunkwise forms (``xla``, ``pallas_gpu``).
+      backend: ``"reference"``, ``"xla"`` or ``"pallas_gpu"``; None picks by platform
         (``MNEMAX_KERNEL_BACKEND`` overrides).
+      interpret: run ``pallas_gpu`` in interpret mode (CPU); None reads ``MNEMAX_PALLAS_INTERPRET``.
+      config: the Pallas GPU kernels' tuning (:class:`ChunkedConfig`); None: its defaults.
+      sharding: the mesh axes splitting the batch and the heads, for ``pallas_gpu`` under a
+        mesh of several devices (:class:`~mnemax.kernels.sharding.KernelSharding`).
     """
     q, k, v, beta, g, resets, scale = validate(q, k, v, beta, g, state, resets, chunk_size, scale)
+    if config is not None and not isinstance(config, ChunkedConfig):
+        raise TypeError(f"config must be a ChunkedConfig or None, got {type(config).__name__}")
+    if sharding is not None and not isinstance(sharding, KernelSharding):
+        raise TypeError(f"sharding must be a KernelSharding or None, got {type(sharding).__name__}")
     out_dtype = jnp.result_type(q, k, v)
     gates = (beta,) if g is None else (beta, g)
     cdt = jnp.promote_types(jnp.result_type(out_dtype, *gates), jnp.float32)
     batch, heads, time, d_k = q.shape
     state = zeros_state(batch, heads, d_k, v.shape[-1], cdt) if state is None else jnp.asarray(state, cdt)
-    _, impl = BACKENDS.resolve(backend)
+    name, impl = BACKENDS.resolve(backend)
     if time == 1:  # generation: the closed-form step, whatever the backend
         o, state = _ONE_STEP(q, k, v, beta, g, state, resets, scale=scale)
-    else:
-        o, state = impl(q, k, v, beta, g, state, resets, chunk_size=chunk_size, scale=scale)
+        return o.astype(out_dtype), state
+    kw = {}
+    if name.startswith("pallas"):
+        if g is not None and g.ndim == 4:
+            raise ValueError(f"backend={name!r} takes g None or one log decay per head, (batch, heads, time); got g "
+                             f"of shape {g.shape} (one per key channel, KDA): use backend='xla' for per-channel decays")
+        kw = {"interpret": dispatch.interpret_flag(interpret), "config": config or DEFAULT_CONFIG,
+              "sharding": sharding}
+    o, state = impl(q, k, v, beta, g, state, resets, chunk_size=chunk_size, scale=scale, **kw)
     return o.astype(out_dtype), state
 
 
+# ----------------------------------------------------------------------------- pallas
+
+
+def _forward(q, k, v, beta, g, state, cut, *, chunk_size, scale, config, interpret):
+    p = cg.make_problem(q, k, v, g, beta, cut, chunk_size)
+    R, U, Wk = gpu.wy(p, config=config, interpret=interpret)
+    states, X, S_T = cg.walk_forward(p, U, Wk, cg.state_in(p, state), delta=True, config=config, interpret=interpret)
+    o = cg.outputs(p, X, states, q.dtype, scale=scale, config=config, interpret=interpret)
+    return cg.seq_out(o, v.shape), cg.state_out(S_T, state.shape), (states, X, R, Wk)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _pallas_vjp(q, k, v, beta, g, state, cut, chunk_size, scale, config, interpret):
+    o, final, _ = _forward(q, k, v, beta, g, state, cut, chunk_size=chunk_size, scale=scale, config=config,
+                           interpret=interpret)
+    return o, final
+
+
+def _pallas_fwd(q, k, v, beta, g, state, cut, chunk_size, scale, config, interpret):
+    o, final, saved = _forward(q, k, v, beta, g, state, cut, chunk_size=chunk_size, scale=scale, config=config,
+                               interpret=interpret)
+    return (o, final), (q, k, v, beta, g, state, cut, saved)
+
+
+def _pallas_bwd(chunk_size, scale, config, interpret, res, cts):
+    q, k, v, beta, g, state, cut, (states, X, R, Wk) = res
+    do, dfinal = cts
+    p = cg.make_problem(q, k, v, g, beta, cut, chunk_size)
+    B, H, T, _ = q.shape
+    do = cg.pad_axis(cg.pad_axis(do.astype(q.dtype).reshape(B * H, T, -1), 1, p.n_chunks * p.L), 2, p.d_v)
+    x0 = cg.scores_t_times(p, do, scale=scale, config=config, interpret=interpret)
+    dstates, dX, dS0 = cg.walk_backward(p, do, Wk, x0, cg.state_in(p, dfinal), scale=scale, delta=True,
+                                        config=config, interpret=interpret)
+    dq, dk, dv, rows = cg.chunk_grads(p, X, do, states, dstates, scale=scale, delta=True, R=R, dx=dX, config=config,
+                                      interpret=interpret)
+    dg = None if g is None else cg.step_out(cg.decay_grad(rows[:, :, 0]), g.shape).astype(g.dtype)
+    dbeta = cg.step_out(rows[:, :, 1], beta.shape).astype(beta.dtype)
+    return (cg.seq_out(dq, q.shape).astype(q.dtype), cg.seq_out(dk, k.shape).astype(k.dtype),
+            cg.seq_out(dv, v.shape).astype(v.dtype), dbeta, dg, cg.state_out(dS0, state.shape).astype(state.dtype),
+            None if cut is None else jnp.zeros_like(cut))
+
+
+_pallas_vjp.defvjp(_pallas_fwd, _pallas_bwd)
+
+
+def _pallas(q, k, v, beta, g, state, resets, *, chunk_size, scale, interpret, config, sharding):
+    if state.dtype == jnp.float64:  # the kernels compute in float32
+        return xla.chunkwise(q, k, v, beta, g, state, resets, chunk_size=chunk_size, scale=scale)
+    dt = jnp.result_type(q, k, v)
+
+    def run(q, k, v, beta, g, state, resets):
+        cut = None if resets is None else resets.astype(jnp.float32)
+        return _pallas_vjp(q.astype(dt), k.astype(dt), v.astype(dt), beta, g, state, cut, chunk_size, scale, config,
+                           bool(interpret))
+
+    split = plan(f"{OP} (pallas_gpu)", sharding, q.shape[0], q.shape[1])
+    if not split.split:
+        return run(q, k, v, beta, g, state, resets)
+    bh = jax.sharding.PartitionSpec(split.rows, split.cols)
+    specs = (bh,) * 6 + (jax.sharding.PartitionSpec(split.rows),)
+    return per_shard(run, (q, k, v, beta, g, state, resets), specs, (bh, bh))
+
+
 _STATIC = ("chunk_size", "scale")
+_PALLAS_STATIC = _STATIC + ("interpret", "config", "sharding")
 _ONE_STEP = jax.jit(reference.one_step, static_argnames=("scale",))
 
 # The backends of ``delta_rule``: ``BACKENDS.available()``, ``BACKENDS.default(platform)``.
 BACKENDS = dispatch.backends(OP, {
     "reference": jax.jit(reference.recurrent, static_argnames=_STATIC),
     "xla": jax.jit(xla.chunkwise, static_argnames=_STATIC),
-})
+    "pallas_gpu": jax.jit(_pallas, static_argnames=_PALLAS_STATIC),
+}, opt_in=frozenset({"pallas_gpu"}))

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ..checks import bool_resets, float_array, state_shapes
+from ..chunked_gpu import col_to_row, row_to_col
 
 OP = "mlstm"
 NEG_INF = -jnp.inf
@@ -244,18 +245,6 @@ def chunk_weights(gc: Gates, gr: Gates, m_in, L: int) -> Chunk:
     m_end = jnp.maximum(log_a_end, m_loc)
     c = jnp.exp(jnp.where((gc.r == r_end) & (gc.ok > 0), b_end - gc.b + gc.i, NEG_INF) - m_end)
     return Chunk(mask, log_g, intra, log_a, m, d, w, c, jnp.exp(log_a_end - m_end), m_end)
-
-
-def col_to_row(x, L):
-    """(L, 1) -> (1, L) without a transpose (a masked sum)."""
-    eye = lax.broadcasted_iota(jnp.int32, (L, L), 0) == lax.broadcasted_iota(jnp.int32, (L, L), 1)
-    return jnp.sum(jnp.where(eye, x, 0.0), axis=0, keepdims=True)
-
-
-def row_to_col(x, L):
-    """(1, L) -> (L, 1) without a transpose (a masked sum)."""
-    eye = lax.broadcasted_iota(jnp.int32, (L, L), 0) == lax.broadcasted_iota(jnp.int32, (L, L), 1)
-    return jnp.sum(jnp.where(eye, x, 0.0), axis=1, keepdims=True)
 
 
 def scores(q, k, n, x: Chunk, *, scale, eps, mm):

@@ -1,0 +1,539 @@
+"""Pallas GPU (Triton) kernels the matrix-state ops share: ``gated_linear_attention`` and
+``delta_rule`` with no decay or one log decay per head (Mamba-2's SSD, RetNet, Lightning
+attention, simple GLA; DeltaNet, Gated DeltaNet). Their chunkwise forms differ only in
+what a chunk writes into the state: the values ``V`` (linear attention) or the delta
+errors ``W`` that the WY/UT representation gives (delta rule; :mod:`mnemax.kernels.delta_rule.gpu`
+computes ``U = T V`` and ``Wk = T K~`` per chunk before the walk). With ``G_t`` the
+cumulative log decay since the chunk's start, ``D_ts = exp(G_t - G_s)`` for ``s <= t`` in
+one segment (resets cut segments; :mod:`mnemax.kernels.chunked`), per chunk::
+
+    X      = V                       (linear attention)
+    X      = U - Wk S_in             (delta rule, beta folded into U and Wk)
+    o      = (scale q * exp(G) [fresh]) S_in + (scale q k^T (.) D) X
+    S_out  = exp(G_L) [no reset] S_in + (k * exp(G_L - G) [last segment])^T X
+
+Every exponent is <= 0. The kernels split this into what is sequential and what is not:
+
+1. the state walk (:func:`walk`; sequential over chunks, one program per (row, value
+   tile) holding the whole ``d_k`` x tile state in float32): saves each chunk's incoming
+   state (and, for the delta rule, each chunk's ``X``), returns the final state;
+2. the outputs (:func:`outputs`; one program per (row, chunk), all in parallel): the
+   chunk's decayed scores once, then a loop over value blocks.
+
+The backward mirrors it: the adjoint walk (:func:`walk` with ``reverse``) carries
+``dS_in = exp(G_L) dS_out + (scale q exp(G))^T dO [- Wk^T dX]`` from the last chunk and
+saves each chunk's outgoing-state gradient (and ``dX = P^T dO + K_out dS_out`` for the
+delta rule, whose ``P^T dO`` comes first from :func:`scores_t_times`); then one program
+per (row, chunk) writes dq, dk, dv and the gradient of each step's cumulative log decay
+``dG`` (:func:`chunk_grads`; the caller turns ``dG`` into ``dg`` by a reverse cumulative sum
+inside each chunk, since ``G_t = sum_{u <= t} g_u``).
+
+Layouts: rows are batch x heads (``BH``), time is padded to ``NC`` chunks of ``L`` steps
+(a power of two >= 16), ``d_k`` and ``d_v`` to powers of two >= 16 (Triton's ``tl.dot``;
+wgmma on Hopper). Per-step gate quantities travel as (BH, NC, L, 8) columns and (BH, NC,
+8, L) rows (Triton cannot transpose a vector): ``G``, the segment index and ``beta`` (1 for
+linear attention). Matmul operands are bfloat16/float16 for 16-bit inputs, float32 (IEEE)
+otherwise, always with float32 accumulation and a float32 carried state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from .chunked import pad_time
+
+F32 = jnp.float32
+GATE_COLS = 8  # G (cumulative log decay in the chunk), segment index, beta, 0...
+ROW_G, ROW_SEG, ROW_BETA = 0, 1, 2
+
+
+def _power_of_two(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1 and not x & (x - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkedConfig:
+    """Tuning of the Pallas GPU kernels of ``gated_linear_attention`` and ``delta_rule``: a
+    frozen, hashable value passed as ``config=`` (a static argument; ``None``: these
+    defaults). The other backends ignore it.
+
+    Attributes:
+      block_v: value columns per step of the per-chunk kernels' value loop.
+      walk_block_v: value columns of one state-walk program (its state tile is d_k x this).
+      num_warps: warps of the per-chunk forward kernels.
+      bwd_warps: warps of the per-chunk backward kernel.
+      walk_warps: warps of the state walks.
+      num_stages: Triton pipeline stages of every kernel.
+    """
+
+    block_v: int = 64
+    walk_block_v: int = 64
+    num_warps: int = 4
+    bwd_warps: int = 8
+    walk_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_v", "walk_block_v"):
+            value = getattr(self, name)
+            if not (_power_of_two(value) and value >= 16):
+                raise ValueError(f"ChunkedConfig.{name}: got {value!r}; expected a power of two >= 16")
+        for name in ("num_warps", "bwd_warps", "walk_warps"):
+            value = getattr(self, name)
+            if not (_power_of_two(value) and value <= 32):
+                raise ValueError(f"ChunkedConfig.{name}: got {value!r}; expected a power of two from 1 to 32")
+        if not (isinstance(self.num_stages, int) and not isinstance(self.num_stages, bool) and self.num_stages >= 1):
+            raise ValueError(f"ChunkedConfig.num_stages: got {self.num_stages!r}; expected a positive int")
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+class Problem(NamedTuple):
+    """An op's inputs in the kernels' layout (see the module docstring)."""
+
+    q: jax.Array  # (BH, Tp, dk)
+    k: jax.Array  # (BH, Tp, dk)
+    v: jax.Array  # (BH, Tp, dv)
+    gcol: jax.Array  # (BH, NC, L, 8) float32
+    grow: jax.Array  # (BH, NC, 8, L) float32
+    L: int
+    n_chunks: int
+    d_k: int
+    d_v: int
+
+
+def pow2(x: int, low: int = 16) -> int:
+    """The smallest power of two >= max(x, low)."""
+    return 1 << max(low.bit_length() - 1, (x - 1).bit_length())
+
+
+def pad_axis(x, axis: int, size: int):
+    """``x`` zero-padded along ``axis`` to ``size``."""
+    return pad_time(x, size, axis)
+
+
+def make_problem(q, k, v, g, beta, resets, chunk_size: int) -> Problem:
+    """q, k (B, H, T, d_k); v (B, H, T, d_v); g None or (B, H, T); beta None or (B, H, T);
+    resets None or (B, T) bool. Padded steps have zero q, k, v, beta and g: they change
+    nothing."""
+    B, H, T, dk = q.shape
+    dv = v.shape[-1]
+    L = min(pow2(chunk_size), pow2(T))
+    NC = -(-T // L)
+    Tp = NC * L
+    dkp, dvp = pow2(dk), pow2(dv)
+
+    def seq(x, d):
+        return pad_axis(pad_axis(x.reshape(B * H, T, x.shape[-1]), 1, Tp), 2, d)
+
+    def per_step(x):  # (B*H, T) -> (BH, NC, L) float32
+        return pad_axis(x.astype(F32).reshape(B * H, T), 1, Tp).reshape(B * H, NC, L)
+
+    G = jnp.zeros((B * H, NC, L), F32) if g is None else jnp.cumsum(per_step(g), axis=-1)
+    if resets is None:
+        seg = jnp.zeros((B * H, NC, L), F32)
+    else:
+        r = pad_axis(resets.astype(F32), 1, Tp).reshape(B, NC, L)
+        seg = jnp.repeat(jnp.cumsum(r, axis=-1), H, axis=0)
+    b = per_step(jnp.ones((B, H, T), F32) if beta is None else beta)
+    zero = jnp.zeros_like(G)
+    grow = jnp.stack([G, seg, b] + [zero] * (GATE_COLS - 3), axis=2)  # (BH, NC, 8, L)
+    return Problem(seq(q, dkp), seq(k, dkp), seq(v, dvp), jnp.swapaxes(grow, 2, 3), grow, L, NC, dkp, dvp)
+
+
+def state_in(p: Problem, state):
+    """(B, H, d_k, d_v) -> (BH, d_k padded, d_v padded) float32."""
+    BH = p.q.shape[0]
+    return pad_axis(pad_axis(state.astype(F32).reshape(BH, *state.shape[2:]), 1, p.d_k), 2, p.d_v)
+
+
+def state_out(S, shape):
+    B, H, dk, dv = shape
+    return S[:, :dk, :dv].reshape(B, H, dk, dv)
+
+
+def seq_out(x, shape):
+    """(BH, Tp, d padded) -> (B, H, T, d)."""
+    B, H, T, d = shape
+    return x[:, :T, :d].reshape(B, H, T, d)
+
+
+def step_out(x, shape):
+    """(BH, NC, L) -> (B, H, T)."""
+    B, H, T = shape
+    return x.reshape(B * H, -1)[:, :T].reshape(B, H, T)
+
+
+def mm_dtype(dtype):
+    """The matmul operand dtype: 16-bit inputs stay 16-bit, everything else float32."""
+    return dtype if jnp.finfo(dtype).bits < 32 else F32
+
+
+# ----------------------------------------------------------------------------- in-kernel math
+
+
+def _mm(a, b, dims, mm):
+    prec = lax.Precision.HIGHEST if mm == F32 else None
+    return lax.dot_general(a.astype(mm), b.astype(mm), (dims, ((), ())), precision=prec, preferred_element_type=F32)
+
+
+def dot(a, b, mm=F32):  # a @ b
+    return _mm(a, b, ((1,), (0,)), mm)
+
+
+def dot_nt(a, b, mm=F32):  # a @ b.T
+    return _mm(a, b, ((1,), (1,)), mm)
+
+
+def dot_tn(a, b, mm=F32):  # a.T @ b
+    return _mm(a, b, ((0,), (0,)), mm)
+
+
+def col_to_row(x, L):
+    """(L, 1) -> (1, L) without a transpose (a masked sum)."""
+    eye = lax.broadcasted_iota(jnp.int32, (L, L), 0) == lax.broadcasted_iota(jnp.int32, (L, L), 1)
+    return jnp.sum(jnp.where(eye, x, 0.0), axis=0, keepdims=True)
+
+
+def row_to_col(x, L):
+    """(1, L) -> (L, 1) without a transpose (a masked sum)."""
+    eye = lax.broadcasted_iota(jnp.int32, (L, L), 0) == lax.broadcasted_iota(jnp.int32, (L, L), 1)
+    return jnp.sum(jnp.where(eye, x, 0.0), axis=1, keepdims=True)
+
+
+class Weights(NamedTuple):
+    """A chunk's decay weights (columns are (L, 1), the rest as noted)."""
+
+    G: jax.Array  # cumulative log decay
+    beta: jax.Array
+    q_in: jax.Array  # exp(G_t) where the incoming state reaches t (no reset yet), else 0
+    k_out: jax.Array  # exp(G_L - G_s) where s is in the last segment, else 0
+    a: jax.Array  # (1, 1) the incoming state's decay over the chunk (0 after a reset)
+
+
+def weights(G, seg, beta, L: int) -> Weights:
+    """:class:`Weights` from the gate columns ``G``, ``seg``, ``beta`` (L, 1)."""
+    last = lax.broadcasted_iota(jnp.int32, (L, 1), 0) == L - 1
+    G_L = jnp.sum(jnp.where(last, G, 0.0), axis=0, keepdims=True)
+    seg_L = jnp.sum(jnp.where(last, seg, 0.0), axis=0, keepdims=True)
+    q_in = jnp.where(seg == 0.0, jnp.exp(G), 0.0)
+    k_out = jnp.where(seg == seg_L, jnp.exp(G_L - G), 0.0)
+    a = jnp.where(seg_L == 0.0, jnp.exp(G_L), 0.0)
+    return Weights(G, beta, q_in, k_out, a)
+
+
+def decay_mask(gc_r, gr_r, L: int, *, strict: bool):
+    """(L, L) ``exp(G_t - G_s)`` for s <= t (s < t with ``strict``) in one segment, else 0."""
+    row = lax.broadcasted_iota(jnp.int32, (L, L), 0)
+    col = lax.broadcasted_iota(jnp.int32, (L, L), 1)
+    causal = (col < row) if strict else (col <= row)
+    mask = causal & (gc_r[:, ROW_SEG:ROW_SEG + 1] == gr_r[ROW_SEG:ROW_SEG + 1, :])
+    return jnp.exp(jnp.where(mask, gc_r[:, ROW_G:ROW_G + 1] - gr_r[ROW_G:ROW_G + 1, :], -jnp.inf))
+
+
+def chunk_weights(gc_r, L: int) -> Weights:
+    """:class:`Weights` of the chunk whose gate columns are the (L, 8) ref ``gc_r``."""
+    return weights(gc_r[:, ROW_G:ROW_G + 1], gc_r[:, ROW_SEG:ROW_SEG + 1], gc_r[:, ROW_BETA:ROW_BETA + 1], L)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def compiler_params(interpret: bool, warps: int, stages: int):
+    """Triton's compiler parameters (None in interpret mode)."""
+    if interpret:
+        return None
+    from jax.experimental.pallas import triton as pltriton
+
+    return pltriton.CompilerParams(num_warps=warps, num_stages=stages)
+
+
+def _walk_kernel(x_r, k_r, xw_r, gc_r, s0_r, st_r, xo_r, sT_r, *, L, NC, delta, mm):
+    """Per chunk: save S_in; X = x [- Wk S_in] (saved for the delta rule); S = a S + (k k_out)^T X."""
+
+    def body(c, S):
+        st_r[c] = S.astype(st_r.dtype)
+        t = pl.ds(pl.multiple_of(c * L, L), L)
+        w = chunk_weights(gc_r.at[c], L)
+        X = x_r[t, :].astype(F32)
+        if delta:
+            X = X - dot(xw_r[t, :], S, mm)
+            xo_r[t, :] = X.astype(xo_r.dtype)
+        return w.a * S + dot_tn(k_r[t, :].astype(F32) * w.k_out, X, mm)
+
+    sT_r[...] = lax.fori_loop(0, NC, body, s0_r[...])
+
+
+def walk_forward(p: Problem, x, xw, s0, *, delta: bool, config: ChunkedConfig, interpret: bool):
+    """The forward state walk. ``x``: V (linear attention) or U (delta rule), (BH, Tp,
+    d_v); ``xw``: Wk (BH, Tp, d_k) for the delta rule, else None. Returns (the incoming
+    state of every chunk (BH, NC, d_k, d_v) in the matmul dtype, X (the delta errors,
+    (BH, Tp, d_v) in the matmul dtype; None for linear attention), the final state)."""
+    BH, NC, L = p.q.shape[0], p.n_chunks, p.L
+    Tp, dk, dv = NC * L, p.d_k, p.d_v
+    bv = min(dv, config.walk_block_v)
+    mm = mm_dtype(p.q.dtype)
+    seq = pl.BlockSpec((None, Tp, dk), lambda b, j: (b, 0, 0))
+    vcols = pl.BlockSpec((None, Tp, bv), lambda b, j: (b, 0, j))
+    gates = pl.BlockSpec((None, NC, L, GATE_COLS), lambda b, j: (b, 0, 0, 0))
+    tile = pl.BlockSpec((None, dk, bv), lambda b, j: (b, 0, j))
+    states = pl.BlockSpec((None, NC, dk, bv), lambda b, j: (b, 0, 0, j))
+    kw = dict(L=L, NC=NC, delta=delta, mm=mm)
+    if delta:
+        in_specs, args = [vcols, seq, seq, gates, tile], [x, p.k, xw, p.gcol, s0]
+        out_specs = [states, vcols, tile]
+        out_shape = [jax.ShapeDtypeStruct((BH, NC, dk, dv), mm), jax.ShapeDtypeStruct((BH, Tp, dv), mm),
+                     jax.ShapeDtypeStruct((BH, dk, dv), F32)]
+        kernel = functools.partial(_walk_kernel, **kw)
+    else:
+        in_specs, args = [vcols, seq, gates, tile], [x, p.k, p.gcol, s0]
+        out_specs = [states, tile]
+        out_shape = [jax.ShapeDtypeStruct((BH, NC, dk, dv), mm), jax.ShapeDtypeStruct((BH, dk, dv), F32)]
+
+        def kernel(x_r, k_r, gc_r, s0_r, st_r, sT_r):
+            _walk_kernel(x_r, k_r, None, gc_r, s0_r, st_r, None, sT_r, **kw)
+
+    outs = pl.pallas_call(
+        kernel, grid=(BH, dv // bv), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        compiler_params=compiler_params(interpret, config.walk_warps, config.num_stages), interpret=interpret,
+    )(*args)
+    return (outs[0], outs[1], outs[2]) if delta else (outs[0], None, outs[1])
+
+
+def _walk_back_kernel(q_r, k_r, do_r, xw_r, x0_r, gc_r, ds_r, dst_r, dx_r, ds0_r, *, L, NC, scale, delta, mm):
+    """The adjoint walk (see :func:`walk_backward`)."""
+
+    def body(j, dS):
+        c = NC - 1 - j
+        dst_r[c] = dS.astype(dst_r.dtype)
+        t = pl.ds(pl.multiple_of(c * L, L), L)
+        w = chunk_weights(gc_r.at[c], L)
+        dO = do_r[t, :]
+        new = w.a * dS + dot_tn(q_r[t, :].astype(F32) * (w.q_in * scale), dO, mm)
+        if delta:
+            dX = x0_r[t, :].astype(F32) + dot(k_r[t, :].astype(F32) * w.k_out, dS, mm)
+            dx_r[t, :] = dX.astype(dx_r.dtype)
+            new = new - dot_tn(xw_r[t, :], dX, mm)
+        return new
+
+    ds0_r[...] = lax.fori_loop(0, NC, body, ds_r[...])
+
+
+def walk_backward(p: Problem, do, xw, x0, dS_T, *, scale: float, delta: bool, config: ChunkedConfig, interpret: bool):
+    """The adjoint walk from the last chunk: ``dS_in = a dS_out + (scale q q_in)^T dO``, and
+    for the delta rule ``dX = P^T dO + (k k_out) dS_out`` (``x0`` = P^T dO, (BH, Tp, d_v))
+    and ``dS_in -= Wk^T dX`` (``xw`` = Wk). Returns (every chunk's outgoing-state gradient
+    (BH, NC, d_k, d_v) in the matmul dtype, dX (BH, Tp, d_v) float32 or None, the initial
+    state's gradient (BH, d_k, d_v))."""
+    BH, NC, L = p.q.shape[0], p.n_chunks, p.L
+    Tp, dk, dv = NC * L, p.d_k, p.d_v
+    bv = min(dv, config.walk_block_v)
+    mm = mm_dtype(p.q.dtype)
+    seq = lambda d: pl.BlockSpec((None, Tp, d), lambda b, j: (b, 0, 0))  # noqa: E731
+    vcols = pl.BlockSpec((None, Tp, bv), lambda b, j: (b, 0, j))
+    tile = pl.BlockSpec((None, dk, bv), lambda b, j: (b, 0, j))
+    gates = pl.BlockSpec((None, NC, L, GATE_COLS), lambda b, j: (b, 0, 0, 0))
+    if delta:
+        in_specs, args = [seq(dk), seq(dk), vcols, seq(dk), vcols, gates, tile], [p.q, p.k, do, xw, x0, p.gcol, dS_T]
+        out_specs = [pl.BlockSpec((None, NC, dk, bv), lambda b, j: (b, 0, 0, j)), vcols, tile]
+        out_shape = [jax.ShapeDtypeStruct((BH, NC, dk, dv), mm), jax.ShapeDtypeStruct((BH, Tp, dv), F32),
+                     jax.ShapeDtypeStruct((BH, dk, dv), F32)]
+        kernel = functools.partial(_walk_back_kernel, L=L, NC=NC, scale=scale, delta=True, mm=mm)
+    else:
+        in_specs, args = [seq(dk), vcols, gates, tile], [p.q, do, p.gcol, dS_T]
+        out_specs = [pl.BlockSpec((None, NC, dk, bv), lambda b, j: (b, 0, 0, j)), tile]
+        out_shape = [jax.ShapeDtypeStruct((BH, NC, dk, dv), mm), jax.ShapeDtypeStruct((BH, dk, dv), F32)]
+
+        def kernel(q_r, do_r, gc_r, ds_r, dst_r, ds0_r):
+            _walk_back_kernel(q_r, None, do_r, None, None, gc_r, ds_r, dst_r, None, ds0_r, L=L, NC=NC, scale=scale,
+                              delta=False, mm=mm)
+
+    outs = pl.pallas_call(
+        kernel, grid=(BH, dv // bv), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        compiler_params=compiler_params(interpret, config.walk_warps, config.num_stages), interpret=interpret,
+    )(*args)
+    return (outs[0], outs[1], outs[2]) if delta else (outs[0], None, outs[1])
+
+
+def chunk_specs(p: Problem):
+    """BlockSpecs of the per-chunk kernels, grid (BH, NC): program (b, c) runs chunk c of row b."""
+    L = p.L
+    row = lambda d: pl.BlockSpec((None, L, d), lambda b, c: (b, c, 0))  # noqa: E731
+    chunk = lambda *s: pl.BlockSpec((None, None, *s), lambda b, c: (b, c) + (0,) * len(s))  # noqa: E731
+    return {"k": row(p.d_k), "v": row(p.d_v), "gc": chunk(L, GATE_COLS), "gr": chunk(GATE_COLS, L),
+            "S": chunk(p.d_k, p.d_v), "LL": chunk(L, L), "rows": chunk(GATE_COLS, L)}
+
+
+def _scores(q_r, k_r, gc_r, gr_r, L, scale, mm):
+    """P = scale (q k^T) (.) D, the chunk's decayed causal scores (L, L) float32."""
+    return dot_nt(q_r[...], k_r[...], mm) * (decay_mask(gc_r, gr_r, L, strict=False) * scale)
+
+
+def _out_kernel(q_r, k_r, x_r, gc_r, gr_r, s_r, o_r, *, L, nv, bv, scale, mm):
+    P = _scores(q_r, k_r, gc_r, gr_r, L, scale, mm).astype(mm)
+    w = chunk_weights(gc_r, L)
+    qs = (q_r[...].astype(F32) * (w.q_in * scale)).astype(mm)
+
+    def block(j, carry):
+        vc = pl.ds(pl.multiple_of(j * bv, bv), bv)
+        o_r[:, vc] = (dot(P, x_r[:, vc], mm) + dot(qs, s_r[:, vc], mm)).astype(o_r.dtype)
+        return carry
+
+    lax.fori_loop(0, nv, block, 0)
+
+
+def outputs(p: Problem, x, states, out_dtype, *, scale: float, config: ChunkedConfig, interpret: bool):
+    """o = (scale q q_in) S_in + P X for every chunk, (BH, Tp, d_v) in ``out_dtype``; ``x`` is
+    V or the delta errors."""
+    BH, NC = p.q.shape[0], p.n_chunks
+    bv = min(p.d_v, config.block_v)
+    sp = chunk_specs(p)
+    return pl.pallas_call(
+        functools.partial(_out_kernel, L=p.L, nv=p.d_v // bv, bv=bv, scale=scale, mm=mm_dtype(p.q.dtype)),
+        grid=(BH, NC), in_specs=[sp["k"], sp["k"], sp["v"], sp["gc"], sp["gr"], sp["S"]], out_specs=sp["v"],
+        out_shape=jax.ShapeDtypeStruct((BH, NC * p.L, p.d_v), out_dtype),
+        compiler_params=compiler_params(interpret, config.num_warps, config.num_stages), interpret=interpret,
+    )(p.q, p.k, x, p.gcol, p.grow, states)
+
+
+def _scores_t_kernel(q_r, k_r, do_r, gc_r, gr_r, o_r, *, L, nv, bv, scale, mm):
+    P = _scores(q_r, k_r, gc_r, gr_r, L, scale, mm).astype(mm)
+
+    def block(j, carry):
+        vc = pl.ds(pl.multiple_of(j * bv, bv), bv)
+        o_r[:, vc] = dot_tn(P, do_r[:, vc], mm).astype(o_r.dtype)
+        return carry
+
+    lax.fori_loop(0, nv, block, 0)
+
+
+def scores_t_times(p: Problem, do, *, scale: float, config: ChunkedConfig, interpret: bool):
+    """P^T dO for every chunk, (BH, Tp, d_v) float32 (the delta rule's adjoint walk input)."""
+    BH, NC = p.q.shape[0], p.n_chunks
+    bv = min(p.d_v, config.block_v)
+    sp = chunk_specs(p)
+    return pl.pallas_call(
+        functools.partial(_scores_t_kernel, L=p.L, nv=p.d_v // bv, bv=bv, scale=scale, mm=mm_dtype(p.q.dtype)),
+        grid=(BH, NC), in_specs=[sp["k"], sp["k"], sp["v"], sp["gc"], sp["gr"]], out_specs=sp["v"],
+        out_shape=jax.ShapeDtypeStruct((BH, NC * p.L, p.d_v), F32),
+        compiler_params=compiler_params(interpret, config.num_warps, config.num_stages), interpret=interpret,
+    )(p.q, p.k, do, p.gcol, p.grow)
+
+
+def _grads_kernel(q_r, k_r, v_r, x_r, do_r, gc_r, gr_r, s_r, ds_r, *rest, L, nv, bv, scale, delta, mm):
+    """One chunk's dq, dk, dv and rows (dG, dbeta); see :func:`chunk_grads`."""
+    if delta:
+        r_r, dx_r, dq_r, dk_r, dv_r, dg_r = rest
+    else:
+        dq_r, dk_r, dv_r, dg_r = rest
+    q, k = q_r[...].astype(F32), k_r[...].astype(F32)
+    w = chunk_weights(gc_r, L)
+    D = decay_mask(gc_r, gr_r, L, strict=False)
+    P = dot_nt(q, k, mm) * D * scale
+    k_out = k * w.k_out
+    if delta:
+        R = r_r[...]
+        T = R * gr_r[ROW_BETA:ROW_BETA + 1, :]
+        k_in = k * w.q_in
+    dims_k = q.shape[1]
+    zk = jnp.zeros((L, dims_k), F32)
+    z1 = jnp.zeros((L, 1), F32)
+
+    def block(j, acc):
+        dq, dk, dP, dT, gq, gko, gki, ga = acc
+        vc = pl.ds(pl.multiple_of(j * bv, bv), bv)
+        S, dS, dO = s_r[:, vc], ds_r[:, vc], do_r[:, vc]
+        X = x_r[:, vc]
+        dP = dP + dot_nt(dO, X, mm)
+        dQ = dot_nt(dO, S, mm)
+        dKo = dot_nt(X, dS, mm)
+        dq = dq + dQ
+        dk = dk + w.k_out * dKo
+        gq = gq + jnp.sum(q * dQ, axis=1, keepdims=True)
+        gko = gko + jnp.sum(k * dKo, axis=1, keepdims=True)
+        ga = ga + jnp.sum(jnp.sum(S.astype(F32) * dS.astype(F32), axis=1, keepdims=True), axis=0, keepdims=True)
+        if delta:
+            dX = dx_r[:, vc]
+            E = v_r[:, vc].astype(F32) - dot(k_in, S, mm)
+            dT = dT + dot_nt(dX, E, mm)
+            dV = dot_tn(T, dX)
+            dv_r[:, vc] = dV.astype(dv_r.dtype)
+            dKi = -dot_nt(dV, S, mm)
+            dk = dk + w.q_in * dKi
+            gki = gki + jnp.sum(k * dKi, axis=1, keepdims=True)
+        else:
+            dv_r[:, vc] = (dot_tn(P.astype(mm), dO, mm) + dot(k_out, dS, mm)).astype(dv_r.dtype)
+        return dq, dk, dP, dT, gq, gko, gki, ga
+
+    zL = jnp.zeros((L, L), F32)
+    acc = (zk, zk, zL, zL, z1, z1, z1, jnp.zeros((1, 1), F32))
+    dq, dk, dP, dT, gq, gko, gki, ga = lax.fori_loop(0, nv, block, acc)
+    qw = w.q_in * scale
+    dq = dq * qw
+    dPm = dP * D * scale
+    dq = dq + dot(dPm, k, mm)
+    dk = dk + dot_tn(dPm, q, mm)
+    gP = dP * P
+    last = lax.broadcasted_iota(jnp.int32, (L, 1), 0) == L - 1
+    gk_out = w.k_out * gko
+    dG = (jnp.sum(gP, axis=1, keepdims=True) - row_to_col(jnp.sum(gP, axis=0, keepdims=True), L) + qw * gq - gk_out
+          + jnp.where(last, jnp.sum(gk_out, axis=0, keepdims=True) + w.a * ga, 0.0))
+    if delta:
+        dG = dG + w.q_in * gki
+        beta_r = gr_r[ROW_BETA:ROW_BETA + 1, :]
+        dbeta_row = jnp.sum(R * dT, axis=0, keepdims=True)
+        dR = dT * beta_r
+        Ds = decay_mask(gc_r, gr_r, L, strict=True)
+        dN = -dot_nt(dot_tn(R, dR), R) * (Ds > 0.0)
+        Kd = dot_nt(k, k) * Ds
+        beta_c = gc_r[:, ROW_BETA:ROW_BETA + 1]
+        dbeta = jnp.sum(dN * Kd, axis=1, keepdims=True) + row_to_col(dbeta_row, L)
+        dKd = beta_c * dN
+        M = dKd * Ds
+        dk = dk + dot(M, k) + dot_tn(M, k)
+        gK = dKd * Kd
+        dG = dG + jnp.sum(gK, axis=1, keepdims=True) - row_to_col(jnp.sum(gK, axis=0, keepdims=True), L)
+        dg_r[1:2, :] = col_to_row(dbeta, L)
+    dq_r[...] = dq.astype(dq_r.dtype)
+    dk_r[...] = dk.astype(dk_r.dtype)
+    dg_r[0:1, :] = col_to_row(dG, L)
+
+
+def chunk_grads(p: Problem, x, do, states, dstates, *, scale: float, delta: bool, R=None, dx=None,
+                config: ChunkedConfig, interpret: bool):
+    """dq, dk, dv ((BH, Tp, d), float32) and (BH, NC, 2, L) rows (dG, dbeta) for every chunk,
+    given each chunk's incoming state ``states`` and outgoing-state gradient ``dstates``;
+    ``x`` is V (linear attention) or the delta errors; the delta rule also takes each
+    chunk's ``R = (I + N)^-1`` and ``dx`` = dL/dX from the adjoint walk."""
+    BH, NC, L = p.q.shape[0], p.n_chunks, p.L
+    Tp = NC * L
+    bv = min(p.d_v, config.block_v)
+    sp = chunk_specs(p)
+    in_specs = [sp["k"], sp["k"], sp["v"], sp["v"], sp["v"], sp["gc"], sp["gr"], sp["S"], sp["S"]]
+    args = [p.q, p.k, p.v, x, do, p.gcol, p.grow, states, dstates]
+    if delta:
+        in_specs += [sp["LL"], sp["v"]]
+        args += [R, dx]
+    return pl.pallas_call(
+        functools.partial(_grads_kernel, L=L, nv=p.d_v // bv, bv=bv, scale=scale, delta=delta,
+                          mm=mm_dtype(p.q.dtype)),
+        grid=(BH, NC), in_specs=in_specs,
+        out_specs=[sp["k"], sp["k"], sp["v"], sp["rows"]],
+        out_shape=[jax.ShapeDtypeStruct((BH, Tp, p.d_k), F32), jax.ShapeDtypeStruct((BH, Tp, p.d_k), F32),
+                   jax.ShapeDtypeStruct((BH, Tp, p.d_v), F32), jax.ShapeDtypeStruct((BH, NC, GATE_COLS, L), F32)],
+        compiler_params=compiler_params(interpret, config.bwd_warps, config.num_stages), interpret=interpret,
+    )(*args)
+
+
+def decay_grad(dG):
+    """dg from dG (BH, NC, L): ``G_t = sum_{u <= t} g_u`` inside a chunk, so ``dg_u =
+    sum_{t >= u} dG_t`` (a reverse cumulative sum per chunk)."""
+    return jnp.flip(jnp.cumsum(jnp.flip(dG, -1), axis=-1), -1)
