@@ -11,8 +11,29 @@ from .attention import AttentionState, CausalSelfAttention, episode_positions, r
 from .base import NO_WEIGHT_DECAY, check_resets, check_sequence, check_state, reset_state, state_dtype, weight_decay_mask
 from .causal_hopfield import CausalHopfield, CausalHopfieldBlock, HopfieldPoolingBlock
 from .conv import CausalConv1d, ConvState
-from .delta_net import GatedDeltaNet, GatedDeltaNetBlock, GatedDeltaNetState, GatedRMSNorm
+from .delta_net import (
+    DeltaNet,
+    DeltaNetBlock,
+    DeltaNetState,
+    GatedDeltaNet,
+    GatedDeltaNetBlock,
+    GatedDeltaNetState,
+    GatedRMSNorm,
+)
 from .hopfield import Hopfield, HopfieldLayer, HopfieldPooling, associate, hopfield_energy, hopfield_update
+from .kimi_delta import KimiDeltaAttention, KimiDeltaAttentionBlock, KimiDeltaAttentionState
+from .linear_attention import (
+    GatedLinearAttention,
+    GatedLinearAttentionBlock,
+    GatedLinearAttentionState,
+    LightningAttention,
+    LightningAttentionBlock,
+    LightningAttentionState,
+    LinearAttentionBlock,
+    MultiScaleRetention,
+    MultiScaleRetentionBlock,
+    MultiScaleRetentionState,
+)
 from .elm import ELMBlock, ELMNeuron, ELMState
 from .hcam import HCAMAttention, HCAMBlock, HCAMState
 from .mamba2 import Mamba2Block, Mamba2Mixer, Mamba2State
@@ -45,6 +66,9 @@ __all__ = [
     "CausalSelfAttention",
     "ConvState",
     "CrossLayerRead",
+    "DeltaNet",
+    "DeltaNetBlock",
+    "DeltaNetState",
     "DiagonalSSM",
     "DiagonalSSMBlock",
     "DiagonalSSMState",
@@ -54,6 +78,9 @@ __all__ = [
     "GatedDeltaNet",
     "GatedDeltaNetBlock",
     "GatedDeltaNetState",
+    "GatedLinearAttention",
+    "GatedLinearAttentionBlock",
+    "GatedLinearAttentionState",
     "GatedRMSNorm",
     "HCAMAttention",
     "HCAMBlock",
@@ -62,10 +89,17 @@ __all__ = [
     "HopfieldLayer",
     "HopfieldPooling",
     "HopfieldPoolingBlock",
+    "KimiDeltaAttention",
+    "KimiDeltaAttentionBlock",
+    "KimiDeltaAttentionState",
     "LSSL",
     "LSSLBlock",
     "LSSLState",
     "LayerNorm",
+    "LightningAttention",
+    "LightningAttentionBlock",
+    "LightningAttentionState",
+    "LinearAttentionBlock",
     "MLP",
     "MLSTMBlock",
     "MLSTMLargeLayer",
@@ -80,6 +114,9 @@ __all__ = [
     "MemMambaBlock",
     "MemMambaStack",
     "MemMambaState",
+    "MultiScaleRetention",
+    "MultiScaleRetentionBlock",
+    "MultiScaleRetentionState",
     "NotePool",
     "RMSNorm",
     "SLSTMBlock",

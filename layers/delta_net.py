@@ -1,4 +1,9 @@
-"""Gated DeltaNet: the gated delta rule mixer and its pre-norm block.
+"""The delta-rule mixers Gated DeltaNet and DeltaNet, their pre-norm blocks, and the pieces
+the delta-rule layers share (short convs, L2 / sum normalisation, the gated output RMSNorm;
+Kimi Delta Attention, the per-channel-decay member, is :mod:`mnemax.layers.kimi_delta`).
+
+Gated DeltaNet
+--------------
 
 Yang, Kautz & Hatamizadeh, "Gated Delta Networks: Improving Mamba2 with Delta Rule"
 (ICLR 2025); the layer as in Qwen3-Next (HF ``transformers``' ``Qwen3NextGatedDeltaNet``)
@@ -49,6 +54,37 @@ A reset clears both (the convs see zeros across it, S restarts from zero).
 The block (fla's ``GatedDeltaNetBlock``): ``h = x + Mixer(RMSNorm(x))``, then, unless the MLP
 width is 0, ``out = h + MLP(RMSNorm(h))`` with a SwiGLU MLP of width ``intermediate_size``
 (default fla's: 2/3 hidden_ratio d_model rounded up to a multiple of 256).
+
+DeltaNet
+--------
+
+Yang, Wang, Zhang, Shen & Kim, "Parallelizing Linear Transformers with the Delta Rule over
+Sequence Length" (NeurIPS 2024; the rule is Schlag, Irie & Schmidhuber 2021's); the layer as
+fla 0.6.0's ``fla/layers/delta_net.py``. With H heads (``num_heads``), d_k = expand_k d_model
+/ H and d_v = expand_v d_model / H, per token x_t (d_model)::
+
+    q_t = phi(conv_q(W_q x))_t,  k_t = phi(conv_k(W_k x))_t     (H, d_k)
+    v_t = silu(conv_v(W_v x))_t                                  (H, d_v)
+        phi = silu | relu | elu + 1 | identity (qk_activation); the depthwise causal convs of
+        width conv_size are left out with use_short_conv=False
+    q_t, k_t <- x / sqrt(|x|^2 + 1e-6)   (qk_norm "l2", float32)
+             or x / max(|x|_1, 1e-6)      (qk_norm "sum")         per head
+    beta_t = sigmoid(W_b x_t)  (H,);  1 without use_beta; doubled with allow_neg_eigval
+
+    per head:  S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,   o_t = S_t^T (q_t / sqrt(d_k))
+
+    y_t = W_o [ RMSNorm(o_t) * w ]                      per head over d_v (fla's default)
+    y_t = W_o [ RMSNorm(o_t) * w * silu(W_g x_t) ]      with use_gate
+
+The recurrence is :func:`mnemax.kernels.delta_rule` with ``g=None``. fla 0.6.0 always applies
+the output norm (its model config's ``use_output_norm`` reaches the layer as an ignored
+keyword), so there is no switch for it here. Parameters (fla's names): ``q_proj``, ``k_proj``
+(d_model, H, d_k); ``v_proj``, ``g_proj`` (d_model, H, d_v); ``b_proj`` (d_model, H);
+``q_conv1d``, ``k_conv1d``, ``v_conv1d`` (conv_size, channels); ``o_norm`` scale (d_v,);
+``o_proj`` (H, d_v, d_model). Inits as the GDN's: projections N(0, initializer_range), norm
+scale 1, convs PyTorch's default. State: :class:`DeltaNetState`, the same fields as
+:class:`GatedDeltaNetState` (the conv tails are (batch, 0, channels) without the convs).
+The block :class:`DeltaNetBlock` is fla's ``DeltaNetBlock``: the GDN block around a DeltaNet.
 """
 
 from __future__ import annotations
@@ -62,6 +98,8 @@ import jax
 import jax.numpy as jnp
 
 from mnemax.kernels import delta_rule
+from mnemax.kernels.chunked_gpu import ChunkedConfig
+from mnemax.kernels.sharding import KernelSharding
 
 from .base import Dtype, begin_call, check_sequence, compute_dtype, partitioned, state_dtype
 from .conv import CausalConv1d, ConvState
@@ -95,22 +133,85 @@ def a_log_init(low: float, high: float):
     return init
 
 
+GATE_ACTIVATIONS = ("silu", "sigmoid")  # GatedRMSNorm's gate: fla's FusedRMSNormGated "swish" / "sigmoid"
+
+
 class GatedRMSNorm(nn.Module):
-    """``RMSNorm(o) * scale * silu(gate)`` over the last axis (the gate optional), in float32;
-    the scale (features,) is shared by whatever leading axes ``o`` has (the heads)."""
+    """``RMSNorm(o) * scale * act(gate)`` over the last axis (the gate optional), in float32;
+    the scale (features,) is shared by whatever leading axes ``o`` has (the heads).
+    ``activation``: ``"silu"`` (GDN, DeltaNet) or ``"sigmoid"`` (KDA)."""
 
     eps: float = 1e-6
     axis_name: str | None = "head_dim"
+    activation: str = "silu"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, o, gate=None):
+        if self.activation not in GATE_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {GATE_ACTIVATIONS}, got {self.activation!r}")
         scale = self.param("scale", partitioned(nn.initializers.ones, (self.axis_name,)), (o.shape[-1],), self.param_dtype)
         y = rms_norm(o, scale, self.eps)
         if gate is not None:
-            y = y * jax.nn.silu(gate.astype(y.dtype))
+            act = jax.nn.silu if self.activation == "silu" else jax.nn.sigmoid
+            y = y * act(gate.astype(y.dtype))
         return y.astype(compute_dtype(self.dtype, o))
+
+
+def sum_normalize(x, eps: float = L2_EPS):
+    """``x / max(sum |x|, eps)`` over the last axis, in float32 (fla's ``qk_norm="sum"``:
+    ``F.normalize(x, p=1, eps=1e-6)``)."""
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return x / jnp.maximum(jnp.sum(jnp.abs(x), axis=-1, keepdims=True), eps)
+
+
+def check_positive_int(name: str, value) -> None:
+    """ValueError naming ``name`` unless ``value`` is an integer >= 1 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_positive(module, *names: str) -> None:
+    """ValueError naming the first of ``names`` (fields of ``module``) that is not > 0."""
+    for name in names:
+        value = getattr(module, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def head_dense(features, names, name: str, *, dtype, param_dtype, std: float, axis=-1, use_bias: bool = False):
+    """A bias-free (by default) ``nn.DenseGeneral`` with a N(0, std) kernel carrying the
+    logical axis ``names`` (inputs then outputs; a bias takes the output names, zeros).
+    Build it inside a compact method (it binds to the module being run)."""
+    n_out = len(features) if isinstance(features, tuple) else 1
+    return nn.DenseGeneral(
+        features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=partitioned(nn.initializers.normal(std), names),
+        bias_init=partitioned(nn.initializers.zeros, names[-n_out:]), name=name,
+    )
+
+
+def short_conv(u, conv_state, resets, *, width: int, use_bias: bool, silu: bool, dtype, param_dtype, name: str):
+    """The delta-rule layers' short conv: a depthwise causal conv (:class:`CausalConv1d`
+    named ``name``, kernel (width, channels)) over the head-major flattened channels of ``u``
+    (batch, time, heads, dim), then SiLU if ``silu``. ``conv_state``: its last width - 1
+    inputs (batch, width - 1, heads dim). Returns (out like ``u``, the new conv inputs).
+    Call it inside a compact method."""
+    batch, time = u.shape[:2]
+    flat = u.reshape(batch, time, -1)
+    out, conv_state = CausalConv1d(
+        features=flat.shape[-1], width=width, use_bias=use_bias, axis_name="heads",
+        dtype=dtype, param_dtype=param_dtype, name=name,
+    )(flat, ConvState(conv_state), resets)
+    if silu:
+        out = jax.nn.silu(out)
+    return out.reshape(u.shape), conv_state.inputs
+
+
+def heads_first(u):
+    """(batch, time, heads, ...) -> (batch, heads, time, ...), the delta_rule op's layout."""
+    return jnp.moveaxis(u, 2, 1)
 
 
 class GatedDeltaNet(nn.Module):
@@ -129,6 +230,9 @@ class GatedDeltaNet(nn.Module):
       dt_min, dt_max, dt_init_floor: the dt_bias init.
       initializer_range: standard deviation of the projections' normal init.
       backend, chunk_size: passed to :func:`mnemax.kernels.delta_rule`.
+      kernel_config, kernel_sharding: passed to it as ``config`` (the Pallas GPU kernels'
+        :class:`~mnemax.kernels.chunked_gpu.ChunkedConfig`) and ``sharding`` (the mesh axes
+        splitting batch and heads; set by ``mnemax.build(..., kernel_sharding=)``).
     """
 
     features: int
@@ -148,6 +252,8 @@ class GatedDeltaNet(nn.Module):
     initializer_range: float = 0.02
     backend: str | None = None
     chunk_size: int = 64
+    kernel_config: ChunkedConfig | None = None
+    kernel_sharding: KernelSharding | None = None
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -160,16 +266,9 @@ class GatedDeltaNet(nn.Module):
         return int(round(self.head_dim * self.expand_v))
 
     def _check_config(self):
-        def positive_int(name, value):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-        positive_int("features", self.features)
-        positive_int("num_heads", self.num_heads)
-        positive_int("num_v_heads", self.value_heads)
-        positive_int("head_dim", self.head_dim)
-        positive_int("conv_size", self.conv_size)
-        positive_int("chunk_size", self.chunk_size)
+        for name in ("features", "num_heads", "head_dim", "conv_size", "chunk_size"):
+            check_positive_int(name, getattr(self, name))
+        check_positive_int("num_v_heads", self.value_heads)
         if self.value_heads % self.num_heads:
             raise ValueError(f"num_v_heads must be a multiple of num_heads ({self.num_heads}), got {self.num_v_heads!r}")
         dv = self.head_dim * self.expand_v
@@ -181,9 +280,7 @@ class GatedDeltaNet(nn.Module):
             raise ValueError(f"A_init_range must be (low, high) with 0 < low <= high, got {lo_hi!r}")
         if not 0 < self.dt_min <= self.dt_max:
             raise ValueError(f"dt_min and dt_max must satisfy 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
-        for name in ("norm_eps", "dt_init_floor", "initializer_range"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        check_positive(self, "norm_eps", "dt_init_floor", "initializer_range")
 
     def initial_state(self, batch_size: int) -> GatedDeltaNetState:
         self._check_config()
@@ -199,30 +296,22 @@ class GatedDeltaNet(nn.Module):
     @nn.compact
     def __call__(self, x, state: GatedDeltaNetState | None = None, resets=None):
         self._check_config()
-        batch, time, resets, state, _ = begin_call(self, x, self.features, state, resets)
+        _, _, resets, state, _ = begin_call(self, x, self.features, state, resets)
         cdt = compute_dtype(self.dtype, x)
         f32 = jnp.promote_types(cdt, jnp.float32)
         pdt = self.param_dtype
         Hk, Hv, dk, dv = self.num_heads, self.value_heads, self.head_dim, self.head_v_dim
-        init = nn.initializers.normal(self.initializer_range)
 
         def proj(features, names, name, axis=-1):
-            return nn.DenseGeneral(
-                features, axis=axis, use_bias=False, dtype=cdt, param_dtype=pdt,
-                kernel_init=partitioned(init, names), name=name,
-            )
+            return head_dense(features, names, name, dtype=cdt, param_dtype=pdt, std=self.initializer_range, axis=axis)
 
-        def short_conv(u, conv_state, name):  # u: (batch, time, heads, dim)
-            flat = u.reshape(batch, time, -1)
-            out, conv_state = CausalConv1d(
-                features=flat.shape[-1], width=self.conv_size, use_bias=self.conv_bias, axis_name="heads",
-                dtype=cdt, param_dtype=pdt, name=name,
-            )(flat, ConvState(conv_state), resets)
-            return jax.nn.silu(out).reshape(u.shape), conv_state.inputs
+        def conv(u, conv_state, name):  # u: (batch, time, heads, dim)
+            return short_conv(u, conv_state, resets, width=self.conv_size, use_bias=self.conv_bias, silu=True,
+                              dtype=cdt, param_dtype=pdt, name=name)
 
-        q, conv_q = short_conv(proj((Hk, dk), ("embed", "heads", "head_dim"), "q_proj")(x), state.conv_q, "q_conv1d")
-        k, conv_k = short_conv(proj((Hk, dk), ("embed", "heads", "head_dim"), "k_proj")(x), state.conv_k, "k_conv1d")
-        v, conv_v = short_conv(proj((Hv, dv), ("embed", "heads", "head_dim"), "v_proj")(x), state.conv_v, "v_conv1d")
+        q, conv_q = conv(proj((Hk, dk), ("embed", "heads", "head_dim"), "q_proj")(x), state.conv_q, "q_conv1d")
+        k, conv_k = conv(proj((Hk, dk), ("embed", "heads", "head_dim"), "k_proj")(x), state.conv_k, "k_conv1d")
+        v, conv_v = conv(proj((Hv, dv), ("embed", "heads", "head_dim"), "v_proj")(x), state.conv_v, "v_conv1d")
         b = proj(Hv, ("embed", "heads"), "b_proj")(x)
         a = proj(Hv, ("embed", "heads"), "a_proj")(x)
         A_log = self.param("A_log", partitioned(a_log_init(*self.A_init_range), ("heads",)), (Hv,), pdt)
@@ -237,10 +326,10 @@ class GatedDeltaNet(nn.Module):
             beta = 2.0 * beta
         g = -jnp.exp(A_log.astype(f32)) * jax.nn.softplus(a.astype(f32) + dt_bias.astype(f32))
 
-        heads_first = lambda u: jnp.moveaxis(u, 2, 1)  # noqa: E731 - (batch, time, heads, ...) -> (batch, heads, time, ...)
         o, S = delta_rule(
             heads_first(q), heads_first(k), heads_first(v), heads_first(beta), heads_first(g),
             state=state.S, resets=resets, scale=dk**-0.5, chunk_size=self.chunk_size, backend=self.backend,
+            config=self.kernel_config, sharding=self.kernel_sharding,
         )
         o = jnp.moveaxis(o, 1, 2)  # (batch, time, H_v, d_v)
         gate = proj((Hv, dv), ("embed", "heads", "head_dim"), "g_proj")(x) if self.use_gate else None
@@ -248,6 +337,166 @@ class GatedDeltaNet(nn.Module):
         y = proj(self.features, ("heads", "head_dim", "embed"), "o_proj", axis=(-2, -1))(o)
         sdt = state_dtype(self.dtype)
         return y, GatedDeltaNetState(
+            conv_q=conv_q.astype(sdt), conv_k=conv_k.astype(sdt), conv_v=conv_v.astype(sdt), S=S.astype(sdt))
+
+
+class DeltaNetState(NamedTuple):
+    conv_q: jax.Array  # (batch, conv_size - 1, H d_k): the last q-conv inputs ((batch, 0, H d_k) without convs)
+    conv_k: jax.Array  # (batch, conv_size - 1, H d_k)
+    conv_v: jax.Array  # (batch, conv_size - 1, H d_v)
+    S: jax.Array  # (batch, H, d_k, d_v): the delta-rule memory, o_t = S_t^T q_t
+
+
+QK_ACTIVATIONS = ("silu", "relu", "elu", "identity")  # DeltaNet's phi on q and k ("elu" is elu + 1)
+QK_NORMS = ("l2", "sum")
+
+
+def _qk_activation(u, kind: str):
+    if kind == "silu":
+        return jax.nn.silu(u)
+    if kind == "relu":
+        return jax.nn.relu(u)
+    if kind == "elu":  # fla's elu_p1
+        return jax.nn.elu(u) + 1.0
+    return u
+
+
+class DeltaNet(nn.Module):
+    """The DeltaNet mixer (see the module docstring; defaults are fla 0.6.0's layer's, except
+    ``norm_eps``, fla's model-config value that its blocks pass to the layer).
+
+    Attributes:
+      features: d_model.
+      num_heads: H.
+      expand_k, expand_v: the key and value widths H d_k = expand_k d_model, H d_v =
+        expand_v d_model (integers divisible by H).
+      use_beta: beta = sigmoid(W_b x); else 1.
+      use_gate: gate the output norm with silu(W_g x).
+      use_short_conv, conv_size, conv_bias: the short convs on q, k, v.
+      allow_neg_eigval: beta doubled, in (0, 2).
+      qk_activation: phi on q and k, one of :data:`QK_ACTIVATIONS` ("elu" is elu + 1).
+      qk_norm: "l2" or "sum" normalisation of q and k per head.
+      norm_eps: epsilon of the output RMSNorm.
+      initializer_range: standard deviation of the projections' normal init.
+      backend, chunk_size: passed to :func:`mnemax.kernels.delta_rule`.
+      kernel_config, kernel_sharding: passed to it as ``config`` (the Pallas GPU kernels'
+        :class:`~mnemax.kernels.chunked_gpu.ChunkedConfig`) and ``sharding`` (the mesh axes
+        splitting batch and heads; set by ``mnemax.build(..., kernel_sharding=)``).
+    """
+
+    features: int
+    num_heads: int = 4
+    expand_k: float = 1.0
+    expand_v: float = 1.0
+    use_beta: bool = True
+    use_gate: bool = False
+    use_short_conv: bool = True
+    conv_size: int = 4
+    conv_bias: bool = False
+    allow_neg_eigval: bool = False
+    qk_activation: str = "silu"
+    qk_norm: str = "l2"
+    norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    backend: str | None = None
+    chunk_size: int = 64
+    kernel_config: ChunkedConfig | None = None
+    kernel_sharding: KernelSharding | None = None
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def key_dim(self) -> int:
+        return int(round(self.features * self.expand_k))
+
+    @property
+    def value_dim(self) -> int:
+        return int(round(self.features * self.expand_v))
+
+    @property
+    def head_k_dim(self) -> int:
+        return self.key_dim // self.num_heads
+
+    @property
+    def head_v_dim(self) -> int:
+        return self.value_dim // self.num_heads
+
+    @property
+    def conv_width(self) -> int:
+        """The conv tails' length: conv_size - 1, 0 without the convs."""
+        return self.conv_size - 1 if self.use_short_conv else 0
+
+    def _check_config(self):
+        for name in ("features", "num_heads", "conv_size", "chunk_size"):
+            check_positive_int(name, getattr(self, name))
+        for name in ("expand_k", "expand_v"):
+            ratio = getattr(self, name)
+            dim = self.features * ratio if isinstance(ratio, numbers.Real) and not isinstance(ratio, bool) else None
+            if dim is None or dim < self.num_heads or not math.isclose(dim, round(dim), rel_tol=1e-6) \
+                    or round(dim) % self.num_heads:
+                raise ValueError(f"{name} must make features * {name} an integer divisible by num_heads "
+                                 f"(features={self.features}, num_heads={self.num_heads}), got {ratio!r}")
+        if self.qk_activation not in QK_ACTIVATIONS:
+            raise ValueError(f"qk_activation must be one of {QK_ACTIVATIONS}, got {self.qk_activation!r}")
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
+        check_positive(self, "norm_eps", "initializer_range")
+
+    def initial_state(self, batch_size: int) -> DeltaNetState:
+        self._check_config()
+        sdt = state_dtype(self.dtype)
+        w = self.conv_width
+        return DeltaNetState(
+            conv_q=jnp.zeros((batch_size, w, self.key_dim), sdt),
+            conv_k=jnp.zeros((batch_size, w, self.key_dim), sdt),
+            conv_v=jnp.zeros((batch_size, w, self.value_dim), sdt),
+            S=jnp.zeros((batch_size, self.num_heads, self.head_k_dim, self.head_v_dim), sdt),
+        )
+
+    @nn.compact
+    def __call__(self, x, state: DeltaNetState | None = None, resets=None):
+        self._check_config()
+        _, _, resets, state, _ = begin_call(self, x, self.features, state, resets)
+        cdt = compute_dtype(self.dtype, x)
+        f32 = jnp.promote_types(cdt, jnp.float32)
+        pdt = self.param_dtype
+        H, dk, dv = self.num_heads, self.head_k_dim, self.head_v_dim
+
+        def proj(features, names, name, axis=-1):
+            return head_dense(features, names, name, dtype=cdt, param_dtype=pdt, std=self.initializer_range, axis=axis)
+
+        def conv(u, conv_state, name, silu):  # u: (batch, time, heads, dim)
+            if not self.use_short_conv:
+                return (jax.nn.silu(u) if silu else u), conv_state
+            return short_conv(u, conv_state, resets, width=self.conv_size, use_bias=self.conv_bias, silu=silu,
+                              dtype=cdt, param_dtype=pdt, name=name)
+
+        qk_silu = self.qk_activation == "silu"
+        q, conv_q = conv(proj((H, dk), ("embed", "heads", "head_dim"), "q_proj")(x), state.conv_q, "q_conv1d", qk_silu)
+        k, conv_k = conv(proj((H, dk), ("embed", "heads", "head_dim"), "k_proj")(x), state.conv_k, "k_conv1d", qk_silu)
+        v, conv_v = conv(proj((H, dv), ("embed", "heads", "head_dim"), "v_proj")(x), state.conv_v, "v_conv1d", True)
+        if not qk_silu:
+            q, k = _qk_activation(q, self.qk_activation), _qk_activation(k, self.qk_activation)
+        normalize = l2_normalize if self.qk_norm == "l2" else sum_normalize
+        q, k = normalize(q).astype(cdt), normalize(k).astype(cdt)
+        if self.use_beta:
+            beta = jax.nn.sigmoid(proj(H, ("embed", "heads"), "b_proj")(x).astype(f32))
+        else:
+            beta = jnp.ones(x.shape[:2] + (H,), f32)
+        if self.allow_neg_eigval:
+            beta = 2.0 * beta
+
+        o, S = delta_rule(
+            heads_first(q), heads_first(k), heads_first(v), heads_first(beta), None,
+            state=state.S, resets=resets, scale=dk**-0.5, chunk_size=self.chunk_size, backend=self.backend,
+            config=self.kernel_config, sharding=self.kernel_sharding,
+        )
+        o = jnp.moveaxis(o, 1, 2)  # (batch, time, H, d_v)
+        gate = proj((H, dv), ("embed", "heads", "head_dim"), "g_proj")(x) if self.use_gate else None
+        o = GatedRMSNorm(eps=self.norm_eps, dtype=cdt, param_dtype=pdt, name="o_norm")(o, gate)
+        y = proj(self.features, ("heads", "head_dim", "embed"), "o_proj", axis=(-2, -1))(o)
+        sdt = state_dtype(self.dtype)
+        return y, DeltaNetState(
             conv_q=conv_q.astype(sdt), conv_k=conv_k.astype(sdt), conv_v=conv_v.astype(sdt), S=S.astype(sdt))
 
 
@@ -297,6 +546,7 @@ class GatedDeltaNetBlock(nn.Module):
             raise ValueError(f"hidden_ratio must be a number >= 0, got {self.hidden_ratio!r}")
         if self.mlp_kind not in MLP_KINDS:
             raise ValueError(f"mlp_kind must be one of {MLP_KINDS}, got {self.mlp_kind!r}")
+        check_positive(self, "norm_eps")
 
     def initial_state(self, batch_size: int) -> GatedDeltaNetState:
         return self.mixer.initial_state(batch_size)
@@ -316,3 +566,10 @@ class GatedDeltaNetBlock(nn.Module):
                        name="mlp", **kw)(h)
             x = x + h.astype(x.dtype)
         return x, state
+
+
+class DeltaNetBlock(GatedDeltaNetBlock):
+    """fla's ``DeltaNetBlock``: :class:`GatedDeltaNetBlock`'s pre-norm layout (RMSNorm, mixer,
+    RMSNorm, SwiGLU MLP; the same fields) around a :class:`DeltaNet` mixer."""
+
+    mixer: DeltaNet

@@ -57,6 +57,8 @@ import jax
 import jax.numpy as jnp
 
 from mnemax.kernels import gated_linear_attention
+from mnemax.kernels.chunked_gpu import ChunkedConfig
+from mnemax.kernels.sharding import KernelSharding
 
 from .base import Dtype, begin_call, compute_dtype, partitioned, state_dtype
 from .conv import CausalConv1d, ConvState
@@ -124,6 +126,9 @@ class Mamba2Mixer(nn.Module):
       norm_eps: epsilon of the gated RMSNorm.
       n_layers, rescale_prenorm_residual: out_proj init divided by sqrt(n_layers).
       backend, chunk_size: passed to :func:`mnemax.kernels.gated_linear_attention`.
+      kernel_config, kernel_sharding: passed to it as ``config`` (the Pallas GPU kernels'
+        :class:`~mnemax.kernels.chunked_gpu.ChunkedConfig`) and ``sharding`` (the mesh axes
+        splitting batch and heads; set by ``mnemax.build(..., kernel_sharding=)``).
     """
 
     features: int
@@ -144,6 +149,8 @@ class Mamba2Mixer(nn.Module):
     rescale_prenorm_residual: bool = True
     backend: str | None = None
     chunk_size: int = 64
+    kernel_config: ChunkedConfig | None = None
+    kernel_sharding: KernelSharding | None = None
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -234,6 +241,7 @@ class Mamba2Mixer(nn.Module):
         o, S = gated_linear_attention(
             heads_first(C), heads_first(k), heads_first(x), jnp.swapaxes(g, 1, 2), state=state.ssm, resets=resets,
             scale=1.0, chunk_size=self.chunk_size, backend=self.backend,
+            config=self.kernel_config, sharding=self.kernel_sharding,
         )
         y = heads_first(o).astype(f32) + D.astype(f32)[:, None] * x.astype(f32)  # (batch, time, H, P)
         y = GatedGroupRMSNorm(groups=G, eps=self.norm_eps, dtype=cdt, param_dtype=pdt, name="norm")(y.reshape(batch, time, E), z)

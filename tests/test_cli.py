@@ -105,6 +105,11 @@ FIELD_OF_EVERY_FAMILY = {
     "xlstm_large": ("xlstm-7b", "qk_dim_factor", 0.25),
     "mamba2": ("mamba2-tiny", "d_state", 8),
     "gated_deltanet": ("gdn-tiny", "expand_v", 2.0),
+    "gla": ("gla-tiny", "expand_v", 2.0),
+    "retnet": ("retnet-tiny", "expand_v", 1.0),
+    "lightning": ("lightning-tiny", "head_dim", 16),
+    "deltanet": ("deltanet-tiny", "expand_v", 2.0),
+    "kda": ("kda-tiny", "expand_v", 2.0),
 }
 
 
