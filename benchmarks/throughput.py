@@ -35,6 +35,11 @@ from mnemax.layers import cache_discretized  # noqa: E402
 FAMILIES = {
     "transformer": ("transformer-125m", {"implementation": "cudnn", "scan_layers": True}),
     "mamba": ("mamba-130m", {"scan_layers": True}),
+    # the matrix-state families on their Pallas GPU kernels (opt-in backends)
+    "mamba2": ("mamba2-130m", {"scan_layers": True, "backend": "pallas_gpu"}),
+    "gdn": ("gdn-125m", {"scan_layers": True, "backend": "pallas_gpu"}),
+    "mamba2-xla": ("mamba2-130m", {"scan_layers": True, "backend": "xla"}),
+    "gdn-xla": ("gdn-125m", {"scan_layers": True, "backend": "xla"}),
     "xlstm": ("xlstm-125m", {"scan_layers": True}),  # scanned in groups of 8 blocks (7 mLSTM, 1 sLSTM)
     "memmamba": ("memmamba-130m", {"pool_chunk": 64, "scan_layers": True}),  # scanned in groups of 4 layers
     "s4d": ("s4d-125m", {}),
@@ -50,6 +55,12 @@ def make(name, context, **extra):
     if "window" in mnemax.get_config(preset).block:
         ov["window"] = context
     return mnemax.create(preset, dtype="bfloat16", **ov)
+
+
+def _tiny(preset: str) -> str:
+    """The tiny preset of ``preset``'s family (for ``--tiny`` dry runs)."""
+    family = mnemax.get_config(preset).family
+    return next(p for p in mnemax.list_models() if p.endswith("-tiny") and mnemax.get_config(p).family == family)
 
 
 def nbytes(tree) -> int:
@@ -130,7 +141,7 @@ def gen_row(model, params, apply, name, prefill, gen, batch, chunk, rng):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--families", default=",".join(FAMILIES))
+    ap.add_argument("--families", default=",".join(f for f in FAMILIES if not f.endswith("-xla")))
     ap.add_argument("--contexts", default="2048,8192,32768")
     ap.add_argument("--tokens", type=int, default=16384, help="tokens per training step (batch = tokens / context, at least 1)")
     ap.add_argument("--remat_from", type=int, default=16384, help="rematerialise blocks from this context on")
@@ -145,10 +156,8 @@ def main():
     args = ap.parse_args()
     if args.tiny:
         for k, (preset, ov) in list(FAMILIES.items()):
-            tiny = {"transformer-125m": "transformer-tiny", "mamba-130m": "mamba-tiny", "xlstm-125m": "xlstm-tiny",
-                    "memmamba-130m": "memmamba-tiny", "s4d-125m": "s4d-tiny", "lssl-125m": "lssl-tiny",
-                    "hopfield-125m": "hopfield-tiny", "hcam-125m": "hcam-tiny"}[preset]
-            FAMILIES[k] = (tiny, {kk: vv for kk, vv in ov.items() if kk != "implementation"})
+            tiny = _tiny(preset)
+            FAMILIES[k] = (tiny, {kk: vv for kk, vv in ov.items() if kk not in ("implementation", "backend")})
     env = environment()
     print(env, flush=True)
     if args.state_only:

@@ -465,6 +465,18 @@ def test_single_layer_elm_reaches_the_10m_budget():
     assert abs(n / 10_000_000 - 1) < 0.1, (ov["d_model"], n)
 
 
+def test_long_budget_overrides_name_benchmark_rows():
+    """Every key of LONG_BUDGET_OVERRIDES is a row label of the benchmark (a family name such
+    as "gated_deltanet" where the row is "gdn" would silently apply to nothing), and each
+    override is a block field of that row's preset."""
+    rows = plan.all_families()
+    for label, ov in plan.LONG_BUDGET_OVERRIDES.items():
+        assert label in rows, (label, sorted(rows))
+        block = mnemax.get_config(rows[label][0]).block
+        for field in ov:
+            assert hasattr(block, field), (label, field)
+
+
 def test_long_budget_mlstm_train_step_fits_a_gpu():
     """At the 10m budget the mLSTM family takes 4 heads and 64-step chunks: with the tiny
     preset's 2 heads and 16-step chunks its MQAR train step asked an H100 for 50 GiB. The

@@ -72,9 +72,23 @@ FAMILY_ROWS: dict[str, dict[str, tuple[str, dict]]] = {
 # (and its associative scan's levels): the 10m MQAR train step asked the H100 for 50 GiB
 # (CPU compile: 106 GB of temporaries). 4 heads and 64-step chunks, as in xlstm-125m, give
 # 384-wide heads and a quarter of the chunks (22 GB).
+#
+# Mamba-2 and Gated DeltaNet go the other way: gdn-tiny's 2 heads of 16 stay 2 x 16 x 16 at any
+# d_model (a 512-number state per layer beside a 512-wide model), and mamba2-tiny's 16-wide heads
+# with d_state 16 become 96 heads of 16 x 16 at d 768. On the long budgets they take their
+# published head layouts instead -- Mamba-2's head_dim 64 and d_state 128 (mamba2-130m), GDN's
+# heads of 128 with expand_v 2 (gdn-125m), 4 of them -- and 64-step chunks. Sized to the 10m
+# budget that is d 512 (16 heads, 7.0 M parameters) for Mamba-2 and d 384 (11.2 M) for GDN,
+# 131,072 numbers of state per layer each: the MQAR comparison the GDN paper makes, at equal
+# memory. One layer's MQAR gradient at batch 64 then needs about 3 GiB of temporaries for
+# either (XLA's count on a CPU), as Mamba's does.
 LONG_BUDGET_OVERRIDES: dict[str, dict] = {
     "mlstm": {"num_heads": 4, "chunk_size": 64},
     "xlstm": {"num_heads": 4, "chunk_size": 64},
+    "mamba2": {"head_dim": 64, "d_state": 128, "chunk_size": 64},
+    "gdn": {"num_heads": 4, "head_dim": 128, "expand_v": 2.0, "chunk_size": 64},
+    # KDA's tiny preset has GDN's fixed 2 heads of 16; kda-125m's heads of 128 (expand_v 1)
+    "kda": {"num_heads": 4, "head_dim": 128, "chunk_size": 64},
 }
 
 TINY_SUFFIX = "-tiny"
