@@ -160,6 +160,9 @@ MIXERS = {
 }
 
 
+# slow: the op tests check xla against reference (gradients included) and the fla fixture
+# tests run the layers on both backends in CI
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(MIXERS))
 def test_xla_equals_reference_through_the_layer(kind):
     """float64, T=13 in chunks of 4, an incoming state (all of it: conv tails and S) and
@@ -199,7 +202,7 @@ def test_xla_equals_reference_through_the_layer(kind):
 def test_inits_follow_fla():
     d = 64
     kda = KimiDeltaAttention(features=d, num_heads=2, num_v_heads=4, head_dim=16, expand_v=2.0)
-    p = nn.meta.unbox(kda.init(jax.random.key(0), jnp.zeros((1, 4, d))))["params"]
+    p = nn.meta.unbox(jax.jit(kda.init)(jax.random.key(0), jnp.zeros((1, 4, d))))["params"]
     A = np.exp(np.asarray(p["A_log"], np.float64))
     assert A.shape == (4,) and A.min() >= 1 - 1e-6 and A.max() <= 16 * (1 + 1e-6)
     dt = np.log1p(np.exp(np.asarray(p["dt_bias"], np.float64)))  # softplus(dt_bias) = the sampled dt, per channel
@@ -211,7 +214,7 @@ def test_inits_follow_fla():
         w = np.asarray(p[name]["kernel"])
         assert w.shape == shape and abs(w.std() - 0.02) < 0.005, (name, w.shape, w.std())
     dn = DeltaNet(features=d, num_heads=4, expand_v=2.0)
-    p = nn.meta.unbox(dn.init(jax.random.key(0), jnp.zeros((1, 4, d))))["params"]
+    p = nn.meta.unbox(jax.jit(dn.init)(jax.random.key(0), jnp.zeros((1, 4, d))))["params"]
     assert set(p) == {"q_proj", "k_proj", "v_proj", "b_proj", "q_conv1d", "k_conv1d", "v_conv1d", "o_norm", "o_proj"}
     assert p["v_proj"]["kernel"].shape == (d, 4, 32) and p["q_conv1d"]["kernel"].shape == (4, d)
     assert abs(float(np.asarray(p["q_proj"]["kernel"]).std()) - 0.02) < 0.004

@@ -143,6 +143,9 @@ def _floats(features):
     return make
 
 
+# slow: the op tests check xla against reference (gradients included) and the fla fixture
+# tests run the layers on both backends in CI
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MIXERS))
 def test_xla_backend_equals_reference_through_the_layer(name):
     """Outputs, final state and parameter gradients, with an incoming state, resets (one at
