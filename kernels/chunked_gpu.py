@@ -48,6 +48,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from .chunked import pad_time
+from .dispatch import gpu_sm_count
 
 F32 = jnp.float32
 GATE_COLS = 8  # G (cumulative log decay in the chunk), segment index, beta, 0...
@@ -66,7 +67,9 @@ class ChunkedConfig:
 
     Attributes:
       block_v: value columns per step of the per-chunk kernels' value loop.
-      walk_block_v: value columns of one state-walk program (its state tile is d_k x this).
+      walk_block_v: value columns of one state-walk program (its state tile is d_k x this);
+        None: 64, halved (down to 16) while batch x heads x value tiles leaves SMs idle (each
+        walk program is sequential over the chunks).
       num_warps: warps of the per-chunk forward kernels.
       bwd_warps: warps of the per-chunk backward kernel.
       walk_warps: warps of the state walks.
@@ -74,7 +77,7 @@ class ChunkedConfig:
     """
 
     block_v: int = 64
-    walk_block_v: int = 64
+    walk_block_v: int | None = None
     num_warps: int = 4
     bwd_warps: int = 8
     walk_warps: int = 4
@@ -83,7 +86,7 @@ class ChunkedConfig:
     def __post_init__(self):
         for name in ("block_v", "walk_block_v"):
             value = getattr(self, name)
-            if not (_power_of_two(value) and value >= 16):
+            if not ((value is None and name == "walk_block_v") or (_power_of_two(value) and value >= 16)):
                 raise ValueError(f"ChunkedConfig.{name}: got {value!r}; expected a power of two >= 16")
         for name in ("num_warps", "bwd_warps", "walk_warps"):
             value = getattr(self, name)
@@ -239,12 +242,29 @@ def decay_mask(gc_r, gr_r, L: int, *, strict: bool):
     return jnp.exp(jnp.where(mask, gc_r[:, ROW_G:ROW_G + 1] - gr_r[ROW_G:ROW_G + 1, :], -jnp.inf))
 
 
-def chunk_weights(gc_r, L: int) -> Weights:
-    """:class:`Weights` of the chunk whose gate columns are the (L, 8) ref ``gc_r``."""
-    return weights(gc_r[:, ROW_G:ROW_G + 1], gc_r[:, ROW_SEG:ROW_SEG + 1], gc_r[:, ROW_BETA:ROW_BETA + 1], L)
+def chunk_weights(gc_r, L: int, c=None) -> Weights:
+    """:class:`Weights` of the chunk whose gate columns are the (L, 8) ref ``gc_r`` (or chunk
+    ``c`` of the (NC, L, 8) ref ``gc_r``: one indexing, as the Triton lowering takes no
+    index of an indexed ref)."""
+    if c is None:
+        col = lambda j: gc_r[:, j:j + 1]  # noqa: E731
+    else:
+        col = lambda j: gc_r[c, :, j:j + 1]  # noqa: E731
+    return weights(col(ROW_G), col(ROW_SEG), col(ROW_BETA), L)
 
 
 # ----------------------------------------------------------------------------- kernels
+
+
+def walk_block(rows: int, d_v: int, config: ChunkedConfig) -> int:
+    """The state walk's value tile: ``config.walk_block_v``, or when None 64 halved (down to
+    16) while ``rows`` x tiles would not fill every SM."""
+    if config.walk_block_v is not None:
+        return min(d_v, config.walk_block_v)
+    bv = min(d_v, 64)
+    while bv > 16 and rows * (d_v // bv) < gpu_sm_count():
+        bv //= 2
+    return bv
 
 
 def compiler_params(interpret: bool, warps: int, stages: int):
@@ -262,7 +282,7 @@ def _walk_kernel(x_r, k_r, xw_r, gc_r, s0_r, st_r, xo_r, sT_r, *, L, NC, delta, 
     def body(c, S):
         st_r[c] = S.astype(st_r.dtype)
         t = pl.ds(pl.multiple_of(c * L, L), L)
-        w = chunk_weights(gc_r.at[c], L)
+        w = chunk_weights(gc_r, L, c)
         X = x_r[t, :].astype(F32)
         if delta:
             X = X - dot(xw_r[t, :], S, mm)
@@ -279,7 +299,7 @@ def walk_forward(p: Problem, x, xw, s0, *, delta: bool, config: ChunkedConfig, i
     (BH, Tp, d_v) in the matmul dtype; None for linear attention), the final state)."""
     BH, NC, L = p.q.shape[0], p.n_chunks, p.L
     Tp, dk, dv = NC * L, p.d_k, p.d_v
-    bv = min(dv, config.walk_block_v)
+    bv = walk_block(BH, dv, config)
     mm = mm_dtype(p.q.dtype)
     seq = pl.BlockSpec((None, Tp, dk), lambda b, j: (b, 0, 0))
     vcols = pl.BlockSpec((None, Tp, bv), lambda b, j: (b, 0, j))
@@ -315,7 +335,7 @@ def _walk_back_kernel(q_r, k_r, do_r, xw_r, x0_r, gc_r, ds_r, dst_r, dx_r, ds0_r
         c = NC - 1 - j
         dst_r[c] = dS.astype(dst_r.dtype)
         t = pl.ds(pl.multiple_of(c * L, L), L)
-        w = chunk_weights(gc_r.at[c], L)
+        w = chunk_weights(gc_r, L, c)
         dO = do_r[t, :]
         new = w.a * dS + dot_tn(q_r[t, :].astype(F32) * (w.q_in * scale), dO, mm)
         if delta:
@@ -335,7 +355,7 @@ def walk_backward(p: Problem, do, xw, x0, dS_T, *, scale: float, delta: bool, co
     state's gradient (BH, d_k, d_v))."""
     BH, NC, L = p.q.shape[0], p.n_chunks, p.L
     Tp, dk, dv = NC * L, p.d_k, p.d_v
-    bv = min(dv, config.walk_block_v)
+    bv = walk_block(BH, dv, config)
     mm = mm_dtype(p.q.dtype)
     seq = lambda d: pl.BlockSpec((None, Tp, d), lambda b, j: (b, 0, 0))  # noqa: E731
     vcols = pl.BlockSpec((None, Tp, bv), lambda b, j: (b, 0, j))
