@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnemax.kernels import linear_scan, mlstm, selective_scan, slstm
+from mnemax.kernels import delta_rule, gated_linear_attention, linear_scan, mlstm, selective_scan, slstm
 
 # JAX's Triton lowering, a private module: if a JAX release moves it, every test here fails
 # (naming it) rather than skipping, so the GPU kernels never silently go unlowered
@@ -79,6 +79,30 @@ def test_mlstm_gpu_kernels_lower(hopper, dtype, fields, kernels):
     fn = lambda q, k, v, i, f: mlstm(q, k, v, i, f, resets=resets, backend="pallas_gpu", chunk_size=64,  # noqa: E731
                                      interpret=False, config=config)[0]
     assert _kernels(fn, q, k, v, i, f) == {"triton": kernels, "mosaic": 0}
+
+
+@pytest.mark.parametrize("op,kernels", [("gla", 4), ("delta", 6)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_matrix_state_gpu_kernels_lower(hopper, op, dtype, kernels):
+    """gated_linear_attention: state walk + outputs, adjoint walk + per-chunk gradients;
+    delta_rule: the WY preparation before them and P^T dO before the adjoint walk; a decay
+    per head, resets, d_v 128 over two value blocks, 200 steps (the last chunk partial)."""
+    rng = np.random.default_rng(2)
+    B, H, T, dk, dv = 1, 2, 200, 64, 128
+    q, k = _arr(rng, (B, H, T, dk), dtype), _arr(rng, (B, H, T, dk), dtype)
+    v = _arr(rng, (B, H, T, dv), dtype)
+    g = -jnp.abs(_arr(rng, (B, H, T)))
+    beta = jax.nn.sigmoid(_arr(rng, (B, H, T)))
+    resets = jnp.asarray(rng.random((B, T)) < 0.05)
+    if op == "gla":
+        fn = lambda q, k, v, g: gated_linear_attention(q, k, v, g, resets=resets, backend="pallas_gpu",  # noqa: E731
+                                                       interpret=False)[0]
+        args = (q, k, v, g)
+    else:
+        fn = lambda q, k, v, beta, g: delta_rule(q, k, v, beta, g, resets=resets, backend="pallas_gpu",  # noqa: E731
+                                                 interpret=False)[0]
+        args = (q, k, v, beta, g)
+    assert _kernels(fn, *args) == {"triton": kernels, "mosaic": 0}
 
 
 @pytest.mark.parametrize("fields,kernels", [({}, 2), ({"splits": 4}, 2), ({"splits": 4, "max_programs": 4}, 4)],
