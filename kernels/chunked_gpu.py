@@ -183,20 +183,38 @@ def mm_dtype(dtype):
 # ----------------------------------------------------------------------------- in-kernel math
 
 
-def _mm(a, b, dims, mm):
-    prec = lax.Precision.HIGHEST if mm == F32 else None
-    return lax.dot_general(a.astype(mm), b.astype(mm), (dims, ((), ())), precision=prec, preferred_element_type=F32)
+class Matmul(NamedTuple):
+    """How a kernel's matmuls run: operands rounded to ``dtype`` (float32 accumulation), and
+    float32 operands at ``precision``."""
+
+    dtype: object
+    precision: object
 
 
-def dot(a, b, mm=F32):  # a @ b
+def matmuls(dtype, interpret: bool) -> tuple[Matmul, Matmul]:
+    """(the matmul policy for operands of ``dtype``, the float32 one). Float32 operands run as
+    three-pass TF32 on the GPU (tensor cores, float32-level error; the IEEE form unrolls into
+    FMA loops that Triton compiles slowly) and at HIGHEST in interpret mode (the CPU has no
+    TF32 algorithm)."""
+    prec = lax.Precision.HIGHEST if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+    return Matmul(mm_dtype(dtype), prec), Matmul(F32, prec)
+
+
+def _mm(a, b, dims, mm: Matmul):
+    prec = mm.precision if mm.dtype == F32 else None
+    return lax.dot_general(a.astype(mm.dtype), b.astype(mm.dtype), (dims, ((), ())), precision=prec,
+                           preferred_element_type=F32)
+
+
+def dot(a, b, mm: Matmul):  # a @ b
     return _mm(a, b, ((1,), (0,)), mm)
 
 
-def dot_nt(a, b, mm=F32):  # a @ b.T
+def dot_nt(a, b, mm: Matmul):  # a @ b.T
     return _mm(a, b, ((1,), (1,)), mm)
 
 
-def dot_tn(a, b, mm=F32):  # a.T @ b
+def dot_tn(a, b, mm: Matmul):  # a.T @ b
     return _mm(a, b, ((0,), (0,)), mm)
 
 
@@ -300,7 +318,7 @@ def walk_forward(p: Problem, x, xw, s0, *, delta: bool, config: ChunkedConfig, i
     BH, NC, L = p.q.shape[0], p.n_chunks, p.L
     Tp, dk, dv = NC * L, p.d_k, p.d_v
     bv = walk_block(BH, dv, config)
-    mm = mm_dtype(p.q.dtype)
+    mm, _ = matmuls(p.q.dtype, interpret)
     seq = pl.BlockSpec((None, Tp, dk), lambda b, j: (b, 0, 0))
     vcols = pl.BlockSpec((None, Tp, bv), lambda b, j: (b, 0, j))
     gates = pl.BlockSpec((None, NC, L, GATE_COLS), lambda b, j: (b, 0, 0, 0))
@@ -310,13 +328,13 @@ def walk_forward(p: Problem, x, xw, s0, *, delta: bool, config: ChunkedConfig, i
     if delta:
         in_specs, args = [vcols, seq, seq, gates, tile], [x, p.k, xw, p.gcol, s0]
         out_specs = [states, vcols, tile]
-        out_shape = [jax.ShapeDtypeStruct((BH, NC, dk, dv), mm), jax.ShapeDtypeStruct((BH, Tp, dv), mm),
+        out_shape = [jax.ShapeDtypeStruct((BH, NC, dk, dv), mm.dtype), jax.ShapeDtypeStruct((BH, Tp, dv), mm.dtype),
                      jax.ShapeDtypeStruct((BH, dk, dv), F32)]
         kernel = functools.partial(_walk_kernel, **kw)
     else:
         in_specs, args = [vcols, seq, gates, tile], [x, p.k, p.gcol, s0]
         out_specs = [states, tile]
-        out_shape = [jax.ShapeDtypeStruct((BH, NC, dk, dv), mm), jax.ShapeDtypeStruct((BH, dk, dv), F32)]
+        out_shape = [jax.ShapeDtypeStruct((BH, NC, dk, dv), mm.dtype), jax.ShapeDtypeStruct((BH, dk, dv), F32)]
 
         def kernel(x_r, k_r, gc_r, s0_r, st_r, sT_r):
             _walk_kernel(x_r, k_r, None, gc_r, s0_r, st_r, None, sT_r, **kw)
@@ -356,7 +374,7 @@ def walk_backward(p: Problem, do, xw, x0, dS_T, *, scale: float, delta: bool, co
     BH, NC, L = p.q.shape[0], p.n_chunks, p.L
     Tp, dk, dv = NC * L, p.d_k, p.d_v
     bv = walk_block(BH, dv, config)
-    mm = mm_dtype(p.q.dtype)
+    mm, _ = matmuls(p.q.dtype, interpret)
     seq = lambda d: pl.BlockSpec((None, Tp, d), lambda b, j: (b, 0, 0))  # noqa: E731
     vcols = pl.BlockSpec((None, Tp, bv), lambda b, j: (b, 0, j))
     tile = pl.BlockSpec((None, dk, bv), lambda b, j: (b, 0, j))
@@ -364,13 +382,13 @@ def walk_backward(p: Problem, do, xw, x0, dS_T, *, scale: float, delta: bool, co
     if delta:
         in_specs, args = [seq(dk), seq(dk), vcols, seq(dk), vcols, gates, tile], [p.q, p.k, do, xw, x0, p.gcol, dS_T]
         out_specs = [pl.BlockSpec((None, NC, dk, bv), lambda b, j: (b, 0, 0, j)), vcols, tile]
-        out_shape = [jax.ShapeDtypeStruct((BH, NC, dk, dv), mm), jax.ShapeDtypeStruct((BH, Tp, dv), F32),
+        out_shape = [jax.ShapeDtypeStruct((BH, NC, dk, dv), mm.dtype), jax.ShapeDtypeStruct((BH, Tp, dv), F32),
                      jax.ShapeDtypeStruct((BH, dk, dv), F32)]
         kernel = functools.partial(_walk_back_kernel, L=L, NC=NC, scale=scale, delta=True, mm=mm)
     else:
         in_specs, args = [seq(dk), vcols, gates, tile], [p.q, do, p.gcol, dS_T]
         out_specs = [pl.BlockSpec((None, NC, dk, bv), lambda b, j: (b, 0, 0, j)), tile]
-        out_shape = [jax.ShapeDtypeStruct((BH, NC, dk, dv), mm), jax.ShapeDtypeStruct((BH, dk, dv), F32)]
+        out_shape = [jax.ShapeDtypeStruct((BH, NC, dk, dv), mm.dtype), jax.ShapeDtypeStruct((BH, dk, dv), F32)]
 
         def kernel(q_r, do_r, gc_r, ds_r, dst_r, ds0_r):
             _walk_back_kernel(q_r, None, do_r, None, None, gc_r, ds_r, dst_r, None, ds0_r, L=L, NC=NC, scale=scale,
@@ -398,9 +416,9 @@ def _scores(q_r, k_r, gc_r, gr_r, L, scale, mm):
 
 
 def _out_kernel(q_r, k_r, x_r, gc_r, gr_r, s_r, o_r, *, L, nv, bv, scale, mm):
-    P = _scores(q_r, k_r, gc_r, gr_r, L, scale, mm).astype(mm)
+    P = _scores(q_r, k_r, gc_r, gr_r, L, scale, mm).astype(mm.dtype)
     w = chunk_weights(gc_r, L)
-    qs = (q_r[...].astype(F32) * (w.q_in * scale)).astype(mm)
+    qs = (q_r[...].astype(F32) * (w.q_in * scale)).astype(mm.dtype)
 
     def block(j, carry):
         vc = pl.ds(pl.multiple_of(j * bv, bv), bv)
@@ -417,7 +435,7 @@ def outputs(p: Problem, x, states, out_dtype, *, scale: float, config: ChunkedCo
     bv = min(p.d_v, config.block_v)
     sp = chunk_specs(p)
     return pl.pallas_call(
-        functools.partial(_out_kernel, L=p.L, nv=p.d_v // bv, bv=bv, scale=scale, mm=mm_dtype(p.q.dtype)),
+        functools.partial(_out_kernel, L=p.L, nv=p.d_v // bv, bv=bv, scale=scale, mm=matmuls(p.q.dtype, interpret)[0]),
         grid=(BH, NC), in_specs=[sp["k"], sp["k"], sp["v"], sp["gc"], sp["gr"], sp["S"]], out_specs=sp["v"],
         out_shape=jax.ShapeDtypeStruct((BH, NC * p.L, p.d_v), out_dtype),
         compiler_params=compiler_params(interpret, config.num_warps, config.num_stages), interpret=interpret,
@@ -425,7 +443,7 @@ def outputs(p: Problem, x, states, out_dtype, *, scale: float, config: ChunkedCo
 
 
 def _scores_t_kernel(q_r, k_r, do_r, gc_r, gr_r, o_r, *, L, nv, bv, scale, mm):
-    P = _scores(q_r, k_r, gc_r, gr_r, L, scale, mm).astype(mm)
+    P = _scores(q_r, k_r, gc_r, gr_r, L, scale, mm).astype(mm.dtype)
 
     def block(j, carry):
         vc = pl.ds(pl.multiple_of(j * bv, bv), bv)
@@ -441,7 +459,7 @@ def scores_t_times(p: Problem, do, *, scale: float, config: ChunkedConfig, inter
     bv = min(p.d_v, config.block_v)
     sp = chunk_specs(p)
     return pl.pallas_call(
-        functools.partial(_scores_t_kernel, L=p.L, nv=p.d_v // bv, bv=bv, scale=scale, mm=mm_dtype(p.q.dtype)),
+        functools.partial(_scores_t_kernel, L=p.L, nv=p.d_v // bv, bv=bv, scale=scale, mm=matmuls(p.q.dtype, interpret)[0]),
         grid=(BH, NC), in_specs=[sp["k"], sp["k"], sp["v"], sp["gc"], sp["gr"]], out_specs=sp["v"],
         out_shape=jax.ShapeDtypeStruct((BH, NC * p.L, p.d_v), F32),
         compiler_params=compiler_params(interpret, config.num_warps, config.num_stages), interpret=interpret,
@@ -454,6 +472,7 @@ def _grads_kernel(q_r, k_r, v_r, x_r, do_r, gc_r, gr_r, s_r, ds_r, *rest, L, nv,
         r_r, dx_r, dq_r, dk_r, dv_r, dg_r = rest
     else:
         dq_r, dk_r, dv_r, dg_r = rest
+    f32 = mm._replace(dtype=F32)
     q, k = q_r[...].astype(F32), k_r[...].astype(F32)
     w = chunk_weights(gc_r, L)
     D = decay_mask(gc_r, gr_r, L, strict=False)
@@ -484,13 +503,13 @@ def _grads_kernel(q_r, k_r, v_r, x_r, do_r, gc_r, gr_r, s_r, ds_r, *rest, L, nv,
             dX = dx_r[:, vc]
             E = v_r[:, vc].astype(F32) - dot(k_in, S, mm)
             dT = dT + dot_nt(dX, E, mm)
-            dV = dot_tn(T, dX)
+            dV = dot_tn(T, dX, f32)
             dv_r[:, vc] = dV.astype(dv_r.dtype)
             dKi = -dot_nt(dV, S, mm)
             dk = dk + w.q_in * dKi
             gki = gki + jnp.sum(k * dKi, axis=1, keepdims=True)
         else:
-            dv_r[:, vc] = (dot_tn(P.astype(mm), dO, mm) + dot(k_out, dS, mm)).astype(dv_r.dtype)
+            dv_r[:, vc] = (dot_tn(P.astype(mm.dtype), dO, mm) + dot(k_out, dS, mm)).astype(dv_r.dtype)
         return dq, dk, dP, dT, gq, gko, gki, ga
 
     zL = jnp.zeros((L, L), F32)
@@ -512,13 +531,13 @@ def _grads_kernel(q_r, k_r, v_r, x_r, do_r, gc_r, gr_r, s_r, ds_r, *rest, L, nv,
         dbeta_row = jnp.sum(R * dT, axis=0, keepdims=True)
         dR = dT * beta_r
         Ds = decay_mask(gc_r, gr_r, L, strict=True)
-        dN = -dot_nt(dot_tn(R, dR), R) * (Ds > 0.0)
-        Kd = dot_nt(k, k) * Ds
+        dN = -dot_nt(dot_tn(R, dR, f32), R, f32) * (Ds > 0.0)
+        Kd = dot_nt(k, k, f32) * Ds
         beta_c = gc_r[:, ROW_BETA:ROW_BETA + 1]
         dbeta = jnp.sum(dN * Kd, axis=1, keepdims=True) + row_to_col(dbeta_row, L)
         dKd = beta_c * dN
         M = dKd * Ds
-        dk = dk + dot(M, k) + dot_tn(M, k)
+        dk = dk + dot(M, k, f32) + dot_tn(M, k, f32)
         gK = dKd * Kd
         dG = dG + jnp.sum(gK, axis=1, keepdims=True) - row_to_col(jnp.sum(gK, axis=0, keepdims=True), L)
         dg_r[1:2, :] = col_to_row(dbeta, L)
@@ -544,7 +563,7 @@ def chunk_grads(p: Problem, x, do, states, dstates, *, scale: float, delta: bool
         args += [R, dx]
     return pl.pallas_call(
         functools.partial(_grads_kernel, L=L, nv=p.d_v // bv, bv=bv, scale=scale, delta=delta,
-                          mm=mm_dtype(p.q.dtype)),
+                          mm=matmuls(p.q.dtype, interpret)[0]),
         grid=(BH, NC), in_specs=in_specs,
         out_specs=[sp["k"], sp["k"], sp["v"], sp["rows"]],
         out_shape=[jax.ShapeDtypeStruct((BH, Tp, p.d_k), F32), jax.ShapeDtypeStruct((BH, Tp, p.d_k), F32),

@@ -28,6 +28,7 @@ from ..chunked_gpu import (
     F32,
     ROW_BETA,
     ChunkedConfig,
+    Matmul,
     Problem,
     chunk_specs,
     chunk_weights,
@@ -35,32 +36,33 @@ from ..chunked_gpu import (
     decay_mask,
     dot,
     dot_nt,
+    matmuls,
 )
 
 
-def unit_lower_inverse(N, L: int):
+def unit_lower_inverse(N, L: int, f32: Matmul):
     """(I + N)^-1 for a strictly lower triangular (L, L) ``N`` (L a power of two): the
     product of (I - N) and (I + N^(2^i)) for 2^i < L, which sums (-N)^j for j < L."""
     eye = (lax.broadcasted_iota(jnp.int32, (L, L), 0) == lax.broadcasted_iota(jnp.int32, (L, L), 1)).astype(F32)
     R, power = eye - N, N
     for _ in range(max(0, (L - 1).bit_length() - 1)):
-        power = dot(power, power)
-        R = R + dot(R, power)
+        power = dot(power, power, f32)
+        R = R + dot(R, power, f32)
     return R
 
 
-def _wy_kernel(k_r, v_r, gc_r, gr_r, r_r, u_r, wk_r, *, L, nv, bv):
+def _wy_kernel(k_r, v_r, gc_r, gr_r, r_r, u_r, wk_r, *, L, nv, bv, f32):
     k = k_r[...].astype(F32)
     w = chunk_weights(gc_r, L)
-    N = dot_nt(k, k) * decay_mask(gc_r, gr_r, L, strict=True) * w.beta
-    R = unit_lower_inverse(N, L)
+    N = dot_nt(k, k, f32) * decay_mask(gc_r, gr_r, L, strict=True) * w.beta
+    R = unit_lower_inverse(N, L, f32)
     r_r[...] = R
     T = R * gr_r[ROW_BETA:ROW_BETA + 1, :]
-    wk_r[...] = dot(T, k * w.q_in)
+    wk_r[...] = dot(T, k * w.q_in, f32)
 
     def block(j, carry):
         vc = pl.ds(pl.multiple_of(j * bv, bv), bv)
-        u_r[:, vc] = dot(T, v_r[:, vc].astype(F32))
+        u_r[:, vc] = dot(T, v_r[:, vc].astype(F32), f32)
         return carry
 
     lax.fori_loop(0, nv, block, 0)
@@ -73,7 +75,7 @@ def wy(p: Problem, *, config: ChunkedConfig, interpret: bool):
     bv = min(p.d_v, config.block_v)
     sp = chunk_specs(p)
     return pl.pallas_call(
-        functools.partial(_wy_kernel, L=L, nv=p.d_v // bv, bv=bv),
+        functools.partial(_wy_kernel, L=L, nv=p.d_v // bv, bv=bv, f32=matmuls(p.q.dtype, interpret)[1]),
         grid=(BH, NC), in_specs=[sp["k"], sp["v"], sp["gc"], sp["gr"]],
         out_specs=[sp["LL"], sp["v"], sp["k"]],
         out_shape=[jax.ShapeDtypeStruct((BH, NC, L, L), F32), jax.ShapeDtypeStruct((BH, Tp, p.d_v), F32),
