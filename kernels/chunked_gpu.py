@@ -124,15 +124,20 @@ def pad_axis(x, axis: int, size: int):
 
 
 def make_problem(q, k, v, g, beta, resets, chunk_size: int) -> Problem:
+    """The GPU kernels' layout (:func:`problem` with ``L`` = ``chunk_size`` rounded up to a
+    power of two >= 16, never past the padded length, and features padded to powers of two
+    >= 16)."""
+    T, dk, dv = q.shape[2], q.shape[3], v.shape[3]
+    return problem(q, k, v, g, beta, resets, min(pow2(chunk_size), pow2(T)), pow2(dk), pow2(dv))
+
+
+def problem(q, k, v, g, beta, resets, L: int, d_k: int, d_v: int) -> Problem:
     """q, k (B, H, T, d_k); v (B, H, T, d_v); g None or (B, H, T); beta None or (B, H, T);
-    resets None or (B, T) bool. Padded steps have zero q, k, v, beta and g: they change
-    nothing."""
-    B, H, T, dk = q.shape
-    dv = v.shape[-1]
-    L = min(pow2(chunk_size), pow2(T))
+    resets None or (B, T) bool, in chunks of ``L`` with features zero-padded to ``d_k``,
+    ``d_v``. Padded steps have zero q, k, v, beta and g: they change nothing."""
+    B, H, T, _ = q.shape
     NC = -(-T // L)
     Tp = NC * L
-    dkp, dvp = pow2(dk), pow2(dv)
 
     def seq(x, d):
         return pad_axis(pad_axis(x.reshape(B * H, T, x.shape[-1]), 1, Tp), 2, d)
@@ -149,7 +154,7 @@ def make_problem(q, k, v, g, beta, resets, chunk_size: int) -> Problem:
     b = per_step(jnp.ones((B, H, T), F32) if beta is None else beta)
     zero = jnp.zeros_like(G)
     grow = jnp.stack([G, seg, b] + [zero] * (GATE_COLS - 3), axis=2)  # (BH, NC, 8, L)
-    return Problem(seq(q, dkp), seq(k, dkp), seq(v, dvp), jnp.swapaxes(grow, 2, 3), grow, L, NC, dkp, dvp)
+    return Problem(seq(q, d_k), seq(k, d_k), seq(v, d_v), jnp.swapaxes(grow, 2, 3), grow, L, NC, d_k, d_v)
 
 
 def state_in(p: Problem, state):

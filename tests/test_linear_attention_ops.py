@@ -178,17 +178,19 @@ def test_bf16_inputs_match_the_reference(op, backend):
 
 
 PALLAS_CASES = [("gla", "none"), ("gla", "head"), ("delta", "none"), ("delta", "head")]
+PALLAS = pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_tpu"])
 
 
+@PALLAS
 @pytest.mark.parametrize("op,gate", PALLAS_CASES)
-def test_pallas_gpu_equals_the_reference_with_gradients(op, gate):
-    """The Pallas GPU kernels (interpret mode), float32, the cases of
+def test_pallas_equals_the_reference_with_gradients(op, gate, backend):
+    """The Pallas GPU and TPU kernels (interpret mode), float32, the cases of
     ``test_backends_equal_the_reference_with_gradients``: three chunks of 16 (the last
     partial), resets mid-chunk, twice in a row and at the last step, an incoming state, extreme
-    gates; head sizes 8 and 12 (zero-padded to 16 inside)."""
+    gates; head sizes 8 and 12 (zero-padded to 16 inside on GPU, as they are on TPU)."""
     x = make_inputs(np.random.default_rng(3), op, gate, extreme=True)
     o_ref, S_ref, g_ref = grads(op, x, "reference", 16, jnp.float32)
-    o, S, g = grads(op, x, "pallas_gpu", 16, jnp.float32, interpret=True)
+    o, S, g = grads(op, x, backend, 16, jnp.float32, interpret=True)
     assert rel_err(o, o_ref) < 1e-4 and rel_err(S, S_ref) < 1e-4, (rel_err(o, o_ref), rel_err(S, S_ref))
     for name in g_ref:
         assert np.all(np.isfinite(np.asarray(g[name]))), name
@@ -201,9 +203,10 @@ def rms_err(got, want):
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
+@PALLAS
 @pytest.mark.parametrize("op", ["gla", "delta"])
-def test_pallas_gpu_bf16_inputs_match_the_reference(op):
-    """bf16 inputs through the Pallas GPU kernels (interpret mode; bf16 matmul operands and
+def test_pallas_bf16_inputs_match_the_reference(op, backend):
+    """bf16 inputs through the Pallas GPU and TPU kernels (interpret mode; bf16 matmul operands and
     saved chunk states, float32 accumulation and carried state) against the float32
     reference on the same bf16-rounded inputs: outputs within 3e-3 and gradients within 5e-3
     in relative norm, the final state within 3e-3 of its largest entry. (A max-entry measure
@@ -212,7 +215,7 @@ def test_pallas_gpu_bf16_inputs_match_the_reference(op):
     rounded = {n: a if n == "resets" or a is None else np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32))
                for n, a in x.items()}
     o_ref, S_ref, g_ref = grads(op, rounded, "reference", 16, jnp.float32)
-    o, S, g = grads(op, x, "pallas_gpu", 16, jnp.bfloat16, interpret=True)
+    o, S, g = grads(op, x, backend, 16, jnp.bfloat16, interpret=True)
     assert o.dtype == jnp.bfloat16 and S.dtype == jnp.float32
     assert rms_err(o, o_ref) < 3e-3 and rel_err(S, S_ref) < 3e-3, (rms_err(o, o_ref), rel_err(S, S_ref))
     for name in g_ref:
@@ -220,10 +223,11 @@ def test_pallas_gpu_bf16_inputs_match_the_reference(op):
 
 
 @pytest.mark.parametrize("op", ["gla", "delta"])
-def test_pallas_gpu_refuses_per_channel_decays_and_bad_configs(op):
+def test_pallas_refuses_per_channel_decays_and_bad_configs(op):
     x = make_inputs(np.random.default_rng(5), op, "channel", time=8)
-    with pytest.raises(ValueError, match="per-channel decays"):
-        call(op, x, backend="pallas_gpu", interpret=True)
+    for backend in ("pallas_gpu", "pallas_tpu"):
+        with pytest.raises(ValueError, match="per-channel decays"):
+            call(op, x, backend=backend, interpret=True)
     x = make_inputs(np.random.default_rng(5), op, "head", time=8)
     with pytest.raises(TypeError, match="config must be a ChunkedConfig"):
         call(op, x, backend="pallas_gpu", interpret=True, config={"block_v": 32})
@@ -280,7 +284,7 @@ def test_bad_inputs_are_refused_by_name(op):
     with pytest.raises(TypeError, match="scale"):
         call(op, x, scale="0.5")
     with pytest.raises(ValueError, match="backend"):
-        call(op, x, backend="pallas_tpu")
+        call(op, x, backend="triton")
 
 
 FLA = np.load(__import__("pathlib").Path(__file__).parent / "fixtures" / "fla_naive.npz")

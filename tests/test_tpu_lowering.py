@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnemax.kernels import linear_scan, mlstm, selective_scan, slstm
+from mnemax.kernels import delta_rule, gated_linear_attention, linear_scan, mlstm, selective_scan, slstm
 from mnemax.kernels.sharding import KernelSharding
 
 TPU_V5E = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
@@ -177,6 +177,52 @@ def test_slstm_tpu_kernels_lower(dtype, mode):
     # slstm casts its inputs to float32 before the kernels (bf16 only changes the entry's casts)
     fn, args = _slstm_case(dtype)
     _check(_lower(fn, args, mode), mode, dtype, bf16_kernel=False)
+
+
+def _matrix_state_case(op, dtype, gate="head", B=2, H=4, T=200, dk=128, dv=128):
+    # the GLA / (Gated) DeltaNet layers' call: heads of 128, chunk 64, a decay per head (or
+    # none), a carried state and resets; 200 steps pad to 4 chunks
+    rng = np.random.default_rng(4)
+    q, k, v = _arr(rng, (B, H, T, dk), dtype), _arr(rng, (B, H, T, dk), dtype), _arr(rng, (B, H, T, dv), dtype)
+    g = None if gate == "none" else -jax.nn.softplus(_arr(rng, (B, H, T)))
+    beta = jax.nn.sigmoid(_arr(rng, (B, H, T)))
+    state = _arr(rng, (B, H, dk, dv), scale=0.1)
+    resets = jnp.asarray(rng.random((B, T)) < 0.05)
+    kw = dict(resets=resets, chunk_size=64, backend="pallas_tpu", interpret=False, sharding=TRAINER_SHARDING)
+    if op == "gla":
+        fn = lambda q, k, v, g, state: gated_linear_attention(q, k, v, g, state=state, **kw)  # noqa: E731
+        return fn, (q, k, v, g, state)
+    fn = lambda q, k, v, beta, g, state: delta_rule(q, k, v, beta, g, state=state, **kw)  # noqa: E731
+    return fn, (q, k, v, beta, g, state)
+
+
+def _check_matrix_state(text, op, mode, dtype):
+    """delta_rule: the WY preparation, then the forward walk; with the gradient the backward
+    walk after them; gated_linear_attention: the walks alone. bf16 data reaches each as bf16."""
+    want = (["_tpu_wy_kernel"] if op == "delta" else []) + [FWD] + ([BWD] if mode == "gradient" else [])
+    kernels = _kernels(text)
+    assert [name for name, _ in kernels] == want
+    if dtype == jnp.bfloat16:
+        assert all("bf16" in operands for _, operands in kernels), kernels
+
+
+@MODES
+@DTYPES
+@pytest.mark.parametrize("gate", ["none", "head"])
+@pytest.mark.parametrize("op", ["gla", "delta"])
+def test_matrix_state_tpu_kernels_lower(op, gate, dtype, mode):
+    fn, args = _matrix_state_case(op, dtype, gate)
+    if args[-2] is None:  # g None: not an argument to differentiate
+        fn, args = (lambda *a, fn=fn: fn(*a[:-1], None, a[-1])), args[:-2] + args[-1:]
+    _check_matrix_state(_lower(fn, args, mode), op, mode, dtype)
+
+
+@pytest.mark.parametrize("op", ["gla", "delta"])
+def test_matrix_state_tpu_kernels_lower_per_shard_under_a_mesh(op):
+    fn, args = _matrix_state_case(op, jnp.bfloat16)
+    text = _lower(fn, args, "gradient", _tpu_mesh({"data": 2, "fsdp": 1, "tensor": 2}))
+    _check_matrix_state(text, op, "gradient", jnp.bfloat16)
+    assert "sdy.manual_computation" in text or "shard_map" in text
 
 
 @pytest.mark.parametrize("case", [_selective_scan_case, _mlstm_case, _slstm_case], ids=["selective_scan", "mlstm", "slstm"])

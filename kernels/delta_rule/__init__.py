@@ -31,6 +31,12 @@ Forms (``backend=``; the table is :data:`BACKENDS`):
   inputs take the ``xla`` path. Opt-in (``backend=`` or ``MNEMAX_KERNEL_BACKEND``). Under a
   mesh of several devices it runs per (batch, head) shard under ``jax.shard_map`` over the
   axes ``sharding=`` names.
+* ``pallas_tpu`` -- the same chunkwise form and custom VJP as Pallas TPU (Mosaic) kernels
+  (:mod:`.tpu` for the WY/UT preparation, :mod:`mnemax.kernels.chunked_tpu` for one kernel
+  walking the chunks forward writing the outputs and one walking them back writing every
+  gradient), for the same gates (per-key-channel decays: ``xla``); float64 inputs take the
+  ``xla`` path; ``config=`` is ignored. Opt-in, and sharded per (batch, head) as
+  ``pallas_gpu``; checked in interpret mode and by its TPU lowering, not yet on a TPU.
 
 A one-step call (``time == 1``, generation) takes the closed-form recurrent update
 (:func:`.reference.one_step`) whatever the backend.
@@ -53,10 +59,11 @@ import jax
 import jax.numpy as jnp
 
 from .. import chunked_gpu as cg
+from .. import chunked_tpu as ct
 from .. import dispatch
 from ..chunked_gpu import ChunkedConfig
 from ..sharding import KernelSharding, per_shard, plan
-from . import gpu, reference, xla
+from . import gpu, reference, tpu, xla
 from .common import OP, validate, zeros_state
 
 __all__ = ["BACKENDS", "ChunkedConfig", "delta_rule", "zeros_state"]
@@ -77,13 +84,14 @@ def delta_rule(q, k, v, beta, g=None, *, state=None, resets=None, scale: float |
       state: incoming (batch, heads, d_k, d_v); None is the zero state.
       resets: (batch, time) bool; True clears the state before step t.
       scale: multiplies q; default ``d_k ** -0.5`` (fla's default).
-      chunk_size: chunk length of the chunkwise forms (``xla``, ``pallas_gpu``).
-      backend: ``"reference"``, ``"xla"`` or ``"pallas_gpu"``; None picks by platform
-        (``MNEMAX_KERNEL_BACKEND`` overrides).
-      interpret: run ``pallas_gpu`` in interpret mode (CPU); None reads ``MNEMAX_PALLAS_INTERPRET``.
-      config: the Pallas GPU kernels' tuning (:class:`ChunkedConfig`); None: its defaults.
-      sharding: the mesh axes splitting the batch and the heads, for ``pallas_gpu`` under a
-        mesh of several devices (:class:`~mnemax.kernels.sharding.KernelSharding`).
+      chunk_size: chunk length of the chunkwise forms (``xla``, Pallas).
+      backend: ``"reference"``, ``"xla"``, ``"pallas_gpu"`` or ``"pallas_tpu"``; None picks by
+        platform (``MNEMAX_KERNEL_BACKEND`` overrides).
+      interpret: run a Pallas backend in interpret mode (CPU); None reads ``MNEMAX_PALLAS_INTERPRET``.
+      config: the Pallas GPU kernels' tuning (:class:`ChunkedConfig`); None: its defaults
+        (``pallas_tpu`` ignores it).
+      sharding: the mesh axes splitting the batch and the heads, for the Pallas backends under
+        a mesh of several devices (:class:`~mnemax.kernels.sharding.KernelSharding`).
     """
     q, k, v, beta, g, resets, scale = validate(q, k, v, beta, g, state, resets, chunk_size, scale)
     if config is not None and not isinstance(config, ChunkedConfig):
@@ -113,7 +121,13 @@ def delta_rule(q, k, v, beta, g=None, *, state=None, resets=None, scale: float |
 # ----------------------------------------------------------------------------- pallas
 
 
-def _forward(q, k, v, beta, g, state, cut, *, chunk_size, scale, config, interpret):
+def _forward(platform, q, k, v, beta, g, state, cut, *, chunk_size, scale, config, interpret, save=True):
+    if platform == "tpu":
+        p = ct.make_problem(q, k, v, g, beta, cut, chunk_size)
+        R, U, Wk = tpu.wy(p, interpret=interpret)
+        o, S_T, states, X = ct.forward(p, U, Wk, cg.state_in(p, state), q.dtype, scale=scale, delta=True, save=save,
+                                       interpret=interpret)
+        return cg.seq_out(o, v.shape), cg.state_out(S_T, state.shape), (states, X, R, Wk)
     p = cg.make_problem(q, k, v, g, beta, cut, chunk_size)
     R, U, Wk = gpu.wy(p, config=config, interpret=interpret)
     states, X, S_T = cg.walk_forward(p, U, Wk, cg.state_in(p, state), delta=True, config=config, interpret=interpret)
@@ -121,22 +135,27 @@ def _forward(q, k, v, beta, g, state, cut, *, chunk_size, scale, config, interpr
     return cg.seq_out(o, v.shape), cg.state_out(S_T, state.shape), (states, X, R, Wk)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
-def _pallas_vjp(q, k, v, beta, g, state, cut, chunk_size, scale, config, interpret):
-    o, final, _ = _forward(q, k, v, beta, g, state, cut, chunk_size=chunk_size, scale=scale, config=config,
-                           interpret=interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
+def _pallas_vjp(q, k, v, beta, g, state, cut, platform, chunk_size, scale, config, interpret):
+    o, final, _ = _forward(platform, q, k, v, beta, g, state, cut, chunk_size=chunk_size, scale=scale, config=config,
+                           interpret=interpret, save=False)
     return o, final
 
 
-def _pallas_fwd(q, k, v, beta, g, state, cut, chunk_size, scale, config, interpret):
-    o, final, saved = _forward(q, k, v, beta, g, state, cut, chunk_size=chunk_size, scale=scale, config=config,
-                               interpret=interpret)
+def _pallas_fwd(q, k, v, beta, g, state, cut, platform, chunk_size, scale, config, interpret):
+    o, final, saved = _forward(platform, q, k, v, beta, g, state, cut, chunk_size=chunk_size, scale=scale,
+                               config=config, interpret=interpret)
     return (o, final), (q, k, v, beta, g, state, cut, saved)
 
 
-def _pallas_bwd(chunk_size, scale, config, interpret, res, cts):
+def _pallas_bwd(platform, chunk_size, scale, config, interpret, res, cts):
     q, k, v, beta, g, state, cut, (states, X, R, Wk) = res
     do, dfinal = cts
+    if platform == "tpu":
+        p = ct.make_problem(q, k, v, g, beta, cut, chunk_size)
+        dq, dk, dv, rows, dS0 = ct.backward(p, X, ct.pad_cotangent(p, do), states, cg.state_in(p, dfinal),
+                                            scale=scale, delta=True, R=R, xw=Wk, interpret=interpret)
+        return _grads(q, k, v, beta, g, state, cut, dq, dk, dv, rows, dS0)
     p = cg.make_problem(q, k, v, g, beta, cut, chunk_size)
     B, H, T, _ = q.shape
     do = cg.pad_axis(cg.pad_axis(do.astype(q.dtype).reshape(B * H, T, -1), 1, p.n_chunks * p.L), 2, p.d_v)
@@ -145,6 +164,11 @@ def _pallas_bwd(chunk_size, scale, config, interpret, res, cts):
                                         config=config, interpret=interpret)
     dq, dk, dv, rows = cg.chunk_grads(p, X, do, states, dstates, scale=scale, delta=True, R=R, dx=dX, config=config,
                                       interpret=interpret)
+    return _grads(q, k, v, beta, g, state, cut, dq, dk, dv, rows, dS0)
+
+
+def _grads(q, k, v, beta, g, state, cut, dq, dk, dv, rows, dS0):
+    """The custom VJP's cotangents from the kernels' layouts."""
     dg = None if g is None else cg.step_out(cg.decay_grad(rows[:, :, 0]), g.shape).astype(g.dtype)
     dbeta = cg.step_out(rows[:, :, 1], beta.shape).astype(beta.dtype)
     return (cg.seq_out(dq, q.shape).astype(q.dtype), cg.seq_out(dk, k.shape).astype(k.dtype),
@@ -155,17 +179,17 @@ def _pallas_bwd(chunk_size, scale, config, interpret, res, cts):
 _pallas_vjp.defvjp(_pallas_fwd, _pallas_bwd)
 
 
-def _pallas(q, k, v, beta, g, state, resets, *, chunk_size, scale, interpret, config, sharding):
+def _pallas(platform, q, k, v, beta, g, state, resets, *, chunk_size, scale, interpret, config, sharding):
     if state.dtype == jnp.float64:  # the kernels compute in float32
         return xla.chunkwise(q, k, v, beta, g, state, resets, chunk_size=chunk_size, scale=scale)
     dt = jnp.result_type(q, k, v)
 
     def run(q, k, v, beta, g, state, resets):
         cut = None if resets is None else resets.astype(jnp.float32)
-        return _pallas_vjp(q.astype(dt), k.astype(dt), v.astype(dt), beta, g, state, cut, chunk_size, scale, config,
-                           bool(interpret))
+        return _pallas_vjp(q.astype(dt), k.astype(dt), v.astype(dt), beta, g, state, cut, platform, chunk_size, scale,
+                           config, bool(interpret))
 
-    split = plan(f"{OP} (pallas_gpu)", sharding, q.shape[0], q.shape[1])
+    split = plan(f"{OP} (pallas_{platform})", sharding, q.shape[0], q.shape[1])
     if not split.split:
         return run(q, k, v, beta, g, state, resets)
     bh = jax.sharding.PartitionSpec(split.rows, split.cols)
@@ -181,5 +205,6 @@ _ONE_STEP = jax.jit(reference.one_step, static_argnames=("scale",))
 BACKENDS = dispatch.backends(OP, {
     "reference": jax.jit(reference.recurrent, static_argnames=_STATIC),
     "xla": jax.jit(xla.chunkwise, static_argnames=_STATIC),
-    "pallas_gpu": jax.jit(_pallas, static_argnames=_PALLAS_STATIC),
-}, opt_in=frozenset({"pallas_gpu"}))
+    "pallas_gpu": jax.jit(functools.partial(_pallas, "gpu"), static_argnames=_PALLAS_STATIC),
+    "pallas_tpu": jax.jit(functools.partial(_pallas, "tpu"), static_argnames=_PALLAS_STATIC),
+}, opt_in=frozenset({"pallas_gpu", "pallas_tpu"}))
