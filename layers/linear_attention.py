@@ -118,7 +118,7 @@ from mnemax.kernels.sharding import KernelSharding
 
 from .attention import episode_positions, rope
 from .base import Dtype, begin_call, compute_dtype, partitioned, state_dtype
-from .delta_net import GatedDeltaNetBlock, GatedRMSNorm
+from .delta_net import GatedDeltaNetBlock, GatedRMSNorm, check_positive_int, heads_first
 from .norms import rms_norm
 
 
@@ -135,11 +135,6 @@ class LightningAttentionState(NamedTuple):
     S: jax.Array  # (batch, H, d_h, d_h)
 
 
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 def _positive_number(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
         raise ValueError(f"{name} must be a number > 0, got {value!r}")
@@ -154,11 +149,6 @@ def _expanded_width(name, features, ratio, num_heads) -> int:
         raise ValueError(f"{name} must make features * {name} an integer divisible by num_heads "
                          f"(features={features}, num_heads={num_heads}), got {ratio!r}")
     return int(round(width))
-
-
-def _heads_first(u):
-    """(batch, time, heads, ...) -> (batch, heads, time, ...)."""
-    return jnp.moveaxis(u, 2, 1)
 
 
 class _DecayedLinearAttention(nn.Module):
@@ -193,19 +183,16 @@ class _DecayedLinearAttention(nn.Module):
         return _expanded_width("expand_v", self.features, self.expand_v, self.num_heads) // self.num_heads
 
     def _check_config(self):
-        _positive_int("features", self.features)
-        _positive_int("num_heads", self.num_heads)
-        _positive_int("num_kv_heads", self.kv_heads)
-        _positive_int("chunk_size", self.chunk_size)
+        check_positive_int("features", self.features)
+        check_positive_int("num_heads", self.num_heads)
+        check_positive_int("num_kv_heads", self.kv_heads)
+        check_positive_int("chunk_size", self.chunk_size)
         if self.num_heads % self.kv_heads:
             raise ValueError(f"num_kv_heads must divide num_heads ({self.num_heads}), got {self.num_kv_heads!r}")
         _expanded_width("expand_k", self.features, self.expand_k, self.num_heads)
         _expanded_width("expand_v", self.features, self.expand_v, self.num_heads)
         _positive_number("norm_eps", self.norm_eps)
         _positive_number("initializer_range", self.initializer_range)
-
-    def initial_state(self, batch_size: int):
-        raise NotImplementedError
 
     def _proj(self, features, names, name, cdt, axis=-1, use_bias=False):
         return nn.DenseGeneral(
@@ -227,11 +214,11 @@ class _DecayedLinearAttention(nn.Module):
         g comes as (batch, H, time). Returns o (batch, time, H, d_v) and S."""
         groups = self.num_heads // self.kv_heads
         if g.ndim == 4:
-            g = _heads_first(jnp.repeat(g, groups, axis=2) if groups > 1 else g)
+            g = heads_first(jnp.repeat(g, groups, axis=2) if groups > 1 else g)
         if groups > 1:  # key/value head j serves query heads j * groups .. (j + 1) * groups - 1
             k, v = (jnp.repeat(u, groups, axis=2) for u in (k, v))
         o, S = gated_linear_attention(
-            _heads_first(q), _heads_first(k), _heads_first(v), g,
+            heads_first(q), heads_first(k), heads_first(v), g,
             state=state_S, resets=resets, scale=scale, chunk_size=self.chunk_size, backend=self.backend,
             config=self.kernel_config, sharding=self.kernel_sharding,
         )
@@ -277,7 +264,7 @@ class GatedLinearAttention(_DecayedLinearAttention):
 
     def _check_config(self):
         super()._check_config()
-        _positive_int("gate_low_rank_dim", self.gate_low_rank_dim)
+        check_positive_int("gate_low_rank_dim", self.gate_low_rank_dim)
         _positive_number("gate_logit_normalizer", self.gate_logit_normalizer)
         if self.clamp_min is not None and (
                 isinstance(self.clamp_min, bool) or not isinstance(self.clamp_min, numbers.Real) or self.clamp_min > 0):
@@ -405,16 +392,16 @@ class LightningAttention(nn.Module):
         return self.features // self.num_heads if self.head_dim is None else self.head_dim
 
     def _check_config(self):
-        _positive_int("features", self.features)
-        _positive_int("num_heads", self.num_heads)
-        _positive_int("chunk_size", self.chunk_size)
-        _positive_int("num_layers", self.num_layers)
+        check_positive_int("features", self.features)
+        check_positive_int("num_heads", self.num_heads)
+        check_positive_int("chunk_size", self.chunk_size)
+        check_positive_int("num_layers", self.num_layers)
         if self.head_dim is None:
             if self.features % self.num_heads:
                 raise ValueError(f"num_heads must divide features ({self.features}) when head_dim is None, "
                                  f"got {self.num_heads!r}")
         else:
-            _positive_int("head_dim", self.head_dim)
+            check_positive_int("head_dim", self.head_dim)
         if (isinstance(self.layer_idx, bool) or not isinstance(self.layer_idx, numbers.Integral)
                 or not 0 <= self.layer_idx < self.num_layers):
             raise ValueError(f"layer_idx must be an integer in [0, num_layers={self.num_layers}), got {self.layer_idx!r}")
@@ -442,7 +429,7 @@ class LightningAttention(nn.Module):
         q, k = jax.nn.silu(q), jax.nn.silu(k)
         g = jnp.asarray(lightning_log_decay(H, self.layer_idx, self.num_layers), f32)
         o, S = gated_linear_attention(
-            _heads_first(q), _heads_first(k), _heads_first(v), jnp.broadcast_to(g[None, :, None], (batch, H, time)),
+            heads_first(q), heads_first(k), heads_first(v), jnp.broadcast_to(g[None, :, None], (batch, H, time)),
             state=state.S, resets=resets, scale=1.0, chunk_size=self.chunk_size, backend=self.backend,
             config=self.kernel_config, sharding=self.kernel_sharding,
         )
