@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import traceback
 
 import jax
@@ -110,7 +111,15 @@ def op_rows(op: str, shape, only=None) -> list[dict]:
             diff = {n: a for n, a in x.items() if a is not None}
             fwd = jax.jit(lambda d, b=backend: call(op, {**x, **d}, b))
             fb = jax.jit(jax.grad(lambda d, b=backend: loss_fn(op, b)({**x, **d})))
+            t0 = time.perf_counter()
+            fwd = fwd.lower(diff).compile()
+            row["fwd_compile_s"] = time.perf_counter() - t0
+            print(row, flush=True)
             row["fwd_ms"] = 1e3 * bench(fwd, diff)
+            t0 = time.perf_counter()
+            fb = fb.lower(diff).compile()
+            row["fwdbwd_compile_s"] = time.perf_counter() - t0
+            print(row, flush=True)
             row["fwdbwd_ms"] = 1e3 * bench(fb, diff)
         except Exception as e:  # noqa: BLE001 - a failing variant is a row, not the end of the run
             row["error"] = f"{type(e).__name__}: {e}"[:300]
@@ -165,7 +174,7 @@ def main():
         if not args.no_cudnn and jax.default_backend() == "gpu":
             rows += cudnn_rows(shape)
     save({"env": env, "rows": rows}, "linear_attention.json")
-    print(table(rows, ["op", "shape", "dtype", "backend", "check_err", "fwd_ms", "fwdbwd_ms", "error"]))
+    print(table(rows, ["op", "shape", "dtype", "backend", "check_err", "fwd_compile_s", "fwd_ms", "fwdbwd_compile_s", "fwdbwd_ms", "error"]))
 
 
 if __name__ == "__main__":

@@ -32,8 +32,9 @@ Layouts: rows are batch x heads (``BH``), time is padded to ``NC`` chunks of ``L
 (a power of two >= 16), ``d_k`` and ``d_v`` to powers of two >= 16 (Triton's ``tl.dot``;
 wgmma on Hopper). Per-step gate quantities travel as (BH, NC, L, 8) columns and (BH, NC,
 8, L) rows (Triton cannot transpose a vector): ``G``, the segment index and ``beta`` (1 for
-linear attention). Matmul operands are bfloat16/float16 for 16-bit inputs, float32 (IEEE)
-otherwise, always with float32 accumulation and a float32 carried state.
+linear attention). Matmul operands are bfloat16/float16 for 16-bit inputs, float32 otherwise
+(three-pass TF32 on the GPU, see :func:`matmuls`), always with float32 accumulation and a
+float32 carried state.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ class ChunkedConfig:
       num_warps: warps of the per-chunk forward kernels.
       bwd_warps: warps of the per-chunk backward kernel.
       walk_warps: warps of the state walks.
-      num_stages: Triton pipeline stages of every kernel.
+      num_stages: Triton pipeline stages of every kernel (the gradient kernel uses one for
+        float32 operands, which need the shared memory).
     """
 
     block_v: int = 64
@@ -573,8 +575,16 @@ def chunk_grads(p: Problem, x, do, states, dstates, *, scale: float, delta: bool
         out_specs=[sp["k"], sp["k"], sp["v"], sp["rows"]],
         out_shape=[jax.ShapeDtypeStruct((BH, Tp, p.d_k), F32), jax.ShapeDtypeStruct((BH, Tp, p.d_k), F32),
                    jax.ShapeDtypeStruct((BH, Tp, p.d_v), F32), jax.ShapeDtypeStruct((BH, NC, GATE_COLS, L), F32)],
-        compiler_params=compiler_params(interpret, config.bwd_warps, config.num_stages), interpret=interpret,
+        compiler_params=compiler_params(interpret, config.bwd_warps, _grads_stages(p, config)), interpret=interpret,
     )(*args)
+
+
+def _grads_stages(p: Problem, config: ChunkedConfig) -> int:
+    """The per-chunk gradient kernel's pipeline stages: ``config.num_stages``, but one for
+    float32 operands, whose three-pass TF32 products stage hi and lo halves of every operand
+    in shared memory: the delta rule's kernel at d_k = d_v = 128 needs 320 KiB at two stages
+    and 224 KiB at one (Triton 3.9 for sm_90, compiled on the CPU), and Hopper has 227 KiB."""
+    return 1 if p.q.dtype == F32 else config.num_stages
 
 
 def decay_grad(dG):
