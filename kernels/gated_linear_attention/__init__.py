@@ -23,17 +23,18 @@ Forms (``backend=``; the table is :data:`BACKENDS`):
   space, states carried across chunks; memory O(time * chunk_size) per head. The
   platform default everywhere.
 * ``pallas_gpu`` -- the chunkwise form as Pallas GPU (Triton) kernels, forward and backward
-  (a custom VJP recomputing from the saved chunk-boundary states; :mod:`mnemax.kernels.chunked_gpu`),
-  tuned by a :class:`~mnemax.kernels.chunked_gpu.ChunkedConfig`, for ``g`` None or one log
-  decay per head (per-key-channel decays: ``xla``); float64 inputs take the ``xla`` path.
+  (a custom VJP recomputing from the saved chunk-boundary states), tuned by a
+  :class:`~mnemax.kernels.chunked_gpu.ChunkedConfig`: :mod:`mnemax.kernels.chunked_gpu` for
+  ``g`` None or one log decay per head, :mod:`.gpu` for one per key channel (intra-chunk
+  scores in sub-chunks); float64 inputs take the ``xla`` path.
   Opt-in (``backend=`` or ``MNEMAX_KERNEL_BACKEND``). Under a mesh of several devices it runs
   per (batch, head) shard under ``jax.shard_map`` over the axes ``sharding=`` names.
 * ``pallas_tpu`` -- the same chunkwise form and custom VJP as Pallas TPU (Mosaic) kernels
   (:mod:`mnemax.kernels.chunked_tpu`: one kernel walks the chunks forward writing the
-  outputs, one walks them back writing every gradient), for the same gates (per-key-channel
-  decays: ``xla``); float64 inputs take the ``xla`` path; ``config=`` is ignored. Opt-in, and
-  sharded per (batch, head) as ``pallas_gpu``; checked in interpret mode and by its TPU
-  lowering, not yet on a TPU.
+  outputs, one walks them back writing every gradient), for ``g`` None or one log decay per
+  head (per-key-channel decays: ``xla`` or ``pallas_gpu``); float64 inputs take the ``xla``
+  path; ``config=`` is ignored. Opt-in, and sharded per (batch, head) as ``pallas_gpu``;
+  checked in interpret mode and by its TPU lowering, not yet on a TPU.
 
 A one-step call (``time == 1``, generation) takes the closed-form recurrent update
 (:func:`.reference.one_step`) whatever the backend.
@@ -60,7 +61,7 @@ from .. import chunked_tpu as ct
 from .. import dispatch
 from ..chunked_gpu import ChunkedConfig
 from ..sharding import KernelSharding, per_shard, plan
-from . import reference, xla
+from . import gpu, reference, xla
 from .common import OP, validate, zeros_state
 
 __all__ = ["BACKENDS", "ChunkedConfig", "gated_linear_attention", "zeros_state"]
@@ -104,9 +105,10 @@ def gated_linear_attention(q, k, v, g=None, *, state=None, resets=None, scale: f
         return o.astype(out_dtype), state
     kw = {}
     if name.startswith("pallas"):
-        if g is not None and g.ndim == 4:
+        if name == "pallas_tpu" and g is not None and g.ndim == 4:
             raise ValueError(f"backend={name!r} takes g None or one log decay per head, (batch, heads, time); got g "
-                             f"of shape {g.shape} (one per key channel): use backend='xla' for per-channel decays")
+                             f"of shape {g.shape} (one per key channel): use backend='xla' or 'pallas_gpu' for "
+                             "per-channel decays")
         kw = {"interpret": dispatch.interpret_flag(interpret), "config": config or DEFAULT_CONFIG,
               "sharding": sharding}
     o, state = impl(q, k, v, g, state, resets, chunk_size=chunk_size, scale=scale, **kw)
@@ -122,6 +124,9 @@ def _forward(platform, q, k, v, g, state, cut, *, chunk_size, scale, config, int
         o, S_T, states, _ = ct.forward(p, p.v, None, cg.state_in(p, state), q.dtype, scale=scale, delta=False,
                                        save=save, interpret=interpret)
         return cg.seq_out(o, v.shape), cg.state_out(S_T, state.shape), states
+    if g is not None and g.ndim == 4:
+        return gpu.forward(q, k, v, g, state, cut, chunk_size=chunk_size, scale=scale, config=config,
+                           interpret=interpret)
     p = cg.make_problem(q, k, v, g, None, cut, chunk_size)
     states, _, S_T = cg.walk_forward(p, p.v, None, cg.state_in(p, state), delta=False, config=config,
                                      interpret=interpret)
@@ -150,6 +155,10 @@ def _pallas_bwd(platform, chunk_size, scale, config, interpret, res, cts):
         dq, dk, dv, rows, dS0 = ct.backward(p, p.v, ct.pad_cotangent(p, do), states, cg.state_in(p, dfinal),
                                             scale=scale, delta=False, interpret=interpret)
         return _grads(q, k, v, g, state, cut, dq, dk, dv, rows, dS0)
+    if g is not None and g.ndim == 4:
+        grads = gpu.backward(q, k, v, g, state, cut, states, do, dfinal, chunk_size=chunk_size, scale=scale,
+                             config=config, interpret=interpret)
+        return grads + (None if cut is None else jnp.zeros_like(cut),)
     p = cg.make_problem(q, k, v, g, None, cut, chunk_size)
     B, H, T, _ = q.shape
     do = cg.pad_axis(cg.pad_axis(do.astype(q.dtype).reshape(B * H, T, -1), 1, p.n_chunks * p.L), 2, p.d_v)

@@ -1,0 +1,380 @@
+"""Pallas GPU (Triton) kernels for ``gated_linear_attention`` with one log decay per key
+channel (GLA's gate; fla's ``chunk_gla``): the same split as the per-head kernels of
+:mod:`mnemax.kernels.chunked_gpu` (a sequential state walk saving each chunk's incoming
+state, then one program per chunk; an adjoint walk, then one gradient program per chunk),
+with the decay a row of ``d_k`` factors.
+
+With ``G`` (L, d_k) the cumulative log decay since the chunk's start (per channel; resets
+cut the chunk into segments, :mod:`mnemax.kernels.chunked`), ``[fresh]`` the steps the
+incoming state reaches (before any reset in the chunk), ``[last]`` the chunk's last segment
+and ``[carries]`` a chunk without a reset, per chunk::
+
+    A_ts   = scale sum_d q_td k_sd exp(G_td - G_sd)              s <= t, one segment
+    o      = (scale q * exp(G) [fresh]) S_in + A V
+    S_out  = Diag(exp(G_L) [carries]) S_in + (k * exp(G_L - G) [last])^T V
+
+``A`` is formed in sub-chunks of ``c = 16`` steps (:func:`intra`): a diagonal sub-block
+exactly, one key step ``s`` at a time (its ``k_s`` and ``G_s`` rows read from the refs);
+the sub-chunks before row sub-chunk ``i`` as one matmul factored around ``r``, the last
+step before it: ``(q_t exp(G_t - G_r)) . (k_s exp(G_r - G_s))``. Every exponent is <= 0,
+so no gate, however strong, overflows. The backward, with ``dA = dO V^T`` (masked as A)::
+
+    dq     = scale exp(G) [fresh] (.) dO S_in^T + sum_s scale dA_ts k_s (.) exp(G_t - G_s)
+    dk     = exp(G_L - G) [last] (.) V dS_out^T + sum_t scale dA_ts q_t (.) exp(G_t - G_s)
+    dv     = A^T dO + (k * exp(G_L - G) [last]) dS_out
+    dS_in  = Diag(exp(G_L) [carries]) dS_out + (scale q * exp(G) [fresh])^T dO
+    dG     = q (.) dq - k (.) dk + [t = L] (sum_s (k (.) dk_out)_s + exp(G_L) [carries] (.) rowsum(S_in (.) dS_out))
+
+where ``dk_out`` is dk's first term: ``G`` enters only through ``q exp(G)``, ``k exp(-G)``
+factors and the state's decay. ``dg`` is the reverse cumulative sum of ``dG`` inside each
+chunk (:func:`decay_grad`).
+
+Layouts: those of :mod:`mnemax.kernels.chunked_gpu` (its gate columns carry only the
+segments here, with ``G = 0``), plus ``G`` as (BH, Tp, d_k) float32. States travel
+transposed, (d_v, d_k) per row, so that each per-channel factor is a (1, d_k) row
+broadcasting over a state tile (Triton cannot transpose a vector). The per-chunk kernels
+take the key columns in blocks of :data:`BLOCK_K` (``A`` and every intra-chunk term are
+sums over key columns), so their (L, d_k) float32 factors never sit in registers whole
+(at d_k 128 and chunk 64 the unsplit kernels spilled). Matmul operands follow
+:func:`~mnemax.kernels.chunked_gpu.matmuls`; the 0/1 placement matmuls run at the float32
+policy.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from ..chunked import SUB_CHUNK
+from ..chunked_gpu import (
+    F32,
+    GATE_COLS,
+    ROW_SEG,
+    ChunkedConfig,
+    Matmul,
+    Problem,
+    chunk_weights,
+    compiler_params,
+    dot,
+    dot_nt,
+    dot_tn,
+    make_problem,
+    matmuls,
+    pad_axis,
+    seq_out,
+    state_in,
+    state_out,
+    walk_block,
+)
+
+BLOCK_K = 32  # key columns per step of the per-chunk kernels' key loop
+
+
+def channel_problem(q, k, v, g, resets, chunk_size: int):
+    """(the :class:`~mnemax.kernels.chunked_gpu.Problem` of q, k, v and the resets, no decay
+    in its gate columns; ``G`` (BH, Tp, d_k) float32, the cumulative log decay of ``g``
+    (B, H, T, d_k) inside each chunk, zero on padded steps and channels)."""
+    p = make_problem(q, k, v, None, None, resets, chunk_size)
+    B, H, T, dk = g.shape
+    G = pad_axis(pad_axis(g.astype(F32).reshape(B * H, T, dk), 1, p.n_chunks * p.L), 2, p.d_k)
+    return p, jnp.cumsum(G.reshape(B * H, p.n_chunks, p.L, p.d_k), axis=2).reshape(B * H, -1, p.d_k)
+
+
+def state_in_t(p: Problem, state):
+    """(B, H, d_k, d_v) -> (BH, d_v padded, d_k padded) float32, the kernels' transposed state."""
+    return jnp.swapaxes(state_in(p, state), 1, 2)
+
+
+def state_out_t(S, shape):
+    """(BH, d_v padded, d_k padded) -> (B, H, d_k, d_v)."""
+    return state_out(jnp.swapaxes(S, 1, 2), shape)
+
+
+def decay_grad(dG):
+    """dg from dG (BH, NC, L, d_k): ``dg_u = sum_{t >= u} dG_t`` inside each chunk."""
+    return jnp.flip(jnp.cumsum(jnp.flip(dG, 2), axis=2), 2)
+
+
+# ----------------------------------------------------------------------------- in-kernel math
+
+
+def key_block(d_k: int) -> int:
+    """The key columns one step of the per-chunk kernels' key loop handles (their (L, d_k)
+    per-channel factors are formed a block at a time)."""
+    return min(d_k, BLOCK_K)
+
+
+def intra(q_r, k_r, G_r, gc_r, gr_r, kc, L: int, mm: Matmul, f32: Matmul, dA=None, scale: float = 1.0, acc=None):
+    """Key columns ``kc`` (a ``pl.ds``) of a chunk's scores, ``A_ts = sum_{d in kc} q_td k_sd
+    exp(G_td - G_sd)`` (L, L) float32, unscaled, for s <= t in one segment, else 0, from the
+    (L, d_k) refs of one chunk (see the module docstring). With ``dA`` (L, L) (dL/dA of the
+    scaled scores, unmasked) also returns ``acc`` = (dq, dk) (L, kc) plus these columns of the
+    scores' gradients with respect to q and k.
+
+    Row sub-chunk ``i`` (rows ``t``, ``c`` of them, from ``r0``) is a (c, L) block: its
+    earlier key steps ``s < r0`` from one matmul of ``q exp(G_t - G_r)`` and ``k exp(G_r -
+    G_s)`` (r = r0 - 1; the first sub-chunk has no earlier keys), its diagonal (c, c) block
+    exactly by a loop over its key steps; each block is then placed into the (L, L) and (L,
+    kc) results by a 0/1 matmul (Triton cannot concatenate)."""
+    C = SUB_CHUNK
+    grads = dA is not None
+    seg_row = gr_r[ROW_SEG:ROW_SEG + 1, :]
+    key = lax.broadcasted_iota(jnp.int32, (L, 1), 0)
+    r = lax.broadcasted_iota(jnp.int32, (C, 1), 0)
+    s = lax.broadcasted_iota(jnp.int32, (C, L), 1)
+
+    def sub_chunk(i, carry):
+        r0 = pl.multiple_of(i * C, C)
+        rows = pl.ds(r0, C)
+        q_i, G_i = q_r[rows, kc].astype(F32), G_r[rows, kc]
+        G_ref = G_r[pl.ds(jnp.maximum(r0 - 1, 0), 1), kc]
+        E_k = jnp.exp(jnp.where(key < r0, G_ref - G_r[:, kc], -jnp.inf))  # (L, kc), 0 from the sub-chunk on
+        F_q = jnp.exp(G_i - G_ref)  # (c, kc)
+        Qr, Kr = q_i * F_q, k_r[:, kc].astype(F32) * E_k
+        mask = (s <= r0 + r) & (gc_r[rows, ROW_SEG:ROW_SEG + 1] == seg_row)
+        place = (lax.broadcasted_iota(jnp.int32, (L, C), 0) == lax.broadcasted_iota(jnp.int32, (L, C), 1) + r0)
+        place = place.astype(F32)
+        if grads:
+            dA_i = jnp.where(mask, dot_tn(place, dA, f32), 0.0) * scale
+
+        def diagonal(j, blocks):
+            t_s = r0 + j
+            k_s, G_s = k_r[pl.ds(t_s, 1), kc].astype(F32), G_r[pl.ds(t_s, 1), kc]
+            E = jnp.exp(jnp.where(r >= j, G_i - G_s, -jnp.inf))  # (c, kc)
+            kE = k_s * E
+            a = jnp.where(s == t_s, jnp.sum(q_i * kE, axis=1, keepdims=True), 0.0)
+            if not grads:
+                return (blocks[0] + a,)
+            dA_s = jnp.sum(jnp.where(s == t_s, dA_i, 0.0), axis=1, keepdims=True)  # (c, 1)
+            dk_s = jnp.sum(dA_s * q_i * E, axis=0, keepdims=True)
+            return blocks[0] + a, blocks[1] + dA_s * kE, blocks[2] + jnp.where(r == j, dk_s, 0.0)
+
+        zc = jnp.zeros(q_i.shape, F32)
+        blocks = lax.fori_loop(0, C, diagonal, (jnp.zeros((C, L), F32),) + ((zc, zc) if grads else ()))
+        A = carry[0] + dot(place, jnp.where(mask, dot_nt(Qr, Kr, mm) + blocks[0], 0.0), f32)
+        if not grads:
+            return (A,)
+        dA_off = jnp.where(s < r0, dA_i, 0.0)
+        dq = carry[1] + dot(place, F_q * dot(dA_off, Kr, mm) + blocks[1], f32)
+        dk = carry[2] + E_k * dot_tn(dA_off, Qr, mm) + dot(place, blocks[2], f32)
+        return A, dq, dk
+
+    zA = jnp.zeros((L, L), F32)
+    out = lax.fori_loop(0, L // C, sub_chunk, (zA,) + (tuple(acc) if grads else ()))
+    return out if grads else out[0]
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _walk_kernel(v_r, k_r, G_r, gc_r, s0_r, st_r, sT_r, *, L, NC, mm):
+    """Per chunk: save S_in; S = Diag(exp(G_L) [carries]) S + (k exp(G_L - G) [last])^T V (transposed)."""
+
+    def body(c, S):
+        st_r[c] = S.astype(st_r.dtype)
+        t0 = pl.multiple_of(c * L, L)
+        t = pl.ds(t0, L)
+        w = chunk_weights(gc_r, L, c)
+        G, G_L = G_r[t, :], G_r[pl.ds(t0 + L - 1, 1), :]
+        k_out = k_r[t, :].astype(F32) * (w.k_out * jnp.exp(G_L - G))
+        return (w.a * jnp.exp(G_L)) * S + dot_tn(v_r[t, :], k_out, mm)
+
+    sT_r[...] = lax.fori_loop(0, NC, body, s0_r[...])
+
+
+def walk_forward(p: Problem, G, s0, *, config: ChunkedConfig, interpret: bool):
+    """The forward state walk from ``s0`` (BH, d_v, d_k) (transposed, float32). Returns (the
+    incoming state of every chunk (BH, NC, d_v, d_k) in the matmul dtype, the final state
+    (BH, d_v, d_k) float32)."""
+    return _walk(_walk_kernel, p, ("values", "keys", "keys", "gates", "tile"), (p.v, p.k, G, p.gcol, s0),
+                 config=config, interpret=interpret)
+
+
+def _walk(kernel, p: Problem, specs, args, *, config: ChunkedConfig, interpret: bool):
+    """Either walk: grid (rows, value tiles of the state), each program sequential over the
+    chunks; ``specs`` names each input's block: a whole row of ``keys`` (Tp, d_k) or
+    ``values`` (Tp, tile), the ``gates`` columns, the state ``tile`` (tile, d_k)."""
+    BH, NC, L = p.q.shape[0], p.n_chunks, p.L
+    Tp, dk, dv = NC * L, p.d_k, p.d_v
+    bv = walk_block(BH, dv, config)
+    tile = pl.BlockSpec((None, bv, dk), lambda b, j: (b, j, 0))
+    blocks = {"keys": pl.BlockSpec((None, Tp, dk), lambda b, j: (b, 0, 0)),
+              "values": pl.BlockSpec((None, Tp, bv), lambda b, j: (b, 0, j)),
+              "gates": pl.BlockSpec((None, NC, L, GATE_COLS), lambda b, j: (b, 0, 0, 0)), "tile": tile}
+    mm, _ = matmuls(p.q.dtype, interpret)
+    return pl.pallas_call(
+        functools.partial(kernel, L=L, NC=NC, mm=mm), grid=(BH, dv // bv), in_specs=[blocks[n] for n in specs],
+        out_specs=[pl.BlockSpec((None, NC, bv, dk), lambda b, j: (b, 0, j, 0)), tile],
+        out_shape=[jax.ShapeDtypeStruct((BH, NC, dv, dk), mm.dtype), jax.ShapeDtypeStruct((BH, dv, dk), F32)],
+        compiler_params=compiler_params(interpret, config.walk_warps, config.num_stages), interpret=interpret,
+    )(*args)
+
+
+def _walk_back_kernel(q_r, do_r, G_r, gc_r, ds_r, dst_r, ds0_r, *, L, NC, scale, mm):
+    """The adjoint walk (see :func:`walk_backward`)."""
+
+    def body(j, dS):
+        c = NC - 1 - j
+        dst_r[c] = dS.astype(dst_r.dtype)
+        t0 = pl.multiple_of(c * L, L)
+        t = pl.ds(t0, L)
+        w = chunk_weights(gc_r, L, c)
+        G, G_L = G_r[t, :], G_r[pl.ds(t0 + L - 1, 1), :]
+        q_in = q_r[t, :].astype(F32) * (w.q_in * scale * jnp.exp(G))
+        return (w.a * jnp.exp(G_L)) * dS + dot_tn(do_r[t, :], q_in, mm)
+
+    ds0_r[...] = lax.fori_loop(0, NC, body, ds_r[...])
+
+
+def walk_backward(p: Problem, G, do, dS_T, *, scale: float, config: ChunkedConfig, interpret: bool):
+    """The adjoint walk from the last chunk, ``dS_in = Diag(exp(G_L) [carries]) dS_out +
+    (scale q exp(G) [fresh])^T dO``, transposed. Returns (every chunk's outgoing-state
+    gradient (BH, NC, d_v, d_k) in the matmul dtype, the initial state's gradient (BH, d_v,
+    d_k) float32)."""
+    return _walk(functools.partial(_walk_back_kernel, scale=scale), p, ("keys", "values", "keys", "gates", "tile"),
+                 (p.q, do, G, p.gcol, dS_T), config=config, interpret=interpret)
+
+
+def chunk_specs(p: Problem):
+    """BlockSpecs of the per-chunk kernels, grid (BH, NC): program (b, c) runs chunk c of row b."""
+    L = p.L
+    row = lambda d: pl.BlockSpec((None, L, d), lambda b, c: (b, c, 0))  # noqa: E731
+    chunk = lambda *s: pl.BlockSpec((None, None, *s), lambda b, c: (b, c) + (0,) * len(s))  # noqa: E731
+    return {"k": row(p.d_k), "v": row(p.d_v), "gc": chunk(L, GATE_COLS), "gr": chunk(GATE_COLS, L),
+            "S": chunk(p.d_v, p.d_k)}
+
+
+def _out_kernel(q_r, k_r, v_r, G_r, gc_r, gr_r, s_r, o_r, *, L, nk, bk, nv, bv, scale, mm, f32):
+    def scores(j, A):
+        return A + intra(q_r, k_r, G_r, gc_r, gr_r, pl.ds(pl.multiple_of(j * bk, bk), bk), L, mm, f32)
+
+    A = (lax.fori_loop(0, nk, scores, jnp.zeros((L, L), F32)) * scale).astype(mm.dtype)
+    w = chunk_weights(gc_r, L)
+    qs = (q_r[...].astype(F32) * (w.q_in * scale * jnp.exp(G_r[...]))).astype(mm.dtype)
+
+    def block(j, carry):
+        vc = pl.ds(pl.multiple_of(j * bv, bv), bv)
+        o_r[:, vc] = (dot(A, v_r[:, vc], mm) + dot_nt(qs, s_r[vc, :], mm)).astype(o_r.dtype)
+        return carry
+
+    lax.fori_loop(0, nv, block, 0)
+
+
+def outputs(p: Problem, G, states, out_dtype, *, scale: float, config: ChunkedConfig, interpret: bool):
+    """o = (scale q exp(G) [fresh]) S_in + A V for every chunk, (BH, Tp, d_v) in ``out_dtype``."""
+    BH, NC = p.q.shape[0], p.n_chunks
+    bv, bk = min(p.d_v, config.block_v), key_block(p.d_k)
+    sp = chunk_specs(p)
+    mm, f32 = matmuls(p.q.dtype, interpret)
+    return pl.pallas_call(
+        functools.partial(_out_kernel, L=p.L, nk=p.d_k // bk, bk=bk, nv=p.d_v // bv, bv=bv, scale=scale, mm=mm,
+                          f32=f32),
+        grid=(BH, NC), in_specs=[sp["k"], sp["k"], sp["v"], sp["k"], sp["gc"], sp["gr"], sp["S"]],
+        out_specs=sp["v"], out_shape=jax.ShapeDtypeStruct((BH, NC * p.L, p.d_v), out_dtype),
+        compiler_params=compiler_params(interpret, config.num_warps, config.num_stages), interpret=interpret,
+    )(p.q, p.k, p.v, G, p.gcol, p.grow, states)
+
+
+def _grads_kernel(q_r, k_r, v_r, do_r, G_r, gc_r, gr_r, s_r, ds_r, dq_r, dk_r, dv_r, dg_r, *, L, nk, bk, nv, bv,
+                  scale, mm, f32):
+    """One chunk's dq, dk, dv and dG; see :func:`chunk_grads`."""
+    w = chunk_weights(gc_r, L)
+    is_last = lax.broadcasted_iota(jnp.int32, (L, 1), 0) == L - 1
+
+    def scores_grad(j, dA):
+        vc = pl.ds(pl.multiple_of(j * bv, bv), bv)
+        return dA + dot_nt(do_r[:, vc], v_r[:, vc], mm)
+
+    dA = lax.fori_loop(0, nv, scores_grad, jnp.zeros((L, L), F32))
+
+    def k_out(kc):
+        G_L = G_r[L - 1:L, kc]
+        return w.k_out * jnp.exp(G_L - G_r[:, kc])
+
+    def keys(i, A):
+        kc = pl.ds(pl.multiple_of(i * bk, bk), bk)
+
+        def inter(j, acc):
+            dQ, dK, ga = acc
+            vc = pl.ds(pl.multiple_of(j * bv, bv), bv)
+            S, dS, dO = s_r[vc, kc], ds_r[vc, kc], do_r[:, vc]
+            return (dQ + dot(dO, S, mm), dK + dot(v_r[:, vc], dS, mm),
+                    ga + jnp.sum(S.astype(F32) * dS.astype(F32), axis=0, keepdims=True))
+
+        zk = jnp.zeros((L, bk), F32)
+        dQ, dK, ga = lax.fori_loop(0, nv, inter, (zk, zk, jnp.zeros((1, bk), F32)))
+        q, k, G = q_r[:, kc].astype(F32), k_r[:, kc].astype(F32), G_r[:, kc]
+        dK = k_out(kc) * dK
+        last = jnp.sum(k * dK, axis=0, keepdims=True) + w.a * jnp.exp(G_r[L - 1:L, kc]) * ga
+        A_k, dQ, dK = intra(q_r, k_r, G_r, gc_r, gr_r, kc, L, mm, f32, dA=dA, scale=scale,
+                            acc=(dQ * (w.q_in * scale * jnp.exp(G)), dK))
+        dq_r[:, kc] = dQ.astype(dq_r.dtype)
+        dk_r[:, kc] = dK.astype(dk_r.dtype)
+        dg_r[:, kc] = q * dQ - k * dK + jnp.where(is_last, last, 0.0)
+        return A + A_k
+
+    A = (lax.fori_loop(0, nk, keys, jnp.zeros((L, L), F32)) * scale).astype(mm.dtype)
+
+    def values(j, carry):
+        vc = pl.ds(pl.multiple_of(j * bv, bv), bv)
+
+        def keys_out(i, dV):
+            kc = pl.ds(pl.multiple_of(i * bk, bk), bk)
+            return dV + dot_nt((k_r[:, kc].astype(F32) * k_out(kc)).astype(mm.dtype), ds_r[vc, kc], mm)
+
+        dv_r[:, vc] = lax.fori_loop(0, nk, keys_out, dot_tn(A, do_r[:, vc], mm)).astype(dv_r.dtype)
+        return carry
+
+    lax.fori_loop(0, nv, values, 0)
+
+
+def chunk_grads(p: Problem, G, do, states, dstates, *, scale: float, config: ChunkedConfig, interpret: bool):
+    """dq, dk, dv and dG ((BH, Tp, d), float32) for every chunk, given each chunk's incoming
+    state ``states`` and outgoing-state gradient ``dstates`` (both transposed)."""
+    BH, NC, L = p.q.shape[0], p.n_chunks, p.L
+    Tp = NC * L
+    bv, bk = min(p.d_v, config.block_v), key_block(p.d_k)
+    sp = chunk_specs(p)
+    mm, f32 = matmuls(p.q.dtype, interpret)
+    return pl.pallas_call(
+        functools.partial(_grads_kernel, L=L, nk=p.d_k // bk, bk=bk, nv=p.d_v // bv, bv=bv, scale=scale, mm=mm,
+                          f32=f32),
+        grid=(BH, NC),
+        in_specs=[sp["k"], sp["k"], sp["v"], sp["v"], sp["k"], sp["gc"], sp["gr"], sp["S"], sp["S"]],
+        out_specs=[sp["k"], sp["k"], sp["v"], sp["k"]],
+        out_shape=[jax.ShapeDtypeStruct((BH, Tp, p.d_k), F32), jax.ShapeDtypeStruct((BH, Tp, p.d_k), F32),
+                   jax.ShapeDtypeStruct((BH, Tp, p.d_v), F32), jax.ShapeDtypeStruct((BH, Tp, p.d_k), F32)],
+        compiler_params=compiler_params(interpret, config.bwd_warps, config.num_stages), interpret=interpret,
+    )(p.q, p.k, p.v, do, G, p.gcol, p.grow, states, dstates)
+
+
+# ----------------------------------------------------------------------------- the op
+
+
+def forward(q, k, v, g, state, cut, *, chunk_size: int, scale: float, config: ChunkedConfig, interpret: bool):
+    """(o (B, H, T, d_v) in q's dtype, the final state (B, H, d_k, d_v) float32, every chunk's
+    incoming state (the backward's residual)) for per-channel ``g`` (B, H, T, d_k); ``cut``:
+    the resets as float32 or None."""
+    p, G = channel_problem(q, k, v, g, cut, chunk_size)
+    states, S_T = walk_forward(p, G, state_in_t(p, state), config=config, interpret=interpret)
+    o = outputs(p, G, states, q.dtype, scale=scale, config=config, interpret=interpret)
+    return seq_out(o, v.shape), state_out_t(S_T, state.shape), states
+
+
+def backward(q, k, v, g, state, cut, states, do, dfinal, *, chunk_size: int, scale: float, config: ChunkedConfig,
+             interpret: bool):
+    """The cotangents (dq, dk, dv, dg, dstate) of :func:`forward`'s (o, final state), in the
+    inputs' shapes and dtypes."""
+    p, G = channel_problem(q, k, v, g, cut, chunk_size)
+    B, H, T, _ = q.shape
+    do = pad_axis(pad_axis(do.astype(q.dtype).reshape(B * H, T, -1), 1, p.n_chunks * p.L), 2, p.d_v)
+    dstates, dS0 = walk_backward(p, G, do, state_in_t(p, dfinal), scale=scale, config=config, interpret=interpret)
+    dq, dk, dv, dG = chunk_grads(p, G, do, states, dstates, scale=scale, config=config, interpret=interpret)
+    dg = decay_grad(dG.reshape(B * H, p.n_chunks, p.L, p.d_k)).reshape(dG.shape)
+    return (seq_out(dq, q.shape).astype(q.dtype), seq_out(dk, k.shape).astype(k.dtype),
+            seq_out(dv, v.shape).astype(v.dtype), seq_out(dg, g.shape).astype(g.dtype),
+            state_out_t(dS0, state.shape).astype(state.dtype))
