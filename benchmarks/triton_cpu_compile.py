@@ -11,7 +11,7 @@ Python, printing a table: kernel, dtype, warps, stages, compile seconds, shared 
 the figures are estimates; a kernel over the limit here is worth fixing before a GPU run.
 
     python benchmarks/triton_cpu_compile.py --triton_python /path/to/venv/bin/python \\
-        [--ops gla,gla_channel,delta,gdn] [--dtypes bfloat16,float32] [--d 128] [--chunk 64]
+        [--ops gla,gla_channel,deltanet,gdn,kda] [--dtypes bfloat16,float32] [--d 128] [--chunk 64]
 
 The second Python needs ``pip install triton==3.9.0`` (a CPU machine is enough: the
 compiler and ``ptxas`` ship in the wheel).
@@ -100,9 +100,10 @@ def op_call(op: str, dtype, d: int, chunk: int):
         return (lambda q, k, v, g: gated_linear_attention(q, k, v, g, **kw)[0]), (q, k, v, g)
     if op == "deltanet":
         return (lambda q, k, v, b: delta_rule(q, k, v, b, None, **kw)[0]), (q, k, v, beta)
-    if op == "gdn":
-        return (lambda q, k, v, b, g: delta_rule(q, k, v, b, g, **kw)[0]), (q, k, v, beta, g_head)
-    raise SystemExit(f"--ops: unknown {op!r}; expected gla, gla_channel, deltanet or gdn")
+    if op in ("gdn", "kda"):
+        g = g_head if op == "gdn" else g_chan
+        return (lambda q, k, v, b, g: delta_rule(q, k, v, b, g, **kw)[0]), (q, k, v, beta, g)
+    raise SystemExit(f"--ops: unknown {op!r}; expected gla, gla_channel, deltanet, gdn or kda")
 
 
 def main():

@@ -81,18 +81,20 @@ def test_mlstm_gpu_kernels_lower(hopper, dtype, fields, kernels):
     assert _kernels(fn, q, k, v, i, f) == {"triton": kernels, "mosaic": 0}
 
 
-@pytest.mark.parametrize("op,kernels", [("gla", 4), ("gla_channel", 4), ("delta", 6)])
+@pytest.mark.parametrize("op,kernels", [("gla", 4), ("gla_channel", 4), ("delta", 6), ("delta_channel", 7)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_matrix_state_gpu_kernels_lower(hopper, op, dtype, kernels):
     """gated_linear_attention: state walk + outputs, adjoint walk + per-chunk gradients, with a
     decay per head or (gla_channel, :mod:`mnemax.kernels.gated_linear_attention.gpu`) per key
-    channel; delta_rule: the WY preparation before them and P^T dO before the adjoint walk; a
-    decay per head, resets, d_v 128 over two value blocks, 200 steps (the last chunk partial)."""
+    channel; delta_rule: the WY preparation before them and P^T dO before the adjoint walk, a
+    decay per head or (delta_channel, :mod:`mnemax.kernels.delta_rule.gpu_channel`) per key
+    channel, whose gradients through the WY preparation are a kernel of their own; resets,
+    d_v 128 over two value blocks, 200 steps (the last chunk partial)."""
     rng = np.random.default_rng(2)
     B, H, T, dk, dv = 1, 2, 200, 64, 128
     q, k = _arr(rng, (B, H, T, dk), dtype), _arr(rng, (B, H, T, dk), dtype)
     v = _arr(rng, (B, H, T, dv), dtype)
-    g = -jnp.abs(_arr(rng, (B, H, T, dk) if op == "gla_channel" else (B, H, T)))
+    g = -jnp.abs(_arr(rng, (B, H, T, dk) if op.endswith("channel") else (B, H, T)))
     beta = jax.nn.sigmoid(_arr(rng, (B, H, T)))
     resets = jnp.asarray(rng.random((B, T)) < 0.05)
     if op.startswith("gla"):

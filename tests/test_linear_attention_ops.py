@@ -178,9 +178,9 @@ def test_bf16_inputs_match_the_reference(op, backend):
 
 
 PALLAS_CASES = [("gla", "none"), ("gla", "head"), ("delta", "none"), ("delta", "head")]
-# per-key-channel decays: gated_linear_attention's pallas_gpu only
+# per-key-channel decays (GLA, KDA): pallas_gpu only
 PALLAS_GATED = [(op, gate, b) for b in ("pallas_gpu", "pallas_tpu") for op, gate in PALLAS_CASES] + [
-    ("gla", "channel", "pallas_gpu")]
+    ("gla", "channel", "pallas_gpu"), ("delta", "channel", "pallas_gpu")]
 
 
 @pytest.mark.parametrize("op,gate,backend", PALLAS_GATED)
@@ -205,8 +205,8 @@ def rms_err(got, want):
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
-@pytest.mark.parametrize("op,gate,backend", [(op, "head", b) for b in ("pallas_gpu", "pallas_tpu")
-                                                for op in ("gla", "delta")] + [("gla", "channel", "pallas_gpu")])
+@pytest.mark.parametrize("op,gate,backend", [(op, gate, b) for op in ("gla", "delta") for gate, b in (
+    ("head", "pallas_gpu"), ("head", "pallas_tpu"), ("channel", "pallas_gpu"))])
 def test_pallas_bf16_inputs_match_the_reference(op, gate, backend):
     """bf16 inputs through the Pallas GPU and TPU kernels (interpret mode; one decay per head, and
     per key channel on GPU; bf16 matmul operands and
@@ -225,15 +225,16 @@ def test_pallas_bf16_inputs_match_the_reference(op, gate, backend):
         assert rms_err(g[name], g_ref[name]) < 5e-3, (name, rms_err(g[name], g_ref[name]))
 
 
-def test_pallas_gpu_per_channel_sub_chunks_and_key_blocks_equal_xla():
+@pytest.mark.parametrize("op", ["gla", "delta"])
+def test_pallas_gpu_per_channel_sub_chunks_and_key_blocks_equal_xla(op):
     """Per-channel decays through several sub-chunks of 16 (chunk 32), key blocks (d_k 96,
     padded to 128) and value blocks (block_v 16), extreme gates: the Pallas GPU kernels
     (interpret mode) equal ``xla``'s chunkwise form, outputs, state and every gradient, to
     1e-5 of the largest entry (both carry the same float32 rounding of the cumulative log
-    decays, 4e-4 of the reference's gradients here)."""
-    x = make_inputs(np.random.default_rng(6), "gla", "channel", time=70, d_k=96, d_v=40, extreme=True)
-    o_ref, S_ref, g_ref = grads("gla", x, "xla", 32, jnp.float32)
-    o, S, g = grads("gla", x, "pallas_gpu", 32, jnp.float32, interpret=True, config=ChunkedConfig(block_v=16))
+    decays, 4e-4 of the reference's gradients here for gla)."""
+    x = make_inputs(np.random.default_rng(6), op, "channel", time=70, d_k=96, d_v=40, extreme=True)
+    o_ref, S_ref, g_ref = grads(op, x, "xla", 32, jnp.float32)
+    o, S, g = grads(op, x, "pallas_gpu", 32, jnp.float32, interpret=True, config=ChunkedConfig(block_v=16))
     assert rel_err(o, o_ref) < 1e-5 and rel_err(S, S_ref) < 1e-5, (rel_err(o, o_ref), rel_err(S, S_ref))
     for name in g_ref:
         assert rel_err(g[name], g_ref[name]) < 1e-5, (name, rel_err(g[name], g_ref[name]))
@@ -241,11 +242,10 @@ def test_pallas_gpu_per_channel_sub_chunks_and_key_blocks_equal_xla():
 
 @pytest.mark.parametrize("op", ["gla", "delta"])
 def test_pallas_refuses_per_channel_decays_and_bad_configs(op):
-    """pallas_tpu takes no per-channel decays, nor does delta_rule's pallas_gpu."""
+    """pallas_tpu takes no per-channel decays (pallas_gpu does)."""
     x = make_inputs(np.random.default_rng(5), op, "channel", time=8)
-    for backend in ("pallas_tpu",) if op == "gla" else ("pallas_gpu", "pallas_tpu"):
-        with pytest.raises(ValueError, match="per-channel decays"):
-            call(op, x, backend=backend, interpret=True)
+    with pytest.raises(ValueError, match="'xla' or 'pallas_gpu' for per-channel decays"):
+        call(op, x, backend="pallas_tpu", interpret=True)
     x = make_inputs(np.random.default_rng(5), op, "head", time=8)
     with pytest.raises(TypeError, match="config must be a ChunkedConfig"):
         call(op, x, backend="pallas_gpu", interpret=True, config={"block_v": 32})

@@ -23,20 +23,23 @@ Forms (``backend=``; the table is :data:`BACKENDS`):
 * ``reference`` -- ``lax.scan`` over time, the equations above (:mod:`.reference`).
 * ``xla``       -- chunkwise through the WY/UT representation: one unit lower-triangular
   solve per chunk, the rest matmuls (:mod:`.xla`). The platform default everywhere.
-* ``pallas_gpu`` -- the chunkwise form as Pallas GPU (Triton) kernels (:mod:`.gpu` for the
-  WY/UT preparation, :mod:`mnemax.kernels.chunked_gpu` for the state walks, outputs and
-  per-chunk gradients), forward and backward (a custom VJP recomputing from the saved
-  chunk-boundary states), tuned by a :class:`~mnemax.kernels.chunked_gpu.ChunkedConfig`, for
-  ``g`` None or one log decay per head (per-key-channel decays, KDA: ``xla``); float64
-  inputs take the ``xla`` path. Opt-in (``backend=`` or ``MNEMAX_KERNEL_BACKEND``). Under a
-  mesh of several devices it runs per (batch, head) shard under ``jax.shard_map`` over the
-  axes ``sharding=`` names.
+* ``pallas_gpu`` -- the chunkwise form as Pallas GPU (Triton) kernels, forward and backward
+  (a custom VJP recomputing from the saved chunk-boundary states), tuned by a
+  :class:`~mnemax.kernels.chunked_gpu.ChunkedConfig`: for ``g`` None or one log decay per
+  head, :mod:`.gpu` for the WY/UT preparation and :mod:`mnemax.kernels.chunked_gpu` for the
+  state walks, outputs and per-chunk gradients; for one per key channel (KDA),
+  :mod:`.gpu_channel` (the intra-chunk scores of
+  :mod:`mnemax.kernels.gated_linear_attention.gpu`, in sub-chunks). Float64 inputs take the
+  ``xla`` path. Opt-in (``backend=`` or ``MNEMAX_KERNEL_BACKEND``). Under a mesh of several
+  devices it runs per (batch, head) shard under ``jax.shard_map`` over the axes
+  ``sharding=`` names.
 * ``pallas_tpu`` -- the same chunkwise form and custom VJP as Pallas TPU (Mosaic) kernels
   (:mod:`.tpu` for the WY/UT preparation, :mod:`mnemax.kernels.chunked_tpu` for one kernel
   walking the chunks forward writing the outputs and one walking them back writing every
-  gradient), for the same gates (per-key-channel decays: ``xla``); float64 inputs take the
-  ``xla`` path; ``config=`` is ignored. Opt-in, and sharded per (batch, head) as
-  ``pallas_gpu``; checked in interpret mode and by its TPU lowering, not yet on a TPU.
+  gradient), for ``g`` None or one log decay per head (per-key-channel decays: ``xla`` or
+  ``pallas_gpu``); float64 inputs take the ``xla`` path; ``config=`` is ignored. Opt-in, and
+  sharded per (batch, head) as ``pallas_gpu``; checked in interpret mode and by its TPU
+  lowering, not yet on a TPU.
 
 A one-step call (``time == 1``, generation) takes the closed-form recurrent update
 (:func:`.reference.one_step`) whatever the backend.
@@ -63,7 +66,7 @@ from .. import chunked_tpu as ct
 from .. import dispatch
 from ..chunked_gpu import ChunkedConfig
 from ..sharding import KernelSharding, per_shard, plan
-from . import gpu, reference, tpu, xla
+from . import gpu, gpu_channel, reference, tpu, xla
 from .common import OP, validate, zeros_state
 
 __all__ = ["BACKENDS", "ChunkedConfig", "delta_rule", "zeros_state"]
@@ -109,9 +112,10 @@ def delta_rule(q, k, v, beta, g=None, *, state=None, resets=None, scale: float |
         return o.astype(out_dtype), state
     kw = {}
     if name.startswith("pallas"):
-        if g is not None and g.ndim == 4:
+        if name == "pallas_tpu" and g is not None and g.ndim == 4:
             raise ValueError(f"backend={name!r} takes g None or one log decay per head, (batch, heads, time); got g "
-                             f"of shape {g.shape} (one per key channel, KDA): use backend='xla' for per-channel decays")
+                             f"of shape {g.shape} (one per key channel, KDA): use backend='xla' or 'pallas_gpu' for "
+                             "per-channel decays")
         kw = {"interpret": dispatch.interpret_flag(interpret), "config": config or DEFAULT_CONFIG,
               "sharding": sharding}
     o, state = impl(q, k, v, beta, g, state, resets, chunk_size=chunk_size, scale=scale, **kw)
@@ -128,6 +132,9 @@ def _forward(platform, q, k, v, beta, g, state, cut, *, chunk_size, scale, confi
         o, S_T, states, X = ct.forward(p, U, Wk, cg.state_in(p, state), q.dtype, scale=scale, delta=True, save=save,
                                        interpret=interpret)
         return cg.seq_out(o, v.shape), cg.state_out(S_T, state.shape), (states, X, R, Wk)
+    if g is not None and g.ndim == 4:
+        return gpu_channel.forward(q, k, v, beta, g, state, cut, chunk_size=chunk_size, scale=scale, config=config,
+                                   interpret=interpret)
     p = cg.make_problem(q, k, v, g, beta, cut, chunk_size)
     R, U, Wk = gpu.wy(p, config=config, interpret=interpret)
     states, X, S_T = cg.walk_forward(p, U, Wk, cg.state_in(p, state), delta=True, config=config, interpret=interpret)
@@ -149,13 +156,18 @@ def _pallas_fwd(q, k, v, beta, g, state, cut, platform, chunk_size, scale, confi
 
 
 def _pallas_bwd(platform, chunk_size, scale, config, interpret, res, cts):
-    q, k, v, beta, g, state, cut, (states, X, R, Wk) = res
+    q, k, v, beta, g, state, cut, saved = res
+    states, X, R, Wk = saved
     do, dfinal = cts
     if platform == "tpu":
         p = ct.make_problem(q, k, v, g, beta, cut, chunk_size)
         dq, dk, dv, rows, dS0 = ct.backward(p, X, ct.pad_cotangent(p, do), states, cg.state_in(p, dfinal),
                                             scale=scale, delta=True, R=R, xw=Wk, interpret=interpret)
         return _grads(q, k, v, beta, g, state, cut, dq, dk, dv, rows, dS0)
+    if g is not None and g.ndim == 4:
+        grads = gpu_channel.backward(q, k, v, beta, g, state, cut, saved, do, dfinal, chunk_size=chunk_size,
+                                     scale=scale, config=config, interpret=interpret)
+        return grads + (None if cut is None else jnp.zeros_like(cut),)
     p = cg.make_problem(q, k, v, g, beta, cut, chunk_size)
     B, H, T, _ = q.shape
     do = cg.pad_axis(cg.pad_axis(do.astype(q.dtype).reshape(B * H, T, -1), 1, p.n_chunks * p.L), 2, p.d_v)

@@ -74,11 +74,12 @@ from ..chunked_gpu import (
 BLOCK_K = 32  # key columns per step of the per-chunk kernels' key loop
 
 
-def channel_problem(q, k, v, g, resets, chunk_size: int):
-    """(the :class:`~mnemax.kernels.chunked_gpu.Problem` of q, k, v and the resets, no decay
-    in its gate columns; ``G`` (BH, Tp, d_k) float32, the cumulative log decay of ``g``
-    (B, H, T, d_k) inside each chunk, zero on padded steps and channels)."""
-    p = make_problem(q, k, v, None, None, resets, chunk_size)
+def channel_problem(q, k, v, g, resets, chunk_size: int, beta=None):
+    """(the :class:`~mnemax.kernels.chunked_gpu.Problem` of q, k, v, the resets and ``beta``
+    (the delta rule's, or None), no decay in its gate columns; ``G`` (BH, Tp, d_k) float32,
+    the cumulative log decay of ``g`` (B, H, T, d_k) inside each chunk, zero on padded steps
+    and channels)."""
+    p = make_problem(q, k, v, None, beta, resets, chunk_size)
     B, H, T, dk = g.shape
     G = pad_axis(pad_axis(g.astype(F32).reshape(B * H, T, dk), 1, p.n_chunks * p.L), 2, p.d_k)
     return p, jnp.cumsum(G.reshape(B * H, p.n_chunks, p.L, p.d_k), axis=2).reshape(B * H, -1, p.d_k)
@@ -190,27 +191,40 @@ def walk_forward(p: Problem, G, s0, *, config: ChunkedConfig, interpret: bool):
     """The forward state walk from ``s0`` (BH, d_v, d_k) (transposed, float32). Returns (the
     incoming state of every chunk (BH, NC, d_v, d_k) in the matmul dtype, the final state
     (BH, d_v, d_k) float32)."""
-    return _walk(_walk_kernel, p, ("values", "keys", "keys", "gates", "tile"), (p.v, p.k, G, p.gcol, s0),
+    return walk(_walk_kernel, p, ("values", "keys", "keys", "gates", "tile"), (p.v, p.k, G, p.gcol, s0),
                  config=config, interpret=interpret)
 
 
-def _walk(kernel, p: Problem, specs, args, *, config: ChunkedConfig, interpret: bool):
-    """Either walk: grid (rows, value tiles of the state), each program sequential over the
-    chunks; ``specs`` names each input's block: a whole row of ``keys`` (Tp, d_k) or
-    ``values`` (Tp, tile), the ``gates`` columns, the state ``tile`` (tile, d_k)."""
+def walk(kernel, p: Problem, specs, args, *, values_out: bool = False, values_dtype=None, config: ChunkedConfig,
+         interpret: bool):
+    """A state walk (this module's and the per-channel delta rule's): grid (rows, value tiles
+    of the state), each program sequential over the chunks; ``specs`` names each input's
+    block (a whole row of ``keys`` (Tp, d_k) or ``values`` (Tp, tile), the ``gates`` columns,
+    the state ``tile`` (tile, d_k)). Outputs: every chunk's state tile (BH, NC, d_v, d_k) in
+    the matmul dtype, with ``values_out`` a ``values`` array (BH, Tp, d_v) in ``values_dtype``
+    (None: the matmul dtype), the last state tile float32.
+
+    Float32 operands take one pipeline stage: at d_k = 128, chunk 64 and a state tile of 64
+    values the delta rule's adjoint walk (three three-pass TF32 products) needs 290 KiB of
+    shared memory at two stages and 96 KiB at one (Triton 3.9 for sm_90, compiled on the
+    CPU); Hopper has 227 KiB."""
     BH, NC, L = p.q.shape[0], p.n_chunks, p.L
     Tp, dk, dv = NC * L, p.d_k, p.d_v
     bv = walk_block(BH, dv, config)
     tile = pl.BlockSpec((None, bv, dk), lambda b, j: (b, j, 0))
-    blocks = {"keys": pl.BlockSpec((None, Tp, dk), lambda b, j: (b, 0, 0)),
-              "values": pl.BlockSpec((None, Tp, bv), lambda b, j: (b, 0, j)),
+    values = pl.BlockSpec((None, Tp, bv), lambda b, j: (b, 0, j))
+    blocks = {"keys": pl.BlockSpec((None, Tp, dk), lambda b, j: (b, 0, 0)), "values": values,
               "gates": pl.BlockSpec((None, NC, L, GATE_COLS), lambda b, j: (b, 0, 0, 0)), "tile": tile}
     mm, _ = matmuls(p.q.dtype, interpret)
+    out_specs = [pl.BlockSpec((None, NC, bv, dk), lambda b, j: (b, 0, j, 0))] + [values] * values_out + [tile]
+    out_shape = ([jax.ShapeDtypeStruct((BH, NC, dv, dk), mm.dtype)]
+                 + [jax.ShapeDtypeStruct((BH, Tp, dv), values_dtype or mm.dtype)] * values_out
+                 + [jax.ShapeDtypeStruct((BH, dv, dk), F32)])
     return pl.pallas_call(
         functools.partial(kernel, L=L, NC=NC, mm=mm), grid=(BH, dv // bv), in_specs=[blocks[n] for n in specs],
-        out_specs=[pl.BlockSpec((None, NC, bv, dk), lambda b, j: (b, 0, j, 0)), tile],
-        out_shape=[jax.ShapeDtypeStruct((BH, NC, dv, dk), mm.dtype), jax.ShapeDtypeStruct((BH, dv, dk), F32)],
-        compiler_params=compiler_params(interpret, config.walk_warps, config.num_stages), interpret=interpret,
+        out_specs=out_specs, out_shape=out_shape,
+        compiler_params=compiler_params(interpret, config.walk_warps, 1 if mm.dtype == F32 else config.num_stages),
+        interpret=interpret,
     )(*args)
 
 
@@ -235,7 +249,7 @@ def walk_backward(p: Problem, G, do, dS_T, *, scale: float, config: ChunkedConfi
     (scale q exp(G) [fresh])^T dO``, transposed. Returns (every chunk's outgoing-state
     gradient (BH, NC, d_v, d_k) in the matmul dtype, the initial state's gradient (BH, d_v,
     d_k) float32)."""
-    return _walk(functools.partial(_walk_back_kernel, scale=scale), p, ("keys", "values", "keys", "gates", "tile"),
+    return walk(functools.partial(_walk_back_kernel, scale=scale), p, ("keys", "values", "keys", "gates", "tile"),
                  (p.q, do, G, p.gcol, dS_T), config=config, interpret=interpret)
 
 
