@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Issue 34's GPU measurements in one device call each (benchmarks/RESULTS.md):
 #
-#   bash benchmarks/issue34_gpu.sh ops        # JAX: pallas_gpu and xla vs reference + timings, cuDNN rows
+#   bash benchmarks/issue34_gpu.sh ops        # JAX: pallas_gpu and xla vs reference + timings, cuDNN rows (~450 s)
 #   bash benchmarks/issue34_gpu.sh fla        # fla 0.6.0: simple GLA, DeltaNet, GDN, KDA (autotunes minutes)
 #   bash benchmarks/issue34_gpu.sh fla_gla    # fla's chunk_gla alone (autotunes for minutes)
 #   bash benchmarks/issue34_gpu.sh e2e        # training tokens/s at 2k and 32k, generation from a 16k prefill
 #
 # Run from the repository root on the device machine with the wheels carried (`carry: [".whl"]`;
 # see the device README): the script installs the project and the wheels, then runs one part.
-# Every part prints its table last and writes its JSON under $OUT.
+# Every part prints its rows as it goes (unbuffered) and its table last, and writes its JSON
+# under $OUT; each runs under a `timeout` (T34_LIMIT seconds, default 540) so that a hang ends
+# with the rows so far rather than with the device's kill (which loses a piped `| tail`).
 set -uo pipefail
+LIMIT=${T34_LIMIT:-540}
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -17,16 +20,16 @@ fi
 nvidia-smi --query-gpu=name --format=csv,noheader
 case "${1:-ops}" in
   ops)
-    python3 benchmarks/linear_attention.py --ops simple_gla,deltanet,gdn --backends xla,pallas_gpu
+    timeout "$LIMIT" python3 -u benchmarks/linear_attention.py --ops simple_gla,gla,deltanet,gdn,kda --backends xla,pallas_gpu
     ;;
   fla)
-    PYTHONPATH=/tmp/site python3 benchmarks/linear_attention_fla.py --ops simple_gla,deltanet,gdn,kda
+    PYTHONPATH=/tmp/site timeout "$LIMIT" python3 -u benchmarks/linear_attention_fla.py --ops simple_gla,deltanet,gdn,kda
     ;;
   fla_gla)
-    PYTHONPATH=/tmp/site python3 benchmarks/linear_attention_fla.py --ops gla
+    PYTHONPATH=/tmp/site timeout "$LIMIT" python3 -u benchmarks/linear_attention_fla.py --ops gla
     ;;
   e2e)
-    python3 benchmarks/throughput.py --families transformer,mamba2,gdn --contexts 2048,32768 --prefill 16384 \
+    timeout "$LIMIT" python3 -u benchmarks/throughput.py --families transformer,mamba2,gdn --contexts 2048,32768 --prefill 16384 \
       --out throughput_issue34.json
     ;;
   *)

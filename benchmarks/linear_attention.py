@@ -13,8 +13,8 @@ Run on the GPU machine::
     python3 benchmarks/linear_attention.py                    # issue 34's shapes
     python3 benchmarks/linear_attention.py --shapes 8,2048,16,128 --ops gdn
 
-fla's Triton kernels (the speed peer) are timed by a torch script of their own once the
-Pallas kernels land (issue 34 item 3); this script gives the ``xla`` and cuDNN rows.
+fla's Triton kernels (the speed peer) are timed by ``benchmarks/linear_attention_fla.py`` on the
+same inputs; ``benchmarks/issue34_gpu.sh`` runs both as one device call each.
 """
 
 from __future__ import annotations
