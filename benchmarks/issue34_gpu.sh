@@ -5,6 +5,7 @@
 #   bash benchmarks/issue34_gpu.sh fla        # fla 0.6.0: simple GLA, DeltaNet, GDN, KDA (autotunes minutes)
 #   bash benchmarks/issue34_gpu.sh fla_gla    # fla's chunk_gla alone (autotunes for minutes)
 #   bash benchmarks/issue34_gpu.sh e2e        # training tokens/s at 2k and 32k, generation from a 16k prefill
+#   bash benchmarks/issue34_gpu.sh kernels    # each pallas_gpu kernel of every op timed alone (where the time goes)
 #
 # Run from the repository root on the device machine with the wheels carried (`carry: [".whl"]`;
 # see the device README): the script installs the project and the wheels, then runs one part.
@@ -32,8 +33,11 @@ case "${1:-ops}" in
     timeout "$LIMIT" python3 -u benchmarks/throughput.py --families transformer,mamba2,gdn --contexts 2048,32768 --prefill 16384 \
       --out throughput_issue34.json
     ;;
+  kernels)
+    timeout "$LIMIT" python3 -u benchmarks/linear_attention_kernels.py --ops simple_gla,gla,deltanet,gdn,kda
+    ;;
   *)
-    echo "unknown part $1: ops, fla, fla_gla or e2e" >&2
+    echo "unknown part $1: ops, fla, fla_gla, e2e or kernels" >&2
     exit 2
     ;;
 esac
