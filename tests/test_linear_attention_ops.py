@@ -177,10 +177,8 @@ def test_bf16_inputs_match_the_reference(op, backend):
         assert rel_err(g[name], g_ref[name]) < 5e-3, (name, rel_err(g[name], g_ref[name]))
 
 
-PALLAS_CASES = [("gla", "none"), ("gla", "head"), ("delta", "none"), ("delta", "head")]
-# per-key-channel decays (GLA, KDA): pallas_gpu only
-PALLAS_GATED = [(op, gate, b) for b in ("pallas_gpu", "pallas_tpu") for op, gate in PALLAS_CASES] + [
-    ("gla", "channel", "pallas_gpu"), ("delta", "channel", "pallas_gpu")]
+PALLAS_CASES = [(op, gate) for op in ("gla", "delta") for gate in GATES]
+PALLAS_GATED = [(op, gate, b) for b in ("pallas_gpu", "pallas_tpu") for op, gate in PALLAS_CASES]
 
 
 @pytest.mark.parametrize("op,gate,backend", PALLAS_GATED)
@@ -188,8 +186,7 @@ def test_pallas_equals_the_reference_with_gradients(op, gate, backend):
     """The Pallas GPU and TPU kernels (interpret mode), float32, the cases of
     ``test_backends_equal_the_reference_with_gradients``: three chunks of 16 (the last
     partial), resets mid-chunk, twice in a row and at the last step, an incoming state, extreme
-    gates; head sizes 8 and 12 (zero-padded to 16 inside on GPU, as they are on TPU); per-key-channel
-    decays on GPU only."""
+    gates; head sizes 8 and 12 (zero-padded to 16 inside on GPU, as they are on TPU)."""
     x = make_inputs(np.random.default_rng(3), op, gate, extreme=True)
     o_ref, S_ref, g_ref = grads(op, x, "reference", 16, jnp.float32)
     o, S, g = grads(op, x, backend, 16, jnp.float32, interpret=True)
@@ -205,11 +202,11 @@ def rms_err(got, want):
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
-@pytest.mark.parametrize("op,gate,backend", [(op, gate, b) for op in ("gla", "delta") for gate, b in (
-    ("head", "pallas_gpu"), ("head", "pallas_tpu"), ("channel", "pallas_gpu"))])
+@pytest.mark.parametrize("op,gate,backend", [(op, gate, b) for op in ("gla", "delta") for gate in ("head", "channel")
+                                            for b in ("pallas_gpu", "pallas_tpu")])
 def test_pallas_bf16_inputs_match_the_reference(op, gate, backend):
-    """bf16 inputs through the Pallas GPU and TPU kernels (interpret mode; one decay per head, and
-    per key channel on GPU; bf16 matmul operands and
+    """bf16 inputs through the Pallas GPU and TPU kernels (interpret mode; one decay per head and
+    per key channel; bf16 matmul operands and
     saved chunk states, float32 accumulation and carried state) against the float32
     reference on the same bf16-rounded inputs: outputs within 3e-3 and gradients within 5e-3
     in relative norm, the final state within 3e-3 of its largest entry. (A max-entry measure
@@ -225,27 +222,25 @@ def test_pallas_bf16_inputs_match_the_reference(op, gate, backend):
         assert rms_err(g[name], g_ref[name]) < 5e-3, (name, rms_err(g[name], g_ref[name]))
 
 
-@pytest.mark.parametrize("op", ["gla", "delta"])
-def test_pallas_gpu_per_channel_sub_chunks_and_key_blocks_equal_xla(op):
-    """Per-channel decays through several sub-chunks of 16 (chunk 32), key blocks (d_k 96,
-    padded to 128) and value blocks (block_v 16), extreme gates: the Pallas GPU kernels
-    (interpret mode) equal ``xla``'s chunkwise form, outputs, state and every gradient, to
-    1e-5 of the largest entry (both carry the same float32 rounding of the cumulative log
-    decays, 4e-4 of the reference's gradients here for gla)."""
+@pytest.mark.parametrize("op,backend", [(op, b) for op in ("gla", "delta") for b in ("pallas_gpu", "pallas_tpu")])
+def test_pallas_per_channel_sub_chunks_and_key_blocks_equal_xla(op, backend):
+    """Per-channel decays through several sub-chunks of 16 (chunk 32), extreme gates; on GPU key
+    blocks (d_k 96, padded to 128) and value blocks (block_v 16), on TPU unpadded features (the
+    TPU kernels ignore ``config``): the Pallas kernels (interpret mode) equal ``xla``'s
+    chunkwise form, outputs, state and every gradient, to 1e-5 of the largest entry (both
+    carry the same float32 rounding of the cumulative log decays, 4e-4 of the reference's
+    gradients here for gla)."""
     x = make_inputs(np.random.default_rng(6), op, "channel", time=70, d_k=96, d_v=40, extreme=True)
     o_ref, S_ref, g_ref = grads(op, x, "xla", 32, jnp.float32)
-    o, S, g = grads(op, x, "pallas_gpu", 32, jnp.float32, interpret=True, config=ChunkedConfig(block_v=16))
+    o, S, g = grads(op, x, backend, 32, jnp.float32, interpret=True, config=ChunkedConfig(block_v=16))
     assert rel_err(o, o_ref) < 1e-5 and rel_err(S, S_ref) < 1e-5, (rel_err(o, o_ref), rel_err(S, S_ref))
     for name in g_ref:
         assert rel_err(g[name], g_ref[name]) < 1e-5, (name, rel_err(g[name], g_ref[name]))
 
 
 @pytest.mark.parametrize("op", ["gla", "delta"])
-def test_pallas_refuses_per_channel_decays_and_bad_configs(op):
-    """pallas_tpu takes no per-channel decays (pallas_gpu does)."""
-    x = make_inputs(np.random.default_rng(5), op, "channel", time=8)
-    with pytest.raises(ValueError, match="'xla' or 'pallas_gpu' for per-channel decays"):
-        call(op, x, backend="pallas_tpu", interpret=True)
+def test_pallas_refuses_bad_configs(op):
+    """``config=`` takes a ChunkedConfig, whose fields are checked."""
     x = make_inputs(np.random.default_rng(5), op, "head", time=8)
     with pytest.raises(TypeError, match="config must be a ChunkedConfig"):
         call(op, x, backend="pallas_gpu", interpret=True, config={"block_v": 32})

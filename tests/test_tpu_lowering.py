@@ -180,11 +180,11 @@ def test_slstm_tpu_kernels_lower(dtype, mode):
 
 
 def _matrix_state_case(op, dtype, gate="head", B=2, H=4, T=200, dk=128, dv=128):
-    # the GLA / (Gated) DeltaNet layers' call: heads of 128, chunk 64, a decay per head (or
-    # none), a carried state and resets; 200 steps pad to 4 chunks
+    # the GLA / (Gated) DeltaNet / KDA layers' call: heads of 128, chunk 64, a decay per head,
+    # per key channel (or none), a carried state and resets; 200 steps pad to 4 chunks
     rng = np.random.default_rng(4)
     q, k, v = _arr(rng, (B, H, T, dk), dtype), _arr(rng, (B, H, T, dk), dtype), _arr(rng, (B, H, T, dv), dtype)
-    g = None if gate == "none" else -jax.nn.softplus(_arr(rng, (B, H, T)))
+    g = None if gate == "none" else -jax.nn.softplus(_arr(rng, (B, H, T) + ((dk,) if gate == "channel" else ())))
     beta = jax.nn.sigmoid(_arr(rng, (B, H, T)))
     state = _arr(rng, (B, H, dk, dv), scale=0.1)
     resets = jnp.asarray(rng.random((B, T)) < 0.05)
@@ -196,10 +196,12 @@ def _matrix_state_case(op, dtype, gate="head", B=2, H=4, T=200, dk=128, dv=128):
     return fn, (q, k, v, beta, g, state)
 
 
-def _check_matrix_state(text, op, mode, dtype):
+def _check_matrix_state(text, op, mode, dtype, gate="head"):
     """delta_rule: the WY preparation, then the forward walk; with the gradient the backward
-    walk after them; gated_linear_attention: the walks alone. bf16 data reaches each as bf16."""
-    want = (["_tpu_wy_kernel"] if op == "delta" else []) + [FWD] + ([BWD] if mode == "gradient" else [])
+    walk after them; gated_linear_attention: the walks alone. Per-key-channel decays take the
+    ``_tpu_channel_*`` kernels. bf16 data reaches each as bf16."""
+    names = ["_tpu_wy_kernel"] * (op == "delta") + [FWD] + [BWD] * (mode == "gradient")
+    want = [n.replace("_tpu_", "_tpu_channel_") for n in names] if gate == "channel" else names
     kernels = _kernels(text)
     assert [name for name, _ in kernels] == want
     if dtype == jnp.bfloat16:
@@ -208,13 +210,13 @@ def _check_matrix_state(text, op, mode, dtype):
 
 @MODES
 @DTYPES
-@pytest.mark.parametrize("gate", ["none", "head"])
+@pytest.mark.parametrize("gate", ["none", "head", "channel"])
 @pytest.mark.parametrize("op", ["gla", "delta"])
 def test_matrix_state_tpu_kernels_lower(op, gate, dtype, mode):
     fn, args = _matrix_state_case(op, dtype, gate)
     if args[-2] is None:  # g None: not an argument to differentiate
         fn, args = (lambda *a, fn=fn: fn(*a[:-1], None, a[-1])), args[:-2] + args[-1:]
-    _check_matrix_state(_lower(fn, args, mode), op, mode, dtype)
+    _check_matrix_state(_lower(fn, args, mode), op, mode, dtype, gate)
 
 
 @pytest.mark.parametrize("op", ["gla", "delta"])

@@ -33,13 +33,14 @@ Forms (``backend=``; the table is :data:`BACKENDS`):
   ``xla`` path. Opt-in (``backend=`` or ``MNEMAX_KERNEL_BACKEND``). Under a mesh of several
   devices it runs per (batch, head) shard under ``jax.shard_map`` over the axes
   ``sharding=`` names.
-* ``pallas_tpu`` -- the same chunkwise form and custom VJP as Pallas TPU (Mosaic) kernels
-  (:mod:`.tpu` for the WY/UT preparation, :mod:`mnemax.kernels.chunked_tpu` for one kernel
-  walking the chunks forward writing the outputs and one walking them back writing every
-  gradient), for ``g`` None or one log decay per head (per-key-channel decays: ``xla`` or
-  ``pallas_gpu``); float64 inputs take the ``xla`` path; ``config=`` is ignored. Opt-in, and
-  sharded per (batch, head) as ``pallas_gpu``; checked in interpret mode and by its TPU
-  lowering, not yet on a TPU.
+* ``pallas_tpu`` -- the same chunkwise form and custom VJP as Pallas TPU (Mosaic) kernels, a
+  per-chunk WY/UT preparation, then one kernel walking the chunks forward writing the
+  outputs and one walking them back writing every gradient: for ``g`` None or one log decay
+  per head, :mod:`.tpu` for the preparation and :mod:`mnemax.kernels.chunked_tpu` for the
+  walks; for one per key channel (KDA), :mod:`.tpu_channel` (the sub-chunked scores of
+  :mod:`mnemax.kernels.gated_linear_attention.tpu`). Float64 inputs take the ``xla`` path;
+  ``config=`` is ignored. Opt-in, and sharded per (batch, head) as ``pallas_gpu``; checked in
+  interpret mode and by its TPU lowering, not yet on a TPU.
 
 A one-step call (``time == 1``, generation) takes the closed-form recurrent update
 (:func:`.reference.one_step`) whatever the backend.
@@ -66,7 +67,7 @@ from .. import chunked_tpu as ct
 from .. import dispatch
 from ..chunked_gpu import ChunkedConfig
 from ..sharding import KernelSharding, per_shard, plan
-from . import gpu, gpu_channel, reference, tpu, xla
+from . import gpu, gpu_channel, reference, tpu, tpu_channel, xla
 from .common import OP, validate, zeros_state
 
 __all__ = ["BACKENDS", "ChunkedConfig", "delta_rule", "zeros_state"]
@@ -112,10 +113,6 @@ def delta_rule(q, k, v, beta, g=None, *, state=None, resets=None, scale: float |
         return o.astype(out_dtype), state
     kw = {}
     if name.startswith("pallas"):
-        if name == "pallas_tpu" and g is not None and g.ndim == 4:
-            raise ValueError(f"backend={name!r} takes g None or one log decay per head, (batch, heads, time); got g "
-                             f"of shape {g.shape} (one per key channel, KDA): use backend='xla' or 'pallas_gpu' for "
-                             "per-channel decays")
         kw = {"interpret": dispatch.interpret_flag(interpret), "config": config or DEFAULT_CONFIG,
               "sharding": sharding}
     o, state = impl(q, k, v, beta, g, state, resets, chunk_size=chunk_size, scale=scale, **kw)
@@ -126,13 +123,17 @@ def delta_rule(q, k, v, beta, g=None, *, state=None, resets=None, scale: float |
 
 
 def _forward(platform, q, k, v, beta, g, state, cut, *, chunk_size, scale, config, interpret, save=True):
+    per_channel = g is not None and g.ndim == 4
+    if platform == "tpu" and per_channel:
+        return tpu_channel.forward(q, k, v, beta, g, state, cut, chunk_size=chunk_size, scale=scale, save=save,
+                                   interpret=interpret)
     if platform == "tpu":
         p = ct.make_problem(q, k, v, g, beta, cut, chunk_size)
         R, U, Wk = tpu.wy(p, interpret=interpret)
         o, S_T, states, X = ct.forward(p, U, Wk, cg.state_in(p, state), q.dtype, scale=scale, delta=True, save=save,
                                        interpret=interpret)
         return cg.seq_out(o, v.shape), cg.state_out(S_T, state.shape), (states, X, R, Wk)
-    if g is not None and g.ndim == 4:
+    if per_channel:
         return gpu_channel.forward(q, k, v, beta, g, state, cut, chunk_size=chunk_size, scale=scale, config=config,
                                    interpret=interpret)
     p = cg.make_problem(q, k, v, g, beta, cut, chunk_size)
@@ -157,17 +158,21 @@ def _pallas_fwd(q, k, v, beta, g, state, cut, platform, chunk_size, scale, confi
 
 def _pallas_bwd(platform, chunk_size, scale, config, interpret, res, cts):
     q, k, v, beta, g, state, cut, saved = res
-    states, X, R, Wk = saved
     do, dfinal = cts
+    if g is not None and g.ndim == 4:
+        if platform == "tpu":
+            grads = tpu_channel.backward(q, k, v, beta, g, state, cut, saved, do, dfinal, chunk_size=chunk_size,
+                                         scale=scale, interpret=interpret)
+        else:
+            grads = gpu_channel.backward(q, k, v, beta, g, state, cut, saved, do, dfinal, chunk_size=chunk_size,
+                                         scale=scale, config=config, interpret=interpret)
+        return grads + (None if cut is None else jnp.zeros_like(cut),)
+    states, X, R, Wk = saved
     if platform == "tpu":
         p = ct.make_problem(q, k, v, g, beta, cut, chunk_size)
         dq, dk, dv, rows, dS0 = ct.backward(p, X, ct.pad_cotangent(p, do), states, cg.state_in(p, dfinal),
                                             scale=scale, delta=True, R=R, xw=Wk, interpret=interpret)
         return _grads(q, k, v, beta, g, state, cut, dq, dk, dv, rows, dS0)
-    if g is not None and g.ndim == 4:
-        grads = gpu_channel.backward(q, k, v, beta, g, state, cut, saved, do, dfinal, chunk_size=chunk_size,
-                                     scale=scale, config=config, interpret=interpret)
-        return grads + (None if cut is None else jnp.zeros_like(cut),)
     p = cg.make_problem(q, k, v, g, beta, cut, chunk_size)
     B, H, T, _ = q.shape
     do = cg.pad_axis(cg.pad_axis(do.astype(q.dtype).reshape(B * H, T, -1), 1, p.n_chunks * p.L), 2, p.d_v)

@@ -29,12 +29,12 @@ Forms (``backend=``; the table is :data:`BACKENDS`):
   scores in sub-chunks); float64 inputs take the ``xla`` path.
   Opt-in (``backend=`` or ``MNEMAX_KERNEL_BACKEND``). Under a mesh of several devices it runs
   per (batch, head) shard under ``jax.shard_map`` over the axes ``sharding=`` names.
-* ``pallas_tpu`` -- the same chunkwise form and custom VJP as Pallas TPU (Mosaic) kernels
-  (:mod:`mnemax.kernels.chunked_tpu`: one kernel walks the chunks forward writing the
-  outputs, one walks them back writing every gradient), for ``g`` None or one log decay per
-  head (per-key-channel decays: ``xla`` or ``pallas_gpu``); float64 inputs take the ``xla``
-  path; ``config=`` is ignored. Opt-in, and sharded per (batch, head) as ``pallas_gpu``;
-  checked in interpret mode and by its TPU lowering, not yet on a TPU.
+* ``pallas_tpu`` -- the same chunkwise form and custom VJP as Pallas TPU (Mosaic) kernels,
+  one kernel walking the chunks forward writing the outputs and one walking them back
+  writing every gradient: :mod:`mnemax.kernels.chunked_tpu` for ``g`` None or one log decay
+  per head, :mod:`.tpu` for one per key channel (intra-chunk scores in sub-chunks); float64
+  inputs take the ``xla`` path; ``config=`` is ignored. Opt-in, and sharded per (batch, head)
+  as ``pallas_gpu``; checked in interpret mode and by its TPU lowering, not yet on a TPU.
 
 A one-step call (``time == 1``, generation) takes the closed-form recurrent update
 (:func:`.reference.one_step`) whatever the backend.
@@ -61,7 +61,7 @@ from .. import chunked_tpu as ct
 from .. import dispatch
 from ..chunked_gpu import ChunkedConfig
 from ..sharding import KernelSharding, per_shard, plan
-from . import gpu, reference, xla
+from . import gpu, reference, tpu, xla
 from .common import OP, validate, zeros_state
 
 __all__ = ["BACKENDS", "ChunkedConfig", "gated_linear_attention", "zeros_state"]
@@ -105,10 +105,6 @@ def gated_linear_attention(q, k, v, g=None, *, state=None, resets=None, scale: f
         return o.astype(out_dtype), state
     kw = {}
     if name.startswith("pallas"):
-        if name == "pallas_tpu" and g is not None and g.ndim == 4:
-            raise ValueError(f"backend={name!r} takes g None or one log decay per head, (batch, heads, time); got g "
-                             f"of shape {g.shape} (one per key channel): use backend='xla' or 'pallas_gpu' for "
-                             "per-channel decays")
         kw = {"interpret": dispatch.interpret_flag(interpret), "config": config or DEFAULT_CONFIG,
               "sharding": sharding}
     o, state = impl(q, k, v, g, state, resets, chunk_size=chunk_size, scale=scale, **kw)
@@ -119,12 +115,15 @@ def gated_linear_attention(q, k, v, g=None, *, state=None, resets=None, scale: f
 
 
 def _forward(platform, q, k, v, g, state, cut, *, chunk_size, scale, config, interpret, save=True):
+    per_channel = g is not None and g.ndim == 4
+    if platform == "tpu" and per_channel:
+        return tpu.forward(q, k, v, g, state, cut, chunk_size=chunk_size, scale=scale, save=save, interpret=interpret)
     if platform == "tpu":
         p = ct.make_problem(q, k, v, g, None, cut, chunk_size)
         o, S_T, states, _ = ct.forward(p, p.v, None, cg.state_in(p, state), q.dtype, scale=scale, delta=False,
                                        save=save, interpret=interpret)
         return cg.seq_out(o, v.shape), cg.state_out(S_T, state.shape), states
-    if g is not None and g.ndim == 4:
+    if per_channel:
         return gpu.forward(q, k, v, g, state, cut, chunk_size=chunk_size, scale=scale, config=config,
                            interpret=interpret)
     p = cg.make_problem(q, k, v, g, None, cut, chunk_size)
@@ -150,12 +149,17 @@ def _pallas_fwd(q, k, v, g, state, cut, platform, chunk_size, scale, config, int
 def _pallas_bwd(platform, chunk_size, scale, config, interpret, res, cts):
     q, k, v, g, state, cut, states = res
     do, dfinal = cts
+    per_channel = g is not None and g.ndim == 4
+    if platform == "tpu" and per_channel:
+        grads = tpu.backward(q, k, v, g, state, cut, states, do, dfinal, chunk_size=chunk_size, scale=scale,
+                             interpret=interpret)
+        return grads + (None if cut is None else jnp.zeros_like(cut),)
     if platform == "tpu":
         p = ct.make_problem(q, k, v, g, None, cut, chunk_size)
         dq, dk, dv, rows, dS0 = ct.backward(p, p.v, ct.pad_cotangent(p, do), states, cg.state_in(p, dfinal),
                                             scale=scale, delta=False, interpret=interpret)
         return _grads(q, k, v, g, state, cut, dq, dk, dv, rows, dS0)
-    if g is not None and g.ndim == 4:
+    if per_channel:
         grads = gpu.backward(q, k, v, g, state, cut, states, do, dfinal, chunk_size=chunk_size, scale=scale,
                              config=config, interpret=interpret)
         return grads + (None if cut is None else jnp.zeros_like(cut),)
