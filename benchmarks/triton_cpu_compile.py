@@ -7,7 +7,7 @@ for want of shared memory or take minutes (an unrolled loop). This script captur
 IR of every kernel in an op's forward and gradient, with the warps and pipeline stages
 ``pallas_call`` gives it, and compiles it with the ``triton`` package (3.9, sm_90) in a second
 Python, printing a table: kernel, dtype, warps, stages, compile seconds, shared memory bytes
-(Hopper allows 232,448 per block). The Triton in XLA differs in version from the pip one, so
+(Hopper allows 232,448 per block), registers per thread and spilled bytes (``ptxas -v``). The Triton in XLA differs in version from the pip one, so
 the figures are estimates; a kernel over the limit here is worth fixing before a GPU run.
 
     python benchmarks/triton_cpu_compile.py --triton_python /path/to/venv/bin/python \\
@@ -41,12 +41,31 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # time the compile, not the cache
 from triton.backends.compiler import GPUTarget
 from triton.compiler import compile as tcompile
+import re, subprocess, tempfile, triton
+# the wheel's sm_90 ptxas may predate the PTX version Triton writes; its Blackwell one reads it
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def ptxas_stats(ptx):  # registers per thread and spill bytes from `ptxas -v` for sm_90a ({} if it fails)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    for exe in ("ptxas", "ptxas-blackwell"):
+        r = subprocess.run([os.path.join(BIN, exe), "-v", "-arch=sm_90a", f.name, "-o", os.devnull],
+                           capture_output=True, text=True)
+        regs = re.search(r"Used (\d+) registers", r.stderr)
+        if r.returncode == 0 and regs:
+            spill = re.search(r"(\d+) bytes spill stores", r.stderr)
+            return {"registers": int(regs.group(1)), "spill": int(spill.group(1)) if spill else 0}
+    return {}
+
+
 for job in json.loads(sys.argv[1]):
     t0 = time.time()
     try:
         k = tcompile(job["path"], target=GPUTarget("cuda", 90, 32),
                      options=dict(num_warps=job["warps"], num_stages=job["stages"]))
         job.update(compile_s=time.time() - t0, shared=k.metadata.shared)
+        job.update(ptxas_stats(k.asm["ptx"]))
     except Exception as e:  # a failed compile is a row
         job.update(compile_s=time.time() - t0, error=f"{type(e).__name__}: {e}"[:300])
     print(json.dumps(job), flush=True)
@@ -125,11 +144,12 @@ def main():
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     if not rows:
         raise SystemExit(f"the Triton Python printed no rows:\n{out.stderr[-2000:]}")
-    print(f"{'op':12} {'dtype':9} {'kernel':20} {'warps':>5} {'stages':>6} {'compile s':>9} {'shared B':>9}  note")
+    print(f"{'op':12} {'dtype':9} {'kernel':20} {'warps':>5} {'stages':>6} {'compile s':>9} {'shared B':>9} "
+          f"{'regs':>5} {'spill B':>7}  note")
     for r in rows:
         note = r.get("error") or ("over the sm_90 limit" if r.get("shared", 0) > SHARED_LIMIT else "")
         print(f"{r['op']:12} {r['dtype']:9} {r['kernel']:20} {r['warps']:5d} {r['stages']:6d} "
-              f"{r['compile_s']:9.1f} {r.get('shared', 0):9d}  {note}")
+              f"{r['compile_s']:9.1f} {r.get('shared', 0):9d} {r.get('registers', '-'):>5} {r.get('spill', '-'):>7}  {note}")
 
 
 if __name__ == "__main__":

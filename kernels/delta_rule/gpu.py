@@ -32,11 +32,13 @@ from ..chunked_gpu import (
     Problem,
     chunk_specs,
     chunk_weights,
+    col_to_row,
     compiler_params,
     decay_mask,
     dot,
     dot_nt,
     matmuls,
+    split_dot,
 )
 
 
@@ -51,18 +53,22 @@ def unit_lower_inverse(N, L: int, f32: Matmul):
     return R
 
 
-def _wy_kernel(k_r, v_r, gc_r, gr_r, r_r, u_r, wk_r, *, L, nv, bv, f32):
-    k = k_r[...].astype(F32)
+def _wy_kernel(k_r, v_r, gc_r, gr_r, r_r, u_r, wk_r, *, L, nv, bv, mm, f32):
+    """One chunk's R, U and Wk. Products with k or v take them in the matmul dtype, exact for
+    16-bit inputs: K K^T in one 16-bit matmul (exact products, float32 sums), T V and T (k q_in)
+    as :func:`~mnemax.kernels.chunked_gpu.split_dot` of T (with ``q_in``, a factor of k's rows,
+    moved onto T's columns); the inverse's products stay at the float32 policy."""
+    k = k_r[...].astype(mm.dtype)
     w = chunk_weights(gc_r, L)
-    N = dot_nt(k, k, f32) * decay_mask(gc_r, gr_r, L, strict=True) * w.beta
+    N = dot_nt(k, k, mm) * decay_mask(gc_r, gr_r, L, strict=True) * w.beta
     R = unit_lower_inverse(N, L, f32)
     r_r[...] = R
     T = R * gr_r[ROW_BETA:ROW_BETA + 1, :]
-    wk_r[...] = dot(T, k * w.q_in, f32)
+    wk_r[...] = split_dot(T * col_to_row(w.q_in, L), k, ((1,), (0,)), mm)
 
     def block(j, carry):
         vc = pl.ds(pl.multiple_of(j * bv, bv), bv)
-        u_r[:, vc] = dot(T, v_r[:, vc].astype(F32), f32)
+        u_r[:, vc] = split_dot(T, v_r[:, vc].astype(mm.dtype), ((1,), (0,)), mm)
         return carry
 
     lax.fori_loop(0, nv, block, 0)
@@ -74,8 +80,9 @@ def wy(p: Problem, *, config: ChunkedConfig, interpret: bool):
     Tp = NC * L
     bv = min(p.d_v, config.block_v)
     sp = chunk_specs(p)
+    mm, f32 = matmuls(p.q.dtype, interpret)
     return pl.pallas_call(
-        functools.partial(_wy_kernel, L=L, nv=p.d_v // bv, bv=bv, f32=matmuls(p.q.dtype, interpret)[1]),
+        functools.partial(_wy_kernel, L=L, nv=p.d_v // bv, bv=bv, mm=mm, f32=f32),
         grid=(BH, NC), in_specs=[sp["k"], sp["v"], sp["gc"], sp["gr"]],
         out_specs=[sp["LL"], sp["v"], sp["k"]],
         out_shape=[jax.ShapeDtypeStruct((BH, NC, L, L), F32), jax.ShapeDtypeStruct((BH, Tp, p.d_v), F32),
