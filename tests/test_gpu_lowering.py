@@ -134,7 +134,7 @@ def test_selective_scan_gpu_kernel_lowers(hopper, layout):
 
     config = SelectiveScanConfig(bwd_layout="channels") if layout == "channels" else None
     rng = np.random.default_rng(2)
-    Bt, T, Ch, N = 2, 100, 64, 16  # 100 pads to 104: with 96 the lanes forward's tiles would be 16 rows
+    Bt, T, Ch, N = 2, 20, 64, 16  # 20 pads to 24 (a partial tile); lanes: 96, where the forward takes 16-row tiles
     T = 96 if layout == "lanes" else T
     x, dt, z = _arr(rng, (Bt, T, Ch)), _arr(rng, (Bt, T, Ch)), _arr(rng, (Bt, T, Ch))
     A = -jnp.exp(_arr(rng, (Ch, N)))

@@ -197,6 +197,9 @@ def test_attention_contract(window, key_conv):
     )
 
 
+# The Transformer LM's contract (tests/test_models.py, in CI) runs these blocks (window 16)
+# inside the LM; the block's own contract runs with -m slow (CI time).
+@pytest.mark.slow
 def test_transformer_block_contract():
     check_layer_contract(lambda **kw: TransformerBlock(features=8, num_heads=2, window=16, **kw), float_input(8))
 
