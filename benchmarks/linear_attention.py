@@ -129,6 +129,15 @@ def op_rows(op: str, shape, only=None) -> list[dict]:
     return rows
 
 
+def parse_ops(text: str) -> list[str]:
+    """``--ops``: comma-separated names of :data:`OPS`; an unknown one ends the run naming it."""
+    ops = [o for o in text.split(",") if o]
+    bad = sorted(set(ops) - set(OPS))
+    if bad:
+        raise SystemExit(f"--ops: unknown {bad}; expected some of {list(OPS)}")
+    return ops
+
+
 def cudnn_rows(shape) -> list[dict]:
     """Causal softmax attention (``jax.nn.dot_product_attention``, cuDNN) at the same shape."""
     B, T, H, D = shape
@@ -161,10 +170,7 @@ def main():
     global CHECK
     CHECK = not args.no_check
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
-    ops = [o for o in args.ops.split(",") if o]
-    bad = sorted(set(ops) - set(OPS))
-    if bad:
-        raise SystemExit(f"--ops: unknown {bad}; expected some of {list(OPS)}")
+    ops = parse_ops(args.ops)
     env = environment()
     print(env, flush=True)
     rows = []

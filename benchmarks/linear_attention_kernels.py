@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import bench, environment, save, table  # noqa: E402
-from linear_attention import OPS, call, inputs, loss_fn  # noqa: E402
+from linear_attention import OPS, call, inputs, loss_fn, parse_ops  # noqa: E402
 
 
 def recorded_kernels(op: str, x: dict) -> list[tuple]:
@@ -93,10 +93,7 @@ def main():
     args = ap.parse_args()
     if args.interpret:
         os.environ["MNEMAX_PALLAS_INTERPRET"] = "1"
-    ops = [o for o in args.ops.split(",") if o]
-    bad = sorted(set(ops) - set(OPS))
-    if bad:
-        raise SystemExit(f"--ops: unknown {bad}; expected some of {list(OPS)}")
+    ops = parse_ops(args.ops)
     env = environment()
     print(env, flush=True)
     rows = []
