@@ -110,9 +110,28 @@ def check_layer_contract(
         return layer.apply(v, x, state, resets)
 
     # Everything below runs jitted (op-by-op eager execution compiles every primitive
-    # for every shape, which is far slower on CPU); one eager call is checked in 4.
-    apply = japply = jax.jit(eager_apply)
+    # for every shape, which is far slower on CPU); one eager call is checked in 4. Every
+    # call but the first two passes its state and resets explicitly (``initial_state`` and
+    # all-false resets where there are none), so that one program per length serves the
+    # streaming, reset and initial-state checks: compiles are most of the checker's time.
+    apply = jax.jit(eager_apply)
     y_full, s_full = apply(variables, x)
+    s0 = make_layer().initial_state(batch)
+    no_resets = lambda n: jnp.zeros((batch, n), bool)  # noqa: E731
+
+    def japply(v, x, state=None, resets=None):
+        state = s0 if state is None else state
+        return apply(v, x, state, no_resets(x.shape[1]) if resets is None else resets)
+
+    # --- 3. initial_state (first: the explicit form below stands in for state=None) -----
+    assert jax.tree.structure(s0) == jax.tree.structure(s_full), "initial_state structure != returned state's"
+    for a, b in zip(jax.tree.leaves(s0), jax.tree.leaves(s_full)):
+        assert a.shape == b.shape and a.dtype == b.dtype, f"initial_state leaf {a.shape}/{a.dtype} != {b.shape}/{b.dtype}"
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            assert a.dtype == jnp.float32, f"state leaves must be float32, got {a.dtype}"
+    y0, st0 = japply(variables, x)
+    _assert_close(y0, y_full, rtol, atol, "outputs with initial_state and all-false resets vs state=None, resets=None")
+    _assert_close(st0, s_full, rtol, atol, "final state with initial_state and all-false resets vs None, None")
 
     # --- 1. streaming -----------------------------------------------------------------
     splits = [(time // 2, time - time // 2), (3, time - 7, 4), (1, 4, time - 8, 3)]
@@ -127,39 +146,26 @@ def check_layer_contract(
     _assert_close(s, s_full, rtol, atol, "final state, prefill + one-token steps")
 
     # --- 2. resets ----------------------------------------------------------------------
-    # rows cut at time // 2 and time - time // 2 in turn: the halves of every row have the
-    # same two lengths, so the row-by-row reference calls compile twice, not once per row
+    # rows cut at time // 2 and time - time // 2 in turn (resets are per row); each row's
+    # halves are the whole batch's halves at that cut, run as fresh sequences, read at row b
     cuts = [time // 2 + (b % 2) * (time - 2 * (time // 2)) for b in range(batch)]
     resets = jnp.zeros((batch, time), bool).at[jnp.arange(batch), jnp.array(cuts)].set(True)
-    y_r, s_r = apply(variables, x, None, resets)
+    y_r, s_r = japply(variables, x, None, resets)
     for b, c in enumerate(cuts):
-        xb = x[b : b + 1]
-        y_a, _ = apply(variables, xb[:, :c])
-        y_b, s_b = apply(variables, xb[:, c:])
-        _assert_close(y_r[b : b + 1, :c], y_a, rtol, atol, f"row {b}: outputs before the reset at {c}")
-        _assert_close(y_r[b : b + 1, c:], y_b, rtol, atol, f"row {b}: outputs after the reset at {c}")
-        _assert_close(
-            jax.tree.map(lambda l: l[b : b + 1], s_r), s_b, rtol, atol, f"row {b}: final state after a reset"
-        )
+        y_a, _ = japply(variables, x[:, :c])
+        y_b, s_b = japply(variables, x[:, c:])
+        row = lambda t: jax.tree.map(lambda l: l[b : b + 1], t)  # noqa: E731
+        _assert_close(y_r[b : b + 1, :c], y_a[b : b + 1], rtol, atol, f"row {b}: outputs before the reset at {c}")
+        _assert_close(y_r[b : b + 1, c:], y_b[b : b + 1], rtol, atol, f"row {b}: outputs after the reset at {c}")
+        _assert_close(row(s_r), row(s_b), rtol, atol, f"row {b}: final state after a reset")
     y, s = _split_apply(japply, variables, x, (3, time - 7, 4), resets=resets)
     _assert_close(y, y_r, rtol, atol, "outputs, pieces with resets")
     _assert_close(s, s_r, rtol, atol, "final state, pieces with resets")
     x2 = make_input(rng, batch, time)
     first = jnp.zeros((batch, time), bool).at[:, 0].set(True)
-    y_clear, _ = apply(variables, x2, s_full, first)
+    y_clear, _ = japply(variables, x2, s_full, first)
     y_fresh, _ = apply(variables, x2)
     _assert_close(y_clear, y_fresh, rtol, atol, "a reset at step 0 clears the carried state")
-
-    # --- 3. initial_state ---------------------------------------------------------------
-    s0 = make_layer().initial_state(batch)
-    assert jax.tree.structure(s0) == jax.tree.structure(s_full), "initial_state structure != returned state's"
-    for a, b in zip(jax.tree.leaves(s0), jax.tree.leaves(s_full)):
-        assert a.shape == b.shape and a.dtype == b.dtype, f"initial_state leaf {a.shape}/{a.dtype} != {b.shape}/{b.dtype}"
-        if jnp.issubdtype(a.dtype, jnp.floating):
-            assert a.dtype == jnp.float32, f"state leaves must be float32, got {a.dtype}"
-    y0, st0 = apply(variables, x, s0)
-    _assert_close(y0, y_full, rtol, atol, "outputs with initial_state vs state=None")
-    _assert_close(st0, s_full, rtol, atol, "final state with initial_state vs state=None")
 
     # --- 4. jit and gradients -------------------------------------------------------------
     ye, se = eager_apply(variables, x)
@@ -179,9 +185,9 @@ def check_layer_contract(
     grads = jax.jit(jax.grad(lambda f: scalar_loss(*rebuild(f), w_y)))(floats)
     for leaf in grads:
         assert bool(jnp.all(jnp.isfinite(leaf))), "non-finite gradient"
-    g_params = jax.jit(jax.grad(lambda v: scalar_loss(v, x, s_full, w_y)))(variables)
+    g_params = rebuild(grads)[0]  # the parameters' part of the same gradient
     assert any(float(jnp.abs(l).max()) > 0 for l in jax.tree.leaves(g_params)), "all parameter gradients are zero"
-    _check_finite_differences(make_layer, make_input, batch, min(time, 7), fd_rtol, seed)
+    _check_finite_differences(make_layer, make_input, variables, s_full, batch, min(time, 7), fd_rtol, seed)
 
     # --- 5. bad inputs ----------------------------------------------------------------------
     bad_x = x[..., 0] if x.ndim == 3 else x[..., None]
@@ -243,8 +249,8 @@ def check_layer_contract(
     half = time // 2
     losses = []
     for _ in range(train_steps):
-        state, step_loss = None, 0.0
-        for lo, hi in ((0, half), (half, 2 * half)):  # truncated BPTT over two segments of one length (one compile)
+        state, step_loss = s0, 0.0  # (initial_state, not None: one signature, one compile)
+        for lo, hi in ((0, half), (half, 2 * half)):  # truncated BPTT over two segments of one length
             params, opt_state, state, loss = train_step(params, opt_state, state, x[:, lo:hi], target[:, lo:hi])
             step_loss += float(loss)
         losses.append(step_loss)
@@ -252,22 +258,21 @@ def check_layer_contract(
     assert losses[-1] < losses[0], f"loss did not go down in {train_steps} optax steps: {losses}"
 
 
-def _check_finite_differences(make_layer, make_input, batch, time, fd_rtol, seed):
+def _check_finite_differences(make_layer, make_input, variables, state, batch, time, fd_rtol, seed):
     """Directional derivative of a random projection of (outputs, final state) along a
     random direction in (params, float inputs, incoming state): reverse-mode gradient vs
-    central differences, in float64."""
+    central differences, in float64, at the float32 check's parameters and final state
+    (a non-trivial incoming state) cast to the float64 layer's dtypes (no second init or
+    prefix run to compile)."""
     with jax.enable_x64(True):
         rng = np.random.default_rng(seed + 1)
-        k_init = jax.random.key(seed + 1)
         layer = make_layer(dtype=jnp.float64, param_dtype=jnp.float64)
         x = make_input(rng, batch, time)
         if _is_float(x):
             x = x.astype(jnp.float64)
-        variables = jax.jit(layer.init)(k_init, x)
         variables = jax.tree.map(lambda p: p.astype(jnp.float64) if _is_float(p) else p, variables)
-        # A non-trivial incoming state: the state after a prefix.
-        _, state = jax.jit(layer.apply)(variables, x)
-        y, _ = jax.jit(layer.apply)(variables, x, state)
+        y, state_shape = jax.eval_shape(layer.apply, variables, x)
+        state = jax.tree.map(lambda s, like: jnp.asarray(s).astype(like.dtype), state, state_shape)
         w_y = jnp.asarray(rng.standard_normal(y.shape), jnp.float64)
 
         def loss(v, x, s):
@@ -281,13 +286,16 @@ def _check_finite_differences(make_layer, make_input, batch, time, fd_rtol, seed
         floats, rebuild = _float_leaves((variables, x, state))
         direction = [jnp.asarray(rng.standard_normal(f.shape), jnp.float64) for f in floats]
 
-        @jax.jit
-        def flat_loss(fl):
-            return loss(*rebuild(fl))
+        # one program (value and gradient) for the gradient and both differences
+        value_and_grad = jax.jit(jax.value_and_grad(lambda fl: loss(*rebuild(fl))))
 
-        grads = jax.grad(flat_loss)(floats)
+        def flat_loss(fl):
+            return value_and_grad(fl)[0]
+
+        grads = value_and_grad(floats)[1]
         analytic = sum(float(jnp.sum(g * d)) for g, d in zip(grads, direction))
 
+        @jax.jit
         def along(eps):
             return [f + eps * d for f, d in zip(floats, direction)]
 
