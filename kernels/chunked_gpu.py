@@ -76,6 +76,9 @@ class ChunkedConfig:
       walk_warps: warps of the state walks.
       num_stages: Triton pipeline stages of every kernel (the gradient kernel uses one for
         float32 operands, which need the shared memory).
+      wy_block: row block of the delta rule's WY/UT preparation: the chunk's unit lower
+        triangular inverse by block forward substitution over blocks of this many steps
+        (a power of two >= 16; the chunk size or more: one block, all by doubling).
     """
 
     block_v: int = 64
@@ -84,9 +87,10 @@ class ChunkedConfig:
     bwd_warps: int = 8
     walk_warps: int = 4
     num_stages: int = 2
+    wy_block: int = 16
 
     def __post_init__(self):
-        for name in ("block_v", "walk_block_v"):
+        for name in ("block_v", "walk_block_v", "wy_block"):
             value = getattr(self, name)
             if not ((value is None and name == "walk_block_v") or (_power_of_two(value) and value >= 16)):
                 raise ValueError(f"ChunkedConfig.{name}: got {value!r}; expected a power of two >= 16")
