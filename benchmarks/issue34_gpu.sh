@@ -7,6 +7,9 @@
 #   bash benchmarks/issue34_gpu.sh e2e        # training tokens/s at 2k and 32k, generation from a 16k prefill
 #   bash benchmarks/issue34_gpu.sh kernels    # each pallas_gpu kernel of every op timed alone (where the time goes)
 #
+# Arguments after the part go to its Python script and override the part's own (the last
+# occurrence of a flag wins), e.g. `bash benchmarks/issue34_gpu.sh kernels --ops gdn --config wy_block=64`.
+#
 # Run from the repository root on the device machine with the wheels carried (`carry: [".whl"]`;
 # see the device README): the script installs the project and the wheels, then runs one part.
 # Every part prints its rows as it goes (unbuffered) and its table last, and writes its JSON
@@ -19,25 +22,27 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 nvidia-smi --query-gpu=name --format=csv,noheader
-case "${1:-ops}" in
+part=${1:-ops}
+shift || true
+case "$part" in
   ops)
-    timeout "$LIMIT" python3 -u benchmarks/linear_attention.py --ops simple_gla,gla,deltanet,gdn,kda --backends xla,pallas_gpu
+    timeout "$LIMIT" python3 -u benchmarks/linear_attention.py --ops simple_gla,gla,deltanet,gdn,kda --backends xla,pallas_gpu "$@"
     ;;
   fla)
-    PYTHONPATH=/tmp/site timeout "$LIMIT" python3 -u benchmarks/linear_attention_fla.py --ops simple_gla,deltanet,gdn,kda
+    PYTHONPATH=/tmp/site timeout "$LIMIT" python3 -u benchmarks/linear_attention_fla.py --ops simple_gla,deltanet,gdn,kda "$@"
     ;;
   fla_gla)
-    PYTHONPATH=/tmp/site timeout "$LIMIT" python3 -u benchmarks/linear_attention_fla.py --ops gla
+    PYTHONPATH=/tmp/site timeout "$LIMIT" python3 -u benchmarks/linear_attention_fla.py --ops gla "$@"
     ;;
   e2e)
     timeout "$LIMIT" python3 -u benchmarks/throughput.py --families transformer,mamba2,gdn --contexts 2048,32768 --prefill 16384 \
-      --out throughput_issue34.json
+      --out throughput_issue34.json "$@"
     ;;
   kernels)
-    timeout "$LIMIT" python3 -u benchmarks/linear_attention_kernels.py --ops simple_gla,gla,deltanet,gdn,kda
+    timeout "$LIMIT" python3 -u benchmarks/linear_attention_kernels.py --ops simple_gla,gla,deltanet,gdn,kda "$@"
     ;;
   *)
-    echo "unknown part $1: ops, fla, fla_gla, e2e or kernels" >&2
+    echo "unknown part $part: ops, fla, fla_gla, e2e or kernels" >&2
     exit 2
     ;;
 esac

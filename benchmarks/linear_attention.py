@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import bench, environment, save, table  # noqa: E402
 
 from mnemax.kernels import delta_rule, gated_linear_attention  # noqa: E402
+from mnemax.kernels.chunked_gpu import ChunkedConfig  # noqa: E402
 from mnemax.kernels.delta_rule import BACKENDS as DELTA_BACKENDS  # noqa: E402
 from mnemax.kernels.gated_linear_attention import BACKENDS as GLA_BACKENDS  # noqa: E402
 
@@ -46,6 +47,7 @@ OPS = {
 }
 SHAPES = [(8, 2048, 16, 128), (2, 8192, 16, 128)]
 CHECK = True  # --no_check: time only
+CONFIG = None  # --config: the Pallas GPU kernels' ChunkedConfig (None: the defaults)
 
 
 def inputs(op: str, shape, dtype, seed=0):
@@ -65,9 +67,37 @@ def inputs(op: str, shape, dtype, seed=0):
 
 
 def call(op: str, x: dict, backend: str, chunk_size: int = 64):
+    kw = {"config": CONFIG} if CONFIG is not None and backend == "pallas_gpu" else {}
     if OPS[op][0] == "gla":
-        return gated_linear_attention(x["q"], x["k"], x["v"], x["g"], backend=backend, chunk_size=chunk_size)
-    return delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], backend=backend, chunk_size=chunk_size)
+        return gated_linear_attention(x["q"], x["k"], x["v"], x["g"], backend=backend, chunk_size=chunk_size, **kw)
+    return delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], backend=backend, chunk_size=chunk_size, **kw)
+
+
+def config_label(config: ChunkedConfig | None) -> str:
+    """The fields of ``config`` that differ from the defaults, as ``--config`` takes them."""
+    if config is None:
+        return "default"
+    changed = [f"{n}={getattr(config, n)}" for n in ChunkedConfig.__dataclass_fields__
+               if getattr(config, n) != getattr(ChunkedConfig(), n)]
+    return ",".join(changed) or "default"
+
+
+def parse_config(text: str | None) -> ChunkedConfig | None:
+    """``--config``: comma-separated ``field=int`` of :class:`ChunkedConfig` (None or empty: the
+    defaults); an unknown field or a bad value ends the run naming it."""
+    if not text:
+        return None
+    fields = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if name not in ChunkedConfig.__dataclass_fields__ or not value.lstrip("-").isdigit():
+            raise SystemExit(f"--config: got {item!r}; expected field=int with a field of "
+                             f"{list(ChunkedConfig.__dataclass_fields__)}")
+        fields[name] = int(value)
+    try:
+        return ChunkedConfig(**fields)
+    except ValueError as e:
+        raise SystemExit(f"--config: {e}") from e
 
 
 def loss_fn(op, backend):
@@ -104,6 +134,8 @@ def op_rows(op: str, shape, only=None) -> list[dict]:
     rows = []
     for backend in backends:
         row = {"op": op, "shape": str(shape), "dtype": "bfloat16", "backend": backend}
+        if CONFIG is not None and backend == "pallas_gpu":
+            row["config"] = config_label(CONFIG)
         try:
             if CHECK:
                 row["check_err"] = check(op, backend)
@@ -166,9 +198,11 @@ def main():
     ap.add_argument("--no_cudnn", action="store_true")
     ap.add_argument("--backends", default=None, help="comma-separated backends to time (default: all but reference)")
     ap.add_argument("--no_check", action="store_true", help="skip the fp32 check against reference")
+    ap.add_argument("--config", default=None, help="pallas_gpu's ChunkedConfig fields, e.g. wy_block=64,block_v=32")
     args = ap.parse_args()
-    global CHECK
+    global CHECK, CONFIG
     CHECK = not args.no_check
+    CONFIG = parse_config(args.config)
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
     ops = parse_ops(args.ops)
     env = environment()
@@ -180,7 +214,7 @@ def main():
         if not args.no_cudnn and jax.default_backend() == "gpu":
             rows += cudnn_rows(shape)
     save({"env": env, "rows": rows}, "linear_attention.json")
-    print(table(rows, ["op", "shape", "dtype", "backend", "check_err", "fwd_compile_s", "fwd_ms", "fwdbwd_compile_s", "fwdbwd_ms", "error"]))
+    print(table(rows, ["op", "shape", "dtype", "backend", "config", "check_err", "fwd_compile_s", "fwd_ms", "fwdbwd_compile_s", "fwdbwd_ms", "error"]))
 
 
 if __name__ == "__main__":

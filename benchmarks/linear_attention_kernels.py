@@ -25,7 +25,8 @@ from jax.experimental import pallas as pl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import bench, environment, save, table  # noqa: E402
-from linear_attention import OPS, call, inputs, loss_fn, parse_ops  # noqa: E402
+import linear_attention  # noqa: E402
+from linear_attention import OPS, call, config_label, inputs, loss_fn, parse_config, parse_ops  # noqa: E402
 
 
 def recorded_kernels(op: str, x: dict) -> list[tuple]:
@@ -65,7 +66,7 @@ def recorded_kernels(op: str, x: dict) -> list[tuple]:
 def rows_for(op: str, shape) -> list[dict]:
     x = inputs(op, shape, jnp.bfloat16)
     diff = {n: a for n, a in x.items() if a is not None}
-    base = {"op": op, "shape": str(shape), "dtype": "bfloat16"}
+    base = {"op": op, "shape": str(shape), "dtype": "bfloat16", "config": config_label(linear_attention.CONFIG)}
     fwd = jax.jit(lambda d: call(op, {**x, **d}, "pallas_gpu"))
     fb = jax.jit(jax.grad(lambda d: loss_fn(op, "pallas_gpu")({**x, **d})))
     total = {"fwd": 1e3 * bench(fwd, diff), "fwd+bwd": 1e3 * bench(fb, diff)}
@@ -90,7 +91,9 @@ def main():
     ap.add_argument("--shapes", nargs="*", default=["8,2048,16,128"], help="B,T,H,D")
     ap.add_argument("--interpret", action="store_true",
                     help="run the kernels in interpret mode (MNEMAX_PALLAS_INTERPRET=1; a CPU check of the script)")
+    ap.add_argument("--config", default=None, help="ChunkedConfig fields, e.g. wy_block=64 (default: the defaults)")
     args = ap.parse_args()
+    linear_attention.CONFIG = parse_config(args.config)
     if args.interpret:
         os.environ["MNEMAX_PALLAS_INTERPRET"] = "1"
     ops = parse_ops(args.ops)
@@ -102,7 +105,7 @@ def main():
         for op in ops:
             rows += rows_for(op, shape)
     save({"env": env, "rows": rows}, "linear_attention_kernels.json")
-    print(table(rows, ["op", "shape", "phase", "kernel", "ms"]))
+    print(table(rows, ["op", "shape", "config", "phase", "kernel", "ms"]))
 
 
 if __name__ == "__main__":
