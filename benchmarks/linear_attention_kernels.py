@@ -9,6 +9,7 @@ inputs as ``benchmarks/linear_attention.py``; the table is printed last and the 
 ``$OUT/linear_attention_kernels.json``.
 
     python3 benchmarks/linear_attention_kernels.py --ops gdn,kda --shapes 8,2048,16,128
+    python3 benchmarks/linear_attention_kernels.py --ops gdn --config "" bwd_warps=4 wy_block=64
     python3 benchmarks/linear_attention_kernels.py --interpret --shapes 1,64,2,16   # CPU logic check
 """
 
@@ -91,9 +92,11 @@ def main():
     ap.add_argument("--shapes", nargs="*", default=["8,2048,16,128"], help="B,T,H,D")
     ap.add_argument("--interpret", action="store_true",
                     help="run the kernels in interpret mode (MNEMAX_PALLAS_INTERPRET=1; a CPU check of the script)")
-    ap.add_argument("--config", default=None, help="ChunkedConfig fields, e.g. wy_block=64 (default: the defaults)")
+    ap.add_argument("--config", nargs="*", default=[""],
+                    help="ChunkedConfig variants to time in turn, each comma-separated field=int (\"\": the "
+                         "defaults), e.g. --config \"\" bwd_warps=4 wy_block=64")
     args = ap.parse_args()
-    linear_attention.CONFIG = parse_config(args.config)
+    configs = [parse_config(c) for c in args.config]
     if args.interpret:
         os.environ["MNEMAX_PALLAS_INTERPRET"] = "1"
     ops = parse_ops(args.ops)
@@ -103,7 +106,9 @@ def main():
     for s in args.shapes:
         shape = tuple(int(v) for v in s.split(","))
         for op in ops:
-            rows += rows_for(op, shape)
+            for config in configs:
+                linear_attention.CONFIG = config
+                rows += rows_for(op, shape)
     save({"env": env, "rows": rows}, "linear_attention_kernels.json")
     print(table(rows, ["op", "shape", "config", "phase", "kernel", "ms"]))
 
