@@ -6,13 +6,14 @@ per-chunk gradients shared with ``gated_linear_attention`` in
 Per chunk (see :mod:`mnemax.kernels.delta_rule.xla` for the algebra), with the strictly
 lower, segment-masked ``N = Diag(beta) (K K^T (.) D)`` and beta folded into the rows::
 
-    R  = (I + N)^-1 = (I - N)(I + N^2)(I + N^4) ... (I + N^(L/2))     N is nilpotent: N^L = 0
-    T  = R Diag(beta),   U = T V,   Wk = T (k * exp(G) [no reset yet])
+    R  = (I + N)^-1,   T  = R Diag(beta),   U = T V,   Wk = T (k * exp(G) [no reset yet])
 
-:func:`wy` writes R (kept for the backward), U and Wk (float32) for every chunk at once;
-the forward walk then forms the delta errors ``X = U - Wk S_in`` chunk by chunk. The
-inverse's doubling product is log2(L) - 1 squarings and products of L x L float32
-matrices, every one a tensor-friendly matmul (no sequential substitution over rows).
+:func:`wy` writes R (float32, kept for the backward), U (float32) and Wk (in the matmul
+dtype) for every chunk at once; the forward walk then forms the delta errors
+``X = U - Wk S_in`` chunk by chunk. ``R`` is block lower triangular over row blocks of
+``ChunkedConfig.wy_block`` steps: each diagonal block by the doubling product
+``(I - N)(I + N^2)(I + N^4) ...`` (N is nilpotent), the blocks below it by block forward
+substitution, every step a tensor-core matmul (no sequential substitution over rows).
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ def _wy_kernel(k_r, v_r, gc_r, gr_r, r_r, u_r, wk_r, *, L, b, nv, bv, mm, f32):
 
 
 def wy(p: Problem, *, config: ChunkedConfig, interpret: bool):
-    """(R (BH, NC, L, L), U (BH, Tp, d_v), Wk (BH, Tp, d_k)), float32, for every chunk."""
+    """(R (BH, NC, L, L), U (BH, Tp, d_v), Wk (BH, Tp, d_k)) for every chunk: R and U float32, Wk
+    in the matmul dtype (the walks' products round it there; half the bytes for 16-bit inputs)."""
     BH, NC, L = p.q.shape[0], p.n_chunks, p.L
     Tp = NC * L
     bv = min(p.d_v, config.block_v)
@@ -125,6 +127,6 @@ def wy(p: Problem, *, config: ChunkedConfig, interpret: bool):
         grid=(BH, NC), in_specs=[sp["k"], sp["v"], sp["gc"], sp["gr"]],
         out_specs=[sp["LL"], sp["v"], sp["k"]],
         out_shape=[jax.ShapeDtypeStruct((BH, NC, L, L), F32), jax.ShapeDtypeStruct((BH, Tp, p.d_v), F32),
-                   jax.ShapeDtypeStruct((BH, Tp, p.d_k), F32)],
+                   jax.ShapeDtypeStruct((BH, Tp, p.d_k), mm.dtype)],
         compiler_params=compiler_params(interpret, config.num_warps, config.num_stages), interpret=interpret,
     )(p.k, p.v, p.gcol, p.grow)

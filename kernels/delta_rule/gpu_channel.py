@@ -42,7 +42,7 @@ chunk.
 
 Layouts: those of the GLA module (states (BH, NC, d_v, d_k) transposed, ``G`` (BH, Tp, d_k)
 float32, the gate columns carrying the segments and ``beta`` with ``G = 0``); ``R`` (BH, NC,
-L, L), ``U`` and ``Wk`` float32 and ``X`` in the matmul dtype, as the per-head delta rule
+L, L) and ``U`` float32, ``Wk`` and ``X`` in the matmul dtype, as the per-head delta rule
 keeps them. Matmul operands follow :func:`~mnemax.kernels.chunked_gpu.matmuls`; ``K``, the
 inverse and its gradient run at the float32 policy.
 """
@@ -70,6 +70,7 @@ from ..chunked_gpu import (
     dot_nt,
     dot_tn,
     matmuls,
+    mm_dtype,
     pad_axis,
     seq_out,
     step_out,
@@ -113,7 +114,7 @@ def _wy_kernel(k_r, v_r, G_r, gc_r, gr_r, r_r, u_r, wk_r, *, L, nk, bk, nv, bv, 
 
     def keys(i, carry):
         kc = pl.ds(pl.multiple_of(i * bk, bk), bk)
-        wk_r[:, kc] = dot(T, k_r[:, kc].astype(F32) * (w.q_in * jnp.exp(G_r[:, kc])), f32)
+        wk_r[:, kc] = dot(T, k_r[:, kc].astype(F32) * (w.q_in * jnp.exp(G_r[:, kc])), f32).astype(wk_r.dtype)
         return carry
 
     def values(j, carry):
@@ -126,7 +127,8 @@ def _wy_kernel(k_r, v_r, G_r, gc_r, gr_r, r_r, u_r, wk_r, *, L, nk, bk, nv, bv, 
 
 
 def wy(p: Problem, G, *, config: ChunkedConfig, interpret: bool):
-    """(R (BH, NC, L, L), U (BH, Tp, d_v), Wk (BH, Tp, d_k)), float32, for every chunk."""
+    """(R (BH, NC, L, L), U (BH, Tp, d_v), Wk (BH, Tp, d_k)) for every chunk: R and U float32, Wk
+    in the matmul dtype (each of its products rounds it there)."""
     BH, NC, L = p.q.shape[0], p.n_chunks, p.L
     Tp = NC * L
     sp = gla.chunk_specs(p)
@@ -136,7 +138,7 @@ def wy(p: Problem, G, *, config: ChunkedConfig, interpret: bool):
         grid=(BH, NC), in_specs=[sp["k"], sp["v"], sp["k"], sp["gc"], sp["gr"]],
         out_specs=[LL, sp["v"], sp["k"]],
         out_shape=[jax.ShapeDtypeStruct((BH, NC, L, L), F32), jax.ShapeDtypeStruct((BH, Tp, p.d_v), F32),
-                   jax.ShapeDtypeStruct((BH, Tp, p.d_k), F32)],
+                   jax.ShapeDtypeStruct((BH, Tp, p.d_k), mm_dtype(p.q.dtype))],
         compiler_params=compiler_params(interpret, config.num_warps, config.num_stages), interpret=interpret,
     )(p.k, p.v, G, p.gcol, p.grow)
 
