@@ -127,6 +127,28 @@ def check(op: str, backend: str) -> float:
     return worst
 
 
+def check_bf16(op: str, backend: str) -> float:
+    """The largest relative-norm error (||got - want|| / ||want||) of ``backend`` on bf16 inputs
+    against ``reference`` in float32 on the same bf16-rounded inputs, over outputs, final state
+    and gradients, at (2, 300, 2, 64) on this device (the tests' bf16 limits: 3e-3 outputs,
+    5e-3 gradients)."""
+    x16 = inputs(op, (2, 300, 2, 64), jnp.bfloat16, seed=2)
+    x32 = {n: None if a is None else a.astype(jnp.float32) for n, a in x16.items()}
+
+    def both(b, x):
+        diff = {n: a for n, a in x.items() if a is not None}
+        out = jax.jit(lambda d: call(op, {**x, **d}, b))(diff)
+        grads = jax.jit(jax.grad(lambda d: loss_fn(op, b)({**x, **d})))(diff)
+        return jax.tree.leaves((out, grads))
+
+    worst = 0.0
+    with jax.default_matmul_precision("highest"):
+        for got, want in zip(both(backend, x16), both("reference", x32)):
+            got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+            worst = max(worst, float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)))
+    return worst
+
+
 def op_rows(op: str, shape, only=None) -> list[dict]:
     kind, _ = OPS[op]
     backends = [b for b in (GLA_BACKENDS if kind == "gla" else DELTA_BACKENDS).available() if b != "reference"
@@ -139,6 +161,7 @@ def op_rows(op: str, shape, only=None) -> list[dict]:
         try:
             if CHECK:
                 row["check_err"] = check(op, backend)
+                row["check_bf16"] = check_bf16(op, backend)
             x = inputs(op, shape, jnp.bfloat16)
             diff = {n: a for n, a in x.items() if a is not None}
             fwd = jax.jit(lambda d, b=backend: call(op, {**x, **d}, b))
@@ -214,7 +237,7 @@ def main():
         if not args.no_cudnn and jax.default_backend() == "gpu":
             rows += cudnn_rows(shape)
     save({"env": env, "rows": rows}, "linear_attention.json")
-    print(table(rows, ["op", "shape", "dtype", "backend", "config", "check_err", "fwd_compile_s", "fwd_ms", "fwdbwd_compile_s", "fwdbwd_ms", "error"]))
+    print(table(rows, ["op", "shape", "dtype", "backend", "config", "check_err", "check_bf16", "fwd_compile_s", "fwd_ms", "fwdbwd_compile_s", "fwdbwd_ms", "error"]))
 
 
 if __name__ == "__main__":

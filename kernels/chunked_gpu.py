@@ -79,6 +79,8 @@ class ChunkedConfig:
       wy_block: row block of the delta rule's WY/UT preparation: the chunk's unit lower
         triangular inverse by block forward substitution over blocks of this many steps
         (a power of two >= 16; the chunk size or more: one block, all by doubling).
+      f32_passes: for 16-bit inputs, the TF32 passes of the float32 products (decays,
+        inverses, gradients; see :func:`matmuls`): 1 or 3. Float32 inputs always take 3.
     """
 
     block_v: int = 64
@@ -88,6 +90,7 @@ class ChunkedConfig:
     walk_warps: int = 4
     num_stages: int = 2
     wy_block: int = 16
+    f32_passes: int = 1
 
     def __post_init__(self):
         for name in ("block_v", "walk_block_v", "wy_block"):
@@ -98,6 +101,8 @@ class ChunkedConfig:
             value = getattr(self, name)
             if not (_power_of_two(value) and value <= 32):
                 raise ValueError(f"ChunkedConfig.{name}: got {value!r}; expected a power of two from 1 to 32")
+        if self.f32_passes not in (1, 3) or isinstance(self.f32_passes, bool):
+            raise ValueError(f"ChunkedConfig.f32_passes: got {self.f32_passes!r}; expected 1 or 3")
         if not (isinstance(self.num_stages, int) and not isinstance(self.num_stages, bool) and self.num_stages >= 1):
             raise ValueError(f"ChunkedConfig.num_stages: got {self.num_stages!r}; expected a positive int")
 
@@ -196,25 +201,38 @@ def mm_dtype(dtype):
 
 class Matmul(NamedTuple):
     """How a kernel's matmuls run: operands rounded to ``dtype`` (float32 accumulation), and
-    float32 operands at ``precision``."""
+    float32 operands at ``precision``; with ``tf32_operands`` (interpret mode's stand-in for
+    one-pass TF32, which the CPU lacks) float32 operands are first rounded to TF32's 10-bit
+    mantissa."""
 
     dtype: object
     precision: object
+    tf32_operands: bool = False
 
 
-def matmuls(dtype, interpret: bool) -> tuple[Matmul, Matmul]:
-    """(the matmul policy for operands of ``dtype``, the float32 one). Float32 operands run as
-    three-pass TF32 on the GPU (tensor cores, float32-level error; the IEEE form unrolls into
-    FMA loops that Triton compiles slowly) and at HIGHEST in interpret mode (the CPU has no
-    TF32 algorithm)."""
-    prec = lax.Precision.HIGHEST if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
-    return Matmul(mm_dtype(dtype), prec), Matmul(F32, prec)
+def matmuls(dtype, interpret: bool, config: ChunkedConfig | None = None) -> tuple[Matmul, Matmul]:
+    """(the matmul policy for operands of ``dtype``, the float32 one). Float32 inputs: every
+    float32 product as three-pass TF32 on the GPU (tensor cores, float32-level error; the IEEE
+    form unrolls into FMA loops that Triton compiles slowly), at HIGHEST in interpret mode.
+    16-bit inputs: the float32 products (of decays, inverses and gradients, never of the
+    inputs themselves, which go 16-bit) take ``config.f32_passes``: 1, one-pass TF32 (operands
+    with 10 mantissa bits, a quarter of bfloat16's rounding; emulated in interpret mode), or
+    3, three-pass TF32."""
+    x3 = lax.Precision.HIGHEST if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+    mm = Matmul(mm_dtype(dtype), x3)
+    if mm.dtype == F32 or (config or ChunkedConfig()).f32_passes == 3:
+        return mm, Matmul(F32, x3)
+    if interpret:
+        return mm, Matmul(F32, lax.Precision.HIGHEST, tf32_operands=True)
+    return mm, Matmul(F32, lax.DotAlgorithmPreset.TF32_TF32_F32)
 
 
 def _mm(a, b, dims, mm: Matmul):
     prec = mm.precision if mm.dtype == F32 else None
-    return lax.dot_general(a.astype(mm.dtype), b.astype(mm.dtype), (dims, ((), ())), precision=prec,
-                           preferred_element_type=F32)
+    a, b = a.astype(mm.dtype), b.astype(mm.dtype)
+    if mm.tf32_operands:
+        a, b = lax.reduce_precision(a, 8, 10), lax.reduce_precision(b, 8, 10)
+    return lax.dot_general(a, b, (dims, ((), ())), precision=prec, preferred_element_type=F32)
 
 
 def split_dot(a, b, dims, mm: Matmul):
@@ -487,7 +505,7 @@ def scores_t_times(p: Problem, do, *, scale: float, config: ChunkedConfig, inter
     )(p.q, p.k, do, p.gcol, p.grow)
 
 
-def _grads_kernel(q_r, k_r, v_r, x_r, do_r, gc_r, gr_r, s_r, ds_r, *rest, L, nv, bv, scale, delta, mm):
+def _grads_kernel(q_r, k_r, v_r, x_r, do_r, gc_r, gr_r, s_r, ds_r, *rest, L, nv, bv, scale, delta, mm, f32):
     """One chunk's dq, dk, dv and rows (dG, dbeta); see :func:`chunk_grads`.
 
     Register pressure shapes the order (the first version spilled 5.6 KiB per thread for the
@@ -500,7 +518,6 @@ def _grads_kernel(q_r, k_r, v_r, x_r, do_r, gc_r, gr_r, s_r, ds_r, *rest, L, nv,
         r_r, dx_r, dq_r, dk_r, dv_r, dg_r = rest
     else:
         dq_r, dk_r, dv_r, dg_r = rest
-    f32 = mm._replace(dtype=F32)
     q, k = q_r[...].astype(mm.dtype), k_r[...].astype(mm.dtype)
     w = chunk_weights(gc_r, L)
     if delta:
@@ -593,7 +610,7 @@ def chunk_grads(p: Problem, x, do, states, dstates, *, scale: float, delta: bool
         args += [R, dx]
     return pl.pallas_call(
         functools.partial(_grads_kernel, L=L, nv=p.d_v // bv, bv=bv, scale=scale, delta=delta,
-                          mm=matmuls(p.q.dtype, interpret)[0]),
+                          **dict(zip(("mm", "f32"), matmuls(p.q.dtype, interpret, config)))),
         grid=(BH, NC), in_specs=in_specs,
         out_specs=[sp["k"], sp["k"], sp["v"], sp["rows"]],
         out_shape=[jax.ShapeDtypeStruct((BH, Tp, p.d_k), F32), jax.ShapeDtypeStruct((BH, Tp, p.d_k), F32),

@@ -264,6 +264,8 @@ def test_pallas_refuses_bad_configs(op):
         ChunkedConfig(block_v=24)
     with pytest.raises(ValueError, match="ChunkedConfig.wy_block"):
         ChunkedConfig(wy_block=8)
+    with pytest.raises(ValueError, match="ChunkedConfig.f32_passes"):
+        ChunkedConfig(f32_passes=2)
 
 
 @pytest.mark.parametrize("op", ["gla", "delta"])

@@ -121,7 +121,7 @@ def wy(p: Problem, *, config: ChunkedConfig, interpret: bool):
     Tp = NC * L
     bv = min(p.d_v, config.block_v)
     sp = chunk_specs(p)
-    mm, f32 = matmuls(p.q.dtype, interpret)
+    mm, f32 = matmuls(p.q.dtype, interpret, config)
     return pl.pallas_call(
         functools.partial(_wy_kernel, L=L, b=min(L, config.wy_block), nv=p.d_v // bv, bv=bv, mm=mm, f32=f32),
         grid=(BH, NC), in_specs=[sp["k"], sp["v"], sp["gc"], sp["gr"]],

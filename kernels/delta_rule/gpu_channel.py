@@ -134,7 +134,7 @@ def wy(p: Problem, G, *, config: ChunkedConfig, interpret: bool):
     sp = gla.chunk_specs(p)
     LL = pl.BlockSpec((None, None, L, L), lambda b, c: (b, c, 0, 0))
     return pl.pallas_call(
-        functools.partial(_wy_kernel, L=L, f32=matmuls(p.q.dtype, interpret)[1], **_blocks(p, config)),
+        functools.partial(_wy_kernel, L=L, f32=matmuls(p.q.dtype, interpret, config)[1], **_blocks(p, config)),
         grid=(BH, NC), in_specs=[sp["k"], sp["v"], sp["k"], sp["gc"], sp["gr"]],
         out_specs=[LL, sp["v"], sp["k"]],
         out_shape=[jax.ShapeDtypeStruct((BH, NC, L, L), F32), jax.ShapeDtypeStruct((BH, Tp, p.d_v), F32),
@@ -222,7 +222,7 @@ def scores_t_times(p: Problem, G, do, *, scale: float, config: ChunkedConfig, in
     """A^T dO for every chunk, (BH, Tp, d_v) float32 (the adjoint walk's input)."""
     BH, NC = p.q.shape[0], p.n_chunks
     sp = gla.chunk_specs(p)
-    mm, f32 = matmuls(p.q.dtype, interpret)
+    mm, f32 = matmuls(p.q.dtype, interpret, config)
     return pl.pallas_call(
         functools.partial(_scores_t_kernel, L=p.L, scale=scale, mm=mm, f32=f32, **_blocks(p, config)),
         grid=(BH, NC), in_specs=[sp["k"], sp["k"], sp["v"], sp["k"], sp["gc"], sp["gr"]], out_specs=sp["v"],
@@ -285,7 +285,7 @@ def delta_grads(p: Problem, G, states, R, dX, *, config: ChunkedConfig, interpre
     Tp = NC * L
     sp = gla.chunk_specs(p)
     chunk = lambda *s: pl.BlockSpec((None, None, *s), lambda b, c: (b, c) + (0,) * len(s))  # noqa: E731
-    mm, f32 = matmuls(p.q.dtype, interpret)
+    mm, f32 = matmuls(p.q.dtype, interpret, config)
     return pl.pallas_call(
         functools.partial(_delta_grads_kernel, L=L, mm=mm, f32=f32, **_blocks(p, config)),
         grid=(BH, NC), in_specs=[sp["k"], sp["v"], sp["k"], sp["gc"], sp["gr"], sp["S"], chunk(L, L), sp["v"]],

@@ -283,7 +283,7 @@ def outputs(p: Problem, G, states, out_dtype, *, scale: float, config: ChunkedCo
     BH, NC = p.q.shape[0], p.n_chunks
     bv, bk = min(p.d_v, config.block_v), key_block(p.d_k)
     sp = chunk_specs(p)
-    mm, f32 = matmuls(p.q.dtype, interpret)
+    mm, f32 = matmuls(p.q.dtype, interpret, config)
     return pl.pallas_call(
         functools.partial(_out_kernel, L=p.L, nk=p.d_k // bk, bk=bk, nv=p.d_v // bv, bv=bv, scale=scale, mm=mm,
                           f32=f32),
@@ -353,7 +353,7 @@ def chunk_grads(p: Problem, G, do, states, dstates, *, scale: float, config: Chu
     Tp = NC * L
     bv, bk = min(p.d_v, config.block_v), key_block(p.d_k)
     sp = chunk_specs(p)
-    mm, f32 = matmuls(p.q.dtype, interpret)
+    mm, f32 = matmuls(p.q.dtype, interpret, config)
     return pl.pallas_call(
         functools.partial(_grads_kernel, L=L, nk=p.d_k // bk, bk=bk, nv=p.d_v // bv, bv=bv, scale=scale, mm=mm,
                           f32=f32),
