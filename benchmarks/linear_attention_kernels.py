@@ -44,7 +44,8 @@ def recorded_kernels(op: str, x: dict) -> list[tuple]:
 
         def call(*operands):
             calls.append((f"{'.'.join(module)}.{name}", phase[0], fn, operands))
-            return fn(*operands)
+            with jax.disable_jit(False):  # traced under jit: fori_loop stays a loop (multiple_of needs one)
+                return jax.jit(fn)(*operands)
 
         return call
 
