@@ -386,3 +386,29 @@ def test_remat_bounds_the_memory_of_a_deep_mlstm_stack():
     remat = [_stack_temp_bytes(n, remat=True) for n in (1, 4)]
     assert no_remat[1] > 2.0 * no_remat[0], no_remat  # the measure sees per-layer residuals
     assert remat[1] < 1.3 * remat[0], remat
+
+
+def test_stabiliser_max_value_and_gradient():
+    """The mLSTM stabiliser's max (kernels.mlstm.common.stabiliser_max): the value of jnp.max,
+    -inf entries included, and a gradient equal to central differences (float64): the whole
+    cotangent at the row's arg-max, zero elsewhere, never 0/0."""
+    from mnemax.kernels.mlstm.common import stabiliser_max
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5, 7))
+    x[0, 1, :4] = -np.inf  # masked entries, as the stabiliser's inputs have
+    with jax.enable_x64(True):
+        xj = jnp.asarray(x)
+        np.testing.assert_array_equal(np.asarray(stabiliser_max(xj)), x.max(-1))
+        w = jnp.asarray(rng.standard_normal((3, 5)))
+        g = np.asarray(jax.jit(jax.grad(lambda a: jnp.sum(w * stabiliser_max(a))))(xj))
+        want = np.zeros_like(x)
+        idx = x.argmax(-1)
+        for a in range(3):
+            for b in range(5):
+                want[a, b, idx[a, b]] = float(w[a, b])
+        np.testing.assert_array_equal(g, want)
+        d = np.where(np.isfinite(x), rng.standard_normal(x.shape), 0.0)
+        f = lambda a: float(jnp.sum(w * stabiliser_max(jnp.asarray(a))))  # noqa: E731
+        numeric = (f(x + 1e-6 * d) - f(x - 1e-6 * d)) / 2e-6
+        assert abs(numeric - float(np.sum(g * d))) < 1e-8 * max(1.0, abs(numeric))

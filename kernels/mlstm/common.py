@@ -169,6 +169,16 @@ def validate(q, k, v, i, f, state, resets, chunk_size):
     return q, k, v, i, f, bool_resets(resets, batch, time)
 
 
+def stabiliser_max(x, axis: int = -1):
+    """``jnp.max(x, axis)`` with its gradient sent to one arg-max entry (a gather). ``jnp.max``'s
+    gradient divides by the number of entries equal to the result; where XLA computes the
+    operand again in another fusion, with another rounding, that count can be 0 and the
+    gradient 0/0 = NaN: the xLSTM 7B layer's gate gradients were NaN so under jit on the CPU at
+    LLVM -O0, and finite op by op. The stabiliser's value is the same (the arg-max entry)."""
+    idx = jnp.argmax(x, axis=axis, keepdims=True)
+    return jnp.squeeze(jnp.take_along_axis(x, idx, axis=axis), axis)
+
+
 def normalise(num, den, m, eps):
     """h = num / (max(|den|, exp(-m)) + eps); num (..., d_v), den and m (...)."""
     return num / (jnp.maximum(jnp.abs(den), jnp.exp(-m)) + eps)[..., None]

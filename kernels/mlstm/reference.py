@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .common import NEG_INF, MLSTMState, normalise
+from .common import NEG_INF, MLSTMState, normalise, stabiliser_max
 
 
 def step(state: MLSTMState, q_t, k_t, v_t, i_t, logf_t, cut_t, *, eps, scale):
@@ -99,7 +99,7 @@ def parallel(q, k, v, i, f, state, resets, *, chunk_size, eps, scale):
     log_g = jnp.where(mask, decay + gate_for_m[..., None, :], NEG_INF)
     # The incoming state reaches step t unless a reset came in between.
     log_a = jnp.where(seg == 0, F + state.m[..., None], NEG_INF)  # (B, H, T)
-    m = jnp.maximum(log_a, jnp.max(log_g, axis=-1))
+    m = jnp.maximum(log_a, stabiliser_max(log_g))
     d = jnp.exp(log_d - m[..., None])
     w = jnp.exp(log_a - m)
     qs = q * scale

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .common import NEG_INF, MLSTMState, normalise
+from .common import NEG_INF, MLSTMState, normalise, stabiliser_max
 
 
 def _chunk(x, n_chunks, length):
@@ -108,9 +108,9 @@ def chunkwise(q, k, v, i, f, state, resets, *, chunk_size, eps, scale):
     log_d = jnp.where(mask, decay + ic[..., None, :], NEG_INF)
     if has_resets:  # the fresh state at a reset adds the candidate log sigma(f~_r) to the max
         gc = _chunk(jnp.where(resets[:, None, :], jnp.maximum(i, logf), i), n_chunks, length)
-        intra_max = jnp.max(jnp.where(mask, decay + gc[..., None, :], NEG_INF), axis=-1)  # (B, H, NC, L)
+        intra_max = stabiliser_max(jnp.where(mask, decay + gc[..., None, :], NEG_INF))  # (B, H, NC, L)
     else:
-        intra_max = jnp.max(log_d, axis=-1)
+        intra_max = stabiliser_max(log_d)
 
     # Chunk summaries relative to the chunk's last step (padding leaves them unchanged).
     m_loc = intra_max[..., -1]  # (B, H, NC)
