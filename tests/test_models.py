@@ -173,7 +173,8 @@ def test_scan_layers_equals_the_unrolled_stack(preset, layers, extra, period):
     assert jax.tree.structure(nn.meta.unbox(own)) == jax.tree.structure(sv)
     if preset == "xlstm-tiny":  # the sLSTM forget-gate bias init depends on the layer's depth
         got = nn.meta.unbox(scanned.init(jax.random.key(0), tok)["params"])["blocks"]["block_1"]["slstm"]["bias"]
-        np.testing.assert_allclose(np.asarray(got), np.asarray(p["blocks"]["block_1"]["slstm"]["bias"]), rtol=1e-6)
+        # (1.6e-6 apart at -O0: the bias's float32 power law computed in two programs)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(p["blocks"]["block_1"]["slstm"]["bias"]), rtol=1e-5)
         assert not np.allclose(got[0], got[1])
     y0, s0 = plain.apply(v, tok[:, :6], None, resets[:, :6])
     y1, s1 = plain.apply(v, tok[:, 6:], s0, resets[:, 6:])

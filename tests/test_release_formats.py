@@ -4,7 +4,8 @@ tests/fixtures/release_v1/ holds a bundle of every tiny preset written by main b
 families got typed configs (format ``mnemax-release/1``: ``config.block`` the family's
 keyword table of that time) and outputs.npz, each model's outputs on a fixed input
 (tests/fixtures/make_release_v1_bundles.py). Here: each of them loads with the current code
-and gives those outputs (atol 1e-6), its config is the preset's; a bundle written now
+and gives those outputs (atol 1e-6 plus rtol 2e-6: the fixtures were computed at LLVM -O2, the
+tests compile at -O0, ~10 float32 ulps apart at |y| ~ 1.5), its config is the preset's; a bundle written now
 (``mnemax-release/2``) round-trips; a config.json naming a block option the family does not
 have, or (v2) lacking one, fails with an error that names it.
 """
@@ -48,7 +49,7 @@ def test_a_v1_bundle_loads_and_gives_its_stored_outputs(preset, stored):
     assert model.config == mnemax.get_config(preset)
     x = stored[f"{preset}/inputs"]
     y, _ = model.apply(params, x)  # eagerly, as the fixtures were made (jit fuses differently)
-    np.testing.assert_allclose(np.asarray(y), stored[f"{preset}/outputs"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(y), stored[f"{preset}/outputs"], rtol=2e-6, atol=1e-6)
 
 
 def _rewrite(path, edit):
@@ -80,7 +81,7 @@ def test_upgrade_v1_fills_an_option_the_old_table_lacked(tmp_path, stored):
     assert meta["config"]["block"]["query_block"] == mnemax.families.TransformerConfig().query_block == 256
     model, params = mnemax.load_pretrained(path)
     y, _ = model.apply(params, stored["transformer-tiny/inputs"])
-    np.testing.assert_allclose(np.asarray(y), stored["transformer-tiny/outputs"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(y), stored["transformer-tiny/outputs"], rtol=2e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("fmt", ["v1", "v2"])
