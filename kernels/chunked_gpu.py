@@ -608,9 +608,9 @@ def chunk_grads(p: Problem, x, do, states, dstates, *, scale: float, delta: bool
     if delta:
         in_specs += [sp["LL"], sp["v"]]
         args += [R, dx]
+    mm, f32 = matmuls(p.q.dtype, interpret, config)
     return pl.pallas_call(
-        functools.partial(_grads_kernel, L=L, nv=p.d_v // bv, bv=bv, scale=scale, delta=delta,
-                          **dict(zip(("mm", "f32"), matmuls(p.q.dtype, interpret, config)))),
+        functools.partial(_grads_kernel, L=L, nv=p.d_v // bv, bv=bv, scale=scale, delta=delta, mm=mm, f32=f32),
         grid=(BH, NC), in_specs=in_specs,
         out_specs=[sp["k"], sp["k"], sp["v"], sp["rows"]],
         out_shape=[jax.ShapeDtypeStruct((BH, Tp, p.d_k), F32), jax.ShapeDtypeStruct((BH, Tp, p.d_k), F32),
