@@ -83,17 +83,22 @@ def config_label(config: ChunkedConfig | None) -> str:
 
 
 def parse_config(text: str | None) -> ChunkedConfig | None:
-    """``--config``: comma-separated ``field=int`` of :class:`ChunkedConfig` (None or empty: the
-    defaults); an unknown field or a bad value ends the run naming it."""
+    """``--config``: comma-separated ``field=number`` of :class:`ChunkedConfig` (None or empty:
+    the defaults; ints stay ints, e.g. ``wy_block=64,span_limit=0.0``); an unknown field or a
+    bad value ends the run naming it."""
     if not text:
         return None
     fields = {}
     for item in text.split(","):
         name, _, value = item.partition("=")
-        if name not in ChunkedConfig.__dataclass_fields__ or not value.lstrip("-").isdigit():
-            raise SystemExit(f"--config: got {item!r}; expected field=int with a field of "
+        try:
+            number = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            number = None
+        if name not in ChunkedConfig.__dataclass_fields__ or number is None:
+            raise SystemExit(f"--config: got {item!r}; expected field=number with a field of "
                              f"{list(ChunkedConfig.__dataclass_fields__)}")
-        fields[name] = int(value)
+        fields[name] = number
     try:
         return ChunkedConfig(**fields)
     except ValueError as e:

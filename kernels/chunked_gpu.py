@@ -91,6 +91,7 @@ class ChunkedConfig:
     num_stages: int = 2
     wy_block: int = 16
     f32_passes: int = 1
+    span_limit: float = 60.0
 
     def __post_init__(self):
         for name in ("block_v", "walk_block_v", "wy_block"):
@@ -103,6 +104,9 @@ class ChunkedConfig:
                 raise ValueError(f"ChunkedConfig.{name}: got {value!r}; expected a power of two from 1 to 32")
         if self.f32_passes not in (1, 3) or isinstance(self.f32_passes, bool):
             raise ValueError(f"ChunkedConfig.f32_passes: got {self.f32_passes!r}; expected 1 or 3")
+        if isinstance(self.span_limit, bool) or not isinstance(self.span_limit, (int, float)) \
+                or not 0 <= self.span_limit <= 100:
+            raise ValueError(f"ChunkedConfig.span_limit: got {self.span_limit!r}; expected a number from 0 to 100")
         if not (isinstance(self.num_stages, int) and not isinstance(self.num_stages, bool) and self.num_stages >= 1):
             raise ValueError(f"ChunkedConfig.num_stages: got {self.num_stages!r}; expected a positive int")
 

@@ -238,6 +238,30 @@ def test_pallas_per_channel_sub_chunks_and_key_blocks_equal_xla(op, backend):
         assert rel_err(g[name], g_ref[name]) < 1e-5, (name, rel_err(g[name], g_ref[name]))
 
 
+@pytest.mark.parametrize("span_limit", [0.0, 60.0, 100.0])
+@pytest.mark.parametrize("op", ["gla", "delta"])
+def test_pallas_gpu_factored_and_sub_chunked_scores_equal_the_reference(op, span_limit):
+    """Per-channel decays on GPU: each chunk's intra-chunk scores are one factored matmul where
+    its decay spans at most ``ChunkedConfig.span_limit`` nats, else the sub-chunked form. Gates
+    whose chunks (of 32) span from ~10 to beyond 100 nats (one step of -150), so that at the
+    default limit (60) both forms run in one call, at 0 only the sub-chunked one and at 100 the
+    factored one wherever it is allowed (factors up to exp(50)): float32 outputs, state and
+    every gradient equal the reference to 1e-4 / 1e-3 of its largest entries (interpret mode)."""
+    x = make_inputs(np.random.default_rng(9), op, "channel", time=100, d_k=32, d_v=24)
+    g = x["g"] * np.linspace(0.3, 3.0, 100)[:, None]  # later chunks decay faster
+    g[1, 0, 10, 5] = -150.0
+    x["g"] = g
+    G = np.cumsum(np.pad(g, ((0, 0), (0, 0), (0, 28), (0, 0))).reshape(2, 2, 4, 32, 32), axis=3)
+    spans = (G.max(axis=3) - G.min(axis=3)).max(axis=-1)  # (batch, heads, chunks), key block = d_k
+    assert spans.min() < 60 < spans.max() and (spans > 100).any(), spans
+    o_ref, S_ref, g_ref = grads(op, x, "reference", 32, jnp.float32)
+    o, S, g = grads(op, x, "pallas_gpu", 32, jnp.float32, interpret=True, config=ChunkedConfig(span_limit=span_limit))
+    assert rel_err(o, o_ref) < 1e-4 and rel_err(S, S_ref) < 1e-4, (rel_err(o, o_ref), rel_err(S, S_ref))
+    for name in g_ref:
+        assert np.all(np.isfinite(np.asarray(g[name]))), name
+        assert rel_err(g[name], g_ref[name]) < 1e-3, (name, rel_err(g[name], g_ref[name]))
+
+
 @pytest.mark.parametrize("gate,wy_block", [("none", 16), ("head", 16), ("head", 32)])
 def test_pallas_gpu_wy_blocks_equal_the_reference(gate, wy_block):
     """The delta rule's WY/UT preparation on GPU by block forward substitution (chunk 64 in row
@@ -266,6 +290,8 @@ def test_pallas_refuses_bad_configs(op):
         ChunkedConfig(wy_block=8)
     with pytest.raises(ValueError, match="ChunkedConfig.f32_passes"):
         ChunkedConfig(f32_passes=2)
+    with pytest.raises(ValueError, match="ChunkedConfig.span_limit"):
+        ChunkedConfig(span_limit=120.0)
 
 
 @pytest.mark.parametrize("op", ["gla", "delta"])

@@ -1,7 +1,7 @@
 """Pallas GPU (Triton) kernels for ``delta_rule`` with one log decay per key channel (Kimi
 Delta Attention, KDA; fla's ``chunk_kda``): the per-channel scores of
-:mod:`mnemax.kernels.gated_linear_attention.gpu` (transposed states, sub-chunked intra-chunk
-terms, key blocks) with the WY/UT representation of :mod:`mnemax.kernels.delta_rule.gpu`.
+:mod:`mnemax.kernels.gated_linear_attention.gpu` (transposed states, intra-chunk terms factored
+or sub-chunked, key blocks) with the WY/UT representation of :mod:`mnemax.kernels.delta_rule.gpu`.
 
 With ``G`` (L, d_k) the cumulative log decay since the chunk's start (per channel; resets
 cut the chunk into segments), ``[fresh]`` the steps the incoming state reaches, ``[last]``
@@ -16,7 +16,8 @@ per chunk (see :mod:`mnemax.kernels.delta_rule.xla` for the algebra; ``X`` here 
     o      = (scale q * exp(G) [fresh]) S_in + A X
     S_out  = Diag(exp(G_L) [carries]) S_in + (k * exp(G_L - G) [last])^T X
 
-``K`` and ``A`` come from :func:`~mnemax.kernels.gated_linear_attention.gpu.intra` (every
+``K`` and ``A`` come from :func:`~mnemax.kernels.gated_linear_attention.gpu.intra` (factored
+where the chunk's decay spans at most ``ChunkedConfig.span_limit`` nats, else with every
 exponent <= 0); ``R`` from :func:`~mnemax.kernels.delta_rule.gpu.unit_lower_inverse`, in
 float32. The forward: :func:`wy` (R, U, Wk for every chunk), the state walk
 (:func:`walk_forward`: saves S_in and X), then GLA's per-chunk outputs with ``X`` for the
@@ -82,7 +83,7 @@ from .gpu import unit_lower_inverse
 def _blocks(p: Problem, config: ChunkedConfig):
     """The per-chunk kernels' static loop sizes: key blocks and value blocks."""
     bv, bk = min(p.d_v, config.block_v), gla.key_block(p.d_k)
-    return dict(nk=p.d_k // bk, bk=bk, nv=p.d_v // bv, bv=bv)
+    return dict(nk=p.d_k // bk, bk=bk, nv=p.d_v // bv, bv=bv, span=config.span_limit)
 
 
 def _strict(gc_r, gr_r, L: int):
@@ -92,12 +93,12 @@ def _strict(gc_r, gr_r, L: int):
     return (col < row) & (gc_r[:, ROW_SEG:ROW_SEG + 1] == gr_r[ROW_SEG:ROW_SEG + 1, :])
 
 
-def _key_scores(k_r, G_r, gc_r, gr_r, L: int, nk: int, bk: int, f32):
+def _key_scores(k_r, G_r, gc_r, gr_r, L: int, nk: int, bk: int, span: float, f32):
     """The chunk's unscaled key-key scores ``K`` (L, L) float32 for s <= t (the diagonal
     included), by key blocks."""
 
     def block(i, K):
-        return K + gla.intra(k_r, k_r, G_r, gc_r, gr_r, pl.ds(pl.multiple_of(i * bk, bk), bk), L, f32, f32)
+        return K + gla.intra(k_r, k_r, G_r, gc_r, gr_r, pl.ds(pl.multiple_of(i * bk, bk), bk), L, f32, f32, span=span)
 
     return lax.fori_loop(0, nk, block, jnp.zeros((L, L), F32))
 
@@ -105,9 +106,9 @@ def _key_scores(k_r, G_r, gc_r, gr_r, L: int, nk: int, bk: int, f32):
 # ----------------------------------------------------------------------------- kernels
 
 
-def _wy_kernel(k_r, v_r, G_r, gc_r, gr_r, r_r, u_r, wk_r, *, L, nk, bk, nv, bv, f32):
+def _wy_kernel(k_r, v_r, G_r, gc_r, gr_r, r_r, u_r, wk_r, *, L, nk, bk, nv, bv, span, f32):
     w = chunk_weights(gc_r, L)
-    N = jnp.where(_strict(gc_r, gr_r, L), _key_scores(k_r, G_r, gc_r, gr_r, L, nk, bk, f32), 0.0) * w.beta
+    N = jnp.where(_strict(gc_r, gr_r, L), _key_scores(k_r, G_r, gc_r, gr_r, L, nk, bk, span, f32), 0.0) * w.beta
     R = unit_lower_inverse(N, L, f32)
     r_r[...] = R
     T = R * gr_r[ROW_BETA:ROW_BETA + 1, :]
@@ -204,9 +205,9 @@ def walk_backward(p: Problem, G, do, Wk, x0, dS_T, *, scale: float, config: Chun
                     interpret=interpret)
 
 
-def _scores_t_kernel(q_r, k_r, do_r, G_r, gc_r, gr_r, o_r, *, L, nk, bk, nv, bv, scale, mm, f32):
+def _scores_t_kernel(q_r, k_r, do_r, G_r, gc_r, gr_r, o_r, *, L, nk, bk, nv, bv, span, scale, mm, f32):
     def scores(i, A):
-        return A + gla.intra(q_r, k_r, G_r, gc_r, gr_r, pl.ds(pl.multiple_of(i * bk, bk), bk), L, mm, f32)
+        return A + gla.intra(q_r, k_r, G_r, gc_r, gr_r, pl.ds(pl.multiple_of(i * bk, bk), bk), L, mm, f32, span=span)
 
     A = (lax.fori_loop(0, nk, scores, jnp.zeros((L, L), F32)) * scale).astype(mm.dtype)
 
@@ -232,7 +233,7 @@ def scores_t_times(p: Problem, G, do, *, scale: float, config: ChunkedConfig, in
 
 
 def _delta_grads_kernel(k_r, v_r, G_r, gc_r, gr_r, s_r, r_r, dx_r, dk_r, dv_r, dg_r, db_r, *, L, nk, bk, nv, bv,
-                        mm, f32):
+                        span, mm, f32):
     """One chunk's gradients through X = T (V - k_in S_in); see :func:`delta_grads`."""
     w = chunk_weights(gc_r, L)
     R = r_r[...]
@@ -266,7 +267,7 @@ def _delta_grads_kernel(k_r, v_r, G_r, gc_r, gr_r, s_r, r_r, dx_r, dk_r, dv_r, d
     def keys(i, K):
         kc = pl.ds(pl.multiple_of(i * bk, bk), bk)
         z = jnp.zeros((L, bk), F32)
-        K_k, dKq, dKk = gla.intra(k_r, k_r, G_r, gc_r, gr_r, kc, L, f32, f32, dA=dK, acc=(z, z))
+        K_k, dKq, dKk = gla.intra(k_r, k_r, G_r, gc_r, gr_r, kc, L, f32, f32, dA=dK, acc=(z, z), span=span)
         dk_in = -dot_tn(T, dx_s(kc), f32) * fresh(kc)  # through k_in
         dk_r[:, kc] = dKq + dKk + dk_in
         dg_r[:, kc] = k_r[:, kc].astype(F32) * (dKq - dKk + dk_in)

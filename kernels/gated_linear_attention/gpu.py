@@ -13,11 +13,14 @@ and ``[carries]`` a chunk without a reset, per chunk::
     o      = (scale q * exp(G) [fresh]) S_in + A V
     S_out  = Diag(exp(G_L) [carries]) S_in + (k * exp(G_L - G) [last])^T V
 
-``A`` is formed in sub-chunks of ``c = 16`` steps (:func:`intra`): a diagonal sub-block
-exactly, one key step ``s`` at a time (its ``k_s`` and ``G_s`` rows read from the refs);
-the sub-chunks before row sub-chunk ``i`` as one matmul factored around ``r``, the last
-step before it: ``(q_t exp(G_t - G_r)) . (k_s exp(G_r - G_s))``. Every exponent is <= 0,
-so no gate, however strong, overflows. The backward, with ``dA = dO V^T`` (masked as A)::
+``A`` is formed by :func:`intra` in one of two exact forms, per chunk and key block: where
+the cumulative decay there spans at most ``ChunkedConfig.span_limit`` nats (60), one
+matmul ``(q exp(G - c)) (k exp(c - G))^T`` with ``c`` the middle of each channel's range, so
+every factor stays within ``exp(+-30)``; beyond it, in sub-chunks of ``c = 16`` steps: a
+diagonal sub-block exactly, one key step ``s`` at a time (its ``k_s`` and ``G_s`` rows read
+from the refs), the sub-chunks before row sub-chunk ``i`` as one matmul factored around
+``r``, the last step before it: ``(q_t exp(G_t - G_r)) . (k_s exp(G_r - G_s))``, every
+exponent <= 0, so no gate, however strong, overflows. The backward, with ``dA = dO V^T`` (masked as A)::
 
     dq     = scale exp(G) [fresh] (.) dO S_in^T + sum_s scale dA_ts k_s (.) exp(G_t - G_s)
     dk     = exp(G_L - G) [last] (.) V dS_out^T + sum_t scale dA_ts q_t (.) exp(G_t - G_s)
@@ -109,18 +112,57 @@ def key_block(d_k: int) -> int:
     return min(d_k, BLOCK_K)
 
 
-def intra(q_r, k_r, G_r, gc_r, gr_r, kc, L: int, mm: Matmul, f32: Matmul, dA=None, scale: float = 1.0, acc=None):
+def intra(q_r, k_r, G_r, gc_r, gr_r, kc, L: int, mm: Matmul, f32: Matmul, dA=None, scale: float = 1.0, acc=None, *,
+          span: float):
     """Key columns ``kc`` (a ``pl.ds``) of a chunk's scores, ``A_ts = sum_{d in kc} q_td k_sd
     exp(G_td - G_sd)`` (L, L) float32, unscaled, for s <= t in one segment, else 0, from the
     (L, d_k) refs of one chunk (see the module docstring). With ``dA`` (L, L) (dL/dA of the
     scaled scores, unmasked) also returns ``acc`` = (dq, dk) (L, kc) plus these columns of the
     scores' gradients with respect to q and k.
 
-    Row sub-chunk ``i`` (rows ``t``, ``c`` of them, from ``r0``) is a (c, L) block: its
-    earlier key steps ``s < r0`` from one matmul of ``q exp(G_t - G_r)`` and ``k exp(G_r -
-    G_s)`` (r = r0 - 1; the first sub-chunk has no earlier keys), its diagonal (c, c) block
-    exactly by a loop over its key steps; each block is then placed into the (L, L) and (L,
-    kc) results by a 0/1 matmul (Triton cannot concatenate)."""
+    Two exact forms, chosen per chunk and key block by the decay's span there, ``max_d
+    (max_t G_td - min_t G_td)``: up to ``span`` nats (``ChunkedConfig.span_limit``),
+    :func:`intra_factored` (one matmul, every factor within ``exp(+-span / 2)``); beyond,
+    :func:`intra_sub_chunked` (every exponent <= 0, for gates of any strength)."""
+    args = (q_r, k_r, G_r, gc_r, gr_r, kc, L, mm, f32, dA, scale, acc)
+    if span <= 0:
+        return intra_sub_chunked(*args)
+    G = G_r[:, kc]
+    width = jnp.max(jnp.max(G, axis=0, keepdims=True) - jnp.min(G, axis=0, keepdims=True))
+    return lax.cond(width <= span, lambda: intra_factored(*args), lambda: intra_sub_chunked(*args))
+
+
+def intra_factored(q_r, k_r, G_r, gc_r, gr_r, kc, L: int, mm: Matmul, f32: Matmul, dA=None, scale: float = 1.0,
+                   acc=None):
+    """:func:`intra` as one matmul per key block (for a decay span up to ``span_limit``):
+    ``A = (q exp(G - c)) (k exp(c - G))^T`` masked, with ``c`` (1, kc) the middle of each
+    column's range of ``G``; its gradients ``dq = exp(G - c) (.) (dA (k exp(c - G)))`` and
+    ``dk = exp(c - G) (.) (dA^T (q exp(G - c)))``. Exact up to the operands' rounding (each
+    term is a product, nothing cancels), at the float32 policy ``f32`` whatever the inputs'
+    dtype: the scaled operands are new values (a 16-bit rounding of them would add to the
+    inputs' own; float16 would overflow at 65504)."""
+    G = G_r[:, kc]
+    centre = 0.5 * (jnp.max(G, axis=0, keepdims=True) + jnp.min(G, axis=0, keepdims=True))
+    F, E = jnp.exp(G - centre), jnp.exp(centre - G)
+    Qf, Kf = q_r[:, kc].astype(F32) * F, k_r[:, kc].astype(F32) * E
+    row = lax.broadcasted_iota(jnp.int32, (L, L), 0)
+    col = lax.broadcasted_iota(jnp.int32, (L, L), 1)
+    mask = (col <= row) & (gc_r[:, ROW_SEG:ROW_SEG + 1] == gr_r[ROW_SEG:ROW_SEG + 1, :])
+    A = jnp.where(mask, dot_nt(Qf, Kf, f32), 0.0)
+    if dA is None:
+        return A
+    dAm = jnp.where(mask, dA, 0.0) * scale
+    return A, acc[0] + F * dot(dAm, Kf, f32), acc[1] + E * dot_tn(dAm, Qf, f32)
+
+
+def intra_sub_chunked(q_r, k_r, G_r, gc_r, gr_r, kc, L: int, mm: Matmul, f32: Matmul, dA=None, scale: float = 1.0,
+                      acc=None):
+    """:func:`intra` for any decay: row sub-chunk ``i`` (rows ``t``, ``c`` of them, from
+    ``r0``) is a (c, L) block: its earlier key steps ``s < r0`` from one matmul of ``q exp(G_t
+    - G_r)`` and ``k exp(G_r - G_s)`` (r = r0 - 1; the first sub-chunk has no earlier keys),
+    its diagonal (c, c) block exactly by a loop over its key steps; each block is then placed
+    into the (L, L) and (L, kc) results by a 0/1 matmul (Triton cannot concatenate). Every
+    exponent is <= 0."""
     C = SUB_CHUNK
     grads = dA is not None
     seg_row = gr_r[ROW_SEG:ROW_SEG + 1, :]
@@ -262,9 +304,9 @@ def chunk_specs(p: Problem):
             "S": chunk(p.d_v, p.d_k)}
 
 
-def _out_kernel(q_r, k_r, v_r, G_r, gc_r, gr_r, s_r, o_r, *, L, nk, bk, nv, bv, scale, mm, f32):
+def _out_kernel(q_r, k_r, v_r, G_r, gc_r, gr_r, s_r, o_r, *, L, nk, bk, nv, bv, span, scale, mm, f32):
     def scores(j, A):
-        return A + intra(q_r, k_r, G_r, gc_r, gr_r, pl.ds(pl.multiple_of(j * bk, bk), bk), L, mm, f32)
+        return A + intra(q_r, k_r, G_r, gc_r, gr_r, pl.ds(pl.multiple_of(j * bk, bk), bk), L, mm, f32, span=span)
 
     A = (lax.fori_loop(0, nk, scores, jnp.zeros((L, L), F32)) * scale).astype(mm.dtype)
     w = chunk_weights(gc_r, L)
@@ -285,7 +327,8 @@ def outputs(p: Problem, G, states, out_dtype, *, scale: float, config: ChunkedCo
     sp = chunk_specs(p)
     mm, f32 = matmuls(p.q.dtype, interpret, config)
     return pl.pallas_call(
-        functools.partial(_out_kernel, L=p.L, nk=p.d_k // bk, bk=bk, nv=p.d_v // bv, bv=bv, scale=scale, mm=mm,
+        functools.partial(_out_kernel, L=p.L, nk=p.d_k // bk, bk=bk, nv=p.d_v // bv, bv=bv, span=config.span_limit,
+                          scale=scale, mm=mm,
                           f32=f32),
         grid=(BH, NC), in_specs=[sp["k"], sp["k"], sp["v"], sp["k"], sp["gc"], sp["gr"], sp["S"]],
         out_specs=sp["v"], out_shape=jax.ShapeDtypeStruct((BH, NC * p.L, p.d_v), out_dtype),
@@ -294,7 +337,7 @@ def outputs(p: Problem, G, states, out_dtype, *, scale: float, config: ChunkedCo
 
 
 def _grads_kernel(q_r, k_r, v_r, do_r, G_r, gc_r, gr_r, s_r, ds_r, dq_r, dk_r, dv_r, dg_r, *, L, nk, bk, nv, bv,
-                  scale, mm, f32):
+                  span, scale, mm, f32):
     """One chunk's dq, dk, dv and dG; see :func:`chunk_grads`."""
     w = chunk_weights(gc_r, L)
     is_last = lax.broadcasted_iota(jnp.int32, (L, 1), 0) == L - 1
@@ -325,7 +368,7 @@ def _grads_kernel(q_r, k_r, v_r, do_r, G_r, gc_r, gr_r, s_r, ds_r, dq_r, dk_r, d
         dK = k_out(kc) * dK
         last = jnp.sum(k * dK, axis=0, keepdims=True) + w.a * jnp.exp(G_r[L - 1:L, kc]) * ga
         A_k, dQ, dK = intra(q_r, k_r, G_r, gc_r, gr_r, kc, L, mm, f32, dA=dA, scale=scale,
-                            acc=(dQ * (w.q_in * scale * jnp.exp(G)), dK))
+                            acc=(dQ * (w.q_in * scale * jnp.exp(G)), dK), span=span)
         dq_r[:, kc] = dQ.astype(dq_r.dtype)
         dk_r[:, kc] = dK.astype(dk_r.dtype)
         dg_r[:, kc] = q * dQ - k * dK + jnp.where(is_last, last, 0.0)
@@ -355,7 +398,8 @@ def chunk_grads(p: Problem, G, do, states, dstates, *, scale: float, config: Chu
     sp = chunk_specs(p)
     mm, f32 = matmuls(p.q.dtype, interpret, config)
     return pl.pallas_call(
-        functools.partial(_grads_kernel, L=L, nk=p.d_k // bk, bk=bk, nv=p.d_v // bv, bv=bv, scale=scale, mm=mm,
+        functools.partial(_grads_kernel, L=L, nk=p.d_k // bk, bk=bk, nv=p.d_v // bv, bv=bv, span=config.span_limit,
+                          scale=scale, mm=mm,
                           f32=f32),
         grid=(BH, NC),
         in_specs=[sp["k"], sp["k"], sp["v"], sp["v"], sp["k"], sp["gc"], sp["gr"], sp["S"], sp["S"]],
