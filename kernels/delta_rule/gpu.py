@@ -53,6 +53,32 @@ def unit_lower_inverse(N, L: int, f32: Matmul):
     return R
 
 
+def block_inverse(N, nb: int, b: int, f32: Matmul):
+    """The blocks ``R[i, j]`` (b, b), j <= i, of ``(I + N)^-1`` for a strictly lower triangular
+    ``N`` of ``nb`` x ``nb`` blocks, ``N(i, j)`` (j <= i) giving block (i, j) (each asked for
+    once, in row order): ``R_ii = (I + N_ii)^-1`` (:func:`unit_lower_inverse`) and, by block
+    forward substitution, ``R_ij = -R_ii sum_{j <= m < i} N_im R_mj``; every product at the
+    float32 policy ``f32``."""
+    R = {}
+    for i in range(nb):
+        row = [N(i, j) for j in range(i + 1)]
+        R[i, i] = unit_lower_inverse(row[i], b, f32)
+        for j in range(i):
+            acc = dot(row[j], R[j, j], f32)
+            for m in range(j + 1, i):
+                acc = acc + dot(row[m], R[m, j], f32)
+            R[i, j] = -dot(R[i, i], acc, f32)
+    return R
+
+
+def write_blocks(r_r, R, nb: int, b: int):
+    """Stores :func:`block_inverse`'s blocks into the (nb b, nb b) ref ``r_r``, zero above."""
+    zero = jnp.zeros((b, b), F32)
+    for i in range(nb):
+        for j in range(nb):
+            r_r[i * b:(i + 1) * b, j * b:(j + 1) * b] = R[i, j] if j <= i else zero
+
+
 def _block_decay(gc_r, gr_r, i: int, j: int, b: int):
     """(b, b) ``exp(G_t - G_s)`` for t in row block ``i`` and s < t in column block ``j <= i``
     of the chunk, in one segment, else 0."""
@@ -80,20 +106,9 @@ def _wy_kernel(k_r, v_r, gc_r, gr_r, r_r, u_r, wk_r, *, L, b, nv, bv, mm, f32):
     ks = [k_r[r, :].astype(mm.dtype) for r in rows]
     beta_row = [gr_r[ROW_BETA:ROW_BETA + 1, r] for r in rows]
     q_in_row = [jnp.where(gr_r[ROW_SEG:ROW_SEG + 1, r] == 0.0, jnp.exp(gr_r[ROW_G:ROW_G + 1, r]), 0.0) for r in rows]
-    R = {}
-    for i in range(nb):
-        beta_i = gc_r[rows[i], ROW_BETA:ROW_BETA + 1]
-        N = [dot_nt(ks[i], ks[j], mm) * _block_decay(gc_r, gr_r, i, j, b) * beta_i for j in range(i + 1)]
-        R[i, i] = unit_lower_inverse(N[i], b, f32)
-        for j in range(i):
-            acc = dot(N[j], R[j, j], f32)
-            for m in range(j + 1, i):
-                acc = acc + dot(N[m], R[m, j], f32)
-            R[i, j] = -dot(R[i, i], acc, f32)
-    zero = jnp.zeros((b, b), F32)
-    for i in range(nb):
-        for j in range(nb):
-            r_r[rows[i], rows[j]] = R[i, j] if j <= i else zero
+    R = block_inverse(lambda i, j: dot_nt(ks[i], ks[j], mm) * _block_decay(gc_r, gr_r, i, j, b)
+                      * gc_r[rows[i], ROW_BETA:ROW_BETA + 1], nb, b, f32)
+    write_blocks(r_r, R, nb, b)
     T = {(i, j): R[i, j] * beta_row[j] for i in range(nb) for j in range(i + 1)}
     for i in range(nb):
         acc = split_dot(T[i, 0] * q_in_row[0], ks[0], ((1,), (0,)), mm)

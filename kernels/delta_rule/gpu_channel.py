@@ -18,8 +18,11 @@ per chunk (see :mod:`mnemax.kernels.delta_rule.xla` for the algebra; ``X`` here 
 
 ``K`` and ``A`` come from :func:`~mnemax.kernels.gated_linear_attention.gpu.intra` (factored
 where the chunk's decay spans at most ``ChunkedConfig.span_limit`` nats, else with every
-exponent <= 0); ``R`` from :func:`~mnemax.kernels.delta_rule.gpu.unit_lower_inverse`, in
-float32. The forward: :func:`wy` (R, U, Wk for every chunk), the state walk
+exponent <= 0); ``R`` in float32: where the chunk's decay spans at most the limit
+over every key channel, by block forward substitution over row blocks of
+``ChunkedConfig.wy_block`` (:func:`~mnemax.kernels.delta_rule.gpu.block_inverse`, each block
+of ``K`` a factored product), else by the doubling product over the whole chunk
+(:func:`~mnemax.kernels.delta_rule.gpu.unit_lower_inverse`). The forward: :func:`wy` (R, U, Wk for every chunk), the state walk
 (:func:`walk_forward`: saves S_in and X), then GLA's per-chunk outputs with ``X`` for the
 values. The backward, with ``dX = A^T dO + (k exp(G_L - G) [last]) dS_out`` (``A^T dO``
 first, :func:`scores_t_times`), the adjoint walk (:func:`walk_backward`)::
@@ -77,7 +80,7 @@ from ..chunked_gpu import (
     step_out,
 )
 from ..gated_linear_attention import gpu as gla
-from .gpu import unit_lower_inverse
+from .gpu import block_inverse, unit_lower_inverse, write_blocks
 
 
 def _blocks(p: Problem, config: ChunkedConfig):
@@ -106,7 +109,9 @@ def _key_scores(k_r, G_r, gc_r, gr_r, L: int, nk: int, bk: int, span: float, f32
 # ----------------------------------------------------------------------------- kernels
 
 
-def _wy_kernel(k_r, v_r, G_r, gc_r, gr_r, r_r, u_r, wk_r, *, L, nk, bk, nv, bv, span, f32):
+def _wy_whole(k_r, v_r, G_r, gc_r, gr_r, r_r, u_r, wk_r, *, L, nk, bk, nv, bv, span, f32):
+    """One chunk's R, U and Wk for any decay: ``K`` from :func:`_key_scores`, ``R`` by the
+    doubling product over the whole chunk."""
     w = chunk_weights(gc_r, L)
     N = jnp.where(_strict(gc_r, gr_r, L), _key_scores(k_r, G_r, gc_r, gr_r, L, nk, bk, span, f32), 0.0) * w.beta
     R = unit_lower_inverse(N, L, f32)
@@ -127,6 +132,71 @@ def _wy_kernel(k_r, v_r, G_r, gc_r, gr_r, r_r, u_r, wk_r, *, L, nk, bk, nv, bv, 
     lax.fori_loop(0, nv, values, 0)
 
 
+def _wy_blocked(k_r, v_r, G_r, gc_r, gr_r, r_r, u_r, wk_r, *, L, b, nk, bk, nv, bv, f32):
+    """One chunk's R, U and Wk in row blocks of ``b`` steps, for a decay spanning at most the
+    span limit over the whole chunk: block (i, j) of ``N`` is the factored product ``(k_i
+    exp(G_i - c)) (k_j exp(c - G_j))^T`` (masked, times beta), ``c`` the middle of each
+    channel's range of ``G``, summed over key blocks (a loop, so that the factors of only one
+    key block are live), and ``R`` comes by block forward substitution
+    (:func:`~mnemax.kernels.delta_rule.gpu.block_inverse`); ``Wk_i = sum_j T_ij (k_j exp(G_j)
+    [fresh])`` and ``U_i = sum_j T_ij V_j``."""
+    nb = L // b
+    rows = [slice(i * b, (i + 1) * b) for i in range(nb)]
+    pairs = [(i, j) for i in range(nb) for j in range(i + 1)]
+
+    def key_block(ik, acc):
+        kc = pl.ds(pl.multiple_of(ik * bk, bk), bk)
+        G = G_r[:, kc]
+        centre = 0.5 * (jnp.max(G, axis=0, keepdims=True) + jnp.min(G, axis=0, keepdims=True))
+        P = [k_r[r, kc].astype(F32) * jnp.exp(G_r[r, kc] - centre) for r in rows]
+        M = [k_r[r, kc].astype(F32) * jnp.exp(centre - G_r[r, kc]) for r in rows]
+        return tuple(a + dot_nt(P[i], M[j], f32) for a, (i, j) in zip(acc, pairs))
+
+    K = dict(zip(pairs, lax.fori_loop(0, nk, key_block, tuple(jnp.zeros((b, b), F32) for _ in pairs))))
+
+    def n_block(i, j):
+        mask = gc_r[rows[i], ROW_SEG:ROW_SEG + 1] == gr_r[ROW_SEG:ROW_SEG + 1, rows[j]]
+        if i == j:
+            mask = mask & (lax.broadcasted_iota(jnp.int32, (b, b), 1) < lax.broadcasted_iota(jnp.int32, (b, b), 0))
+        return jnp.where(mask, K[i, j], 0.0) * gc_r[rows[i], ROW_BETA:ROW_BETA + 1]
+
+    R = block_inverse(n_block, nb, b, f32)
+    write_blocks(r_r, R, nb, b)
+    T = {(i, j): R[i, j] * gr_r[ROW_BETA:ROW_BETA + 1, rows[j]] for i in range(nb) for j in range(i + 1)}
+    def k_in(j):  # formed per use: a list of them would hold 64 more registers per thread
+        r = rows[j]
+        return k_r[r, :].astype(F32) * jnp.where(gc_r[r, ROW_SEG:ROW_SEG + 1] == 0.0, jnp.exp(G_r[r, :]), 0.0)
+
+    for i in range(nb):
+        acc = dot(T[i, 0], k_in(0), f32)
+        for j in range(1, i + 1):
+            acc = acc + dot(T[i, j], k_in(j), f32)
+        wk_r[rows[i], :] = acc.astype(wk_r.dtype)
+
+    def values(c, carry):
+        vc = pl.ds(pl.multiple_of(c * bv, bv), bv)
+        vs = [v_r[r, vc].astype(F32) for r in rows]
+        for i in range(nb):
+            acc = dot(T[i, 0], vs[0], f32)
+            for j in range(1, i + 1):
+                acc = acc + dot(T[i, j], vs[j], f32)
+            u_r[rows[i], vc] = acc
+        return carry
+
+    lax.fori_loop(0, nv, values, 0)
+
+
+def _wy_kernel(*refs, L, b, nk, bk, nv, bv, span, f32):
+    """One chunk's R, U and Wk: :func:`_wy_blocked` where the chunk's decay spans at most
+    ``span`` nats over every key channel (and ``b < L``), else :func:`_wy_whole`."""
+    whole = functools.partial(_wy_whole, *refs, L=L, nk=nk, bk=bk, nv=nv, bv=bv, span=span, f32=f32)
+    if span <= 0 or b >= L:
+        return whole()
+    G = refs[2][...]
+    width = jnp.max(jnp.max(G, axis=0, keepdims=True) - jnp.min(G, axis=0, keepdims=True))
+    lax.cond(width <= span, functools.partial(_wy_blocked, *refs, L=L, b=b, nk=nk, bk=bk, nv=nv, bv=bv, f32=f32), whole)
+
+
 def wy(p: Problem, G, *, config: ChunkedConfig, interpret: bool):
     """(R (BH, NC, L, L), U (BH, Tp, d_v), Wk (BH, Tp, d_k)) for every chunk: R and U float32, Wk
     in the matmul dtype (each of its products rounds it there)."""
@@ -135,7 +205,8 @@ def wy(p: Problem, G, *, config: ChunkedConfig, interpret: bool):
     sp = gla.chunk_specs(p)
     LL = pl.BlockSpec((None, None, L, L), lambda b, c: (b, c, 0, 0))
     return pl.pallas_call(
-        functools.partial(_wy_kernel, L=L, f32=matmuls(p.q.dtype, interpret, config)[1], **_blocks(p, config)),
+        functools.partial(_wy_kernel, L=L, b=min(L, config.wy_block), f32=matmuls(p.q.dtype, interpret, config)[1],
+                          **_blocks(p, config)),
         grid=(BH, NC), in_specs=[sp["k"], sp["v"], sp["k"], sp["gc"], sp["gr"]],
         out_specs=[LL, sp["v"], sp["k"]],
         out_shape=[jax.ShapeDtypeStruct((BH, NC, L, L), F32), jax.ShapeDtypeStruct((BH, Tp, p.d_v), F32),
