@@ -17,18 +17,23 @@ with Hardware-Efficient Training", Section 4.3): for ``s`` in an earlier sub-chu
 ``t``, factor around ``r``, the last step before ``t``'s sub-chunk, where both factors
 ``exp(G_t - G_r)`` and ``exp(G_r - G_s)`` are at most 1 (their product underflows only
 where the true decay does); inside a diagonal sub-chunk the ``(c, c, d)`` products are
-formed directly.
+formed directly. Where every chunk's decay spans at most :data:`SPAN_LIMIT` nats per
+channel (ordinary gates), factoring around the middle of each channel's range keeps both
+factors within ``exp(+-30)`` and the scores are one matmul per chunk
+(:func:`factored_scores`); the sub-chunks are for the calls whose gates are stronger.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
 HIGHEST = lax.Precision.HIGHEST
 SUB_CHUNK = 16
+SPAN_LIMIT = 60.0  # nats a chunk's per-channel decay may span for its scores to be one factored matmul
 
 
 def decay_factor(g_t, like):
@@ -97,6 +102,11 @@ def causal(length: int, *, strict: bool):
 def decayed_scores(x, y, G, mask):
     """``A_ts = sum_d x_td y_sd exp(G_t - G_s)`` where ``mask``, else 0.
 
+    Per-channel decays take one of two exact forms for the whole call (a ``lax.cond``): where
+    no chunk's decay spans more than :data:`SPAN_LIMIT` nats in any channel,
+    :func:`factored_scores` (one matmul per chunk), else :func:`sub_chunked_scores` (every
+    exponent <= 0, for decays of any strength).
+
     Args:
       x, y: (..., L, d).
       G: cumulative log decays, (..., L) (one per head) or (..., L, d) (per channel),
@@ -106,10 +116,69 @@ def decayed_scores(x, y, G, mask):
     Returns:
       (..., L, L) in ``x``'s dtype.
     """
-    length = x.shape[-2]
     if G.ndim == x.ndim - 1:  # one decay per head: scores times the decay matrix
         diff = jnp.where(mask, G[..., :, None] - G[..., None, :], -jnp.inf)
         return einsum("...td,...sd->...ts", x, y) * jnp.exp(diff)
+    return _channel_scores(x, y, G, jnp.broadcast_to(mask, x.shape[:-2] + (x.shape[-2],) * 2))
+
+
+def _factorable(G):
+    """Whether no chunk of ``G`` (..., L, d) spans more than :data:`SPAN_LIMIT` in a channel."""
+    return jnp.max(jnp.max(G, axis=-2) - jnp.min(G, axis=-2)) <= SPAN_LIMIT
+
+
+def _factors(G):
+    """(exp(G - c), exp(c - G)), ``c`` the middle of each channel's range in the chunk."""
+    centre = lax.stop_gradient(0.5 * (jnp.max(G, axis=-2, keepdims=True) + jnp.min(G, axis=-2, keepdims=True)))
+    return jnp.exp(G - centre), jnp.exp(centre - G)
+
+
+def factored_scores(x, y, G, mask):
+    """:func:`decayed_scores` for per-channel decays spanning at most :data:`SPAN_LIMIT`
+    nats in a chunk: ``(x exp(G - c)) (y exp(c - G))^T``, ``c`` the middle of each channel's
+    range in the chunk, so that every factor lies within ``exp(+-SPAN_LIMIT / 2)``. Each
+    term is a product (nothing cancels): exact up to rounding, like the sub-chunked form."""
+    F, E = _factors(G)
+    return jnp.where(mask, einsum("...td,...sd->...ts", x * F, y * E), 0.0)
+
+
+@jax.custom_vjp
+def _channel_scores(x, y, G, mask):
+    """Per-channel :func:`decayed_scores` (``mask`` full-shaped): the form chosen by
+    :func:`_factorable` for the whole call, with a VJP that differentiates only that form
+    (JAX's own VJP of a ``lax.cond`` made the factored calls' backward 2x slower)."""
+    return lax.cond(_factorable(G), factored_scores, sub_chunked_scores, x, y, G, mask)
+
+
+def _channel_scores_fwd(x, y, G, mask):
+    return _channel_scores(x, y, G, mask), (x, y, G, mask)
+
+
+def _channel_scores_bwd(res, dA):
+    """``dx = (dA Y) (.) F``, ``dy = (dA^T X) (.) E``, ``dG = x (.) dx - y (.) dy`` (X = x F,
+    Y = y E, dA masked) for the factored form; JAX's VJP of the sub-chunked one."""
+    x, y, G, mask = res
+
+    def factored(dA):
+        F, E = _factors(G)
+        dA = jnp.where(mask, dA, 0.0)
+        dx = einsum("...ts,...sd->...td", dA, y * E) * F
+        dy = einsum("...ts,...td->...sd", dA, x * F) * E
+        return dx, dy, x * dx - y * dy
+
+    def sub_chunked(dA):
+        return jax.vjp(lambda a, b, c: sub_chunked_scores(a, b, c, mask), x, y, G)[1](dA)
+
+    return lax.cond(_factorable(G), factored, sub_chunked, dA) + (None,)
+
+
+_channel_scores.defvjp(_channel_scores_fwd, _channel_scores_bwd)
+
+
+def sub_chunked_scores(x, y, G, mask):
+    """:func:`decayed_scores` for per-channel decays of any strength, in sub-chunks (the
+    module docstring): every exponent <= 0."""
+    length = x.shape[-2]
     c = SUB_CHUNK if length % SUB_CHUNK == 0 else length
     n_sub = length // c
     lead = x.shape[:-2]

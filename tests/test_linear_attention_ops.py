@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnemax.kernels import delta_rule, gated_linear_attention
+from mnemax.kernels import chunked, delta_rule, gated_linear_attention
 from mnemax.kernels.chunked_gpu import ChunkedConfig
 from mnemax.kernels.delta_rule import BACKENDS as DELTA_BACKENDS
 from mnemax.kernels.gated_linear_attention import BACKENDS as GLA_BACKENDS
@@ -256,6 +256,30 @@ def test_pallas_gpu_factored_and_sub_chunked_scores_equal_the_reference(op, span
     assert spans.min() < 60 < spans.max() and (spans > 100).any(), spans
     o_ref, S_ref, g_ref = grads(op, x, "reference", 32, jnp.float32)
     o, S, g = grads(op, x, "pallas_gpu", 32, jnp.float32, interpret=True, config=ChunkedConfig(span_limit=span_limit))
+    assert rel_err(o, o_ref) < 1e-4 and rel_err(S, S_ref) < 1e-4, (rel_err(o, o_ref), rel_err(S, S_ref))
+    for name in g_ref:
+        assert np.all(np.isfinite(np.asarray(g[name]))), name
+        assert rel_err(g[name], g_ref[name]) < 1e-3, (name, rel_err(g[name], g_ref[name]))
+
+
+@pytest.mark.parametrize("strong", [False, True])
+@pytest.mark.parametrize("op", ["gla", "delta"])
+def test_xla_factored_and_sub_chunked_scores_equal_the_reference(op, strong):
+    """Per-channel decays in ``xla``: the scores are one factored matmul per chunk when no
+    chunk's decay spans more than ``chunked.SPAN_LIMIT`` nats (60), else sub-chunked for the
+    whole call (``strong``: one step of -150), each with its own VJP (a custom one choosing
+    as the forward did): float32 outputs, state and every gradient equal the reference to
+    1e-4 / 1e-3 of its largest entries, at chunk 32 with resets and an incoming state."""
+    x = make_inputs(np.random.default_rng(9), op, "channel", time=100, d_k=32, d_v=24)
+    g = x["g"] * np.linspace(0.3, 1.2, 100)[:, None]
+    if strong:
+        g[1, 0, 10, 5] = -150.0
+    x["g"] = g
+    G = np.cumsum(np.pad(g, ((0, 0), (0, 0), (0, 28), (0, 0))).reshape(2, 2, 4, 32, 32), axis=3)
+    spans = (G.max(axis=3) - G.min(axis=3)).max()
+    assert (spans > chunked.SPAN_LIMIT) == strong and spans > 20, spans
+    o_ref, S_ref, g_ref = grads(op, x, "reference", 32, jnp.float32)
+    o, S, g = grads(op, x, "xla", 32, jnp.float32)
     assert rel_err(o, o_ref) < 1e-4 and rel_err(S, S_ref) < 1e-4, (rel_err(o, o_ref), rel_err(S, S_ref))
     for name in g_ref:
         assert np.all(np.isfinite(np.asarray(g[name]))), name

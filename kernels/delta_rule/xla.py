@@ -19,7 +19,9 @@ and the outputs and the outgoing state are matmuls::
     S_out = Diag(exp G_L) S_in + sum_s (exp(G_L - G_s) * k_s) beta_s w_s^T
 
 ``U``, ``Wk`` and the decay-weighted score matrices are computed for every chunk at once
-(:func:`mnemax.kernels.chunked.decayed_scores`, every exponent <= 0); only ``W = U - Wk
+(:func:`mnemax.kernels.chunked.decayed_scores`: every exponent <= 0, or for per-channel
+decays spanning at most 60 nats in a chunk one factored matmul with factors within
+``exp(+-30)``); only ``W = U - Wk
 S_in``, the outputs' state term and the state update are carried across chunks by a
 ``lax.scan``. Resets cut ``M``, the scores and the state terms at their segment
 boundaries (padded steps have zero keys, values and ``g = 0``). JAX differentiates the

@@ -9,8 +9,10 @@ decay since the chunk's start (:mod:`mnemax.kernels.chunked`), per chunk::
     S_out  = exp(G_L) * S_in + sum_s (k_s * exp(G_L - G_s)) v_s^T
              (S_in's term only without a reset in the chunk; s in the last segment)
 
-Every exponent is <= 0, so nothing overflows however strong the decay; per-channel
-decays use sub-chunks inside ``A`` (:func:`mnemax.kernels.chunked.decayed_scores`). The
+Nothing overflows however strong the decay: every exponent is <= 0, except in per-channel
+scores whose chunks span at most 60 nats, formed as one factored matmul with factors
+within ``exp(+-30)``; stronger per-channel decays take sub-chunks inside ``A``
+(:func:`mnemax.kernels.chunked.decayed_scores`). The
 states are carried across chunks by a ``lax.scan``; JAX differentiates the whole form.
 Arithmetic is in float32 (float64 for float64 inputs) at full matmul precision.
 """
