@@ -6,6 +6,7 @@
 #   bash benchmarks/issue34_gpu.sh fla_gla    # fla's chunk_gla alone (autotunes for minutes)
 #   bash benchmarks/issue34_gpu.sh e2e        # training tokens/s at 2k and 32k, generation from a 16k prefill
 #   bash benchmarks/issue34_gpu.sh kernels    # each pallas_gpu kernel of every op timed alone (where the time goes)
+#   bash benchmarks/issue34_gpu.sh xla_channel  # xla's per-channel scores, factored vs sub-chunked
 #
 # Arguments after the part go to its Python script and override the part's own (the last
 # occurrence of a flag wins), e.g. `bash benchmarks/issue34_gpu.sh kernels --ops gdn --config wy_block=64`.
@@ -41,8 +42,11 @@ case "$part" in
   kernels)
     timeout "$LIMIT" python3 -u benchmarks/linear_attention_kernels.py --ops simple_gla,gla,deltanet,gdn,kda "$@"
     ;;
+  xla_channel)
+    timeout "$LIMIT" python3 -u benchmarks/xla_channel_scores.py --shape 8,2048,16,128 --dtype bfloat16 "$@"
+    ;;
   *)
-    echo "unknown part $part: ops, fla, fla_gla, e2e or kernels" >&2
+    echo "unknown part $part: ops, fla, fla_gla, e2e, kernels or xla_channel" >&2
     exit 2
     ;;
 esac
