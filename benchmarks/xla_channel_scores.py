@@ -71,8 +71,8 @@ def main():
         chunked.SPAN_LIMIT = default
         diff = float(np.max(np.abs(outs["factored"] - outs["sub-chunked"])) / np.max(np.abs(outs["sub-chunked"])))
         for form in times:
-            rows.append({"op": op, "form": form, "shape": str(shape), "dtype": args.dtype, "fwd_ms": times[form][0] * 1e3,
-                         "fwd_bwd_ms": times[form][1] * 1e3, "out_diff": diff,
+            rows.append({"op": op, "form": form, "shape": str(shape), "dtype": args.dtype,
+                         "fwd_ms": times[form][0] * 1e3, "fwd_bwd_ms": times[form][1] * 1e3, "out_diff": diff,
                          "speedup_fwd": times["sub-chunked"][0] / times[form][0],
                          "speedup_fwd_bwd": times["sub-chunked"][1] / times[form][1]})
             print(rows[-1], flush=True)

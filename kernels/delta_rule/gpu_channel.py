@@ -22,10 +22,10 @@ exponent <= 0); ``R`` in float32: where the chunk's decay spans at most the limi
 over every key channel, by block forward substitution over row blocks of
 ``ChunkedConfig.wy_block`` (:func:`~mnemax.kernels.delta_rule.gpu.block_inverse`, each block
 of ``K`` a factored product), else by the doubling product over the whole chunk
-(:func:`~mnemax.kernels.delta_rule.gpu.unit_lower_inverse`). The forward: :func:`wy` (R, U, Wk for every chunk), the state walk
-(:func:`walk_forward`: saves S_in and X), then GLA's per-chunk outputs with ``X`` for the
-values. The backward, with ``dX = A^T dO + (k exp(G_L - G) [last]) dS_out`` (``A^T dO``
-first, :func:`scores_t_times`), the adjoint walk (:func:`walk_backward`)::
+(:func:`~mnemax.kernels.delta_rule.gpu.unit_lower_inverse`). The forward: :func:`wy` (R, U,
+Wk for every chunk), the state walk (:func:`walk_forward`: saves S_in and X), then GLA's
+per-chunk outputs with ``X`` for the values. The backward, with ``dX = A^T dO + (k exp(G_L -
+G) [last]) dS_out`` (``A^T dO`` first, :func:`scores_t_times`), the adjoint walk (:func:`walk_backward`)::
 
     dS_in  = Diag(exp(G_L) [carries]) dS_out + (scale q * exp(G) [fresh])^T dO - Wk^T dX
 
@@ -146,8 +146,7 @@ def _wy_blocked(k_r, v_r, G_r, gc_r, gr_r, r_r, u_r, wk_r, *, L, b, nk, bk, nv, 
 
     def key_block(ik, acc):
         kc = pl.ds(pl.multiple_of(ik * bk, bk), bk)
-        G = G_r[:, kc]
-        centre = 0.5 * (jnp.max(G, axis=0, keepdims=True) + jnp.min(G, axis=0, keepdims=True))
+        centre = gla.mid_range(G_r[:, kc])
         P = [k_r[r, kc].astype(F32) * jnp.exp(G_r[r, kc] - centre) for r in rows]
         M = [k_r[r, kc].astype(F32) * jnp.exp(centre - G_r[r, kc]) for r in rows]
         return tuple(a + dot_nt(P[i], M[j], f32) for a, (i, j) in zip(acc, pairs))
@@ -163,6 +162,7 @@ def _wy_blocked(k_r, v_r, G_r, gc_r, gr_r, r_r, u_r, wk_r, *, L, b, nk, bk, nv, 
     R = block_inverse(n_block, nb, b, f32)
     write_blocks(r_r, R, nb, b)
     T = {(i, j): R[i, j] * gr_r[ROW_BETA:ROW_BETA + 1, rows[j]] for i in range(nb) for j in range(i + 1)}
+
     def k_in(j):  # formed per use: a list of them would hold 64 more registers per thread
         r = rows[j]
         return k_r[r, :].astype(F32) * jnp.where(gc_r[r, ROW_SEG:ROW_SEG + 1] == 0.0, jnp.exp(G_r[r, :]), 0.0)
@@ -192,9 +192,8 @@ def _wy_kernel(*refs, L, b, nk, bk, nv, bv, span, f32):
     whole = functools.partial(_wy_whole, *refs, L=L, nk=nk, bk=bk, nv=nv, bv=bv, span=span, f32=f32)
     if span <= 0 or b >= L:
         return whole()
-    G = refs[2][...]
-    width = jnp.max(jnp.max(G, axis=0, keepdims=True) - jnp.min(G, axis=0, keepdims=True))
-    lax.cond(width <= span, functools.partial(_wy_blocked, *refs, L=L, b=b, nk=nk, bk=bk, nv=nv, bv=bv, f32=f32), whole)
+    blocked = functools.partial(_wy_blocked, *refs, L=L, b=b, nk=nk, bk=bk, nv=nv, bv=bv, f32=f32)
+    lax.cond(gla.decay_span(refs[2][...]) <= span, blocked, whole)
 
 
 def wy(p: Problem, G, *, config: ChunkedConfig, interpret: bool):

@@ -112,6 +112,17 @@ def key_block(d_k: int) -> int:
     return min(d_k, BLOCK_K)
 
 
+def decay_span(G):
+    """The largest range of a column of ``G`` (L, d): how many nats the chunk's cumulative
+    decay spans in its most decaying channel (a scalar)."""
+    return jnp.max(jnp.max(G, axis=0, keepdims=True) - jnp.min(G, axis=0, keepdims=True))
+
+
+def mid_range(G):
+    """(1, d): the middle of each column's range of ``G`` (L, d), the factored scores' centre."""
+    return 0.5 * (jnp.max(G, axis=0, keepdims=True) + jnp.min(G, axis=0, keepdims=True))
+
+
 def intra(q_r, k_r, G_r, gc_r, gr_r, kc, L: int, mm: Matmul, f32: Matmul, dA=None, scale: float = 1.0, acc=None, *,
           span: float):
     """Key columns ``kc`` (a ``pl.ds``) of a chunk's scores, ``A_ts = sum_{d in kc} q_td k_sd
@@ -127,9 +138,7 @@ def intra(q_r, k_r, G_r, gc_r, gr_r, kc, L: int, mm: Matmul, f32: Matmul, dA=Non
     args = (q_r, k_r, G_r, gc_r, gr_r, kc, L, mm, f32, dA, scale, acc)
     if span <= 0:
         return intra_sub_chunked(*args)
-    G = G_r[:, kc]
-    width = jnp.max(jnp.max(G, axis=0, keepdims=True) - jnp.min(G, axis=0, keepdims=True))
-    return lax.cond(width <= span, lambda: intra_factored(*args), lambda: intra_sub_chunked(*args))
+    return lax.cond(decay_span(G_r[:, kc]) <= span, lambda: intra_factored(*args), lambda: intra_sub_chunked(*args))
 
 
 def intra_factored(q_r, k_r, G_r, gc_r, gr_r, kc, L: int, mm: Matmul, f32: Matmul, dA=None, scale: float = 1.0,
@@ -142,7 +151,7 @@ def intra_factored(q_r, k_r, G_r, gc_r, gr_r, kc, L: int, mm: Matmul, f32: Matmu
     dtype: the scaled operands are new values (a 16-bit rounding of them would add to the
     inputs' own; float16 would overflow at 65504)."""
     G = G_r[:, kc]
-    centre = 0.5 * (jnp.max(G, axis=0, keepdims=True) + jnp.min(G, axis=0, keepdims=True))
+    centre = mid_range(G)
     F, E = jnp.exp(G - centre), jnp.exp(centre - G)
     Qf, Kf = q_r[:, kc].astype(F32) * F, k_r[:, kc].astype(F32) * E
     row = lax.broadcasted_iota(jnp.int32, (L, L), 0)
