@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .chunked_gpu import (
+from .chunked_pallas import (
     F32,
     GATE_COLS,
     ROW_BETA,
@@ -80,7 +80,7 @@ def chunk_length(chunk_size: int, time: int) -> int:
 
 
 def make_problem(q, k, v, g, beta, resets, chunk_size: int) -> Problem:
-    """The inputs in the TPU kernels' layout (:func:`~mnemax.kernels.chunked_gpu.problem` with
+    """The inputs in the TPU kernels' layout (:func:`~mnemax.kernels.chunked_pallas.problem` with
     ``L`` from :func:`chunk_length` and unpadded features). Padded steps change nothing."""
     return problem(q, k, v, g, beta, resets, chunk_length(chunk_size, q.shape[2]), q.shape[3], v.shape[3])
 
@@ -115,7 +115,7 @@ def chunk_specs(p: Problem, reverse: bool = False):
 
 
 def gate_tiles(gc_r, gr_r, L):
-    """The chunk's gate tiles (L, 8), (8, L) and its :class:`~mnemax.kernels.chunked_gpu.Weights`."""
+    """The chunk's gate tiles (L, 8), (8, L) and its :class:`~mnemax.kernels.chunked_pallas.Weights`."""
     gc, gr = gc_r[...], gr_r[...]
     return gc, gr, weights(gc[:, ROW_G:ROW_G + 1], gc[:, ROW_SEG:ROW_SEG + 1], gc[:, ROW_BETA:ROW_BETA + 1], L)
 

@@ -63,6 +63,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import chunked_gpu as cg
+from .. import chunked_pallas as cp
 from .. import chunked_tpu as ct
 from .. import dispatch
 from ..chunked_gpu import ChunkedConfig
@@ -130,17 +131,17 @@ def _forward(platform, q, k, v, beta, g, state, cut, *, chunk_size, scale, confi
     if platform == "tpu":
         p = ct.make_problem(q, k, v, g, beta, cut, chunk_size)
         R, U, Wk = tpu.wy(p, interpret=interpret)
-        o, S_T, states, X = ct.forward(p, U, Wk, cg.state_in(p, state), q.dtype, scale=scale, delta=True, save=save,
+        o, S_T, states, X = ct.forward(p, U, Wk, cp.state_in(p, state), q.dtype, scale=scale, delta=True, save=save,
                                        interpret=interpret)
-        return cg.seq_out(o, v.shape), cg.state_out(S_T, state.shape), (states, X, R, Wk)
+        return cp.seq_out(o, v.shape), cp.state_out(S_T, state.shape), (states, X, R, Wk)
     if per_channel:
         return gpu_channel.forward(q, k, v, beta, g, state, cut, chunk_size=chunk_size, scale=scale, config=config,
                                    interpret=interpret)
     p = cg.make_problem(q, k, v, g, beta, cut, chunk_size)
     R, U, Wk = gpu.wy(p, config=config, interpret=interpret)
-    states, X, S_T = cg.walk_forward(p, U, Wk, cg.state_in(p, state), delta=True, config=config, interpret=interpret)
+    states, X, S_T = cg.walk_forward(p, U, Wk, cp.state_in(p, state), delta=True, config=config, interpret=interpret)
     o = cg.outputs(p, X, states, q.dtype, scale=scale, config=config, interpret=interpret)
-    return cg.seq_out(o, v.shape), cg.state_out(S_T, state.shape), (states, X, R, Wk)
+    return cp.seq_out(o, v.shape), cp.state_out(S_T, state.shape), (states, X, R, Wk)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
@@ -170,14 +171,14 @@ def _pallas_bwd(platform, chunk_size, scale, config, interpret, res, cts):
     states, X, R, Wk = saved
     if platform == "tpu":
         p = ct.make_problem(q, k, v, g, beta, cut, chunk_size)
-        dq, dk, dv, rows, dS0 = ct.backward(p, X, ct.pad_cotangent(p, do), states, cg.state_in(p, dfinal),
+        dq, dk, dv, rows, dS0 = ct.backward(p, X, ct.pad_cotangent(p, do), states, cp.state_in(p, dfinal),
                                             scale=scale, delta=True, R=R, xw=Wk, interpret=interpret)
         return _grads(q, k, v, beta, g, state, cut, dq, dk, dv, rows, dS0)
     p = cg.make_problem(q, k, v, g, beta, cut, chunk_size)
     B, H, T, _ = q.shape
-    do = cg.pad_axis(cg.pad_axis(do.astype(q.dtype).reshape(B * H, T, -1), 1, p.n_chunks * p.L), 2, p.d_v)
+    do = cp.pad_axis(cp.pad_axis(do.astype(q.dtype).reshape(B * H, T, -1), 1, p.n_chunks * p.L), 2, p.d_v)
     x0 = cg.scores_t_times(p, do, scale=scale, config=config, interpret=interpret)
-    dstates, dX, dS0 = cg.walk_backward(p, do, Wk, x0, cg.state_in(p, dfinal), scale=scale, delta=True,
+    dstates, dX, dS0 = cg.walk_backward(p, do, Wk, x0, cp.state_in(p, dfinal), scale=scale, delta=True,
                                         config=config, interpret=interpret)
     dq, dk, dv, rows = cg.chunk_grads(p, X, do, states, dstates, scale=scale, delta=True, R=R, dx=dX, config=config,
                                       interpret=interpret)
@@ -186,10 +187,10 @@ def _pallas_bwd(platform, chunk_size, scale, config, interpret, res, cts):
 
 def _grads(q, k, v, beta, g, state, cut, dq, dk, dv, rows, dS0):
     """The custom VJP's cotangents from the kernels' layouts."""
-    dg = None if g is None else cg.step_out(cg.decay_grad(rows[:, :, 0]), g.shape).astype(g.dtype)
-    dbeta = cg.step_out(rows[:, :, 1], beta.shape).astype(beta.dtype)
-    return (cg.seq_out(dq, q.shape).astype(q.dtype), cg.seq_out(dk, k.shape).astype(k.dtype),
-            cg.seq_out(dv, v.shape).astype(v.dtype), dbeta, dg, cg.state_out(dS0, state.shape).astype(state.dtype),
+    dg = None if g is None else cp.step_out(cg.decay_grad(rows[:, :, 0]), g.shape).astype(g.dtype)
+    dbeta = cp.step_out(rows[:, :, 1], beta.shape).astype(beta.dtype)
+    return (cp.seq_out(dq, q.shape).astype(q.dtype), cp.seq_out(dk, k.shape).astype(k.dtype),
+            cp.seq_out(dv, v.shape).astype(v.dtype), dbeta, dg, cp.state_out(dS0, state.shape).astype(state.dtype),
             None if cut is None else jnp.zeros_like(cut))
 
 

@@ -25,21 +25,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ..chunked_gpu import (
-    F32,
-    ROW_BETA,
-    ROW_G,
-    ROW_SEG,
-    ChunkedConfig,
-    Matmul,
-    Problem,
-    chunk_specs,
-    compiler_params,
-    dot,
-    dot_nt,
-    matmuls,
-    split_dot,
-)
+from ..chunked_gpu import ChunkedConfig, chunk_specs, compiler_params, matmuls
+from ..chunked_pallas import F32, ROW_BETA, ROW_G, ROW_SEG, Matmul, Problem, dot, dot_nt, split_dot
 
 
 def unit_lower_inverse(N, L: int, f32: Matmul):
@@ -99,7 +86,7 @@ def _wy_kernel(k_r, v_r, gc_r, gr_r, r_r, u_r, wk_r, *, L, b, nv, bv, mm, f32):
     of 64 x 64 of one block: 16x fewer operations. Products with k or v take them in the
     matmul dtype, exact for 16-bit inputs: ``k_i k_j^T`` in one 16-bit matmul (exact products,
     float32 sums), ``T V`` and ``T (k q_in)`` as
-    :func:`~mnemax.kernels.chunked_gpu.split_dot` of T (with ``q_in``, a factor of k's rows,
+    :func:`~mnemax.kernels.chunked_pallas.split_dot` of T (with ``q_in``, a factor of k's rows,
     moved onto T's columns); the inverse's products stay at the float32 policy."""
     nb = L // b
     rows = [slice(i * b, (i + 1) * b) for i in range(nb)]

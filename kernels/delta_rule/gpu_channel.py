@@ -60,20 +60,18 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ..chunked_gpu import (
+from ..chunked_gpu import ChunkedConfig, compiler_params, matmuls
+from ..chunked_pallas import (
     F32,
     GATE_COLS,
     ROW_BETA,
     ROW_SEG,
-    ChunkedConfig,
     Problem,
     chunk_weights,
     col_to_row,
-    compiler_params,
     dot,
     dot_nt,
     dot_tn,
-    matmuls,
     mm_dtype,
     pad_axis,
     seq_out,

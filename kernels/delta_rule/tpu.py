@@ -22,7 +22,7 @@ import functools
 import jax
 from jax.experimental import pallas as pl
 
-from ..chunked_gpu import F32, ROW_BETA, Problem, decay_mask, dot, dot_nt
+from ..chunked_pallas import F32, ROW_BETA, Problem, decay_mask, dot, dot_nt
 from ..chunked_tpu import chunk_specs, gate_tiles, interpret_params, matmuls, parallel_params
 from .gpu import unit_lower_inverse
 

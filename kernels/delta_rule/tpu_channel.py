@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ..chunked_gpu import F32, GATE_COLS, ROW_BETA, col_to_row, dot, dot_nt, dot_tn, seq_out, step_out
+from ..chunked_pallas import F32, GATE_COLS, ROW_BETA, col_to_row, dot, dot_nt, dot_tn, seq_out, step_out
 from ..chunked_tpu import gate_tiles, interpret_params, matmuls, pad_cotangent, parallel_params, walk_params
 from ..gated_linear_attention.gpu import decay_grad, state_in_t, state_out_t
 from ..gated_linear_attention.tpu import (

@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import chunked_gpu as cg
+from .. import chunked_pallas as cp
 from .. import chunked_tpu as ct
 from .. import dispatch
 from ..chunked_gpu import ChunkedConfig
@@ -120,17 +121,17 @@ def _forward(platform, q, k, v, g, state, cut, *, chunk_size, scale, config, int
         return tpu.forward(q, k, v, g, state, cut, chunk_size=chunk_size, scale=scale, save=save, interpret=interpret)
     if platform == "tpu":
         p = ct.make_problem(q, k, v, g, None, cut, chunk_size)
-        o, S_T, states, _ = ct.forward(p, p.v, None, cg.state_in(p, state), q.dtype, scale=scale, delta=False,
+        o, S_T, states, _ = ct.forward(p, p.v, None, cp.state_in(p, state), q.dtype, scale=scale, delta=False,
                                        save=save, interpret=interpret)
-        return cg.seq_out(o, v.shape), cg.state_out(S_T, state.shape), states
+        return cp.seq_out(o, v.shape), cp.state_out(S_T, state.shape), states
     if per_channel:
         return gpu.forward(q, k, v, g, state, cut, chunk_size=chunk_size, scale=scale, config=config,
                            interpret=interpret)
     p = cg.make_problem(q, k, v, g, None, cut, chunk_size)
-    states, _, S_T = cg.walk_forward(p, p.v, None, cg.state_in(p, state), delta=False, config=config,
+    states, _, S_T = cg.walk_forward(p, p.v, None, cp.state_in(p, state), delta=False, config=config,
                                      interpret=interpret)
     o = cg.outputs(p, p.v, states, q.dtype, scale=scale, config=config, interpret=interpret)
-    return cg.seq_out(o, v.shape), cg.state_out(S_T, state.shape), states
+    return cp.seq_out(o, v.shape), cp.state_out(S_T, state.shape), states
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
@@ -156,7 +157,7 @@ def _pallas_bwd(platform, chunk_size, scale, config, interpret, res, cts):
         return grads + (None if cut is None else jnp.zeros_like(cut),)
     if platform == "tpu":
         p = ct.make_problem(q, k, v, g, None, cut, chunk_size)
-        dq, dk, dv, rows, dS0 = ct.backward(p, p.v, ct.pad_cotangent(p, do), states, cg.state_in(p, dfinal),
+        dq, dk, dv, rows, dS0 = ct.backward(p, p.v, ct.pad_cotangent(p, do), states, cp.state_in(p, dfinal),
                                             scale=scale, delta=False, interpret=interpret)
         return _grads(q, k, v, g, state, cut, dq, dk, dv, rows, dS0)
     if per_channel:
@@ -165,8 +166,8 @@ def _pallas_bwd(platform, chunk_size, scale, config, interpret, res, cts):
         return grads + (None if cut is None else jnp.zeros_like(cut),)
     p = cg.make_problem(q, k, v, g, None, cut, chunk_size)
     B, H, T, _ = q.shape
-    do = cg.pad_axis(cg.pad_axis(do.astype(q.dtype).reshape(B * H, T, -1), 1, p.n_chunks * p.L), 2, p.d_v)
-    dstates, _, dS0 = cg.walk_backward(p, do, None, None, cg.state_in(p, dfinal), scale=scale, delta=False,
+    do = cp.pad_axis(cp.pad_axis(do.astype(q.dtype).reshape(B * H, T, -1), 1, p.n_chunks * p.L), 2, p.d_v)
+    dstates, _, dS0 = cg.walk_backward(p, do, None, None, cp.state_in(p, dfinal), scale=scale, delta=False,
                                        config=config, interpret=interpret)
     dq, dk, dv, rows = cg.chunk_grads(p, p.v, do, states, dstates, scale=scale, delta=False, config=config,
                                       interpret=interpret)
@@ -175,9 +176,9 @@ def _pallas_bwd(platform, chunk_size, scale, config, interpret, res, cts):
 
 def _grads(q, k, v, g, state, cut, dq, dk, dv, rows, dS0):
     """The custom VJP's cotangents from the kernels' layouts."""
-    dg = None if g is None else cg.step_out(cg.decay_grad(rows[:, :, 0]), g.shape).astype(g.dtype)
-    return (cg.seq_out(dq, q.shape).astype(q.dtype), cg.seq_out(dk, k.shape).astype(k.dtype),
-            cg.seq_out(dv, v.shape).astype(v.dtype), dg, cg.state_out(dS0, state.shape).astype(state.dtype),
+    dg = None if g is None else cp.step_out(cg.decay_grad(rows[:, :, 0]), g.shape).astype(g.dtype)
+    return (cp.seq_out(dq, q.shape).astype(q.dtype), cp.seq_out(dk, k.shape).astype(k.dtype),
+            cp.seq_out(dv, v.shape).astype(v.dtype), dg, cp.state_out(dS0, state.shape).astype(state.dtype),
             None if cut is None else jnp.zeros_like(cut))
 
 

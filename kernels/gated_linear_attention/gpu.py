@@ -32,7 +32,7 @@ where ``dk_out`` is dk's first term: ``G`` enters only through ``q exp(G)``, ``k
 factors and the state's decay. ``dg`` is the reverse cumulative sum of ``dG`` inside each
 chunk (:func:`decay_grad`).
 
-Layouts: those of :mod:`mnemax.kernels.chunked_gpu` (its gate columns carry only the
+Layouts: those of :mod:`mnemax.kernels.chunked_pallas` (its gate columns carry only the
 segments here, with ``G = 0``), plus ``G`` as (BH, Tp, d_k) float32. States travel
 transposed, (d_v, d_k) per row, so that each per-channel factor is a (1, d_k) row
 broadcasting over a state tile (Triton cannot transpose a vector). The per-chunk kernels
@@ -53,32 +53,28 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ..chunked import SUB_CHUNK
-from ..chunked_gpu import (
+from ..chunked_gpu import ChunkedConfig, compiler_params, make_problem, matmuls, walk_block
+from ..chunked_pallas import (
     F32,
     GATE_COLS,
     ROW_SEG,
-    ChunkedConfig,
     Matmul,
     Problem,
     chunk_weights,
-    compiler_params,
     dot,
     dot_nt,
     dot_tn,
-    make_problem,
-    matmuls,
     pad_axis,
     seq_out,
     state_in,
     state_out,
-    walk_block,
 )
 
 BLOCK_K = 32  # key columns per step of the per-chunk kernels' key loop
 
 
 def channel_problem(q, k, v, g, resets, chunk_size: int, beta=None):
-    """(the :class:`~mnemax.kernels.chunked_gpu.Problem` of q, k, v, the resets and ``beta``
+    """(the :class:`~mnemax.kernels.chunked_pallas.Problem` of q, k, v, the resets and ``beta``
     (the delta rule's, or None), no decay in its gate columns; ``G`` (BH, Tp, d_k) float32,
     the cumulative log decay of ``g`` (B, H, T, d_k) inside each chunk, zero on padded steps
     and channels)."""

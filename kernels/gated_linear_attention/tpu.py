@@ -64,7 +64,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ..chunked import SUB_CHUNK
-from ..chunked_gpu import F32, ROW_SEG, Matmul, Problem, Weights, dot, dot_nt, dot_tn, pad_axis, seq_out
+from ..chunked_pallas import F32, ROW_SEG, Matmul, Problem, Weights, dot, dot_nt, dot_tn, pad_axis, seq_out
 from ..chunked_tpu import (
     chunk_specs,
     gate_tiles,
@@ -80,7 +80,7 @@ from .gpu import decay_grad, state_in_t, state_out_t
 
 
 def channel_problem(q, k, v, g, beta, cut, chunk_size: int):
-    """(the TPU :class:`~mnemax.kernels.chunked_gpu.Problem` of q, k, v, ``beta`` (the delta
+    """(the TPU :class:`~mnemax.kernels.chunked_pallas.Problem` of q, k, v, ``beta`` (the delta
     rule's, or None) and the resets ``cut``, no decay in its gate columns; ``G`` (BH, Tp, d_k)
     float32, the cumulative log decay of ``g`` (B, H, T, d_k) inside each chunk, zero on padded
     steps)."""

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ..checks import bool_resets, float_array, state_shapes
-from ..chunked_gpu import col_to_row, row_to_col
+from ..chunked_pallas import col_to_row, row_to_col
 
 OP = "mlstm"
 NEG_INF = -jnp.inf
