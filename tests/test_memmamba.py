@@ -121,8 +121,11 @@ def test_cross_layer_reads_from_recorded_pools_equal_the_replay(monkeypatch):
     close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)  # noqa: E731
     close(out_h, out_r)
     jax.tree.map(close, st_h, st_r)
-    # the gradients go through a different order of float sums (all chunks at once vs a scan)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=5e-6), g_h, g_r)
+    # the gradients go through a different order of float sums (all chunks at once vs a scan),
+    # whose rounding scales with each leaf's largest entries (up to ~40 here), not with the
+    # entry compared: 1.2e-5 apart at -0.023 on one CI machine, where another gave < 5e-6
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6 * float(np.abs(np.asarray(b)).max())), g_h, g_r)
 
 
 def _scanned_params(params, n_layers: int, every: int):

@@ -49,7 +49,9 @@ def test_a_v1_bundle_loads_and_gives_its_stored_outputs(preset, stored):
     assert model.config == mnemax.get_config(preset)
     x = stored[f"{preset}/inputs"]
     y, _ = model.apply(params, x)  # eagerly, as the fixtures were made (jit fuses differently)
-    np.testing.assert_allclose(np.asarray(y), stored[f"{preset}/outputs"], rtol=2e-6, atol=1e-6)
+    # float32 rounding of the same eager ops differs between CPUs: up to 1.8e-6 apart in
+    # outputs of size ~2 (xlstm-7b-tiny on one CI machine); a wrong weight moves them by ~1e-1
+    np.testing.assert_allclose(np.asarray(y), stored[f"{preset}/outputs"], rtol=2e-6, atol=5e-6)
 
 
 def _rewrite(path, edit):
