@@ -20,6 +20,7 @@ same inputs; ``benchmarks/issue34_gpu.sh`` runs both as one device call each.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -113,6 +114,7 @@ def loss_fn(op, backend):
     return loss
 
 
+@functools.cache  # at a fixed small shape: once per op and backend, not per timed shape
 def check(op: str, backend: str) -> float:
     """The largest gradient/output error of ``backend`` vs ``reference`` relative to the
     reference's largest entry, fp32, at (2, 300, 2, 64) on this device."""
@@ -132,6 +134,7 @@ def check(op: str, backend: str) -> float:
     return worst
 
 
+@functools.cache  # at a fixed small shape: once per op and backend, not per timed shape
 def check_bf16(op: str, backend: str) -> float:
     """The largest relative-norm error (||got - want|| / ||want||) of ``backend`` on bf16 inputs
     against ``reference`` in float32 on the same bf16-rounded inputs, over outputs, final state
