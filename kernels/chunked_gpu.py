@@ -462,9 +462,3 @@ def _grads_stages(p: Problem, config: ChunkedConfig) -> int:
     in shared memory: the delta rule's kernel at d_k = d_v = 128 needs 320 KiB at two stages
     and 224 KiB at one (Triton 3.9 for sm_90, compiled on the CPU), and Hopper has 227 KiB."""
     return 1 if p.q.dtype == F32 else config.num_stages
-
-
-def decay_grad(dG):
-    """dg from dG (BH, NC, L): ``G_t = sum_{u <= t} g_u`` inside a chunk, so ``dg_u =
-    sum_{t >= u} dG_t`` (a reverse cumulative sum per chunk)."""
-    return jnp.flip(jnp.cumsum(jnp.flip(dG, -1), axis=-1), -1)

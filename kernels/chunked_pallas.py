@@ -103,6 +103,23 @@ def step_out(x, shape):
     return x.reshape(B * H, -1)[:, :T].reshape(B, H, T)
 
 
+def state_in_t(p: Problem, state):
+    """(B, H, d_k, d_v) -> (BH, d_v padded, d_k padded) float32: the per-channel kernels'
+    transposed state (each per-channel factor a (1, d_k) row)."""
+    return jnp.swapaxes(state_in(p, state), 1, 2)
+
+
+def state_out_t(S, shape):
+    """(BH, d_v padded, d_k padded) -> (B, H, d_k, d_v)."""
+    return state_out(jnp.swapaxes(S, 1, 2), shape)
+
+
+def decay_grad(dG):
+    """dg from dG (BH, NC, L), or (BH, NC, L, d_k) per key channel: ``G_t = sum_{u <= t} g_u``
+    inside a chunk, so ``dg_u = sum_{t >= u} dG_t`` (a reverse cumulative sum per chunk)."""
+    return jnp.flip(jnp.cumsum(jnp.flip(dG, 2), axis=2), 2)
+
+
 def mm_dtype(dtype):
     """The matmul operand dtype: 16-bit inputs stay 16-bit, everything else float32."""
     return dtype if jnp.finfo(dtype).bits < 32 else F32

@@ -13,6 +13,10 @@ imported or run) and reports:
   ``mod._name`` on a module bound by an import, from another module of the package.
 * upward imports: the layers are ranked kernels < layers < zoo < configs < train and a
   module may import only its own layer or lower ones.
+* cross-platform imports: a module of one accelerator (its last name starting with or
+  ending in ``gpu`` or ``tpu``, e.g. ``chunked_gpu``, ``tpu_channel``) importing a module of
+  the other; what both platforms' kernels share lives in neutral modules (``common``,
+  ``chunked_pallas``).
 * heavy imports: the training stack (optax, orbax, TFDS, grain, ml_collections, absl,
   torch, ...) anywhere in kernels and layers, and at module level in the zoo (which must
   import without the ``train`` extra; a function may import orbax lazily).
@@ -72,11 +76,21 @@ class Report:
     private: list[str]
     upward: list[str]
     heavy: list[str]
+    cross_platform: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def problems(self) -> list[str]:
         return ([f"import cycle: {' -> '.join(c + [c[0]])}" for c in self.cycles] + self.private + self.upward
-                + self.heavy)
+                + self.heavy + self.cross_platform)
+
+
+def platform(name: str) -> str | None:
+    """"gpu" or "tpu" for a module of one accelerator's kernels (by its last name), else None."""
+    last = name.rpartition(".")[2]
+    for p in ("gpu", "tpu"):
+        if last == p or last.startswith(p + "_") or last.endswith("_" + p):
+            return p
+    return None
 
 
 def _under_type_checking(node, parents) -> bool:
@@ -98,7 +112,7 @@ def _in_function(node, parents) -> bool:
 def check(root: str, mapping: dict[str, str] | None = None) -> Report:
     mods = modules(root, mapping)
     edges: dict[str, set[str]] = {m: set() for m in mods}
-    private, upward, heavy = [], [], []
+    private, upward, heavy, cross = [], [], [], []
     for mod in mods.values():
         tree = ast.parse(open(mod.path).read(), mod.path)
         parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
@@ -140,13 +154,16 @@ def check(root: str, mapping: dict[str, str] | None = None) -> Report:
                     edges[mod.name].add(target)
                 if name is not None and name.startswith("_") and not name.startswith("__"):
                     private.append(f"{where(node)}: private name {name} imported from {target}")
+                ours, theirs = platform(mod.name), platform(target)
+                if ours and theirs and ours != theirs:
+                    cross.append(f"{where(node)}: {ours} module {mod.name} imports {target} ({theirs})")
                 if LAYER_RANK[mods[target].layer] > LAYER_RANK[mod.layer]:
                     upward.append(f"{where(node)}: {mod.layer} module {mod.name} imports {target} ({mods[target].layer})")
         for node in ast.walk(tree):
             if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in module_aliases
                     and node.attr.startswith("_") and not node.attr.startswith("__")):
                 private.append(f"{where(node)}: private name {node.value.id}.{node.attr} of another module")
-    return Report(edges, _cycles(edges), private, upward, heavy)
+    return Report(edges, _cycles(edges), private, upward, heavy, cross)
 
 
 def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:

@@ -1,6 +1,7 @@
 """The package's import structure: no cycles, no private names across modules, no upward
-imports (kernels <- layers <- zoo <- configs <- train), no training stack in the layers
-and kernels, and no module-level mutable state in the kernels (see tests/structure.py)."""
+imports (kernels <- layers <- zoo <- configs <- train), no GPU module imported by a TPU one
+or the reverse, no training stack in the layers and kernels, and no module-level mutable
+state in the kernels (see tests/structure.py)."""
 
 import os
 import textwrap
@@ -49,6 +50,8 @@ def test_the_check_finds_what_it_forbids(tmp_path):
         "kernels/__init__.py": "",
         "kernels/a.py": "from .b import _helper\nimport optax\n",
         "kernels/b.py": "OPTIONS = {'chunk': 8}\n_helper = 1\n",
+        "kernels/op_gpu.py": "from . import b\n",
+        "kernels/op_tpu.py": "from .op_gpu import b  # the TPU kernels reaching into the GPU module\n",
         "layers/__init__.py": "",
         "layers/x.py": "from pkg.layers import y\nfrom pkg import model\nv = y._hidden\n",
         "layers/y.py": "_hidden = 2\nTABLE = [1, 2]\n__all__ = ['z']\n",
@@ -59,6 +62,7 @@ def test_the_check_finds_what_it_forbids(tmp_path):
         "y._hidden" in p for p in report.private)
     assert len(report.upward) == 1 and "pkg.model" in report.upward[0]
     assert len(report.heavy) == 1 and "optax" in report.heavy[0]
+    assert len(report.cross_platform) == 1 and "pkg.kernels.op_tpu imports pkg.kernels.op_gpu" in report.cross_platform[0]
     mutables = structure.module_mutables(str(tmp_path), "kernels", mapping)
     assert len(mutables) == 1 and "OPTIONS" in mutables[0]
     assert structure.module_mutables(str(tmp_path), "layers", mapping)[0].startswith(os.path.join("layers", "y.py"))
@@ -69,6 +73,7 @@ def test_the_check_finds_what_it_forbids(tmp_path):
     (tmp_path / "kernels/b.py").write_text("OPTIONS = (('chunk', 8),)\nhelper = 1\n")
     (tmp_path / "layers/x.py").write_text("from pkg.layers import y\nv = y.hidden\n")
     (tmp_path / "layers/y.py").write_text("hidden = 2\n")
+    (tmp_path / "kernels/op_tpu.py").write_text("from . import b\n")
     clean = structure.check(str(tmp_path), mapping)
     assert not clean.problems, clean.problems
     assert clean.edges["pkg.model"] == {"pkg.registry"} and clean.edges["pkg.layers.x"] == {"pkg.layers.y"}

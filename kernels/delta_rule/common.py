@@ -1,4 +1,5 @@
-"""What every ``delta_rule`` form shares: the input checks and the fresh state.
+"""What every ``delta_rule`` form shares: the input checks and the fresh state; and what its
+Pallas kernels (GPU and TPU) share: the chunk's unit lower triangular inverse.
 
 The recurrence (see :mod:`mnemax.kernels.delta_rule`), per batch row and head::
 
@@ -10,7 +11,9 @@ The recurrence (see :mod:`mnemax.kernels.delta_rule`), per batch row and head::
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
 
+from ..chunked_pallas import F32, Matmul, dot
 from ..checks import attention_inputs, bool_resets, chunk_size_int, float_array, matrix_state, scale_or_default
 
 OP = "delta_rule"
@@ -32,3 +35,17 @@ def validate(q, k, v, beta, g, state, resets, chunk_size, scale):
     matrix_state(state, (batch, heads, d_k, v.shape[-1]))
     chunk_size_int(chunk_size)
     return q, k, v, beta, g, bool_resets(resets, batch, time), scale_or_default(scale, d_k)
+
+
+# ----------------------------------------------------------------------------- in-kernel math
+
+
+def unit_lower_inverse(N, L: int, f32: Matmul):
+    """(I + N)^-1 for a strictly lower triangular (L, L) ``N`` (L a power of two): the
+    product of (I - N) and (I + N^(2^i)) for 2^i < L, which sums (-N)^j for j < L."""
+    eye = (lax.broadcasted_iota(jnp.int32, (L, L), 0) == lax.broadcasted_iota(jnp.int32, (L, L), 1)).astype(F32)
+    R, power = eye - N, N
+    for _ in range(max(0, (L - 1).bit_length() - 1)):
+        power = dot(power, power, f32)
+        R = R + dot(R, power, f32)
+    return R

@@ -27,23 +27,13 @@ from jax.experimental import pallas as pl
 
 from ..chunked_gpu import ChunkedConfig, chunk_specs, compiler_params, matmuls
 from ..chunked_pallas import F32, ROW_BETA, ROW_G, ROW_SEG, Matmul, Problem, dot, dot_nt, split_dot
-
-
-def unit_lower_inverse(N, L: int, f32: Matmul):
-    """(I + N)^-1 for a strictly lower triangular (L, L) ``N`` (L a power of two): the
-    product of (I - N) and (I + N^(2^i)) for 2^i < L, which sums (-N)^j for j < L."""
-    eye = (lax.broadcasted_iota(jnp.int32, (L, L), 0) == lax.broadcasted_iota(jnp.int32, (L, L), 1)).astype(F32)
-    R, power = eye - N, N
-    for _ in range(max(0, (L - 1).bit_length() - 1)):
-        power = dot(power, power, f32)
-        R = R + dot(R, power, f32)
-    return R
+from .common import unit_lower_inverse
 
 
 def block_inverse(N, nb: int, b: int, f32: Matmul):
     """The blocks ``R[i, j]`` (b, b), j <= i, of ``(I + N)^-1`` for a strictly lower triangular
     ``N`` of ``nb`` x ``nb`` blocks, ``N(i, j)`` (j <= i) giving block (i, j) (each asked for
-    once, in row order): ``R_ii = (I + N_ii)^-1`` (:func:`unit_lower_inverse`) and, by block
+    once, in row order): ``R_ii = (I + N_ii)^-1`` (:func:`~.common.unit_lower_inverse`) and, by block
     forward substitution, ``R_ij = -R_ii sum_{j <= m < i} N_im R_mj``; every product at the
     float32 policy ``f32``."""
     R = {}
@@ -80,7 +70,7 @@ def _wy_kernel(k_r, v_r, gc_r, gr_r, r_r, u_r, wk_r, *, L, b, nv, bv, mm, f32):
     """One chunk's R, U and Wk, in row blocks of ``b`` steps (``b = L``: one block).
 
     With ``N`` in blocks ``N_ij`` (b x b, zero for j > i), ``R = (I + N)^-1`` is block lower
-    triangular: ``R_ii = (I + N_ii)^-1`` (:func:`unit_lower_inverse`, log2(b) - 1 doublings)
+    triangular: ``R_ii = (I + N_ii)^-1`` (:func:`~.common.unit_lower_inverse`, log2(b) - 1 doublings)
     and, by block forward substitution, ``R_ij = -R_ii sum_{j <= m < i} N_im R_mj``. At
     L = 64 in blocks of 16 that is 40 float32 products of 16 x 16 matrices instead of the 10
     of 64 x 64 of one block: 16x fewer operations. Products with k or v take them in the

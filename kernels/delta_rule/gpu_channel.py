@@ -22,7 +22,7 @@ exponent <= 0); ``R`` in float32: where the chunk's decay spans at most the limi
 over every key channel, by block forward substitution over row blocks of
 ``ChunkedConfig.wy_block`` (:func:`~mnemax.kernels.delta_rule.gpu.block_inverse`, each block
 of ``K`` a factored product), else by the doubling product over the whole chunk
-(:func:`~mnemax.kernels.delta_rule.gpu.unit_lower_inverse`). The forward: :func:`wy` (R, U,
+(:func:`~mnemax.kernels.delta_rule.common.unit_lower_inverse`). The forward: :func:`wy` (R, U,
 Wk for every chunk), the state walk (:func:`walk_forward`: saves S_in and X), then GLA's
 per-chunk outputs with ``X`` for the values. The backward, with ``dX = A^T dO + (k exp(G_L -
 G) [last]) dS_out`` (``A^T dO`` first, :func:`scores_t_times`), the adjoint walk (:func:`walk_backward`)::
@@ -69,16 +69,20 @@ from ..chunked_pallas import (
     Problem,
     chunk_weights,
     col_to_row,
+    decay_grad,
     dot,
     dot_nt,
     dot_tn,
     mm_dtype,
     pad_axis,
     seq_out,
+    state_in_t,
+    state_out_t,
     step_out,
 )
 from ..gated_linear_attention import gpu as gla
-from .gpu import block_inverse, unit_lower_inverse, write_blocks
+from .common import unit_lower_inverse
+from .gpu import block_inverse, write_blocks
 
 
 def _blocks(p: Problem, config: ChunkedConfig):
@@ -375,9 +379,9 @@ def forward(q, k, v, beta, g, state, cut, *, chunk_size: int, scale: float, conf
     H, T, d_k); ``cut``: the resets as float32 or None."""
     p, G = gla.channel_problem(q, k, v, g, cut, chunk_size, beta)
     R, U, Wk = wy(p, G, config=config, interpret=interpret)
-    states, X, S_T = walk_forward(p, G, U, Wk, gla.state_in_t(p, state), config=config, interpret=interpret)
+    states, X, S_T = walk_forward(p, G, U, Wk, state_in_t(p, state), config=config, interpret=interpret)
     o = gla.outputs(p._replace(v=X), G, states, q.dtype, scale=scale, config=config, interpret=interpret)
-    return seq_out(o, v.shape), gla.state_out_t(S_T, state.shape), (states, X, R, Wk)
+    return seq_out(o, v.shape), state_out_t(S_T, state.shape), (states, X, R, Wk)
 
 
 def backward(q, k, v, beta, g, state, cut, saved, do, dfinal, *, chunk_size: int, scale: float,
@@ -390,10 +394,10 @@ def backward(q, k, v, beta, g, state, cut, saved, do, dfinal, *, chunk_size: int
     do = pad_axis(pad_axis(do.astype(q.dtype).reshape(B * H, T, -1), 1, p.n_chunks * p.L), 2, p.d_v)
     kw = dict(config=config, interpret=interpret)
     x0 = scores_t_times(p, G, do, scale=scale, **kw)
-    dstates, dX, dS0 = walk_backward(p, G, do, Wk, x0, gla.state_in_t(p, dfinal), scale=scale, **kw)
+    dstates, dX, dS0 = walk_backward(p, G, do, Wk, x0, state_in_t(p, dfinal), scale=scale, **kw)
     dq, dk_o, _, dG_o = gla.chunk_grads(p._replace(v=X), G, do, states, dstates, scale=scale, **kw)
     dk_x, dv, dG_x, rows = delta_grads(p, G, states, R, dX, **kw)
-    dg = gla.decay_grad((dG_o + dG_x).reshape(B * H, p.n_chunks, p.L, p.d_k)).reshape(dG_o.shape)
+    dg = decay_grad((dG_o + dG_x).reshape(B * H, p.n_chunks, p.L, p.d_k)).reshape(dG_o.shape)
     return (seq_out(dq, q.shape).astype(q.dtype), seq_out(dk_o + dk_x, k.shape).astype(k.dtype),
             seq_out(dv, v.shape).astype(v.dtype), step_out(rows[:, :, 0], beta.shape).astype(beta.dtype),
-            seq_out(dg, g.shape).astype(g.dtype), gla.state_out_t(dS0, state.shape).astype(state.dtype))
+            seq_out(dg, g.shape).astype(g.dtype), state_out_t(dS0, state.shape).astype(state.dtype))

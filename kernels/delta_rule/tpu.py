@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 
 from ..chunked_pallas import F32, ROW_BETA, Problem, decay_mask, dot, dot_nt
 from ..chunked_tpu import chunk_specs, gate_tiles, interpret_params, matmuls, parallel_params
-from .gpu import unit_lower_inverse
+from .common import unit_lower_inverse
 
 
 def _wy_kernel(k_r, v_r, gc_r, gr_r, r_r, u_r, wk_r, *, L, f32):

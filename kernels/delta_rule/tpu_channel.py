@@ -28,7 +28,7 @@ the terms through ``X = T (V - k_in S_in)``::
 is the reverse cumulative sum of ``dG`` inside each chunk.
 
 Kernels: :func:`wy` (grid (rows, chunks), both "parallel": R, U, Wk of every chunk; the
-inverse by :func:`~mnemax.kernels.delta_rule.gpu.unit_lower_inverse`, in float32), then the
+inverse by :func:`~mnemax.kernels.delta_rule.common.unit_lower_inverse`, in float32), then the
 walks of :mod:`mnemax.kernels.chunked_tpu`'s kind (rows "parallel", chunks "arbitrary", the
 state or its gradient in a VMEM scratch): :func:`forward` (X, o, S_out; saves S_in and X)
 and :func:`backward` (every gradient). Blocks per grid cell (features unpadded, full-dim
@@ -59,9 +59,21 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ..chunked_pallas import F32, GATE_COLS, ROW_BETA, col_to_row, dot, dot_nt, dot_tn, seq_out, step_out
+from ..chunked_pallas import (
+    F32,
+    GATE_COLS,
+    ROW_BETA,
+    col_to_row,
+    decay_grad,
+    dot,
+    dot_nt,
+    dot_tn,
+    seq_out,
+    state_in_t,
+    state_out_t,
+    step_out,
+)
 from ..chunked_tpu import gate_tiles, interpret_params, matmuls, pad_cotangent, parallel_params, walk_params
-from ..gated_linear_attention.gpu import decay_grad, state_in_t, state_out_t
 from ..gated_linear_attention.tpu import (
     channel_decay,
     channel_problem,
@@ -71,7 +83,7 @@ from ..gated_linear_attention.tpu import (
     specs,
     sub_chunk_scores,
 )
-from .gpu import unit_lower_inverse
+from .common import unit_lower_inverse
 
 
 def _wy_kernel(k_r, v_r, G_r, gc_r, gr_r, r_r, u_r, wk_r, *, L, f32):

@@ -176,7 +176,7 @@ def _pallas_bwd(platform, chunk_size, scale, config, interpret, res, cts):
 
 def _grads(q, k, v, g, state, cut, dq, dk, dv, rows, dS0):
     """The custom VJP's cotangents from the kernels' layouts."""
-    dg = None if g is None else cp.step_out(cg.decay_grad(rows[:, :, 0]), g.shape).astype(g.dtype)
+    dg = None if g is None else cp.step_out(cp.decay_grad(rows[:, :, 0]), g.shape).astype(g.dtype)
     return (cp.seq_out(dq, q.shape).astype(q.dtype), cp.seq_out(dk, k.shape).astype(k.dtype),
             cp.seq_out(dv, v.shape).astype(v.dtype), dg, cp.state_out(dS0, state.shape).astype(state.dtype),
             None if cut is None else jnp.zeros_like(cut))

@@ -30,7 +30,7 @@ exponent <= 0, so no gate, however strong, overflows. The backward, with ``dA = 
 
 where ``dk_out`` is dk's first term: ``G`` enters only through ``q exp(G)``, ``k exp(-G)``
 factors and the state's decay. ``dg`` is the reverse cumulative sum of ``dG`` inside each
-chunk (:func:`decay_grad`).
+chunk (:func:`~mnemax.kernels.chunked_pallas.decay_grad`).
 
 Layouts: those of :mod:`mnemax.kernels.chunked_pallas` (its gate columns carry only the
 segments here, with ``G = 0``), plus ``G`` as (BH, Tp, d_k) float32. States travel
@@ -65,9 +65,10 @@ from ..chunked_pallas import (
     dot_nt,
     dot_tn,
     pad_axis,
+    decay_grad,
     seq_out,
-    state_in,
-    state_out,
+    state_in_t,
+    state_out_t,
 )
 
 BLOCK_K = 32  # key columns per step of the per-chunk kernels' key loop
@@ -82,21 +83,6 @@ def channel_problem(q, k, v, g, resets, chunk_size: int, beta=None):
     B, H, T, dk = g.shape
     G = pad_axis(pad_axis(g.astype(F32).reshape(B * H, T, dk), 1, p.n_chunks * p.L), 2, p.d_k)
     return p, jnp.cumsum(G.reshape(B * H, p.n_chunks, p.L, p.d_k), axis=2).reshape(B * H, -1, p.d_k)
-
-
-def state_in_t(p: Problem, state):
-    """(B, H, d_k, d_v) -> (BH, d_v padded, d_k padded) float32, the kernels' transposed state."""
-    return jnp.swapaxes(state_in(p, state), 1, 2)
-
-
-def state_out_t(S, shape):
-    """(BH, d_v padded, d_k padded) -> (B, H, d_k, d_v)."""
-    return state_out(jnp.swapaxes(S, 1, 2), shape)
-
-
-def decay_grad(dG):
-    """dg from dG (BH, NC, L, d_k): ``dg_u = sum_{t >= u} dG_t`` inside each chunk."""
-    return jnp.flip(jnp.cumsum(jnp.flip(dG, 2), axis=2), 2)
 
 
 # ----------------------------------------------------------------------------- in-kernel math

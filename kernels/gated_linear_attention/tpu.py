@@ -23,7 +23,7 @@ and backward, with ``dA = scale dO V^T`` (masked as A) and ``dk_out = exp(G_L - 
     dG     = q (.) dq - k (.) dk + [t = L] (colsum(k (.) dk_out) + exp(G_L) [carries] (.) rowsum(S_in (.) dS_out))
 
 ``dg`` is the reverse cumulative sum of ``dG`` inside each chunk
-(:func:`~mnemax.kernels.gated_linear_attention.gpu.decay_grad`).
+(:func:`~mnemax.kernels.chunked_pallas.decay_grad`).
 
 ``A`` and its gradients are formed in sub-chunks of ``c`` = 16 steps (8 where 16 does not
 divide the chunk; :func:`sub_chunk_scores`): the key steps of a row sub-chunk's own
@@ -64,7 +64,21 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ..chunked import SUB_CHUNK
-from ..chunked_pallas import F32, ROW_SEG, Matmul, Problem, Weights, dot, dot_nt, dot_tn, pad_axis, seq_out
+from ..chunked_pallas import (
+    F32,
+    ROW_SEG,
+    Matmul,
+    Problem,
+    Weights,
+    decay_grad,
+    dot,
+    dot_nt,
+    dot_tn,
+    pad_axis,
+    seq_out,
+    state_in_t,
+    state_out_t,
+)
 from ..chunked_tpu import (
     chunk_specs,
     gate_tiles,
@@ -74,7 +88,6 @@ from ..chunked_tpu import (
     pad_cotangent,
     walk_params,
 )
-from .gpu import decay_grad, state_in_t, state_out_t
 
 # ----------------------------------------------------------------------------- layout
 
