@@ -122,14 +122,27 @@ def decayed_scores(x, y, G, mask):
     return _channel_scores(x, y, G, jnp.broadcast_to(mask, x.shape[:-2] + (x.shape[-2],) * 2))
 
 
+def decay_span(G):
+    """The largest range of ``G`` (..., L, d) along its steps: how many nats a chunk's
+    cumulative decay spans in its most decaying channel (a scalar; also inside the Pallas
+    kernels, on one chunk's (L, d) block)."""
+    return jnp.max(jnp.max(G, axis=-2, keepdims=True) - jnp.min(G, axis=-2, keepdims=True))
+
+
+def mid_range(G):
+    """(..., 1, d): the middle of each channel's range of ``G`` (..., L, d) along its steps,
+    the factored scores' centre."""
+    return 0.5 * (jnp.max(G, axis=-2, keepdims=True) + jnp.min(G, axis=-2, keepdims=True))
+
+
 def _factorable(G):
     """Whether no chunk of ``G`` (..., L, d) spans more than :data:`SPAN_LIMIT` in a channel."""
-    return jnp.max(jnp.max(G, axis=-2) - jnp.min(G, axis=-2)) <= SPAN_LIMIT
+    return decay_span(G) <= SPAN_LIMIT
 
 
 def _factors(G):
     """(exp(G - c), exp(c - G)), ``c`` the middle of each channel's range in the chunk."""
-    centre = lax.stop_gradient(0.5 * (jnp.max(G, axis=-2, keepdims=True) + jnp.min(G, axis=-2, keepdims=True)))
+    centre = lax.stop_gradient(mid_range(G))
     return jnp.exp(G - centre), jnp.exp(centre - G)
 
 

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from .chunked import SPAN_LIMIT
 from .chunked_pallas import (
     F32,
     GATE_COLS,
@@ -92,6 +93,11 @@ class ChunkedConfig:
         (a power of two >= 16; the chunk size or more: one block, all by doubling).
       f32_passes: for 16-bit inputs, the TF32 passes of the float32 products (decays,
         inverses, gradients; see :func:`matmuls`): 1 or 3. Float32 inputs always take 3.
+      span_limit: the per-channel kernels (GLA, KDA) form a chunk's intra-chunk scores (and
+        KDA's WY blocks) as one factored matmul where its cumulative decay spans at most this
+        many nats in every key channel of a block (factors within ``exp(+-span_limit / 2)``),
+        else in sub-chunks with every exponent <= 0; from 0 (always sub-chunks) to 100.
+        Default :data:`mnemax.kernels.chunked.SPAN_LIMIT`, the ``xla`` form's limit.
     """
 
     block_v: int = 64
@@ -102,7 +108,7 @@ class ChunkedConfig:
     num_stages: int = 2
     wy_block: int = 16
     f32_passes: int = 1
-    span_limit: float = 60.0
+    span_limit: float = SPAN_LIMIT
 
     def __post_init__(self):
         for name in ("block_v", "walk_block_v", "wy_block"):

@@ -60,6 +60,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from ..chunked import decay_span, mid_range
 from ..chunked_gpu import ChunkedConfig, compiler_params, matmuls
 from ..chunked_pallas import (
     F32,
@@ -148,7 +149,7 @@ def _wy_blocked(k_r, v_r, G_r, gc_r, gr_r, r_r, u_r, wk_r, *, L, b, nk, bk, nv, 
 
     def key_block(ik, acc):
         kc = pl.ds(pl.multiple_of(ik * bk, bk), bk)
-        centre = gla.mid_range(G_r[:, kc])
+        centre = mid_range(G_r[:, kc])
         P = [k_r[r, kc].astype(F32) * jnp.exp(G_r[r, kc] - centre) for r in rows]
         M = [k_r[r, kc].astype(F32) * jnp.exp(centre - G_r[r, kc]) for r in rows]
         return tuple(a + dot_nt(P[i], M[j], f32) for a, (i, j) in zip(acc, pairs))
@@ -195,7 +196,7 @@ def _wy_kernel(*refs, L, b, nk, bk, nv, bv, span, f32):
     if span <= 0 or b >= L:
         return whole()
     blocked = functools.partial(_wy_blocked, *refs, L=L, b=b, nk=nk, bk=bk, nv=nv, bv=bv, f32=f32)
-    lax.cond(gla.decay_span(refs[2][...]) <= span, blocked, whole)
+    lax.cond(decay_span(refs[2][...]) <= span, blocked, whole)
 
 
 def wy(p: Problem, G, *, config: ChunkedConfig, interpret: bool):

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ..chunked import SUB_CHUNK
+from ..chunked import SUB_CHUNK, decay_span, mid_range
 from ..chunked_gpu import ChunkedConfig, compiler_params, make_problem, matmuls, walk_block
 from ..chunked_pallas import (
     F32,
@@ -61,11 +61,11 @@ from ..chunked_pallas import (
     Matmul,
     Problem,
     chunk_weights,
+    decay_grad,
     dot,
     dot_nt,
     dot_tn,
     pad_axis,
-    decay_grad,
     seq_out,
     state_in_t,
     state_out_t,
@@ -92,17 +92,6 @@ def key_block(d_k: int) -> int:
     """The key columns one step of the per-chunk kernels' key loop handles (their (L, d_k)
     per-channel factors are formed a block at a time)."""
     return min(d_k, BLOCK_K)
-
-
-def decay_span(G):
-    """The largest range of a column of ``G`` (L, d): how many nats the chunk's cumulative
-    decay spans in its most decaying channel (a scalar)."""
-    return jnp.max(jnp.max(G, axis=0, keepdims=True) - jnp.min(G, axis=0, keepdims=True))
-
-
-def mid_range(G):
-    """(1, d): the middle of each column's range of ``G`` (L, d), the factored scores' centre."""
-    return 0.5 * (jnp.max(G, axis=0, keepdims=True) + jnp.min(G, axis=0, keepdims=True))
 
 
 def intra(q_r, k_r, G_r, gc_r, gr_r, kc, L: int, mm: Matmul, f32: Matmul, dA=None, scale: float = 1.0, acc=None, *,
