@@ -11,7 +11,7 @@ Python, printing a table: kernel, dtype, warps, stages, compile seconds, shared 
 the figures are estimates; a kernel over the limit here is worth fixing before a GPU run.
 
     python benchmarks/triton_cpu_compile.py --triton_python /path/to/venv/bin/python \\
-        [--ops gla,gla_channel,deltanet,gdn,kda] [--dtypes bfloat16,float32] [--d 128] [--chunk 64]
+        [--ops gla,gla_channel,deltanet,gdn,kda] [--dtypes bfloat16,float32] [--d 128] [--d_v 64] [--chunk 64] [--config num_warps=8]
 
 The second Python needs ``pip install triton==3.9.0`` (a CPU machine is enough: the
 compiler and ``ptxas`` ship in the wheel).
@@ -30,6 +30,9 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from linear_attention import parse_config  # noqa: E402
 
 SHARED_LIMIT = 232_448  # bytes of shared memory per block on sm_90
 
@@ -103,17 +106,19 @@ def capture(fn, args, outdir: str, tag: str) -> list[dict]:
     return jobs
 
 
-def op_call(op: str, dtype, d: int, chunk: int):
-    """(fn, args) of one op variant at (1, 2, 4 chunks, d) through ``pallas_gpu``."""
+def op_call(op: str, dtype, d: int, chunk: int, d_v: int | None = None, config=None):
+    """(fn, args) of one op variant at (1, 2, 4 chunks, d) through ``pallas_gpu`` (values of
+    width ``d_v``, default ``d``; ``config``: a ChunkedConfig, None for the defaults)."""
     from mnemax.kernels import delta_rule, gated_linear_attention
 
     rng = np.random.default_rng(0)
     B, H, T = 1, 2, 4 * chunk
-    q, k, v = (jnp.asarray(rng.standard_normal((B, H, T, d)), dtype) for _ in range(3))
+    q, k = (jnp.asarray(rng.standard_normal((B, H, T, d)), dtype) for _ in range(2))
+    v = jnp.asarray(rng.standard_normal((B, H, T, d_v or d)), dtype)
     g_head = jnp.asarray(-np.abs(rng.standard_normal((B, H, T))), dtype)
     g_chan = jnp.asarray(-np.abs(rng.standard_normal((B, H, T, d))), dtype)
     beta = jnp.asarray(rng.random((B, H, T)), dtype)
-    kw = dict(backend="pallas_gpu", interpret=False, chunk_size=chunk)
+    kw = dict(backend="pallas_gpu", interpret=False, chunk_size=chunk, config=config)
     if op in ("gla", "gla_channel"):
         g = g_head if op == "gla" else g_chan
         return (lambda q, k, v, g: gated_linear_attention(q, k, v, g, **kw)[0]), (q, k, v, g)
@@ -130,14 +135,18 @@ def main():
     ap.add_argument("--triton_python", required=True, help="a Python with triton 3.9 installed")
     ap.add_argument("--ops", default="gla,deltanet,gdn")
     ap.add_argument("--dtypes", default="bfloat16,float32")
-    ap.add_argument("--d", type=int, default=128, help="d_k = d_v")
+    ap.add_argument("--d", type=int, default=128, help="d_k (and d_v unless --d_v)")
+    ap.add_argument("--d_v", type=int, default=None, help="d_v when it differs from d_k (Mamba-2: 64)")
     ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--config", default=None, help="ChunkedConfig fields as benchmarks/linear_attention.py takes them, "
+                    "e.g. num_warps=8,bwd_warps=4")
     args = ap.parse_args()
+    config = parse_config(args.config)
     outdir = tempfile.mkdtemp(prefix="ttir_")
     jobs = []
     for op in args.ops.split(","):
         for dt in args.dtypes.split(","):
-            fn, call_args = op_call(op, jnp.dtype(dt), args.d, args.chunk)
+            fn, call_args = op_call(op, jnp.dtype(dt), args.d, args.chunk, args.d_v, config)
             for job in capture(fn, call_args, outdir, f"{op}_{dt}"):
                 jobs.append({**job, "op": op, "dtype": dt})
     out = subprocess.run([args.triton_python, "-c", COMPILE, json.dumps(jobs)], capture_output=True, text=True)
