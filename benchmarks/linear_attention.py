@@ -85,7 +85,7 @@ def config_label(config: ChunkedConfig | None) -> str:
 
 def parse_config(text: str | None) -> ChunkedConfig | None:
     """``--config``: comma-separated ``field=number`` of :class:`ChunkedConfig` (None or empty:
-    the defaults; ints stay ints, e.g. ``wy_block=64,span_limit=0.0``); an unknown field or a
+    the defaults; ints stay ints, 0/1 set a bool field, e.g. ``wy_block=64,span_limit=0.0,form_per_call=0``); an unknown field or a
     bad value ends the run naming it."""
     if not text:
         return None
@@ -99,7 +99,7 @@ def parse_config(text: str | None) -> ChunkedConfig | None:
         if name not in ChunkedConfig.__dataclass_fields__ or number is None:
             raise SystemExit(f"--config: got {item!r}; expected field=number with a field of "
                              f"{list(ChunkedConfig.__dataclass_fields__)}")
-        fields[name] = number
+        fields[name] = bool(number) if isinstance(getattr(ChunkedConfig(), name), bool) else number
     try:
         return ChunkedConfig(**fields)
     except ValueError as e:

@@ -98,6 +98,10 @@ class ChunkedConfig:
         many nats in every key channel of a block (factors within ``exp(+-span_limit / 2)``),
         else in sub-chunks with every exponent <= 0; from 0 (always sub-chunks) to 100.
         Default :data:`mnemax.kernels.chunked.SPAN_LIMIT`, the ``xla`` form's limit.
+      form_per_call: where every chunk of a call spans at most ``span_limit`` (one ``lax.cond``
+        outside the kernels decides), run per-chunk kernels that hold only the factored form
+        (fewer registers); False: the kernels holding both forms, choosing per chunk and key
+        block, whatever the call. The values are the same either way.
     """
 
     block_v: int = 64
@@ -109,6 +113,7 @@ class ChunkedConfig:
     wy_block: int = 16
     f32_passes: int = 1
     span_limit: float = SPAN_LIMIT
+    form_per_call: bool = True
 
     def __post_init__(self):
         for name in ("block_v", "walk_block_v", "wy_block"):
@@ -124,6 +129,8 @@ class ChunkedConfig:
         if isinstance(self.span_limit, bool) or not isinstance(self.span_limit, (int, float)) \
                 or not 0 <= self.span_limit <= 100:
             raise ValueError(f"ChunkedConfig.span_limit: got {self.span_limit!r}; expected a number from 0 to 100")
+        if not isinstance(self.form_per_call, bool):
+            raise ValueError(f"ChunkedConfig.form_per_call: got {self.form_per_call!r}; expected True or False")
         if not (isinstance(self.num_stages, int) and not isinstance(self.num_stages, bool) and self.num_stages >= 1):
             raise ValueError(f"ChunkedConfig.num_stages: got {self.num_stages!r}; expected a positive int")
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from mnemax.kernels import delta_rule, gated_linear_attention, linear_scan, mlstm, selective_scan, slstm
+from mnemax.kernels.chunked_gpu import ChunkedConfig
 
 # JAX's Triton lowering, a private module: if a JAX release moves it, every test here fails
 # (naming it) rather than skipping, so the GPU kernels never silently go unlowered
@@ -81,15 +82,22 @@ def test_mlstm_gpu_kernels_lower(hopper, dtype, fields, kernels):
     assert _kernels(fn, q, k, v, i, f) == {"triton": kernels, "mosaic": 0}
 
 
-@pytest.mark.parametrize("op,kernels", [("gla", 4), ("gla_channel", 4), ("delta", 6), ("delta_channel", 7)])
+@pytest.mark.parametrize("op,per_call,kernels", [("gla", True, 4), ("gla_channel", True, 6), ("gla_channel", False, 4),
+                                                  ("delta", True, 6), ("delta_channel", True, 14),
+                                                  ("delta_channel", False, 7)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_matrix_state_gpu_kernels_lower(hopper, op, dtype, kernels):
+def test_matrix_state_gpu_kernels_lower(hopper, op, dtype, per_call, kernels):
     """gated_linear_attention: state walk + outputs, adjoint walk + per-chunk gradients, with a
     decay per head or (gla_channel, :mod:`mnemax.kernels.gated_linear_attention.gpu`) per key
     channel; delta_rule: the WY preparation before them and P^T dO before the adjoint walk, a
     decay per head or (delta_channel, :mod:`mnemax.kernels.delta_rule.gpu_channel`) per key
     channel, whose gradients through the WY preparation are a kernel of their own; resets,
-    d_v 128 over two value blocks, 200 steps (the last chunk partial)."""
+    d_v 128 over two value blocks, 200 steps (the last chunk partial). Per-channel decays with
+    ``ChunkedConfig.form_per_call`` (the default) lower the per-chunk kernels twice, behind one
+    ``lax.cond`` in the forward and one in the backward: holding the factored form only, and
+    both forms (for GLA the outputs and gradient kernels, 2 more; for the delta rule everything
+    inside the two conds, the walks included, 7 more)."""
+    config = ChunkedConfig(form_per_call=per_call)
     rng = np.random.default_rng(2)
     B, H, T, dk, dv = 1, 2, 200, 64, 128
     q, k = _arr(rng, (B, H, T, dk), dtype), _arr(rng, (B, H, T, dk), dtype)
@@ -99,11 +107,11 @@ def test_matrix_state_gpu_kernels_lower(hopper, op, dtype, kernels):
     resets = jnp.asarray(rng.random((B, T)) < 0.05)
     if op.startswith("gla"):
         fn = lambda q, k, v, g: gated_linear_attention(q, k, v, g, resets=resets, backend="pallas_gpu",  # noqa: E731
-                                                       interpret=False)[0]
+                                                       interpret=False, config=config)[0]
         args = (q, k, v, g)
     else:
         fn = lambda q, k, v, beta, g: delta_rule(q, k, v, beta, g, resets=resets, backend="pallas_gpu",  # noqa: E731
-                                                 interpret=False)[0]
+                                                 interpret=False, config=config)[0]
         args = (q, k, v, beta, g)
     assert _kernels(fn, *args) == {"triton": kernels, "mosaic": 0}
 

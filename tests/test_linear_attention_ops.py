@@ -262,6 +262,51 @@ def test_pallas_gpu_factored_and_sub_chunked_scores_equal_the_reference(op, span
         assert rel_err(g[name], g_ref[name]) < 1e-3, (name, rel_err(g[name], g_ref[name]))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("op", ["gla", "delta"])
+def test_pallas_gpu_factored_only_kernels_equal_the_per_chunk_choice(op, dtype):
+    """Per-channel decays on GPU whose every chunk spans less than the limit (here 5-26 nats per
+    chunk of 32): with ``ChunkedConfig.form_per_call`` (the default) one ``lax.cond`` outside the
+    kernels runs the kernels holding the factored form only; without it the kernels holding both
+    forms test each chunk and key block and take the factored form there too. The two give the
+    same outputs, state and gradients of every input bit for bit (interpret mode, float32 and
+    bf16 inputs), and equal the reference."""
+    x = make_inputs(np.random.default_rng(10), op, "channel", time=100, d_k=64, d_v=24)
+    x["g"] = x["g"] * 0.5
+    G = np.cumsum(np.pad(x["g"], ((0, 0), (0, 0), (0, 28), (0, 0))).reshape(2, 2, 4, 32, 64), axis=3)
+    spans = (G.max(axis=3) - G.min(axis=3)).max(axis=-1)
+    assert 1 < spans.min() and spans.max() < chunked.SPAN_LIMIT, spans
+    per_call = grads(op, x, "pallas_gpu", 32, dtype, interpret=True, config=ChunkedConfig())
+    per_chunk = grads(op, x, "pallas_gpu", 32, dtype, interpret=True, config=ChunkedConfig(form_per_call=False))
+    for a, b in zip(jax.tree.leaves(per_call), jax.tree.leaves(per_chunk)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    if dtype == jnp.float32:
+        o_ref, S_ref, g_ref = grads(op, x, "reference", 32, jnp.float32)
+        o, S, g = per_call
+        assert rel_err(o, o_ref) < 1e-4 and rel_err(S, S_ref) < 1e-4, (rel_err(o, o_ref), rel_err(S, S_ref))
+        for name in g_ref:
+            assert rel_err(g[name], g_ref[name]) < 1e-3, (name, rel_err(g[name], g_ref[name]))
+
+
+@pytest.mark.parametrize("limit,per_call,strong,form", [(60.0, True, False, "factored"), (60.0, True, True, 60.0),
+                                                        (60.0, False, False, 60.0), (0.0, True, False, 0.0)])
+def test_pallas_gpu_form_per_call_picks_the_factored_kernels_only_where_every_chunk_fits(limit, per_call, strong, form):
+    """``gated_linear_attention.gpu.by_span`` runs the factored-only kernels (``FACTORED``) when
+    every chunk of G spans at most ``span_limit`` (here 24 nats), the kernels choosing per chunk
+    (the limit) when one chunk spans more (one step of -80) or ``form_per_call`` is off, and the
+    sub-chunked ones at a limit of 0."""
+    from mnemax.kernels.gated_linear_attention import gpu
+
+    g = -np.full((2, 128, 8), 0.75, np.float32)  # (BH, Tp, d_k), chunks of 32: 23.25 nats each
+    if strong:
+        g[1, 70, 3] = -80.0
+    G = jnp.asarray(np.cumsum(g.reshape(2, 4, 32, 8), axis=2).reshape(2, 128, 8))
+    config = ChunkedConfig(span_limit=limit, form_per_call=per_call)
+    picked = jax.jit(lambda G: gpu.by_span(gpu.fits_span(G, 32, config), config,
+                                           lambda span: jnp.float32(-1.0 if span == gpu.FACTORED else span)))(G)
+    assert float(picked) == (-1.0 if form == "factored" else form)
+
+
 @pytest.mark.parametrize("strong", [False, True])
 @pytest.mark.parametrize("op", ["gla", "delta"])
 def test_xla_factored_and_sub_chunked_scores_equal_the_reference(op, strong):

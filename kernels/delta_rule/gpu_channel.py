@@ -86,10 +86,12 @@ from .common import unit_lower_inverse
 from .gpu import block_inverse, write_blocks
 
 
-def _blocks(p: Problem, config: ChunkedConfig):
-    """The per-chunk kernels' static loop sizes: key blocks and value blocks."""
+def _blocks(p: Problem, config: ChunkedConfig, span: float | None):
+    """The per-chunk kernels' static loop sizes (key blocks and value blocks) and scores' form
+    (``span``, :func:`~mnemax.kernels.gated_linear_attention.gpu.intra`; None:
+    ``config.span_limit``)."""
     bv, bk = min(p.d_v, config.block_v), gla.key_block(p.d_k)
-    return dict(nk=p.d_k // bk, bk=bk, nv=p.d_v // bv, bv=bv, span=config.span_limit)
+    return dict(nk=p.d_k // bk, bk=bk, nv=p.d_v // bv, bv=bv, span=config.span_limit if span is None else span)
 
 
 def _strict(gc_r, gr_r, L: int):
@@ -191,24 +193,28 @@ def _wy_blocked(k_r, v_r, G_r, gc_r, gr_r, r_r, u_r, wk_r, *, L, b, nk, bk, nv, 
 
 def _wy_kernel(*refs, L, b, nk, bk, nv, bv, span, f32):
     """One chunk's R, U and Wk: :func:`_wy_blocked` where the chunk's decay spans at most
-    ``span`` nats over every key channel (and ``b < L``), else :func:`_wy_whole`."""
+    ``span`` nats over every key channel (and ``b < L``), else :func:`_wy_whole`; ``span``
+    :data:`~mnemax.kernels.gated_linear_attention.gpu.FACTORED`: every chunk is (the caller
+    checked), no in-kernel test."""
     whole = functools.partial(_wy_whole, *refs, L=L, nk=nk, bk=bk, nv=nv, bv=bv, span=span, f32=f32)
     if span <= 0 or b >= L:
         return whole()
     blocked = functools.partial(_wy_blocked, *refs, L=L, b=b, nk=nk, bk=bk, nv=nv, bv=bv, f32=f32)
+    if span == gla.FACTORED:
+        return blocked()
     lax.cond(decay_span(refs[2][...]) <= span, blocked, whole)
 
 
-def wy(p: Problem, G, *, config: ChunkedConfig, interpret: bool):
+def wy(p: Problem, G, *, config: ChunkedConfig, interpret: bool, span: float | None = None):
     """(R (BH, NC, L, L), U (BH, Tp, d_v), Wk (BH, Tp, d_k)) for every chunk: R and U float32, Wk
-    in the matmul dtype (each of its products rounds it there)."""
+    in the matmul dtype (each of its products rounds it there); ``span`` as :func:`_blocks`."""
     BH, NC, L = p.q.shape[0], p.n_chunks, p.L
     Tp = NC * L
     sp = gla.chunk_specs(p)
     LL = pl.BlockSpec((None, None, L, L), lambda b, c: (b, c, 0, 0))
     return pl.pallas_call(
         functools.partial(_wy_kernel, L=L, b=min(L, config.wy_block), f32=matmuls(p.q.dtype, interpret, config)[1],
-                          **_blocks(p, config)),
+                          **_blocks(p, config, span)),
         grid=(BH, NC), in_specs=[sp["k"], sp["v"], sp["k"], sp["gc"], sp["gr"]],
         out_specs=[LL, sp["v"], sp["k"]],
         out_shape=[jax.ShapeDtypeStruct((BH, NC, L, L), F32), jax.ShapeDtypeStruct((BH, Tp, p.d_v), F32),
@@ -292,13 +298,15 @@ def _scores_t_kernel(q_r, k_r, do_r, G_r, gc_r, gr_r, o_r, *, L, nk, bk, nv, bv,
     lax.fori_loop(0, nv, block, 0)
 
 
-def scores_t_times(p: Problem, G, do, *, scale: float, config: ChunkedConfig, interpret: bool):
-    """A^T dO for every chunk, (BH, Tp, d_v) float32 (the adjoint walk's input)."""
+def scores_t_times(p: Problem, G, do, *, scale: float, config: ChunkedConfig, interpret: bool,
+                   span: float | None = None):
+    """A^T dO for every chunk, (BH, Tp, d_v) float32 (the adjoint walk's input); ``span`` as
+    :func:`_blocks`."""
     BH, NC = p.q.shape[0], p.n_chunks
     sp = gla.chunk_specs(p)
     mm, f32 = matmuls(p.q.dtype, interpret, config)
     return pl.pallas_call(
-        functools.partial(_scores_t_kernel, L=p.L, scale=scale, mm=mm, f32=f32, **_blocks(p, config)),
+        functools.partial(_scores_t_kernel, L=p.L, scale=scale, mm=mm, f32=f32, **_blocks(p, config, span)),
         grid=(BH, NC), in_specs=[sp["k"], sp["k"], sp["v"], sp["k"], sp["gc"], sp["gr"]], out_specs=sp["v"],
         out_shape=jax.ShapeDtypeStruct((BH, NC * p.L, p.d_v), F32),
         compiler_params=compiler_params(interpret, config.num_warps, config.num_stages), interpret=interpret,
@@ -350,18 +358,19 @@ def _delta_grads_kernel(k_r, v_r, G_r, gc_r, gr_r, s_r, r_r, dx_r, dk_r, dv_r, d
     db_r[0:1, :] = jnp.sum(R * dT, axis=0, keepdims=True) + col_to_row(jnp.sum(dN * K, axis=1, keepdims=True), L)
 
 
-def delta_grads(p: Problem, G, states, R, dX, *, config: ChunkedConfig, interpret: bool):
+def delta_grads(p: Problem, G, states, R, dX, *, config: ChunkedConfig, interpret: bool, span: float | None = None):
     """The gradients through every chunk's ``X = T (V - k_in S_in)`` (see the module
     docstring), given its incoming state ``states`` (transposed), ``R`` and ``dX`` = dL/dX
     from the adjoint walk: (dk (BH, Tp, d_k), dv (BH, Tp, d_v), dG (BH, Tp, d_k), rows (BH,
-    NC, 8, L) whose row 0 is dbeta), float32; dk and dG are to be added to the GLA parts."""
+    NC, 8, L) whose row 0 is dbeta), float32; dk and dG are to be added to the GLA parts.
+    ``span`` as :func:`_blocks`."""
     BH, NC, L = p.q.shape[0], p.n_chunks, p.L
     Tp = NC * L
     sp = gla.chunk_specs(p)
     chunk = lambda *s: pl.BlockSpec((None, None, *s), lambda b, c: (b, c) + (0,) * len(s))  # noqa: E731
     mm, f32 = matmuls(p.q.dtype, interpret, config)
     return pl.pallas_call(
-        functools.partial(_delta_grads_kernel, L=L, mm=mm, f32=f32, **_blocks(p, config)),
+        functools.partial(_delta_grads_kernel, L=L, mm=mm, f32=f32, **_blocks(p, config, span)),
         grid=(BH, NC), in_specs=[sp["k"], sp["v"], sp["k"], sp["gc"], sp["gr"], sp["S"], chunk(L, L), sp["v"]],
         out_specs=[sp["k"], sp["v"], sp["k"], chunk(GATE_COLS, L)],
         out_shape=[jax.ShapeDtypeStruct((BH, Tp, p.d_k), F32), jax.ShapeDtypeStruct((BH, Tp, p.d_v), F32),
@@ -379,10 +388,16 @@ def forward(q, k, v, beta, g, state, cut, *, chunk_size: int, scale: float, conf
     backward's residuals (every chunk's incoming state, X, R, Wk)) for per-channel ``g`` (B,
     H, T, d_k); ``cut``: the resets as float32 or None."""
     p, G = gla.channel_problem(q, k, v, g, cut, chunk_size, beta)
-    R, U, Wk = wy(p, G, config=config, interpret=interpret)
-    states, X, S_T = walk_forward(p, G, U, Wk, state_in_t(p, state), config=config, interpret=interpret)
-    o = gla.outputs(p._replace(v=X), G, states, q.dtype, scale=scale, config=config, interpret=interpret)
-    return seq_out(o, v.shape), state_out_t(S_T, state.shape), (states, X, R, Wk)
+    s0 = state_in_t(p, state)
+
+    def run(span):  # one lax.cond around the chunk kernels and the walk between them (gla.by_span)
+        R, U, Wk = wy(p, G, config=config, interpret=interpret, span=span)
+        states, X, S_T = walk_forward(p, G, U, Wk, s0, config=config, interpret=interpret)
+        o = gla.outputs(p._replace(v=X), G, states, q.dtype, scale=scale, config=config, interpret=interpret, span=span)
+        return o, S_T, (states, X, R, Wk)
+
+    o, S_T, saved = gla.by_span(gla.fits_span(G, p.L, config), config, run)
+    return seq_out(o, v.shape), state_out_t(S_T, state.shape), saved
 
 
 def backward(q, k, v, beta, g, state, cut, saved, do, dfinal, *, chunk_size: int, scale: float,
@@ -394,10 +409,15 @@ def backward(q, k, v, beta, g, state, cut, saved, do, dfinal, *, chunk_size: int
     B, H, T, _ = q.shape
     do = pad_axis(pad_axis(do.astype(q.dtype).reshape(B * H, T, -1), 1, p.n_chunks * p.L), 2, p.d_v)
     kw = dict(config=config, interpret=interpret)
-    x0 = scores_t_times(p, G, do, scale=scale, **kw)
-    dstates, dX, dS0 = walk_backward(p, G, do, Wk, x0, state_in_t(p, dfinal), scale=scale, **kw)
-    dq, dk_o, _, dG_o = gla.chunk_grads(p._replace(v=X), G, do, states, dstates, scale=scale, **kw)
-    dk_x, dv, dG_x, rows = delta_grads(p, G, states, R, dX, **kw)
+    dS_T = state_in_t(p, dfinal)
+
+    def run(span):  # one lax.cond around the chunk kernels and the adjoint walk (gla.by_span)
+        x0 = scores_t_times(p, G, do, scale=scale, span=span, **kw)
+        dstates, dX, dS0 = walk_backward(p, G, do, Wk, x0, dS_T, scale=scale, **kw)
+        dq, dk_o, _, dG_o = gla.chunk_grads(p._replace(v=X), G, do, states, dstates, scale=scale, span=span, **kw)
+        return (dq, dk_o, dG_o, dS0) + delta_grads(p, G, states, R, dX, span=span, **kw)
+
+    dq, dk_o, dG_o, dS0, dk_x, dv, dG_x, rows = gla.by_span(gla.fits_span(G, p.L, config), config, run)
     dg = decay_grad((dG_o + dG_x).reshape(B * H, p.n_chunks, p.L, p.d_k)).reshape(dG_o.shape)
     return (seq_out(dq, q.shape).astype(q.dtype), seq_out(dk_o + dk_x, k.shape).astype(k.dtype),
             seq_out(dv, v.shape).astype(v.dtype), step_out(rows[:, :, 0], beta.shape).astype(beta.dtype),

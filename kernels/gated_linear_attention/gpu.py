@@ -20,7 +20,10 @@ every factor stays within ``exp(+-30)``; beyond it, in sub-chunks of ``c = 16`` 
 diagonal sub-block exactly, one key step ``s`` at a time (its ``k_s`` and ``G_s`` rows read
 from the refs), the sub-chunks before row sub-chunk ``i`` as one matmul factored around
 ``r``, the last step before it: ``(q_t exp(G_t - G_r)) . (k_s exp(G_r - G_s))``, every
-exponent <= 0, so no gate, however strong, overflows. The backward, with ``dA = dO V^T`` (masked as A)::
+exponent <= 0, so no gate, however strong, overflows. Where every chunk of a call is within
+the limit (``ChunkedConfig.form_per_call``; one ``lax.cond`` outside the kernels,
+:func:`by_span`), kernels holding only the factored form run instead: the same values with
+fewer registers. The backward, with ``dA = dO V^T`` (masked as A)::
 
     dq     = scale exp(G) [fresh] (.) dO S_in^T + sum_s scale dA_ts k_s (.) exp(G_t - G_s)
     dk     = exp(G_L - G) [last] (.) V dS_out^T + sum_t scale dA_ts q_t (.) exp(G_t - G_s)
@@ -46,6 +49,7 @@ policy.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +76,30 @@ from ..chunked_pallas import (
 )
 
 BLOCK_K = 32  # key columns per step of the per-chunk kernels' key loop
+FACTORED = math.inf  # a per-chunk kernel's ``span`` when every chunk is known to be within the limit
+
+
+def fits_span(G, L: int, config: ChunkedConfig):
+    """Whether every chunk of ``G`` (BH, Tp, d_k) spans at most ``config.span_limit`` nats in
+    every channel (a traced bool), or None when the limit is 0 (the sub-chunked form only). The
+    kernels' own per-chunk and per-key-block test reads the same ``G``, and a chunk's span
+    bounds each of its key blocks', so where this holds every one of them takes the factored
+    form. None also where ``config.form_per_call`` is False."""
+    if config.span_limit <= 0 or not config.form_per_call:
+        return None
+    return decay_span(G.reshape(-1, L, G.shape[-1])) <= config.span_limit
+
+
+def by_span(fits, config: ChunkedConfig, run):
+    """``run(span)``, ``span`` the per-chunk kernels' static form: :data:`FACTORED` where
+    ``fits`` (:func:`fits_span`) holds, else ``config.span_limit`` (the kernels choose per chunk
+    and key block), chosen by one ``lax.cond`` outside the kernels. The factored-only kernels
+    hold no second form behind an in-kernel ``lax.cond``: fewer registers (compiled for sm_90 on
+    the CPU, KDA's output kernel 168 per thread instead of 254, its WY kernel no spill instead of
+    144 bytes) and the same values, bit for bit."""
+    if fits is None:
+        return run(config.span_limit)
+    return lax.cond(fits, lambda: run(FACTORED), lambda: run(config.span_limit))
 
 
 def channel_problem(q, k, v, g, resets, chunk_size: int, beta=None):
@@ -105,10 +133,14 @@ def intra(q_r, k_r, G_r, gc_r, gr_r, kc, L: int, mm: Matmul, f32: Matmul, dA=Non
     Two exact forms, chosen per chunk and key block by the decay's span there, ``max_d
     (max_t G_td - min_t G_td)``: up to ``span`` nats (``ChunkedConfig.span_limit``),
     :func:`intra_factored` (one matmul, every factor within ``exp(+-span / 2)``); beyond,
-    :func:`intra_sub_chunked` (every exponent <= 0, for gates of any strength)."""
+    :func:`intra_sub_chunked` (every exponent <= 0, for gates of any strength). ``span`` 0:
+    the sub-chunked form only; :data:`FACTORED`: the factored form only (the caller has
+    checked every chunk, :func:`by_span`)."""
     args = (q_r, k_r, G_r, gc_r, gr_r, kc, L, mm, f32, dA, scale, acc)
     if span <= 0:
         return intra_sub_chunked(*args)
+    if span == FACTORED:
+        return intra_factored(*args)
     return lax.cond(decay_span(G_r[:, kc]) <= span, lambda: intra_factored(*args), lambda: intra_sub_chunked(*args))
 
 
@@ -300,16 +332,17 @@ def _out_kernel(q_r, k_r, v_r, G_r, gc_r, gr_r, s_r, o_r, *, L, nk, bk, nv, bv, 
     lax.fori_loop(0, nv, block, 0)
 
 
-def outputs(p: Problem, G, states, out_dtype, *, scale: float, config: ChunkedConfig, interpret: bool):
-    """o = (scale q exp(G) [fresh]) S_in + A V for every chunk, (BH, Tp, d_v) in ``out_dtype``."""
+def outputs(p: Problem, G, states, out_dtype, *, scale: float, config: ChunkedConfig, interpret: bool,
+            span: float | None = None):
+    """o = (scale q exp(G) [fresh]) S_in + A V for every chunk, (BH, Tp, d_v) in ``out_dtype``;
+    ``span``: the scores' form (:func:`intra`; None: ``config.span_limit``)."""
     BH, NC = p.q.shape[0], p.n_chunks
     bv, bk = min(p.d_v, config.block_v), key_block(p.d_k)
     sp = chunk_specs(p)
     mm, f32 = matmuls(p.q.dtype, interpret, config)
     return pl.pallas_call(
-        functools.partial(_out_kernel, L=p.L, nk=p.d_k // bk, bk=bk, nv=p.d_v // bv, bv=bv, span=config.span_limit,
-                          scale=scale, mm=mm,
-                          f32=f32),
+        functools.partial(_out_kernel, L=p.L, nk=p.d_k // bk, bk=bk, nv=p.d_v // bv, bv=bv,
+                          span=config.span_limit if span is None else span, scale=scale, mm=mm, f32=f32),
         grid=(BH, NC), in_specs=[sp["k"], sp["k"], sp["v"], sp["k"], sp["gc"], sp["gr"], sp["S"]],
         out_specs=sp["v"], out_shape=jax.ShapeDtypeStruct((BH, NC * p.L, p.d_v), out_dtype),
         compiler_params=compiler_params(interpret, config.num_warps, config.num_stages), interpret=interpret,
@@ -369,18 +402,19 @@ def _grads_kernel(q_r, k_r, v_r, do_r, G_r, gc_r, gr_r, s_r, ds_r, dq_r, dk_r, d
     lax.fori_loop(0, nv, values, 0)
 
 
-def chunk_grads(p: Problem, G, do, states, dstates, *, scale: float, config: ChunkedConfig, interpret: bool):
+def chunk_grads(p: Problem, G, do, states, dstates, *, scale: float, config: ChunkedConfig, interpret: bool,
+                span: float | None = None):
     """dq, dk, dv and dG ((BH, Tp, d), float32) for every chunk, given each chunk's incoming
-    state ``states`` and outgoing-state gradient ``dstates`` (both transposed)."""
+    state ``states`` and outgoing-state gradient ``dstates`` (both transposed); ``span`` as
+    :func:`outputs`."""
     BH, NC, L = p.q.shape[0], p.n_chunks, p.L
     Tp = NC * L
     bv, bk = min(p.d_v, config.block_v), key_block(p.d_k)
     sp = chunk_specs(p)
     mm, f32 = matmuls(p.q.dtype, interpret, config)
     return pl.pallas_call(
-        functools.partial(_grads_kernel, L=L, nk=p.d_k // bk, bk=bk, nv=p.d_v // bv, bv=bv, span=config.span_limit,
-                          scale=scale, mm=mm,
-                          f32=f32),
+        functools.partial(_grads_kernel, L=L, nk=p.d_k // bk, bk=bk, nv=p.d_v // bv, bv=bv,
+                          span=config.span_limit if span is None else span, scale=scale, mm=mm, f32=f32),
         grid=(BH, NC),
         in_specs=[sp["k"], sp["k"], sp["v"], sp["v"], sp["k"], sp["gc"], sp["gr"], sp["S"], sp["S"]],
         out_specs=[sp["k"], sp["k"], sp["v"], sp["k"]],
@@ -399,7 +433,8 @@ def forward(q, k, v, g, state, cut, *, chunk_size: int, scale: float, config: Ch
     the resets as float32 or None."""
     p, G = channel_problem(q, k, v, g, cut, chunk_size)
     states, S_T = walk_forward(p, G, state_in_t(p, state), config=config, interpret=interpret)
-    o = outputs(p, G, states, q.dtype, scale=scale, config=config, interpret=interpret)
+    o = by_span(fits_span(G, p.L, config), config,
+                lambda span: outputs(p, G, states, q.dtype, scale=scale, config=config, interpret=interpret, span=span))
     return seq_out(o, v.shape), state_out_t(S_T, state.shape), states
 
 
@@ -411,7 +446,8 @@ def backward(q, k, v, g, state, cut, states, do, dfinal, *, chunk_size: int, sca
     B, H, T, _ = q.shape
     do = pad_axis(pad_axis(do.astype(q.dtype).reshape(B * H, T, -1), 1, p.n_chunks * p.L), 2, p.d_v)
     dstates, dS0 = walk_backward(p, G, do, state_in_t(p, dfinal), scale=scale, config=config, interpret=interpret)
-    dq, dk, dv, dG = chunk_grads(p, G, do, states, dstates, scale=scale, config=config, interpret=interpret)
+    dq, dk, dv, dG = by_span(fits_span(G, p.L, config), config, lambda span: chunk_grads(
+        p, G, do, states, dstates, scale=scale, config=config, interpret=interpret, span=span))
     dg = decay_grad(dG.reshape(B * H, p.n_chunks, p.L, p.d_k)).reshape(dG.shape)
     return (seq_out(dq, q.shape).astype(q.dtype), seq_out(dk, k.shape).astype(k.dtype),
             seq_out(dv, v.shape).astype(v.dtype), seq_out(dg, g.shape).astype(g.dtype),
