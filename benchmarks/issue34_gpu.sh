@@ -7,6 +7,8 @@
 #   bash benchmarks/issue34_gpu.sh e2e        # training tokens/s at 2k and 32k, generation from a 16k prefill
 #   bash benchmarks/issue34_gpu.sh kernels    # each pallas_gpu kernel of every op timed alone (where the time goes)
 #   bash benchmarks/issue34_gpu.sh xla_channel  # xla's per-channel scores, factored vs sub-chunked
+#   bash benchmarks/issue34_gpu.sh memory --tasks mqar --difficulties pairs=16 pairs=64 --families mamba2 gdn
+#                                             # 10m memory cells of the new families (4 at a time, ~200-380 s each)
 #
 # Arguments after the part go to its Python script and override the part's own (the last
 # occurrence of a flag wins), e.g. `bash benchmarks/issue34_gpu.sh kernels --ops gdn --config wy_block=64`.
@@ -45,8 +47,14 @@ case "$part" in
   xla_channel)
     timeout "$LIMIT" python3 -u benchmarks/xla_channel_scores.py --shape 8,2048,16,128 --dtype bfloat16 "$@"
     ;;
+  memory)
+    # the matrix-state ops on their Pallas GPU kernels (the platform default is xla); the cells'
+    # table goes to $OUT/mem34 (merge with `mnemax-bench memory --merge ... --out benchmarks`)
+    MNEMAX_KERNEL_BACKEND=pallas_gpu timeout "$LIMIT" python3 -u benchmarks/memory_tasks.py --budget 10m --steps 2000 \
+      --learning_rate 1e-3 --parallel 4 --families mamba2 gdn deltanet gla --out "${OUT:-.}/mem34" --workdir /tmp/mem34 "$@"
+    ;;
   *)
-    echo "unknown part $part: ops, fla, fla_gla, e2e, kernels or xla_channel" >&2
+    echo "unknown part $part: ops, fla, fla_gla, e2e, kernels, xla_channel or memory" >&2
     exit 2
     ;;
 esac
