@@ -9,6 +9,11 @@ step, the device time of the heaviest GPU kernels (by kernel name) and of the he
 operations by their JAX name stack (the layer and the op that emitted them), with their share
 of the step. The JSON (``--out``) holds both lists. On a machine without a GPU it reads the
 host's XLA thunk lines instead (a dry run of the script, not a measurement).
+
+XLA's command buffers (CUDA graphs) are off while profiling (``--command_buffers`` keeps them):
+inside one, every kernel's name stack reads ``XlaModule:`` and the scope table says nothing
+(the first run, 2026-12-07). Without them the step pays its kernel launches, so its total can
+exceed the timed step of ``benchmarks/throughput.py`` a little.
 """
 
 from __future__ import annotations
@@ -21,8 +26,11 @@ import re
 import sys
 import tempfile
 
-import jax
-import numpy as np
+if __name__ == "__main__" and "--command_buffers" not in sys.argv:  # before JAX reads XLA_FLAGS
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import environment, lm_train_step, save, table  # noqa: E402
@@ -103,6 +111,8 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", default="profile_step.json")
+    ap.add_argument("--command_buffers", action="store_true",
+                    help="keep XLA's command buffers (their kernels lose their name stacks in the trace)")
     a = ap.parse_args()
     if a.context < 1 or a.tokens < 1 or a.steps < 1 or a.top < 1:
         ap.error(f"--context, --tokens, --steps and --top must be >= 1, got {a.context}, {a.tokens}, {a.steps}, {a.top}")
