@@ -78,7 +78,8 @@ def config_label(config: ChunkedConfig | None) -> str:
     """The fields of ``config`` that differ from the defaults, as ``--config`` takes them."""
     if config is None:
         return "default"
-    changed = [f"{n}={getattr(config, n)}" for n in ChunkedConfig.__dataclass_fields__
+    value = lambda v: int(v) if isinstance(v, bool) else v  # noqa: E731  (a bool field as 0/1)
+    changed = [f"{n}={value(getattr(config, n))}" for n in ChunkedConfig.__dataclass_fields__
                if getattr(config, n) != getattr(ChunkedConfig(), n)]
     return ",".join(changed) or "default"
 
