@@ -51,11 +51,25 @@ CHECK = True  # --no_check: time only
 CONFIG = None  # --config: the Pallas GPU kernels' ChunkedConfig (None: the defaults)
 
 
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``--shapes``: ``B,T,H,D`` (d_k = d_v = D) or ``B,T,H,Dk,Dv`` (Mamba-2's layer: 128, 64)."""
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) not in (4, 5) or min(shape) < 1:
+        raise SystemExit(f"--shapes: got {text!r}; expected B,T,H,D or B,T,H,Dk,Dv of positive ints")
+    return shape
+
+
 def inputs(op: str, shape, dtype, seed=0):
+    """q, k (B, H, T, Dk), v (B, H, T, Dv), beta and g of ``op`` at ``shape`` (see
+    :func:`parse_shape`), in ``dtype``."""
     kind, gate = OPS[op]
-    B, T, H, D = shape
+    B, T, H, D, *dv = shape
     rng = np.random.default_rng(seed)
-    q, k, v = (rng.standard_normal((B, H, T, D), np.float32) for _ in range(3))
+    q, k = (rng.standard_normal((B, H, T, D), np.float32) for _ in range(2))
+    v = rng.standard_normal((B, H, T, dv[0] if dv else D), np.float32)
     if kind == "delta":
         k = k / np.linalg.norm(k, axis=-1, keepdims=True)
     beta = 1.0 / (1.0 + np.exp(-rng.standard_normal((B, H, T)).astype(np.float32)))
@@ -203,8 +217,9 @@ def parse_ops(text: str) -> list[str]:
 
 
 def cudnn_rows(shape) -> list[dict]:
-    """Causal softmax attention (``jax.nn.dot_product_attention``, cuDNN) at the same shape."""
-    B, T, H, D = shape
+    """Causal softmax attention (``jax.nn.dot_product_attention``, cuDNN) at the same shape
+    (heads of width D = d_k)."""
+    B, T, H, D = shape[:4]
     row = {"op": "softmax attention", "shape": str(shape), "dtype": "bfloat16", "backend": "cudnn"}
     try:
         rng = np.random.default_rng(0)
@@ -226,7 +241,7 @@ def cudnn_rows(shape) -> list[dict]:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, of {list(OPS)}")
-    ap.add_argument("--shapes", nargs="*", default=None, help="B,T,H,D (default: issue 34's two shapes)")
+    ap.add_argument("--shapes", nargs="*", default=None, help="B,T,H,D or B,T,H,Dk,Dv (default: issue 34's two shapes)")
     ap.add_argument("--no_cudnn", action="store_true")
     ap.add_argument("--backends", default=None, help="comma-separated backends to time (default: all but reference)")
     ap.add_argument("--no_check", action="store_true", help="skip the fp32 check against reference")
@@ -235,7 +250,7 @@ def main():
     global CHECK, CONFIG
     CHECK = not args.no_check
     CONFIG = parse_config(args.config)
-    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
+    shapes = [parse_shape(s) for s in args.shapes] if args.shapes else SHAPES
     ops = parse_ops(args.ops)
     env = environment()
     print(env, flush=True)

@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import bench, environment, save, table  # noqa: E402
 import linear_attention  # noqa: E402
-from linear_attention import OPS, call, config_label, inputs, loss_fn, parse_config, parse_ops  # noqa: E402
+from linear_attention import OPS, call, config_label, inputs, loss_fn, parse_config, parse_ops, parse_shape  # noqa: E402
 
 
 def recorded_kernels(op: str, x: dict) -> list[tuple]:
@@ -90,7 +90,7 @@ def rows_for(op: str, shape) -> list[dict]:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, of {list(OPS)}")
-    ap.add_argument("--shapes", nargs="*", default=["8,2048,16,128"], help="B,T,H,D")
+    ap.add_argument("--shapes", nargs="*", default=["8,2048,16,128"], help="B,T,H,D or B,T,H,Dk,Dv")
     ap.add_argument("--interpret", action="store_true",
                     help="run the kernels in interpret mode (MNEMAX_PALLAS_INTERPRET=1; a CPU check of the script)")
     ap.add_argument("--config", nargs="*", default=[""],
@@ -105,7 +105,7 @@ def main():
     print(env, flush=True)
     rows = []
     for s in args.shapes:
-        shape = tuple(int(v) for v in s.split(","))
+        shape = parse_shape(s)
         for op in ops:
             for config in configs:
                 linear_attention.CONFIG = config
