@@ -86,12 +86,12 @@ from .common import unit_lower_inverse
 from .gpu import block_inverse, write_blocks
 
 
-def _blocks(p: Problem, config: ChunkedConfig, span: float | None):
+def _blocks(p: Problem, config: ChunkedConfig, span: float):
     """The per-chunk kernels' static loop sizes (key blocks and value blocks) and scores' form
-    (``span``, :func:`~mnemax.kernels.gated_linear_attention.gpu.intra`; None:
-    ``config.span_limit``)."""
+    (``span``, :func:`~mnemax.kernels.gated_linear_attention.gpu.intra`, from
+    :func:`~mnemax.kernels.gated_linear_attention.gpu.by_span`)."""
     bv, bk = min(p.d_v, config.block_v), gla.key_block(p.d_k)
-    return dict(nk=p.d_k // bk, bk=bk, nv=p.d_v // bv, bv=bv, span=config.span_limit if span is None else span)
+    return dict(nk=p.d_k // bk, bk=bk, nv=p.d_v // bv, bv=bv, span=span)
 
 
 def _strict(gc_r, gr_r, L: int):
@@ -205,7 +205,7 @@ def _wy_kernel(*refs, L, b, nk, bk, nv, bv, span, f32):
     lax.cond(decay_span(refs[2][...]) <= span, blocked, whole)
 
 
-def wy(p: Problem, G, *, config: ChunkedConfig, interpret: bool, span: float | None = None):
+def wy(p: Problem, G, *, config: ChunkedConfig, interpret: bool, span: float):
     """(R (BH, NC, L, L), U (BH, Tp, d_v), Wk (BH, Tp, d_k)) for every chunk: R and U float32, Wk
     in the matmul dtype (each of its products rounds it there); ``span`` as :func:`_blocks`."""
     BH, NC, L = p.q.shape[0], p.n_chunks, p.L
@@ -298,8 +298,7 @@ def _scores_t_kernel(q_r, k_r, do_r, G_r, gc_r, gr_r, o_r, *, L, nk, bk, nv, bv,
     lax.fori_loop(0, nv, block, 0)
 
 
-def scores_t_times(p: Problem, G, do, *, scale: float, config: ChunkedConfig, interpret: bool,
-                   span: float | None = None):
+def scores_t_times(p: Problem, G, do, *, scale: float, config: ChunkedConfig, interpret: bool, span: float):
     """A^T dO for every chunk, (BH, Tp, d_v) float32 (the adjoint walk's input); ``span`` as
     :func:`_blocks`."""
     BH, NC = p.q.shape[0], p.n_chunks
@@ -358,7 +357,7 @@ def _delta_grads_kernel(k_r, v_r, G_r, gc_r, gr_r, s_r, r_r, dx_r, dk_r, dv_r, d
     db_r[0:1, :] = jnp.sum(R * dT, axis=0, keepdims=True) + col_to_row(jnp.sum(dN * K, axis=1, keepdims=True), L)
 
 
-def delta_grads(p: Problem, G, states, R, dX, *, config: ChunkedConfig, interpret: bool, span: float | None = None):
+def delta_grads(p: Problem, G, states, R, dX, *, config: ChunkedConfig, interpret: bool, span: float):
     """The gradients through every chunk's ``X = T (V - k_in S_in)`` (see the module
     docstring), given its incoming state ``states`` (transposed), ``R`` and ``dX`` = dL/dX
     from the adjoint walk: (dk (BH, Tp, d_k), dv (BH, Tp, d_v), dG (BH, Tp, d_k), rows (BH,

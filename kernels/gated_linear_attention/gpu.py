@@ -333,16 +333,16 @@ def _out_kernel(q_r, k_r, v_r, G_r, gc_r, gr_r, s_r, o_r, *, L, nk, bk, nv, bv, 
 
 
 def outputs(p: Problem, G, states, out_dtype, *, scale: float, config: ChunkedConfig, interpret: bool,
-            span: float | None = None):
+            span: float):
     """o = (scale q exp(G) [fresh]) S_in + A V for every chunk, (BH, Tp, d_v) in ``out_dtype``;
-    ``span``: the scores' form (:func:`intra`; None: ``config.span_limit``)."""
+    ``span``: the scores' form (:func:`intra`, from :func:`by_span`)."""
     BH, NC = p.q.shape[0], p.n_chunks
     bv, bk = min(p.d_v, config.block_v), key_block(p.d_k)
     sp = chunk_specs(p)
     mm, f32 = matmuls(p.q.dtype, interpret, config)
     return pl.pallas_call(
         functools.partial(_out_kernel, L=p.L, nk=p.d_k // bk, bk=bk, nv=p.d_v // bv, bv=bv,
-                          span=config.span_limit if span is None else span, scale=scale, mm=mm, f32=f32),
+                          span=span, scale=scale, mm=mm, f32=f32),
         grid=(BH, NC), in_specs=[sp["k"], sp["k"], sp["v"], sp["k"], sp["gc"], sp["gr"], sp["S"]],
         out_specs=sp["v"], out_shape=jax.ShapeDtypeStruct((BH, NC * p.L, p.d_v), out_dtype),
         compiler_params=compiler_params(interpret, config.num_warps, config.num_stages), interpret=interpret,
@@ -403,7 +403,7 @@ def _grads_kernel(q_r, k_r, v_r, do_r, G_r, gc_r, gr_r, s_r, ds_r, dq_r, dk_r, d
 
 
 def chunk_grads(p: Problem, G, do, states, dstates, *, scale: float, config: ChunkedConfig, interpret: bool,
-                span: float | None = None):
+                span: float):
     """dq, dk, dv and dG ((BH, Tp, d), float32) for every chunk, given each chunk's incoming
     state ``states`` and outgoing-state gradient ``dstates`` (both transposed); ``span`` as
     :func:`outputs`."""
@@ -414,7 +414,7 @@ def chunk_grads(p: Problem, G, do, states, dstates, *, scale: float, config: Chu
     mm, f32 = matmuls(p.q.dtype, interpret, config)
     return pl.pallas_call(
         functools.partial(_grads_kernel, L=L, nk=p.d_k // bk, bk=bk, nv=p.d_v // bv, bv=bv,
-                          span=config.span_limit if span is None else span, scale=scale, mm=mm, f32=f32),
+                          span=span, scale=scale, mm=mm, f32=f32),
         grid=(BH, NC),
         in_specs=[sp["k"], sp["k"], sp["v"], sp["v"], sp["k"], sp["gc"], sp["gr"], sp["S"], sp["S"]],
         out_specs=[sp["k"], sp["k"], sp["v"], sp["k"]],
