@@ -79,7 +79,11 @@ class ChunkedConfig:
     defaults). The other backends ignore it.
 
     Attributes:
-      block_v: value columns per step of the per-chunk kernels' value loop.
+      block_v: value columns per step of the per-chunk kernels' value loop. None: 64, except
+        the scalar-decay linear attention's (simple GLA, Mamba-2's op), which takes two blocks
+        of d_v / 2 (16 to 64): at Mamba-2's d_v = 64 its gradient kernel ran 25% faster with two
+        32-wide blocks than with one 64-wide (H100), while DeltaNet's and the per-channel
+        kernels spill as much or more at 32 (compiled for sm_90); see :meth:`value_block`.
       walk_block_v: value columns of one state-walk program (its state tile is d_k x this);
         None: 64, halved (down to 16) while batch x heads x value tiles leaves SMs idle (each
         walk program is sequential over the chunks).
@@ -104,7 +108,7 @@ class ChunkedConfig:
         block, whatever the call. The values are the same either way.
     """
 
-    block_v: int = 64
+    block_v: int | None = None
     walk_block_v: int | None = None
     num_warps: int = 4
     bwd_warps: int = 8
@@ -118,7 +122,7 @@ class ChunkedConfig:
     def __post_init__(self):
         for name in ("block_v", "walk_block_v", "wy_block"):
             value = getattr(self, name)
-            if not ((value is None and name == "walk_block_v") or (_power_of_two(value) and value >= 16)):
+            if not ((value is None and name != "wy_block") or (_power_of_two(value) and value >= 16)):
                 raise ValueError(f"ChunkedConfig.{name}: got {value!r}; expected a power of two >= 16")
         for name in ("num_warps", "bwd_warps", "walk_warps"):
             value = getattr(self, name)
@@ -133,6 +137,18 @@ class ChunkedConfig:
             raise ValueError(f"ChunkedConfig.form_per_call: got {self.form_per_call!r}; expected True or False")
         if not (isinstance(self.num_stages, int) and not isinstance(self.num_stages, bool) and self.num_stages >= 1):
             raise ValueError(f"ChunkedConfig.num_stages: got {self.num_stages!r}; expected a positive int")
+
+
+    def value_block(self, d_v: int, *, split: bool = False) -> int:
+        """The per-chunk kernels' value block at the padded ``d_v`` (a power of two >= 16):
+        ``block_v`` (at most d_v) when set; else 64 at most d_v, or with ``split`` (the
+        scalar-decay linear attention's kernels) two blocks of d_v / 2, from 16 to 64. Measured
+        on an H100 (benchmarks/RESULTS.md, 2026-12-07): that op's forward+backward at
+        (8, 2048, 24, d_k 128, d_v 64) took 1.47 ms with two 32-wide blocks against 1.77 with one
+        64-wide, and at d_v 128 1.31 ms with two 64-wide blocks against 1.53 with four 32-wide."""
+        if self.block_v is not None:
+            return min(d_v, self.block_v)
+        return max(16, min(64, d_v // 2)) if split else min(d_v, 64)
 
 
 def make_problem(q, k, v, g, beta, resets, chunk_size: int) -> Problem:
@@ -317,11 +333,11 @@ def _out_kernel(q_r, k_r, x_r, gc_r, gr_r, s_r, o_r, *, L, nv, bv, scale, mm):
     lax.fori_loop(0, nv, block, 0)
 
 
-def outputs(p: Problem, x, states, out_dtype, *, scale: float, config: ChunkedConfig, interpret: bool):
+def outputs(p: Problem, x, states, out_dtype, *, scale: float, delta: bool, config: ChunkedConfig, interpret: bool):
     """o = (scale q q_in) S_in + P X for every chunk, (BH, Tp, d_v) in ``out_dtype``; ``x`` is
-    V or the delta errors."""
+    V (linear attention) or the delta errors (``delta``)."""
     BH, NC = p.q.shape[0], p.n_chunks
-    bv = min(p.d_v, config.block_v)
+    bv = config.value_block(p.d_v, split=not delta)
     sp = chunk_specs(p)
     return pl.pallas_call(
         functools.partial(_out_kernel, L=p.L, nv=p.d_v // bv, bv=bv, scale=scale, mm=matmuls(p.q.dtype, interpret)[0]),
@@ -345,7 +361,7 @@ def _scores_t_kernel(q_r, k_r, do_r, gc_r, gr_r, o_r, *, L, nv, bv, scale, mm):
 def scores_t_times(p: Problem, do, *, scale: float, config: ChunkedConfig, interpret: bool):
     """P^T dO for every chunk, (BH, Tp, d_v) float32 (the delta rule's adjoint walk input)."""
     BH, NC = p.q.shape[0], p.n_chunks
-    bv = min(p.d_v, config.block_v)
+    bv = config.value_block(p.d_v)
     sp = chunk_specs(p)
     return pl.pallas_call(
         functools.partial(_scores_t_kernel, L=p.L, nv=p.d_v // bv, bv=bv, scale=scale, mm=matmuls(p.q.dtype, interpret)[0]),
@@ -451,7 +467,7 @@ def chunk_grads(p: Problem, x, do, states, dstates, *, scale: float, delta: bool
     chunk's ``R = (I + N)^-1`` and ``dx`` = dL/dX from the adjoint walk."""
     BH, NC, L = p.q.shape[0], p.n_chunks, p.L
     Tp = NC * L
-    bv = min(p.d_v, config.block_v)
+    bv = config.value_block(p.d_v, split=not delta)
     sp = chunk_specs(p)
     in_specs = [sp["k"], sp["k"], sp["v"], sp["v"], sp["v"], sp["gc"], sp["gr"], sp["S"], sp["S"]]
     args = [p.q, p.k, p.v, x, do, p.gcol, p.grow, states, dstates]

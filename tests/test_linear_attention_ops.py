@@ -347,6 +347,36 @@ def test_pallas_gpu_wy_blocks_equal_the_reference(gate, wy_block):
         assert rel_err(g[name], g_ref[name]) < 1e-5, (name, rel_err(g[name], g_ref[name]))
 
 
+def test_chunked_config_value_block_rule():
+    """``block_v`` None: 64 value columns per block (at most d_v), or for the scalar-decay linear
+    attention's kernels (``split``) two blocks of d_v / 2 from 16 to 64; a set ``block_v`` wins."""
+    c = ChunkedConfig()
+    assert [c.value_block(d) for d in (16, 32, 64, 128, 256)] == [16, 32, 64, 64, 64]
+    assert [c.value_block(d, split=True) for d in (16, 32, 64, 128, 256)] == [16, 16, 32, 64, 64]
+    assert ChunkedConfig(block_v=128).value_block(64, split=True) == 64
+    assert ChunkedConfig(block_v=16).value_block(128) == 16
+
+
+@pytest.mark.parametrize("gate", ["none", "head"])
+def test_pallas_gpu_linear_attention_two_value_blocks_by_default(gate):
+    """At d_v 40 (padded to 64) the scalar-decay linear attention's default config loops over
+    two value blocks of 32, ``block_v=64`` over one: in interpret mode, float32, both equal
+    ``xla``'s chunkwise form (outputs, state, every gradient) to 1e-5 of the largest entry, and
+    each other to 1e-6 (dq and dk sum the blocks' terms in another order)."""
+    x = make_inputs(np.random.default_rng(9), "gla", gate, time=70, d_k=24, d_v=40)
+    o_ref, S_ref, g_ref = grads("gla", x, "xla", 32, jnp.float32)
+    runs = [grads("gla", x, "pallas_gpu", 32, jnp.float32, interpret=True, config=c)
+            for c in (ChunkedConfig(), ChunkedConfig(block_v=64))]
+    for o, S, g in runs:
+        assert rel_err(o, o_ref) < 1e-5 and rel_err(S, S_ref) < 1e-5, (rel_err(o, o_ref), rel_err(S, S_ref))
+        for name in g_ref:
+            assert rel_err(g[name], g_ref[name]) < 1e-5, (name, rel_err(g[name], g_ref[name]))
+    (o2, S2, g2), (o1, S1, g1) = runs
+    assert rel_err(o2, o1) < 1e-6 and rel_err(S2, S1) < 1e-6
+    for name in g1:
+        assert rel_err(g2[name], g1[name]) < 1e-6, (name, rel_err(g2[name], g1[name]))
+
+
 @pytest.mark.parametrize("op", ["gla", "delta"])
 def test_pallas_refuses_bad_configs(op):
     """``config=`` takes a ChunkedConfig, whose fields are checked."""

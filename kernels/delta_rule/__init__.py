@@ -140,7 +140,7 @@ def _forward(platform, q, k, v, beta, g, state, cut, *, chunk_size, scale, confi
     p = cg.make_problem(q, k, v, g, beta, cut, chunk_size)
     R, U, Wk = gpu.wy(p, config=config, interpret=interpret)
     states, X, S_T = cg.walk_forward(p, U, Wk, cp.state_in(p, state), delta=True, config=config, interpret=interpret)
-    o = cg.outputs(p, X, states, q.dtype, scale=scale, config=config, interpret=interpret)
+    o = cg.outputs(p, X, states, q.dtype, scale=scale, delta=True, config=config, interpret=interpret)
     return cp.seq_out(o, v.shape), cp.state_out(S_T, state.shape), (states, X, R, Wk)
 
 

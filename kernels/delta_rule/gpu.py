@@ -111,7 +111,7 @@ def wy(p: Problem, *, config: ChunkedConfig, interpret: bool):
     in the matmul dtype (the walks' products round it there; half the bytes for 16-bit inputs)."""
     BH, NC, L = p.q.shape[0], p.n_chunks, p.L
     Tp = NC * L
-    bv = min(p.d_v, config.block_v)
+    bv = config.value_block(p.d_v)
     sp = chunk_specs(p)
     mm, f32 = matmuls(p.q.dtype, interpret, config)
     return pl.pallas_call(

@@ -90,7 +90,7 @@ def _blocks(p: Problem, config: ChunkedConfig, span: float):
     """The per-chunk kernels' static loop sizes (key blocks and value blocks) and scores' form
     (``span``, :func:`~mnemax.kernels.gated_linear_attention.gpu.intra`, from
     :func:`~mnemax.kernels.gated_linear_attention.gpu.by_span`)."""
-    bv, bk = min(p.d_v, config.block_v), gla.key_block(p.d_k)
+    bv, bk = config.value_block(p.d_v), gla.key_block(p.d_k)
     return dict(nk=p.d_k // bk, bk=bk, nv=p.d_v // bv, bv=bv, span=span)
 
 

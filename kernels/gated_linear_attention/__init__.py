@@ -130,7 +130,7 @@ def _forward(platform, q, k, v, g, state, cut, *, chunk_size, scale, config, int
     p = cg.make_problem(q, k, v, g, None, cut, chunk_size)
     states, _, S_T = cg.walk_forward(p, p.v, None, cp.state_in(p, state), delta=False, config=config,
                                      interpret=interpret)
-    o = cg.outputs(p, p.v, states, q.dtype, scale=scale, config=config, interpret=interpret)
+    o = cg.outputs(p, p.v, states, q.dtype, scale=scale, delta=False, config=config, interpret=interpret)
     return cp.seq_out(o, v.shape), cp.state_out(S_T, state.shape), states
 
 

@@ -337,7 +337,7 @@ def outputs(p: Problem, G, states, out_dtype, *, scale: float, config: ChunkedCo
     """o = (scale q exp(G) [fresh]) S_in + A V for every chunk, (BH, Tp, d_v) in ``out_dtype``;
     ``span``: the scores' form (:func:`intra`, from :func:`by_span`)."""
     BH, NC = p.q.shape[0], p.n_chunks
-    bv, bk = min(p.d_v, config.block_v), key_block(p.d_k)
+    bv, bk = config.value_block(p.d_v), key_block(p.d_k)
     sp = chunk_specs(p)
     mm, f32 = matmuls(p.q.dtype, interpret, config)
     return pl.pallas_call(
@@ -409,7 +409,7 @@ def chunk_grads(p: Problem, G, do, states, dstates, *, scale: float, config: Chu
     :func:`outputs`."""
     BH, NC, L = p.q.shape[0], p.n_chunks, p.L
     Tp = NC * L
-    bv, bk = min(p.d_v, config.block_v), key_block(p.d_k)
+    bv, bk = config.value_block(p.d_v), key_block(p.d_k)
     sp = chunk_specs(p)
     mm, f32 = matmuls(p.q.dtype, interpret, config)
     return pl.pallas_call(
