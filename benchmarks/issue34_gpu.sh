@@ -14,7 +14,7 @@
 # occurrence of a flag wins), e.g. `bash benchmarks/issue34_gpu.sh kernels --ops gdn --config wy_block=64`.
 #
 # Run from the repository root on the device machine with the wheels carried (`carry: [".whl"]`;
-# see the device README): the script installs the project and the wheels, then runs one part.
+# `bash benchmarks/device_wheels.sh all` downloads them here; see the device README): the script installs the project and the wheels, then runs one part.
 # Every part prints its rows as it goes (unbuffered) and its table last, and writes its JSON
 # under $OUT; each runs under a `timeout` (T34_LIMIT seconds, default 540) so that a hang ends
 # with the rows so far rather than with the device's kill (which loses a piped `| tail`).
@@ -50,6 +50,9 @@ case "$part" in
   memory)
     # the matrix-state ops on their Pallas GPU kernels (the platform default is xla); the cells'
     # table goes to $OUT/mem34 (merge with `mnemax-bench memory --merge ... --out benchmarks`)
+    # the image lacks TFDS and grain: carry the `train` wheels (`bash benchmarks/device_wheels.sh train`)
+    export PYTHONPATH=/tmp/site
+    python3 -c "import mnemax.train.bench.cli" || { echo "the train wheels are missing: bash benchmarks/device_wheels.sh train" >&2; exit 3; }
     MNEMAX_KERNEL_BACKEND=pallas_gpu timeout "$LIMIT" python3 -u benchmarks/memory_tasks.py --budget 10m --steps 2000 \
       --learning_rate 1e-3 --parallel 4 --families mamba2 gdn deltanet gla --out "${OUT:-.}/mem34" --workdir /tmp/mem34 "$@"
     ;;
