@@ -25,6 +25,26 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 nvidia-smi --query-gpu=name --format=csv,noheader
+
+# fla's autotuning (minutes per op on a fresh machine) persists across machines: fla caches each
+# kernel's tuning results on disk (FLA_CACHE_RESULTS, on by default) under Triton's cache
+# directory, keyed by the Triton build, the GPU target, the kernel source and the shapes' keys.
+# The fla parts seed that directory from a carried .triton_autotune/ (gitignored) and copy every
+# *.autotune.json back under $OUT/triton_autotune/, even after their `timeout`; move that folder
+# to .triton_autotune/ here and carry it (`carry: [".whl", ".triton_autotune"]`): a later machine
+# then compiles only each kernel's chosen configuration.
+fla_cache_in() {
+  export TRITON_CACHE_DIR=/tmp/triton_fla_cache
+  mkdir -p "$TRITON_CACHE_DIR"
+  if [ -d .triton_autotune ]; then cp -r .triton_autotune/. "$TRITON_CACHE_DIR"/; fi
+}
+fla_cache_out() {
+  [ -n "${OUT:-}" ] || return 0
+  mkdir -p "$OUT/triton_autotune"
+  (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -print0 | tar --null -cf - -T -) | tar -xf - -C "$OUT/triton_autotune"
+  echo "autotune results kept: $(find "$OUT/triton_autotune" -name '*.autotune.json' | wc -l) under \$OUT/triton_autotune"
+}
+
 part=${1:-ops}
 shift || true
 case "$part" in
@@ -32,10 +52,14 @@ case "$part" in
     timeout "$LIMIT" python3 -u benchmarks/linear_attention.py --ops simple_gla,gla,deltanet,gdn,kda --backends xla,pallas_gpu "$@"
     ;;
   fla)
+    fla_cache_in
     PYTHONPATH=/tmp/site timeout "$LIMIT" python3 -u benchmarks/linear_attention_fla.py --ops simple_gla,deltanet,gdn,kda "$@"
+    fla_cache_out
     ;;
   fla_gla)
+    fla_cache_in
     PYTHONPATH=/tmp/site timeout "$LIMIT" python3 -u benchmarks/linear_attention_fla.py --ops gla "$@"
+    fla_cache_out
     ;;
   e2e)
     timeout "$LIMIT" python3 -u benchmarks/throughput.py --families transformer,mamba2,gdn --contexts 2048,32768 --prefill 16384 \
