@@ -176,7 +176,9 @@ class ModelConfig:
       logit_soft_cap: if set, head outputs become ``cap * tanh(out / cap)`` (xLSTM 7B).
       embed_init_std: standard deviation of the embedding init.
       dtype, param_dtype: compute and storage dtypes (names, e.g. "bfloat16").
-      remat: rematerialise each block in the backward pass.
+      remat: rematerialise each block in the backward pass (less memory; on an H100 it also
+        made `mamba2-130m`'s and `gdn-125m`'s 2k training step 24% faster, their stored
+        residuals costing more to move than to recompute: benchmarks/RESULTS.md).
       scan_layers: run the blocks with ``nn.scan`` (one traced and compiled block for all
         layers, parameters stacked on a leading "layers" axis); needs identical blocks,
         or blocks repeating with a period P dividing n_layers (xLSTM with an sLSTM block
