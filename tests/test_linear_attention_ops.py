@@ -262,6 +262,30 @@ def test_pallas_gpu_factored_and_sub_chunked_scores_equal_the_reference(op, span
         assert rel_err(g[name], g_ref[name]) < 1e-3, (name, rel_err(g[name], g_ref[name]))
 
 
+@pytest.mark.parametrize("strong", [False, True])
+@pytest.mark.parametrize("op", ["gla", "delta"])
+def test_pallas_tpu_factored_and_sub_chunked_scores_equal_xla(op, strong):
+    """Per-channel decays on TPU: where every chunk of a call spans at most ``SPAN_LIMIT`` (60)
+    nats, the kernels form the intra-chunk scores (and KDA's key-key scores) as one factored
+    matmul, chosen by one ``lax.cond`` outside them; else in sub-chunks. Gates whose chunks of
+    32 span ~10 to ~50 nats (the factored form), or the same with one step of -400 (``strong``:
+    the sub-chunked form): float32 outputs, state and every gradient equal ``xla``'s chunkwise
+    form at the same chunk to 1e-5 of the largest entry (interpret mode)."""
+    x = make_inputs(np.random.default_rng(9), op, "channel", time=100, d_k=32, d_v=24)
+    g = x["g"] * np.linspace(0.3, 1.2, 100)[:, None]  # later chunks decay faster
+    if strong:  # factors of exp(+-200): the factored form would overflow
+        g[1, 0, 10, 5] = -400.0
+    x["g"] = g
+    G = np.cumsum(np.pad(g, ((0, 0), (0, 0), (0, 28), (0, 0))).reshape(2, 2, 4, 32, 32), axis=3)
+    spans = (G.max(axis=3) - G.min(axis=3)).max(axis=-1)  # (batch, heads, chunks)
+    assert 20 < spans.max() and (spans.max() > 60) == strong, spans
+    o_ref, S_ref, g_ref = grads(op, x, "xla", 32, jnp.float32)
+    o, S, g = grads(op, x, "pallas_tpu", 32, jnp.float32, interpret=True)
+    assert rel_err(o, o_ref) < 1e-5 and rel_err(S, S_ref) < 1e-5, (rel_err(o, o_ref), rel_err(S, S_ref))
+    for name in g_ref:
+        assert rel_err(g[name], g_ref[name]) < 1e-5, (name, rel_err(g[name], g_ref[name]))
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("op", ["gla", "delta"])
 def test_pallas_gpu_factored_only_kernels_equal_the_per_chunk_choice(op, dtype):

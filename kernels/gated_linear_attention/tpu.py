@@ -25,12 +25,17 @@ and backward, with ``dA = scale dO V^T`` (masked as A) and ``dk_out = exp(G_L - 
 ``dg`` is the reverse cumulative sum of ``dG`` inside each chunk
 (:func:`~mnemax.kernels.chunked_pallas.decay_grad`).
 
-``A`` and its gradients are formed in sub-chunks of ``c`` = 16 steps (8 where 16 does not
-divide the chunk; :func:`sub_chunk_scores`): the key steps of a row sub-chunk's own
-sub-chunk exactly, one key step at a time as (c, d_k) products (the diagonal (c, c, d_k)
-block a slice at a time, no lane-dim insertion); the earlier sub-chunks as one matmul
-factored around ``r``, the step before the sub-chunk: ``(q_t exp(G_t - G_r)) . (k_s exp(G_r -
-G_s))``. Every exponent is <= 0, so no gate, however strong, overflows.
+``A`` and its gradients take one of two forms, chosen per call (:func:`by_form`, one
+``lax.cond`` outside the kernels, as the GPU kernels' ``form_per_call``): where every chunk's
+decay spans at most :data:`~mnemax.kernels.chunked.SPAN_LIMIT` nats in every channel, one
+matmul of ``q exp(G - c)`` and ``k exp(c - G)``, ``c`` the middle of each channel's range in
+the chunk (:func:`factored_scores`; factors within ``exp(+-SPAN_LIMIT / 2)``); else in
+sub-chunks of ``c`` = 16 steps (8 where 16 does not divide the chunk;
+:func:`sub_chunk_scores`): the key steps of a row sub-chunk's own sub-chunk exactly, one key
+step at a time as (c, d_k) products (the diagonal (c, c, d_k) block a slice at a time, no
+lane-dim insertion); the earlier sub-chunks as one matmul factored around ``r``, the step
+before the sub-chunk: ``(q_t exp(G_t - G_r)) . (k_s exp(G_r - G_s))``. There every exponent
+is <= 0, so no gate, however strong, overflows.
 
 Grids are (rows "parallel", chunks "arbitrary"), as in :mod:`mnemax.kernels.chunked_tpu`.
 States travel transposed, (d_v, d_k) per row, so that every per-channel factor (``exp(G_L)``,
@@ -63,7 +68,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ..chunked import SUB_CHUNK
+from ..chunked import SPAN_LIMIT, SUB_CHUNK, decay_span, mid_range
 from ..chunked_pallas import (
     F32,
     ROW_SEG,
@@ -191,10 +196,52 @@ def sub_chunk_scores(q, k, G, mask, mm: Matmul, dA=None):
     return A, jnp.concatenate(dq_rows, axis=0), dk_off + jnp.concatenate(dk_rows, axis=0)
 
 
-def chunk_forward(q, k, x, G, S, dec: Decay, mask, *, scale: float, mm: Matmul):
+def factored_scores(q, k, G, mask, dA=None):
+    """:func:`sub_chunk_scores`' values for a chunk whose decay spans at most
+    :data:`~mnemax.kernels.chunked.SPAN_LIMIT` nats in every channel: ``A = (q exp(G - c))
+    (k exp(c - G))^T`` where ``mask``, ``c`` (1, d) the middle of each channel's range of
+    ``G``, so that every factor is within ``exp(+-SPAN_LIMIT / 2)`` (the masked entries above
+    the diagonal, up to ``exp(SPAN_LIMIT)`` times |q||k|, stay finite and are dropped); with
+    ``dA``: ``dq = exp(G - c) (.) dA (k exp(c - G))`` and ``dk = exp(c - G) (.) dA^T (q exp(G -
+    c))``. One (L, L) matmul in place of the sub-chunks' per-step products, at the float32
+    policy whatever the inputs' dtype (Mosaic's fp32 contraction; the GPU kernels' factored
+    scores take TF32 there): bf16-rounded factors put the outputs' error past the bf16 test's
+    3e-3 (3.4e-3 in interpret mode)."""
+    f32 = matmuls(F32)[1]
+    c = mid_range(G)
+    F_q, F_k = jnp.exp(G - c), jnp.exp(c - G)
+    P, M = q * F_q, k * F_k
+    A = jnp.where(mask, dot_nt(P, M, f32), 0.0)
+    if dA is None:
+        return A
+    dA = jnp.where(mask, dA, 0.0)
+    return A, F_q * dot(dA, M, f32), F_k * dot_tn(dA, P, f32)
+
+
+def chunk_scores(q, k, G, mask, mm: Matmul, dA=None, *, factored: bool):
+    """:func:`factored_scores` (``factored``: the caller checked every chunk's span; float32
+    products) or :func:`sub_chunk_scores` (products at ``mm``)."""
+    return factored_scores(q, k, G, mask, dA=dA) if factored else sub_chunk_scores(q, k, G, mask, mm, dA=dA)
+
+
+def fits_factored(G, L: int):
+    """Whether every chunk of ``G`` (BH, Tp, d_k) spans at most
+    :data:`~mnemax.kernels.chunked.SPAN_LIMIT` nats in every channel (a traced bool)."""
+    return decay_span(G.reshape(-1, L, G.shape[-1])) <= SPAN_LIMIT
+
+
+def by_form(fits, run):
+    """``run(factored)`` with ``factored = fits`` (:func:`fits_factored`), by one ``lax.cond``
+    outside the kernels: both kernel sets are lowered, one runs; the per-chunk kernels hold
+    one form each."""
+    return lax.cond(fits, lambda: run(True), lambda: run(False))
+
+
+def chunk_forward(q, k, x, G, S, dec: Decay, mask, *, scale: float, mm: Matmul, factored: bool):
     """One chunk's (o (L, d_v), S_out (d_v, d_k)) float32 from q, k, ``G`` (L, d_k), the
-    values ``x`` (L, d_v) and S_in (d_v, d_k) (transposed)."""
-    A = sub_chunk_scores(q, k, G, mask, mm) * scale
+    values ``x`` (L, d_v) and S_in (d_v, d_k) (transposed); ``factored``: the scores' form
+    (:func:`chunk_scores`)."""
+    A = chunk_scores(q, k, G, mask, mm, factored=factored) * scale
     o = dot(A, x, mm) + dot_nt(q * (dec.q_in * scale), S, mm)
     return o, dec.a * S + dot_tn(x, k * dec.k_out, mm)
 
@@ -210,12 +257,13 @@ class ChunkGrads(NamedTuple):
     dS: jax.Array  # (d_v, d_k) dS_in (transposed)
 
 
-def chunk_backward(q, k, x, dO, G, S, dS, dec: Decay, mask, *, scale: float, mm: Matmul) -> ChunkGrads:
+def chunk_backward(q, k, x, dO, G, S, dS, dec: Decay, mask, *, scale: float, mm: Matmul,
+                   factored: bool) -> ChunkGrads:
     """The gradients of one chunk's o and S_out (:func:`chunk_forward`) given dO (L, d_v), S_in
     and dS_out (d_v, d_k) (see the module docstring)."""
     L = q.shape[0]
     dA = dot_nt(dO, x, mm) * scale
-    A, dq_a, dk_a = sub_chunk_scores(q, k, G, mask, mm, dA=dA)
+    A, dq_a, dk_a = chunk_scores(q, k, G, mask, mm, dA=dA, factored=factored)
     A = A * scale
     qw = dec.q_in * scale
     dq = dot(dO, S, mm) * qw + dq_a
@@ -232,7 +280,7 @@ def chunk_backward(q, k, x, dO, G, S, dS, dec: Decay, mask, *, scale: float, mm:
 # ----------------------------------------------------------------------------- kernels
 
 
-def _fwd_kernel(q_r, k_r, v_r, G_r, gc_r, gr_r, s0_r, o_r, sT_r, st_r, S_s, *, L, scale, mm):
+def _fwd_kernel(q_r, k_r, v_r, G_r, gc_r, gr_r, s0_r, o_r, sT_r, st_r, S_s, *, L, scale, mm, factored):
     """One chunk: S_in saved, o and S_out."""
 
     @pl.when(pl.program_id(1) == 0)
@@ -245,7 +293,8 @@ def _fwd_kernel(q_r, k_r, v_r, G_r, gc_r, gr_r, s0_r, o_r, sT_r, st_r, S_s, *, L
     gc, gr, w = gate_tiles(gc_r, gr_r, L)
     G = G_r[...]
     o, S = chunk_forward(q_r[...].astype(F32), k_r[...].astype(F32), v_r[...].astype(F32), G, S,
-                         channel_decay(G, w, L), segment_mask(gc, gr, L, strict=False), scale=scale, mm=mm)
+                         channel_decay(G, w, L), segment_mask(gc, gr, L, strict=False), scale=scale, mm=mm,
+                         factored=factored)
     o_r[...] = o.astype(o_r.dtype)
     S_s[...] = S
     sT_r[...] = S
@@ -266,21 +315,22 @@ def forward(q, k, v, g, state, cut, *, chunk_size: int, scale: float, save: bool
     out_shape = ([jax.ShapeDtypeStruct((BH, NC * L, dv), q.dtype), jax.ShapeDtypeStruct((BH, dv, dk), F32)]
                  + [jax.ShapeDtypeStruct((BH, NC, dv, dk), mm.dtype)] * save)
 
-    def kernel(*refs):
+    def kernel(*refs, factored):
         ins, (o_r, sT_r, *st_r), S_s = refs[:7], refs[7:-1], refs[-1]
-        _fwd_kernel(*ins, o_r, sT_r, st_r[0] if save else None, S_s, L=L, scale=scale, mm=mm)
+        _fwd_kernel(*ins, o_r, sT_r, st_r[0] if save else None, S_s, L=L, scale=scale, mm=mm, factored=factored)
 
-    o, S_T, *states = pl.pallas_call(
-        kernel, grid=(BH, NC), in_specs=[sp["k"], sp["k"], sp["v"], sp["k"], sp["gc"], sp["gr"], sp["state"]],
+    o, S_T, *states = by_form(fits_factored(G, L), lambda factored: pl.pallas_call(
+        functools.partial(kernel, factored=factored), grid=(BH, NC),
+        in_specs=[sp["k"], sp["k"], sp["v"], sp["k"], sp["gc"], sp["gr"], sp["state"]],
         out_specs=out_specs, out_shape=out_shape, name="_tpu_channel_fwd_kernel",
         scratch_shapes=[pltpu.VMEM((dv, dk), F32)],
         compiler_params=walk_params(), interpret=interpret_params(interpret),
-    )(p.q, p.k, p.v, G, p.gcol, p.grow, state_in_t(p, state))
+    )(p.q, p.k, p.v, G, p.gcol, p.grow, state_in_t(p, state)))
     return seq_out(o, v.shape), state_out_t(S_T, state.shape), (states[0] if save else None)
 
 
 def _bwd_kernel(q_r, k_r, v_r, do_r, G_r, gc_r, gr_r, s_r, dsT_r, dq_r, dk_r, dv_r, dg_r, ds0_r, dS_s, *, L, scale,
-                mm):
+                mm, factored):
     """One chunk of the adjoint walk (last chunk first) with its gradients."""
 
     @pl.when(pl.program_id(1) == 0)
@@ -290,7 +340,8 @@ def _bwd_kernel(q_r, k_r, v_r, do_r, G_r, gc_r, gr_r, s_r, dsT_r, dq_r, dk_r, dv
     gc, gr, w = gate_tiles(gc_r, gr_r, L)
     G = G_r[...]
     c = chunk_backward(q_r[...].astype(F32), k_r[...].astype(F32), v_r[...].astype(F32), do_r[...], G, s_r[...],
-                       dS_s[...], channel_decay(G, w, L), segment_mask(gc, gr, L, strict=False), scale=scale, mm=mm)
+                       dS_s[...], channel_decay(G, w, L), segment_mask(gc, gr, L, strict=False), scale=scale, mm=mm,
+                       factored=factored)
     dS_s[...] = c.dS
     ds0_r[...] = c.dS
     dq_r[...] = c.dq.astype(dq_r.dtype)
@@ -309,8 +360,8 @@ def backward(q, k, v, g, state, cut, states, do, dfinal, *, chunk_size: int, sca
     Tp, dk, dv = NC * L, p.d_k, p.d_v
     dt = p.q.dtype
     sp = specs(p, reverse=True)
-    dq, dk_, dv_, dG, dS0 = pl.pallas_call(
-        functools.partial(_bwd_kernel, L=L, scale=scale, mm=matmuls(dt)[0]), grid=(BH, NC),
+    dq, dk_, dv_, dG, dS0 = by_form(fits_factored(G, L), lambda factored: pl.pallas_call(
+        functools.partial(_bwd_kernel, L=L, scale=scale, mm=matmuls(dt)[0], factored=factored), grid=(BH, NC),
         in_specs=[sp["k"], sp["k"], sp["v"], sp["v"], sp["k"], sp["gc"], sp["gr"], sp["St"], sp["state"]],
         out_specs=[sp["k"], sp["k"], sp["v"], sp["k"], sp["state"]],
         out_shape=[jax.ShapeDtypeStruct((BH, Tp, dk), dt), jax.ShapeDtypeStruct((BH, Tp, dk), dt),
@@ -318,7 +369,7 @@ def backward(q, k, v, g, state, cut, states, do, dfinal, *, chunk_size: int, sca
                    jax.ShapeDtypeStruct((BH, dv, dk), F32)],
         name="_tpu_channel_bwd_kernel", scratch_shapes=[pltpu.VMEM((dv, dk), F32)],
         compiler_params=walk_params(), interpret=interpret_params(interpret),
-    )(p.q, p.k, p.v, pad_cotangent(p, do), G, p.gcol, p.grow, states, state_in_t(p, dfinal))
+    )(p.q, p.k, p.v, pad_cotangent(p, do), G, p.gcol, p.grow, states, state_in_t(p, dfinal)))
     dg = decay_grad(dG.reshape(BH, NC, L, dk)).reshape(dG.shape)
     return (seq_out(dq, q.shape).astype(q.dtype), seq_out(dk_, k.shape).astype(k.dtype),
             seq_out(dv_, v.shape).astype(v.dtype), seq_out(dg, g.shape).astype(g.dtype),
