@@ -135,7 +135,7 @@ def mid_range(G):
     return 0.5 * (jnp.max(G, axis=-2, keepdims=True) + jnp.min(G, axis=-2, keepdims=True))
 
 
-def _factorable(G):
+def factorable(G):
     """Whether no chunk of ``G`` (..., L, d) spans more than :data:`SPAN_LIMIT` in a channel."""
     return decay_span(G) <= SPAN_LIMIT
 
@@ -158,9 +158,9 @@ def factored_scores(x, y, G, mask):
 @jax.custom_vjp
 def _channel_scores(x, y, G, mask):
     """Per-channel :func:`decayed_scores` (``mask`` full-shaped): the form chosen by
-    :func:`_factorable` for the whole call, with a VJP that differentiates only that form
+    :func:`factorable` for the whole call, with a VJP that differentiates only that form
     (JAX's own VJP of a ``lax.cond`` made the factored calls' backward 2x slower)."""
-    return lax.cond(_factorable(G), factored_scores, sub_chunked_scores, x, y, G, mask)
+    return lax.cond(factorable(G), factored_scores, sub_chunked_scores, x, y, G, mask)
 
 
 def _channel_scores_fwd(x, y, G, mask):
@@ -182,7 +182,7 @@ def _channel_scores_bwd(res, dA):
     def sub_chunked(dA):
         return jax.vjp(lambda a, b, c: sub_chunked_scores(a, b, c, mask), x, y, G)[1](dA)
 
-    return lax.cond(_factorable(G), factored, sub_chunked, dA) + (None,)
+    return lax.cond(factorable(G), factored, sub_chunked, dA) + (None,)
 
 
 _channel_scores.defvjp(_channel_scores_fwd, _channel_scores_bwd)

@@ -138,7 +138,6 @@ class ChunkedConfig:
         if not (isinstance(self.num_stages, int) and not isinstance(self.num_stages, bool) and self.num_stages >= 1):
             raise ValueError(f"ChunkedConfig.num_stages: got {self.num_stages!r}; expected a positive int")
 
-
     def value_block(self, d_v: int, *, split: bool = False) -> int:
         """The per-chunk kernels' value block at the padded ``d_v`` (a power of two >= 16):
         ``block_v`` (at most d_v) when set; else 64 at most d_v, or with ``split`` (the

@@ -68,7 +68,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ..chunked import SPAN_LIMIT, SUB_CHUNK, decay_span, mid_range
+from ..chunked import SUB_CHUNK, factorable, mid_range
 from ..chunked_pallas import (
     F32,
     ROW_SEG,
@@ -226,8 +226,9 @@ def chunk_scores(q, k, G, mask, mm: Matmul, dA=None, *, factored: bool):
 
 def fits_factored(G, L: int):
     """Whether every chunk of ``G`` (BH, Tp, d_k) spans at most
-    :data:`~mnemax.kernels.chunked.SPAN_LIMIT` nats in every channel (a traced bool)."""
-    return decay_span(G.reshape(-1, L, G.shape[-1])) <= SPAN_LIMIT
+    :data:`~mnemax.kernels.chunked.SPAN_LIMIT` nats in every channel (a traced bool): the
+    ``xla`` form's test (:func:`~mnemax.kernels.chunked.factorable`) on the kernels' layout."""
+    return factorable(G.reshape(-1, L, G.shape[-1]))
 
 
 def by_form(fits, run):
