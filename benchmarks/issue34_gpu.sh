@@ -79,6 +79,13 @@ case "$part" in
     python3 -c "import mnemax.train.bench.cli" || { echo "the train wheels are missing: bash benchmarks/device_wheels.sh train" >&2; exit 3; }
     MNEMAX_KERNEL_BACKEND=pallas_gpu timeout "$LIMIT" python3 -u benchmarks/memory_tasks.py --budget 10m --steps 2000 \
       --learning_rate 1e-3 --parallel 4 --families mamba2 gdn deltanet gla --out "${OUT:-.}/mem34" --workdir /tmp/mem34 "$@"
+    # each finished cell's own table, kept even when the timeout ended the run before its merged table
+    # (merge them with `mnemax-bench memory --merge <files_at>/mem34_cells/*/*.json --out benchmarks`)
+    if [ -n "${OUT:-}" ] && [ -d /tmp/mem34/cells ]; then
+      mkdir -p "$OUT/mem34_cells"
+      (cd /tmp/mem34/cells && find . -name '*.json' -print0 | tar --null -cf - -T -) | tar -xf - -C "$OUT/mem34_cells"
+      echo "cells kept: $(find "$OUT/mem34_cells" -name '*.json' | wc -l) under \$OUT/mem34_cells"
+    fi
     ;;
   *)
     echo "unknown part $part: ops, fla, fla_gla, e2e, kernels, xla_channel or memory" >&2

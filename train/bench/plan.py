@@ -89,6 +89,11 @@ LONG_BUDGET_OVERRIDES: dict[str, dict] = {
     "gdn": {"num_heads": 4, "head_dim": 128, "expand_v": 2.0, "chunk_size": 64},
     # KDA's tiny preset has GDN's fixed 2 heads of 16; kda-125m's heads of 128 (expand_v 1)
     "kda": {"num_heads": 4, "head_dim": 128, "chunk_size": 64},
+    # DeltaNet and GLA size their heads from d_model: the tiny presets' 2 heads and 16-step
+    # chunks would give DeltaNet heads of 256 at the 10m budget's d 512; deltanet-125m's heads
+    # of 128 (4 at d 512) and gla-125m's 4 heads (d_k 64, d_v 128 at d 512), 64-step chunks
+    "deltanet": {"num_heads": 4, "chunk_size": 64},
+    "gla": {"num_heads": 4, "chunk_size": 64},
 }
 
 TINY_SUFFIX = "-tiny"
