@@ -31,7 +31,10 @@ inside each chunk, since ``G_t = sum_{u <= t} g_u``).
 Layouts (:mod:`mnemax.kernels.chunked_pallas`, shared with the TPU kernels): rows are batch
 x heads (``BH``), time is padded to ``NC`` chunks of ``L`` steps (here a power of two >= 16),
 ``d_k`` and ``d_v`` to powers of two >= 16 (Triton's ``tl.dot``; wgmma on Hopper), per-step
-gate quantities as columns and rows. Matmul operands are bfloat16/float16 for 16-bit inputs,
+gate quantities as columns and rows. Grouped query/key heads (each q/k head serving
+``rep`` value heads, Mamba-2's groups of B and C) are read in place through the index maps
+(:func:`~mnemax.kernels.chunked_pallas.qk_row`), never repeated in memory; dq and dk come
+out per value head and the op sums them over each group. Matmul operands are bfloat16/float16 for 16-bit inputs,
 float32 otherwise (one- or three-pass TF32, see :func:`matmuls`), always with float32
 accumulation and a float32 carried state.
 """
@@ -62,6 +65,7 @@ from .chunked_pallas import (
     mm_dtype,
     pow2,
     problem,
+    qk_row,
     row_to_col,
     split_dot,
 )
@@ -219,10 +223,12 @@ def walk_forward(p: Problem, x, xw, s0, *, delta: bool, config: ChunkedConfig, i
     d_v); ``xw``: Wk (BH, Tp, d_k) for the delta rule, else None. Returns (the incoming
     state of every chunk (BH, NC, d_k, d_v) in the matmul dtype, X (the delta errors,
     (BH, Tp, d_v) in the matmul dtype; None for linear attention), the final state)."""
-    BH, NC, L = p.q.shape[0], p.n_chunks, p.L
+    BH, NC, L = p.rows, p.n_chunks, p.L
     Tp, dk, dv = NC * L, p.d_k, p.d_v
     bv = walk_block(BH, dv, config)
     mm, _ = matmuls(p.q.dtype, interpret)
+    qk = qk_row(p)
+    keys = pl.BlockSpec((None, Tp, dk), lambda b, j: (qk(b), 0, 0))
     seq = pl.BlockSpec((None, Tp, dk), lambda b, j: (b, 0, 0))
     vcols = pl.BlockSpec((None, Tp, bv), lambda b, j: (b, 0, j))
     gates = pl.BlockSpec((None, NC, L, GATE_COLS), lambda b, j: (b, 0, 0, 0))
@@ -230,13 +236,13 @@ def walk_forward(p: Problem, x, xw, s0, *, delta: bool, config: ChunkedConfig, i
     states = pl.BlockSpec((None, NC, dk, bv), lambda b, j: (b, 0, 0, j))
     kw = dict(L=L, NC=NC, delta=delta, mm=mm)
     if delta:
-        in_specs, args = [vcols, seq, seq, gates, tile], [x, p.k, xw, p.gcol, s0]
+        in_specs, args = [vcols, keys, seq, gates, tile], [x, p.k, xw, p.gcol, s0]
         out_specs = [states, vcols, tile]
         out_shape = [jax.ShapeDtypeStruct((BH, NC, dk, dv), mm.dtype), jax.ShapeDtypeStruct((BH, Tp, dv), mm.dtype),
                      jax.ShapeDtypeStruct((BH, dk, dv), F32)]
         kernel = functools.partial(_walk_kernel, **kw)
     else:
-        in_specs, args = [vcols, seq, gates, tile], [x, p.k, p.gcol, s0]
+        in_specs, args = [vcols, keys, gates, tile], [x, p.k, p.gcol, s0]
         out_specs = [states, tile]
         out_shape = [jax.ShapeDtypeStruct((BH, NC, dk, dv), mm.dtype), jax.ShapeDtypeStruct((BH, dk, dv), F32)]
 
@@ -275,22 +281,24 @@ def walk_backward(p: Problem, do, xw, x0, dS_T, *, scale: float, delta: bool, co
     and ``dS_in -= Wk^T dX`` (``xw`` = Wk). Returns (every chunk's outgoing-state gradient
     (BH, NC, d_k, d_v) in the matmul dtype, dX (BH, Tp, d_v) float32 or None, the initial
     state's gradient (BH, d_k, d_v))."""
-    BH, NC, L = p.q.shape[0], p.n_chunks, p.L
+    BH, NC, L = p.rows, p.n_chunks, p.L
     Tp, dk, dv = NC * L, p.d_k, p.d_v
     bv = walk_block(BH, dv, config)
     mm, _ = matmuls(p.q.dtype, interpret)
-    seq = lambda d: pl.BlockSpec((None, Tp, d), lambda b, j: (b, 0, 0))  # noqa: E731
+    qk = qk_row(p)
+    keys = pl.BlockSpec((None, Tp, dk), lambda b, j: (qk(b), 0, 0))
+    seq = pl.BlockSpec((None, Tp, dk), lambda b, j: (b, 0, 0))
     vcols = pl.BlockSpec((None, Tp, bv), lambda b, j: (b, 0, j))
     tile = pl.BlockSpec((None, dk, bv), lambda b, j: (b, 0, j))
     gates = pl.BlockSpec((None, NC, L, GATE_COLS), lambda b, j: (b, 0, 0, 0))
     if delta:
-        in_specs, args = [seq(dk), seq(dk), vcols, seq(dk), vcols, gates, tile], [p.q, p.k, do, xw, x0, p.gcol, dS_T]
+        in_specs, args = [keys, keys, vcols, seq, vcols, gates, tile], [p.q, p.k, do, xw, x0, p.gcol, dS_T]
         out_specs = [pl.BlockSpec((None, NC, dk, bv), lambda b, j: (b, 0, 0, j)), vcols, tile]
         out_shape = [jax.ShapeDtypeStruct((BH, NC, dk, dv), mm.dtype), jax.ShapeDtypeStruct((BH, Tp, dv), F32),
                      jax.ShapeDtypeStruct((BH, dk, dv), F32)]
         kernel = functools.partial(_walk_back_kernel, L=L, NC=NC, scale=scale, delta=True, mm=mm)
     else:
-        in_specs, args = [seq(dk), vcols, gates, tile], [p.q, do, p.gcol, dS_T]
+        in_specs, args = [keys, vcols, gates, tile], [p.q, do, p.gcol, dS_T]
         out_specs = [pl.BlockSpec((None, NC, dk, bv), lambda b, j: (b, 0, 0, j)), tile]
         out_shape = [jax.ShapeDtypeStruct((BH, NC, dk, dv), mm.dtype), jax.ShapeDtypeStruct((BH, dk, dv), F32)]
 
@@ -306,11 +314,15 @@ def walk_backward(p: Problem, do, xw, x0, dS_T, *, scale: float, delta: bool, co
 
 
 def chunk_specs(p: Problem):
-    """BlockSpecs of the per-chunk kernels, grid (BH, NC): program (b, c) runs chunk c of row b."""
+    """BlockSpecs of the per-chunk kernels, grid (BH, NC): program (b, c) runs chunk c of row b;
+    ``qk`` reads the inputs q and k (grouped heads: :func:`qk_row`), ``k`` any other (BH, Tp,
+    d_k) array."""
     L = p.L
+    qk = qk_row(p)
     row = lambda d: pl.BlockSpec((None, L, d), lambda b, c: (b, c, 0))  # noqa: E731
     chunk = lambda *s: pl.BlockSpec((None, None, *s), lambda b, c: (b, c) + (0,) * len(s))  # noqa: E731
-    return {"k": row(p.d_k), "v": row(p.d_v), "gc": chunk(L, GATE_COLS), "gr": chunk(GATE_COLS, L),
+    return {"qk": pl.BlockSpec((None, L, p.d_k), lambda b, c: (qk(b), c, 0)),
+            "k": row(p.d_k), "v": row(p.d_v), "gc": chunk(L, GATE_COLS), "gr": chunk(GATE_COLS, L),
             "S": chunk(p.d_k, p.d_v), "LL": chunk(L, L), "rows": chunk(GATE_COLS, L)}
 
 
@@ -335,12 +347,12 @@ def _out_kernel(q_r, k_r, x_r, gc_r, gr_r, s_r, o_r, *, L, nv, bv, scale, mm):
 def outputs(p: Problem, x, states, out_dtype, *, scale: float, delta: bool, config: ChunkedConfig, interpret: bool):
     """o = (scale q q_in) S_in + P X for every chunk, (BH, Tp, d_v) in ``out_dtype``; ``x`` is
     V (linear attention) or the delta errors (``delta``)."""
-    BH, NC = p.q.shape[0], p.n_chunks
+    BH, NC = p.rows, p.n_chunks
     bv = config.value_block(p.d_v, split=not delta)
     sp = chunk_specs(p)
     return pl.pallas_call(
         functools.partial(_out_kernel, L=p.L, nv=p.d_v // bv, bv=bv, scale=scale, mm=matmuls(p.q.dtype, interpret)[0]),
-        grid=(BH, NC), in_specs=[sp["k"], sp["k"], sp["v"], sp["gc"], sp["gr"], sp["S"]], out_specs=sp["v"],
+        grid=(BH, NC), in_specs=[sp["qk"], sp["qk"], sp["v"], sp["gc"], sp["gr"], sp["S"]], out_specs=sp["v"],
         out_shape=jax.ShapeDtypeStruct((BH, NC * p.L, p.d_v), out_dtype),
         compiler_params=compiler_params(interpret, config.num_warps, config.num_stages), interpret=interpret,
     )(p.q, p.k, x, p.gcol, p.grow, states)
@@ -359,12 +371,12 @@ def _scores_t_kernel(q_r, k_r, do_r, gc_r, gr_r, o_r, *, L, nv, bv, scale, mm):
 
 def scores_t_times(p: Problem, do, *, scale: float, config: ChunkedConfig, interpret: bool):
     """P^T dO for every chunk, (BH, Tp, d_v) float32 (the delta rule's adjoint walk input)."""
-    BH, NC = p.q.shape[0], p.n_chunks
+    BH, NC = p.rows, p.n_chunks
     bv = config.value_block(p.d_v)
     sp = chunk_specs(p)
     return pl.pallas_call(
         functools.partial(_scores_t_kernel, L=p.L, nv=p.d_v // bv, bv=bv, scale=scale, mm=matmuls(p.q.dtype, interpret)[0]),
-        grid=(BH, NC), in_specs=[sp["k"], sp["k"], sp["v"], sp["gc"], sp["gr"]], out_specs=sp["v"],
+        grid=(BH, NC), in_specs=[sp["qk"], sp["qk"], sp["v"], sp["gc"], sp["gr"]], out_specs=sp["v"],
         out_shape=jax.ShapeDtypeStruct((BH, NC * p.L, p.d_v), F32),
         compiler_params=compiler_params(interpret, config.num_warps, config.num_stages), interpret=interpret,
     )(p.q, p.k, do, p.gcol, p.grow)
@@ -460,15 +472,16 @@ def _grads_kernel(q_r, k_r, v_r, x_r, do_r, gc_r, gr_r, s_r, ds_r, *rest, L, nv,
 
 def chunk_grads(p: Problem, x, do, states, dstates, *, scale: float, delta: bool, R=None, dx=None,
                 config: ChunkedConfig, interpret: bool):
-    """dq, dk, dv ((BH, Tp, d), float32) and (BH, NC, 2, L) rows (dG, dbeta) for every chunk,
+    """dq, dk, dv ((BH, Tp, d), float32; dq and dk per value head, also for grouped q/k heads)
+    and (BH, NC, 2, L) rows (dG, dbeta) for every chunk,
     given each chunk's incoming state ``states`` and outgoing-state gradient ``dstates``;
     ``x`` is V (linear attention) or the delta errors; the delta rule also takes each
     chunk's ``R = (I + N)^-1`` and ``dx`` = dL/dX from the adjoint walk."""
-    BH, NC, L = p.q.shape[0], p.n_chunks, p.L
+    BH, NC, L = p.rows, p.n_chunks, p.L
     Tp = NC * L
     bv = config.value_block(p.d_v, split=not delta)
     sp = chunk_specs(p)
-    in_specs = [sp["k"], sp["k"], sp["v"], sp["v"], sp["v"], sp["gc"], sp["gr"], sp["S"], sp["S"]]
+    in_specs = [sp["qk"], sp["qk"], sp["v"], sp["v"], sp["v"], sp["gc"], sp["gr"], sp["S"], sp["S"]]
     args = [p.q, p.k, p.v, x, do, p.gcol, p.grow, states, dstates]
     if delta:
         in_specs += [sp["LL"], sp["v"]]

@@ -31,10 +31,13 @@ ROW_G, ROW_SEG, ROW_BETA = 0, 1, 2
 
 
 class Problem(NamedTuple):
-    """An op's inputs in the kernels' layout (see the module docstring)."""
+    """An op's inputs in the kernels' layout (see the module docstring). With grouped query
+    and key heads (``rep`` > 1: each q/k head serves ``rep`` consecutive value heads, as
+    Mamba-2's groups of B and C do) ``q`` and ``k`` have B * heads / rep rows, read by
+    :func:`qk_row`, and every other array B * heads."""
 
-    q: jax.Array  # (BH, Tp, dk)
-    k: jax.Array  # (BH, Tp, dk)
+    q: jax.Array  # (BH / rep, Tp, dk)
+    k: jax.Array  # (BH / rep, Tp, dk)
     v: jax.Array  # (BH, Tp, dv)
     gcol: jax.Array  # (BH, NC, L, 8) float32
     grow: jax.Array  # (BH, NC, 8, L) float32
@@ -42,6 +45,30 @@ class Problem(NamedTuple):
     n_chunks: int
     d_k: int
     d_v: int
+    heads: int = 1  # value heads per batch row
+    rep: int = 1  # value heads per q/k head
+
+    @property
+    def rows(self) -> int:
+        """BH: the rows of every per-head array (the kernels' grid)."""
+        return self.v.shape[0]
+
+
+def qk_row(p: Problem):
+    """The row of ``q`` and ``k`` that value row ``bh`` (batch-major, heads within) reads: a
+    function of the (traced) grid index, for the kernels' index maps."""
+    if p.rep == 1:
+        return lambda bh: bh
+    return lambda bh: (bh // p.heads) * (p.heads // p.rep) + (bh % p.heads) // p.rep
+
+
+def group_sum(x, rep: int):
+    """(B, H, ...) per-head gradients of grouped q or k -> (B, H / rep, ...): each q/k head's
+    gradient is the sum over the value heads it serves."""
+    if rep == 1:
+        return x
+    B, H = x.shape[:2]
+    return x.reshape(B, H // rep, rep, *x.shape[2:]).sum(axis=2)
 
 
 def pow2(x: int, low: int = 16) -> int:
@@ -55,15 +82,17 @@ def pad_axis(x, axis: int, size: int):
 
 
 def problem(q, k, v, g, beta, resets, L: int, d_k: int, d_v: int) -> Problem:
-    """q, k (B, H, T, d_k); v (B, H, T, d_v); g None or (B, H, T); beta None or (B, H, T);
-    resets None or (B, T) bool, in chunks of ``L`` with features zero-padded to ``d_k``,
-    ``d_v``. Padded steps have zero q, k, v, beta and g: they change nothing."""
-    B, H, T, _ = q.shape
+    """q, k (B, H / rep, T, d_k); v (B, H, T, d_v); g None or (B, H, T); beta None or (B, H,
+    T); resets None or (B, T) bool, in chunks of ``L`` with features zero-padded to ``d_k``,
+    ``d_v``. Padded steps have zero q, k, v, beta and g: they change nothing. Only the kernels
+    that read q and k through :func:`qk_row` take grouped heads (rep > 1)."""
+    B, Hq, T, _ = q.shape
+    H = v.shape[1]
     NC = -(-T // L)
     Tp = NC * L
 
     def seq(x, d):
-        return pad_axis(pad_axis(x.reshape(B * H, T, x.shape[-1]), 1, Tp), 2, d)
+        return pad_axis(pad_axis(x.reshape(B * x.shape[1], T, x.shape[-1]), 1, Tp), 2, d)
 
     def per_step(x):  # (B*H, T) -> (BH, NC, L) float32
         return pad_axis(x.astype(F32).reshape(B * H, T), 1, Tp).reshape(B * H, NC, L)
@@ -77,12 +106,12 @@ def problem(q, k, v, g, beta, resets, L: int, d_k: int, d_v: int) -> Problem:
     b = per_step(jnp.ones((B, H, T), F32) if beta is None else beta)
     zero = jnp.zeros_like(G)
     grow = jnp.stack([G, seg, b] + [zero] * (GATE_COLS - 3), axis=2)  # (BH, NC, 8, L)
-    return Problem(seq(q, d_k), seq(k, d_k), seq(v, d_v), jnp.swapaxes(grow, 2, 3), grow, L, NC, d_k, d_v)
+    return Problem(seq(q, d_k), seq(k, d_k), seq(v, d_v), jnp.swapaxes(grow, 2, 3), grow, L, NC, d_k, d_v, H, H // Hq)
 
 
 def state_in(p: Problem, state):
     """(B, H, d_k, d_v) -> (BH, d_k padded, d_v padded) float32."""
-    BH = p.q.shape[0]
+    BH = p.rows
     return pad_axis(pad_axis(state.astype(F32).reshape(BH, *state.shape[2:]), 1, p.d_k), 2, p.d_v)
 
 

@@ -18,8 +18,10 @@ and per head h (group j = h // (H / G), whose B and C the head reads), each step
     y_t[h] = S_t[h]^T C_t[j] + D[h] x_t[h]                                  (P,)
 
 which is :func:`mnemax.kernels.gated_linear_attention` with the per-head log decay
-``g = dt A``, ``q = C``, ``k = dt B``, ``v = x`` and ``scale = 1`` (the SSD chunkwise
-form on the ``xla`` backend, the closed-form step for one token), plus the D skip. Then
+``g = dt A``, ``q = C``, ``k = B`` (G grouped heads, each serving H / G value heads),
+``v = dt x`` (``(dt B) x^T = B (dt x)^T``: dt goes with the per-head values, so the op takes B
+and C once per group rather than repeated over the heads) and ``scale = 1`` (the SSD
+chunkwise form on the ``xla`` backend, the closed-form step for one token), plus the D skip. Then
 the gated RMSNorm (``norm_before_gate=False``) over G groups of E / G channels, and the
 output projection::
 
@@ -222,9 +224,9 @@ class Mamba2Mixer(nn.Module):
         xBC = jax.nn.silu(xBC)
         x, B, C = jnp.split(xBC, [E, E + G * N], axis=-1)
         x = x.reshape(batch, time, H, P)
-        # group j serves heads j * H/G ... (j + 1) * H/G - 1
-        B = jnp.repeat(B.reshape(batch, time, G, N), H // G, axis=2)
-        C = jnp.repeat(C.reshape(batch, time, G, N), H // G, axis=2)
+        # group j serves heads j * H/G ... (j + 1) * H/G - 1: the op's grouped q/k heads
+        B = B.reshape(batch, time, G, N)
+        C = C.reshape(batch, time, G, N)
 
         dt_init = dt_bias_init(self.dt_min, self.dt_max, self.dt_init_floor)
         dt_bias = self.param("dt_bias", partitioned(dt_init, ("heads",)), (H,), pdt)
@@ -235,11 +237,11 @@ class Mamba2Mixer(nn.Module):
             dt = jnp.clip(dt, self.dt_limit[0], self.dt_limit[1])
         A = -jnp.exp(A_log.astype(f32))
         g = dt * A  # log decay per head and step, <= 0
-        k = (dt[..., None] * B.astype(f32)).astype(cdt)
+        v = (dt[..., None] * x.astype(f32)).astype(cdt)  # (batch, time, H, P)
 
         heads_first = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731  (batch, time, H, .) <-> (batch, H, time, .)
         o, S = gated_linear_attention(
-            heads_first(C), heads_first(k), heads_first(x), jnp.swapaxes(g, 1, 2), state=state.ssm, resets=resets,
+            heads_first(C), heads_first(B), heads_first(v), jnp.swapaxes(g, 1, 2), state=state.ssm, resets=resets,
             scale=1.0, chunk_size=self.chunk_size, backend=self.backend,
             config=self.kernel_config, sharding=self.kernel_sharding,
         )

@@ -36,13 +36,19 @@ Forms (``backend=``; the table is :data:`BACKENDS`):
   inputs take the ``xla`` path; ``config=`` is ignored. Opt-in, and sharded per (batch, head)
   as ``pallas_gpu``; checked in interpret mode and by its TPU lowering, not yet on a TPU.
 
+Grouped query/key heads: ``q`` and ``k`` may have fewer heads than ``v``, a divisor of
+them; q/k head ``j`` then serves the ``rep = heads / heads_qk`` consecutive value heads ``j *
+rep ... (j + 1) * rep - 1`` (Mamba-2's ``n_groups`` of B and C, grouped-query attention's
+layout). The ``pallas_gpu`` kernels for ``g`` None or one decay per head read each group in
+place; the other forms repeat q and k over the heads first.
+
 A one-step call (``time == 1``, generation) takes the closed-form recurrent update
 (:func:`.reference.one_step`) whatever the backend.
 
 Shapes::
 
     o, state = gated_linear_attention(q, k, v, g, state=None, resets=None, scale=None, chunk_size=64)
-    q, k: (batch, heads, time, d_k);  v: (batch, heads, time, d_v)
+    q, k: (batch, heads, time, d_k), or (batch, heads / rep, time, d_k) grouped;  v: (batch, heads, time, d_v)
     g: None, (batch, heads, time) or (batch, heads, time, d_k) log decays (<= 0)
     resets: (batch, time) bool
     o: (batch, heads, time, d_v) in the dtype of q, k, v
@@ -63,7 +69,7 @@ from .. import dispatch
 from ..chunked_gpu import ChunkedConfig
 from ..sharding import KernelSharding, per_shard, plan
 from . import gpu, reference, tpu, xla
-from .common import OP, validate, zeros_state
+from .common import OP, repeat_heads, validate, zeros_state
 
 __all__ = ["BACKENDS", "ChunkedConfig", "gated_linear_attention", "zeros_state"]
 
@@ -77,7 +83,8 @@ def gated_linear_attention(q, k, v, g=None, *, state=None, resets=None, scale: f
     module docstring for the equations and shapes).
 
     Args:
-      q, k: (batch, heads, time, d_k); v: (batch, heads, time, d_v).
+      q, k: (batch, heads, time, d_k), or (batch, heads_qk, time, d_k) with heads_qk dividing
+        ``heads`` (grouped heads, see the module docstring); v: (batch, heads, time, d_v).
       g: log decays (<= 0): None, (batch, heads, time) or (batch, heads, time, d_k).
       state: incoming (batch, heads, d_k, d_v); None is the zero state.
       resets: (batch, time) bool; True clears the state before step t.
@@ -98,9 +105,12 @@ def gated_linear_attention(q, k, v, g=None, *, state=None, resets=None, scale: f
         raise TypeError(f"sharding must be a KernelSharding or None, got {type(sharding).__name__}")
     out_dtype = jnp.result_type(q, k, v)
     cdt = jnp.promote_types(out_dtype if g is None else jnp.result_type(out_dtype, g), jnp.float32)
-    batch, heads, time, d_k = q.shape
+    batch, heads, time, d_k = v.shape[:3] + q.shape[3:]
     state = zeros_state(batch, heads, d_k, v.shape[-1], cdt) if state is None else jnp.asarray(state, cdt)
     name, impl = BACKENDS.resolve(backend)
+    in_place = name == "pallas_gpu" and (g is None or g.ndim == 3)  # the kernels that read groups in place
+    if time == 1 or not in_place:
+        q, k = (repeat_heads(a, heads) for a in (q, k))
     if time == 1:  # generation: the closed-form step, whatever the backend
         o, state = _ONE_STEP(q, k, v, g, state, resets, scale=scale)
         return o.astype(out_dtype), state
@@ -165,7 +175,7 @@ def _pallas_bwd(platform, chunk_size, scale, config, interpret, res, cts):
                              config=config, interpret=interpret)
         return grads + (None if cut is None else jnp.zeros_like(cut),)
     p = cg.make_problem(q, k, v, g, None, cut, chunk_size)
-    B, H, T, _ = q.shape
+    B, H, T, _ = v.shape
     do = cp.pad_axis(cp.pad_axis(do.astype(q.dtype).reshape(B * H, T, -1), 1, p.n_chunks * p.L), 2, p.d_v)
     dstates, _, dS0 = cg.walk_backward(p, do, None, None, cp.state_in(p, dfinal), scale=scale, delta=False,
                                        config=config, interpret=interpret)
@@ -175,9 +185,13 @@ def _pallas_bwd(platform, chunk_size, scale, config, interpret, res, cts):
 
 
 def _grads(q, k, v, g, state, cut, dq, dk, dv, rows, dS0):
-    """The custom VJP's cotangents from the kernels' layouts."""
+    """The custom VJP's cotangents from the kernels' layouts (dq and dk per value head, summed
+    over each group of grouped q/k heads)."""
     dg = None if g is None else cp.step_out(cp.decay_grad(rows[:, :, 0]), g.shape).astype(g.dtype)
-    return (cp.seq_out(dq, q.shape).astype(q.dtype), cp.seq_out(dk, k.shape).astype(k.dtype),
+    per_head = v.shape[:3] + q.shape[3:]
+    rep = v.shape[1] // q.shape[1]
+    dq, dk = (cp.group_sum(cp.seq_out(d, per_head), rep) for d in (dq, dk))
+    return (dq.astype(q.dtype), dk.astype(k.dtype),
             cp.seq_out(dv, v.shape).astype(v.dtype), dg, cp.state_out(dS0, state.shape).astype(state.dtype),
             None if cut is None else jnp.zeros_like(cut))
 
@@ -187,6 +201,7 @@ _pallas_vjp.defvjp(_pallas_fwd, _pallas_bwd)
 
 def _pallas(platform, q, k, v, g, state, resets, *, chunk_size, scale, interpret, config, sharding):
     if state.dtype == jnp.float64:  # the kernels compute in float32
+        q, k = (repeat_heads(a, v.shape[1]) for a in (q, k))
         return xla.chunkwise(q, k, v, g, state, resets, chunk_size=chunk_size, scale=scale)
     dt = jnp.result_type(q, k, v)
 
@@ -195,7 +210,9 @@ def _pallas(platform, q, k, v, g, state, resets, *, chunk_size, scale, interpret
         return _pallas_vjp(q.astype(dt), k.astype(dt), v.astype(dt), g, state, cut, platform, chunk_size, scale,
                            config, bool(interpret))
 
-    split = plan(f"{OP} (pallas_{platform})", sharding, q.shape[0], q.shape[1])
+    split = plan(f"{OP} (pallas_{platform})", sharding, v.shape[0], v.shape[1])
+    if split.cols is not None and q.shape[1] % jax.sharding.get_abstract_mesh().shape[split.cols]:
+        q, k = (repeat_heads(a, v.shape[1]) for a in (q, k))  # the groups do not split over the heads axis
     if not split.split:
         return run(q, k, v, g, state, resets)
     bh = jax.sharding.PartitionSpec(split.rows, split.cols)
