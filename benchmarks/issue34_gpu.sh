@@ -72,19 +72,20 @@ case "$part" in
     timeout "$LIMIT" python3 -u benchmarks/xla_channel_scores.py --shape 8,2048,16,128 --dtype bfloat16 "$@"
     ;;
   memory)
-    # the matrix-state ops on their Pallas GPU kernels (the platform default is xla); the cells'
-    # table goes to $OUT/mem34 (merge with `mnemax-bench memory --merge ... --out benchmarks`)
-    # the image lacks TFDS and grain: carry the `train` wheels (`bash benchmarks/device_wheels.sh train`)
+    # the matrix-state ops on their Pallas GPU kernels (the platform default is xla; T34_BACKEND=xla
+    # overrides: the delta rule's float32 kernels at d_k 128 asked the H100 for 256 KiB of shared
+    # memory, RESULTS.md). The image lacks TFDS and grain: carry the `train` wheels
+    # (`bash benchmarks/device_wheels.sh train`)
     export PYTHONPATH=/tmp/site
     python3 -c "import mnemax.train.bench.cli" || { echo "the train wheels are missing: bash benchmarks/device_wheels.sh train" >&2; exit 3; }
-    MNEMAX_KERNEL_BACKEND=pallas_gpu timeout "$LIMIT" python3 -u benchmarks/memory_tasks.py --budget 10m --steps 2000 \
-      --learning_rate 1e-3 --parallel 4 --families mamba2 gdn deltanet gla --out "${OUT:-.}/mem34" --workdir /tmp/mem34 "$@"
-    # each finished cell's own table, kept even when the timeout ended the run before its merged table
-    # (merge them with `mnemax-bench memory --merge <files_at>/mem34_cells/*/*.json --out benchmarks`)
+    MNEMAX_KERNEL_BACKEND=${T34_BACKEND:-pallas_gpu} timeout "$LIMIT" python3 -u benchmarks/memory_tasks.py --budget 10m --steps 2000 \
+      --learning_rate 1e-3 --parallel 4 --families mamba2 gdn deltanet gla --out /tmp/mem34_out --workdir /tmp/mem34 "$@"
+    # every finished cell's own table and every cell's log in one archive (a call returns at most 8
+    # files), kept even when the timeout ended the run before its merged table; merge with
+    # `mnemax-bench memory --merge <files_at>/cells/*/memory_10m_2000steps.json --out benchmarks`
     if [ -n "${OUT:-}" ] && [ -d /tmp/mem34/cells ]; then
-      mkdir -p "$OUT/mem34_cells"
-      (cd /tmp/mem34/cells && find . -name '*.json' -print0 | tar --null -cf - -T -) | tar -xf - -C "$OUT/mem34_cells"
-      echo "cells kept: $(find "$OUT/mem34_cells" -name '*.json' | wc -l) under \$OUT/mem34_cells"
+      tar -czf "$OUT/mem34_cells.tgz" -C /tmp/mem34 cells logs
+      echo "cells kept: $(find /tmp/mem34/cells -name '*.json' | wc -l) in \$OUT/mem34_cells.tgz"
     fi
     ;;
   *)

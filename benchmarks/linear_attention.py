@@ -48,6 +48,7 @@ OPS = {
 }
 SHAPES = [(8, 2048, 16, 128), (2, 8192, 16, 128)]
 CHECK = True  # --no_check: time only
+CHECK_D = 64  # --check_d: the head size of the fp32 and bf16 checks' shape (2, 300, 2, CHECK_D)
 CONFIG = None  # --config: the Pallas GPU kernels' ChunkedConfig (None: the defaults)
 
 
@@ -132,8 +133,8 @@ def loss_fn(op, backend):
 @functools.cache  # at a fixed small shape: once per op and backend, not per timed shape
 def check(op: str, backend: str) -> float:
     """The largest gradient/output error of ``backend`` vs ``reference`` relative to the
-    reference's largest entry, fp32, at (2, 300, 2, 64) on this device."""
-    x = inputs(op, (2, 300, 2, 64), jnp.float32, seed=1)
+    reference's largest entry, fp32, at (2, 300, 2, CHECK_D) on this device."""
+    x = inputs(op, (2, 300, 2, CHECK_D), jnp.float32, seed=1)
     diff = {n: a for n, a in x.items() if a is not None}
 
     def both(b):
@@ -153,9 +154,9 @@ def check(op: str, backend: str) -> float:
 def check_bf16(op: str, backend: str) -> float:
     """The largest relative-norm error (||got - want|| / ||want||) of ``backend`` on bf16 inputs
     against ``reference`` in float32 on the same bf16-rounded inputs, over outputs, final state
-    and gradients, at (2, 300, 2, 64) on this device (the tests' bf16 limits: 3e-3 outputs,
+    and gradients, at (2, 300, 2, CHECK_D) on this device (the tests' bf16 limits: 3e-3 outputs,
     5e-3 gradients)."""
-    x16 = inputs(op, (2, 300, 2, 64), jnp.bfloat16, seed=2)
+    x16 = inputs(op, (2, 300, 2, CHECK_D), jnp.bfloat16, seed=2)
     x32 = {n: None if a is None else a.astype(jnp.float32) for n, a in x16.items()}
 
     def both(b, x):
@@ -245,10 +246,13 @@ def main():
     ap.add_argument("--no_cudnn", action="store_true")
     ap.add_argument("--backends", default=None, help="comma-separated backends to time (default: all but reference)")
     ap.add_argument("--no_check", action="store_true", help="skip the fp32 check against reference")
+    ap.add_argument("--check_d", type=int, default=64,
+                    help="head size of the fp32/bf16 checks' shape (2, 300, 2, D); 128 compiles the float32 kernels at d_k 128")
     ap.add_argument("--config", default=None, help="pallas_gpu's ChunkedConfig fields, e.g. wy_block=64,block_v=32")
     args = ap.parse_args()
-    global CHECK, CONFIG
+    global CHECK, CHECK_D, CONFIG
     CHECK = not args.no_check
+    CHECK_D = args.check_d
     CONFIG = parse_config(args.config)
     shapes = [parse_shape(s) for s in args.shapes] if args.shapes else SHAPES
     ops = parse_ops(args.ops)

@@ -541,3 +541,20 @@ def test_table_averages_a_cell_over_its_seeds():
     text = tables.markdown(pk)
     assert "| mamba | 0.750 (0.500-1.000) | 0.375 (0.250-0.500) |" in text, text
     assert "over its 2 seeds" in text
+
+
+def test_a_run_whose_every_cell_failed_writes_its_error_rows(tmp_path):
+    """A cell that raised (on the H100, a kernel asking for more shared memory than the GPU
+    has) still gets its JSON with the error row, and the table says which cells failed and
+    why instead of the writer crashing on an empty table (which had hidden the error behind
+    the --parallel parent's 'process exited with 1')."""
+    from mnemax.train.bench import results, runner
+
+    err = runner.error_row("gdn", "gdn-tiny", plan.Cell("mqar", "pairs=16", {}), 0,
+                           "JaxRuntimeError: RESOURCE_EXHAUSTED: Shared memory size limit exceeded")
+    out = results.write([err], "10m", False, str(tmp_path), steps=2000, device="cpu", date="2026-12-07")
+    with open(tmp_path / "memory_10m_2000steps.json") as f:
+        assert json.load(f)["rows"][0]["error"].startswith("JaxRuntimeError: RESOURCE_EXHAUSTED")
+    assert out["table"].startswith("| family | params |")  # an empty table: no cell finished
+    assert "- gdn mqar pairs=16 (seed 0): JaxRuntimeError: RESOURCE_EXHAUSTED" in out["table"]
+    assert "Cells that failed" in (tmp_path / "memory_10m_2000steps.md").read_text()

@@ -42,6 +42,10 @@ def write(rows: list[dict], budget: str, smoke: bool, out: str, steps: int | Non
                   f, indent=1)
     good = [r for r in rows if "error" not in r]
     table = markdown(good)
+    failed = [r for r in rows if "error" in r]
+    if failed:  # said under the table, not only in the JSON
+        table += "\n\nCells that failed (their rows, with the error, are in the JSON):\n\n" + "\n".join(
+            f"- {r['family']} {r['task']} {r['difficulty']} (seed {r.get('seed', 0)}): {r['error'][:160]}" for r in failed)
     with open(os.path.join(out, f"{tag}.md"), "w") as f:
         f.write(table + "\n")
     # the tiny budget's plots keep their names; another budget's carry it (memory_10m -> _10m)

@@ -71,7 +71,7 @@ def markdown(rows: list[dict]) -> str:
         params = sorted({r["params"] for v in mine.values() for r in v})
         cells_ = [fmt(mine[c]) if c in mine else "-" for c in cols]
         lines.append(f"| {f} | {params[0]:,}-{params[-1]:,} | " + " | ".join(cells_) + " |")
-    if seeds != [1]:
+    if seeds and seeds != [1]:
         n = f"{seeds[0]} seeds" if len(seeds) == 1 else f"{seeds[0]} to {seeds[-1]} seeds"
         lines += ["", f"Each cell: the mean accuracy over its {n} and, in brackets, the lowest and highest."]
     extra = [k for k, v in cells_of.items() if any(key.startswith("acc len=") for r in v for key in r)]
