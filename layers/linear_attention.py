@@ -82,7 +82,8 @@ State, float32::
 
     y, state = GatedLinearAttention(features=d)(x, state, resets)
     x, y: (batch, time, d)
-    GatedLinearAttentionState(S=(batch, H, d_k, d_v))
+    GatedLinearAttentionState(S=(batch, H, d_k, d_v))          conv_q/k/v None; with use_short_conv
+                                                               the convs' last conv_size - 1 inputs
     MultiScaleRetentionState(S=(batch, H, d_k, d_v), pos=(batch,) int32)  pos: the next token's
                                                                          position in its sequence
     LightningAttentionState(S=(batch, H, d_h, d_h))
@@ -91,8 +92,12 @@ A reset clears S (and starts RetNet's positions at 0), so a sequence started at 
 sees exactly what a fresh call sees. fla's layers keep S transposed in their cache
 (``state_v_first``: (batch, H, d_v, d_k)) for GLA.
 
-Not carried over from fla: short convolutions (``use_short_conv``), feature maps, gates other
-than swish, ``elementwise_affine=False`` (fla's defaults are used).
+GLA's ``use_short_conv`` (fla's option, off by default as there): depthwise causal convs of
+width ``conv_size`` on q, k and v after their projections, each followed by SiLU (fla's
+``ShortConvolution(activation='silu')``; the delta-rule layers' :func:`~.delta_net.short_conv`,
+parameters ``q_conv1d``, ``k_conv1d``, ``v_conv1d`` (conv_size, channels)); a reset clears their
+taps too. Not carried over from fla: feature maps, gates other than swish,
+``elementwise_affine=False`` (fla's defaults are used).
 
 The blocks (fla's ``GLABlock``, ``RetNetBlock``): ``h = x + Mixer(RMSNorm(x))``, then, unless
 the MLP width is 0, ``out = h + MLP(RMSNorm(h))`` with a SwiGLU MLP of width
@@ -118,12 +123,15 @@ from mnemax.kernels.sharding import KernelSharding
 
 from .attention import episode_positions, rope
 from .base import Dtype, begin_call, compute_dtype, partitioned, state_dtype
-from .delta_net import GatedDeltaNetBlock, GatedRMSNorm, check_positive_int, heads_first
+from .delta_net import GatedDeltaNetBlock, GatedRMSNorm, check_positive_int, heads_first, short_conv
 from .norms import rms_norm
 
 
 class GatedLinearAttentionState(NamedTuple):
     S: jax.Array  # (batch, H, d_k, d_v): o_t = S_t^T q_t
+    conv_q: jax.Array | None = None  # (batch, conv_size - 1, H d_k): with use_short_conv, the last q-conv inputs
+    conv_k: jax.Array | None = None  # (batch, conv_size - 1, H_kv d_k)
+    conv_v: jax.Array | None = None  # (batch, conv_size - 1, H_kv d_v)
 
 
 class MultiScaleRetentionState(NamedTuple):
@@ -247,6 +255,8 @@ class GatedLinearAttention(_DecayedLinearAttention):
       gate_low_rank_dim: the rank r of the decay's projection W_gk2 W_gk1.
       gate_logit_normalizer: divides logsigmoid(.) (fla: 16).
       clamp_min: if set (<= 0), the log decays are floored at it.
+      use_short_conv, conv_size, conv_bias: fla's short convs (width conv_size, SiLU) on q, k
+        and v (off by default, as in fla).
       norm_eps: epsilon of the output RMSNorm.
       initializer_range: standard deviation of the projections' normal init.
       backend, chunk_size: passed to :func:`mnemax.kernels.gated_linear_attention`.
@@ -261,10 +271,16 @@ class GatedLinearAttention(_DecayedLinearAttention):
     gate_low_rank_dim: int = 16
     gate_logit_normalizer: float = 16.0
     clamp_min: float | None = None
+    use_short_conv: bool = False
+    conv_size: int = 4
+    conv_bias: bool = False
 
     def _check_config(self):
         super()._check_config()
         check_positive_int("gate_low_rank_dim", self.gate_low_rank_dim)
+        if not isinstance(self.use_short_conv, bool):
+            raise TypeError(f"use_short_conv must be a bool, got {self.use_short_conv!r}")
+        check_positive_int("conv_size", self.conv_size)
         _positive_number("gate_logit_normalizer", self.gate_logit_normalizer)
         if self.clamp_min is not None and (
                 isinstance(self.clamp_min, bool) or not isinstance(self.clamp_min, numbers.Real) or self.clamp_min > 0):
@@ -272,8 +288,15 @@ class GatedLinearAttention(_DecayedLinearAttention):
 
     def initial_state(self, batch_size: int) -> GatedLinearAttentionState:
         self._check_config()
+        sdt = state_dtype(self.dtype)
+        S = jnp.zeros((batch_size, self.num_heads, self.head_k_dim, self.head_v_dim), sdt)
+        if not self.use_short_conv:
+            return GatedLinearAttentionState(S=S)
+        w, Hkv = self.conv_size - 1, self.kv_heads
         return GatedLinearAttentionState(
-            S=jnp.zeros((batch_size, self.num_heads, self.head_k_dim, self.head_v_dim), state_dtype(self.dtype)))
+            S=S, conv_q=jnp.zeros((batch_size, w, self.num_heads * self.head_k_dim), sdt),
+            conv_k=jnp.zeros((batch_size, w, Hkv * self.head_k_dim), sdt),
+            conv_v=jnp.zeros((batch_size, w, Hkv * self.head_v_dim), sdt))
 
     @nn.compact
     def __call__(self, x, state: GatedLinearAttentionState | None = None, resets=None):
@@ -283,6 +306,16 @@ class GatedLinearAttention(_DecayedLinearAttention):
         f32 = jnp.promote_types(cdt, jnp.float32)
         Hkv, dk = self.kv_heads, self.head_k_dim
         q, k, v = self._qkv(x, cdt)
+        convs = {}
+        if self.use_short_conv:  # fla's ShortConvolution(activation='silu') on each projection
+            def conv(u, name):
+                return short_conv(u, getattr(state, f"conv_{name}"), resets, width=self.conv_size,
+                                  use_bias=self.conv_bias, silu=True, dtype=cdt, param_dtype=self.param_dtype,
+                                  name=f"{name}_conv1d")
+
+            (q, cq), (k, ck), (v, cv) = conv(q, "q"), conv(k, "k"), conv(v, "v")
+            sdt = state_dtype(self.dtype)
+            convs = {"conv_q": cq.astype(sdt), "conv_k": ck.astype(sdt), "conv_v": cv.astype(sdt)}
         gk = self._proj(self.gate_low_rank_dim, ("embed", None), "gk_proj_0", cdt)(x)
         gk = self._proj((Hkv, dk), (None, "heads", "head_dim"), "gk_proj_1", cdt, use_bias=True)(gk)
         g = jax.nn.log_sigmoid(gk.astype(f32)) / self.gate_logit_normalizer  # (batch, time, H_kv, d_k)
@@ -290,7 +323,7 @@ class GatedLinearAttention(_DecayedLinearAttention):
             g = jnp.maximum(g, self.clamp_min)
         o, S = self._attend(q, k, v, g, state.S, resets, dk**-0.5)
         y = self._output(x, o, cdt)
-        return y, GatedLinearAttentionState(S=S.astype(state_dtype(self.dtype)))
+        return y, GatedLinearAttentionState(S=S.astype(state_dtype(self.dtype)), **convs)
 
 
 def retention_log_decay(num_heads: int) -> np.ndarray:

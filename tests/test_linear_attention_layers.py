@@ -133,7 +133,11 @@ def tiny_lightning(**kw):
     return LightningAttention(features=16, num_heads=2, layer_idx=1, num_layers=2, chunk_size=4, **kw)
 
 
-MIXERS = {"gla": tiny_gla, "retnet": tiny_retnet, "lightning": tiny_lightning}
+def tiny_gla_conv(**kw):  # fla's use_short_conv: width-4 convs + SiLU on q, k, v, their taps in the state
+    return tiny_gla(use_short_conv=True, **kw)
+
+
+MIXERS = {"gla": tiny_gla, "gla_conv": tiny_gla_conv, "retnet": tiny_retnet, "lightning": tiny_lightning}
 
 
 def _floats(features):
@@ -307,6 +311,8 @@ def test_lightning_blocks_get_their_depth():
     ("gla-tiny", "num_kv_heads", 3, r"num_kv_heads must be a divisor of num_heads \(2\), got 3"),
     ("gla-tiny", "clamp_min", 0.5, r"clamp_min must be None or a number <= 0"),
     ("gla-tiny", "gate_logit_normalizer", 0, r"gate_logit_normalizer must be a number > 0"),
+    ("gla-tiny", "use_short_conv", "yes", r"use_short_conv must be a bool, got 'yes'"),
+    ("gla-tiny", "conv_size", 0, r"conv_size must be an integer >= 1"),
     ("gla-tiny", "intermediate_size", -1, r"intermediate_size must be an integer >= 0"),
     ("retnet-tiny", "rope_base", -1.0, r"rope_base must be a number > 0"),
     ("retnet-tiny", "mlp_kind", "relu", r"mlp_kind must be one of"),
@@ -323,6 +329,7 @@ def test_a_bad_option_is_named(preset, option, value, message):
     (GatedLinearAttention, "num_kv_heads", 3, r"num_kv_heads must divide num_heads \(2\), got 3"),
     (GatedLinearAttention, "clamp_min", 0.1, r"clamp_min must be None or a number <= 0"),
     (GatedLinearAttention, "gate_low_rank_dim", 0, r"gate_low_rank_dim must be a positive integer"),
+    (GatedLinearAttention, "conv_size", 0, r"conv_size must be a positive integer"),
     (MultiScaleRetention, "expand_k", 0.375, r"expand_k must make the key head width .* even"),
     (MultiScaleRetention, "expand_v", 0.1, r"expand_v must make features \* expand_v an integer"),
     (MultiScaleRetention, "norm_eps", 0.0, r"norm_eps must be a number > 0"),

@@ -39,6 +39,9 @@ class GLAConfig(BlockConfig):
     gate_low_rank_dim: int = layer_default(GatedLinearAttention, "gate_low_rank_dim")
     gate_logit_normalizer: float = layer_default(GatedLinearAttention, "gate_logit_normalizer")
     clamp_min: float | None = layer_default(GatedLinearAttention, "clamp_min")
+    use_short_conv: bool = layer_default(GatedLinearAttention, "use_short_conv")
+    conv_size: int = layer_default(GatedLinearAttention, "conv_size")
+    conv_bias: bool = layer_default(GatedLinearAttention, "conv_bias")
     norm_eps: float = layer_default(GatedLinearAttention, "norm_eps", also=(GatedLinearAttentionBlock,))
     initializer_range: float = layer_default(GatedLinearAttention, "initializer_range")
     hidden_ratio: float = layer_default(GatedLinearAttentionBlock, "hidden_ratio")
@@ -49,7 +52,10 @@ class GLAConfig(BlockConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.check_int("num_heads", "gate_low_rank_dim", "chunk_size")
+        self.check_int("num_heads", "gate_low_rank_dim", "chunk_size", "conv_size")
+        for name in ("use_short_conv", "conv_bias"):
+            if not isinstance(getattr(self, name), bool):
+                self.reject(name, "a bool")
         self.check_int("num_kv_heads", optional=True)
         self.check_int("intermediate_size", low=0, optional=True)
         self.check_number("expand_k", "expand_v", "gate_logit_normalizer", "norm_eps", "initializer_range")
