@@ -72,10 +72,11 @@ def matrix_state(state, want: tuple):
         raise ValueError(f"state must have shape (batch, heads, d_k, d_v) = {tuple(want)}, got shape {jnp.shape(state)}")
 
 
-def attention_inputs(q, k, v, g=None):
+def attention_inputs(q, k, v, g=None, *, grouped: bool = False):
     """``q, k`` (batch, heads, time, d_k), ``v`` (batch, heads, time, d_v) and the log decay
     ``g`` (None, (batch, heads, time) one per head, or (batch, heads, time, d_k) one per key
-    channel) as float arrays; ValueError/TypeError naming the argument otherwise."""
+    channel) as float arrays; ValueError/TypeError naming the argument otherwise. With
+    ``grouped``, q and k may have a divisor of v's heads (``heads`` is then v's)."""
     q, k, v = (float_array(n, a) for n, a in (("q", q), ("k", k), ("v", v)))
     if q.ndim != 4:
         raise ValueError(f"q must have shape (batch, heads, time, d_k), got shape {q.shape}")
@@ -83,12 +84,18 @@ def attention_inputs(q, k, v, g=None):
         raise ValueError(f"q must have at least one time step, got shape {q.shape}")
     if k.shape != q.shape:
         raise ValueError(f"k must have q's shape (batch, heads, time, d_k) = {q.shape}, got shape {k.shape}")
-    if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v must have shape (batch, heads, time, d_v) = {q.shape[:3] + ('d_v',)}, got shape {v.shape}")
+    per_head = q.shape[:3]
+    if grouped and v.ndim == 4 and v.shape[1] != q.shape[1]:
+        if v.shape[1] % q.shape[1]:
+            raise ValueError(f"q must have as many heads as v ({v.shape[1]}) or a divisor of them (grouped heads), "
+                             f"got shape {q.shape} beside v's {v.shape}")
+        per_head = (q.shape[0], v.shape[1], q.shape[2])
+    if v.ndim != 4 or v.shape[:3] != per_head:
+        raise ValueError(f"v must have shape (batch, heads, time, d_v) = {per_head + ('d_v',)}, got shape {v.shape}")
     if g is not None:
         g = float_array("g", g)
-        if g.shape not in (q.shape[:3], q.shape):
+        if g.shape not in (per_head, per_head + q.shape[3:]):
             raise ValueError(
-                f"g must have shape (batch, heads, time) = {q.shape[:3]} (one log decay per head) or "
-                f"(batch, heads, time, d_k) = {q.shape} (one per key channel), got shape {g.shape}")
+                f"g must have shape (batch, heads, time) = {per_head} (one log decay per head) or "
+                f"(batch, heads, time, d_k) = {per_head + q.shape[3:]} (one per key channel), got shape {g.shape}")
     return q, k, v, g
