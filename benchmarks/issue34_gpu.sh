@@ -73,8 +73,7 @@ case "$part" in
     ;;
   memory)
     # the matrix-state ops on their Pallas GPU kernels (the platform default is xla; T34_BACKEND=xla
-    # overrides: the delta rule's float32 kernels at d_k 128 asked the H100 for 256 KiB of shared
-    # memory, RESULTS.md). The image lacks TFDS and grain: carry the `train` wheels
+    # overrides). The image lacks TFDS and grain: carry the `train` wheels
     # (`bash benchmarks/device_wheels.sh train`)
     export PYTHONPATH=/tmp/site
     python3 -c "import mnemax.train.bench.cli" || { echo "the train wheels are missing: bash benchmarks/device_wheels.sh train" >&2; exit 3; }

@@ -501,5 +501,7 @@ def _grads_stages(p: Problem, config: ChunkedConfig) -> int:
     """The per-chunk gradient kernel's pipeline stages: ``config.num_stages``, but one for
     float32 operands, whose three-pass TF32 products stage hi and lo halves of every operand
     in shared memory: the delta rule's kernel at d_k = d_v = 128 needs 320 KiB at two stages
-    and 224 KiB at one (Triton 3.9 for sm_90, compiled on the CPU), and Hopper has 227 KiB."""
+    and 224 KiB at one (Triton 3.9 for sm_90, compiled on the CPU), and Hopper has 227 KiB.
+    On the H100, jax 0.11.2's Triton asked 256 KiB for it at one stage, so the delta rule runs
+    float32 at d_k 128 in chunks of 32 (:func:`mnemax.kernels.delta_rule.gpu.chunk_for`)."""
     return 1 if p.q.dtype == F32 else config.num_stages

@@ -371,6 +371,38 @@ def test_pallas_gpu_wy_blocks_equal_the_reference(gate, wy_block):
         assert rel_err(g[name], g_ref[name]) < 1e-5, (name, rel_err(g[name], g_ref[name]))
 
 
+@pytest.mark.parametrize("dtype,chunk", [(jnp.float32, 32), (jnp.bfloat16, 64)])
+def test_pallas_gpu_delta_rule_runs_float32_at_large_d_k_in_smaller_chunks(monkeypatch, dtype, chunk):
+    """The delta rule's no-decay / scalar-decay GPU kernels run float32 inputs at chunk x d_k
+    <= 64 x 64 (the gradient kernel at chunk 64, d_k 128 asked an H100 for 256 KiB of shared
+    memory; at chunk 32 it compiled): asked for chunk 64 at d_k 100 (padded to 128), the
+    kernels' problem has chunks of 32 in float32 and 64 in bfloat16, and the outputs, state
+    and every gradient still equal ``xla``'s (interpret mode; 1e-5 and bf16's 3e-2 of the
+    largest entry). The rule: chunk_for(64, float32, d_k) is 64, 32, 16 at d_k 64, 128, 256."""
+    from mnemax.kernels import chunked_gpu
+    from mnemax.kernels.delta_rule import gpu
+
+    assert [gpu.chunk_for(64, jnp.float32, d) for d in (64, 100, 256)] == [64, 32, 16]
+    assert gpu.chunk_for(64, jnp.bfloat16, 256) == 64 and gpu.chunk_for(16, jnp.float32, 128) == 16
+    seen = []
+    make_problem = chunked_gpu.make_problem
+
+    def spy(*args):
+        p = make_problem(*args)
+        seen.append(p.L)
+        return p
+
+    monkeypatch.setattr(chunked_gpu, "make_problem", spy)
+    x = make_inputs(np.random.default_rng(12), "delta", "head", batch=2, heads=1, time=70, d_k=100, d_v=16)
+    o_ref, S_ref, g_ref = grads("delta", x, "xla", 64, jnp.float32)
+    o, S, g = grads("delta", x, "pallas_gpu", 64, dtype, interpret=True)
+    assert seen and set(seen) == {chunk}, seen
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+    assert rel_err(o, o_ref) < tol and rel_err(S, S_ref) < tol, (rel_err(o, o_ref), rel_err(S, S_ref))
+    for name in g_ref:
+        assert rel_err(g[name], g_ref[name]) < tol, (name, rel_err(g[name], g_ref[name]))
+
+
 def test_chunked_config_value_block_rule():
     """``block_v`` None: 64 value columns per block (at most d_v), or for the scalar-decay linear
     attention's kernels (``split``) two blocks of d_v / 2 from 16 to 64; a set ``block_v`` wins."""

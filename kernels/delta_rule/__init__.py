@@ -89,7 +89,10 @@ def delta_rule(q, k, v, beta, g=None, *, state=None, resets=None, scale: float |
       state: incoming (batch, heads, d_k, d_v); None is the zero state.
       resets: (batch, time) bool; True clears the state before step t.
       scale: multiplies q; default ``d_k ** -0.5`` (fla's default).
-      chunk_size: chunk length of the chunkwise forms (``xla``, Pallas).
+      chunk_size: chunk length of the chunkwise forms (``xla``, Pallas). The ``pallas_gpu``
+        kernels for no decay or a scalar decay run float32 inputs at a smaller chunk where
+        chunk x d_k would pass 64 x 64 (:func:`~mnemax.kernels.delta_rule.gpu.chunk_for`:
+        the H100's shared memory), which changes only the rounding.
       backend: ``"reference"``, ``"xla"``, ``"pallas_gpu"`` or ``"pallas_tpu"``; None picks by
         platform (``MNEMAX_KERNEL_BACKEND`` overrides).
       interpret: run a Pallas backend in interpret mode (CPU); None reads ``MNEMAX_PALLAS_INTERPRET``.
@@ -201,6 +204,8 @@ def _pallas(platform, q, k, v, beta, g, state, resets, *, chunk_size, scale, int
     if state.dtype == jnp.float64:  # the kernels compute in float32
         return xla.chunkwise(q, k, v, beta, g, state, resets, chunk_size=chunk_size, scale=scale)
     dt = jnp.result_type(q, k, v)
+    if platform == "gpu" and (g is None or g.ndim == 3):
+        chunk_size = gpu.chunk_for(chunk_size, dt, k.shape[-1])
 
     def run(q, k, v, beta, g, state, resets):
         cut = None if resets is None else resets.astype(jnp.float32)

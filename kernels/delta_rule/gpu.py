@@ -26,8 +26,24 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ..chunked_gpu import ChunkedConfig, chunk_specs, compiler_params, matmuls
-from ..chunked_pallas import F32, ROW_BETA, ROW_G, ROW_SEG, Matmul, Problem, dot, dot_nt, split_dot
+from ..chunked_pallas import F32, ROW_BETA, ROW_G, ROW_SEG, Matmul, Problem, dot, dot_nt, pow2, split_dot
 from .common import unit_lower_inverse
+
+# The largest chunk x padded d_k of these kernels for float32 operands: the per-chunk gradient
+# kernel stages hi and lo halves of every float32 operand (three-pass TF32) in shared memory, and
+# at chunk 64 x d_k 128 it asked an H100 (jax 0.11.2's Triton) for 256 KiB, past the 227 KiB a
+# block may have; at chunk 32 it compiles and equals ``reference`` (benchmarks/RESULTS.md,
+# 2026-12-07). The per-channel kernels (KDA) tile d_k and compile at chunk 64.
+F32_CHUNK_AREA = 64 * 64
+
+
+def chunk_for(chunk_size: int, dtype, d_k: int) -> int:
+    """The chunk these kernels run at: ``chunk_size``, but for float32 operands at most
+    :data:`F32_CHUNK_AREA` / (d_k padded to a power of two), and never below 16 (d_k 128: 32;
+    d_k 256: 16). A smaller chunk changes only the rounding, not what is computed."""
+    if jnp.dtype(dtype) != F32:
+        return chunk_size
+    return min(chunk_size, max(16, F32_CHUNK_AREA // pow2(d_k)))
 
 
 def block_inverse(N, nb: int, b: int, f32: Matmul):
