@@ -350,6 +350,8 @@ def test_families_are_the_registry_s(monkeypatch):
     assert list(rows)[:2] == ["transformer", "transformer+keyconv"]  # the baseline first
     for label, (preset, fixed) in rows.items():
         assert preset in mnemax.list_models(), label
+        block = mnemax.get_config(preset).block
+        assert all(hasattr(block, field) for field in fixed), (label, fixed)
     families, models, get_config = mnemax.list_families, mnemax.list_models, mnemax.get_config
 
     class Toy:

@@ -64,6 +64,9 @@ FAMILY_ROWS: dict[str, dict[str, tuple[str, dict]]] = {
     # the plain ELM neuron (every input on its own synapse), memory units = d_model so the
     # budget sizes it; elm-tiny is a Branch-ELM of 3 x 3 synapses, which saw 9 of a task's inputs
     "elm": {"elm": ("elm-small", {"num_memory": None})},
+    # fla's GLA layer as published (no token shift), and with its use_short_conv option: the
+    # tiny MQAR cell learns late without it (0.216 at 2,000 steps) and 0.393 with it (RESULTS.md)
+    "gla": {"gla": ("gla-tiny", {}), "gla+conv": ("gla-tiny", {"use_short_conv": True})},
 }
 
 # Overrides of the long budgets (10m, 125m) on top of a family's fixed ones. The tiny presets'
@@ -95,6 +98,7 @@ LONG_BUDGET_OVERRIDES: dict[str, dict] = {
     "deltanet": {"num_heads": 4, "chunk_size": 64},
     "gla": {"num_heads": 4, "chunk_size": 64},
 }
+LONG_BUDGET_OVERRIDES["gla+conv"] = LONG_BUDGET_OVERRIDES["gla"]
 
 TINY_SUFFIX = "-tiny"
 
