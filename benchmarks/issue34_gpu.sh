@@ -77,14 +77,19 @@ case "$part" in
     # (`bash benchmarks/device_wheels.sh train`)
     export PYTHONPATH=/tmp/site
     python3 -c "import mnemax.train.bench.cli" || { echo "the train wheels are missing: bash benchmarks/device_wheels.sh train" >&2; exit 3; }
+    # T34_TAG names this run's folders and archive, so that two runs (another backend, other
+    # families) can share one call and one GPU: `bash ... memory ... & sleep 60; T34_TAG=b
+    # T34_BACKEND=xla bash ... memory ...; wait` (the pause keeps the two installs apart; `wait`,
+    # not a `pgrep -f` loop, which matches the call's own command line and never ends)
+    W=/tmp/mem34${T34_TAG:-}
     MNEMAX_KERNEL_BACKEND=${T34_BACKEND:-pallas_gpu} timeout "$LIMIT" python3 -u benchmarks/memory_tasks.py --budget 10m --steps 2000 \
-      --learning_rate 1e-3 --parallel 4 --families mamba2 gdn deltanet gla --out /tmp/mem34_out --workdir /tmp/mem34 "$@"
+      --learning_rate 1e-3 --parallel 4 --families mamba2 gdn deltanet gla --out "$W"_out --workdir "$W" "$@"
     # every finished cell's own table and every cell's log in one archive (a call returns at most 8
     # files), kept even when the timeout ended the run before its merged table; merge with
     # `mnemax-bench memory --merge <files_at>/cells/*/memory_10m_2000steps.json --out benchmarks`
-    if [ -n "${OUT:-}" ] && [ -d /tmp/mem34/cells ]; then
-      tar -czf "$OUT/mem34_cells.tgz" -C /tmp/mem34 cells logs
-      echo "cells kept: $(find /tmp/mem34/cells -name '*.json' | wc -l) in \$OUT/mem34_cells.tgz"
+    if [ -n "${OUT:-}" ] && [ -d "$W/cells" ]; then
+      tar -czf "$OUT/mem34${T34_TAG:-}_cells.tgz" -C "$W" cells logs
+      echo "cells kept: $(find "$W/cells" -name '*.json' | wc -l) in \$OUT/mem34${T34_TAG:-}_cells.tgz"
     fi
     ;;
   *)
