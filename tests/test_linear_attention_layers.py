@@ -31,7 +31,7 @@ from .contract import check_layer_contract
 from .test_models import model_factory, tokens
 
 FIXTURE = pathlib.Path(__file__).resolve().parent / "fixtures" / "fla_gla_layers.npz"
-CASES = ("gla", "gla_gqa_nogate", "retnet", "retnet_gqa_nogate", "lightning", "gla_block")
+CASES = ("gla", "gla_gqa_nogate", "retnet", "retnet_gqa_nogate", "lightning", "gla_block", "gla_conv")
 
 
 def max_err(got, want):
@@ -53,8 +53,8 @@ def mnemax_module(case, cfg, **options):
         return GatedLinearAttentionBlock(mixer=mixer, norm_eps=cfg["norm_eps"], intermediate_size=cfg["intermediate_size"])
     if case.startswith("gla"):
         return GatedLinearAttention(
-            features=cfg["hidden_size"], **pick(*common, "gate_low_rank_dim", "gate_logit_normalizer", "clamp_min"),
-            **options)
+            features=cfg["hidden_size"], **pick(*common, "gate_low_rank_dim", "gate_logit_normalizer", "clamp_min",
+                                                "use_short_conv", "conv_size", "conv_bias"), **options)
     if case.startswith("retnet"):
         return MultiScaleRetention(features=cfg["hidden_size"], **pick(*common), **options)
     return LightningAttention(features=cfg["hidden_size"], num_heads=cfg["num_heads"], layer_idx=cfg["layer_idx"],
@@ -105,6 +105,14 @@ def test_converter_rejects_bad_state_dicts():
         linear_attention_from_fla(module, {**state_dict, "q_proj.weight": np.zeros((32, 32))})
     with pytest.raises(TypeError, match="module must be"):
         linear_attention_from_fla(GatedLinearAttentionBlock, state_dict)
+    # the short convs map only to a module with use_short_conv, from fla's (C, 1, W) layout
+    _, _, _, cfg_conv, sd_conv = load_case("gla_conv")
+    convs = {k: v for k, v in sd_conv.items() if "conv1d" in k}
+    with pytest.raises(ValueError, match=r"does not map to GatedLinearAttention: \['k_conv1d.bias', 'k_conv1d.weight'"):
+        linear_attention_from_fla(module, {**state_dict, **convs})
+    with pytest.raises(ValueError, match=r"k_conv1d.weight'\] must have shape \(16, 1, 3\)"):
+        linear_attention_from_fla(mnemax_module("gla_conv", cfg_conv),
+                                  {**sd_conv, "k_conv1d.weight": sd_conv["k_conv1d.weight"][:, :, :2]})
     # one layer of a model's state_dict, by prefix
     prefixed = {f"model.layers.0.attn.{k}": v for k, v in state_dict.items()}
     prefixed["model.embeddings.weight"] = np.zeros((8, 32), np.float32)

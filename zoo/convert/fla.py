@@ -17,6 +17,9 @@ state_dict by name and checks every shape against the module's own parameters::
     o_proj.weight (d, H d_v)            o_proj/kernel (H, d_v, d)       W^T, split by head
     qkvu_proj.weight (4 H d_h, d)       qkvu_proj/kernel (d, 4, H, d_h) W^T, split (Lightning)
     out_proj.weight (d, H d_h)          out_proj/kernel (H, d_h, d)     W^T, split (Lightning)
+    q_conv1d.weight (C, 1, W)           q_conv1d/kernel (W, C)          W[:, 0, :]^T (GLA's
+    k_conv1d.weight, v_conv1d.weight    k_conv1d/kernel, v_conv1d/...   use_short_conv)
+    q_conv1d.bias (C,), k_, v_          q_conv1d/bias, ...              as is (conv_bias)
     block: attn_norm.weight, mlp_norm.weight -> attn_norm/scale, mlp_norm/scale; attn.<key> ->
     mixer/<path>; mlp.gate_proj / up_proj / down_proj.weight -> mlp/gate / up / down/kernel (W^T)
 
@@ -44,7 +47,11 @@ from .common import check_tree_matches, to_numpy
 
 _MIXERS = (GatedLinearAttention, MultiScaleRetention, LightningAttention)
 
-# fla key -> (mnemax path, number of input axes of the kernel; None for vectors kept as they are)
+# A depthwise conv weight (C, 1, W) -> a CausalConv1d kernel (W, C).
+_CONV = "conv"
+
+# fla key -> (mnemax path, number of input axes of the kernel; None for vectors kept as they
+# are; _CONV for a conv weight)
 _MIXER_KEYS = {
     "q_proj.weight": (("q_proj", "kernel"), 1),
     "k_proj.weight": (("k_proj", "kernel"), 1),
@@ -58,6 +65,8 @@ _MIXER_KEYS = {
     "o_proj.weight": (("o_proj", "kernel"), 2),
     "qkvu_proj.weight": (("qkvu_proj", "kernel"), 1),
     "out_proj.weight": (("out_proj", "kernel"), 2),
+    **{f"{n}_conv1d.weight": ((f"{n}_conv1d", "kernel"), _CONV) for n in "qkv"},
+    **{f"{n}_conv1d.bias": ((f"{n}_conv1d", "bias"), None) for n in "qkv"},
 }
 _BLOCK_KEYS = {
     "attn_norm.weight": (("attn_norm", "scale"), None),
@@ -115,11 +124,14 @@ def linear_attention_from_fla(module: nn.Module, state_dict: Mapping[str, Any], 
         w, shape = to_numpy(sd[key]), tuple(target.shape)
         if n_in is None:
             expect = (int(np.prod(shape)),)
+        elif n_in == _CONV:  # (channels, 1, width) for a kernel (width, channels)
+            expect = (shape[1], 1, shape[0])
         else:  # nn.Linear weight (out, in) for a kernel (in axes..., out axes...)
             expect = (int(np.prod(shape[n_in:])), int(np.prod(shape[:n_in])))
         if w.shape != expect:
             raise ValueError(f"state_dict[{prefix + key!r}] must have shape {expect} for this "
                              f"{type(module).__name__}, got {w.shape}")
-        _insert(params, path, (w if n_in is None else w.T).reshape(shape))
+        value = w if n_in is None else w[:, 0, :].T if n_in == _CONV else w.T
+        _insert(params, path, value.reshape(shape))
     check_tree_matches(params, want, f"the mnemax {type(module).__name__}")
     return {"params": jax.tree.map(jnp.asarray, params)}
