@@ -1,7 +1,7 @@
 """What the matrix-state ops (``gated_linear_attention`` and ``delta_rule``) share: the
-decay of a state by one step, and the chunk bookkeeping of their chunkwise forms
-(padding time to whole chunks, the segments resets cut each chunk into, and
-decay-weighted score matrices computed stably in log space).
+decay of a state by one step, the repeat of grouped q/k heads over the value heads, and the
+chunk bookkeeping of their chunkwise forms (padding time to whole chunks, the segments
+resets cut each chunk into, and decay-weighted score matrices computed stably in log space).
 
 Within a chunk of ``L`` steps, ``G_t`` is the cumulative log decay since the chunk's
 start (inclusive of step ``t``; ``G_t <= 0`` because every ``g <= 0``). The decay from
@@ -267,3 +267,9 @@ def unchunk(o, c: Chunks):
     """(B, H, N, L, d_v) -> (B, H, T, d_v) without the padding."""
     B, H, N, L = o.shape[:4]
     return o.reshape(B, H, N * L, -1)[:, :, : c.time]
+
+
+def repeat_heads(x, heads: int):
+    """Grouped q or k (batch, heads / rep, time, d_k) -> (batch, heads, time, d_k): head ``j``
+    serves value heads ``j * rep ... (j + 1) * rep - 1``."""
+    return x if x.shape[1] == heads else jnp.repeat(x, heads // x.shape[1], axis=1)

@@ -318,9 +318,9 @@ class GatedDeltaNet(nn.Module):
         dt_bias = self.param(
             "dt_bias", partitioned(dt_bias_init(self.dt_min, self.dt_max, self.dt_init_floor), ("heads",)), (Hv,), pdt)
 
+        # H_k grouped q/k heads: value head j reads key head j // r (the op's grouped heads;
+        # the GPU kernels for a decay per head read each group in place, the other forms repeat)
         q, k = l2_normalize(q).astype(cdt), l2_normalize(k).astype(cdt)
-        if Hv != Hk:  # value head j reads key head j // r
-            q, k = (jnp.repeat(u, Hv // Hk, axis=2) for u in (q, k))
         beta = jax.nn.sigmoid(b.astype(f32))
         if self.allow_neg_eigval:
             beta = 2.0 * beta

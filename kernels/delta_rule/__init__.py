@@ -42,13 +42,21 @@ Forms (``backend=``; the table is :data:`BACKENDS`):
   ``config=`` is ignored. Opt-in, and sharded per (batch, head) as ``pallas_gpu``; checked in
   interpret mode and by its TPU lowering, not yet on a TPU.
 
+Grouped query/key heads: ``q`` and ``k`` may have fewer heads than ``v``, a divisor of
+them; q/k head ``j`` then serves the ``rep = heads / heads_qk`` consecutive value heads ``j *
+rep ... (j + 1) * rep - 1``, each with its own beta, decay and state (Qwen3-Next's Gated
+DeltaNet with more value heads than key heads). The ``pallas_gpu`` kernels for ``g`` None or
+one decay per head read each group in place; the other forms repeat q and k over the heads
+first.
+
 A one-step call (``time == 1``, generation) takes the closed-form recurrent update
 (:func:`.reference.one_step`) whatever the backend.
 
 Shapes::
 
     o, state = delta_rule(q, k, v, beta, g=None, state=None, resets=None, scale=None, chunk_size=64)
-    q, k: (batch, heads, time, d_k);  v: (batch, heads, time, d_v);  beta: (batch, heads, time)
+    q, k: (batch, heads, time, d_k), or (batch, heads / rep, time, d_k) grouped
+    v: (batch, heads, time, d_v);  beta: (batch, heads, time)
     g: None, (batch, heads, time) or (batch, heads, time, d_k) log decays (<= 0)
     resets: (batch, time) bool
     o: (batch, heads, time, d_v) in the dtype of q, k, v
@@ -66,6 +74,7 @@ from .. import chunked_gpu as cg
 from .. import chunked_pallas as cp
 from .. import chunked_tpu as ct
 from .. import dispatch
+from ..chunked import repeat_heads
 from ..chunked_gpu import ChunkedConfig
 from ..sharding import KernelSharding, per_shard, plan
 from . import gpu, gpu_channel, reference, tpu, tpu_channel, xla
@@ -83,7 +92,8 @@ def delta_rule(q, k, v, beta, g=None, *, state=None, resets=None, scale: float |
     docstring for the equations and shapes).
 
     Args:
-      q, k: (batch, heads, time, d_k); v: (batch, heads, time, d_v).
+      q, k: (batch, heads, time, d_k), or grouped (batch, heads / rep, time, d_k); v: (batch,
+        heads, time, d_v).
       beta: write strengths, (batch, heads, time).
       g: log decays (<= 0): None, (batch, heads, time) or (batch, heads, time, d_k).
       state: incoming (batch, heads, d_k, d_v); None is the zero state.
@@ -109,9 +119,12 @@ def delta_rule(q, k, v, beta, g=None, *, state=None, resets=None, scale: float |
     out_dtype = jnp.result_type(q, k, v)
     gates = (beta,) if g is None else (beta, g)
     cdt = jnp.promote_types(jnp.result_type(out_dtype, *gates), jnp.float32)
-    batch, heads, time, d_k = q.shape
+    batch, heads, time, d_k = v.shape[:3] + q.shape[3:]
     state = zeros_state(batch, heads, d_k, v.shape[-1], cdt) if state is None else jnp.asarray(state, cdt)
     name, impl = BACKENDS.resolve(backend)
+    in_place = name == "pallas_gpu" and (g is None or g.ndim == 3)  # the kernels that read groups in place
+    if time == 1 or not in_place:
+        q, k = (repeat_heads(a, heads) for a in (q, k))
     if time == 1:  # generation: the closed-form step, whatever the backend
         o, state = _ONE_STEP(q, k, v, beta, g, state, resets, scale=scale)
         return o.astype(out_dtype), state
@@ -178,7 +191,7 @@ def _pallas_bwd(platform, chunk_size, scale, config, interpret, res, cts):
                                             scale=scale, delta=True, R=R, xw=Wk, interpret=interpret)
         return _grads(q, k, v, beta, g, state, cut, dq, dk, dv, rows, dS0)
     p = cg.make_problem(q, k, v, g, beta, cut, chunk_size)
-    B, H, T, _ = q.shape
+    B, H, T = v.shape[:3]
     do = cp.pad_axis(cp.pad_axis(do.astype(q.dtype).reshape(B * H, T, -1), 1, p.n_chunks * p.L), 2, p.d_v)
     x0 = cg.scores_t_times(p, do, scale=scale, config=config, interpret=interpret)
     dstates, dX, dS0 = cg.walk_backward(p, do, Wk, x0, cp.state_in(p, dfinal), scale=scale, delta=True,
@@ -189,10 +202,14 @@ def _pallas_bwd(platform, chunk_size, scale, config, interpret, res, cts):
 
 
 def _grads(q, k, v, beta, g, state, cut, dq, dk, dv, rows, dS0):
-    """The custom VJP's cotangents from the kernels' layouts."""
+    """The custom VJP's cotangents from the kernels' layouts (dq and dk per value head, summed
+    over each group of grouped q/k heads)."""
     dg = None if g is None else cp.step_out(cp.decay_grad(rows[:, :, 0]), g.shape).astype(g.dtype)
     dbeta = cp.step_out(rows[:, :, 1], beta.shape).astype(beta.dtype)
-    return (cp.seq_out(dq, q.shape).astype(q.dtype), cp.seq_out(dk, k.shape).astype(k.dtype),
+    per_head = v.shape[:3] + q.shape[3:]
+    rep = v.shape[1] // q.shape[1]
+    dq, dk = (cp.group_sum(cp.seq_out(d, per_head), rep) for d in (dq, dk))
+    return (dq.astype(q.dtype), dk.astype(k.dtype),
             cp.seq_out(dv, v.shape).astype(v.dtype), dbeta, dg, cp.state_out(dS0, state.shape).astype(state.dtype),
             None if cut is None else jnp.zeros_like(cut))
 
@@ -202,6 +219,7 @@ _pallas_vjp.defvjp(_pallas_fwd, _pallas_bwd)
 
 def _pallas(platform, q, k, v, beta, g, state, resets, *, chunk_size, scale, interpret, config, sharding):
     if state.dtype == jnp.float64:  # the kernels compute in float32
+        q, k = (repeat_heads(a, v.shape[1]) for a in (q, k))
         return xla.chunkwise(q, k, v, beta, g, state, resets, chunk_size=chunk_size, scale=scale)
     dt = jnp.result_type(q, k, v)
     if platform == "gpu" and (g is None or g.ndim == 3):
@@ -212,7 +230,9 @@ def _pallas(platform, q, k, v, beta, g, state, resets, *, chunk_size, scale, int
         return _pallas_vjp(q.astype(dt), k.astype(dt), v.astype(dt), beta, g, state, cut, platform, chunk_size, scale,
                            config, bool(interpret))
 
-    split = plan(f"{OP} (pallas_{platform})", sharding, q.shape[0], q.shape[1])
+    split = plan(f"{OP} (pallas_{platform})", sharding, v.shape[0], v.shape[1])
+    if split.cols is not None and q.shape[1] % jax.sharding.get_abstract_mesh().shape[split.cols]:
+        q, k = (repeat_heads(a, v.shape[1]) for a in (q, k))  # the groups do not split over the heads axis
     if not split.split:
         return run(q, k, v, beta, g, state, resets)
     bh = jax.sharding.PartitionSpec(split.rows, split.cols)

@@ -26,12 +26,13 @@ def zeros_state(batch: int, heads: int, d_k: int, d_v: int, dtype=jnp.float32):
 
 def validate(q, k, v, beta, g, state, resets, chunk_size, scale):
     """The inputs as arrays (``g`` None stays None), resets as bool or None and the scale as
-    a float; ValueError/TypeError naming the argument on a wrong shape, dtype or value."""
-    q, k, v, g = attention_inputs(q, k, v, g)
+    a float; ValueError/TypeError naming the argument on a wrong shape, dtype or value.
+    ``q`` and ``k`` may have fewer heads than ``v`` (grouped heads), a divisor of them."""
+    q, k, v, g = attention_inputs(q, k, v, g, grouped=True)
     beta = float_array("beta", beta)
-    if beta.shape != q.shape[:3]:
-        raise ValueError(f"beta must have shape (batch, heads, time) = {q.shape[:3]}, got shape {beta.shape}")
-    batch, heads, time, d_k = q.shape
+    batch, heads, time, d_k = v.shape[:3] + q.shape[3:]
+    if beta.shape != (batch, heads, time):
+        raise ValueError(f"beta must have shape (batch, heads, time) = {(batch, heads, time)}, got shape {beta.shape}")
     matrix_state(state, (batch, heads, d_k, v.shape[-1]))
     chunk_size_int(chunk_size)
     return q, k, v, beta, g, bool_resets(resets, batch, time), scale_or_default(scale, d_k)

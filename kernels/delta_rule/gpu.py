@@ -124,15 +124,16 @@ def _wy_kernel(k_r, v_r, gc_r, gr_r, r_r, u_r, wk_r, *, L, b, nv, bv, mm, f32):
 
 def wy(p: Problem, *, config: ChunkedConfig, interpret: bool):
     """(R (BH, NC, L, L), U (BH, Tp, d_v), Wk (BH, Tp, d_k)) for every chunk: R and U float32, Wk
-    in the matmul dtype (the walks' products round it there; half the bytes for 16-bit inputs)."""
-    BH, NC, L = p.q.shape[0], p.n_chunks, p.L
+    in the matmul dtype (the walks' products round it there; half the bytes for 16-bit inputs).
+    Grouped keys are read in place (one row per value head)."""
+    BH, NC, L = p.rows, p.n_chunks, p.L
     Tp = NC * L
     bv = config.value_block(p.d_v)
     sp = chunk_specs(p)
     mm, f32 = matmuls(p.q.dtype, interpret, config)
     return pl.pallas_call(
         functools.partial(_wy_kernel, L=L, b=min(L, config.wy_block), nv=p.d_v // bv, bv=bv, mm=mm, f32=f32),
-        grid=(BH, NC), in_specs=[sp["k"], sp["v"], sp["gc"], sp["gr"]],
+        grid=(BH, NC), in_specs=[sp["qk"], sp["v"], sp["gc"], sp["gr"]],
         out_specs=[sp["LL"], sp["v"], sp["k"]],
         out_shape=[jax.ShapeDtypeStruct((BH, NC, L, L), F32), jax.ShapeDtypeStruct((BH, Tp, p.d_v), F32),
                    jax.ShapeDtypeStruct((BH, Tp, p.d_k), mm.dtype)],

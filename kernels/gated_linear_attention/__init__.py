@@ -66,10 +66,11 @@ from .. import chunked_gpu as cg
 from .. import chunked_pallas as cp
 from .. import chunked_tpu as ct
 from .. import dispatch
+from ..chunked import repeat_heads
 from ..chunked_gpu import ChunkedConfig
 from ..sharding import KernelSharding, per_shard, plan
 from . import gpu, reference, tpu, xla
-from .common import OP, repeat_heads, validate, zeros_state
+from .common import OP, validate, zeros_state
 
 __all__ = ["BACKENDS", "ChunkedConfig", "gated_linear_attention", "zeros_state"]
 

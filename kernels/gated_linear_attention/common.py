@@ -20,12 +20,6 @@ def zeros_state(batch: int, heads: int, d_k: int, d_v: int, dtype=jnp.float32):
     return jnp.zeros((batch, heads, d_k, d_v), dtype)
 
 
-def repeat_heads(x, heads: int):
-    """Grouped q or k (batch, heads / rep, time, d_k) -> (batch, heads, time, d_k): head ``j``
-    serves value heads ``j * rep ... (j + 1) * rep - 1``."""
-    return x if x.shape[1] == heads else jnp.repeat(x, heads // x.shape[1], axis=1)
-
-
 def validate(q, k, v, g, state, resets, chunk_size, scale):
     """The inputs as arrays (``g`` None stays None), resets as bool or None and the scale as
     a float; ValueError/TypeError naming the argument on a wrong shape, dtype or value.
