@@ -50,6 +50,7 @@ SHAPES = [(8, 2048, 16, 128), (2, 8192, 16, 128)]
 CHECK = True  # --no_check: time only
 CHECK_D = 64  # --check_d: the head size of the fp32 and bf16 checks' shape (2, 300, 2, CHECK_D)
 CONFIG = None  # --config: the Pallas GPU kernels' ChunkedConfig (None: the defaults)
+GROUPS = 1  # --groups: value heads per q/k head (grouped heads; 1: none)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -64,12 +65,14 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def inputs(op: str, shape, dtype, seed=0):
-    """q, k (B, H, T, Dk), v (B, H, T, Dv), beta and g of ``op`` at ``shape`` (see
+    """q, k (B, H / GROUPS, T, Dk), v (B, H, T, Dv), beta and g of ``op`` at ``shape`` (see
     :func:`parse_shape`), in ``dtype``."""
     kind, gate = OPS[op]
     B, T, H, D, *dv = shape
+    if H % GROUPS:
+        raise SystemExit(f"--groups: {GROUPS} does not divide the {H} heads of shape {shape}")
     rng = np.random.default_rng(seed)
-    q, k = (rng.standard_normal((B, H, T, D), np.float32) for _ in range(2))
+    q, k = (rng.standard_normal((B, H // GROUPS, T, D), np.float32) for _ in range(2))
     v = rng.standard_normal((B, H, T, dv[0] if dv else D), np.float32)
     if kind == "delta":
         k = k / np.linalg.norm(k, axis=-1, keepdims=True)
@@ -179,7 +182,8 @@ def op_rows(op: str, shape, only=None) -> list[dict]:
                 and (only is None or b in only)]
     rows = []
     for backend in backends:
-        row = {"op": op, "shape": str(shape), "dtype": "bfloat16", "backend": backend}
+        row = {"op": op, "shape": str(shape) + (f" groups {GROUPS}" if GROUPS > 1 else ""), "dtype": "bfloat16",
+               "backend": backend}
         if CONFIG is not None and backend == "pallas_gpu":
             row["config"] = config_label(CONFIG)
         try:
@@ -249,10 +253,13 @@ def main():
     ap.add_argument("--check_d", type=int, default=64,
                     help="head size of the fp32/bf16 checks' shape (2, 300, 2, D); 128 compiles the float32 kernels at d_k 128")
     ap.add_argument("--config", default=None, help="pallas_gpu's ChunkedConfig fields, e.g. wy_block=64,block_v=32")
+    ap.add_argument("--groups", type=int, default=1,
+                    help="value heads per q/k head (grouped heads, e.g. 2 for Qwen3-Next's GDN layout; the checks too)")
     args = ap.parse_args()
-    global CHECK, CHECK_D, CONFIG
+    global CHECK, CHECK_D, CONFIG, GROUPS
     CHECK = not args.no_check
     CHECK_D = args.check_d
+    GROUPS = args.groups
     CONFIG = parse_config(args.config)
     shapes = [parse_shape(s) for s in args.shapes] if args.shapes else SHAPES
     ops = parse_ops(args.ops)
