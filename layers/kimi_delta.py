@@ -207,8 +207,8 @@ class KimiDeltaAttention(nn.Module):
             "dt_bias", partitioned(dt_bias_init(self.dt_min, self.dt_max, self.dt_init_floor), ("heads", "head_dim")),
             (Hv, dk), pdt)
 
-        # H_k grouped q/k heads: value head j reads key head j // r (the op's grouped heads;
-        # the GPU kernels for a decay per head read each group in place, the other forms repeat)
+        # H_k grouped q/k heads: value head j reads key head j // r (the op's grouped heads; with
+        # per-channel decays every form of the op repeats them over the value heads)
         q, k = l2_normalize(q).astype(cdt), l2_normalize(k).astype(cdt)
         beta = jax.nn.sigmoid(b.astype(f32))
         if self.allow_neg_eigval:
