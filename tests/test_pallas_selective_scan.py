@@ -98,9 +98,11 @@ def test_pallas_selective_scan_matches_reference(backend, shape, gated, with_res
                                    err_msg=f"gradient of {k}")
 
 
-# the default (4 steps) and a chunk the option does not divide in CI; other step counts under -m slow
+# the default (4 steps) at a chunk it does not divide in CI; other step counts, and the default
+# at the default chunk (which test_pallas_selective_scan_matches_reference's channels cases
+# run), under -m slow
 @pytest.mark.parametrize("red_rows,chunk", [pytest.param(2, 8, marks=pytest.mark.slow), pytest.param(8, 8, marks=pytest.mark.slow),
-                                            (4, 6), (4, 8)],
+                                            (4, 6), pytest.param(4, 8, marks=pytest.mark.slow)],
                          ids=["2_rows", "8_rows", "chunk_6", "row4"])
 def test_pallas_gpu_backward_lane_sums(red_rows, chunk):
     # The one-lane-per-channel backward: dB and dC are sums over the block's lanes, written
@@ -144,7 +146,9 @@ def test_pallas_gpu_forward_kernel_under_the_mosaic_interpreter(monkeypatch):
     assert seen and all(seen)
 
 
-@pytest.mark.parametrize("dtype,gated,chunk", [(jnp.float32, True, 16), (jnp.bfloat16, True, 32), (jnp.bfloat16, False, 32)])
+# the ungated bf16 case (the same chunk as the gated one) is -m slow
+@pytest.mark.parametrize("dtype,gated,chunk", [(jnp.float32, True, 16), (jnp.bfloat16, True, 32),
+                                               pytest.param(jnp.bfloat16, False, 32, marks=pytest.mark.slow)])
 def test_pallas_gpu_forward_only_takes_the_longer_chunk(dtype, gated, chunk):
     # A call with no gradient runs the forward at fwd_chunk ("auto": 16 steps in float32, 32
     # for 16-bit sequences) instead of the backward's 8; outputs and final state still equal
