@@ -98,7 +98,9 @@ class ChunkedConfig:
         float32 operands, which need the shared memory).
       wy_block: row block of the delta rule's WY/UT preparation: the chunk's unit lower
         triangular inverse by block forward substitution over blocks of this many steps
-        (a power of two >= 16; the chunk size or more: one block, all by doubling).
+        (a power of two >= 16; the chunk size or more: one block, all by doubling). None:
+        16 for no decay or one per head, 32 for per-channel decays (KDA); see
+        :meth:`wy_rows`.
       f32_passes: for 16-bit inputs, the TF32 passes of the float32 products (decays,
         inverses, gradients; see :func:`matmuls`): 1 or 3. Float32 inputs always take 3.
       span_limit: the per-channel kernels (GLA, KDA) form a chunk's intra-chunk scores (and
@@ -118,7 +120,7 @@ class ChunkedConfig:
     bwd_warps: int = 8
     walk_warps: int = 4
     num_stages: int = 2
-    wy_block: int = 16
+    wy_block: int | None = None
     f32_passes: int = 1
     span_limit: float = SPAN_LIMIT
     form_per_call: bool = True
@@ -126,7 +128,7 @@ class ChunkedConfig:
     def __post_init__(self):
         for name in ("block_v", "walk_block_v", "wy_block"):
             value = getattr(self, name)
-            if not ((value is None and name != "wy_block") or (_power_of_two(value) and value >= 16)):
+            if not (value is None or (_power_of_two(value) and value >= 16)):
                 raise ValueError(f"ChunkedConfig.{name}: got {value!r}; expected a power of two >= 16")
         for name in ("num_warps", "bwd_warps", "walk_warps"):
             value = getattr(self, name)
@@ -141,6 +143,17 @@ class ChunkedConfig:
             raise ValueError(f"ChunkedConfig.form_per_call: got {self.form_per_call!r}; expected True or False")
         if not (isinstance(self.num_stages, int) and not isinstance(self.num_stages, bool) and self.num_stages >= 1):
             raise ValueError(f"ChunkedConfig.num_stages: got {self.num_stages!r}; expected a positive int")
+
+    def wy_rows(self, L: int, *, channel: bool = False) -> int:
+        """The WY preparation's row block at chunk ``L``: ``wy_block`` when set, else 16, or
+        32 for per-channel decays (``channel``); at most ``L``. Measured on an H100
+        (benchmarks/RESULTS.md, 2026-12-07, seventh session): KDA's WY kernel at (8, 2048, 16,
+        d 128), chunk 64, took 0.602 ms in blocks of 16 (ten 16 x 16 key-score blocks, each
+        a matmul over key blocks), 0.462 in blocks of 32 and 0.461 in one block of 64 (the
+        doubling product); the per-head kernel's blocks of 16 had beaten one block of 64 (the
+        third session's run)."""
+        b = self.wy_block if self.wy_block is not None else (32 if channel else 16)
+        return min(L, b)
 
     def value_block(self, d_v: int, *, split: bool = False) -> int:
         """The per-chunk kernels' value block at the padded ``d_v`` (a power of two >= 16):

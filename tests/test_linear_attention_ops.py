@@ -357,17 +357,27 @@ def test_xla_factored_and_sub_chunked_scores_equal_the_reference(op, strong):
         assert rel_err(g[name], g_ref[name]) < 1e-3, (name, rel_err(g[name], g_ref[name]))
 
 
-@pytest.mark.parametrize("gate,wy_block", [("none", 16), ("head", 16), ("head", 32)])
-def test_pallas_gpu_wy_blocks_equal_the_reference(gate, wy_block):
+@pytest.mark.parametrize("gate,wy_block,rows", [("none", None, 16), ("head", None, 16), ("head", 32, 32),
+                                               ("channel", None, 32), ("channel", 16, 16)])
+def test_pallas_gpu_wy_blocks_equal_the_reference(monkeypatch, gate, wy_block, rows):
     """The delta rule's WY/UT preparation on GPU by block forward substitution (chunk 64 in row
-    blocks of 16 or 32; the other tests' chunks of 16 are one block): float32, three chunks
-    (the last partial), resets inside and across blocks, extreme gates, an incoming state, in
-    interpret mode. Outputs, state and every gradient equal ``xla``'s chunkwise form at the
-    same chunk to 1e-5 of the largest entry: both carry the float32 rounding of cumulative log
-    decays summed over 64 steps with -1e3 among them, 1.5e-4 of the reference's outputs here."""
+    blocks of 16 or 32, by default 16 for no decay or one per head and 32 per channel; the
+    other tests' chunks of 16 or 32 are mostly one block): float32, three chunks (the last
+    partial), resets inside and across blocks, extreme gates (per channel: chunks beyond the
+    span limit take the doubling product over the whole chunk, the others the blocks), an
+    incoming state, in interpret mode. Outputs, state and every gradient equal ``xla``'s
+    chunkwise form at the same chunk to 1e-5 of the largest entry: both carry the float32
+    rounding of cumulative log decays summed over 64 steps with -1e3 among them, 1.5e-4 of
+    the reference's outputs here."""
+    from mnemax.kernels.delta_rule import gpu, gpu_channel
+
+    kernel = gpu_channel if gate == "channel" else gpu
+    seen, real = [], kernel._wy_kernel
+    monkeypatch.setattr(kernel, "_wy_kernel", lambda *a, **k: seen.append(k["b"]) or real(*a, **k))
     x = make_inputs(np.random.default_rng(8), "delta", gate, time=150, extreme=True)
     o_ref, S_ref, g_ref = grads("delta", x, "xla", 64, jnp.float32)
     o, S, g = grads("delta", x, "pallas_gpu", 64, jnp.float32, interpret=True, config=ChunkedConfig(wy_block=wy_block))
+    assert seen and set(seen) == {rows}, seen
     assert rel_err(o, o_ref) < 1e-5 and rel_err(S, S_ref) < 1e-5, (rel_err(o, o_ref), rel_err(S, S_ref))
     for name in g_ref:
         assert rel_err(g[name], g_ref[name]) < 1e-5, (name, rel_err(g[name], g_ref[name]))

@@ -11,7 +11,7 @@ lower, segment-masked ``N = Diag(beta) (K K^T (.) D)`` and beta folded into the 
 :func:`wy` writes R (float32, kept for the backward), U (float32) and Wk (in the matmul
 dtype) for every chunk at once; the forward walk then forms the delta errors
 ``X = U - Wk S_in`` chunk by chunk. ``R`` is block lower triangular over row blocks of
-``ChunkedConfig.wy_block`` steps: each diagonal block by the doubling product
+``ChunkedConfig.wy_rows`` steps (16 by default): each diagonal block by the doubling product
 ``(I - N)(I + N^2)(I + N^4) ...`` (N is nilpotent), the blocks below it by block forward
 substitution, every step a tensor-core matmul (no sequential substitution over rows).
 """
@@ -132,7 +132,7 @@ def wy(p: Problem, *, config: ChunkedConfig, interpret: bool):
     sp = chunk_specs(p)
     mm, f32 = matmuls(p.q.dtype, interpret, config)
     return pl.pallas_call(
-        functools.partial(_wy_kernel, L=L, b=min(L, config.wy_block), nv=p.d_v // bv, bv=bv, mm=mm, f32=f32),
+        functools.partial(_wy_kernel, L=L, b=config.wy_rows(L), nv=p.d_v // bv, bv=bv, mm=mm, f32=f32),
         grid=(BH, NC), in_specs=[sp["qk"], sp["v"], sp["gc"], sp["gr"]],
         out_specs=[sp["LL"], sp["v"], sp["k"]],
         out_shape=[jax.ShapeDtypeStruct((BH, NC, L, L), F32), jax.ShapeDtypeStruct((BH, Tp, p.d_v), F32),

@@ -20,8 +20,9 @@ per chunk (see :mod:`mnemax.kernels.delta_rule.xla` for the algebra; ``X`` here 
 where the chunk's decay spans at most ``ChunkedConfig.span_limit`` nats, else with every
 exponent <= 0); ``R`` in float32: where the chunk's decay spans at most the limit
 over every key channel, by block forward substitution over row blocks of
-``ChunkedConfig.wy_block`` (:func:`~mnemax.kernels.delta_rule.gpu.block_inverse`, each block
-of ``K`` a factored product), else by the doubling product over the whole chunk
+``ChunkedConfig.wy_rows`` (32 steps by default;
+:func:`~mnemax.kernels.delta_rule.gpu.block_inverse`, each block of ``K`` a factored
+product), else by the doubling product over the whole chunk
 (:func:`~mnemax.kernels.delta_rule.common.unit_lower_inverse`). The forward: :func:`wy` (R, U,
 Wk for every chunk), the state walk (:func:`walk_forward`: saves S_in and X), then GLA's
 per-chunk outputs with ``X`` for the values. The backward, with ``dX = A^T dO + (k exp(G_L -
@@ -213,7 +214,7 @@ def wy(p: Problem, G, *, config: ChunkedConfig, interpret: bool, span: float):
     sp = gla.chunk_specs(p)
     LL = pl.BlockSpec((None, None, L, L), lambda b, c: (b, c, 0, 0))
     return pl.pallas_call(
-        functools.partial(_wy_kernel, L=L, b=min(L, config.wy_block), f32=matmuls(p.q.dtype, interpret, config)[1],
+        functools.partial(_wy_kernel, L=L, b=config.wy_rows(L, channel=True), f32=matmuls(p.q.dtype, interpret, config)[1],
                           **_blocks(p, config, span)),
         grid=(BH, NC), in_specs=[sp["k"], sp["v"], sp["k"], sp["gc"], sp["gr"]],
         out_specs=[LL, sp["v"], sp["k"]],
