@@ -82,9 +82,9 @@ def test_mlstm_gpu_kernels_lower(hopper, dtype, fields, kernels):
     assert _kernels(fn, q, k, v, i, f) == {"triton": kernels, "mosaic": 0}
 
 
-@pytest.mark.parametrize("op,per_call,kernels", [("gla", True, 4), ("gla_channel", True, 6), ("gla_channel", False, 4),
-                                                  ("delta", True, 6), ("delta_channel", True, 14),
-                                                  ("delta_channel", False, 7)])
+@pytest.mark.parametrize("op,per_call,kernels", [("gla", True, 4), ("gla_channel", True, 8), ("gla_channel", False, 6),
+                                                  ("delta", True, 6), ("delta_channel", True, 16),
+                                                  ("delta_channel", False, 9)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_matrix_state_gpu_kernels_lower(hopper, op, dtype, per_call, kernels):
     """gated_linear_attention: state walk + outputs, adjoint walk + per-chunk gradients, with a
@@ -96,7 +96,8 @@ def test_matrix_state_gpu_kernels_lower(hopper, op, dtype, per_call, kernels):
     ``ChunkedConfig.form_per_call`` (the default) lower the per-chunk kernels twice, behind one
     ``lax.cond`` in the forward and one in the backward: holding the factored form only, and
     both forms (for GLA the outputs and gradient kernels, 2 more; for the delta rule everything
-    inside the two conds, the walks included, 7 more)."""
+    inside the two conds, the walks included, 7 more). Per-channel decays also lower the
+    chunks' cumulative decays (``chunk_decays``) once in the forward and once in the backward."""
     config = ChunkedConfig(form_per_call=per_call)
     rng = np.random.default_rng(2)
     B, H, T, dk, dv = 1, 2, 200, 64, 128

@@ -320,16 +320,24 @@ def test_pallas_gpu_form_per_call_picks_the_factored_kernels_only_where_every_ch
     """``gated_linear_attention.gpu.by_span`` runs the factored-only kernels (``FACTORED``) when
     every chunk of G spans at most ``span_limit`` (here 24 nats), the kernels choosing per chunk
     (the limit) when one chunk spans more (one step of -80) or ``form_per_call`` is off, and the
-    sub-chunked ones at a limit of 0."""
+    sub-chunked ones at a limit of 0. The cumulative decays and chunk ranges come from
+    ``chunk_decays`` (a Pallas kernel, interpret mode), equal to numpy's cumulative sums per
+    chunk and their ranges."""
     from mnemax.kernels.gated_linear_attention import gpu
 
-    g = -np.full((2, 128, 8), 0.75, np.float32)  # (BH, Tp, d_k), chunks of 32: 23.25 nats each
+    g = -np.full((2, 128, 16), 0.75, np.float32)  # (BH, Tp, d_k), chunks of 32: 23.25 nats each
+    g[:, :, 8:] = np.random.default_rng(3).uniform(-0.5, 0.5, (2, 128, 8))  # channels that rise and fall
     if strong:
         g[1, 70, 3] = -80.0
-    G = jnp.asarray(np.cumsum(g.reshape(2, 4, 32, 8), axis=2).reshape(2, 128, 8))
+    G_np = np.cumsum(g.reshape(2, 4, 32, 16).astype(np.float64), axis=2)
+    G, ranges = gpu.chunk_decays(jnp.asarray(g, jnp.bfloat16 if strong else jnp.float32), 32, interpret=True)
+    if not strong:  # (bf16 g rounds -0.75 exactly, the uniform channels not)
+        np.testing.assert_allclose(np.asarray(G), G_np.reshape(2, 128, 16), rtol=1e-6, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(ranges), G_np.max(axis=2) - G_np.min(axis=2), rtol=1e-6, atol=1e-5)
+    assert G.dtype == ranges.dtype == jnp.float32 and ranges.shape == (2, 4, 16)
     config = ChunkedConfig(span_limit=limit, form_per_call=per_call)
-    picked = jax.jit(lambda G: gpu.by_span(gpu.fits_span(G, 32, config), config,
-                                           lambda span: jnp.float32(-1.0 if span == gpu.FACTORED else span)))(G)
+    picked = jax.jit(lambda r: gpu.by_span(gpu.fits_span(r, config), config,
+                                           lambda span: jnp.float32(-1.0 if span == gpu.FACTORED else span)))(ranges)
     assert float(picked) == (-1.0 if form == "factored" else form)
 
 

@@ -387,7 +387,7 @@ def forward(q, k, v, beta, g, state, cut, *, chunk_size: int, scale: float, conf
     """(o (B, H, T, d_v) in q's dtype, the final state (B, H, d_k, d_v) float32, the
     backward's residuals (every chunk's incoming state, X, R, Wk)) for per-channel ``g`` (B,
     H, T, d_k); ``cut``: the resets as float32 or None."""
-    p, G = gla.channel_problem(q, k, v, g, cut, chunk_size, beta)
+    p, G, fits = gla.channel_problem(q, k, v, g, cut, chunk_size, beta, config=config, interpret=interpret)
     s0 = state_in_t(p, state)
 
     def run(span):  # one lax.cond around the chunk kernels and the walk between them (gla.by_span)
@@ -396,7 +396,7 @@ def forward(q, k, v, beta, g, state, cut, *, chunk_size: int, scale: float, conf
         o = gla.outputs(p._replace(v=X), G, states, q.dtype, scale=scale, config=config, interpret=interpret, span=span)
         return o, S_T, (states, X, R, Wk)
 
-    o, S_T, saved = gla.by_span(gla.fits_span(G, p.L, config), config, run)
+    o, S_T, saved = gla.by_span(fits, config, run)
     return seq_out(o, v.shape), state_out_t(S_T, state.shape), saved
 
 
@@ -405,7 +405,7 @@ def backward(q, k, v, beta, g, state, cut, saved, do, dfinal, *, chunk_size: int
     """The cotangents (dq, dk, dv, dbeta, dg, dstate) of :func:`forward`'s (o, final state),
     in the inputs' shapes and dtypes; ``saved``: :func:`forward`'s residuals."""
     states, X, R, Wk = saved
-    p, G = gla.channel_problem(q, k, v, g, cut, chunk_size, beta)
+    p, G, fits = gla.channel_problem(q, k, v, g, cut, chunk_size, beta, config=config, interpret=interpret)
     B, H, T, _ = q.shape
     do = pad_axis(pad_axis(do.astype(q.dtype).reshape(B * H, T, -1), 1, p.n_chunks * p.L), 2, p.d_v)
     kw = dict(config=config, interpret=interpret)
@@ -417,7 +417,7 @@ def backward(q, k, v, beta, g, state, cut, saved, do, dfinal, *, chunk_size: int
         dq, dk_o, _, dG_o = gla.chunk_grads(p._replace(v=X), G, do, states, dstates, scale=scale, span=span, **kw)
         return (dq, dk_o, dG_o, dS0) + delta_grads(p, G, states, R, dX, span=span, **kw)
 
-    dq, dk_o, dG_o, dS0, dk_x, dv, dG_x, rows = gla.by_span(gla.fits_span(G, p.L, config), config, run)
+    dq, dk_o, dG_o, dS0, dk_x, dv, dG_x, rows = gla.by_span(fits, config, run)
     dg = decay_grad((dG_o + dG_x).reshape(B * H, p.n_chunks, p.L, p.d_k)).reshape(dG_o.shape)
     return (seq_out(dq, q.shape).astype(q.dtype), seq_out(dk_o + dk_x, k.shape).astype(k.dtype),
             seq_out(dv, v.shape).astype(v.dtype), step_out(rows[:, :, 0], beta.shape).astype(beta.dtype),
