@@ -67,10 +67,10 @@ def nbytes(tree) -> int:
     return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
-def train_row(name, context, tokens, peak, remat_from):
+def train_row(name, context, tokens, peak, remat_from, remat_policy="nothing"):
     batch = max(1, tokens // context)
     remat = context >= remat_from
-    model = make(name, context, remat=remat)
+    model = make(name, context, remat=remat, **({"remat_policy": remat_policy} if remat else {}))
     rng = np.random.default_rng(0)
     tok = jnp.asarray(rng.integers(0, model.config.vocab_size, (batch, context + 1)), jnp.int32)
     step, params, opt, n = lm_train_step(model, tok)
@@ -79,7 +79,7 @@ def train_row(name, context, tokens, peak, remat_from):
     compiled = step.lower(params, opt, tok).compile()  # timed once; bench calls the compiled step
     comp = time.time() - t0
     t = bench(lambda: compiled(params, opt, tok), calls=2, repeats=3, warmup=1)
-    return {"family": name, "context": context, "batch": batch, "remat": remat, "params_M": n / 1e6, "step_ms": t * 1e3,
+    return {"family": name, "context": context, "batch": batch, "remat": remat and remat_policy, "params_M": n / 1e6, "step_ms": t * 1e3,
             "tokens_per_s": batch * context / t, "MFU": 6 * n * batch * context / t / peak, "compile_s": comp}
 
 
@@ -145,6 +145,7 @@ def main():
     ap.add_argument("--contexts", default="2048,8192,32768")
     ap.add_argument("--tokens", type=int, default=16384, help="tokens per training step (batch = tokens / context, at least 1)")
     ap.add_argument("--remat_from", type=int, default=16384, help="rematerialise blocks from this context on")
+    ap.add_argument("--remat_policy", default="nothing", help="what rematerialised blocks keep (ModelConfig.remat_policy)")
     ap.add_argument("--prefill_chunk", type=int, default=2048)
     ap.add_argument("--out", default="throughput.json")
     ap.add_argument("--prefill", type=int, default=16384)
@@ -178,7 +179,7 @@ def main():
         for ctx in map(int, args.contexts.split(",")):
             for name in names:
                 try:
-                    train.append(train_row(name, ctx, args.tokens, peak, args.remat_from))
+                    train.append(train_row(name, ctx, args.tokens, peak, args.remat_from, args.remat_policy))
                 except Exception as e:  # noqa: BLE001
                     traceback.print_exc()
                     train.append({"family": name, "context": ctx, "error": f"{type(e).__name__}: {str(e)[:160]}"})

@@ -114,12 +114,38 @@ def test_heads_match_manual_computation():
     np.testing.assert_allclose(np.asarray(out), means @ np.asarray(p["head"]["kernel"]) + np.asarray(p["head"]["bias"]), rtol=1e-4, atol=1e-5)
 
 
-def test_remat_model_matches_plain():
+def _remat_policies(jaxpr) -> list:
+    """The policy of every rematerialised region (``jax.checkpoint``) in ``jaxpr``, nested ones too."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name.startswith(("checkpoint", "remat")):
+            found.append(eqn.params.get("policy"))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = sub if hasattr(sub, "eqns") else getattr(sub, "jaxpr", None)
+                if hasattr(inner, "eqns"):
+                    found += _remat_policies(inner)
+    return found
+
+
+@pytest.mark.parametrize("preset,overrides", [
+    ("transformer-tiny", {}),
+    ("transformer-tiny", {"remat_policy": "dots"}),
+    ("gdn-tiny", {"remat_policy": "dots_all", "scan_layers": True}),
+])
+def test_remat_model_matches_plain(preset, overrides):
+    """Rematerialised blocks, under every policy (what the forward keeps for the backward),
+    give the loss and gradients of the plain model."""
     tok = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 9)), jnp.int32)
-    plain = mnemax.create("transformer-tiny")
-    remat = mnemax.create("transformer-tiny", remat=True)
+    plain = mnemax.create(preset, **{k: v for k, v in overrides.items() if k == "scan_layers"})
+    remat = mnemax.create(preset, remat=True, **overrides)
     v = plain.init(jax.random.key(0), tok)
     loss = lambda m: lambda v: jnp.sum(m.apply(v, tok)[0] ** 2)  # noqa: E731
+    policy = {"nothing": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+              "dots_all": jax.checkpoint_policies.dots_saveable}[overrides.get("remat_policy", "nothing")]
+    kept = _remat_policies(jax.make_jaxpr(loss(remat))(v).jaxpr)
+    assert kept and all(p is policy for p in kept), (kept, policy)
+    assert not _remat_policies(jax.make_jaxpr(loss(plain))(v).jaxpr)
     np.testing.assert_allclose(loss(remat)(v), loss(plain)(v), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(jax.grad(loss(remat))(v)), jax.tree.leaves(jax.grad(loss(plain))(v))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -132,6 +158,8 @@ def test_bad_model_inputs():
         model.apply(v, jnp.zeros((1, 4), jnp.float32))
     with pytest.raises(ValueError, match="state"):
         model.apply(v, jnp.zeros((1, 4), jnp.int32), model.initial_state(2))
+    with pytest.raises(ValueError, match="remat_policy must be one of .*got 'dot'"):
+        mnemax.create("transformer-tiny", remat=True, remat_policy="dot")
 
 
 def test_logit_soft_cap_and_final_norm_variants():

@@ -21,6 +21,8 @@ from .registry import get_family
 HEADS = ("lm", "classify", "regress")
 POOLS = ("last", "mean")
 FINAL_NORMS = ("rms", "layer", "layer_nobias", "none")
+# what a rematerialised block keeps for its backward pass (zoo.model maps each to a JAX policy)
+REMAT_POLICIES = ("nothing", "dots", "dots_all")
 
 
 class FrozenDict(Mapping):
@@ -179,6 +181,12 @@ class ModelConfig:
       remat: rematerialise each block in the backward pass (less memory; on an H100 it also
         made `mamba2-130m`'s and `gdn-125m`'s 2k training step 24% faster, their stored
         residuals costing more to move than to recompute: benchmarks/RESULTS.md).
+      remat_policy: what a rematerialised block keeps (with ``remat``): "nothing" (the
+        default: the whole block is recomputed in the backward pass), "dots" (the outputs of
+        its matmuls without batch dimensions, i.e. the projections, are kept and only the
+        rest is recomputed: ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``) or
+        "dots_all" (every matmul's output, batched ones too: ``dots_saveable``). Gradients
+        are the same under every policy; only memory and speed differ.
       scan_layers: run the blocks with ``nn.scan`` (one traced and compiled block for all
         layers, parameters stacked on a leading "layers" axis); needs identical blocks,
         or blocks repeating with a period P dividing n_layers (xLSTM with an sLSTM block
@@ -206,6 +214,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    remat_policy: str = "nothing"
     scan_layers: bool = False
     block: BlockConfig | Mapping[str, Any] | None = None
     preset: str | None = None
@@ -253,6 +262,8 @@ class ModelConfig:
             raise ValueError("tie_embeddings=True needs head='lm' with token inputs")
         if self.final_norm not in FINAL_NORMS:
             raise ValueError(f"final_norm must be one of {FINAL_NORMS}, got {self.final_norm!r}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
         if self.logit_soft_cap is not None and self.logit_soft_cap <= 0:
             raise ValueError(f"logit_soft_cap must be > 0 or None, got {self.logit_soft_cap}")
 

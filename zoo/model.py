@@ -217,14 +217,14 @@ class SequenceModel(nn.Module):
             )
             x, new = scanned(
                 block_cls=tuple(type(b) for b in protos), block_fields=tuple(FrozenDict(module_fields(b)) for b in protos),
-                remat=cfg.remat, residual_dtype=jnp.dtype(residual_dt).name, name="blocks",
+                remat=cfg.remat, remat_policy=cfg.remat_policy, residual_dtype=jnp.dtype(residual_dt).name, name="blocks",
             )(x, stacked if len(protos) > 1 else (stacked,), resets, jnp.arange(cfg.n_layers // len(protos)))
             # nn.scan returns NamedTuple states as plain tuples: restore the structure
             return x, jax.tree.unflatten(jax.tree.structure(stacked), jax.tree.leaves(new))
         new_states = []
         for i in range(cfg.n_layers):
             proto = self.block_template(i)
-            cls = nn.remat(type(proto)) if cfg.remat else type(proto)
+            cls = remat_block(type(proto), cfg.remat_policy) if cfg.remat else type(proto)
             block = cls(**module_fields(proto), name=f"block_{i}")
             x, s = block(x, None if block_states is None else block_states[i], resets)
             x = constrain_rows(x.astype(residual_dt))
@@ -243,6 +243,7 @@ class _ScanStep(nn.Module):
     block_cls: tuple
     block_fields: tuple
     remat: bool = False
+    remat_policy: str = "nothing"
     residual_dtype: str = "float32"
 
     @nn.compact
@@ -250,12 +251,25 @@ class _ScanStep(nn.Module):
         new = []
         one = len(self.block_cls) == 1
         for j, (block_cls, fields) in enumerate(zip(self.block_cls, self.block_fields)):
-            cls = nn.remat(block_cls) if self.remat else block_cls
+            cls = remat_block(block_cls, self.remat_policy) if self.remat else block_cls
             fields = module_fields(at_depth(block_cls(**fields, parent=None), group * len(self.block_cls) + j))
             y, s = cls(**fields, name="block" if one else f"block_{j}")(x, states[j], resets)
             x = constrain_rows(y.astype(self.residual_dtype))
             new.append(s)
         return x, new[0] if one else tuple(new)
+
+
+def remat_block(block_cls, policy: str):
+    """``block_cls`` rematerialised in the backward pass, keeping what ``policy`` (one of
+    :data:`~mnemax.zoo.config.REMAT_POLICIES`, see ``ModelConfig.remat_policy``) names."""
+    policies = {
+        "nothing": None,  # nn.remat's default: recompute everything
+        "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "dots_all": jax.checkpoint_policies.dots_saveable,
+    }
+    if policy not in policies:
+        raise ValueError(f"remat_policy must be one of {tuple(policies)}, got {policy!r}")
+    return nn.remat(block_cls, policy=policies[policy])
 
 
 def module_fields(module: nn.Module) -> dict:
