@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py [--families transformer,mamba,xlstm] [--contexts 2048,8192,32768]
         [--tokens 16384] [--prefill 16384] [--prefill_chunk 2048] [--gen 64]
+        [--remat_from 16384] [--remat_policy nothing,dots,dots_all,off]
 
 Training: for each context length and each family's ~125M preset, a jitted AdamW step
 on ``--tokens`` tokens per step (batch = tokens / context; blocks rematerialised from
@@ -17,6 +18,7 @@ families, growing for attention).
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -69,7 +71,7 @@ def nbytes(tree) -> int:
 
 def train_row(name, context, tokens, peak, remat_from, remat_policy="nothing"):
     batch = max(1, tokens // context)
-    remat = context >= remat_from
+    remat = context >= remat_from and remat_policy != "off"
     model = make(name, context, remat=remat, **({"remat_policy": remat_policy} if remat else {}))
     rng = np.random.default_rng(0)
     tok = jnp.asarray(rng.integers(0, model.config.vocab_size, (batch, context + 1)), jnp.int32)
@@ -145,7 +147,7 @@ def main():
     ap.add_argument("--contexts", default="2048,8192,32768")
     ap.add_argument("--tokens", type=int, default=16384, help="tokens per training step (batch = tokens / context, at least 1)")
     ap.add_argument("--remat_from", type=int, default=16384, help="rematerialise blocks from this context on")
-    ap.add_argument("--remat_policy", default="nothing", help="what rematerialised blocks keep (ModelConfig.remat_policy)")
+    ap.add_argument("--remat_policy", default="nothing", help="what rematerialised blocks keep (ModelConfig.remat_policy, or 'off': no remat; comma-separated: a row for each)")
     ap.add_argument("--prefill_chunk", type=int, default=2048)
     ap.add_argument("--out", default="throughput.json")
     ap.add_argument("--prefill", type=int, default=16384)
@@ -177,9 +179,10 @@ def main():
     names = args.families.split(",")
     if not args.skip_train:
         for ctx in map(int, args.contexts.split(",")):
-            for name in names:
+            policies = args.remat_policy.split(",") if ctx >= args.remat_from else ["nothing"]
+            for name, policy in itertools.product(names, policies):
                 try:
-                    train.append(train_row(name, ctx, args.tokens, peak, args.remat_from, args.remat_policy))
+                    train.append(train_row(name, ctx, args.tokens, peak, args.remat_from, policy))
                 except Exception as e:  # noqa: BLE001
                     traceback.print_exc()
                     train.append({"family": name, "context": ctx, "error": f"{type(e).__name__}: {str(e)[:160]}"})

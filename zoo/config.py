@@ -186,7 +186,9 @@ class ModelConfig:
         its matmuls without batch dimensions, i.e. the projections, are kept and only the
         rest is recomputed: ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``) or
         "dots_all" (every matmul's output, batched ones too: ``dots_saveable``). Gradients
-        are the same under every policy; only memory and speed differ.
+        are the same under every policy; only memory and speed differ (on an H100 neither
+        "dots" nor "dots_all" made the 2k steps of `gdn-125m` or `mamba2-130m` faster than
+        "nothing": benchmarks/RESULTS.md, eighth session).
       scan_layers: run the blocks with ``nn.scan`` (one traced and compiled block for all
         layers, parameters stacked on a leading "layers" axis); needs identical blocks,
         or blocks repeating with a period P dividing n_layers (xLSTM with an sLSTM block
