@@ -36,6 +36,8 @@ def test_transformer_lm_contract():
     check_layer_contract(model_factory("transformer-tiny", window=16), tokens(64), input_name="inputs")
 
 
+@pytest.mark.slow  # 23 s; the mean pool's streaming and resets are held by test_elm's neuron model
+# test (a mean-pooled classifier on continuous inputs) and its numbers by test_heads_match_manual_computation
 def test_classifier_with_mean_pool_contract():
     check_layer_contract(
         model_factory("transformer-tiny", head="classify", num_classes=5, pool="mean", vocab_size=None, input_dim=3, n_layers=1),
