@@ -10,12 +10,6 @@ Shapes::
 
     y, state = CausalConv1d(features=C, width=W)(x, state, resets)
     x, y: (batch, time, C);  state: ConvState(inputs=(batch, W - 1, C)) float32
-
-``x`` may also be a tuple of parts (batch, time, C_i) with sum C_i = C, the channels of one
-array split in order: each part is convolved with its columns of the kernel, bias and
-state, and ``y`` is the tuple of the parts' outputs (the same values as splitting the
-output of the joined input). A layer that splits a projection's output before and after
-the conv (Mamba-2's x, B, C) then never joins the channels, nor their gradients, in memory.
 """
 
 from __future__ import annotations
@@ -70,19 +64,8 @@ class CausalConv1d(nn.Module):
 
     @nn.compact
     def __call__(self, x, state: ConvState | None = None, resets=None):
-        parts = tuple(x) if isinstance(x, (tuple, list)) else None
-        if parts is None:
-            check_sequence(x, self.features)
-        else:
-            for i, part in enumerate(parts):
-                check_sequence(part, name=f"x[{i}]")
-            widths = [part.shape[-1] for part in parts]
-            if sum(widths) != self.features or len({part.shape[:2] for part in parts}) != 1:
-                raise ValueError(
-                    f"x: parts must share (batch, time) and have {self.features} channels in all, got shapes "
-                    f"{[tuple(part.shape) for part in parts]}"
-                )
-        batch, time = (parts[0] if parts else x).shape[:2]
+        check_sequence(x, self.features)
+        batch, time, _ = x.shape
         resets = check_resets(resets, batch, time)
         if self.width < 1:
             raise ValueError(f"width must be >= 1, got {self.width}")
@@ -90,43 +73,34 @@ class CausalConv1d(nn.Module):
             state = self.initial_state(batch)
         else:
             check_state(state, expected_state(self, batch))
-        dt = compute_dtype(self.dtype, parts[0] if parts else x)
+        dt = compute_dtype(self.dtype, x)
         kernel = self.param(
             "kernel",
             partitioned(torch_conv_init(self.width), ("conv", self.axis_name)),
             (self.width, self.features),
             self.param_dtype,
         )
-        bias = None
+        w1 = self.width - 1
+        x_ext = jnp.concatenate([state.inputs.astype(dt), x.astype(dt)], axis=1)
+        seg = segment_ids(resets, batch, time)
+        seg_ext = jnp.concatenate([jnp.zeros((batch, w1), jnp.int32), seg], axis=1)
+        kernel = kernel.astype(dt)
+        y = jnp.zeros((batch, time, self.features), dt)
+        for j in range(self.width):
+            src = x_ext[:, j : j + time]
+            if resets is not None:
+                same = (seg_ext[:, j : j + time] == seg)[..., None]
+                src = jnp.where(same, src, jnp.zeros_like(src))
+            y = y + src * kernel[j]
         if self.use_bias:
             bias = self.param(
                 "bias", partitioned(torch_conv_init(self.width), (self.axis_name,)), (self.features,), self.param_dtype
             )
-        w1 = self.width - 1
-        seg = segment_ids(resets, batch, time)
-        seg_ext = jnp.concatenate([jnp.zeros((batch, w1), jnp.int32), seg], axis=1)
-        outs, tails, start = [], [], 0
-        for part in parts or (x,):
-            cols = slice(start, start + part.shape[-1])
-            start = cols.stop
-            x_p, s_p = part.astype(dt), state.inputs[..., cols].astype(dt)
-            y = jnp.zeros(part.shape, dt)
-            for j in range(self.width):
-                # tap j reads x_{t - (W-1) + j}: its own join of the state and x, which XLA fuses into
-                # this sum (one joined array read by every tap would be written to memory)
-                src = jnp.concatenate([s_p[:, j:], x_p], axis=1)[:, :time]
-                if resets is not None:
-                    same = (seg_ext[:, j : j + time] == seg)[..., None]
-                    src = jnp.where(same, src, jnp.zeros_like(src))
-                y = y + src * kernel[j, cols].astype(dt)
-            if bias is not None:
-                y = y + bias[cols].astype(dt)
-            outs.append(y)
-            tails.append(jnp.concatenate([s_p, x_p], axis=1)[:, time:])
-        tail = tails[0] if len(tails) == 1 else jnp.concatenate(tails, axis=-1)
+            y = y + bias.astype(dt)
+        tail = x_ext[:, time:]
         if resets is not None:
             # Inputs before the last reset must not leak into the next call.
             keep = (seg_ext[:, time:] == seg[:, -1:])[..., None]
             tail = jnp.where(keep, tail, jnp.zeros_like(tail))
         new_state = ConvState(tail.astype(state.inputs.dtype))
-        return (tuple(outs) if parts else outs[0]), new_state
+        return y, new_state

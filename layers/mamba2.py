@@ -52,13 +52,11 @@ and the SSM state before the flagged steps.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from mnemax.kernels import gated_linear_attention
 from mnemax.kernels.chunked_gpu import ChunkedConfig
@@ -68,37 +66,6 @@ from .base import Dtype, begin_call, compute_dtype, partitioned, state_dtype
 from .conv import CausalConv1d, ConvState
 from .mamba import MambaBlock, dt_bias_init, fan_in_uniform
 from .norms import rms_norm
-
-
-class PartsDense(nn.Module):
-    """``nn.Dense``'s parameters (``kernel`` (in, sum(parts)), ``bias`` (sum(parts),)) whose
-    output is returned in ``parts`` consecutive column groups, one matmul per group (each
-    output the same as that slice of ``nn.Dense``'s). Splitting one product instead makes
-    the backward pass join the groups' gradients into one (batch, time, sum(parts)) array
-    before the weight and input gradients; here the input gradient is a sum of per-group
-    products and only the (in, sum(parts)) weight gradient is joined. On an H100 the joins
-    of Mamba-2's in_proj and conv gradients were three of the largest kernels of its 2k
-    training step (benchmarks/RESULTS.md, eighth session)."""
-
-    parts: tuple[int, ...]
-    use_bias: bool = False
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    kernel_init: Callable = nn.initializers.lecun_normal()
-    bias_init: Callable = nn.initializers.zeros
-
-    @nn.compact
-    def __call__(self, x):
-        n = sum(self.parts)
-        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], n), self.param_dtype)
-        bias = self.param("bias", self.bias_init, (n,), self.param_dtype) if self.use_bias else None
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        outs, start = [], 0
-        for width in self.parts:
-            y = lax.dot_general(x, kernel[:, start:start + width], (((x.ndim - 1,), (0,)), ((), ())))
-            outs.append(y if bias is None else y + bias[start:start + width])
-            start += width
-        return tuple(outs)
 
 
 class Mamba2State(NamedTuple):
@@ -248,19 +215,14 @@ class Mamba2Mixer(nn.Module):
                 bias_init=partitioned(nn.initializers.zeros, names[1:]), name=name,
             )
 
-        # in_proj's output in its parts (z, x, B, C, dt), one matmul each, and the conv over (x,
-        # B, C) part by part: the same values as splitting one product, without joining the
-        # parts' gradients in memory in the backward pass (see PartsDense)
-        z, x, B, C, dt = PartsDense(
-            parts=(E, E, G * N, G * N, H), use_bias=self.use_bias, dtype=cdt, param_dtype=pdt,
-            kernel_init=partitioned(fan_in_uniform(d), ("embed", "mlp")),
-            bias_init=partitioned(nn.initializers.zeros, ("mlp",)), name="in_proj",
-        )(u)
-        (x, B, C), conv_state = CausalConv1d(
+        zxbcdt = dense(E + self.conv_dim + H, d, ("embed", "mlp"), "in_proj")(u)
+        z, xBC, dt = jnp.split(zxbcdt, [E, E + self.conv_dim], axis=-1)
+        xBC, conv_state = CausalConv1d(
             features=self.conv_dim, width=self.d_conv, use_bias=self.conv_bias, axis_name="mlp",
             dtype=cdt, param_dtype=pdt, name="conv1d",
-        )((x, B, C), ConvState(state.conv), resets)
-        x, B, C = jax.nn.silu(x), jax.nn.silu(B), jax.nn.silu(C)
+        )(xBC, ConvState(state.conv), resets)
+        xBC = jax.nn.silu(xBC)
+        x, B, C = jnp.split(xBC, [E, E + G * N], axis=-1)
         x = x.reshape(batch, time, H, P)
         # group j serves heads j * H/G ... (j + 1) * H/G - 1: the op's grouped q/k heads
         B = B.reshape(batch, time, G, N)

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from mnemax.layers import MLP, CausalConv1d, CausalSelfAttention, LayerNorm, RMSNorm, TransformerBlock
-from mnemax.layers.conv import ConvState
 
 from .contract import check_layer_contract
 
@@ -83,27 +82,6 @@ def test_conv_matches_numpy_convolution():
             want[b, :, ch] = np.convolve(xn[b, :, ch], kern[::-1, ch], mode="full")[:time] + bias[ch]
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(state.inputs), xn[:, -(w - 1) :], rtol=1e-6)
-
-
-def test_conv_of_parts_equals_the_conv_of_their_join():
-    """A tuple of inputs is convolved part by part with the kernel's, bias's and state's
-    columns: the same outputs (split) and state as the joined input, with a state in and
-    resets, and for a call shorter than the taps."""
-    c, w, widths = 7, 4, (3, 2, 2)
-    conv = CausalConv1d(features=c, width=w)
-    rng = np.random.default_rng(0)
-    for time in (9, 2):
-        x = jnp.asarray(rng.standard_normal((2, time, c)), jnp.float32)
-        state = ConvState(jnp.asarray(rng.standard_normal((2, w - 1, c)), jnp.float32))
-        resets = jnp.asarray(rng.random((2, time)) < 0.3)
-        v = conv.init(jax.random.key(1), x)
-        y, s = conv.apply(v, x, state, resets)
-        parts = tuple(jnp.split(x, np.cumsum(widths)[:-1], axis=-1))
-        ys, sp = conv.apply(v, parts, state, resets)
-        np.testing.assert_array_equal(np.concatenate([np.asarray(a) for a in ys], axis=-1), np.asarray(y))
-        np.testing.assert_array_equal(np.asarray(sp.inputs), np.asarray(s.inputs))
-    with pytest.raises(ValueError, match="parts must share"):
-        conv.apply(v, parts[:2], state, resets)
 
 
 def test_conv_contract():
