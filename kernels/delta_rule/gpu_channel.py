@@ -23,11 +23,13 @@ over every key channel, by block forward substitution over row blocks of
 ``ChunkedConfig.wy_rows`` (32 steps by default;
 :func:`~mnemax.kernels.delta_rule.gpu.block_inverse`, each block of ``K`` a factored
 product), else by the doubling product over the whole chunk
-(:func:`~mnemax.kernels.delta_rule.common.unit_lower_inverse`). The forward: :func:`wy` (R, U,
-Wk and ``k_out = k exp(G_L - G) [last]`` for every chunk), the state walk
-(:func:`walk_forward`: saves S_in and X), then GLA's per-chunk outputs with ``X`` for the
-values. The backward, with ``dX = A^T dO + k_out dS_out`` (``A^T dO``, ``k_out`` and ``q_in =
-scale q exp(G) [fresh]`` first, :func:`scores_t_times`), the adjoint walk (:func:`walk_backward`)::
+(:func:`~mnemax.kernels.delta_rule.common.unit_lower_inverse`). The forward: ``G`` and
+``k_out = k exp(G_L - G) [last]`` in one pass
+(:func:`~mnemax.kernels.gated_linear_attention.gpu.chunk_decays`), :func:`wy` (R, U and Wk
+for every chunk), the state walk (:func:`walk_forward`: saves S_in and X), then GLA's
+per-chunk outputs with ``X`` for the values. The backward: ``G``, ``k_out`` and ``q_in = scale
+q exp(G) [fresh]`` in one pass, ``A^T dO`` (:func:`scores_t_times`), then with ``dX = A^T dO +
+k_out dS_out`` the adjoint walk (:func:`walk_backward`)::
 
     dS_in  = Diag(exp(G_L) [carries]) dS_out + (scale q * exp(G) [fresh])^T dO - Wk^T dX
 
@@ -46,12 +48,14 @@ S_in)`` with ``k_in = k * exp(G) [fresh]``::
 to GLA's dk and dG; ``dg`` is the reverse cumulative sum of the summed ``dG`` inside each
 chunk.
 
-The walks read ``k_out`` and ``q_in`` in the matmul dtype, formed once per chunk by the
-per-chunk kernels, rather than ``k``, ``q`` and the float32 ``G`` in every value tile of the
-state: on Hopper (Triton 3.9 for sm_90, compiled on the CPU) that takes the forward walk from
-90 to 56 KiB of shared memory and 141 to 99 registers, the adjoint walk from 122 to 72 KiB
-(one program per SM to three) and 214 to 137 registers; the products round them to the matmul
-dtype either way, so the values are the same.
+The walks read ``k_out`` and ``q_in`` in the matmul dtype, formed once per chunk where ``G``
+is made, rather than ``k``, ``q`` and the float32 ``G`` in every value tile of the state: on
+Hopper (Triton 3.9 for sm_90, compiled on the CPU) that takes the forward walk from 90 to 56
+KiB of shared memory and 141 to 99 registers, the adjoint walk from 122 to 72 KiB (one program
+per SM to three) and 214 to 137 registers, and on an H100 at (2, 8192, 16, 128) the walks from
+0.92 / 1.90 ms to 0.47 / 0.56 (forward / adjoint); the products round them to the matmul dtype
+either way, so the values are the same. Written by the WY and ``A^T dO`` kernels, they cost
+those kernels 0.10 and 0.18 ms at (8, 2048); the pass that makes ``G`` streams them instead.
 
 Layouts: those of the GLA module (states (BH, NC, d_v, d_k) transposed, ``G`` (BH, Tp, d_k)
 float32, the gate columns carrying the segments and ``beta`` with ``G = 0``); ``R`` (BH, NC,
@@ -118,22 +122,6 @@ def _key_scores(k_r, G_r, gc_r, gr_r, L: int, nk: int, bk: int, span: float, f32
         return K + gla.intra(k_r, k_r, G_r, gc_r, gr_r, pl.ds(pl.multiple_of(i * bk, bk), bk), L, f32, f32, span=span)
 
     return lax.fori_loop(0, nk, block, jnp.zeros((L, L), F32))
-
-
-def _decayed(x_r, G_r, factor, out_r, *, L: int, nk: int, bk: int, last: bool):
-    """Writes one chunk's ``x * factor * exp(G_L - G)`` (``last``: k_out) or ``x * factor *
-    exp(G)`` (q_in) to ``out_r`` (L, d_k) in its dtype, by key blocks; ``factor`` (L, 1) holds
-    the segment masks (and the scale). The walks read these, each row once, instead of ``x``
-    and the float32 ``G`` again in every value tile."""
-
-    def block(i, carry):
-        kc = pl.ds(pl.multiple_of(i * bk, bk), bk)
-        G = G_r[:, kc]
-        decay = jnp.exp(G_r[L - 1:L, kc] - G) if last else jnp.exp(G)
-        out_r[:, kc] = (x_r[:, kc].astype(F32) * (factor * decay)).astype(out_r.dtype)
-        return carry
-
-    lax.fori_loop(0, nk, block, 0)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -220,10 +208,8 @@ def _wy_kernel(*refs, L, b, nk, bk, nv, bv, span, f32):
     """One chunk's R, U and Wk: :func:`_wy_blocked` where the chunk's decay spans at most
     ``span`` nats over every key channel (and ``b < L``), else :func:`_wy_whole`; ``span``
     :data:`~mnemax.kernels.gated_linear_attention.gpu.FACTORED`: every chunk is (the caller
-    checked), no in-kernel test. Then the walk's ``k_out = k * exp(G_L - G) [last]``."""
-    *refs, ko_r = refs
-    k_r, G_r, gc_r = refs[0], refs[2], refs[3]
-    _decayed(k_r, G_r, chunk_weights(gc_r, L).k_out, ko_r, L=L, nk=nk, bk=bk, last=True)
+    checked), no in-kernel test."""
+    G_r = refs[2]
     whole = functools.partial(_wy_whole, *refs, L=L, nk=nk, bk=bk, nv=nv, bv=bv, span=span, f32=f32)
     if span <= 0 or b >= L:
         return whole()
@@ -234,9 +220,9 @@ def _wy_kernel(*refs, L, b, nk, bk, nv, bv, span, f32):
 
 
 def wy(p: Problem, G, *, config: ChunkedConfig, interpret: bool, span: float):
-    """(R (BH, NC, L, L), U (BH, Tp, d_v), Wk (BH, Tp, d_k), k_out (BH, Tp, d_k)) for every
-    chunk: R and U float32, Wk and k_out in the matmul dtype (each of their products rounds them
-    there); ``span`` as :func:`_blocks`."""
+    """(R (BH, NC, L, L), U (BH, Tp, d_v), Wk (BH, Tp, d_k)) for every chunk: R and U
+    float32, Wk in the matmul dtype (each of its products rounds it there); ``span`` as
+    :func:`_blocks`."""
     BH, NC, L = p.q.shape[0], p.n_chunks, p.L
     Tp = NC * L
     sp = gla.chunk_specs(p)
@@ -245,9 +231,9 @@ def wy(p: Problem, G, *, config: ChunkedConfig, interpret: bool, span: float):
         functools.partial(_wy_kernel, L=L, b=config.wy_rows(L, channel=True), f32=matmuls(p.q.dtype, interpret, config)[1],
                           **_blocks(p, config, span)),
         grid=(BH, NC), in_specs=[sp["k"], sp["v"], sp["k"], sp["gc"], sp["gr"]],
-        out_specs=[LL, sp["v"], sp["k"], sp["k"]],
-        out_shape=[jax.ShapeDtypeStruct((BH, NC, L, L), F32), jax.ShapeDtypeStruct((BH, Tp, p.d_v), F32)]
-        + [jax.ShapeDtypeStruct((BH, Tp, p.d_k), mm_dtype(p.q.dtype))] * 2,
+        out_specs=[LL, sp["v"], sp["k"]],
+        out_shape=[jax.ShapeDtypeStruct((BH, NC, L, L), F32), jax.ShapeDtypeStruct((BH, Tp, p.d_v), F32),
+                   jax.ShapeDtypeStruct((BH, Tp, p.d_k), mm_dtype(p.q.dtype))],
         compiler_params=compiler_params(interpret, config.num_warps, config.num_stages), interpret=interpret,
     )(p.k, p.v, G, p.gcol, p.grow)
 
@@ -260,7 +246,7 @@ def _carry(G_r, w, t0, L: int):
 
 def _walk_kernel(u_r, ko_r, wk_r, G_r, gc_r, s0_r, st_r, x_r, sT_r, *, L, NC, mm):
     """Per chunk: save S_in; X = U - Wk S_in (saved); S = Diag(exp(G_L) [carries]) S + X^T k_out
-    (transposed; ``k_out`` from :func:`wy`)."""
+    (transposed; ``k_out`` from :func:`~mnemax.kernels.gated_linear_attention.gpu.chunk_decays`)."""
 
     def body(c, S):
         st_r[c] = S.astype(st_r.dtype)
@@ -301,7 +287,8 @@ def _walk_back_kernel(qi_r, ko_r, do_r, wk_r, x0_r, G_r, gc_r, ds_r, dst_r, dx_r
 def walk_backward(p: Problem, G, do, Wk, x0, q_in, k_out, dS_T, *, config: ChunkedConfig, interpret: bool):
     """The adjoint walk from the last chunk, transposed: ``dX = x0 + k_out dS_out`` (``x0`` =
     A^T dO) and ``dS_in = Diag(exp(G_L) [carries]) dS_out + q_in^T dO - Wk^T dX`` (``q_in =
-    scale q exp(G) [fresh]`` and ``k_out`` from :func:`scores_t_times`). Returns (every
+    scale q exp(G) [fresh]`` and ``k_out`` from
+    :func:`~mnemax.kernels.gated_linear_attention.gpu.chunk_decays`). Returns (every
     chunk's outgoing-state gradient (BH, NC, d_v, d_k) in the matmul dtype, dX (BH, Tp, d_v)
     float32, the initial state's gradient (BH, d_v, d_k) float32)."""
     return gla.walk(_walk_back_kernel, p, ("keys", "keys", "values", "keys", "values", "keys", "gates", "tile"),
@@ -309,11 +296,8 @@ def walk_backward(p: Problem, G, do, Wk, x0, q_in, k_out, dS_T, *, config: Chunk
                     interpret=interpret)
 
 
-def _scores_t_kernel(q_r, k_r, do_r, G_r, gc_r, gr_r, o_r, qi_r, ko_r, *, L, nk, bk, nv, bv, span, scale, mm, f32):
-    """One chunk's A^T dO and the adjoint walk's ``q_in`` and ``k_out``."""
-    w = chunk_weights(gc_r, L)
-    _decayed(q_r, G_r, w.q_in * scale, qi_r, L=L, nk=nk, bk=bk, last=False)
-    _decayed(k_r, G_r, w.k_out, ko_r, L=L, nk=nk, bk=bk, last=True)
+def _scores_t_kernel(q_r, k_r, do_r, G_r, gc_r, gr_r, o_r, *, L, nk, bk, nv, bv, span, scale, mm, f32):
+    """One chunk's A^T dO."""
 
     def scores(i, A):
         return A + gla.intra(q_r, k_r, G_r, gc_r, gr_r, pl.ds(pl.multiple_of(i * bk, bk), bk), L, mm, f32, span=span)
@@ -329,9 +313,8 @@ def _scores_t_kernel(q_r, k_r, do_r, G_r, gc_r, gr_r, o_r, qi_r, ko_r, *, L, nk,
 
 
 def scores_t_times(p: Problem, G, do, *, scale: float, config: ChunkedConfig, interpret: bool, span: float):
-    """The adjoint walk's inputs for every chunk: (A^T dO (BH, Tp, d_v) float32, ``q_in =
-    scale q exp(G) [fresh]`` and ``k_out = k exp(G_L - G) [last]``, each (BH, Tp, d_k) in the
-    matmul dtype); ``span`` as :func:`_blocks`."""
+    """A^T dO (BH, Tp, d_v) float32 for every chunk, the adjoint walk's ``x0``; ``span`` as
+    :func:`_blocks`."""
     BH, NC = p.q.shape[0], p.n_chunks
     Tp = NC * p.L
     sp = gla.chunk_specs(p)
@@ -339,8 +322,7 @@ def scores_t_times(p: Problem, G, do, *, scale: float, config: ChunkedConfig, in
     return pl.pallas_call(
         functools.partial(_scores_t_kernel, L=p.L, scale=scale, mm=mm, f32=f32, **_blocks(p, config, span)),
         grid=(BH, NC), in_specs=[sp["k"], sp["k"], sp["v"], sp["k"], sp["gc"], sp["gr"]],
-        out_specs=[sp["v"], sp["k"], sp["k"]],
-        out_shape=[jax.ShapeDtypeStruct((BH, Tp, p.d_v), F32)] + [jax.ShapeDtypeStruct((BH, Tp, p.d_k), mm.dtype)] * 2,
+        out_specs=sp["v"], out_shape=jax.ShapeDtypeStruct((BH, Tp, p.d_v), F32),
         compiler_params=compiler_params(interpret, config.num_warps, config.num_stages), interpret=interpret,
     )(p.q, p.k, do, G, p.gcol, p.grow)
 
@@ -419,11 +401,12 @@ def forward(q, k, v, beta, g, state, cut, *, chunk_size: int, scale: float, conf
     """(o (B, H, T, d_v) in q's dtype, the final state (B, H, d_k, d_v) float32, the
     backward's residuals (every chunk's incoming state, X, R, Wk)) for per-channel ``g`` (B,
     H, T, d_k); ``cut``: the resets as float32 or None."""
-    p, G, fits = gla.channel_problem(q, k, v, g, cut, chunk_size, beta, config=config, interpret=interpret)
+    p, G, fits, (k_out,) = gla.channel_problem(q, k, v, g, cut, chunk_size, beta, config=config, interpret=interpret,
+                                               decayed=1)
     s0 = state_in_t(p, state)
 
     def run(span):  # one lax.cond around the chunk kernels and the walk between them (gla.by_span)
-        R, U, Wk, k_out = wy(p, G, config=config, interpret=interpret, span=span)
+        R, U, Wk = wy(p, G, config=config, interpret=interpret, span=span)
         states, X, S_T = walk_forward(p, G, U, Wk, k_out, s0, config=config, interpret=interpret)
         o = gla.outputs(p._replace(v=X), G, states, q.dtype, scale=scale, config=config, interpret=interpret, span=span)
         return o, S_T, (states, X, R, Wk)
@@ -437,14 +420,15 @@ def backward(q, k, v, beta, g, state, cut, saved, do, dfinal, *, chunk_size: int
     """The cotangents (dq, dk, dv, dbeta, dg, dstate) of :func:`forward`'s (o, final state),
     in the inputs' shapes and dtypes; ``saved``: :func:`forward`'s residuals."""
     states, X, R, Wk = saved
-    p, G, fits = gla.channel_problem(q, k, v, g, cut, chunk_size, beta, config=config, interpret=interpret)
+    p, G, fits, (k_out, q_in) = gla.channel_problem(q, k, v, g, cut, chunk_size, beta, config=config,
+                                                    interpret=interpret, decayed=2, scale=scale)
     B, H, T, _ = q.shape
     do = pad_axis(pad_axis(do.astype(q.dtype).reshape(B * H, T, -1), 1, p.n_chunks * p.L), 2, p.d_v)
     kw = dict(config=config, interpret=interpret)
     dS_T = state_in_t(p, dfinal)
 
     def run(span):  # one lax.cond around the chunk kernels and the adjoint walk (gla.by_span)
-        x0, q_in, k_out = scores_t_times(p, G, do, scale=scale, span=span, **kw)
+        x0 = scores_t_times(p, G, do, scale=scale, span=span, **kw)
         dstates, dX, dS0 = walk_backward(p, G, do, Wk, x0, q_in, k_out, dS_T, **kw)
         dq, dk_o, _, dG_o = gla.chunk_grads(p._replace(v=X), G, do, states, dstates, scale=scale, span=span, **kw)
         return (dq, dk_o, dG_o, dS0) + delta_grads(p, G, states, R, dX, span=span, **kw)

@@ -69,6 +69,7 @@ from ..chunked_pallas import (
     dot,
     dot_nt,
     dot_tn,
+    mm_dtype,
     pad_axis,
     seq_out,
     state_in_t,
@@ -102,41 +103,67 @@ def by_span(fits, config: ChunkedConfig, run):
     return lax.cond(fits, lambda: run(FACTORED), lambda: run(config.span_limit))
 
 
-def _decays_kernel(g_r, G_r, r_r):
-    """One chunk's (and key block's) cumulative log decay and each channel's range over it."""
+def _decays_kernel(g_r, *refs, L: int, decayed: int, scale: float):
+    """One chunk's (and key block's) cumulative log decay and each channel's range over it;
+    with ``decayed`` 1 or 2 also ``k_out = k exp(G_L - G) [last]`` (and ``q_in = scale q
+    exp(G) [fresh]``) in the matmul dtype, the state walks' operands."""
+    gc_r, k_r, *q_r = refs[:-2 - decayed] if decayed else (None, None)
+    G_r, r_r, *x_out = refs[len(refs) - 2 - decayed:]
     G = jnp.cumsum(g_r[...].astype(F32), axis=0)
     G_r[...] = G
     r_r[...] = jnp.max(G, axis=0, keepdims=True) - jnp.min(G, axis=0, keepdims=True)
+    if decayed:
+        w = chunk_weights(gc_r, L)
+        last = lax.broadcasted_iota(jnp.int32, G.shape, 0) == L - 1
+        G_L = jnp.sum(jnp.where(last, G, 0.0), axis=0, keepdims=True)  # row L - 1 exactly
+        x_out[0][...] = (k_r[...].astype(F32) * (w.k_out * jnp.exp(G_L - G))).astype(x_out[0].dtype)
+    if decayed == 2:
+        x_out[1][...] = (q_r[0][...].astype(F32) * (w.q_in * scale * jnp.exp(G))).astype(x_out[1].dtype)
 
 
-def chunk_decays(g, L: int, *, interpret: bool):
+def chunk_decays(g, L: int, *, interpret: bool, p: Problem | None = None, decayed: int = 0, scale: float = 1.0):
     """``g`` (BH, Tp, d_k) (padded, any float dtype) -> (``G`` (BH, Tp, d_k) float32, its
     cumulative sum inside each chunk of ``L`` steps; the range ``max_t G - min_t G`` of each
     chunk and channel (BH, NC, d_k) float32, for :func:`fits_span`), in one pass over ``g``:
     the same values as ``jnp.cumsum`` and a reduction over ``G`` in XLA, which read and wrote
     the float32 ``G`` twice more (on an H100 that glue was 0.28 ms of KDA's 1.56 ms forward at
-    (8, 2048, 16, 128))."""
+    (8, 2048, 16, 128)).
+
+    ``decayed`` 1 (with ``p``, the :class:`Problem` of the same chunks) appends ``k_out = k
+    exp(G_L - G) [last]`` and 2 also ``q_in = scale q exp(G) [fresh]``, each (BH, Tp, d_k) in
+    the matmul dtype: the delta rule's per-channel state walks read these instead of ``k``,
+    ``q`` and ``G`` in every value tile, and forming them here, where ``G`` is made, streams
+    the keys (and queries) once more instead of adding their writes to the per-chunk kernels
+    (KDA's WY kernel took 0.46 -> 0.56 ms at (8, 2048) with ``k_out``, H100)."""
     BH, Tp, dk = g.shape
     bk = min(dk, 64)
     spec = pl.BlockSpec((None, L, bk), lambda b, c, j: (b, c, j))
+    ins, in_specs = [g], [spec]
+    out_shape = [jax.ShapeDtypeStruct((BH, Tp, dk), F32), jax.ShapeDtypeStruct((BH, Tp // L, dk), F32)]
+    if decayed:
+        ins += [p.gcol, p.k] + [p.q] * (decayed == 2)
+        in_specs += [pl.BlockSpec((None, None, L, GATE_COLS), lambda b, c, j: (b, c, 0, 0))] + [spec] * decayed
+        out_shape += [jax.ShapeDtypeStruct((BH, Tp, dk), mm_dtype(p.q.dtype))] * decayed
     return pl.pallas_call(
-        _decays_kernel, grid=(BH, Tp // L, dk // bk), in_specs=[spec],
-        out_specs=[spec, pl.BlockSpec((None, 1, bk), lambda b, c, j: (b, c, j))],
-        out_shape=[jax.ShapeDtypeStruct((BH, Tp, dk), F32), jax.ShapeDtypeStruct((BH, Tp // L, dk), F32)],
-        compiler_params=compiler_params(interpret, 4, 1), interpret=interpret,
-    )(g)
+        functools.partial(_decays_kernel, L=L, decayed=decayed, scale=scale), grid=(BH, Tp // L, dk // bk),
+        in_specs=in_specs,
+        out_specs=[spec, pl.BlockSpec((None, 1, bk), lambda b, c, j: (b, c, j))] + [spec] * decayed,
+        out_shape=out_shape, compiler_params=compiler_params(interpret, 4, 1), interpret=interpret,
+    )(*ins)
 
 
-def channel_problem(q, k, v, g, resets, chunk_size: int, beta=None, *, config: ChunkedConfig, interpret: bool):
+def channel_problem(q, k, v, g, resets, chunk_size: int, beta=None, *, config: ChunkedConfig, interpret: bool,
+                    decayed: int = 0, scale: float = 1.0):
     """(the :class:`~mnemax.kernels.chunked_pallas.Problem` of q, k, v, the resets and ``beta``
     (the delta rule's, or None), no decay in its gate columns; ``G`` (BH, Tp, d_k) float32,
     the cumulative log decay of ``g`` (B, H, T, d_k) inside each chunk, zero on padded steps
-    and channels (:func:`chunk_decays`); :func:`fits_span` of its chunks, or None)."""
+    and channels (:func:`chunk_decays`); :func:`fits_span` of its chunks, or None; the tuple
+    of ``decayed`` arrays of :func:`chunk_decays`, ``(k_out,)`` or ``(k_out, q_in)``, or ())."""
     p = make_problem(q, k, v, None, beta, resets, chunk_size)
     B, H, T, dk = g.shape
     g = pad_axis(pad_axis(g.reshape(B * H, T, dk), 1, p.n_chunks * p.L), 2, p.d_k)
-    G, ranges = chunk_decays(g, p.L, interpret=interpret)
-    return p, G, fits_span(ranges, config)
+    G, ranges, *xs = chunk_decays(g, p.L, interpret=interpret, p=p, decayed=decayed, scale=scale)
+    return p, G, fits_span(ranges, config), tuple(xs)
 
 
 # ----------------------------------------------------------------------------- in-kernel math
@@ -457,7 +484,7 @@ def forward(q, k, v, g, state, cut, *, chunk_size: int, scale: float, config: Ch
     """(o (B, H, T, d_v) in q's dtype, the final state (B, H, d_k, d_v) float32, every chunk's
     incoming state (the backward's residual)) for per-channel ``g`` (B, H, T, d_k); ``cut``:
     the resets as float32 or None."""
-    p, G, fits = channel_problem(q, k, v, g, cut, chunk_size, config=config, interpret=interpret)
+    p, G, fits, _ = channel_problem(q, k, v, g, cut, chunk_size, config=config, interpret=interpret)
     states, S_T = walk_forward(p, G, state_in_t(p, state), config=config, interpret=interpret)
     o = by_span(fits, config,
                 lambda span: outputs(p, G, states, q.dtype, scale=scale, config=config, interpret=interpret, span=span))
@@ -468,7 +495,7 @@ def backward(q, k, v, g, state, cut, states, do, dfinal, *, chunk_size: int, sca
              interpret: bool):
     """The cotangents (dq, dk, dv, dg, dstate) of :func:`forward`'s (o, final state), in the
     inputs' shapes and dtypes."""
-    p, G, fits = channel_problem(q, k, v, g, cut, chunk_size, config=config, interpret=interpret)
+    p, G, fits, _ = channel_problem(q, k, v, g, cut, chunk_size, config=config, interpret=interpret)
     B, H, T, _ = q.shape
     do = pad_axis(pad_axis(do.astype(q.dtype).reshape(B * H, T, -1), 1, p.n_chunks * p.L), 2, p.d_v)
     dstates, dS0 = walk_backward(p, G, do, state_in_t(p, dfinal), scale=scale, config=config, interpret=interpret)
