@@ -67,9 +67,9 @@ def test_fidelity_of_mamba_and_memmamba():
     tok = jnp.asarray(np.random.default_rng(2).integers(0, 64, (64, 24)), jnp.int32)
     every_step = jnp.ones(tok.shape, bool)
     mamba = mnemax.create("mamba-tiny")
-    vm = mamba.init(jax.random.key(0), tok)
+    vm = jax.jit(mamba.init)(jax.random.key(0), tok)
     memmamba = mnemax.create("memmamba-tiny", read_init_scale=1.0)
-    vmm = memmamba.init(jax.random.key(1), tok)
+    vmm = jax.jit(memmamba.init)(jax.random.key(1), tok)
     distances = range(4)
     for model, v in ((mamba, vm), (memmamba, vmm)):
         fid = dg.memory_fidelity(model, v, tok, distances)

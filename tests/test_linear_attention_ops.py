@@ -286,10 +286,10 @@ def test_pallas_tpu_factored_and_sub_chunked_scores_equal_xla(op, strong):
         assert rel_err(g[name], g_ref[name]) < 1e-5, (name, rel_err(g[name], g_ref[name]))
 
 
-# the delta rule's bf16 case is -m slow (14 s on CI): its float32 case holds the same two kernel
-# sets bit for bit, and GLA's bf16 case the same per-channel scores in bf16
-@pytest.mark.parametrize("op,dtype", [("gla", jnp.float32), ("gla", jnp.bfloat16), ("delta", jnp.float32),
-                                      pytest.param("delta", jnp.bfloat16, marks=pytest.mark.slow)])
+# the bf16 cases are -m slow (7-14 s each on CI): the float32 cases hold the same two kernel sets
+# bit for bit, and test_pallas_bf16_inputs_match_the_reference the per-channel kernels in bf16
+@pytest.mark.parametrize("op,dtype", [("gla", jnp.float32), pytest.param("gla", jnp.bfloat16, marks=pytest.mark.slow),
+                                      ("delta", jnp.float32), pytest.param("delta", jnp.bfloat16, marks=pytest.mark.slow)])
 def test_pallas_gpu_factored_only_kernels_equal_the_per_chunk_choice(op, dtype):
     """Per-channel decays on GPU whose every chunk spans less than the limit (here 5-26 nats per
     chunk of 32): with ``ChunkedConfig.form_per_call`` (the default) one ``lax.cond`` outside the
@@ -365,8 +365,12 @@ def test_xla_factored_and_sub_chunked_scores_equal_the_reference(op, strong):
         assert rel_err(g[name], g_ref[name]) < 1e-3, (name, rel_err(g[name], g_ref[name]))
 
 
-@pytest.mark.parametrize("gate,wy_block,rows", [("none", None, 16), ("head", None, 16), ("head", 32, 32),
-                                               ("channel", None, 32), ("channel", 16, 16)])
+# the non-default row blocks are -m slow (7-8 s each on CI): the same block forward substitution
+# runs in the default cases, with two row blocks per chunk (per channel) and four (per head)
+@pytest.mark.parametrize("gate,wy_block,rows", [("none", None, 16), ("head", None, 16),
+                                               pytest.param("head", 32, 32, marks=pytest.mark.slow),
+                                               ("channel", None, 32),
+                                               pytest.param("channel", 16, 16, marks=pytest.mark.slow)])
 def test_pallas_gpu_wy_blocks_equal_the_reference(monkeypatch, gate, wy_block, rows):
     """The delta rule's WY/UT preparation on GPU by block forward substitution (chunk 64 in row
     blocks of 16 or 32, by default 16 for no decay or one per head and 32 per channel; the

@@ -52,7 +52,7 @@ def test_nothing_written_equals_mamba():
     tok = _tok((2, 12))
     resets = jnp.zeros((2, 12), bool).at[1, 5].set(True)
     mamba = mnemax.create("mamba-tiny", **{k: TINY[k] for k in ("d_model", "n_layers", "chunk_size")})
-    vm = mamba.init(jax.random.key(1), tok)
+    vm = jax.jit(mamba.init)(jax.random.key(1), tok)
     want, want_state = jax.jit(mamba.apply)(vm, tok, None, resets)
     model = mnemax.create("memmamba-tiny", **TINY, note_threshold=1.0, pool_chunk=4)
     params = _copy_mamba(model.init(jax.random.key(0), tok)["params"], vm["params"])
@@ -75,7 +75,7 @@ def test_chunked_equals_reference_at_chunk_1(replace="salience"):
     results = []
     for impl in ("chunked", "reference"):
         model = mnemax.create("memmamba-tiny", **TINY, replace=replace, pool_impl=impl, pool_chunk=1)
-        v = model.init(jax.random.key(0), tok)
+        v = jax.jit(model.init)(jax.random.key(0), tok)
 
         def loss(v):
             out, state = model.apply(v, tok, None, resets)
@@ -104,7 +104,7 @@ def test_cross_layer_reads_from_recorded_pools_equal_the_replay(monkeypatch):
     resets = jnp.zeros((2, 14), bool).at[1, 6].set(True)
     w = jnp.asarray(np.random.default_rng(6).standard_normal((2, 14, 64)), jnp.float32)
     model = mnemax.create("memmamba-tiny", **{**TINY, "n_layers": 3}, cross_layer_every=1, pool_chunk=4)
-    v = model.init(jax.random.key(0), tok)
+    v = jax.jit(model.init)(jax.random.key(0), tok)
 
     def loss(v):
         out, state = model.apply(v, tok, None, resets)
@@ -132,7 +132,7 @@ def _scanned_params(params, n_layers: int, every: int):
     """Unscanned memmamba parameters (block_<l>, cross_layer_<l>) in the scanned layout
     (blocks/layers/block stacked over (groups, layers of a group), blocks/cross stacked over
     the groups of ``every`` layers)."""
-    stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)  # noqa: E731
+    stack = lambda trees: jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]), *trees)  # noqa: E731
     groups = n_layers // every
     layers = stack([stack([params[f"block_{g * every + j}"] for j in range(every)]) for g in range(groups)])
     blocks = {"layers": {"block": layers}}
@@ -153,7 +153,7 @@ def test_scanned_stack_equals_the_unscanned_one(span):
     tok = _tok((2, 14), seed=7)
     resets = jnp.zeros((2, 14), bool).at[1, 9].set(True)
     w = jnp.asarray(np.random.default_rng(8).standard_normal((2, 14, 64)), jnp.float32)
-    v = nn.meta.unbox(plain.init(jax.random.key(0), tok))
+    v = nn.meta.unbox(jax.jit(plain.init)(jax.random.key(0), tok))
     vs = {"params": _scanned_params(v["params"], 4, 2)}
     stacked = jax.tree.structure(nn.meta.unbox(jax.eval_shape(scan.init, jax.random.key(0), tok)))
     assert jax.tree.structure(vs) == stacked
@@ -169,7 +169,7 @@ def test_scanned_stack_equals_the_unscanned_one(span):
     close(out_s, out_p)
     jax.tree.map(close, st_s.blocks, jax.tree.map(lambda *a: jnp.stack(a), *st_p.blocks))
     more = _tok((2, 5), seed=9)
-    close(scan.apply(vs, more, st_s)[0], plain.apply(v, more, st_p)[0])
+    close(jax.jit(scan.apply)(vs, more, st_s)[0], jax.jit(plain.apply)(v, more, st_p)[0])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=5e-6),
                  g_s["params"], _scanned_params(g_p["params"], 4, 2))
 
@@ -177,7 +177,7 @@ def test_scanned_stack_equals_the_unscanned_one(span):
 def test_scanned_stack_needs_whole_groups():
     model = mnemax.create("memmamba-tiny", **{**TINY, "n_layers": 3}, cross_layer_every=2, scan_layers=True)
     with pytest.raises(ValueError, match="cross_layer_every >= 2 dividing n_layers"):
-        model.init(jax.random.key(0), _tok((1, 4)))
+        jax.jit(model.init)(jax.random.key(0), _tok((1, 4)))
 
 
 def test_read_history_checks_the_chunk_count():
@@ -276,7 +276,7 @@ def test_block_pool_matches_python_loop(replace):
     x = _floats(16)(np.random.default_rng(5), 2, 40)
     for chunk in (1, 5):
         block = memmamba_block(pool_size=4, replace=replace, pool_chunk=chunk)
-        v = block.init(jax.random.key(0), x)
+        v = jax.jit(block.init)(jax.random.key(0), x)
         (_, state), inter = jax.jit(lambda v, x: block.apply(v, x, mutable=["intermediates"]))(v, x)
         (notes,) = inter["intermediates"]["notes"]
         for b in range(2):
@@ -319,7 +319,7 @@ def test_stack_equals_the_lm_blocks():
     its final norm (the same parameters, names block_<l> and cross_layer_<l>)."""
     tok = _tok((2, 10))
     model = mnemax.create("memmamba-tiny", **TINY, cross_layer_every=1)
-    v = model.init(jax.random.key(0), tok)
+    v = jax.jit(model.init)(jax.random.key(0), tok)
     (_, _), inter = jax.jit(lambda v: model.apply(v, tok, mutable=["intermediates"]))(v)
     stream = inter["intermediates"]["layer_outputs"]
     b = model.config.block

@@ -91,8 +91,9 @@ def test_heads_match_manual_computation():
 
     for tie in (False, True):
         model = mnemax.create("transformer-tiny", tie_embeddings=tie)
-        v = model.init(jax.random.key(0), tok)
-        (logits, _), inter = model.apply(v, tok, capture_intermediates=lambda m, _: m.name == "final_norm", mutable=["intermediates"])
+        v = jax.jit(model.init)(jax.random.key(0), tok)
+        (logits, _), inter = jax.jit(lambda v: model.apply(
+            v, tok, capture_intermediates=lambda m, _: m.name == "final_norm", mutable=["intermediates"]))(v)
         feats = np.asarray(inter["intermediates"]["final_norm"]["__call__"][0][0], np.float64)
         p = nn.meta.unbox(v["params"])
         w = np.asarray(p["embed"]["embedding"]).T if tie else np.asarray(p["head"]["kernel"])
@@ -102,8 +103,9 @@ def test_heads_match_manual_computation():
     resets = jnp.zeros((2, 7), bool).at[1, 3].set(True)
     cfg = dict(head="classify", num_classes=4, vocab_size=None, input_dim=3)
     mean_model = mnemax.create("transformer-tiny", pool="mean", **cfg)
-    v = mean_model.init(jax.random.key(0), x)
-    (out, _), inter = mean_model.apply(v, x, None, resets, capture_intermediates=lambda m, _: m.name == "final_norm", mutable=["intermediates"])
+    v = jax.jit(mean_model.init)(jax.random.key(0), x)
+    (out, _), inter = jax.jit(lambda v: mean_model.apply(
+        v, x, None, resets, capture_intermediates=lambda m, _: m.name == "final_norm", mutable=["intermediates"]))(v)
     feats = np.asarray(inter["intermediates"]["final_norm"]["__call__"][0][0], np.float64)
     means = np.zeros_like(feats)
     for b in range(2):
@@ -141,7 +143,7 @@ def test_remat_model_matches_plain(preset, overrides):
     tok = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 9)), jnp.int32)
     plain = mnemax.create(preset, **{k: v for k, v in overrides.items() if k == "scan_layers"})
     remat = mnemax.create(preset, remat=True, **overrides)
-    v = plain.init(jax.random.key(0), tok)
+    v = jax.jit(plain.init)(jax.random.key(0), tok)
     loss = lambda m: lambda v: jnp.sum(m.apply(v, tok)[0] ** 2)  # noqa: E731
     policy = {"nothing": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
               "dots_all": jax.checkpoint_policies.dots_saveable}[overrides.get("remat_policy", "nothing")]
@@ -156,7 +158,7 @@ def test_remat_model_matches_plain(preset, overrides):
 
 def test_bad_model_inputs():
     model = mnemax.create("transformer-tiny")
-    v = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    v = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
     with pytest.raises(ValueError, match="inputs"):
         model.apply(v, jnp.zeros((1, 4), jnp.float32))
     with pytest.raises(ValueError, match="state"):
@@ -169,13 +171,13 @@ def test_logit_soft_cap_and_final_norm_variants():
     tok = jnp.asarray(np.random.default_rng(0).integers(0, 64, (1, 5)), jnp.int32)
     plain = mnemax.create("transformer-tiny")
     capped = mnemax.create("transformer-tiny", logit_soft_cap=0.5)
-    v = plain.init(jax.random.key(0), tok)
+    v = jax.jit(plain.init)(jax.random.key(0), tok)
     raw, _ = plain.apply(v, tok)
     out, _ = capped.apply(v, tok)
     np.testing.assert_allclose(np.asarray(out), 0.5 * np.tanh(np.asarray(raw, np.float64) / 0.5), rtol=1e-5, atol=1e-6)
     for kind, n_params in (("none", 0), ("layer_nobias", 1), ("layer", 2), ("rms", 1)):
         m = mnemax.create("transformer-tiny", final_norm=kind)
-        v = m.init(jax.random.key(0), tok)
+        v = jax.jit(m.init)(jax.random.key(0), tok)
         assert len(v["params"].get("final_norm", {})) == n_params, kind
 
 
@@ -193,24 +195,25 @@ def test_scan_layers_equals_the_unrolled_stack(preset, layers, extra, period):
     resets = jnp.zeros((2, 10), bool).at[1, 4].set(True)
     plain = mnemax.create(preset, n_layers=layers, **extra)
     scanned = mnemax.create(preset, n_layers=layers, scan_layers=True, **extra)
-    v = plain.init(jax.random.key(0), tok)
+    v = jax.jit(plain.init)(jax.random.key(0), tok)
     p = nn.meta.unbox(v["params"])
     blocks = [p.pop(f"block_{i}") for i in range(layers)]
-    stack = lambda j: jax.tree.map(lambda *l: jnp.stack(l), *blocks[j::period])  # noqa: E731
+    stack = lambda j: jax.tree.map(lambda *l: np.stack([np.asarray(a) for a in l]), *blocks[j::period])  # noqa: E731
     p["blocks"] = {"block": stack(0)} if period == 1 else {f"block_{j}": stack(j) for j in range(period)}
     sv = {"params": p}
     # the scanned model's own init has the same structure
     own = jax.eval_shape(scanned.init, jax.random.key(0), tok)
     assert jax.tree.structure(nn.meta.unbox(own)) == jax.tree.structure(sv)
     if preset == "xlstm-tiny":  # the sLSTM forget-gate bias init depends on the layer's depth
-        got = nn.meta.unbox(scanned.init(jax.random.key(0), tok)["params"])["blocks"]["block_1"]["slstm"]["bias"]
+        got = nn.meta.unbox(jax.jit(scanned.init)(jax.random.key(0), tok)["params"])["blocks"]["block_1"]["slstm"]["bias"]
         # (1.6e-6 apart at -O0: the bias's float32 power law computed in two programs)
         np.testing.assert_allclose(np.asarray(got), np.asarray(p["blocks"]["block_1"]["slstm"]["bias"]), rtol=1e-5)
         assert not np.allclose(got[0], got[1])
-    y0, s0 = plain.apply(v, tok[:, :6], None, resets[:, :6])
-    y1, s1 = plain.apply(v, tok[:, 6:], s0, resets[:, 6:])
-    z0, t0 = scanned.apply(sv, tok[:, :6], None, resets[:, :6])
-    z1, t1 = scanned.apply(sv, tok[:, 6:], t0, resets[:, 6:])
+    plain_apply, scanned_apply = jax.jit(plain.apply), jax.jit(scanned.apply)
+    y0, s0 = plain_apply(v, tok[:, :6], None, resets[:, :6])
+    y1, s1 = plain_apply(v, tok[:, 6:], s0, resets[:, 6:])
+    z0, t0 = scanned_apply(sv, tok[:, :6], None, resets[:, :6])
+    z1, t1 = scanned_apply(sv, tok[:, 6:], t0, resets[:, 6:])
     np.testing.assert_allclose(np.asarray(z0), np.asarray(y0), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(z1), np.asarray(y1), rtol=1e-5, atol=1e-5)
     for i in range(layers):
@@ -224,4 +227,4 @@ def test_scan_layers_equals_the_unrolled_stack(preset, layers, extra, period):
 def test_scan_layers_rejects_a_stack_without_a_repeating_group():
     model = mnemax.create("xlstm-tiny", n_layers=3, slstm_at=(1,), scan_layers=True)
     with pytest.raises(ValueError, match="period dividing n_layers=3"):
-        model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+        jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))

@@ -41,8 +41,8 @@ def test_round_trip_and_files(bundle):
     assert loaded_model.config == model.config
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    y0, _ = model.apply(params, TOKENS)
-    y1, _ = loaded_model.apply(loaded, TOKENS)
+    y0, _ = jax.jit(model.apply)(params, TOKENS)
+    y1, _ = jax.jit(loaded_model.apply)(loaded, TOKENS)
     np.testing.assert_array_equal(np.asarray(y0), np.asarray(y1))
 
 
@@ -52,7 +52,7 @@ def test_restore_onto_a_mesh(bundle):
     _, sharded = mnemax.load_pretrained(path, mesh=mesh)
     emb = sharded["params"]["embed"]["embedding"]
     assert emb.addressable_shards[0].data.shape == (32, 16)  # vocab 64 / tensor 2, embed 32 / fsdp 2
-    y0, _ = model.apply(params, TOKENS)
+    y0, _ = jax.jit(model.apply)(params, TOKENS)
     y1, _ = jax.jit(model.apply)(sharded, TOKENS)
     np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=1e-5, atol=1e-5)
 
