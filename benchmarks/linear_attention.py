@@ -50,6 +50,7 @@ SHAPES = [(8, 2048, 16, 128), (2, 8192, 16, 128)]
 CHECK = True  # --no_check: time only
 CHECK_D = 64  # --check_d: the head size of the fp32 and bf16 checks' shape (2, 300, 2, CHECK_D)
 CONFIG = None  # --config: the Pallas GPU kernels' ChunkedConfig (None: the defaults)
+CHUNK = 64  # the chunk size of every call (linear_attention_kernels.py --chunks sets it)
 GROUPS = 1  # --groups: value heads per q/k head (grouped heads; 1: none)
 
 
@@ -85,7 +86,8 @@ def inputs(op: str, shape, dtype, seed=0):
     return {n: None if a is None else jnp.asarray(a, dtype) for n, a in arrs.items()}
 
 
-def call(op: str, x: dict, backend: str, chunk_size: int = 64):
+def call(op: str, x: dict, backend: str, chunk_size: int | None = None):
+    chunk_size = CHUNK if chunk_size is None else chunk_size
     kw = {"config": CONFIG} if CONFIG is not None and backend == "pallas_gpu" else {}
     if OPS[op][0] == "gla":
         return gated_linear_attention(x["q"], x["k"], x["v"], x["g"], backend=backend, chunk_size=chunk_size, **kw)

@@ -10,6 +10,7 @@ inputs as ``benchmarks/linear_attention.py``; the table is printed last and the 
 
     python3 benchmarks/linear_attention_kernels.py --ops gdn,kda --shapes 8,2048,16,128
     python3 benchmarks/linear_attention_kernels.py --ops gdn --config "" bwd_warps=4 wy_block=64
+    python3 benchmarks/linear_attention_kernels.py --ops simple_gla --shapes 8,2048,24,128,64 --chunks 64 32
     python3 benchmarks/linear_attention_kernels.py --interpret --shapes 1,64,2,16   # CPU logic check
 """
 
@@ -68,7 +69,8 @@ def recorded_kernels(op: str, x: dict) -> list[tuple]:
 def rows_for(op: str, shape) -> list[dict]:
     x = inputs(op, shape, jnp.bfloat16)
     diff = {n: a for n, a in x.items() if a is not None}
-    base = {"op": op, "shape": str(shape), "dtype": "bfloat16", "config": config_label(linear_attention.CONFIG)}
+    base = {"op": op, "shape": str(shape), "dtype": "bfloat16", "chunk": linear_attention.CHUNK,
+            "config": config_label(linear_attention.CONFIG)}
     fwd = jax.jit(lambda d: call(op, {**x, **d}, "pallas_gpu"))
     fb = jax.jit(jax.grad(lambda d: loss_fn(op, "pallas_gpu")({**x, **d})))
     total = {"fwd": 1e3 * bench(fwd, diff), "fwd+bwd": 1e3 * bench(fb, diff)}
@@ -96,7 +98,10 @@ def main():
     ap.add_argument("--config", nargs="*", default=[""],
                     help="ChunkedConfig variants to time in turn, each comma-separated field=int (\"\": the "
                          "defaults), e.g. --config \"\" bwd_warps=4 wy_block=64")
+    ap.add_argument("--chunks", nargs="*", type=int, default=[64], help="chunk sizes to time in turn")
     args = ap.parse_args()
+    if any(c < 16 or c & (c - 1) for c in args.chunks):
+        raise SystemExit(f"--chunks: got {args.chunks}; expected powers of two >= 16")
     configs = [parse_config(c) for c in args.config]
     if args.interpret:
         os.environ["MNEMAX_PALLAS_INTERPRET"] = "1"
@@ -107,11 +112,12 @@ def main():
     for s in args.shapes:
         shape = parse_shape(s)
         for op in ops:
-            for config in configs:
-                linear_attention.CONFIG = config
-                rows += rows_for(op, shape)
+            for chunk in args.chunks:
+                for config in configs:
+                    linear_attention.CONFIG, linear_attention.CHUNK = config, chunk
+                    rows += rows_for(op, shape)
     save({"env": env, "rows": rows}, "linear_attention_kernels.json")
-    print(table(rows, ["op", "shape", "config", "phase", "kernel", "ms"]))
+    print(table(rows, ["op", "shape", "chunk", "config", "phase", "kernel", "ms"]))
 
 
 if __name__ == "__main__":
