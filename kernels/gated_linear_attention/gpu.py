@@ -107,17 +107,19 @@ def _decays_kernel(g_r, *refs, L: int, decayed: int, scale: float):
     """One chunk's (and key block's) cumulative log decay and each channel's range over it;
     with ``decayed`` 1 or 2 also ``k_out = k exp(G_L - G) [last]`` (and ``q_in = scale q
     exp(G) [fresh]``) in the matmul dtype, the state walks' operands."""
-    gc_r, k_r, *q_r = refs[:-2 - decayed] if decayed else (None, None)
-    G_r, r_r, *x_out = refs[len(refs) - 2 - decayed:]
+    n_in = decayed + 1 if decayed else 0  # the gate columns, k and (decayed 2) q
+    ins, (G_r, r_r, *x_out) = refs[:n_in], refs[n_in:]
     G = jnp.cumsum(g_r[...].astype(F32), axis=0)
     G_r[...] = G
     r_r[...] = jnp.max(G, axis=0, keepdims=True) - jnp.min(G, axis=0, keepdims=True)
-    if decayed:
-        w = chunk_weights(gc_r, L)
-        last = lax.broadcasted_iota(jnp.int32, G.shape, 0) == L - 1
-        G_L = jnp.sum(jnp.where(last, G, 0.0), axis=0, keepdims=True)  # row L - 1 exactly
-        x_out[0][...] = (k_r[...].astype(F32) * (w.k_out * jnp.exp(G_L - G))).astype(x_out[0].dtype)
-    if decayed == 2:
+    if not decayed:
+        return
+    gc_r, k_r, *q_r = ins
+    w = chunk_weights(gc_r, L)
+    last = lax.broadcasted_iota(jnp.int32, G.shape, 0) == L - 1
+    G_L = jnp.sum(jnp.where(last, G, 0.0), axis=0, keepdims=True)  # row L - 1 exactly
+    x_out[0][...] = (k_r[...].astype(F32) * (w.k_out * jnp.exp(G_L - G))).astype(x_out[0].dtype)
+    if q_r:
         x_out[1][...] = (q_r[0][...].astype(F32) * (w.q_in * scale * jnp.exp(G))).astype(x_out[1].dtype)
 
 
