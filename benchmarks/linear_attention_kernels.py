@@ -11,6 +11,8 @@ inputs as ``benchmarks/linear_attention.py``; the table is printed last and the 
     python3 benchmarks/linear_attention_kernels.py --ops gdn,kda --shapes 8,2048,16,128
     python3 benchmarks/linear_attention_kernels.py --ops gdn --config "" bwd_warps=4 wy_block=64
     python3 benchmarks/linear_attention_kernels.py --ops simple_gla --shapes 8,2048,24,128,64 --chunks 64 32
+    python3 benchmarks/linear_attention_kernels.py --ops simple_gla --shapes 8,2048,24,128,64 --groups 24 \
+        --config "" group_heads=4 group_heads=8     # Mamba-2's one group of B and C
     python3 benchmarks/linear_attention_kernels.py --interpret --shapes 1,64,2,16   # CPU logic check
 """
 
@@ -69,7 +71,8 @@ def recorded_kernels(op: str, x: dict) -> list[tuple]:
 def rows_for(op: str, shape) -> list[dict]:
     x = inputs(op, shape, jnp.bfloat16)
     diff = {n: a for n, a in x.items() if a is not None}
-    base = {"op": op, "shape": str(shape), "dtype": "bfloat16", "chunk": linear_attention.CHUNK,
+    base = {"op": op, "shape": str(shape) + (f" groups {linear_attention.GROUPS}" if linear_attention.GROUPS > 1 else ""),
+            "dtype": "bfloat16", "chunk": linear_attention.CHUNK,
             "config": config_label(linear_attention.CONFIG)}
     fwd = jax.jit(lambda d: call(op, {**x, **d}, "pallas_gpu"))
     fb = jax.jit(jax.grad(lambda d: loss_fn(op, "pallas_gpu")({**x, **d})))
@@ -99,7 +102,10 @@ def main():
                     help="ChunkedConfig variants to time in turn, each comma-separated field=int (\"\": the "
                          "defaults), e.g. --config \"\" bwd_warps=4 wy_block=64")
     ap.add_argument("--chunks", nargs="*", type=int, default=[64], help="chunk sizes to time in turn")
+    ap.add_argument("--groups", type=int, default=1,
+                    help="value heads per q/k head (grouped heads; mamba2-130m's one group of 24 heads: 24)")
     args = ap.parse_args()
+    linear_attention.GROUPS = args.groups
     if any(c < 16 or c & (c - 1) for c in args.chunks):
         raise SystemExit(f"--chunks: got {args.chunks}; expected powers of two >= 16")
     configs = [parse_config(c) for c in args.config]

@@ -2,7 +2,7 @@
 
     python benchmarks/throughput.py [--families transformer,mamba,xlstm] [--contexts 2048,8192,32768]
         [--tokens 16384] [--prefill 16384] [--prefill_chunk 2048] [--gen 64]
-        [--remat_from 16384] [--remat_policy nothing,dots,dots_all,off]
+        [--remat_from 16384] [--remat_policy nothing,dots,dots_all,off] [--kernel_config group_heads=8]
 
 Training: for each context length and each family's ~125M preset, a jitted AdamW step
 on ``--tokens`` tokens per step (batch = tokens / context; blocks rematerialised from
@@ -141,6 +141,22 @@ def gen_row(model, params, apply, name, prefill, gen, batch, chunk, rng):
             "gen_tokens_per_s": batch * gen / dt, "ms_per_token_step": dt / gen * 1e3, **sizes}
 
 
+def set_kernel_config(text: str) -> None:
+    """Make ``text`` (comma-separated ``field=number`` of :class:`ChunkedConfig`) the default
+    config of ``gated_linear_attention`` and ``delta_rule`` for this process: the layers pass
+    ``config=None`` unless built with a ``kernel_config``, and the ops read their module's
+    ``DEFAULT_CONFIG`` when they are traced. A benchmark's switch, for A/B rows of one kernel
+    choice end to end; library code sets ``kernel_config`` on the layer instead."""
+    import importlib
+
+    from linear_attention import parse_config
+
+    config = parse_config(text)
+    for name in ("gated_linear_attention", "delta_rule"):  # the packages (the ops' functions shadow their names)
+        importlib.import_module(f"mnemax.kernels.{name}").DEFAULT_CONFIG = config
+    print(f"kernel config: {config}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--families", default=",".join(f for f in FAMILIES if not f.endswith("-xla")))
@@ -156,12 +172,19 @@ def main():
     ap.add_argument("--skip_gen", action="store_true")
     ap.add_argument("--state_only", action="store_true", help="only the state sizes (shapes; runs anywhere)")
     ap.add_argument("--tiny", action="store_true", help="tiny presets (a dry run on CPU)")
+    ap.add_argument("--kernel_config", default=None,
+                    help="ChunkedConfig fields for every matrix-state op's Pallas GPU kernels, as "
+                         "benchmarks/linear_attention.py's --config (e.g. group_heads=8): the ops' default "
+                         "config for this run; the rows record it")
     args = ap.parse_args()
+    if args.kernel_config:
+        set_kernel_config(args.kernel_config)
     if args.tiny:
         for k, (preset, ov) in list(FAMILIES.items()):
             tiny = _tiny(preset)
             FAMILIES[k] = (tiny, {kk: vv for kk, vv in ov.items() if kk not in ("implementation", "backend")})
     env = environment()
+    env["kernel_config"] = args.kernel_config or "default"
     print(env, flush=True)
     if args.state_only:
         rows = [{"family": n, "batch": b, **state_sizes(n, args.prefill, args.gen, b)}

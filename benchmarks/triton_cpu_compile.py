@@ -11,7 +11,8 @@ Python, printing a table: kernel, dtype, warps, stages, compile seconds, shared 
 the figures are estimates; a kernel over the limit here is worth fixing before a GPU run.
 
     python benchmarks/triton_cpu_compile.py --triton_python /path/to/venv/bin/python \\
-        [--ops gla,gla_channel,deltanet,gdn,kda] [--dtypes bfloat16,float32] [--d 128] [--d_v 64] [--chunk 64] [--config num_warps=8]
+        [--ops gla,gla_channel,deltanet,gdn,kda] [--dtypes bfloat16,float32] [--d 128] [--d_v 64] [--chunk 64] \\
+        [--heads 8 --qk_heads 1] [--config num_warps=8]
 
 The second Python needs ``pip install triton==3.9.0`` (a CPU machine is enough: the
 compiler and ``ptxas`` ship in the wheel).
@@ -106,14 +107,16 @@ def capture(fn, args, outdir: str, tag: str) -> list[dict]:
     return jobs
 
 
-def op_call(op: str, dtype, d: int, chunk: int, d_v: int | None = None, config=None):
-    """(fn, args) of one op variant at (1, 2, 4 chunks, d) through ``pallas_gpu`` (values of
-    width ``d_v``, default ``d``; ``config``: a ChunkedConfig, None for the defaults)."""
+def op_call(op: str, dtype, d: int, chunk: int, d_v: int | None = None, config=None, heads: int = 2,
+            qk_heads: int | None = None):
+    """(fn, args) of one op variant at (1, ``heads``, 4 chunks, d) through ``pallas_gpu``
+    (values of width ``d_v``, default ``d``; ``qk_heads`` q/k heads, default ``heads``, fewer
+    for grouped heads as Mamba-2's; ``config``: a ChunkedConfig, None for the defaults)."""
     from mnemax.kernels import delta_rule, gated_linear_attention
 
     rng = np.random.default_rng(0)
-    B, H, T = 1, 2, 4 * chunk
-    q, k = (jnp.asarray(rng.standard_normal((B, H, T, d)), dtype) for _ in range(2))
+    B, H, T = 1, heads, 4 * chunk
+    q, k = (jnp.asarray(rng.standard_normal((B, qk_heads or H, T, d)), dtype) for _ in range(2))
     v = jnp.asarray(rng.standard_normal((B, H, T, d_v or d)), dtype)
     g_head = jnp.asarray(-np.abs(rng.standard_normal((B, H, T))), dtype)
     g_chan = jnp.asarray(-np.abs(rng.standard_normal((B, H, T, d))), dtype)
@@ -138,6 +141,9 @@ def main():
     ap.add_argument("--d", type=int, default=128, help="d_k (and d_v unless --d_v)")
     ap.add_argument("--d_v", type=int, default=None, help="d_v when it differs from d_k (Mamba-2: 64)")
     ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--heads", type=int, default=2, help="value heads")
+    ap.add_argument("--qk_heads", type=int, default=None,
+                    help="q/k heads, a divisor of --heads (grouped heads, Mamba-2's 1 group: 1); default --heads")
     ap.add_argument("--config", default=None, help="ChunkedConfig fields as benchmarks/linear_attention.py takes them, "
                     "e.g. num_warps=8,bwd_warps=4")
     args = ap.parse_args()
@@ -146,7 +152,7 @@ def main():
     jobs = []
     for op in args.ops.split(","):
         for dt in args.dtypes.split(","):
-            fn, call_args = op_call(op, jnp.dtype(dt), args.d, args.chunk, args.d_v, config)
+            fn, call_args = op_call(op, jnp.dtype(dt), args.d, args.chunk, args.d_v, config, args.heads, args.qk_heads)
             for job in capture(fn, call_args, outdir, f"{op}_{dt}"):
                 jobs.append({**job, "op": op, "dtype": dt})
     out = subprocess.run([args.triton_python, "-c", COMPILE, json.dumps(jobs)], capture_output=True, text=True)

@@ -231,13 +231,21 @@ def weights(G, seg, beta, L: int) -> Weights:
     return Weights(G, beta, q_in, k_out, a)
 
 
-def decay_mask(gc_r, gr_r, L: int, *, strict: bool):
-    """(L, L) ``exp(G_t - G_s)`` for s <= t (s < t with ``strict``) in one segment, else 0."""
+def decay_mask(gc_r, gr_r, L: int, *, strict: bool, h=None):
+    """(L, L) ``exp(G_t - G_s)`` for s <= t (s < t with ``strict``) in one segment, else 0,
+    from the (L, 8) gate columns and (8, L) rows, or with ``h`` from head ``h`` of (heads, L,
+    8) and (heads, 8, L) refs (one indexing each, as :func:`chunk_weights`)."""
+    if h is None:
+        col = lambda j: gc_r[:, j:j + 1]  # noqa: E731
+        row_of = lambda j: gr_r[j:j + 1, :]  # noqa: E731
+    else:
+        col = lambda j: gc_r[h, :, j:j + 1]  # noqa: E731
+        row_of = lambda j: gr_r[h, j:j + 1, :]  # noqa: E731
     row = lax.broadcasted_iota(jnp.int32, (L, L), 0)
-    col = lax.broadcasted_iota(jnp.int32, (L, L), 1)
-    causal = (col < row) if strict else (col <= row)
-    mask = causal & (gc_r[:, ROW_SEG:ROW_SEG + 1] == gr_r[ROW_SEG:ROW_SEG + 1, :])
-    return jnp.exp(jnp.where(mask, gc_r[:, ROW_G:ROW_G + 1] - gr_r[ROW_G:ROW_G + 1, :], -jnp.inf))
+    col_i = lax.broadcasted_iota(jnp.int32, (L, L), 1)
+    causal = (col_i < row) if strict else (col_i <= row)
+    mask = causal & (col(ROW_SEG) == row_of(ROW_SEG))
+    return jnp.exp(jnp.where(mask, col(ROW_G) - row_of(ROW_G), -jnp.inf))
 
 
 def chunk_weights(gc_r, L: int, c=None) -> Weights:

@@ -10,18 +10,25 @@ import pytest
 from .test_linear_attention_ops import call, make_inputs, max_err, rel_err
 
 
-@pytest.mark.parametrize("op,backend,gate,groups", [
-    ("gla", "reference", "head", 2), ("gla", "xla", "channel", 2), ("gla", "pallas_gpu", "none", 1),
-    ("gla", "pallas_gpu", "head", 2), ("gla", "pallas_gpu", "channel", 2), ("gla", "pallas_tpu", "head", 1),
-    ("delta", "xla", "channel", 2), ("delta", "pallas_gpu", "none", 1), ("delta", "pallas_gpu", "head", 2)])
-def test_grouped_query_key_heads_equal_repeated_heads(op, backend, gate, groups):
+@pytest.mark.parametrize("op,backend,gate,groups,group_heads", [
+    ("gla", "reference", "head", 2, 1), ("gla", "xla", "channel", 2, 1), ("gla", "pallas_gpu", "none", 1, 1),
+    ("gla", "pallas_gpu", "head", 2, 1), ("gla", "pallas_gpu", "channel", 2, 1), ("gla", "pallas_tpu", "head", 1, 1),
+    ("gla", "pallas_gpu", "head", 1, 4), ("gla", "pallas_gpu", "none", 2, 8),
+    ("delta", "xla", "channel", 2, 1), ("delta", "pallas_gpu", "none", 1, 1), ("delta", "pallas_gpu", "head", 2, 4)])
+def test_grouped_query_key_heads_equal_repeated_heads(op, backend, gate, groups, group_heads):
     """q and k with ``groups`` heads serving 4 value heads (Mamba-2's n_groups of B and C;
     Qwen3-Next's Gated DeltaNet with more value heads than key heads): the outputs, final state
     and gradients (dq and dk summed over each group's value heads) equal the reference on q and
     k repeated over the heads, to 1e-4 / 1e-3 as for ungrouped calls; float32, three chunks of
     16, resets and an incoming state. The ``pallas_gpu`` kernels for no decay or one per head
-    read each group in place (interpret mode); the others repeat. A wrong group count fails: it
-    would pair a value head with another head's q and k."""
+    read each group in place (interpret mode); the others repeat. With ``group_heads`` > 1
+    (``ChunkedConfig.group_heads``) the scalar-decay linear attention's per-chunk kernels run
+    4 (one group of 4) or 2 (``group_heads`` 8 capped by 2 groups of 2) value heads per program,
+    summing their dq and dk in the kernel; the delta rule ignores it. A wrong group count
+    fails: it would pair a value head with another head's q and k."""
+    from mnemax.kernels.chunked_gpu import ChunkedConfig
+
+    config = ChunkedConfig(group_heads=group_heads) if group_heads > 1 else None
     x = make_inputs(np.random.default_rng(11), op, gate, heads=4, extreme=True)
     x["q"], x["k"] = x["q"][:, :groups], x["k"][:, :groups]
     repeat = lambda a: jnp.repeat(a, 4 // groups, axis=1)  # noqa: E731
@@ -38,7 +45,7 @@ def test_grouped_query_key_heads_equal_repeated_heads(op, backend, gate, groups)
 
     args = {n: jnp.asarray(x[n], jnp.float32) for n in names}
     (_, (o_ref, S_ref)), g_ref = jax.value_and_grad(loss, has_aux=True)(args, False, "reference")
-    kw = {"interpret": True} if backend.startswith("pallas") else {}
+    kw = {"interpret": True, "config": config} if backend.startswith("pallas") else {}
     (_, (o, S)), g = jax.value_and_grad(loss, has_aux=True)(args, True, backend, **kw)
     assert o.shape == x["v"].shape and g["q"].shape == x["q"].shape
     assert rel_err(o, o_ref) < 1e-4 and rel_err(S, S_ref) < 1e-4, (rel_err(o, o_ref), rel_err(S, S_ref))

@@ -438,6 +438,16 @@ def test_chunked_config_value_block_rule():
     assert ChunkedConfig(block_v=16).value_block(128) == 16
 
 
+def test_chunked_config_heads_per_program_rule():
+    """``group_heads``: the largest power of two up to it dividing the value heads per q/k head
+    (mamba2-130m's 24 in one group: 8 of 8, 4 of 4; 2 heads per group cap 8 at 2; 1 or an odd
+    count: one head per program)."""
+    assert [ChunkedConfig(group_heads=n).heads_per_program(24) for n in (1, 2, 4, 8, 16, 32)] == [1, 2, 4, 8, 8, 8]
+    assert ChunkedConfig(group_heads=8).heads_per_program(2) == 2
+    assert ChunkedConfig(group_heads=8).heads_per_program(1) == 1
+    assert ChunkedConfig(group_heads=8).heads_per_program(3) == 1
+
+
 @pytest.mark.parametrize("gate", ["none", "head"])
 def test_pallas_gpu_linear_attention_two_value_blocks_by_default(gate):
     """At d_v 40 (padded to 64) the scalar-decay linear attention's default config loops over
@@ -472,6 +482,8 @@ def test_pallas_refuses_bad_configs(op):
         ChunkedConfig(f32_passes=2)
     with pytest.raises(ValueError, match="ChunkedConfig.span_limit"):
         ChunkedConfig(span_limit=120.0)
+    with pytest.raises(ValueError, match="ChunkedConfig.group_heads: got 3"):
+        ChunkedConfig(group_heads=3)
 
 
 @pytest.mark.parametrize("op", ["gla", "delta"])

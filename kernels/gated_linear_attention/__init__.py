@@ -186,12 +186,13 @@ def _pallas_bwd(platform, chunk_size, scale, config, interpret, res, cts):
 
 
 def _grads(q, k, v, g, state, cut, dq, dk, dv, rows, dS0):
-    """The custom VJP's cotangents from the kernels' layouts (dq and dk per value head, summed
-    over each group of grouped q/k heads)."""
+    """The custom VJP's cotangents from the kernels' layouts (dq and dk per value head, or per
+    ``hb`` value heads (:func:`~mnemax.kernels.chunked_gpu.group_chunk_grads`), summed over
+    the rest of each group of grouped q/k heads)."""
     dg = None if g is None else cp.step_out(cp.decay_grad(rows[:, :, 0]), g.shape).astype(g.dtype)
-    per_head = v.shape[:3] + q.shape[3:]
-    rep = v.shape[1] // q.shape[1]
-    dq, dk = (cp.group_sum(cp.seq_out(d, per_head), rep) for d in (dq, dk))
+    B, T, d_k = v.shape[0], v.shape[2], q.shape[3]
+    per_row = (B, dq.shape[0] // B, T, d_k)  # value heads / hb rows per batch row
+    dq, dk = (cp.group_sum(cp.seq_out(d, per_row), per_row[1] // q.shape[1]) for d in (dq, dk))
     return (dq.astype(q.dtype), dk.astype(k.dtype),
             cp.seq_out(dv, v.shape).astype(v.dtype), dg, cp.state_out(dS0, state.shape).astype(state.dtype),
             None if cut is None else jnp.zeros_like(cut))
