@@ -238,24 +238,16 @@ def wy(p: Problem, G, *, config: ChunkedConfig, interpret: bool, span: float):
     )(p.k, p.v, G, p.gcol, p.grow)
 
 
-def _carry(G_r, w, t0, L: int):
-    """(1, d_k) ``exp(G_L) [carries]``: the incoming state's decay over the chunk from rows
-    ``t0`` of a whole-row ``G`` ref (one row read)."""
-    return w.a * jnp.exp(G_r[pl.ds(t0 + L - 1, 1), :])
-
-
 def _walk_kernel(u_r, ko_r, wk_r, G_r, gc_r, s0_r, st_r, x_r, sT_r, *, L, NC, mm):
     """Per chunk: save S_in; X = U - Wk S_in (saved); S = Diag(exp(G_L) [carries]) S + X^T k_out
     (transposed; ``k_out`` from :func:`~mnemax.kernels.gated_linear_attention.gpu.chunk_decays`)."""
 
     def body(c, S):
         st_r[c] = S.astype(st_r.dtype)
-        t0 = pl.multiple_of(c * L, L)
-        t = pl.ds(t0, L)
-        w = chunk_weights(gc_r, L, c)
+        t = pl.ds(pl.multiple_of(c * L, L), L)
         X = u_r[t, :] - dot_nt(wk_r[t, :], S, mm)
         x_r[t, :] = X.astype(x_r.dtype)
-        return _carry(G_r, w, t0, L) * S + dot_tn(X, ko_r[t, :], mm)
+        return gla.carry_decay(G_r, gc_r, c, L) * S + dot_tn(X, ko_r[t, :], mm)
 
     sT_r[...] = lax.fori_loop(0, NC, body, s0_r[...])
 
@@ -274,12 +266,10 @@ def _walk_back_kernel(qi_r, ko_r, do_r, wk_r, x0_r, G_r, gc_r, ds_r, dst_r, dx_r
     def body(j, dS):
         c = NC - 1 - j
         dst_r[c] = dS.astype(dst_r.dtype)
-        t0 = pl.multiple_of(c * L, L)
-        t = pl.ds(t0, L)
-        w = chunk_weights(gc_r, L, c)
+        t = pl.ds(pl.multiple_of(c * L, L), L)
         dX = x0_r[t, :] + dot_nt(ko_r[t, :], dS, mm)
         dx_r[t, :] = dX
-        return _carry(G_r, w, t0, L) * dS + dot_tn(do_r[t, :], qi_r[t, :], mm) - dot_tn(dX, wk_r[t, :], mm)
+        return gla.carry_decay(G_r, gc_r, c, L) * dS + dot_tn(do_r[t, :], qi_r[t, :], mm) - dot_tn(dX, wk_r[t, :], mm)
 
     ds0_r[...] = lax.fori_loop(0, NC, body, ds_r[...])
 
@@ -430,7 +420,8 @@ def backward(q, k, v, beta, g, state, cut, saved, do, dfinal, *, chunk_size: int
     def run(span):  # one lax.cond around the chunk kernels and the adjoint walk (gla.by_span)
         x0 = scores_t_times(p, G, do, scale=scale, span=span, **kw)
         dstates, dX, dS0 = walk_backward(p, G, do, Wk, x0, q_in, k_out, dS_T, **kw)
-        dq, dk_o, _, dG_o = gla.chunk_grads(p._replace(v=X), G, do, states, dstates, scale=scale, span=span, **kw)
+        dq, dk_o, _, dG_o = gla.chunk_grads(p._replace(v=X), G, k_out, do, states, dstates, scale=scale, span=span,
+                                             **kw)
         return (dq, dk_o, dG_o, dS0) + delta_grads(p, G, states, R, dX, span=span, **kw)
 
     dq, dk_o, dG_o, dS0, dk_x, dv, dG_x, rows = gla.by_span(fits, config, run)

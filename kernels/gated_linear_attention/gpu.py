@@ -281,27 +281,32 @@ def intra_sub_chunked(q_r, k_r, G_r, gc_r, gr_r, kc, L: int, mm: Matmul, f32: Ma
 # ----------------------------------------------------------------------------- kernels
 
 
-def _walk_kernel(v_r, k_r, G_r, gc_r, s0_r, st_r, sT_r, *, L, NC, mm):
-    """Per chunk: save S_in; S = Diag(exp(G_L) [carries]) S + (k exp(G_L - G) [last])^T V (transposed)."""
+def carry_decay(G_r, gc_r, c, L: int):
+    """(1, d_k) ``exp(G_L) [carries]`` of chunk ``c``: the incoming state's decay over the chunk,
+    from one row of a whole-row ``G`` ref (the state walks')."""
+    t0 = pl.multiple_of(c * L, L)
+    return chunk_weights(gc_r, L, c).a * jnp.exp(G_r[pl.ds(t0 + L - 1, 1), :])
+
+
+def _walk_kernel(v_r, ko_r, G_r, gc_r, s0_r, st_r, sT_r, *, L, NC, mm):
+    """Per chunk: save S_in; S = Diag(exp(G_L) [carries]) S + k_out^T V (transposed; ``k_out``
+    from :func:`chunk_decays`)."""
 
     def body(c, S):
         st_r[c] = S.astype(st_r.dtype)
-        t0 = pl.multiple_of(c * L, L)
-        t = pl.ds(t0, L)
-        w = chunk_weights(gc_r, L, c)
-        G, G_L = G_r[t, :], G_r[pl.ds(t0 + L - 1, 1), :]
-        k_out = k_r[t, :].astype(F32) * (w.k_out * jnp.exp(G_L - G))
-        return (w.a * jnp.exp(G_L)) * S + dot_tn(v_r[t, :], k_out, mm)
+        t = pl.ds(pl.multiple_of(c * L, L), L)
+        return carry_decay(G_r, gc_r, c, L) * S + dot_tn(v_r[t, :], ko_r[t, :], mm)
 
     sT_r[...] = lax.fori_loop(0, NC, body, s0_r[...])
 
 
-def walk_forward(p: Problem, G, s0, *, config: ChunkedConfig, interpret: bool):
-    """The forward state walk from ``s0`` (BH, d_v, d_k) (transposed, float32). Returns (the
-    incoming state of every chunk (BH, NC, d_v, d_k) in the matmul dtype, the final state
-    (BH, d_v, d_k) float32)."""
-    return walk(_walk_kernel, p, ("values", "keys", "keys", "gates", "tile"), (p.v, p.k, G, p.gcol, s0),
-                 config=config, interpret=interpret)
+def walk_forward(p: Problem, G, k_out, s0, *, config: ChunkedConfig, interpret: bool):
+    """The forward state walk from ``s0`` (BH, d_v, d_k) (transposed, float32), with ``k_out =
+    k exp(G_L - G) [last]`` from :func:`chunk_decays` (formed once, not in every value tile).
+    Returns (the incoming state of every chunk (BH, NC, d_v, d_k) in the matmul dtype, the
+    final state (BH, d_v, d_k) float32)."""
+    return walk(_walk_kernel, p, ("values", "keys", "keys", "gates", "tile"), (p.v, k_out, G, p.gcol, s0),
+                config=config, interpret=interpret)
 
 
 def walk(kernel, p: Problem, specs, args, *, values_out: bool = False, values_dtype=None, config: ChunkedConfig,
@@ -337,29 +342,25 @@ def walk(kernel, p: Problem, specs, args, *, values_out: bool = False, values_dt
     )(*args)
 
 
-def _walk_back_kernel(q_r, do_r, G_r, gc_r, ds_r, dst_r, ds0_r, *, L, NC, scale, mm):
+def _walk_back_kernel(qi_r, do_r, G_r, gc_r, ds_r, dst_r, ds0_r, *, L, NC, mm):
     """The adjoint walk (see :func:`walk_backward`)."""
 
     def body(j, dS):
         c = NC - 1 - j
         dst_r[c] = dS.astype(dst_r.dtype)
-        t0 = pl.multiple_of(c * L, L)
-        t = pl.ds(t0, L)
-        w = chunk_weights(gc_r, L, c)
-        G, G_L = G_r[t, :], G_r[pl.ds(t0 + L - 1, 1), :]
-        q_in = q_r[t, :].astype(F32) * (w.q_in * scale * jnp.exp(G))
-        return (w.a * jnp.exp(G_L)) * dS + dot_tn(do_r[t, :], q_in, mm)
+        t = pl.ds(pl.multiple_of(c * L, L), L)
+        return carry_decay(G_r, gc_r, c, L) * dS + dot_tn(do_r[t, :], qi_r[t, :], mm)
 
     ds0_r[...] = lax.fori_loop(0, NC, body, ds_r[...])
 
 
-def walk_backward(p: Problem, G, do, dS_T, *, scale: float, config: ChunkedConfig, interpret: bool):
+def walk_backward(p: Problem, G, do, q_in, dS_T, *, config: ChunkedConfig, interpret: bool):
     """The adjoint walk from the last chunk, ``dS_in = Diag(exp(G_L) [carries]) dS_out +
-    (scale q exp(G) [fresh])^T dO``, transposed. Returns (every chunk's outgoing-state
-    gradient (BH, NC, d_v, d_k) in the matmul dtype, the initial state's gradient (BH, d_v,
-    d_k) float32)."""
-    return walk(functools.partial(_walk_back_kernel, scale=scale), p, ("keys", "values", "keys", "gates", "tile"),
-                 (p.q, do, G, p.gcol, dS_T), config=config, interpret=interpret)
+    q_in^T dO``, transposed, with ``q_in = scale q exp(G) [fresh]`` from :func:`chunk_decays`.
+    Returns (every chunk's outgoing-state gradient (BH, NC, d_v, d_k) in the matmul dtype, the
+    initial state's gradient (BH, d_v, d_k) float32)."""
+    return walk(_walk_back_kernel, p, ("keys", "values", "keys", "gates", "tile"), (q_in, do, G, p.gcol, dS_T),
+                config=config, interpret=interpret)
 
 
 def chunk_specs(p: Problem):
@@ -404,8 +405,8 @@ def outputs(p: Problem, G, states, out_dtype, *, scale: float, config: ChunkedCo
     )(p.q, p.k, p.v, G, p.gcol, p.grow, states)
 
 
-def _grads_kernel(q_r, k_r, v_r, do_r, G_r, gc_r, gr_r, s_r, ds_r, dq_r, dk_r, dv_r, dg_r, *, L, nk, bk, nv, bv,
-                  span, scale, mm, f32):
+def _grads_kernel(q_r, k_r, v_r, do_r, G_r, ko_r, gc_r, gr_r, s_r, ds_r, dq_r, dk_r, dv_r, dg_r, *, L, nk, bk, nv,
+                  bv, span, scale, mm, f32):
     """One chunk's dq, dk, dv and dG; see :func:`chunk_grads`."""
     w = chunk_weights(gc_r, L)
     is_last = lax.broadcasted_iota(jnp.int32, (L, 1), 0) == L - 1
@@ -449,7 +450,7 @@ def _grads_kernel(q_r, k_r, v_r, do_r, G_r, gc_r, gr_r, s_r, ds_r, dq_r, dk_r, d
 
         def keys_out(i, dV):
             kc = pl.ds(pl.multiple_of(i * bk, bk), bk)
-            return dV + dot_nt((k_r[:, kc].astype(F32) * k_out(kc)).astype(mm.dtype), ds_r[vc, kc], mm)
+            return dV + dot_nt(ko_r[:, kc], ds_r[vc, kc], mm)
 
         dv_r[:, vc] = lax.fori_loop(0, nk, keys_out, dot_tn(A, do_r[:, vc], mm)).astype(dv_r.dtype)
         return carry
@@ -457,10 +458,11 @@ def _grads_kernel(q_r, k_r, v_r, do_r, G_r, gc_r, gr_r, s_r, ds_r, dq_r, dk_r, d
     lax.fori_loop(0, nv, values, 0)
 
 
-def chunk_grads(p: Problem, G, do, states, dstates, *, scale: float, config: ChunkedConfig, interpret: bool,
+def chunk_grads(p: Problem, G, k_out, do, states, dstates, *, scale: float, config: ChunkedConfig, interpret: bool,
                 span: float):
     """dq, dk, dv and dG ((BH, Tp, d), float32) for every chunk, given each chunk's incoming
-    state ``states`` and outgoing-state gradient ``dstates`` (both transposed); ``span`` as
+    state ``states`` and outgoing-state gradient ``dstates`` (both transposed) and ``k_out =
+    k exp(G_L - G) [last]`` from :func:`chunk_decays` (dv's ``k_out dS_out``); ``span`` as
     :func:`outputs`."""
     BH, NC, L = p.q.shape[0], p.n_chunks, p.L
     Tp = NC * L
@@ -471,12 +473,12 @@ def chunk_grads(p: Problem, G, do, states, dstates, *, scale: float, config: Chu
         functools.partial(_grads_kernel, L=L, nk=p.d_k // bk, bk=bk, nv=p.d_v // bv, bv=bv,
                           span=span, scale=scale, mm=mm, f32=f32),
         grid=(BH, NC),
-        in_specs=[sp["k"], sp["k"], sp["v"], sp["v"], sp["k"], sp["gc"], sp["gr"], sp["S"], sp["S"]],
+        in_specs=[sp["k"], sp["k"], sp["v"], sp["v"], sp["k"], sp["k"], sp["gc"], sp["gr"], sp["S"], sp["S"]],
         out_specs=[sp["k"], sp["k"], sp["v"], sp["k"]],
         out_shape=[jax.ShapeDtypeStruct((BH, Tp, p.d_k), F32), jax.ShapeDtypeStruct((BH, Tp, p.d_k), F32),
                    jax.ShapeDtypeStruct((BH, Tp, p.d_v), F32), jax.ShapeDtypeStruct((BH, Tp, p.d_k), F32)],
         compiler_params=compiler_params(interpret, config.bwd_warps, config.num_stages), interpret=interpret,
-    )(p.q, p.k, p.v, do, G, p.gcol, p.grow, states, dstates)
+    )(p.q, p.k, p.v, do, G, k_out, p.gcol, p.grow, states, dstates)
 
 
 # ----------------------------------------------------------------------------- the op
@@ -486,8 +488,8 @@ def forward(q, k, v, g, state, cut, *, chunk_size: int, scale: float, config: Ch
     """(o (B, H, T, d_v) in q's dtype, the final state (B, H, d_k, d_v) float32, every chunk's
     incoming state (the backward's residual)) for per-channel ``g`` (B, H, T, d_k); ``cut``:
     the resets as float32 or None."""
-    p, G, fits, _ = channel_problem(q, k, v, g, cut, chunk_size, config=config, interpret=interpret)
-    states, S_T = walk_forward(p, G, state_in_t(p, state), config=config, interpret=interpret)
+    p, G, fits, (k_out,) = channel_problem(q, k, v, g, cut, chunk_size, config=config, interpret=interpret, decayed=1)
+    states, S_T = walk_forward(p, G, k_out, state_in_t(p, state), config=config, interpret=interpret)
     o = by_span(fits, config,
                 lambda span: outputs(p, G, states, q.dtype, scale=scale, config=config, interpret=interpret, span=span))
     return seq_out(o, v.shape), state_out_t(S_T, state.shape), states
@@ -497,12 +499,13 @@ def backward(q, k, v, g, state, cut, states, do, dfinal, *, chunk_size: int, sca
              interpret: bool):
     """The cotangents (dq, dk, dv, dg, dstate) of :func:`forward`'s (o, final state), in the
     inputs' shapes and dtypes."""
-    p, G, fits, _ = channel_problem(q, k, v, g, cut, chunk_size, config=config, interpret=interpret)
+    p, G, fits, (k_out, q_in) = channel_problem(q, k, v, g, cut, chunk_size, config=config, interpret=interpret,
+                                                decayed=2, scale=scale)
     B, H, T, _ = q.shape
     do = pad_axis(pad_axis(do.astype(q.dtype).reshape(B * H, T, -1), 1, p.n_chunks * p.L), 2, p.d_v)
-    dstates, dS0 = walk_backward(p, G, do, state_in_t(p, dfinal), scale=scale, config=config, interpret=interpret)
+    dstates, dS0 = walk_backward(p, G, do, q_in, state_in_t(p, dfinal), config=config, interpret=interpret)
     dq, dk, dv, dG = by_span(fits, config, lambda span: chunk_grads(
-        p, G, do, states, dstates, scale=scale, config=config, interpret=interpret, span=span))
+        p, G, k_out, do, states, dstates, scale=scale, config=config, interpret=interpret, span=span))
     dg = decay_grad(dG.reshape(B * H, p.n_chunks, p.L, p.d_k)).reshape(dG.shape)
     return (seq_out(dq, q.shape).astype(q.dtype), seq_out(dk, k.shape).astype(k.dtype),
             seq_out(dv, v.shape).astype(v.dtype), seq_out(dg, g.shape).astype(g.dtype),
