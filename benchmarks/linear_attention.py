@@ -135,23 +135,32 @@ def loss_fn(op, backend):
     return loss
 
 
+def _checked(op: str, backend: str, x: dict) -> list:
+    """The outputs, final state and gradients of ``backend`` on the inputs ``x`` (a check's)."""
+    diff = {n: a for n, a in x.items() if a is not None}
+    with jax.default_matmul_precision("highest"):
+        out = jax.jit(lambda d: call(op, {**x, **d}, backend))(diff)
+        grads = jax.jit(jax.grad(lambda d: loss_fn(op, backend)({**x, **d})))(diff)
+    return jax.tree.leaves((out, grads))
+
+
+@functools.cache  # the reference once per op and check, not per backend checked against it
+def _reference(op: str, seed: int) -> list:
+    """``reference``'s leaves (float64 numpy) on the float32 check inputs of ``seed`` (1: the
+    float32 check's inputs; 2: the bf16 check's, rounded to bf16 then widened)."""
+    x = inputs(op, (2, 300, 2, CHECK_D), jnp.float32 if seed == 1 else jnp.bfloat16, seed=seed)
+    x = {n: None if a is None else a.astype(jnp.float32) for n, a in x.items()}
+    return [np.asarray(a, np.float64) for a in _checked(op, "reference", x)]
+
+
 @functools.cache  # at a fixed small shape: once per op and backend, not per timed shape
 def check(op: str, backend: str) -> float:
     """The largest gradient/output error of ``backend`` vs ``reference`` relative to the
     reference's largest entry, fp32, at (2, 300, 2, CHECK_D) on this device."""
     x = inputs(op, (2, 300, 2, CHECK_D), jnp.float32, seed=1)
-    diff = {n: a for n, a in x.items() if a is not None}
-
-    def both(b):
-        out = jax.jit(lambda d: call(op, {**x, **d}, b))(diff)
-        grads = jax.jit(jax.grad(lambda d: loss_fn(op, b)({**x, **d})))(diff)
-        return jax.tree.leaves((out, grads))
-
     worst = 0.0
-    with jax.default_matmul_precision("highest"):
-        for got, want in zip(both(backend), both("reference")):
-            want = np.asarray(want, np.float64)
-            worst = max(worst, float(np.max(np.abs(np.asarray(got, np.float64) - want)) / max(np.max(np.abs(want)), 1.0)))
+    for got, want in zip(_checked(op, backend, x), _reference(op, 1)):
+        worst = max(worst, float(np.max(np.abs(np.asarray(got, np.float64) - want)) / max(np.max(np.abs(want)), 1.0)))
     return worst
 
 
@@ -162,19 +171,10 @@ def check_bf16(op: str, backend: str) -> float:
     and gradients, at (2, 300, 2, CHECK_D) on this device (the tests' bf16 limits: 3e-3 outputs,
     5e-3 gradients)."""
     x16 = inputs(op, (2, 300, 2, CHECK_D), jnp.bfloat16, seed=2)
-    x32 = {n: None if a is None else a.astype(jnp.float32) for n, a in x16.items()}
-
-    def both(b, x):
-        diff = {n: a for n, a in x.items() if a is not None}
-        out = jax.jit(lambda d: call(op, {**x, **d}, b))(diff)
-        grads = jax.jit(jax.grad(lambda d: loss_fn(op, b)({**x, **d})))(diff)
-        return jax.tree.leaves((out, grads))
-
     worst = 0.0
-    with jax.default_matmul_precision("highest"):
-        for got, want in zip(both(backend, x16), both("reference", x32)):
-            got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-            worst = max(worst, float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)))
+    for got, want in zip(_checked(op, backend, x16), _reference(op, 2)):
+        got = np.asarray(got, np.float64)
+        worst = max(worst, float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)))
     return worst
 
 
