@@ -12,7 +12,7 @@ inputs as ``benchmarks/linear_attention.py``; the table is printed last and the 
     python3 benchmarks/linear_attention_kernels.py --ops gdn --config "" bwd_warps=4 wy_block=64
     python3 benchmarks/linear_attention_kernels.py --ops simple_gla --shapes 8,2048,24,128,64 --chunks 64 32
     python3 benchmarks/linear_attention_kernels.py --ops simple_gla --shapes 8,2048,24,128,64 --groups 24 \
-        --config "" group_heads=4 group_heads=8     # Mamba-2's one group of B and C
+        --config "" group_heads=4 group_heads=8 group_heads=24    # Mamba-2's one group of B and C
     python3 benchmarks/linear_attention_kernels.py --interpret --shapes 1,64,2,16   # CPU logic check
 """
 

@@ -115,13 +115,14 @@ class ChunkedConfig:
         outside the kernels decides), run per-chunk kernels that hold only the factored form
         (fewer registers); False: the kernels holding both forms, choosing per chunk and key
         block, whatever the call. The values are the same either way.
-      group_heads: with grouped q/k heads (Mamba-2's groups of B and C), the value heads one
-        program of the scalar-decay linear attention's per-chunk kernels runs (a power of two;
-        the largest power of two up to this that divides the heads per group, see
-        :meth:`heads_per_program`): the chunk's ``q k^T`` is formed once for them, and the
-        gradient kernel sums their dq and dk before writing (:func:`group_chunk_grads`).
-        1: one program per value head, every program forming ``q k^T`` and writing dq and dk
-        per value head for the op to sum.
+      group_heads: with grouped q/k heads (Mamba-2's groups of B and C), at most this many
+        value heads of one group per program of the scalar-decay linear attention's per-chunk
+        kernels (the largest divisor of the heads per group up to it, see
+        :meth:`heads_per_program`; mamba2-130m has 24 in one group): the chunk's ``q k^T`` is
+        formed once for them, and the gradient kernel sums their dq and dk before writing
+        (:func:`group_chunk_grads`), leaving the op the sum over the group's other programs,
+        none where one program runs the whole group. 1: one program per value head, every
+        program forming ``q k^T`` and writing dq and dk per value head for the op to sum.
     """
 
     block_v: int | None = None
@@ -141,8 +142,8 @@ class ChunkedConfig:
             value = getattr(self, name)
             if not (value is None or (_power_of_two(value) and value >= 16)):
                 raise ValueError(f"ChunkedConfig.{name}: got {value!r}; expected a power of two >= 16")
-        if not (_power_of_two(self.group_heads) and self.group_heads <= 64):
-            raise ValueError(f"ChunkedConfig.group_heads: got {self.group_heads!r}; expected a power of two from 1 to 64")
+        if isinstance(self.group_heads, bool) or not isinstance(self.group_heads, int) or not 1 <= self.group_heads <= 256:
+            raise ValueError(f"ChunkedConfig.group_heads: got {self.group_heads!r}; expected an int from 1 to 256")
         for name in ("num_warps", "bwd_warps", "walk_warps"):
             value = getattr(self, name)
             if not (_power_of_two(value) and value <= 32):
@@ -170,11 +171,8 @@ class ChunkedConfig:
 
     def heads_per_program(self, rep: int) -> int:
         """The value heads one per-chunk program runs where each q/k head serves ``rep``
-        value heads: the largest power of two at most ``group_heads`` dividing ``rep``."""
-        hb = self.group_heads
-        while rep % hb:
-            hb //= 2
-        return hb
+        value heads: the largest divisor of ``rep`` up to ``group_heads``."""
+        return max(d for d in range(1, min(rep, self.group_heads) + 1) if rep % d == 0)
 
     def value_block(self, d_v: int, *, split: bool = False) -> int:
         """The per-chunk kernels' value block at the padded ``d_v`` (a power of two >= 16):
@@ -606,7 +604,7 @@ def _group_grads_kernel(q_r, k_r, v_r, do_r, gc_r, gr_r, s_r, ds_r, dq_r, dk_r, 
     head's dG from the first pass waits in one (hb, L) array."""
     QK = dot_nt(q_r[...], k_r[...], mm)
     last = lax.broadcasted_iota(jnp.int32, (L, 1), 0) == L - 1
-    head_rows = lax.broadcasted_iota(jnp.int32, (hb, L), 0)
+    head_rows = lax.broadcasted_iota(jnp.int32, (pow2(hb, 1), L), 0)  # padded to a power of two (a Triton tensor)
     zk, zL, z1 = jnp.zeros(q_r.shape, F32), jnp.zeros((L, L), F32), jnp.zeros((L, 1), F32)
 
     def query_side(h, acc):
@@ -630,7 +628,7 @@ def _group_grads_kernel(q_r, k_r, v_r, do_r, gc_r, gr_r, s_r, ds_r, dq_r, dk_r, 
         parts = jnp.where(head_rows == h, col_to_row(dG, L), parts)
         return dq + dQ * qw, dPs + dP * D * scale, parts
 
-    dq, dPs, parts = lax.fori_loop(0, hb, query_side, (zk, zL, jnp.zeros((hb, L), F32)))
+    dq, dPs, parts = lax.fori_loop(0, hb, query_side, (zk, zL, jnp.zeros(head_rows.shape, F32)))
     dPs = dPs.astype(mm.dtype)
     dq_r[...] = (dq + dot(dPs, k_r[...], mm)).astype(dq_r.dtype)
 

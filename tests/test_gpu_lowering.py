@@ -117,22 +117,24 @@ def test_matrix_state_gpu_kernels_lower(hopper, op, dtype, per_call, kernels):
     assert _kernels(fn, *args) == {"triton": kernels, "mosaic": 0}
 
 
+@pytest.mark.parametrize("heads,group_heads", [(8, 4), (6, 6)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_grouped_heads_gpu_kernels_lower(hopper, dtype):
-    """Mamba-2's layout (one q/k group for 8 value heads, a decay per head, d_v 64) with
-    ``ChunkedConfig.group_heads=4``: the forward's outputs and the backward's gradients lower
-    as the kernels that run four value heads per program (``_group_out_kernel``,
-    ``_group_grads_kernel``), beside the two state walks; the per-head kernels are not lowered."""
+def test_grouped_heads_gpu_kernels_lower(hopper, dtype, heads, group_heads):
+    """Mamba-2's layout (one q/k group for all value heads, a decay per head, d_v 64) with
+    ``ChunkedConfig.group_heads``: the forward's outputs and the backward's gradients lower as
+    the kernels that run several value heads per program (``_group_out_kernel``,
+    ``_group_grads_kernel``; 4 of 8, or all 6, not a power of two), beside the two state
+    walks; the per-head kernels are not lowered."""
     import re
 
     rng = np.random.default_rng(3)
-    B, H, T, dk, dv = 1, 8, 200, 64, 64
+    B, H, T, dk, dv = 1, heads, 200, 64, 64
     q, k = _arr(rng, (B, 1, T, dk), dtype), _arr(rng, (B, 1, T, dk), dtype)
     v = _arr(rng, (B, H, T, dv), dtype)
     g = -jnp.abs(_arr(rng, (B, H, T)))
     resets = jnp.asarray(rng.random((B, T)) < 0.05)
     fn = lambda q, k, v, g: gated_linear_attention(q, k, v, g, resets=resets, backend="pallas_gpu",  # noqa: E731
-                                                   interpret=False, config=ChunkedConfig(group_heads=4))[0]
+                                                   interpret=False, config=ChunkedConfig(group_heads=group_heads))[0]
     assert _kernels(fn, q, k, v, g) == {"triton": 4, "mosaic": 0}
     grad = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) ** 2), argnums=(0, 1, 2, 3)))
     names = set(re.findall(r'name = "(\w+)"', grad.trace(q, k, v, g).lower(lowering_platforms=("cuda",)).as_text()))

@@ -13,7 +13,7 @@ from .test_linear_attention_ops import call, make_inputs, max_err, rel_err
 @pytest.mark.parametrize("op,backend,gate,groups,group_heads", [
     ("gla", "reference", "head", 2, 1), ("gla", "xla", "channel", 2, 1), ("gla", "pallas_gpu", "none", 1, 1),
     ("gla", "pallas_gpu", "head", 2, 1), ("gla", "pallas_gpu", "channel", 2, 1), ("gla", "pallas_tpu", "head", 1, 1),
-    ("gla", "pallas_gpu", "head", 1, 4), ("gla", "pallas_gpu", "none", 2, 8),
+    ("gla", "pallas_gpu", "head", 1, 4), ("gla", "pallas_gpu", "none", 2, 8), ("gla", "pallas_gpu", "head", 1, 3),
     ("delta", "xla", "channel", 2, 1), ("delta", "pallas_gpu", "none", 1, 1), ("delta", "pallas_gpu", "head", 2, 4)])
 def test_grouped_query_key_heads_equal_repeated_heads(op, backend, gate, groups, group_heads):
     """q and k with ``groups`` heads serving 4 value heads (Mamba-2's n_groups of B and C;
@@ -23,15 +23,17 @@ def test_grouped_query_key_heads_equal_repeated_heads(op, backend, gate, groups,
     16, resets and an incoming state. The ``pallas_gpu`` kernels for no decay or one per head
     read each group in place (interpret mode); the others repeat. With ``group_heads`` > 1
     (``ChunkedConfig.group_heads``) the scalar-decay linear attention's per-chunk kernels run
-    4 (one group of 4) or 2 (``group_heads`` 8 capped by 2 groups of 2) value heads per program,
-    summing their dq and dk in the kernel; the delta rule ignores it. A wrong group count
+    several value heads per program, summing their dq and dk in the kernel: all 4 of one group
+    (4); 2 (8, capped by 2 groups of 2); with 3, 6 value heads in one group, 3 per program,
+    two programs per group for the op to sum. The delta rule ignores it. A wrong group count
     fails: it would pair a value head with another head's q and k."""
     from mnemax.kernels.chunked_gpu import ChunkedConfig
 
     config = ChunkedConfig(group_heads=group_heads) if group_heads > 1 else None
-    x = make_inputs(np.random.default_rng(11), op, gate, heads=4, extreme=True)
+    heads = 6 if group_heads == 3 else 4
+    x = make_inputs(np.random.default_rng(11), op, gate, heads=heads, extreme=True)
     x["q"], x["k"] = x["q"][:, :groups], x["k"][:, :groups]
-    repeat = lambda a: jnp.repeat(a, 4 // groups, axis=1)  # noqa: E731
+    repeat = lambda a: jnp.repeat(a, heads // groups, axis=1)  # noqa: E731
     names = ["q", "k", "v"] + (["beta"] if op == "delta" else []) + (["g"] if x["g"] is not None else []) + ["state"]
     rng = np.random.default_rng(7)
     w_o, w_S = (jnp.asarray(rng.standard_normal(x[n].shape), jnp.float32) for n in ("v", "state"))
@@ -57,7 +59,8 @@ def test_grouped_query_key_heads_equal_repeated_heads(op, backend, gate, groups,
     o1_ref, S1_ref = call(op, {**step, "q": repeat(step["q"]), "k": repeat(step["k"])}, backend="reference")
     assert max_err(o1, o1_ref) < 1e-5 and max_err(S1, S1_ref) < 1e-5
     with pytest.raises(ValueError, match="q must have as many heads as v"):
-        call(op, {**x, "q": x["v"][:, :3, :, :8], "k": x["v"][:, :3, :, :8]}, backend=backend, **kw)
+        bad = 4 if heads == 6 else 3  # q/k heads that do not divide v's
+        call(op, {**x, "q": x["v"][:, :bad, :, :8], "k": x["v"][:, :bad, :, :8]}, backend=backend, **kw)
     with pytest.raises(ValueError, match="k must have q's shape"):
         call(op, {**x, "k": repeat(x["k"])[:, :3] if groups == 1 else repeat(x["k"])}, backend=backend, **kw)
 

@@ -439,13 +439,14 @@ def test_chunked_config_value_block_rule():
 
 
 def test_chunked_config_heads_per_program_rule():
-    """``group_heads``: the largest power of two up to it dividing the value heads per q/k head
-    (mamba2-130m's 24 in one group: 8 of 8, 4 of 4; 2 heads per group cap 8 at 2; 1 or an odd
-    count: one head per program)."""
-    assert [ChunkedConfig(group_heads=n).heads_per_program(24) for n in (1, 2, 4, 8, 16, 32)] == [1, 2, 4, 8, 8, 8]
+    """``group_heads``: the largest divisor of the value heads per q/k head up to it
+    (mamba2-130m's 24 in one group: 8 of 8, 12 of 16, all 24 of 24 or more; 2 heads per group
+    cap 8 at 2; a prime count 7 with 4: one head per program)."""
+    assert [ChunkedConfig(group_heads=n).heads_per_program(24) for n in (1, 2, 5, 8, 16, 24, 64)] == [1, 2, 4, 8, 12,
+                                                                                                       24, 24]
     assert ChunkedConfig(group_heads=8).heads_per_program(2) == 2
     assert ChunkedConfig(group_heads=8).heads_per_program(1) == 1
-    assert ChunkedConfig(group_heads=8).heads_per_program(3) == 1
+    assert ChunkedConfig(group_heads=4).heads_per_program(7) == 1
 
 
 @pytest.mark.parametrize("gate", ["none", "head"])
@@ -482,8 +483,8 @@ def test_pallas_refuses_bad_configs(op):
         ChunkedConfig(f32_passes=2)
     with pytest.raises(ValueError, match="ChunkedConfig.span_limit"):
         ChunkedConfig(span_limit=120.0)
-    with pytest.raises(ValueError, match="ChunkedConfig.group_heads: got 3"):
-        ChunkedConfig(group_heads=3)
+    with pytest.raises(ValueError, match="ChunkedConfig.group_heads: got 0"):
+        ChunkedConfig(group_heads=0)
 
 
 @pytest.mark.parametrize("op", ["gla", "delta"])
