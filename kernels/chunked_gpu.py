@@ -599,16 +599,17 @@ def group_outputs(p: Problem, states, out_dtype, *, hb: int, bv: int, scale: flo
 def _group_grads_kernel(q_r, k_r, v_r, do_r, gc_r, gr_r, s_r, ds_r, dq_r, dk_r, dv_r, dg_r, *, L, hb, nv, bv,
                         scale, mm):
     """One chunk's gradients for ``hb`` value heads sharing q and k (see
-    :func:`group_chunk_grads`). Two passes over the heads: the query side (dP, dq, the scores'
-    and the query's part of dG), dq written; then the key side (dk, dv, the rest of dG). Each
-    head's dG from the first pass waits in one (hb, L) array."""
+    :func:`group_chunk_grads`). Two passes over the heads: the query side (dP, dq, the scores',
+    the query's and the carried state's part of dG, written to row 1 of the head's rows), dq
+    written; then the key side (dk, dv, the keys' part of dG, row 0). Keeping the first part in
+    a register array over the heads instead spilled 128-312 B per thread (compiled for sm_90 at
+    Mamba-2's shape); written out, 8-56 B, the per-head kernel's 40 B."""
     QK = dot_nt(q_r[...], k_r[...], mm)
     last = lax.broadcasted_iota(jnp.int32, (L, 1), 0) == L - 1
-    head_rows = lax.broadcasted_iota(jnp.int32, (pow2(hb, 1), L), 0)  # padded to a power of two (a Triton tensor)
     zk, zL, z1 = jnp.zeros(q_r.shape, F32), jnp.zeros((L, L), F32), jnp.zeros((L, 1), F32)
 
     def query_side(h, acc):
-        dq, dPs, parts = acc
+        dq, dPs = acc
         w = chunk_weights(gc_r, L, h)
 
         def block(j, a):
@@ -620,15 +621,15 @@ def _group_grads_kernel(q_r, k_r, v_r, do_r, gc_r, gr_r, s_r, ds_r, dq_r, dk_r, 
             return dP + dot_nt(dO, v_r[h, :, vc], mm), dQ + dot_nt(dO, S, mm), ga
 
         dP, dQ, ga = lax.fori_loop(0, nv, block, (zL, zk, jnp.zeros((1, 1), F32)))
-        D = decay_mask(gc_r, gr_r, L, strict=False, h=h)
+        dPm = dP * (decay_mask(gc_r, gr_r, L, strict=False, h=h) * scale)
         qw = w.q_in * scale
-        gP = dP * (QK * D * scale)
+        gP = dPm * QK
         dG = (jnp.sum(gP, axis=1, keepdims=True) - row_to_col(jnp.sum(gP, axis=0, keepdims=True), L)
               + qw * jnp.sum(q_r[...].astype(F32) * dQ, axis=1, keepdims=True) + jnp.where(last, w.a * ga, 0.0))
-        parts = jnp.where(head_rows == h, col_to_row(dG, L), parts)
-        return dq + dQ * qw, dPs + dP * D * scale, parts
+        dg_r[h, 1:2, :] = col_to_row(dG, L)
+        return dq + dQ * qw, dPs + dPm
 
-    dq, dPs, parts = lax.fori_loop(0, hb, query_side, (zk, zL, jnp.zeros(head_rows.shape, F32)))
+    dq, dPs = lax.fori_loop(0, hb, query_side, (zk, zL))
     dPs = dPs.astype(mm.dtype)
     dq_r[...] = (dq + dot(dPs, k_r[...], mm)).astype(dq_r.dtype)
 
@@ -648,8 +649,7 @@ def _group_grads_kernel(q_r, k_r, v_r, do_r, gc_r, gr_r, s_r, ds_r, dq_r, dk_r, 
 
         dk, gko = lax.fori_loop(0, nv, block, (dk, z1))
         gk_out = w.k_out * gko
-        first = jnp.sum(jnp.where(head_rows == h, parts, 0.0), axis=0, keepdims=True)
-        dg_r[h, 0:1, :] = first + col_to_row(jnp.where(last, jnp.sum(gk_out, axis=0, keepdims=True), 0.0) - gk_out, L)
+        dg_r[h, 0:1, :] = col_to_row(jnp.where(last, jnp.sum(gk_out, axis=0, keepdims=True), 0.0) - gk_out, L)
         return dk
 
     dk_r[...] = lax.fori_loop(0, hb, key_side, dot_tn(dPs, q_r[...], mm)).astype(dk_r.dtype)
@@ -666,12 +666,13 @@ def group_chunk_grads(p: Problem, do, states, dstates, *, hb: int, bv: int, scal
 
     with ``dP_h = dO_h V_h^T``: two (L, L, d_k) products per program instead of two per head,
     and dq, dk written once per ``hb`` heads, (BH / hb, Tp, d_k) float32 (the op sums the rest
-    of each group). dv and the rows (dG) are per value head as :func:`chunk_grads`'."""
+    of each group). dv and the rows (dG in row 0, the kernel's two parts added here) are per
+    value head as :func:`chunk_grads`'."""
     BH, NC, L = p.rows, p.n_chunks, p.L
     Tp = NC * L
     sp = group_specs(p, hb)
     mm, _ = matmuls(p.q.dtype, interpret, config)
-    return pl.pallas_call(
+    dq, dk, dv, rows = pl.pallas_call(
         functools.partial(_group_grads_kernel, L=L, hb=hb, nv=p.d_v // bv, bv=bv, scale=scale, mm=mm),
         grid=(BH // hb, NC),
         in_specs=[sp["qk"], sp["qk"], sp["v"], sp["v"], sp["gc"], sp["gr"], sp["S"], sp["S"]],
@@ -680,3 +681,4 @@ def group_chunk_grads(p: Problem, do, states, dstates, *, hb: int, bv: int, scal
                    jax.ShapeDtypeStruct((BH, Tp, p.d_v), F32), jax.ShapeDtypeStruct((BH, NC, GATE_COLS, L), F32)],
         compiler_params=compiler_params(interpret, config.bwd_warps, _grads_stages(p, config)), interpret=interpret,
     )(p.q, p.k, p.v, do, p.gcol, p.grow, states, dstates)
+    return dq, dk, dv, rows.at[:, :, 0].add(rows[:, :, 1])
