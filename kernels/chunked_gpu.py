@@ -570,11 +570,11 @@ def _group_out_kernel(q_r, k_r, x_r, gc_r, gr_r, s_r, o_r, *, L, hb, nv, bv, sca
 
     def head(h, carry):
         P = (QK * (decay_mask(gc_r, gr_r, L, strict=False, h=h) * scale)).astype(mm.dtype)
-        qs = (q.astype(F32) * (chunk_weights(gc_r, L, h).q_in * scale)).astype(mm.dtype)
+        qw = chunk_weights(gc_r, L, h).q_in * scale  # a row factor, applied after q S_h
 
         def block(j, carry):
             vc = pl.ds(pl.multiple_of(j * bv, bv), bv)
-            o_r[h, :, vc] = (dot(P, x_r[h, :, vc], mm) + dot(qs, s_r[h, :, vc], mm)).astype(o_r.dtype)
+            o_r[h, :, vc] = (dot(P, x_r[h, :, vc], mm) + qw * dot(q, s_r[h, :, vc], mm)).astype(o_r.dtype)
             return carry
 
         return lax.fori_loop(0, nv, block, carry)
