@@ -65,12 +65,15 @@ def test_grouped_query_key_heads_equal_repeated_heads(op, backend, gate, groups,
         call(op, {**x, "k": repeat(x["k"])[:, :3] if groups == 1 else repeat(x["k"])}, backend=backend, **kw)
 
 
-@pytest.mark.parametrize("op,groups", [("gla", 1), ("gla", 2), ("delta", 1), ("delta", 2)])
-def test_grouped_heads_per_shard_equal_the_reference(op, groups):
+@pytest.mark.parametrize("op,groups,group_heads", [("gla", 1, 1), ("gla", 2, 1), ("gla", 2, 2), ("delta", 1, 1),
+                                                    ("delta", 2, 1)])
+def test_grouped_heads_per_shard_equal_the_reference(op, groups, group_heads):
     """Under a (rows 4, cols 2) mesh of the simulated CPU devices with the heads split over
     ``cols``: 2 q/k groups split with the 4 value heads (each shard reads its own group in
-    place), 1 group does not split and is repeated first; the ``pallas_gpu`` kernels (interpret)
-    per shard equal the unsharded reference in outputs, state and every gradient."""
+    place; with ``group_heads=2`` one program runs both heads of its shard's group), 1 group
+    does not split and is repeated first; the ``pallas_gpu`` kernels (interpret) per shard
+    equal the unsharded reference in outputs, state and every gradient."""
+    from mnemax.kernels.chunked_gpu import ChunkedConfig
     from mnemax.kernels.sharding import KernelSharding
 
     x = make_inputs(np.random.default_rng(12), op, "head", batch=4, heads=4, time=20)
@@ -88,8 +91,10 @@ def test_grouped_heads_per_shard_equal_the_reference(op, groups):
 
     (_, (o_ref, S_ref)), g_ref = jax.value_and_grad(loss, has_aux=True)(args, "reference")
     with jax.set_mesh(jax.make_mesh((4, 2), ("rows", "cols"))):
-        (_, (o, S)), g = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1, static_argnames=("interpret", "sharding"))(
-            args, "pallas_gpu", interpret=True, sharding=KernelSharding(batch=("rows",), heads="cols"))
+        run = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1,
+                      static_argnames=("interpret", "sharding", "config"))
+        (_, (o, S)), g = run(args, "pallas_gpu", interpret=True, sharding=KernelSharding(batch=("rows",), heads="cols"),
+                             config=ChunkedConfig(group_heads=group_heads))
     assert rel_err(o, o_ref) < 1e-4 and rel_err(S, S_ref) < 1e-4, (rel_err(o, o_ref), rel_err(S, S_ref))
     for name in g_ref:
         assert rel_err(g[name], g_ref[name]) < 1e-3, (name, rel_err(g[name], g_ref[name]))
