@@ -72,7 +72,8 @@ case "$part" in
     PYTHONPATH=/tmp/site timeout "${T34_FLA_LIMIT:-200}" python3 -u benchmarks/linear_attention_fla.py \
       --ops simple_gla,gla,deltanet,gdn,kda
     fla_cache_out
-    timeout "$LIMIT" python3 -u benchmarks/linear_attention.py --ops simple_gla,gla,deltanet,gdn,kda --backends xla,pallas_gpu "$@"
+    timeout "$LIMIT" python3 -u benchmarks/linear_attention.py --ops simple_gla,gla,deltanet,gdn,kda --backends xla,pallas_gpu \
+      --precompile 12 "$@"
     ;;
   fla_gla)
     fla_cache_in

@@ -135,29 +135,90 @@ def loss_fn(op, backend):
     return loss
 
 
+def programs(op: str, backend: str, x: dict):
+    """(forward, forward+backward): ``op`` through ``backend`` on the inputs ``x``, jitted
+    functions of the dict of its arrays (:func:`diff_args`); every timed and checked program
+    of this script, and what :func:`precompile` compiles ahead."""
+    fwd = jax.jit(lambda d: call(op, {**x, **d}, backend))
+    fb = jax.jit(jax.grad(lambda d: loss_fn(op, backend)({**x, **d})))
+    return fwd, fb
+
+
+def diff_args(x: dict) -> dict:
+    return {n: a for n, a in x.items() if a is not None}
+
+
+def check_inputs(op: str, seed: int, widen: bool = False) -> dict:
+    """The checks' inputs at (2, 300, 2, CHECK_D): seed 1 float32 (the float32 check), seed 2
+    bf16 (the bf16 check), ``widen``: back to float32 (its reference's inputs)."""
+    x = inputs(op, (2, 300, 2, CHECK_D), jnp.float32 if seed == 1 else jnp.bfloat16, seed=seed)
+    return {n: None if a is None else a.astype(jnp.float32) for n, a in x.items()} if widen else x
+
+
 def _checked(op: str, backend: str, x: dict) -> list:
     """The outputs, final state and gradients of ``backend`` on the inputs ``x`` (a check's)."""
-    diff = {n: a for n, a in x.items() if a is not None}
     with jax.default_matmul_precision("highest"):
-        out = jax.jit(lambda d: call(op, {**x, **d}, backend))(diff)
-        grads = jax.jit(jax.grad(lambda d: loss_fn(op, backend)({**x, **d})))(diff)
-    return jax.tree.leaves((out, grads))
+        return jax.tree.leaves(tuple(f(diff_args(x)) for f in programs(op, backend, x)))
 
 
 @functools.cache  # the reference once per op and check, not per backend checked against it
 def _reference(op: str, seed: int) -> list:
     """``reference``'s leaves (float64 numpy) on the float32 check inputs of ``seed`` (1: the
     float32 check's inputs; 2: the bf16 check's, rounded to bf16 then widened)."""
-    x = inputs(op, (2, 300, 2, CHECK_D), jnp.float32 if seed == 1 else jnp.bfloat16, seed=seed)
-    x = {n: None if a is None else a.astype(jnp.float32) for n, a in x.items()}
-    return [np.asarray(a, np.float64) for a in _checked(op, "reference", x)]
+    return [np.asarray(a, np.float64) for a in _checked(op, "reference", check_inputs(op, seed, widen=True))]
+
+
+def backends_of(op: str, only=None) -> list[str]:
+    """The backends timed for ``op``: all but ``reference``, or those in ``only``."""
+    kind, _ = OPS[op]
+    return [b for b in (GLA_BACKENDS if kind == "gla" else DELTA_BACKENDS).available() if b != "reference"
+            and (only is None or b in only)]
+
+
+def precompile(ops, shapes, only, workers: int) -> float:
+    """Compile every program the run will check and time, ``workers`` at a time, into JAX's
+    persistent compilation cache (a fresh temporary directory), so that the run itself finds
+    each compiled: XLA's compile (the Pallas kernels' Triton compile inside it) releases the
+    GIL, and on the device machine's 16 cores the table's compiles took most of a call when run
+    one after another. The programs are :func:`programs`' at the same inputs, hence the same
+    cache keys; the rows' ``*_compile_s`` then time cache hits. Returns the seconds spent."""
+    import concurrent.futures
+    import tempfile
+
+    jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="la_jax_cache_"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    jobs = []  # (precision or None, op, backend, inputs)
+    for op in ops:
+        if CHECK:
+            for seed in (1, 2):
+                jobs.append(("highest", op, "reference", check_inputs(op, seed, widen=True)))
+                jobs += [("highest", op, b, check_inputs(op, seed)) for b in backends_of(op, only)]
+        jobs += [(None, op, b, inputs(op, shape, jnp.bfloat16)) for shape in shapes for b in backends_of(op, only)]
+
+    def compile_one(job):
+        precision, op, backend, x = job
+        with jax.default_matmul_precision(precision):
+            for f in programs(op, backend, x):
+                f.lower(diff_args(x)).compile()
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for job, fut in [(j, pool.submit(compile_one, j)) for j in jobs]:
+            try:
+                fut.result()
+            except Exception as e:  # noqa: BLE001 - the run itself reports the failing row
+                print(f"precompile {job[1]} {job[2]}: {type(e).__name__}: {e}"[:300], flush=True)
+    seconds = time.perf_counter() - t0
+    print(f"precompiled {len(jobs)} programs x 2 with {workers} threads in {seconds:.1f} s", flush=True)
+    return seconds
 
 
 @functools.cache  # at a fixed small shape: once per op and backend, not per timed shape
 def check(op: str, backend: str) -> float:
     """The largest gradient/output error of ``backend`` vs ``reference`` relative to the
     reference's largest entry, fp32, at (2, 300, 2, CHECK_D) on this device."""
-    x = inputs(op, (2, 300, 2, CHECK_D), jnp.float32, seed=1)
+    x = check_inputs(op, 1)
     worst = 0.0
     for got, want in zip(_checked(op, backend, x), _reference(op, 1)):
         worst = max(worst, float(np.max(np.abs(np.asarray(got, np.float64) - want)) / max(np.max(np.abs(want)), 1.0)))
@@ -170,7 +231,7 @@ def check_bf16(op: str, backend: str) -> float:
     against ``reference`` in float32 on the same bf16-rounded inputs, over outputs, final state
     and gradients, at (2, 300, 2, CHECK_D) on this device (the tests' bf16 limits: 3e-3 outputs,
     5e-3 gradients)."""
-    x16 = inputs(op, (2, 300, 2, CHECK_D), jnp.bfloat16, seed=2)
+    x16 = check_inputs(op, 2)
     worst = 0.0
     for got, want in zip(_checked(op, backend, x16), _reference(op, 2)):
         got = np.asarray(got, np.float64)
@@ -179,11 +240,8 @@ def check_bf16(op: str, backend: str) -> float:
 
 
 def op_rows(op: str, shape, only=None) -> list[dict]:
-    kind, _ = OPS[op]
-    backends = [b for b in (GLA_BACKENDS if kind == "gla" else DELTA_BACKENDS).available() if b != "reference"
-                and (only is None or b in only)]
     rows = []
-    for backend in backends:
+    for backend in backends_of(op, only):
         row = {"op": op, "shape": str(shape) + (f" groups {GROUPS}" if GROUPS > 1 else ""), "dtype": "bfloat16",
                "backend": backend}
         if CONFIG is not None and backend == "pallas_gpu":
@@ -193,9 +251,8 @@ def op_rows(op: str, shape, only=None) -> list[dict]:
                 row["check_err"] = check(op, backend)
                 row["check_bf16"] = check_bf16(op, backend)
             x = inputs(op, shape, jnp.bfloat16)
-            diff = {n: a for n, a in x.items() if a is not None}
-            fwd = jax.jit(lambda d, b=backend: call(op, {**x, **d}, b))
-            fb = jax.jit(jax.grad(lambda d, b=backend: loss_fn(op, b)({**x, **d})))
+            diff = diff_args(x)
+            fwd, fb = programs(op, backend, x)
             t0 = time.perf_counter()
             fwd = fwd.lower(diff).compile()
             row["fwd_compile_s"] = time.perf_counter() - t0
@@ -257,6 +314,9 @@ def main():
     ap.add_argument("--config", default=None, help="pallas_gpu's ChunkedConfig fields, e.g. wy_block=64,block_v=32")
     ap.add_argument("--groups", type=int, default=1,
                     help="value heads per q/k head (grouped heads, e.g. 2 for Qwen3-Next's GDN layout; the checks too)")
+    ap.add_argument("--precompile", type=int, default=0, metavar="THREADS",
+                    help="compile every checked and timed program first, THREADS at a time, into a persistent "
+                         "compilation cache (0: compile each when its row runs)")
     args = ap.parse_args()
     global CHECK, CHECK_D, CONFIG, GROUPS
     CHECK = not args.no_check
@@ -267,10 +327,13 @@ def main():
     ops = parse_ops(args.ops)
     env = environment()
     print(env, flush=True)
+    only = None if args.backends is None else args.backends.split(",")
+    if args.precompile:
+        env["precompile_s"] = precompile(ops, shapes, only, args.precompile)
     rows = []
     for shape in shapes:
         for op in ops:
-            rows += op_rows(op, shape, None if args.backends is None else args.backends.split(","))
+            rows += op_rows(op, shape, only)
         if not args.no_cudnn and jax.default_backend() == "gpu":
             rows += cudnn_rows(shape)
     save({"env": env, "rows": rows}, "linear_attention.json")
