@@ -130,7 +130,10 @@ class Mamba2Mixer(nn.Module):
       backend, chunk_size: passed to :func:`mnemax.kernels.gated_linear_attention`.
       kernel_config, kernel_sharding: passed to it as ``config`` (the Pallas GPU kernels'
         :class:`~mnemax.kernels.chunked_gpu.ChunkedConfig`) and ``sharding`` (the mesh axes
-        splitting batch and heads; set by ``mnemax.build(..., kernel_sharding=)``).
+        splitting batch and heads; set by ``mnemax.build(..., kernel_sharding=)``). With
+        ``ChunkedConfig(group_heads=num_heads // n_groups)`` one program runs all the heads of a
+        group of B and C (``q k^T`` once, dq and dk summed in the kernel; not yet timed, so
+        not the default).
     """
 
     features: int

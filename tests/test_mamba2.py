@@ -224,6 +224,40 @@ def test_bfloat16_compute_stays_close_with_a_float32_state():
     assert float(jnp.abs(s16.ssm - s32.ssm).max()) <= 3e-2 * float(jnp.abs(s32.ssm).max())
 
 
+def test_pallas_kernels_with_a_whole_group_per_program_equal_the_reference(monkeypatch):
+    """One group of B and C for 4 heads, the ``pallas_gpu`` kernels (interpret mode) with
+    ``ChunkedConfig(group_heads=4)`` (all the group's heads in one program: ``q k^T`` once, dq
+    and dk summed in the kernel): outputs, final SSM state and the gradients of every parameter
+    equal the ``reference`` backend's to 1e-4 / 1e-3 of the largest entry (float32, three chunks
+    of 16, an incoming state, a reset)."""
+    from mnemax.kernels.chunked_gpu import ChunkedConfig
+
+    monkeypatch.setenv("MNEMAX_PALLAS_INTERPRET", "1")
+    rng = np.random.default_rng(4)
+    u = jnp.asarray(rng.standard_normal((2, 37, 16)), jnp.float32)
+    resets = jnp.zeros((2, 37), bool).at[1, 20].set(True)
+    kw = dict(features=16, d_state=8, head_dim=8, n_groups=1, chunk_size=16)
+    params = Mamba2Mixer(**kw).init(jax.random.key(0), u)
+    s0 = Mamba2State(conv=jnp.asarray(rng.standard_normal((2, 3, 32 + 16)), jnp.float32),
+                     ssm=jnp.asarray(0.5 * rng.standard_normal((2, 4, 8, 8)), jnp.float32))
+
+    def run(**mixer_kw):
+        mixer = Mamba2Mixer(**kw, **mixer_kw)
+
+        def loss(p):
+            y, state = mixer.apply(p, u, s0, resets)
+            return jnp.sum(y * jnp.arange(y.size).reshape(y.shape) / y.size) + jnp.sum(state.ssm), (y, state.ssm)
+
+        return jax.value_and_grad(loss, has_aux=True)(params)
+
+    (_, (y_ref, S_ref)), g_ref = run(backend="reference")
+    (_, (y, S)), g = run(backend="pallas_gpu", kernel_config=ChunkedConfig(group_heads=4))
+    rel = lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1.0))  # noqa: E731
+    assert rel(y, y_ref) < 1e-4 and rel(S, S_ref) < 1e-4, (rel(y, y_ref), rel(S, S_ref))
+    errs = jax.tree.map(rel, g, g_ref)
+    assert max(jax.tree.leaves(errs)) < 1e-3, errs
+
+
 # --- inits, presets, configs ----------------------------------------------------------------------
 
 
