@@ -69,7 +69,7 @@ from .. import dispatch
 from ..chunked import repeat_heads
 from ..chunked_gpu import ChunkedConfig
 from ..sharding import KernelSharding, per_shard, plan
-from . import gpu, reference, tpu, xla
+from . import gpu, gpu_grouped, reference, tpu, xla
 from .common import OP, validate, zeros_state
 
 __all__ = ["BACKENDS", "ChunkedConfig", "gated_linear_attention", "zeros_state"]
@@ -141,7 +141,11 @@ def _forward(platform, q, k, v, g, state, cut, *, chunk_size, scale, config, int
     p = cg.make_problem(q, k, v, g, None, cut, chunk_size)
     states, _, S_T = cg.walk_forward(p, p.v, None, cp.state_in(p, state), delta=False, config=config,
                                      interpret=interpret)
-    o = cg.outputs(p, p.v, states, q.dtype, scale=scale, delta=False, config=config, interpret=interpret)
+    hb = config.heads_per_program(p.rep)
+    if hb > 1:
+        o = gpu_grouped.outputs(p, states, q.dtype, hb=hb, scale=scale, config=config, interpret=interpret)
+    else:
+        o = cg.outputs(p, p.v, states, q.dtype, scale=scale, delta=False, config=config, interpret=interpret)
     return cp.seq_out(o, v.shape), cp.state_out(S_T, state.shape), states
 
 
@@ -180,14 +184,19 @@ def _pallas_bwd(platform, chunk_size, scale, config, interpret, res, cts):
     do = cp.pad_axis(cp.pad_axis(do.astype(q.dtype).reshape(B * H, T, -1), 1, p.n_chunks * p.L), 2, p.d_v)
     dstates, _, dS0 = cg.walk_backward(p, do, None, None, cp.state_in(p, dfinal), scale=scale, delta=False,
                                        config=config, interpret=interpret)
-    dq, dk, dv, rows = cg.chunk_grads(p, p.v, do, states, dstates, scale=scale, delta=False, config=config,
-                                      interpret=interpret)
+    hb = config.heads_per_program(p.rep)
+    if hb > 1:
+        dq, dk, dv, rows = gpu_grouped.chunk_grads(p, do, states, dstates, hb=hb, scale=scale, config=config,
+                                                   interpret=interpret)
+    else:
+        dq, dk, dv, rows = cg.chunk_grads(p, p.v, do, states, dstates, scale=scale, delta=False, config=config,
+                                          interpret=interpret)
     return _grads(q, k, v, g, state, cut, dq, dk, dv, rows, dS0)
 
 
 def _grads(q, k, v, g, state, cut, dq, dk, dv, rows, dS0):
     """The custom VJP's cotangents from the kernels' layouts (dq and dk per value head, or per
-    ``hb`` value heads (:func:`~mnemax.kernels.chunked_gpu.group_chunk_grads`), summed over
+    ``hb`` value heads (:func:`~.gpu_grouped.chunk_grads`), summed over
     the rest of each group of grouped q/k heads)."""
     dg = None if g is None else cp.step_out(cp.decay_grad(rows[:, :, 0]), g.shape).astype(g.dtype)
     B, T, d_k = v.shape[0], v.shape[2], q.shape[3]
